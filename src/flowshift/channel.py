@@ -1,0 +1,183 @@
+"""Messages between tiers and the transports that carry them.
+
+Only messages cross a channel, never shared objects: a flow travels as its fixed-layout entry
+bytes (entry.py), a machine's config as its dict form (config.to_dict). Every message is framed
+as `version (u16) | crc32 of the body (u32) | msgpack body`; a frame that fails to decode, has
+another version or a wrong checksum is rejected with a logged reason and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import zlib
+from collections import deque
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger("flowshift.channel")
+
+VERSION = 1
+_HEADER = struct.Struct("<HI")
+
+
+class Msg(msgspec.Struct, tag=True, array_like=True):
+    """Base of every channel message."""
+
+
+# -- machine -> VNIC -----------------------------------------------------------------------
+
+
+class Handoff(Msg):
+    """The machine hands its config and the entries of its flows to its VNIC."""
+
+    machine: int
+    config: dict[str, Any]
+    entries: list[bytes]
+
+
+# -- VNIC -> PNIC --------------------------------------------------------------------------
+
+
+class Offload(Msg):
+    seq: int
+    entry: bytes
+
+
+class Recall(Msg):
+    """The VNIC takes a flow back (room, withdrawal of its machine)."""
+
+    seq: int
+    key: tuple[int, int, int, bytes, bytes, int, int]  # the flow's original FlowKey
+    reason: str
+
+
+class Packets(Msg):
+    """A batch of packets of PNIC-owned flows, in arrival order."""
+
+    now: int
+    index: list[int]
+    zone: list[int]  # the machine of each packet (the host classifies, as a vport would)
+    ts: list[int]
+    data: list[bytes]
+    linktype: list[int]
+    wire_len: list[int]
+
+
+class Tick(Msg):
+    """Trace time advanced; `sync` asks for a Synced reply once everything before is done."""
+
+    now: int
+    sync: int = 0
+
+
+class Withdraw(Msg):
+    """Graceful PNIC withdrawal: return every entry, then refuse offloads."""
+
+    now: int
+
+
+# -- PNIC -> VNIC --------------------------------------------------------------------------
+
+
+class Ack(Msg):
+    seq: int
+
+
+class Refuse(Msg):
+    seq: int
+    reason: str
+
+
+class Return(Msg):
+    entry: bytes
+    reason: str
+
+
+class Results(Msg):
+    """Outcome of a Packets batch: per packet a verdict and reason code, or a punt (-1)."""
+
+    index: list[int]
+    verdict: list[int]
+    reason: list[int]
+    data: list[bytes]  # the rewritten packet when forwarded, else b""
+
+
+class Report(Msg):
+    now: int
+    entries: list[bytes]
+
+
+class Synced(Msg):
+    sync: int
+
+
+class Health(Msg):
+    healthy: bool
+
+
+Message = (Handoff | Offload | Recall | Packets | Tick | Withdraw | Ack | Refuse | Return
+           | Results | Report | Synced | Health)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+class ChannelError(ValueError):
+    """A frame that was rejected: its reason is logged and counted; no state changed."""
+
+
+def encode(msg: Msg) -> bytes:
+    body = _encoder.encode(msg)
+    return _HEADER.pack(VERSION, zlib.crc32(body)) + body
+
+
+def decode(frame: bytes) -> Msg:
+    if len(frame) < _HEADER.size:
+        raise ChannelError(f"short frame ({len(frame)} bytes)")
+    version, crc = _HEADER.unpack_from(frame)
+    body = memoryview(frame)[_HEADER.size:]
+    if version != VERSION:
+        raise ChannelError(f"version {version}, expected {VERSION}")
+    if zlib.crc32(body) != crc:
+        raise ChannelError("checksum mismatch")
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ChannelError(f"undecodable body: {exc}") from None
+
+
+class Endpoint:
+    """One end of an in-process channel: frames are queued, not shared objects."""
+
+    def __init__(self) -> None:
+        self.inbox: deque[bytes] = deque()
+        self.peer: Endpoint | None = None
+        self.rejected: dict[str, int] = {}
+
+    def send(self, msg: Msg) -> None:
+        assert self.peer is not None
+        self.peer.inbox.append(encode(msg))
+
+    def send_frame(self, frame: bytes) -> None:
+        assert self.peer is not None
+        self.peer.inbox.append(frame)
+
+    def receive(self) -> Msg | None:
+        """The next valid message, or None when the inbox is empty. Bad frames are dropped."""
+        while self.inbox:
+            frame = self.inbox.popleft()
+            try:
+                return decode(frame)
+            except ChannelError as exc:
+                reason = str(exc).split(" (")[0].split(":")[0]
+                self.rejected[reason] = self.rejected.get(reason, 0) + 1
+                log.warning("channel: rejected frame: %s", exc)
+        return None
+
+
+def pair() -> tuple[Endpoint, Endpoint]:
+    a, b = Endpoint(), Endpoint()
+    a.peer, b.peer = b, a
+    return a, b

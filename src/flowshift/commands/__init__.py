@@ -1,0 +1,1 @@
+"""Subcommands of the `flowshift` command line, one module each."""

@@ -1,0 +1,1 @@
+"""The packet layer: parsing, building, checksums, rewriting and trace I/O."""

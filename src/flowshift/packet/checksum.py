@@ -1,0 +1,53 @@
+"""Internet checksums (RFC 1071) and their incremental update (RFC 1624).
+
+The full sum uses Python's big integers: a 16-bit ones'-complement sum equals the message read
+as one big-endian integer modulo 0xFFFF (2**16 == 1 mod 0xFFFF), computed in C.
+"""
+
+from __future__ import annotations
+
+
+def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """16-bit ones'-complement sum of `data` (odd length padded with a zero byte) plus `initial`.
+
+    Returns a value in 0..0xFFFF where 0xFFFF stands for ones'-complement zero of a non-empty sum.
+    """
+    n = len(data)
+    v = int.from_bytes(data, "big")
+    if n & 1:
+        v <<= 8
+    v += initial
+    if v == 0:
+        return 0
+    r = v % 0xFFFF
+    return r if r else 0xFFFF
+
+
+def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The Internet checksum field value for `data` (with its checksum field zeroed)."""
+    return (~ones_sum(data, initial)) & 0xFFFF
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Ones'-complement sum of the IPv4 or IPv6 pseudo-header (RFC 793 / RFC 8200 §8.1)."""
+    if len(src) == 4:
+        extra = bytes((0, proto)) + length.to_bytes(2, "big")
+    else:
+        extra = length.to_bytes(4, "big") + bytes((0, 0, 0, proto))
+    return ones_sum(src + dst + extra)
+
+
+def update16(csum: int, old: int, new: int) -> int:
+    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one changed 16-bit word."""
+    s = (~csum & 0xFFFF) + (~old & 0xFFFF) + new
+    s = (s & 0xFFFF) + (s >> 16)
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def update_bytes(csum: int, old: bytes, new: bytes) -> int:
+    """RFC 1624 update for a changed field of even length (an address: 4 or 16 bytes)."""
+    s = (~csum & 0xFFFF) + ones_sum(new) + (~ones_sum(old) & 0xFFFF)
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF

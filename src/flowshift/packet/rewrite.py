@@ -1,0 +1,210 @@
+"""In-place rewrites of a parsed packet's addresses and ports, with every checksum kept right.
+
+Rewrites use RFC 1624 incremental updates, as a router or NAT does: each checksum moves by
+exactly the change made, so the result is right relative to the original even when snaplen cut
+the bytes a full recomputation would need. The checksums touched:
+
+- an address: the IPv4 header checksum, and the TCP, UDP and ICMPv6 checksums (pseudo-header);
+- a port (or an ICMP echo identifier, which is both "ports"): the TCP, UDP or ICMP checksum;
+- anything inside the datagram an ICMP error quotes (`set_inner_*`): the quoted datagram's own
+  checksums where they were quoted and captured, then the outer ICMP/ICMPv6 checksum for every
+  byte changed in its body.
+
+UDP over IPv4 with checksum 0 carries no checksum and keeps 0; a UDP checksum that comes out as
+0 is sent as 0xFFFF (RFC 768). The `Packet` fields follow the bytes. `fix_checksums` recomputes
+everything from scratch, for building packets and for checking the incremental path.
+"""
+
+from __future__ import annotations
+
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from flowshift.packet.checksum import checksum, pseudo_header_sum, update_bytes
+from flowshift.packet.view import Packet
+
+# where the checksum field sits in each transport header
+L4_CHECKSUM_AT = {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2, PROTO_ICMPV6: 2}
+# transport checksums that cover the IP addresses through the pseudo-header
+PSEUDO_HEADER_PROTOS = frozenset((PROTO_TCP, PROTO_UDP, PROTO_ICMPV6))
+IPV4_CHECKSUM_AT = 10
+
+Change = tuple[int, bytes, bytes]  # (offset in data, old bytes, new bytes)
+
+
+def set_src(pkt: Packet, addr: bytes) -> None:
+    """Rewrite the source address."""
+    _set_addr(pkt, pkt, addr, False)
+
+
+def set_dst(pkt: Packet, addr: bytes) -> None:
+    """Rewrite the destination address."""
+    _set_addr(pkt, pkt, addr, True)
+
+
+def set_sport(pkt: Packet, port: int) -> None:
+    """Rewrite the source port (for ICMP echo: the identifier)."""
+    _set_port(pkt, pkt, port, False)
+
+
+def set_dport(pkt: Packet, port: int) -> None:
+    """Rewrite the destination port (for ICMP echo: the identifier)."""
+    _set_port(pkt, pkt, port, True)
+
+
+def set_inner_src(pkt: Packet, addr: bytes) -> None:
+    """Rewrite the source address of the datagram an ICMP error quotes."""
+    _set_addr(pkt, _inner(pkt), addr, False)
+
+
+def set_inner_dst(pkt: Packet, addr: bytes) -> None:
+    """Rewrite the destination address of the datagram an ICMP error quotes."""
+    _set_addr(pkt, _inner(pkt), addr, True)
+
+
+def set_inner_sport(pkt: Packet, port: int) -> None:
+    """Rewrite the source port (or echo identifier) of the datagram an ICMP error quotes."""
+    _set_port(pkt, _inner(pkt), port, False)
+
+
+def set_inner_dport(pkt: Packet, port: int) -> None:
+    """Rewrite the destination port (or echo identifier) of the datagram an ICMP error quotes."""
+    _set_port(pkt, _inner(pkt), port, True)
+
+
+def fix_checksums(pkt: Packet) -> None:
+    """Recompute every checksum in full: the quoted datagram's first, then the outer ones.
+
+    A checksum whose covered bytes were not all captured (snaplen, or a datagram an ICMP error
+    quotes only in part) and the transport checksum of a fragment are left as they are.
+    """
+    _bytearray(pkt)
+    inner = pkt.inner
+    if inner is not None and inner.l3 >= 0:
+        _fix_view(inner, min(len(pkt.data), pkt.l4 + pkt.l4_len))
+    _fix_view(pkt, len(pkt.data))
+
+
+def _set_addr(pkt: Packet, view: Packet, addr: bytes, dst: bool) -> None:
+    _bytearray(pkt)
+    if view.l3 < 0:
+        raise ValueError(f"cannot set an address: not an IP packet ({view.error.label})")
+    old = view.dst if dst else view.src
+    if len(addr) != len(old):
+        raise ValueError(f"address of {len(addr)} bytes for an IPv{view.family} packet")
+    addr = bytes(addr)
+    off = view.l3 + (16 if dst else 12) if view.family == 4 else view.l3 + (24 if dst else 8)
+    changes = [_write(pkt.data, off, addr)]
+    if view.family == 4:
+        changes.append(_adjust(pkt.data, view.l3 + IPV4_CHECKSUM_AT, old, addr, False))
+    if view.l4 >= 0 and view.proto in PSEUDO_HEADER_PROTOS:
+        changes.append(_adjust_l4(pkt, view, old, addr))
+    if dst:
+        view.dst = addr
+    else:
+        view.src = addr
+    _carry_to_icmp(pkt, view, changes)
+
+
+def _set_port(pkt: Packet, view: Packet, port: int, dst: bool) -> None:
+    _bytearray(pkt)
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port {port} out of range 0..65535")
+    echo = view.is_icmp_echo
+    if view.l4 < 0 or (view.proto not in (PROTO_TCP, PROTO_UDP) and not echo):
+        raise ValueError(f"cannot set a port: no TCP/UDP header or ICMP echo ({view.error.label})")
+    off = view.l4 + 4 if echo else view.l4 + (2 if dst else 0)
+    new = port.to_bytes(2, "big")
+    change = _write(pkt.data, off, new)
+    changes = [change, _adjust_l4(pkt, view, change[1], new)]
+    if echo:
+        view.icmp_id = view.sport = view.dport = port
+    elif dst:
+        view.dport = port
+    else:
+        view.sport = port
+    _carry_to_icmp(pkt, view, changes)
+
+
+def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes) -> Change | None:
+    """Move the transport checksum of `view` by old -> new; return the change it made.
+
+    In a quoted datagram the field may be missing. Not quoted: nothing to do (Linux NAT leaves
+    a partly quoted header alone too). Quoted but cut by snaplen: the field on the wire moved by
+    exactly new -> old (its sum compensates the pseudo-header change), so that change is
+    returned, unwritten, for the ICMP checksum, which covers it.
+    """
+    at = view.l4 + L4_CHECKSUM_AT[view.proto]
+    if view is not pkt:
+        if at + 2 > pkt.l4 + pkt.l4_len:
+            return None
+        if at + 2 > len(pkt.data):
+            return at, new, old
+    return _adjust(pkt.data, at, old, new, view.proto == PROTO_UDP and view.family == 4)
+
+
+def _adjust(data: bytearray, at: int, old: bytes, new: bytes, udp4: bool) -> Change | None:
+    """RFC 1624 update of the checksum field at `at` for a change old -> new elsewhere."""
+    csum = data[at] << 8 | data[at + 1]
+    if udp4 and csum == 0:
+        return None  # UDP over IPv4 sent without a checksum stays so
+    value = update_bytes(csum, old, new)
+    if value == 0 and udp4:
+        value = 0xFFFF
+    return _write(data, at, value.to_bytes(2, "big"))
+
+
+def _carry_to_icmp(pkt: Packet, view: Packet, changes: list[Change | None]) -> None:
+    """Changes inside an ICMP error's quoted datagram change the ICMP body: move its checksum."""
+    if view is pkt:
+        return
+    data = pkt.data
+    at = pkt.l4 + L4_CHECKSUM_AT[pkt.proto]
+    csum = data[at] << 8 | data[at + 1]
+    for change in changes:
+        if change is not None:
+            csum = update_bytes(csum, change[1], change[2])
+    data[at : at + 2] = csum.to_bytes(2, "big")
+
+
+def _write(data: bytearray, off: int, new: bytes) -> Change:
+    old = bytes(data[off : off + len(new)])
+    data[off : off + len(new)] = new
+    return off, old, new
+
+
+def _fix_view(view: Packet, limit: int) -> None:
+    data = view.data
+    l3 = view.l3
+    if l3 < 0:
+        return
+    if view.family == 4:
+        hlen = (data[l3] & 0xF) << 2
+        if l3 + hlen <= limit:
+            data[l3 + IPV4_CHECKSUM_AT : l3 + IPV4_CHECKSUM_AT + 2] = b"\0\0"
+            value = checksum(data[l3 : l3 + hlen])
+            data[l3 + IPV4_CHECKSUM_AT : l3 + IPV4_CHECKSUM_AT + 2] = value.to_bytes(2, "big")
+    l4, proto = view.l4, view.proto
+    if l4 < 0 or view.frag or proto not in L4_CHECKSUM_AT:
+        return
+    seglen = view.payload_len + 8 if proto == PROTO_UDP else view.l4_len
+    if l4 + seglen > limit:
+        return
+    at = l4 + L4_CHECKSUM_AT[proto]
+    if proto == PROTO_UDP and view.family == 4 and data[at] == data[at + 1] == 0:
+        return
+    data[at : at + 2] = b"\0\0"
+    initial = 0 if proto == PROTO_ICMP else pseudo_header_sum(view.src, view.dst, proto, seglen)
+    value = checksum(data[l4 : l4 + seglen], initial)
+    if value == 0 and proto == PROTO_UDP:
+        value = 0xFFFF
+    data[at : at + 2] = value.to_bytes(2, "big")
+
+
+def _inner(pkt: Packet) -> Packet:
+    if pkt.inner is None or pkt.inner.l3 < 0:
+        raise ValueError("not an ICMP error with a parsed quoted datagram")
+    return pkt.inner
+
+
+def _bytearray(pkt: Packet) -> None:
+    if not isinstance(pkt.data, bytearray):
+        raise TypeError("rewriting needs the packet parsed from a bytearray")

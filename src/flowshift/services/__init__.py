@@ -1,0 +1,1 @@
+"""The stateful services of a machine's chain: firewall (conntrack), nat, lb, count."""

@@ -1,0 +1,224 @@
+"""The reference engine: one machine's service chain, per packet, in plain Python.
+
+This is the readable statement of flowshift's semantics; every faster engine must agree with it
+bit for bit. Order as in netfilter: egress runs the firewall on the machine-side tuple, then
+SNAT; ingress runs DNAT/LB first, then the firewall on the (now machine-side) tuple. Packets of
+tracked flows pass in both directions while the flow is valid, translated by the flow's entry.
+
+A tier runs a `Chain` built from the machine's config; flows move between chains as entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flowshift.config import MachineConfig
+from flowshift.entry import Flow, Service, Status, Tier, chain_bits
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.packet.view import Packet
+from flowshift.services import conntrack_tcp as ct_tcp
+from flowshift.services.conntrack import (
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REQUEST,
+    UDP_STREAM_AFTER,
+    FlowTable,
+    icmp_update,
+    udp_update,
+)
+from flowshift.services.lb import LoadBalancer
+from flowshift.services.nat import Nat
+from flowshift.services.rules import EGRESS, INGRESS, RuleSet
+from flowshift.services.xlat import translate, translate_related
+from flowshift.verdict import Reason, Verdict
+
+__all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "process_flow"]
+
+
+@dataclass(slots=True)
+class Outcome:
+    verdict: Verdict
+    reason: Reason
+    rule: int = -1  # firewall rule index when reason is RULE
+    flow: Flow | None = None  # the flow the packet belongs to (None: untracked)
+    direction: int = 0  # within the flow
+    created: bool = False  # the packet started this flow
+
+
+_ECHO_REQUESTS = {PROTO_ICMP: ICMP_ECHO_REQUEST, PROTO_ICMPV6: ICMPV6_ECHO_REQUEST}
+
+
+def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None:
+    """A packet of a tracked flow. None: the flow must be destroyed and the packet is new."""
+    proto = flow.key.proto
+    if proto == PROTO_TCP:
+        res = ct_tcp.tcp_packet(flow.tcp, fdir, pkt, bool(flow.status & Status.ASSURED))
+        action = res.action
+        if action == ct_tcp.TcpAction.REOPEN:
+            return None
+        if action == ct_tcp.TcpAction.INVALID:
+            return Outcome(Verdict.DROP, Reason.INVALID, flow=flow, direction=fdir)
+        if action == ct_tcp.TcpAction.IGNORE:
+            translate(pkt, flow, fdir)
+            return Outcome(Verdict.FORWARD, Reason.ESTABLISHED, flow=flow, direction=fdir)
+        flow.expires = now + res.timeout_ns
+        if res.assured:
+            flow.status |= Status.ASSURED
+    elif proto == PROTO_UDP:
+        udp_update(flow, fdir, now)
+    else:
+        icmp_update(flow, fdir, now)
+    if fdir:
+        flow.status |= Status.SEEN_REPLY
+    flow.packets[fdir] += 1
+    flow.bytes[fdir] += pkt.ip_total
+    flow.last_seen = now
+    translate(pkt, flow, fdir)
+    return Outcome(Verdict.FORWARD, Reason.ESTABLISHED, flow=flow, direction=fdir)
+
+
+class Chain:
+    """A machine's chain: its config, its flows, and the per-packet pipeline."""
+
+    def __init__(self, machine: MachineConfig, index: int, tier: Tier = Tier.MACHINE) -> None:
+        self.config = machine
+        self.index = index  # the machine's index: the zone of its flow keys
+        self.tier = tier
+        self.services = chain_bits(machine.services)
+        self.rules = RuleSet(machine.firewall) if self.services & Service.FIREWALL else None
+        self.nat = Nat(machine.nat) if self.services & Service.NAT else None
+        self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
+        self.flows = FlowTable()
+
+    # -- lookups (a subclass may resolve flows whose state lives on another tier) ------------
+
+    def lookup(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
+        """The live flow of `key`; an expired one is removed (Linux: gone at its timeout)."""
+        hit = self.flows.get(key)
+        if hit is None:
+            return None
+        flow = hit[0]
+        if flow.owner != self.tier:
+            return self.lookup_remote(key, now)
+        if flow.expires <= now:
+            self.flows.remove(flow)
+            return None
+        return hit
+
+    def lookup_remote(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
+        """A flow owned by another tier: a plain chain has none (the VNIC overrides this)."""
+        return self.flows.get(key)
+
+    def in_use(self, reply_key: FlowKey, now: int) -> bool:
+        return self.lookup(reply_key, now) is not None
+
+    # -- the pipeline ---------------------------------------------------------------------
+
+    def process(self, pkt: Packet, direction: int, now: int) -> Outcome:
+        """Run one parsed IP packet of this machine (`direction`: EGRESS or INGRESS)."""
+        if not self.services:
+            return Outcome(Verdict.FORWARD, Reason.NONE)
+        if pkt.frag_offset:
+            # flowshift does not reassemble (Linux defragments before conntrack)
+            return Outcome(Verdict.DROP, Reason.FRAGMENT)
+        if pkt.inner is not None:
+            return self._related(pkt, direction, now)
+        key = pkt.key(self.index)
+        hit = self.lookup(key, now)
+        if hit is not None:
+            flow, fdir = hit
+            out = process_flow(pkt, flow, fdir, now)
+            if out is not None:
+                return out
+            self.flows.remove(flow)  # TCP reopen: the old conntrack is gone, start anew
+        return self._new(pkt, key, direction, now)
+
+    def _new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
+        proto = key.proto
+        tcp = None
+        if proto == PROTO_TCP:
+            tcp = ct_tcp.TcpConn()
+            if not ct_tcp.tcp_new(tcp, pkt):
+                return Outcome(Verdict.DROP, Reason.INVALID)
+        elif proto != PROTO_UDP:
+            echo_request = _ECHO_REQUESTS.get(proto)
+            if pkt.icmp_id < 0 or pkt.icmp_type != echo_request:
+                # not trackable (echo reply with no request, other ICMP types): judged by the
+                # rules like any packet, passed untracked when allowed
+                return self._untracked(pkt, key, direction)
+        # DNAT / LB choose the machine-side destination of ingress flows
+        xlat = key
+        backend = -1
+        if direction == INGRESS:
+            if self.lb is not None:
+                pool = self.lb.pool_for(key)
+                if pool is not None:
+                    backend, dst, dport = self.lb.pick(pool, key)
+                    if backend < 0:
+                        return Outcome(Verdict.DROP, Reason.NO_BACKEND)
+                    xlat = xlat._replace(dst=dst, dport=dport)
+            if backend < 0 and self.nat is not None:
+                xlat = self.nat.dnat(key, xlat)
+        allowed, rule = self._decide(direction, xlat, pkt.icmp_type)
+        if not allowed:
+            return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
+        if direction == EGRESS and self.nat is not None:
+            xlat = self.nat.snat(key, lambda k: self.in_use(k, now))
+            if xlat is None:
+                return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)
+        elif xlat != key and self.in_use(xlat.reversed(), now):
+            return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)  # DNAT tuple clash
+        flow = Flow(key=key, xlat=xlat, machine=self.index, chain=self.services, tcp=tcp,
+                    status=Status.NAT if xlat != key else 0, rule=rule, backend=backend,
+                    created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
+                    owner=self.tier)
+        if proto == PROTO_TCP:
+            res = ct_tcp.tcp_packet(tcp, 0, pkt, False)
+            if res.action == ct_tcp.TcpAction.INVALID:
+                return Outcome(Verdict.DROP, Reason.INVALID)
+            flow.expires = now + res.timeout_ns
+        elif proto == PROTO_UDP:
+            udp_update(flow, 0, now)
+        else:
+            icmp_update(flow, 0, now)
+        flow.packets[0] = 1
+        flow.bytes[0] = pkt.ip_total
+        self.flows.add(flow)
+        translate(pkt, flow, 0)
+        return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule,
+                       flow, 0, created=True)
+
+    def _decide(self, direction: int, tuple_: FlowKey, icmp_type: int) -> tuple[bool, int]:
+        if self.rules is None:
+            return True, -1
+        return self.rules.decide(direction, tuple_.proto, tuple_.src, tuple_.dst,
+                                 tuple_.dport, icmp_type)
+
+    def _untracked(self, pkt: Packet, key: FlowKey, direction: int) -> Outcome:
+        if key.proto not in (PROTO_ICMP, PROTO_ICMPV6):
+            return Outcome(Verdict.DROP, Reason.INVALID)
+        allowed, rule = self._decide(direction, key, pkt.icmp_type)
+        if not allowed:
+            return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
+        return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
+
+    def _related(self, pkt: Packet, direction: int, now: int) -> Outcome:
+        """An ICMP error: RELATED to the flow its embedded header belongs to, if any."""
+        inner = pkt.inner
+        assert inner is not None
+        if inner.error == 0 and inner.l4 >= 0:
+            # the embedded datagram travelled the other way: its reverse is a key of the flow
+            hit = self.lookup(inner.key(self.index).reversed(), now)
+            if hit is not None:
+                flow, fdir = hit
+                translate_related(pkt, flow, fdir)
+                return Outcome(Verdict.FORWARD, Reason.RELATED, flow=flow, direction=fdir)
+        return self._untracked(pkt, pkt.key(self.index), direction)
+
+    # -- entries ---------------------------------------------------------------------------
+
+    def export_flows(self) -> list[Flow]:
+        return list(self.flows)
+
+    def import_flow(self, flow: Flow) -> None:
+        flow.owner = self.tier
+        self.flows.add(flow)

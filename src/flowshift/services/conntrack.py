@@ -1,0 +1,97 @@
+"""The connection-tracking table and the non-TCP trackers (UDP, ICMP echo).
+
+The table maps both keys of a flow (original and reply, as packets arrive) to the flow and the
+direction. Expiry follows Linux: a flow whose timeout passed is gone for the next packet that
+looks it up (lazy), and a sweep on a heap of deadlines frees memory without changing results.
+TCP tracking lives in conntrack_tcp.py.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+from flowshift.entry import Flow, Status
+from flowshift.flow import FlowKey
+
+SECOND = 1_000_000_000
+
+# Linux defaults (nf_conntrack_proto_udp.c, nf_conntrack_proto_icmp.c, ..._icmpv6.c)
+UDP_TIMEOUT_UNREPLIED = 30 * SECOND
+UDP_TIMEOUT_REPLIED = 120 * SECOND  # a stream: still active 2 s after the first packet
+UDP_STREAM_AFTER = 2 * SECOND
+ICMP_TIMEOUT = 30 * SECOND
+
+ICMP_ECHO_REQUEST = 8
+ICMPV6_ECHO_REQUEST = 128
+
+
+def udp_update(flow: Flow, direction: int, now: int) -> None:
+    """Linux nf_conntrack_udp_packet: the timeout and ASSURED for one packet of a tracked flow."""
+    if flow.status & Status.SEEN_REPLY:
+        timeout = UDP_TIMEOUT_UNREPLIED
+        if now > flow.stream_ts:
+            timeout = UDP_TIMEOUT_REPLIED
+            flow.status |= Status.ASSURED
+        flow.expires = now + timeout
+    else:
+        flow.expires = now + UDP_TIMEOUT_UNREPLIED
+
+
+def icmp_update(flow: Flow, direction: int, now: int) -> None:
+    """Linux nf_conntrack_icmp_packet: every packet refreshes the timeout."""
+    flow.expires = now + ICMP_TIMEOUT
+
+
+class FlowTable:
+    """Flows of one chain, by both of their keys."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[FlowKey, tuple[Flow, int]] = {}
+        self._deadlines: list[tuple[int, int, Flow]] = []
+        self._seq = 0  # heap tie-breaker: flows do not compare
+
+    def __len__(self) -> int:
+        return len(self._by_key) // 2
+
+    def __iter__(self) -> Iterator[Flow]:
+        for flow, direction in self._by_key.values():
+            if direction == 0:
+                yield flow
+
+    def get(self, key: FlowKey) -> tuple[Flow, int] | None:
+        """The flow and direction of `key`, live or not (callers check `expires`)."""
+        return self._by_key.get(key)
+
+    def add(self, flow: Flow) -> None:
+        self._by_key[flow.key] = (flow, 0)
+        self._by_key[flow.reply_key] = (flow, 1)
+        self._push(flow)
+
+    def remove(self, flow: Flow) -> None:
+        for key in (flow.key, flow.reply_key):
+            hit = self._by_key.get(key)
+            if hit is not None and hit[0] is flow:
+                del self._by_key[key]
+
+    def _push(self, flow: Flow, at: int | None = None) -> None:
+        self._seq += 1
+        heapq.heappush(self._deadlines, (flow.expires if at is None else at, self._seq, flow))
+
+    def sweep(self, now: int, keep: int = -1) -> list[Flow]:
+        """Remove flows whose timeout has passed; flows owned by tier `keep` are left alone."""
+        gone = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, flow = heapq.heappop(heap)
+            if self._by_key.get(flow.key, (None,))[0] is not flow:
+                continue  # removed or replaced meanwhile
+            if flow.owner == keep:
+                self._push(flow, now + SECOND)  # not ours to expire: look again later
+                continue
+            if flow.expires > now:
+                self._push(flow)  # refreshed since it was pushed
+                continue
+            self.remove(flow)
+            gone.append(flow)
+        return gone

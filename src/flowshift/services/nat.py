@@ -1,0 +1,37 @@
+"""NAT: SNAT of egress flows and DNAT of ingress flows, chosen once per flow.
+
+The choice becomes the flow's `xlat` tuple (entry.py); translating its packets afterwards needs
+the entry alone (xlat.py), so any tier can run it. Tuple choice follows Linux (nat_alloc.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from flowshift.config import NatConfig
+from flowshift.flow import FlowKey
+from flowshift.services.nat_alloc import allocate
+
+
+class Nat:
+    def __init__(self, config: NatConfig | None) -> None:
+        self.snat_rules = config.snat if config else ()
+        self.dnat_rules = {(r.proto, r.match_addr, r.match_port): r
+                           for r in (config.dnat if config else ())}
+
+    def snat(self, key: FlowKey, in_use: Callable[[FlowKey], bool]) -> FlowKey | None:
+        """The translated original tuple of a new egress flow; None: no free tuple."""
+        src = ipaddress.ip_address(key.src)
+        for rule in self.snat_rules:
+            if rule.source.version == src.version and src in rule.source:
+                return allocate(key, rewrite_src=True, addrs=rule.to, ports=rule.ports,
+                                in_use=in_use)
+        return key
+
+    def dnat(self, key: FlowKey, xlat: FlowKey) -> FlowKey:
+        """The machine-side destination of a new ingress flow (unchanged when no rule)."""
+        rule = self.dnat_rules.get((key.proto, key.dst, key.dport))
+        if rule is None:
+            return xlat
+        return xlat._replace(dst=rule.to_addr, dport=rule.to_port)

@@ -1,0 +1,71 @@
+"""Applying a flow's NAT/LB translation to its packets (and to ICMP errors about it).
+
+A flow's `key` is its original direction as it arrives and `xlat` the same direction as it
+leaves. A packet of the original direction is rewritten key → xlat; a reply arrives as the
+reverse of xlat and is rewritten back to the reverse of key. Checksums are updated
+incrementally (RFC 1624) by packet.rewrite.
+"""
+
+from __future__ import annotations
+
+from flowshift.entry import Flow
+from flowshift.packet import rewrite
+from flowshift.packet.view import Packet
+
+
+def translate(pkt: Packet, flow: Flow, direction: int) -> None:
+    """Rewrite a packet of `flow` travelling in `direction` (0 original, 1 reply)."""
+    k, x = flow.key, flow.xlat
+    if k == x:
+        return
+    if direction == 0:
+        src, dst, sport, dport = x.src, x.dst, x.sport, x.dport
+    else:
+        src, dst, sport, dport = k.dst, k.src, k.dport, k.sport
+    if pkt.src != src:
+        rewrite.set_src(pkt, src)
+    if pkt.dst != dst:
+        rewrite.set_dst(pkt, dst)
+    if pkt.sport != sport:
+        rewrite.set_sport(pkt, sport)
+    if pkt.dport != dport:
+        rewrite.set_dport(pkt, dport)
+
+
+def translate_related(pkt: Packet, flow: Flow, direction: int) -> None:
+    """Rewrite an ICMP error about `flow` travelling in the flow's `direction`.
+
+    As Linux nf_nat_icmp_reply_translation: the embedded datagram (a packet of the opposite
+    direction) is put back into the form its endpoint sent it, and on the outer header only
+    the translated side (the NAT'ed source, the DNAT'ed destination) is rewritten.
+    """
+    k, x = flow.key, flow.xlat
+    if k == x:
+        return
+    inner = pkt.inner
+    assert inner is not None
+    if direction == 1:
+        # error travelling back towards the originator about an original-direction packet
+        # that left as xlat: make the inner look like the packet the originator sent (key)
+        want = (k.src, k.dst, k.sport, k.dport)
+        if k.src != x.src:  # SNAT: the error was addressed to the NAT address
+            rewrite.set_dst(pkt, k.src)
+        if k.dst != x.dst:  # DNAT/LB: the error came from the backend side
+            rewrite.set_src(pkt, k.dst)
+    else:
+        # error travelling towards the responder about a reply-direction packet that was
+        # delivered as reverse(key): make the inner look like the reply it sent (reverse(xlat))
+        want = (x.dst, x.src, x.dport, x.sport)
+        if k.src != x.src:
+            rewrite.set_src(pkt, x.src)
+        if k.dst != x.dst:
+            rewrite.set_dst(pkt, x.dst)
+    src, dst, sport, dport = want
+    if inner.src != src:
+        rewrite.set_inner_src(pkt, src)
+    if inner.dst != dst:
+        rewrite.set_inner_dst(pkt, dst)
+    if inner.sport != sport:
+        rewrite.set_inner_sport(pkt, sport)
+    if inner.dport != dport:
+        rewrite.set_inner_dport(pkt, dport)

@@ -1,0 +1,1 @@
+"""The tiers a flow can be owned by: machine, VNIC, PNIC."""

@@ -1,0 +1,48 @@
+"""One verdict and one reason vocabulary for every tier and engine.
+
+Numbered and never renumbered: the PNIC engine stores these codes in arrays, reports carry
+their names. Retire a reason by leaving its number unused.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Verdict(IntEnum):
+    FORWARD = 0  # processed by the chain and sent on (possibly rewritten)
+    DROP = 1  # processed by the chain and dropped, with a reason
+    BYPASS = 2  # not for any machine, or not IP: passed on unchanged
+    UNPARSED = 3  # headers could not be parsed: dropped, counted by parse reason
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Reason(IntEnum):
+    NONE = 0
+    RULE = 1  # a firewall rule decided (its index goes beside the reason)
+    DEFAULT = 2  # the firewall default decided
+    ESTABLISHED = 3  # packet of a tracked flow
+    RELATED = 4  # ICMP error about a tracked flow
+    INVALID = 5  # conntrack found the packet invalid (flags, window)
+    NAT_EXHAUSTED = 6  # no free NAT tuple for a new flow
+    NO_BACKEND = 7  # LB VIP with no usable backend
+    BAD_CHECKSUM = 8  # fully captured packet with a wrong L3/L4 checksum
+    NOT_NEW = 9  # a packet that cannot start a flow and matches none
+    NO_MACHINE = 10  # bypass: no machine owns either address
+    NOT_IP = 11  # bypass: not an IP packet
+    FRAGMENT = 12  # non-first IP fragment: passed untracked
+    MALFORMED = 13  # unparsed: see the parse reason
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+def reason_text(reason: Reason, rule: int = -1) -> str:
+    """The reason as printed in reports and verdict files: `rule:3`, `default`, `invalid`..."""
+    if reason is Reason.RULE:
+        return f"rule:{rule}"
+    return reason.label

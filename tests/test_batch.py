@@ -1,0 +1,162 @@
+"""Batches of frames as arrays: the same frames, times and problems as the per-frame reader."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowshift.packet import batch as batch_mod
+from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.pcap import Frame, PcapWriter, TraceError, open_trace
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+TCPDUMP = CORPUS / "tcpdump"
+
+
+def classic_pcap(records: list[tuple[int, int, bytes, int]], big: bool, nano: bool) -> bytes:
+    o = ">" if big else "<"
+    magic = 0xA1B23C4D if nano else 0xA1B2C3D4
+    out = [struct.pack(o + "IHHiIII", magic, 2, 4, 0, 0, 65535, 1)]
+    out += [struct.pack(o + "IIII", s, f, len(d), w) + d for s, f, d, w in records]
+    return b"".join(out)
+
+
+def frames_of(batches: list[Batch]) -> list[Frame]:
+    out = []
+    for b in batches:
+        assert b.ts_ns.dtype == np.int64 and b.caplen.dtype == np.uint32
+        assert b.wire_len.dtype == np.uint32 and b.linktype.dtype == np.uint16
+        assert b.offset.dtype == np.int64 and b.buf.dtype == np.uint8
+        # frames lie back to back in buf
+        assert len(b.buf) == int(b.caplen.sum())
+        assert (
+            b.offset.tolist() == np.concatenate([[0], np.cumsum(b.caplen)[:-1]]).tolist()[: len(b)]
+        )
+        out += [
+            Frame(int(b.ts_ns[i]), b.frame(i), int(b.wire_len[i]), int(b.linktype[i]))
+            for i in range(len(b))
+        ]
+    return out
+
+
+def per_frame(path: Path) -> tuple[list[Frame], str | None]:
+    with open_trace(path) as reader:
+        frames = [Frame(f.ts_ns, f.data, f.wire_len, f.linktype) for f in reader]
+    return frames, reader.problem
+
+
+def assert_same_as_per_frame(path: Path, batch_size: int = 65536) -> list[Batch]:
+    batches = list(read_batches(path, batch_size))
+    frames, problem = per_frame(path)
+    assert frames_of(batches) == frames
+    assert all(len(b) == batch_size for b in batches[:-1])
+    assert [b.problem for b in batches[:-1]] == [None] * (len(batches) - 1)
+    assert (batches[-1].problem if batches else None) == problem
+    return batches
+
+
+def records(n: int) -> list[tuple[int, int, bytes, int]]:
+    return [
+        (1_000 + i, (i * 7919) % 1_000_000, bytes([i % 256]) * (1 + i * 13 % 200), 300)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("big", [False, True])
+@pytest.mark.parametrize("nano", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 7, 50, 65536])
+def test_classic_pcap_batches_equal_per_frame_reading(
+    tmp_path: Path, big: bool, nano: bool, batch_size: int
+) -> None:
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap(records(50), big, nano))
+    batches = assert_same_as_per_frame(path, batch_size)
+    assert sum(len(b) for b in batches) == 50
+    assert len(batches) == -(-50 // batch_size)
+
+
+@pytest.mark.parametrize("chunk", [16, 40, 333])
+def test_small_chunks_and_records_longer_than_a_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(batch_mod, "CHUNK", chunk)
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap(records(60), big=False, nano=True))
+    assert_same_as_per_frame(path, 25)
+
+
+def test_writer_output_in_batches(tmp_path: Path) -> None:
+    path = tmp_path / "w.pcap"
+    with PcapWriter(path, linktype=101, snaplen=100) as w:
+        for i in range(1000):
+            w.write(1_700_000_000_000_000_000 + i, bytes([i % 256]) * (i % 150), 150)
+    batches = assert_same_as_per_frame(path, 300)
+    assert [len(b) for b in batches] == [300, 300, 300, 100]
+    assert batches[0].wire_len[5] == 150 and batches[0].caplen[120] == 100
+    assert set(np.concatenate([b.linktype for b in batches]).tolist()) == {101}
+
+
+@pytest.mark.parametrize(
+    ("tail", "problem_start"),
+    [
+        (struct.pack("<IIII", 9, 0, 100, 100) + b"x" * 30, "truncated record at byte"),
+        (b"\0" * 9, "truncated record header at byte"),
+        (struct.pack("<IIII", 9, 0, 1 << 30, 100) + b"x" * 30, "corrupt record at byte"),
+    ],
+)
+@pytest.mark.parametrize("batch_size", [1, 4, 100])
+def test_problem_on_the_last_batch(
+    tmp_path: Path, tail: bytes, problem_start: str, batch_size: int
+) -> None:
+    path = tmp_path / "cut.pcap"
+    path.write_bytes(classic_pcap(records(4), big=False, nano=False) + tail)
+    batches = assert_same_as_per_frame(path, batch_size)
+    assert batches[-1].problem is not None and batches[-1].problem.startswith(problem_start)
+    assert sum(len(b) for b in batches) == 4
+
+
+def test_problem_before_any_frame_comes_in_an_empty_batch(tmp_path: Path) -> None:
+    path = tmp_path / "cut.pcap"
+    path.write_bytes(classic_pcap([], big=True, nano=False) + b"\0" * 9)
+    (only,) = assert_same_as_per_frame(path)
+    assert len(only) == 0 and len(only.buf) == 0
+    assert only.problem == "truncated record header at byte 24: 16 bytes needed, 9 left"
+
+
+def test_empty_trace_has_no_batches(tmp_path: Path) -> None:
+    path = tmp_path / "empty.pcap"
+    with PcapWriter(path):
+        pass
+    assert list(read_batches(path)) == []
+
+
+def test_not_a_trace_raises_before_the_first_batch(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, world\n")
+    with pytest.raises(TraceError, match=r"not a pcap or pcapng trace: .*notes\.txt"):
+        read_batches(path)
+    with pytest.raises(ValueError, match="batch_size"):
+        read_batches(path, 0)
+
+
+@pytest.mark.skipif(not shutil.which("editcap"), reason="editcap missing")
+def test_pcapng_batches(tmp_path: Path) -> None:
+    src = tmp_path / "src.pcap"
+    src.write_bytes(classic_pcap(records(40), big=False, nano=False))
+    dst = tmp_path / "t.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(src), str(dst)], check=True, capture_output=True)
+    batches = assert_same_as_per_frame(dst, 16)
+    assert frames_of(batches) == frames_of(list(read_batches(src, 16)))
+
+
+@pytest.mark.skipif(not TCPDUMP.is_dir(), reason=f"corpus not found at {TCPDUMP}")
+def test_corpus_batches_equal_per_frame_reading() -> None:
+    paths = sorted(TCPDUMP.iterdir())
+    for path in paths:
+        assert_same_as_per_frame(path, 64)
+    assert len(paths) >= 800
