@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flowshift.packet import batch as batch_mod
 from flowshift.packet.batch import Batch, read_batches
@@ -152,6 +154,30 @@ def test_pcapng_batches(tmp_path: Path) -> None:
     subprocess.run(["editcap", "-F", "pcapng", str(src), str(dst)], check=True, capture_output=True)
     batches = assert_same_as_per_frame(dst, 16)
     assert frames_of(batches) == frames_of(list(read_batches(src, 16)))
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes(dst.read_bytes()[:-10])
+    batches = assert_same_as_per_frame(cut, 16)
+    assert batches[-1].problem is not None and batches[-1].problem.startswith("truncated block")
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    recs=st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.binary(max_size=80)),
+        max_size=6,
+    ),
+    tail=st.binary(max_size=40),
+    big=st.booleans(),
+    nano=st.booleans(),
+)
+def test_batches_agree_with_per_frame_reading_on_any_input(
+    tmp_path: Path, recs: list[tuple[int, int, bytes]], tail: bytes, big: bool, nano: bool
+) -> None:
+    path = tmp_path / "fuzz.pcap"
+    path.write_bytes(classic_pcap([(s, f, d, len(d)) for s, f, d in recs], big, nano) + tail)
+    assert_same_as_per_frame(path, 4)
 
 
 @pytest.mark.skipif(not TCPDUMP.is_dir(), reason=f"corpus not found at {TCPDUMP}")

@@ -109,37 +109,78 @@ def test_example_shape_loads_into_expected_objects(tmp_path: Path) -> None:
     got = load_config(write(tmp_path, SHAPE))
     expected = HostConfig(
         pnic=PnicConfig(capacity=4096, services=("firewall", "nat", "lb", "count")),
-        offload=OffloadConfig(policy="elephant", elephant_packets=32, elephant_bytes=65536,
-                              idle_timeout=30.0, report_interval=1.0),
-        machines=(MachineConfig(
-            name="gw",
-            addresses=(net("10.0.0.0/24"), net("fd00::/64")),
-            public=(ip("203.0.113.1"), ip("203.0.113.10")),
-            services=("firewall", "nat", "lb"),  # chain order, whatever the file's order
-            start="machine",
-            firewall=FirewallConfig(default_allow=False, rules=(
-                Rule(allow=True, direction=EGRESS, proto=PROTO_TCP, src=net("10.0.0.0/24"),
-                     dst=net("0.0.0.0/0"), dst_port=((80, 80), (5000, 5999))),
-                Rule(allow=False, direction=None, proto=PROTO_ICMP, icmp_type=(8,)),
-            )),
-            nat=NatConfig(
-                snat=(SnatRule(source=net("10.0.0.0/24"),
-                               to=AddressRange(ip("203.0.113.1"), ip("203.0.113.1")),
-                               ports=(1024, 65535)),),
-                dnat=(DnatRule(proto=PROTO_TCP, match_addr=ip("203.0.113.1"), match_port=8080,
-                               to_addr=ip("10.0.0.3"), to_port=8080),),
+        offload=OffloadConfig(
+            policy="elephant",
+            elephant_packets=32,
+            elephant_bytes=65536,
+            idle_timeout=30.0,
+            report_interval=1.0,
+        ),
+        machines=(
+            MachineConfig(
+                name="gw",
+                addresses=(net("10.0.0.0/24"), net("fd00::/64")),
+                public=(ip("203.0.113.1"), ip("203.0.113.10")),
+                services=("firewall", "nat", "lb"),  # chain order, whatever the file's order
+                start="machine",
+                firewall=FirewallConfig(
+                    default_allow=False,
+                    rules=(
+                        Rule(
+                            allow=True,
+                            direction=EGRESS,
+                            proto=PROTO_TCP,
+                            src=net("10.0.0.0/24"),
+                            dst=net("0.0.0.0/0"),
+                            dst_port=((80, 80), (5000, 5999)),
+                        ),
+                        Rule(allow=False, direction=None, proto=PROTO_ICMP, icmp_type=(8,)),
+                    ),
+                ),
+                nat=NatConfig(
+                    snat=(
+                        SnatRule(
+                            source=net("10.0.0.0/24"),
+                            to=AddressRange(ip("203.0.113.1"), ip("203.0.113.1")),
+                            ports=(1024, 65535),
+                        ),
+                    ),
+                    dnat=(
+                        DnatRule(
+                            proto=PROTO_TCP,
+                            match_addr=ip("203.0.113.1"),
+                            match_port=8080,
+                            to_addr=ip("10.0.0.3"),
+                            to_port=8080,
+                        ),
+                    ),
+                ),
+                lb=(
+                    LbPool(
+                        proto=PROTO_TCP,
+                        vip=ip("203.0.113.10"),
+                        port=80,
+                        backends=(
+                            Backend(
+                                addr=ip("10.0.0.11"), port=8080, weight=1, name="10.0.0.11:8080"
+                            ),
+                            Backend(
+                                addr=ip("10.0.0.12"), port=8080, weight=2, name="10.0.0.12:8080"
+                            ),
+                        ),
+                    ),
+                ),
             ),
-            lb=(LbPool(proto=PROTO_TCP, vip=ip("203.0.113.10"), port=80, backends=(
-                Backend(addr=ip("10.0.0.11"), port=8080, weight=1, name="10.0.0.11:8080"),
-                Backend(addr=ip("10.0.0.12"), port=8080, weight=2, name="10.0.0.12:8080"),
-            )),),
-        ),),
+        ),
     )
     assert got == expected
 
 
 def test_defaults_for_omitted_keys(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(
+        write(
+            tmp_path,
+            """
         [[machine]]
         name = "vm"
         addresses = ["192.0.2.0/28"]
@@ -147,16 +188,27 @@ def test_defaults_for_omitted_keys(tmp_path: Path) -> None:
         [machine.firewall]
         [[machine.firewall.rule]]
         action = "allow"
-    """))
+    """,
+        )
+    )
     assert cfg.pnic == PnicConfig(capacity=4096, services=("firewall", "nat", "lb", "count"))
-    assert cfg.offload == OffloadConfig(policy="elephant", elephant_packets=32,
-                                        elephant_bytes=65536, idle_timeout=30.0,
-                                        report_interval=1.0)
+    assert cfg.offload == OffloadConfig(
+        policy="elephant",
+        elephant_packets=32,
+        elephant_bytes=65536,
+        idle_timeout=30.0,
+        report_interval=1.0,
+    )
     machine = cfg.machines[0]
     assert (machine.public, machine.start, machine.nat, machine.lb) == ((), "machine", None, ())
-    assert machine.firewall == FirewallConfig(default_allow=False, rules=(
-        Rule(allow=True, direction=None, proto=0, src=None, dst=None, dst_port=(),
-             icmp_type=()),))
+    assert machine.firewall == FirewallConfig(
+        default_allow=False,
+        rules=(
+            Rule(
+                allow=True, direction=None, proto=0, src=None, dst=None, dst_port=(), icmp_type=()
+            ),
+        ),
+    )
 
 
 def test_real_lb_gateway_loads() -> None:
@@ -227,154 +279,315 @@ def nat(section: str) -> str:
 M2 = '[[machine]]\nname = "n"\nservices = []\n'
 ERRORS = [
     # wrong types
-    (f'[pnic]\ncapacity = "big"\n{M}services = []', "pnic.capacity",
-     ["expected an integer", "string 'big'"]),
+    (
+        f'[pnic]\ncapacity = "big"\n{M}services = []',
+        "pnic.capacity",
+        ["expected an integer", "string 'big'"],
+    ),
     (f"[pnic]\ncapacity = true\n{M}services = []", "pnic.capacity", ["boolean"]),
     (f'{M}services = "firewall"', "machine[0].services", ["expected an array", "string"]),
     (f"offload = 3\n{M}services = []", "offload", ["expected a table", "integer 3"]),
-    (f'{M}services = ["lb"]\n[machine.lb]\nproto = "tcp"', "machine[0].lb",
-     ["array of tables", "[[machine.lb]]"]),
-    (fw('action = "allow"\nsrc = 10'), "machine[0].firewall.rule[0].src",
-     ["expected a string"]),
+    (
+        f'{M}services = ["lb"]\n[machine.lb]\nproto = "tcp"',
+        "machine[0].lb",
+        ["array of tables", "[[machine.lb]]"],
+    ),
+    (fw('action = "allow"\nsrc = 10'), "machine[0].firewall.rule[0].src", ["expected a string"]),
     # unknown and missing keys
-    (f"colour = 1\n{M}services = []", "colour",
-     ["unknown key", "allowed: machine, offload, pnic"]),
-    (fw('action = "allow"\nprot = "tcp"'), "machine[0].firewall.rule[0].prot",
-     ["unknown key", "dst_port", "icmp_type"]),
+    (f"colour = 1\n{M}services = []", "colour", ["unknown key", "allowed: machine, offload, pnic"]),
+    (
+        fw('action = "allow"\nprot = "tcp"'),
+        "machine[0].firewall.rule[0].prot",
+        ["unknown key", "dst_port", "icmp_type"],
+    ),
     (f'{M}services = []\n"odd key" = 1', 'machine[0]."odd key"', ["unknown key"]),
     (fw('direction = "egress"'), "machine[0].firewall.rule[0].action", ["missing"]),
     ('[[machine]]\nname = "m"\nservices = []', "machine[0].addresses", ["missing"]),
     ("[pnic]\ncapacity = 1", "machine", ["missing"]),
     ("machine = []", "machine", ["at least one machine"]),
     # values
-    (f"{M}services = []".replace("10.0.0.0/24", "10.0.0.1/24"), "machine[0].addresses[0]",
-     ["bad CIDR", "host bits set"]),
-    (fw('action = "allow"\ndst = "10.0.0.0/33"'), "machine[0].firewall.rule[0].dst",
-     ["bad CIDR", "10.0.0.0/33"]),
-    (fw('action = "allow"\ndst = "fe80::%eth0/64"'), "machine[0].firewall.rule[0].dst",
-     ["bad CIDR", "scoped"]),
-    (f'{M}services = []'.replace('"203.0.113.1"', '"203.0.113.256"'), "machine[0].public[0]",
-     ["bad address", "203.0.113.256"]),
-    (fw('action = "allow"\ndst_port = [70000]'), "machine[0].firewall.rule[0].dst_port[0]",
-     ["port 70000 out of range 0-65535"]),
-    (fw('action = "allow"\ndst_port = [80, "6000-5000"]'),
-     "machine[0].firewall.rule[0].dst_port[1]", ["'6000-5000'", "backwards", "lo > hi"]),
-    (fw('action = "allow"\ndst_port = ["http"]'), "machine[0].firewall.rule[0].dst_port[0]",
-     ["bad port", "'http'"]),
-    (fw('action = "allow"\ndst_port = []'), "machine[0].firewall.rule[0].dst_port",
-     ["must not be empty"]),
-    (fw('action = "allow"\nproto = "icmp"\nicmp_type = [256]'),
-     "machine[0].firewall.rule[0].icmp_type[0]", ["256 out of range 0-255"]),
-    (fw('action = "reject"'), "machine[0].firewall.rule[0].action",
-     ["unknown action", "'reject'", "allow, drop"]),
-    (fw('action = "allow"\ndirection = "inbound"'), "machine[0].firewall.rule[0].direction",
-     ["unknown direction", "egress, ingress, any"]),
-    (fw('action = "allow"\nproto = "sctp"'), "machine[0].firewall.rule[0].proto",
-     ["unknown protocol", "'sctp'"]),
-    (f'{M}services = ["firewall"]\n[machine.firewall]\ndefault = "accept"',
-     "machine[0].firewall.default", ["unknown action", "'accept'"]),
-    (f'{M}services = []\nstart = "pnic"', "machine[0].start",
-     ["unknown start tier", "machine, vnic"]),
-    (f'{M}services = []'.replace('"m"', '"my vm"'), "machine[0].name", ["bad machine name"]),
+    (
+        f"{M}services = []".replace("10.0.0.0/24", "10.0.0.1/24"),
+        "machine[0].addresses[0]",
+        ["bad CIDR", "host bits set"],
+    ),
+    (
+        fw('action = "allow"\ndst = "10.0.0.0/33"'),
+        "machine[0].firewall.rule[0].dst",
+        ["bad CIDR", "10.0.0.0/33"],
+    ),
+    (
+        fw('action = "allow"\ndst = "fe80::%eth0/64"'),
+        "machine[0].firewall.rule[0].dst",
+        ["bad CIDR", "scoped"],
+    ),
+    (
+        f"{M}services = []".replace('"203.0.113.1"', '"203.0.113.256"'),
+        "machine[0].public[0]",
+        ["bad address", "203.0.113.256"],
+    ),
+    (
+        fw('action = "allow"\ndst_port = [70000]'),
+        "machine[0].firewall.rule[0].dst_port[0]",
+        ["port 70000 out of range 0-65535"],
+    ),
+    (
+        fw('action = "allow"\ndst_port = [80, "6000-5000"]'),
+        "machine[0].firewall.rule[0].dst_port[1]",
+        ["'6000-5000'", "backwards", "lo > hi"],
+    ),
+    (
+        fw('action = "allow"\ndst_port = ["http"]'),
+        "machine[0].firewall.rule[0].dst_port[0]",
+        ["bad port", "'http'"],
+    ),
+    (
+        fw('action = "allow"\ndst_port = []'),
+        "machine[0].firewall.rule[0].dst_port",
+        ["must not be empty"],
+    ),
+    (
+        fw('action = "allow"\nproto = "icmp"\nicmp_type = [256]'),
+        "machine[0].firewall.rule[0].icmp_type[0]",
+        ["256 out of range 0-255"],
+    ),
+    (
+        fw('action = "reject"'),
+        "machine[0].firewall.rule[0].action",
+        ["unknown action", "'reject'", "allow, drop"],
+    ),
+    (
+        fw('action = "allow"\ndirection = "inbound"'),
+        "machine[0].firewall.rule[0].direction",
+        ["unknown direction", "egress, ingress, any"],
+    ),
+    (
+        fw('action = "allow"\nproto = "sctp"'),
+        "machine[0].firewall.rule[0].proto",
+        ["unknown protocol", "'sctp'"],
+    ),
+    (
+        f'{M}services = ["firewall"]\n[machine.firewall]\ndefault = "accept"',
+        "machine[0].firewall.default",
+        ["unknown action", "'accept'"],
+    ),
+    (
+        f'{M}services = []\nstart = "pnic"',
+        "machine[0].start",
+        ["unknown start tier", "machine, vnic"],
+    ),
+    (f"{M}services = []".replace('"m"', '"my vm"'), "machine[0].name", ["bad machine name"]),
     # rules that could never match
-    (fw('action = "allow"\nproto = "icmp"\ndst_port = [80]'),
-     "machine[0].firewall.rule[0].dst_port", ["tcp and udp only", "'icmp'"]),
-    (fw('action = "allow"\nproto = "tcp"\nicmp_type = [8]'),
-     "machine[0].firewall.rule[0].icmp_type", ["icmp and icmpv6 only", "'tcp'"]),
-    (fw('action = "allow"\ndst_port = [80]\nicmp_type = [8]'),
-     "machine[0].firewall.rule[0].icmp_type", ["cannot be combined with dst_port"]),
-    (fw('action = "allow"\nsrc = "10.0.0.0/24"\ndst = "::/0"'),
-     "machine[0].firewall.rule[0].dst", ["IPv6 but src is IPv4", "never match"]),
-    (fw('action = "allow"\nproto = "icmp"\ndst = "fd00::/64"'),
-     "machine[0].firewall.rule[0].proto", ["IPv4 only", "IPv6"]),
+    (
+        fw('action = "allow"\nproto = "icmp"\ndst_port = [80]'),
+        "machine[0].firewall.rule[0].dst_port",
+        ["tcp and udp only", "'icmp'"],
+    ),
+    (
+        fw('action = "allow"\nproto = "tcp"\nicmp_type = [8]'),
+        "machine[0].firewall.rule[0].icmp_type",
+        ["icmp and icmpv6 only", "'tcp'"],
+    ),
+    (
+        fw('action = "allow"\ndst_port = [80]\nicmp_type = [8]'),
+        "machine[0].firewall.rule[0].icmp_type",
+        ["cannot be combined with dst_port"],
+    ),
+    (
+        fw('action = "allow"\nsrc = "10.0.0.0/24"\ndst = "::/0"'),
+        "machine[0].firewall.rule[0].dst",
+        ["IPv6 but src is IPv4", "never match"],
+    ),
+    (
+        fw('action = "allow"\nproto = "icmp"\ndst = "fd00::/64"'),
+        "machine[0].firewall.rule[0].proto",
+        ["IPv4 only", "IPv6"],
+    ),
     # services and their sections
-    (f'{M}services = ["dns"]', "machine[0].services[0]",
-     ["unknown service", "'dns'", "firewall, nat, lb, count"]),
-    (f'{M}services = ["nat", "count", "nat"]', "machine[0].services[2]",
-     ["'nat' listed twice"]),
-    (f'[pnic]\nservices = ["offload"]\n{M}services = []', "pnic.services[0]",
-     ["unknown service"]),
-    (f'{M}services = ["firewall"]', "machine[0].firewall",
-     ["section missing", "'firewall'"]),
-    (f'{M}services = []\n[machine.firewall]\ndefault = "drop"', "machine[0].firewall",
-     ["section present", "'firewall'"]),
+    (
+        f'{M}services = ["dns"]',
+        "machine[0].services[0]",
+        ["unknown service", "'dns'", "firewall, nat, lb, count"],
+    ),
+    (f'{M}services = ["nat", "count", "nat"]', "machine[0].services[2]", ["'nat' listed twice"]),
+    (f'[pnic]\nservices = ["offload"]\n{M}services = []', "pnic.services[0]", ["unknown service"]),
+    (f'{M}services = ["firewall"]', "machine[0].firewall", ["section missing", "'firewall'"]),
+    (
+        f'{M}services = []\n[machine.firewall]\ndefault = "drop"',
+        "machine[0].firewall",
+        ["section present", "'firewall'"],
+    ),
     (f'{M}services = ["lb"]', "machine[0].lb", ["section missing", "'lb'"]),
     (f"{M}services = []\nlb = []", "machine[0].lb", ["section present", "'lb'"]),
     (f'{M}services = ["lb"]\nlb = []', "machine[0].lb", ["no pool"]),
     (nat("[machine.nat]"), "machine[0].nat", ["no snat or dnat"]),
-    (f'{M}services = []\n[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1"',
-     "machine[0].nat", ["section present", "'nat'"]),
+    (
+        f'{M}services = []\n[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1"',
+        "machine[0].nat",
+        ["section present", "'nat'"],
+    ),
     # NAT
-    (nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "2001:db8::1"'),
-     "machine[0].nat.snat[0].to", ["IPv6 but source 10.0.0.0/24 is IPv4"]),
-    (nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.9"'),
-     "machine[0].nat.snat[0].to", ["203.0.113.9", "not in this machine's public"]),
-    (nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1-203.0.113.2"'),
-     "machine[0].nat.snat[0].to", ["203.0.113.2", "not in this machine's public"]),
-    (nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.2-203.0.113.1"'),
-     "machine[0].nat.snat[0].to", ["runs backwards"]),
-    (nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1"\nports = "0-9"'),
-     "machine[0].nat.snat[0].ports", ["port 0 out of range 1-65535"]),
-    (nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "203.0.113.1:80"\nto = "[fd00::3]:80"'),
-     "machine[0].nat.dnat[0].to", ["IPv6 but match 203.0.113.1:80 is IPv4"]),
-    (nat('[[machine.nat.dnat]]\nproto = "icmp"\nmatch = "203.0.113.1:80"\nto = "10.0.0.3:80"'),
-     "machine[0].nat.dnat[0].proto", ["unknown protocol", "tcp, udp"]),
-    (nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "203.0.113.1"\nto = "10.0.0.3:80"'),
-     "machine[0].nat.dnat[0].match", ["expected address:port"]),
-    (nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "198.51.100.1:80"\nto = "10.0.0.3:80"'),
-     "machine[0].nat.dnat[0].match", ["198.51.100.1", "not in this machine's public"]),
+    (
+        nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "2001:db8::1"'),
+        "machine[0].nat.snat[0].to",
+        ["IPv6 but source 10.0.0.0/24 is IPv4"],
+    ),
+    (
+        nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.9"'),
+        "machine[0].nat.snat[0].to",
+        ["203.0.113.9", "not in this machine's public"],
+    ),
+    (
+        nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1-203.0.113.2"'),
+        "machine[0].nat.snat[0].to",
+        ["203.0.113.2", "not in this machine's public"],
+    ),
+    (
+        nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.2-203.0.113.1"'),
+        "machine[0].nat.snat[0].to",
+        ["runs backwards"],
+    ),
+    (
+        nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1"\nports = "0-9"'),
+        "machine[0].nat.snat[0].ports",
+        ["port 0 out of range 1-65535"],
+    ),
+    (
+        nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "203.0.113.1:80"\nto = "[fd00::3]:80"'),
+        "machine[0].nat.dnat[0].to",
+        ["IPv6 but match 203.0.113.1:80 is IPv4"],
+    ),
+    (
+        nat('[[machine.nat.dnat]]\nproto = "icmp"\nmatch = "203.0.113.1:80"\nto = "10.0.0.3:80"'),
+        "machine[0].nat.dnat[0].proto",
+        ["unknown protocol", "tcp, udp"],
+    ),
+    (
+        nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "203.0.113.1"\nto = "10.0.0.3:80"'),
+        "machine[0].nat.dnat[0].match",
+        ["expected address:port"],
+    ),
+    (
+        nat('[[machine.nat.dnat]]\nproto = "tcp"\nmatch = "198.51.100.1:80"\nto = "10.0.0.3:80"'),
+        "machine[0].nat.dnat[0].match",
+        ["198.51.100.1", "not in this machine's public"],
+    ),
     # LB
-    (lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["[fd00::11]:8080"]'),
-     "machine[0].lb[0].backends[0]", ["IPv6 backend", "IPv4 vip 203.0.113.1:80"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80", "10.0.0.12:80@-1"]'),
-     "machine[0].lb[0].backends[1]", ["weight -1 out of range"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80@x"]'),
-     "machine[0].lb[0].backends[0]", ["weight 'x' is not an integer"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = []'),
-     "machine[0].lb[0].backends", ["must not be empty"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80", "10.0.0.11:80@2"]'),
-     "machine[0].lb[0].backends[1]", ["10.0.0.11:80 listed twice"]),
-    (lb('proto = "tcp"\nvip = "2001:db8::1:80"\nbackends = ["[fd00::11]:80"]'),
-     "machine[0].lb[0].vip", ["[address]:port"]),
-    (lb('proto = "tcp"\nvip = "[203.0.113.1]:80"\nbackends = ["10.0.0.1:80"]'),
-     "machine[0].lb[0].vip", ["brackets are for IPv6 only"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.1:0"\nbackends = ["10.0.0.1:80"]'),
-     "machine[0].lb[0].vip", ["port 0 out of range 1-65535"]),
-    (lb('proto = "tcp"\nvip = "203.0.113.7:80"\nbackends = ["10.0.0.1:80"]'),
-     "machine[0].lb[0].vip", ["203.0.113.7", "not in this machine's public"]),
-    (lb('proto = "udp"\nvip = "203.0.113.1:53"\nbackends = ["10.0.0.1:53"]\n[[machine.lb]]\n'
-        'proto = "udp"\nvip = "203.0.113.1:53"\nbackends = ["10.0.0.2:53"]'),
-     "machine[0].lb[1].vip", ["203.0.113.1:53 is also machine[0].lb[0].vip"]),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["[fd00::11]:8080"]'),
+        "machine[0].lb[0].backends[0]",
+        ["IPv6 backend", "IPv4 vip 203.0.113.1:80"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80", "10.0.0.12:80@-1"]'),
+        "machine[0].lb[0].backends[1]",
+        ["weight -1 out of range"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80@x"]'),
+        "machine[0].lb[0].backends[0]",
+        ["weight 'x' is not an integer"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = []'),
+        "machine[0].lb[0].backends",
+        ["must not be empty"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80", "10.0.0.11:80@2"]'),
+        "machine[0].lb[0].backends[1]",
+        ["10.0.0.11:80 listed twice"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "2001:db8::1:80"\nbackends = ["[fd00::11]:80"]'),
+        "machine[0].lb[0].vip",
+        ["[address]:port"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "[203.0.113.1]:80"\nbackends = ["10.0.0.1:80"]'),
+        "machine[0].lb[0].vip",
+        ["brackets are for IPv6 only"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:0"\nbackends = ["10.0.0.1:80"]'),
+        "machine[0].lb[0].vip",
+        ["port 0 out of range 1-65535"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.7:80"\nbackends = ["10.0.0.1:80"]'),
+        "machine[0].lb[0].vip",
+        ["203.0.113.7", "not in this machine's public"],
+    ),
+    (
+        lb(
+            'proto = "udp"\nvip = "203.0.113.1:53"\nbackends = ["10.0.0.1:53"]\n[[machine.lb]]\n'
+            'proto = "udp"\nvip = "203.0.113.1:53"\nbackends = ["10.0.0.2:53"]'
+        ),
+        "machine[0].lb[1].vip",
+        ["203.0.113.1:53 is also machine[0].lb[0].vip"],
+    ),
     # offload and PNIC
-    (f'[offload]\npolicy = "sometimes"\n{M}services = []', "offload.policy",
-     ["unknown policy", "'sometimes'", "never, always, elephant"]),
+    (
+        f'[offload]\npolicy = "sometimes"\n{M}services = []',
+        "offload.policy",
+        ["unknown policy", "'sometimes'", "never, always, elephant"],
+    ),
     (f"[pnic]\ncapacity = -1\n{M}services = []", "pnic.capacity", ["-1 out of range"]),
-    (f"[offload]\nidle_timeout = -5.0\n{M}services = []", "offload.idle_timeout",
-     ["-5.0 out of range", "> 0"]),
-    (f"[offload]\nreport_interval = 0\n{M}services = []", "offload.report_interval",
-     ["out of range"]),
-    (f"[offload]\nidle_timeout = nan\n{M}services = []", "offload.idle_timeout",
-     ["nan out of range"]),
-    (f"[offload]\nelephant_packets = -1\n{M}services = []", "offload.elephant_packets",
-     ["-1 out of range"]),
+    (
+        f"[offload]\nidle_timeout = -5.0\n{M}services = []",
+        "offload.idle_timeout",
+        ["-5.0 out of range", "> 0"],
+    ),
+    (
+        f"[offload]\nreport_interval = 0\n{M}services = []",
+        "offload.report_interval",
+        ["out of range"],
+    ),
+    (
+        f"[offload]\nidle_timeout = nan\n{M}services = []",
+        "offload.idle_timeout",
+        ["nan out of range"],
+    ),
+    (
+        f"[offload]\nelephant_packets = -1\n{M}services = []",
+        "offload.elephant_packets",
+        ["-1 out of range"],
+    ),
     # across machines
-    (f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]'.replace('"n"', '"m"'),
-     "machine[1].name", ["duplicate machine name 'm'", "machine[0]"]),
-    (f'{M}services = []\n{M2}addresses = ["10.0.0.128/25"]', "machine[1].addresses[0]",
-     ["10.0.0.128/25 overlaps 10.0.0.0/24", "machine[0].addresses[0]", "'m'"]),
-    (f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]\npublic = ["2001:db8::1"]',
-     "machine[1].public[0]", ["overlaps", "machine[0].public[1]"]),
-    (f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]\npublic = ["10.0.0.9"]',
-     "machine[1].public[0]", ["overlaps 10.0.0.0/24"]),
-    (f'{M}services = []'.replace('"2001:db8::1"', '"203.0.113.1"'), "machine[0].public[1]",
-     ["203.0.113.1 listed twice"]),
+    (
+        f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]'.replace('"n"', '"m"'),
+        "machine[1].name",
+        ["duplicate machine name 'm'", "machine[0]"],
+    ),
+    (
+        f'{M}services = []\n{M2}addresses = ["10.0.0.128/25"]',
+        "machine[1].addresses[0]",
+        ["10.0.0.128/25 overlaps 10.0.0.0/24", "machine[0].addresses[0]", "'m'"],
+    ),
+    (
+        f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]\npublic = ["2001:db8::1"]',
+        "machine[1].public[0]",
+        ["overlaps", "machine[0].public[1]"],
+    ),
+    (
+        f'{M}services = []\n{M2}addresses = ["10.1.0.0/24"]\npublic = ["10.0.0.9"]',
+        "machine[1].public[0]",
+        ["overlaps 10.0.0.0/24"],
+    ),
+    (
+        f"{M}services = []".replace('"2001:db8::1"', '"203.0.113.1"'),
+        "machine[0].public[1]",
+        ["203.0.113.1 listed twice"],
+    ),
 ]
 
 
-@pytest.mark.parametrize(("snippet", "where", "words"), ERRORS,
-                         ids=[f"{i}-{e[1]}" for i, e in enumerate(ERRORS)])
-def test_error_names_file_path_and_problem(tmp_path: Path, snippet: str, where: str,
-                                           words: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("snippet", "where", "words"), ERRORS, ids=[f"{i}-{e[1]}" for i, e in enumerate(ERRORS)]
+)
+def test_error_names_file_path_and_problem(
+    tmp_path: Path, snippet: str, where: str, words: list[str]
+) -> None:
     path = write(tmp_path, snippet)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -390,10 +603,15 @@ def test_the_error_table_is_built_on_valid_bases(tmp_path: Path) -> None:
     """Each error above comes from its one wrong key: the bases themselves load."""
     load_config(write(tmp_path, f"{M}services = []\n{M2}addresses = ['10.1.0.0/24']"))
     load_config(write(tmp_path, fw('action = "allow"')))
-    load_config(write(tmp_path, lb('proto = "tcp"\nvip = "203.0.113.1:80"\n'
-                                   'backends = ["10.0.0.11:80"]')))
-    load_config(write(tmp_path, nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\n'
-                                    'to = "203.0.113.1"\nports = "1-9"')))
+    load_config(
+        write(tmp_path, lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.11:80"]'))
+    )
+    load_config(
+        write(
+            tmp_path,
+            nat('[[machine.nat.snat]]\nsource = "10.0.0.0/24"\nto = "203.0.113.1"\nports = "1-9"'),
+        )
+    )
 
 
 @pytest.mark.parametrize(
@@ -418,7 +636,7 @@ def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"absent\.toml: cannot read"):
         load_config(missing)
     binary = tmp_path / "latin1.toml"
-    binary.write_bytes(b'[pnic]\n# caf\xe9\n')
+    binary.write_bytes(b"[pnic]\n# caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1\.toml: line 2: not UTF-8"):
         load_config(binary)
     with pytest.raises(ConfigError, match="cannot read"):
@@ -456,8 +674,11 @@ def networks(draw: st.DrawFn, family: int) -> str:
 @st.composite
 def rules(draw: st.DrawFn) -> dict[str, Any]:
     family = draw(st.sampled_from([None, 4, 6]))
-    protos = {None: ["any", "tcp", "udp", "icmp", "icmpv6"], 4: ["any", "tcp", "udp", "icmp"],
-              6: ["any", "tcp", "udp", "icmpv6"]}[family]
+    protos = {
+        None: ["any", "tcp", "udp", "icmp", "icmpv6"],
+        4: ["any", "tcp", "udp", "icmp"],
+        6: ["any", "tcp", "udp", "icmpv6"],
+    }[family]
     out: dict[str, Any] = {"action": draw(st.sampled_from(["allow", "drop"]))}
     if draw(st.booleans()):
         out["direction"] = draw(st.sampled_from(["egress", "ingress", "any"]))
@@ -469,9 +690,13 @@ def rules(draw: st.DrawFn) -> dict[str, Any]:
             out[key] = draw(networks(family))
     if proto in ("any", "tcp", "udp") and draw(st.booleans()):
         port = st.integers(0, 65535)
-        out["dst_port"] = draw(st.lists(
-            port | st.tuples(port, port).map(lambda t: f"{min(t)}-{max(t)}"),
-            min_size=1, max_size=3))
+        out["dst_port"] = draw(
+            st.lists(
+                port | st.tuples(port, port).map(lambda t: f"{min(t)}-{max(t)}"),
+                min_size=1,
+                max_size=3,
+            )
+        )
     elif proto in ("any", "icmp", "icmpv6") and draw(st.booleans()):
         out["icmp_type"] = draw(st.lists(st.integers(0, 255), min_size=1, max_size=3))
     return out
@@ -482,8 +707,7 @@ def machines(draw: st.DrawFn, j: int) -> dict[str, Any]:
     v4, v6 = f"10.{j}.0.0/16", f"fd00:{j}::/64"
     addresses = draw(st.sampled_from([[v4], [v6], [v4, v6], [v6, v4]]))
     public = [f"203.0.{j}.{k}" for k in range(1, 4)] + [f"2001:db8:{j}::{k}" for k in (1, 2)]
-    services = draw(st.lists(st.sampled_from(["firewall", "nat", "lb", "count"]),
-                             unique=True))
+    services = draw(st.lists(st.sampled_from(["firewall", "nat", "lb", "count"]), unique=True))
     out: dict[str, Any] = {"name": f"m{j}", "addresses": addresses, "services": services}
     if public or draw(st.booleans()):
         out["public"] = public
@@ -497,18 +721,28 @@ def machines(draw: st.DrawFn, j: int) -> dict[str, Any]:
     if "nat" in services:
         snat = []
         for family in draw(st.lists(st.sampled_from([4, 6]), max_size=2)):
-            rule = {"source": v4 if family == 4 else v6,
-                    "to": draw(st.sampled_from(
-                        ["203.0.{j}.1", "203.0.{j}.1-203.0.{j}.3"] if family == 4 else
-                        ["2001:db8:{j}::1", "2001:db8:{j}::1-2001:db8:{j}::2"])).format(j=j)}
+            rule = {
+                "source": v4 if family == 4 else v6,
+                "to": draw(
+                    st.sampled_from(
+                        ["203.0.{j}.1", "203.0.{j}.1-203.0.{j}.3"]
+                        if family == 4
+                        else ["2001:db8:{j}::1", "2001:db8:{j}::1-2001:db8:{j}::2"]
+                    )
+                ).format(j=j),
+            }
             if draw(st.booleans()):
                 lo = draw(st.integers(1, 65535))
                 rule["ports"] = draw(st.sampled_from([lo, f"{lo}-{max(lo, 1024)}"]))
             snat.append(rule)
-        dnat = [{"proto": draw(st.sampled_from(["tcp", "udp"])),
-                 "match": f"203.0.{j}.2:{2000 + k}",
-                 "to": f"{inside[4]}{k + 1}:{draw(st.integers(1, 65535))}"}
-                for k in range(draw(st.integers(0 if snat else 1, 2)))]
+        dnat = [
+            {
+                "proto": draw(st.sampled_from(["tcp", "udp"])),
+                "match": f"203.0.{j}.2:{2000 + k}",
+                "to": f"{inside[4]}{k + 1}:{draw(st.integers(1, 65535))}",
+            }
+            for k in range(draw(st.integers(0 if snat else 1, 2)))
+        ]
         out["nat"] = {"snat": snat, "dnat": dnat}
     if "lb" in services:
         pools = []
@@ -522,8 +756,9 @@ def machines(draw: st.DrawFn, j: int) -> dict[str, Any]:
                 if draw(st.booleans()):
                     text += f"@{draw(st.integers(0, 2**32 - 1))}"
                 backends.append(text)
-            pools.append({"proto": draw(st.sampled_from(["tcp", "udp"])), "vip": vip,
-                          "backends": backends})
+            pools.append(
+                {"proto": draw(st.sampled_from(["tcp", "udp"])), "vip": vip, "backends": backends}
+            )
         out["lb"] = pools
     return out
 
@@ -532,15 +767,21 @@ def machines(draw: st.DrawFn, j: int) -> dict[str, Any]:
 def configs(draw: st.DrawFn) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": [draw(machines(j)) for j in range(draw(st.integers(1, 3)))]}
     if draw(st.booleans()):
-        out["pnic"] = {"capacity": draw(st.integers(0, 1 << 24)),
-                       "services": draw(st.lists(st.sampled_from(
-                           ["firewall", "nat", "lb", "count"]), unique=True))}
+        out["pnic"] = {
+            "capacity": draw(st.integers(0, 1 << 24)),
+            "services": draw(
+                st.lists(st.sampled_from(["firewall", "nat", "lb", "count"]), unique=True)
+            ),
+        }
     if draw(st.booleans()):
         seconds = st.floats(1e-3, 1e6) | st.integers(1, 10**6)
-        out["offload"] = {"policy": draw(st.sampled_from(["never", "always", "elephant"])),
-                          "elephant_packets": draw(st.integers(0, 2**63 - 1)),
-                          "elephant_bytes": draw(st.integers(0, 2**63 - 1)),
-                          "idle_timeout": draw(seconds), "report_interval": draw(seconds)}
+        out["offload"] = {
+            "policy": draw(st.sampled_from(["never", "always", "elephant"])),
+            "elephant_packets": draw(st.integers(0, 2**63 - 1)),
+            "elephant_bytes": draw(st.integers(0, 2**63 - 1)),
+            "idle_timeout": draw(seconds),
+            "report_interval": draw(seconds),
+        }
     return out
 
 
@@ -564,8 +805,9 @@ def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 

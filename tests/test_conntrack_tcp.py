@@ -636,22 +636,20 @@ def _receive(rcv: End, snd: End, pkt: Packet, data_base: int, ack_base: int) -> 
         rcv.edge = (ack_base + heard) & M32
 
 
+def _draw_end(data: st.DataObject) -> End:
+    wscale = data.draw(st.integers(-1, 14))
+    return End(
+        isn=data.draw(st.integers(0, M32)),
+        wscale=wscale,
+        buf=data.draw(st.integers(max(1000, 1 << (wscale + 1)), 1 << 21)),  # window never 0
+        mss=data.draw(st.integers(100, 1460)),
+    )
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data())
-def test_well_behaved_conversation_is_never_invalid(data: st.DataObject) -> None:
-    u32 = st.integers(0, M32)
-    client = End(
-        data.draw(u32),
-        data.draw(st.integers(-1, 14)),
-        data.draw(st.integers(1000, 1 << 20)),
-        data.draw(st.integers(100, 1460)),
-    )
-    server = End(
-        data.draw(u32),
-        data.draw(st.integers(-1, 14)),
-        data.draw(st.integers(1000, 1 << 20)),
-        data.draw(st.integers(100, 1460)),
-    )
+def test_well_behaved_conversation_is_never_invalid_even_after_relearn(data: st.DataObject) -> None:
+    client, server = _draw_end(data), _draw_end(data)
     sack_ok = data.draw(st.booleans())
     ends = (client, server)
     base = (client.isn + 1, server.isn + 1)  # data sequence bases
@@ -677,7 +675,11 @@ def test_well_behaved_conversation_is_never_invalid(data: st.DataObject) -> None
     server.edge = (base[1] + (client.window() << client.scale)) & M32
 
     flight: list[tuple[int, Packet]] = []  # sent, not yet past the firewall
-    for _ in range(data.draw(st.integers(5, 80))):
+    steps = data.draw(st.integers(5, 80))
+    crash_at = data.draw(st.one_of(st.just(-1), st.integers(0, steps - 1)))  # PNIC lost state
+    for step in range(steps):
+        if step == crash_at:
+            relearn(t.conn)
         move = data.draw(st.sampled_from(["send", "send", "retransmit", "deliver", "deliver"]))
         if move == "deliver" and flight:
             k = data.draw(st.integers(0, min(3, len(flight) - 1)))  # mild reordering
@@ -707,12 +709,21 @@ def test_well_behaved_conversation_is_never_invalid(data: st.DataObject) -> None
                     n = min(outstanding, me.mss)
                     flight.append((i, _segment(me, peer, me.snd_una, n, sack_ok)))
 
-    # drain in order, then close: FIN, ACK, FIN, ACK
-    while flight:
+    # deliver everything in order, retransmitting what was lost; then close
+    while True:
+        if not flight:
+            behind = [i for i in (0, 1) if ends[i].snd_una != ends[i].snd_nxt]
+            if not behind:
+                break
+            me = ends[behind[0]]
+            n = min(_off(me.snd_nxt, me.snd_una), me.mss)
+            flight.append((behind[0], _segment(me, ends[1 - behind[0]], me.snd_una, n, sack_ok)))
         direction, pkt = flight.pop(0)
         through(direction, pkt)
-        rcv = ends[1 - direction]
-        _receive(rcv, ends[direction], pkt, base[direction], base[1 - direction])
+        rcv, snd = ends[1 - direction], ends[direction]
+        _receive(rcv, snd, pkt, base[direction], base[1 - direction])
+        if pkt.payload_len:
+            flight.append((1 - direction, _segment(rcv, snd, rcv.snd_nxt, 0, sack_ok)))
     for i in (0, 1):
         me, peer = ends[i], ends[1 - i]
         through(i, seg(FA, me.snd_nxt, me.rcv_nxt, me.window()))

@@ -56,14 +56,24 @@ def test_tcpdump_corpus_parses():
     assert len(by_file) > 800 and total > 5_000
     assert len(not_traces) < 10, not_traces
     # a zoo of protocols, mostly well-formed, with every kind of trouble represented
-    not_tracked = (ParseError.NOT_IP, ParseError.UNSUPPORTED_PROTOCOL,
-                   ParseError.UNKNOWN_LINKTYPE, ParseError.UNKNOWN_ETHERTYPE)
+    not_tracked = (
+        ParseError.NOT_IP,
+        ParseError.UNSUPPORTED_PROTOCOL,
+        ParseError.UNKNOWN_LINKTYPE,
+        ParseError.UNKNOWN_ETHERTYPE,
+    )
     assert reasons[ParseError.OK] > 0.3 * total
     assert reasons[ParseError.OK] + sum(reasons[r] for r in not_tracked) > 0.97 * total
     for reason in (
-        ParseError.NOT_IP, ParseError.UNKNOWN_LINKTYPE, ParseError.UNKNOWN_ETHERTYPE,
-        ParseError.TRUNCATED_L2, ParseError.TRUNCATED_IP, ParseError.TRUNCATED_L4,
-        ParseError.BAD_IP_VERSION, ParseError.BAD_IP_TOTAL_LENGTH, ParseError.BAD_UDP_LENGTH,
+        ParseError.NOT_IP,
+        ParseError.UNKNOWN_LINKTYPE,
+        ParseError.UNKNOWN_ETHERTYPE,
+        ParseError.TRUNCATED_L2,
+        ParseError.TRUNCATED_IP,
+        ParseError.TRUNCATED_L4,
+        ParseError.BAD_IP_VERSION,
+        ParseError.BAD_IP_TOTAL_LENGTH,
+        ParseError.BAD_UDP_LENGTH,
         ParseError.UNSUPPORTED_PROTOCOL,
     ):
         assert reasons[reason] > 0, reason.label
@@ -76,9 +86,7 @@ def test_tcpdump_corpus_parses():
     assert by_file["LINKTYPE_IPV4_invalid.pcap"] == {ParseError.BAD_IP_VERSION: 1}
     assert by_file["LINKTYPE_IPV6_invalid.pcap"] == {ParseError.BAD_IP_VERSION: 1}
     assert by_file["ipv6_jumbogram_1.pcap"] == {ParseError.OK: 1}
-    assert by_file["ipv6_missing_jumbo_payload_option.pcap"] == {
-        ParseError.BAD_IP_TOTAL_LENGTH: 1
-    }
+    assert by_file["ipv6_missing_jumbo_payload_option.pcap"] == {ParseError.BAD_IP_TOTAL_LENGTH: 1}
     assert by_file["ipv4_invalid_hdr_length.pcap"] == {ParseError.BAD_IP_HEADER_LENGTH: 1}
     assert set(by_file["802_15_4-data.pcap"]) == {ParseError.UNKNOWN_LINKTYPE}
 

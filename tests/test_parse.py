@@ -44,7 +44,6 @@ TCP_OPTIONS = [
 ]
 
 
-
 def parsed(data: bytes | bytearray, linktype: int = 1, wire_len: int | None = None) -> Packet:
     pkt = parse(data, linktype, wire_len)
     assert_in_bounds(pkt)
@@ -81,11 +80,19 @@ def eth(l3, *tags):
 
 # ---- link types -----------------------------------------------------------------------------
 
+
 def test_ethernet_ipv4_tcp_all_options():
     frame = eth(
         IP(src=A4, dst=B4, ttl=17)
-        / TCP(sport=40000, dport=80, seq=1000, ack=2000, flags="SA", window=29200,
-              options=[*TCP_OPTIONS, ("SAck", (10, 20, 30, 40))])
+        / TCP(
+            sport=40000,
+            dport=80,
+            seq=1000,
+            ack=2000,
+            flags="SA",
+            window=29200,
+            options=[*TCP_OPTIONS, ("SAck", (10, 20, 30, 40))],
+        )
         / Raw(b"x" * 33)
     )
     buf = bytearray(frame)
@@ -227,6 +234,7 @@ def test_unknown_linktype(linktype):
 
 # ---- IPv4 -----------------------------------------------------------------------------------
 
+
 def test_ipv4_options():
     frame = eth(IP(src=A4, dst=B4, options=[IPOption_RR(routers=["1.2.3.4"])]) / TCP(dport=22))
     pkt = parsed(frame)
@@ -271,6 +279,7 @@ def test_ethernet_padding_is_not_data():
 
 # ---- IPv6 -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "exts",
     [
@@ -299,7 +308,11 @@ def test_ipv6_later_fragment_and_ah():
     frame = eth(IPv6(src=A6, dst=B6) / IPv6ExtHdrFragment(offset=10, m=1, nh=6) / Raw(b"d" * 16))
     pkt = parsed(frame)
     assert (pkt.error, pkt.frag, pkt.frag_offset, pkt.proto, pkt.l4) == (
-        ParseError.OK, True, 80, PROTO_TCP, -1,
+        ParseError.OK,
+        True,
+        80,
+        PROTO_TCP,
+        -1,
     )
     assert pkt.l4_len == 16
     ah = AH(nh=PROTO_UDP, payloadlen=4, spi=1, icv=b"\0" * 12)  # (4 + 2) * 4 bytes
@@ -322,6 +335,7 @@ def test_udp_ipv6_jumbo_length_zero():
 
 # ---- ICMP -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "l3l4",
     [
@@ -343,7 +357,11 @@ def test_icmp_echo_id_is_both_ports(l3l4):
 def test_icmp_other_types_have_no_ports():
     pkt = parsed(eth(IP(src=A4, dst=B4) / ICMP(type=13)))
     assert (pkt.error, pkt.icmp_type, pkt.icmp_code, pkt.icmp_id, pkt.sport) == (
-        ParseError.OK, 13, 0, -1, 0,
+        ParseError.OK,
+        13,
+        0,
+        -1,
+        0,
     )
     pkt = parsed(eth(IPv6(src=A6, dst=B6, hlim=255) / ICMPv6ND_RS()))
     assert (pkt.error, pkt.proto, pkt.icmp_type, pkt.inner) == (ParseError.OK, 58, 133, None)
@@ -351,8 +369,9 @@ def test_icmp_other_types_have_no_ports():
 
 
 def quoted_tcp4(cut: int | None = None) -> bytes:
-    inner = bytes(IP(src=B4, dst=A4, ttl=1) / TCP(sport=80, dport=40000, seq=77, flags="PA")
-                  / Raw(b"y" * 30))
+    inner = bytes(
+        IP(src=B4, dst=A4, ttl=1) / TCP(sport=80, dport=40000, seq=77, flags="PA") / Raw(b"y" * 30)
+    )
     return inner if cut is None else inner[:cut]
 
 
@@ -393,14 +412,22 @@ def test_icmp_errors_quote_udp_and_echo():
     "error", [ICMPv6DestUnreach(code=4), ICMPv6PacketTooBig(mtu=1280), ICMPv6TimeExceeded()]
 )
 def test_icmpv6_errors(error):
-    quoted = bytes(IPv6(src=B6, dst=A6) / IPv6ExtHdrDestOpt()
-                   / TCP(sport=8080, dport=41000, seq=5) / Raw(b"w" * 100))
+    quoted = bytes(
+        IPv6(src=B6, dst=A6)
+        / IPv6ExtHdrDestOpt()
+        / TCP(sport=8080, dport=41000, seq=5)
+        / Raw(b"w" * 100)
+    )
     frame = eth(IPv6(src=A6, dst=B6) / error / Raw(quoted[:80]))
     pkt = parsed(frame)
     assert pkt.error == ParseError.OK
     inner = pkt.inner
     assert (inner.family, inner.proto, inner.sport, inner.dport, inner.seq) == (
-        6, PROTO_TCP, 8080, 41000, 5,
+        6,
+        PROTO_TCP,
+        8080,
+        41000,
+        5,
     )
     assert inner.l4 == 14 + 40 + 8 + 40 + 8
     assert inner.ip_total == len(quoted)
@@ -441,6 +468,7 @@ def test_icmp_quote_ends_with_the_datagram_not_the_frame():
 
 # ---- other protocols ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "l3l4",
     [
@@ -470,14 +498,19 @@ VLAN_TCP4 = eth(IP(src=A4, dst=B4) / TCP(), Dot1AD(vlan=1), Dot1Q(vlan=2))
 
 def patched(frame: bytes, at: int, new: bytes) -> bytearray:
     out = bytearray(frame)
-    out[at:at + len(new)] = new
+    out[at : at + len(new)] = new
     return out
 
 
 @pytest.mark.parametrize(
     ("frame", "linktype", "header_end"),
-    [(TCP4, 1, 14), (VLAN_TCP4, 1, 22), (bytes(CookedLinux() / IP() / TCP()), 113, 16),
-     (bytes(CookedLinuxV2() / IP() / TCP()), 276, 20), (struct.pack("<I", 2) + V4_UDP, 0, 4)],
+    [
+        (TCP4, 1, 14),
+        (VLAN_TCP4, 1, 22),
+        (bytes(CookedLinux() / IP() / TCP()), 113, 16),
+        (bytes(CookedLinuxV2() / IP() / TCP()), 276, 20),
+        (struct.pack("<I", 2) + V4_UDP, 0, 4),
+    ],
 )
 def test_truncated_link_layer_at_every_byte(frame, linktype, header_end):
     for cut in range(header_end):
@@ -486,8 +519,11 @@ def test_truncated_link_layer_at_every_byte(frame, linktype, header_end):
 
 @pytest.mark.parametrize(
     ("frame", "l3", "l3_end"),
-    [(TCP4, 14, 34), (eth(IP(options=[IPOption_RR()]) / TCP()), 14, 14 + 24),
-     (TCP6, 14, 14 + 40 + 16)],
+    [
+        (TCP4, 14, 34),
+        (eth(IP(options=[IPOption_RR()]) / TCP()), 14, 14 + 24),
+        (TCP6, 14, 14 + 40 + 16),
+    ],
 )
 def test_snaplen_inside_ip_headers(frame, l3, l3_end):
     for cut in range(l3, l3_end):
@@ -496,8 +532,9 @@ def test_snaplen_inside_ip_headers(frame, l3, l3_end):
         assert pkt.l4 == -1
 
 
-@pytest.mark.parametrize(("frame", "l4"), [(TCP4, 34), (UDP4, 34), (ICMP4, 34), (ICMP6, 54),
-                                           (TCP6, 70)])
+@pytest.mark.parametrize(
+    ("frame", "l4"), [(TCP4, 34), (UDP4, 34), (ICMP4, 34), (ICMP6, 54), (TCP6, 70)]
+)
 def test_snaplen_inside_transport_header(frame, l4):
     needed = 20 if frame in (TCP4, TCP6) else 8
     for cut in range(l4, l4 + needed):
@@ -561,8 +598,9 @@ def test_malformed_headers(frame, reason):
 
 def tcp_with_option_bytes(options: bytes) -> bytes:
     options += b"\0" * (-len(options) % 4)
-    return eth(IP(src=A4, dst=B4) / TCP(sport=1, dport=2, dataofs=5 + len(options) // 4)
-               / Raw(options))
+    return eth(
+        IP(src=A4, dst=B4) / TCP(sport=1, dport=2, dataofs=5 + len(options) // 4) / Raw(options)
+    )
 
 
 @pytest.mark.parametrize(
@@ -665,14 +703,24 @@ def test_every_reason_has_a_crafted_frame():
 # ---- random input ---------------------------------------------------------------------------
 
 LINKTYPES = [0, 1, 12, 14, 101, 108, 113, 228, 229, 276, 7]
-SAMPLES = [TCP4, UDP4, ICMP4, TCP6, ICMP6, VLAN_TCP4,
-           eth(IP(src=A4, dst=B4) / ICMP(type=3) / Raw(quoted_tcp4(40))),
-           eth(IPv6(src=A6, dst=B6) / ICMPv6DestUnreach() / Raw(bytes(IPv6() / UDP())))]
+SAMPLES = [
+    TCP4,
+    UDP4,
+    ICMP4,
+    TCP6,
+    ICMP6,
+    VLAN_TCP4,
+    eth(IP(src=A4, dst=B4) / ICMP(type=3) / Raw(quoted_tcp4(40))),
+    eth(IPv6(src=A6, dst=B6) / ICMPv6DestUnreach() / Raw(bytes(IPv6() / UDP()))),
+]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.binary(max_size=120), linktype=st.sampled_from(LINKTYPES),
-       wire_extra=st.integers(0, 100))
+@given(
+    data=st.binary(max_size=120),
+    linktype=st.sampled_from(LINKTYPES),
+    wire_extra=st.integers(0, 100),
+)
 def test_random_bytes_never_raise(data, linktype, wire_extra):
     pkt = parse(data, linktype, len(data) + wire_extra)
     assert isinstance(pkt.error, ParseError)
@@ -680,9 +728,12 @@ def test_random_bytes_never_raise(data, linktype, wire_extra):
 
 
 @settings(max_examples=400, deadline=None)
-@given(sample=st.sampled_from(SAMPLES), edits=st.lists(
-    st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6), cut=st.integers(0, 200),
-    snaplen=st.booleans())
+@given(
+    sample=st.sampled_from(SAMPLES),
+    edits=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+    cut=st.integers(0, 200),
+    snaplen=st.booleans(),
+)
 def test_mutated_frames_never_raise(sample, edits, cut, snaplen):
     frame = bytearray(sample)
     for at, value in edits:
@@ -692,3 +743,31 @@ def test_mutated_frames_never_raise(sample, edits, cut, snaplen):
     pkt = parse(frame, 1, len(sample) if snaplen else None)
     assert_in_bounds(pkt)
     verify_checksums(pkt)
+
+
+def test_linux_timestamp_layout():
+    frame = eth(
+        IP(src=A4, dst=B4) / TCP(options=[("NOP", None), ("NOP", None), ("Timestamp", (7, 8))])
+    )
+    pkt = parsed(frame)
+    assert (pkt.error, pkt.tcp_hlen, pkt.tsval, pkt.tsecr, pkt.mss) == (ParseError.OK, 32, 7, 8, 0)
+    pkt = parsed(frame[:-1], 1, len(frame))
+    assert (pkt.error, pkt.tsval) == (ParseError.OK, -1)
+
+
+@pytest.mark.parametrize(
+    ("l3", "error", "quoted", "needed"),
+    [
+        (IP(src=A4, dst=B4), ICMP(type=3), quoted_tcp4(), 28),
+        (IPv6(src=A6, dst=B6), ICMPv6TimeExceeded(), bytes(IPv6() / UDP() / Raw(b"u" * 9)), 48),
+    ],
+)
+def test_icmp_quote_cut_at_every_byte(l3, error, quoted, needed):
+    for length in range(len(quoted) + 1):
+        pkt = parsed(eth(l3 / error / Raw(quoted[:length])))
+        if length < needed:
+            assert pkt.error == ParseError.TRUNCATED_ICMP_INNER, length
+            assert pkt.inner.l4 == -1
+        else:
+            assert pkt.error == ParseError.OK, length
+            assert pkt.inner.sport and pkt.inner.dport

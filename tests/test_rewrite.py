@@ -53,8 +53,14 @@ def l3_of(s: Spec):
 
 def datagram(s: Spec) -> bytes:
     if s.kind == "tcp":
-        l4 = TCP(sport=s.sport, dport=s.dport, seq=1234567, ack=7654321, flags="PA",
-                 options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
+        l4 = TCP(
+            sport=s.sport,
+            dport=s.dport,
+            seq=1234567,
+            ack=7654321,
+            flags="PA",
+            options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))],
+        )
     elif s.kind in ("udp", "udp0"):
         l4 = UDP(sport=s.sport, dport=s.dport, chksum=0 if s.kind == "udp0" else None)
     elif s.kind == "echo":
@@ -94,8 +100,14 @@ ports = st.integers(0, 0xFFFF)
 def simple_specs(draw, family: int, kinds: tuple[str, ...]) -> Spec:
     kind = draw(st.sampled_from([k for k in kinds if family == 4 or k != "udp0"]))
     return Spec(
-        family, kind, draw(addrs(family)), draw(addrs(family)), draw(ports), draw(ports),
-        payload=draw(st.binary(max_size=40)), ip_extra=draw(st.booleans()),
+        family,
+        kind,
+        draw(addrs(family)),
+        draw(addrs(family)),
+        draw(ports),
+        draw(ports),
+        payload=draw(st.binary(max_size=40)),
+        ip_extra=draw(st.booleans()),
     )
 
 
@@ -129,7 +141,8 @@ def ops_for(spec: Spec):
 
     return st.lists(
         st.sampled_from(fields).flatmap(lambda f: st.tuples(st.just(f), value_for(f))),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     )
 
 
@@ -235,7 +248,7 @@ def test_fix_checksums_restores_every_checksum():
             if spec.quote == 70:
                 spots.append(pkt.inner.l4 + 16)
         for at in spots:
-            buf[at:at + 2] = b"\xde\xad"
+            buf[at : at + 2] = b"\xde\xad"
         rewrite.fix_checksums(pkt)
         assert bytes(buf) == whole, spec
 

@@ -36,10 +36,16 @@ SERVICES = ("firewall", "nat", "lb", "count")  # chain order
 SECTION_SERVICES = ("firewall", "nat", "lb")  # services configured by a section of their own
 POLICIES = ("never", "always", "elephant")
 STARTS = ("machine", "vnic")
+SCHEDULERS = ("maglev", "round-robin")  # how an LB pool picks the backend of a new flow
 ACTIONS = ("allow", "drop")
 DIRECTIONS: dict[str, int | None] = {"egress": EGRESS, "ingress": INGRESS, "any": None}
-PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP, "icmp": PROTO_ICMP, "icmpv6": PROTO_ICMPV6,
-             "any": 0}
+PROTOCOLS = {
+    "tcp": PROTO_TCP,
+    "udp": PROTO_UDP,
+    "icmp": PROTO_ICMP,
+    "icmpv6": PROTO_ICMPV6,
+    "any": 0,
+}
 PORT_PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}  # for DNAT and LB, which move ports
 
 MAX_CAPACITY = 1 << 24  # second-cache entries: 4 GiB of 256-byte entries is plenty
@@ -120,6 +126,7 @@ class LbPool:
     vip: bytes
     port: int
     backends: tuple[Backend, ...]
+    scheduler: str = "maglev"  # maglev | round-robin
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -207,28 +214,33 @@ def _pnic(at: _At, raw: object) -> PnicConfig:
 
 
 def _offload(at: _At, raw: object) -> OffloadConfig:
-    t = _table(at, raw, (),
-               ("policy", "elephant_packets", "elephant_bytes", "idle_timeout",
-                "report_interval"))
+    t = _table(
+        at,
+        raw,
+        (),
+        ("policy", "elephant_packets", "elephant_bytes", "idle_timeout", "report_interval"),
+    )
     return OffloadConfig(
         policy=_choice(at.key("policy"), t.get("policy", "elephant"), POLICIES, "policy"),
-        elephant_packets=_int(at.key("elephant_packets"), t.get("elephant_packets", 32),
-                              0, MAX_COUNT),
-        elephant_bytes=_int(at.key("elephant_bytes"), t.get("elephant_bytes", 65536),
-                            0, MAX_COUNT),
+        elephant_packets=_int(
+            at.key("elephant_packets"), t.get("elephant_packets", 32), 0, MAX_COUNT
+        ),
+        elephant_bytes=_int(at.key("elephant_bytes"), t.get("elephant_bytes", 65536), 0, MAX_COUNT),
         idle_timeout=_seconds(at.key("idle_timeout"), t.get("idle_timeout", 30.0)),
         report_interval=_seconds(at.key("report_interval"), t.get("report_interval", 1.0)),
     )
 
 
 def _machine(at: _At, raw: object) -> MachineConfig:
-    t = _table(at, raw, ("name", "addresses", "services"),
-               ("public", "start", "firewall", "nat", "lb"))
+    t = _table(
+        at, raw, ("name", "addresses", "services"), ("public", "start", "firewall", "nat", "lb")
+    )
     name = _str(at.key("name"), t["name"])
     if not NAME_RE.fullmatch(name):
         raise at.key("name").error(
             f"bad machine name {_short(name)}: 1-32 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit")
+            "starting with a letter or digit"
+        )
     items = _items(at.key("addresses"), t["addresses"], empty="needs at least one network")
     addresses = tuple(_network(a, v) for a, v in items)
     public = tuple(_address(a, v) for a, v in _items(at.key("public"), t.get("public", [])))
@@ -248,9 +260,15 @@ def _machine(at: _At, raw: object) -> MachineConfig:
     if "lb" in services and not lb:
         raise at.key("lb").error("services lists 'lb' but there is no pool")
     machine = MachineConfig(
-        name=name, addresses=addresses, public=public, services=services,
+        name=name,
+        addresses=addresses,
+        public=public,
+        services=services,
         start=_choice(at.key("start"), t.get("start", "machine"), STARTS, "start tier"),
-        firewall=firewall, nat=nat, lb=lb)
+        firewall=firewall,
+        nat=nat,
+        lb=lb,
+    )
     _check_wire_side(at, machine)
     return machine
 
@@ -259,30 +277,40 @@ def _firewall(at: _At, raw: object) -> FirewallConfig:
     t = _table(at, raw, (), ("default", "rule"))
     default = _choice(at.key("default"), t.get("default", "drop"), ACTIONS, "action")
     items = _items(at.key("rule"), t.get("rule", []), "[[machine.firewall.rule]]")
-    return FirewallConfig(default_allow=default == "allow",
-                          rules=tuple(_rule(a, v) for a, v in items))
+    return FirewallConfig(
+        default_allow=default == "allow", rules=tuple(_rule(a, v) for a, v in items)
+    )
 
 
 def _rule(at: _At, raw: object) -> Rule:
-    t = _table(at, raw, ("action",),
-               ("direction", "proto", "src", "dst", "dst_port", "icmp_type"))
+    t = _table(at, raw, ("action",), ("direction", "proto", "src", "dst", "dst_port", "icmp_type"))
     proto_name = _choice(at.key("proto"), t.get("proto", "any"), PROTOCOLS, "protocol")
     direction = _choice(at.key("direction"), t.get("direction", "any"), DIRECTIONS, "direction")
     src = _network(at.key("src"), t["src"]) if "src" in t else None
     dst = _network(at.key("dst"), t["dst"]) if "dst" in t else None
     dst_port: PortRanges = ()
     if "dst_port" in t:
-        items = _items(at.key("dst_port"), t["dst_port"],
-                       empty="must not be empty (omit it to match any port)")
+        items = _items(
+            at.key("dst_port"), t["dst_port"], empty="must not be empty (omit it to match any port)"
+        )
         dst_port = tuple(_port_range(a, v, 0) for a, v in items)
     icmp_type: tuple[int, ...] = ()
     if "icmp_type" in t:
-        items = _items(at.key("icmp_type"), t["icmp_type"],
-                       empty="must not be empty (omit it to match any type)")
+        items = _items(
+            at.key("icmp_type"),
+            t["icmp_type"],
+            empty="must not be empty (omit it to match any type)",
+        )
         icmp_type = tuple(_int(a, v, 0, 255) for a, v in items)
-    rule = Rule(allow=_choice(at.key("action"), t["action"], ACTIONS, "action") == "allow",
-                direction=DIRECTIONS[direction], proto=PROTOCOLS[proto_name],
-                src=src, dst=dst, dst_port=dst_port, icmp_type=icmp_type)
+    rule = Rule(
+        allow=_choice(at.key("action"), t["action"], ACTIONS, "action") == "allow",
+        direction=DIRECTIONS[direction],
+        proto=PROTOCOLS[proto_name],
+        src=src,
+        dst=dst,
+        dst_port=dst_port,
+        icmp_type=icmp_type,
+    )
     _check_rule_can_match(at, rule, proto_name)
     return rule
 
@@ -291,28 +319,32 @@ def _check_rule_can_match(at: _At, rule: Rule, proto_name: str) -> None:
     """A rule that can never match is a mistake in the config: say which keys conflict."""
     if rule.src and rule.dst and rule.src.version != rule.dst.version:
         raise at.key("dst").error(
-            f"IPv{rule.dst.version} but src is IPv{rule.src.version}: the rule could never match")
+            f"IPv{rule.dst.version} but src is IPv{rule.src.version}: the rule could never match"
+        )
     if rule.dst_port and rule.proto not in (0, PROTO_TCP, PROTO_UDP):
         raise at.key("dst_port").error(f"applies to tcp and udp only, not proto {proto_name!r}")
     if rule.icmp_type and rule.proto not in (0, PROTO_ICMP, PROTO_ICMPV6):
         raise at.key("icmp_type").error(
-            f"applies to icmp and icmpv6 only, not proto {proto_name!r}")
+            f"applies to icmp and icmpv6 only, not proto {proto_name!r}"
+        )
     if rule.dst_port and rule.icmp_type:
         raise at.key("icmp_type").error("cannot be combined with dst_port (tcp/udp only)")
     network = rule.src or rule.dst
     family = {PROTO_ICMP: 4, PROTO_ICMPV6: 6}.get(rule.proto)
     if network is not None and family is not None and network.version != family:
         raise at.key("proto").error(
-            f"{proto_name!r} is IPv{family} only but the rule's addresses are "
-            f"IPv{network.version}")
+            f"{proto_name!r} is IPv{family} only but the rule's addresses are IPv{network.version}"
+        )
 
 
 def _nat(at: _At, raw: object) -> NatConfig:
     t = _table(at, raw, (), ("snat", "dnat"))
-    snat = tuple(_snat(a, v) for a, v in _items(at.key("snat"), t.get("snat", []),
-                                                "[[machine.nat.snat]]"))
-    dnat = tuple(_dnat(a, v) for a, v in _items(at.key("dnat"), t.get("dnat", []),
-                                                "[[machine.nat.dnat]]"))
+    snat = tuple(
+        _snat(a, v) for a, v in _items(at.key("snat"), t.get("snat", []), "[[machine.nat.snat]]")
+    )
+    dnat = tuple(
+        _dnat(a, v) for a, v in _items(at.key("dnat"), t.get("dnat", []), "[[machine.nat.dnat]]")
+    )
     if not snat and not dnat:
         raise at.error("has no snat or dnat rule")
     return NatConfig(snat=snat, dnat=dnat)
@@ -323,8 +355,7 @@ def _snat(at: _At, raw: object) -> SnatRule:
     source = _network(at.key("source"), t["source"])
     to = _address_range(at.key("to"), t["to"])
     if to.family != source.version:
-        raise at.key("to").error(
-            f"IPv{to.family} but source {source} is IPv{source.version}")
+        raise at.key("to").error(f"IPv{to.family} but source {source} is IPv{source.version}")
     ports = _port_range(at.key("ports"), t["ports"], 1) if "ports" in t else None
     return SnatRule(source=source, to=to, ports=ports)
 
@@ -337,13 +368,19 @@ def _dnat(at: _At, raw: object) -> DnatRule:
     if len(to_addr) != len(match_addr):
         raise at.key("to").error(
             f"{_family(to_addr)} but match {format_endpoint(match_addr, match_port)} is "
-            f"{_family(match_addr)}")
-    return DnatRule(proto=PORT_PROTOCOLS[proto], match_addr=match_addr, match_port=match_port,
-                    to_addr=to_addr, to_port=to_port)
+            f"{_family(match_addr)}"
+        )
+    return DnatRule(
+        proto=PORT_PROTOCOLS[proto],
+        match_addr=match_addr,
+        match_port=match_port,
+        to_addr=to_addr,
+        to_port=to_port,
+    )
 
 
 def _pool(at: _At, raw: object) -> LbPool:
-    t = _table(at, raw, ("proto", "vip", "backends"), ())
+    t = _table(at, raw, ("proto", "vip", "backends"), ("scheduler",))
     proto = _choice(at.key("proto"), t["proto"], PORT_PROTOCOLS, "protocol")
     vip, port = _endpoint(at.key("vip"), t["vip"])
     items = _items(at.key("backends"), t["backends"], empty="must not be empty")
@@ -351,12 +388,21 @@ def _pool(at: _At, raw: object) -> LbPool:
     for a, v in items:
         backend = _backend(a, v)
         if len(backend.addr) != len(vip):
-            raise a.error(f"{_family(backend.addr)} backend {backend.name} for "
-                          f"{_family(vip)} vip {format_endpoint(vip, port)}")
+            raise a.error(
+                f"{_family(backend.addr)} backend {backend.name} for "
+                f"{_family(vip)} vip {format_endpoint(vip, port)}"
+            )
         if any(b.name == backend.name for b in backends):
             raise a.error(f"backend {backend.name} listed twice")
         backends.append(backend)
-    return LbPool(proto=PORT_PROTOCOLS[proto], vip=vip, port=port, backends=tuple(backends))
+    scheduler = _choice(at.key("scheduler"), t.get("scheduler", "maglev"), SCHEDULERS, "scheduler")
+    return LbPool(
+        proto=PORT_PROTOCOLS[proto],
+        vip=vip,
+        port=port,
+        backends=tuple(backends),
+        scheduler=scheduler,
+    )
 
 
 _WEIGHT_RE = re.compile(r"-?[0-9]+")
@@ -391,12 +437,14 @@ def _check_wire_side(at: _At, m: MachineConfig) -> None:
             missing = _first_uncovered(lo, hi, [c for c in claims if c[2] == snat.to.family])
             if missing is not None:
                 addr = missing.to_bytes(len(snat.to.first), "big")
-                raise at.key("nat").key("snat").item(i).key("to").error(
-                    f"{_addr_text(addr)} {why}")
-        rewrites += [(at.key("nat").key("dnat").item(i).key("match"), d.proto, d.match_addr,
-                      d.match_port) for i, d in enumerate(m.nat.dnat)]
-    rewrites += [(at.key("lb").item(i).key("vip"), p.proto, p.vip, p.port)
-                 for i, p in enumerate(m.lb)]
+                raise at.key("nat").key("snat").item(i).key("to").error(f"{_addr_text(addr)} {why}")
+        rewrites += [
+            (at.key("nat").key("dnat").item(i).key("match"), d.proto, d.match_addr, d.match_port)
+            for i, d in enumerate(m.nat.dnat)
+        ]
+    rewrites += [
+        (at.key("lb").item(i).key("vip"), p.proto, p.vip, p.port) for i, p in enumerate(m.lb)
+    ]
     for where, proto, addr, port in rewrites:
         lo, hi, family = _span(addr)
         if _first_uncovered(lo, hi, [c for c in claims if c[2] == family]) is not None:
@@ -409,21 +457,25 @@ def _check_wire_side(at: _At, m: MachineConfig) -> None:
 def _check_machines(at: _At, machines: Sequence[MachineConfig]) -> None:
     """Names are unique; no address or network belongs to two machines."""
     names: dict[str, int] = {}
-    claims: list[tuple[int, str, Network]] = []  # (machine, key path, network)
+    claims: list[tuple[int, _At, Network, str]] = []  # (machine, key path, network, text)
     for j, m in enumerate(machines):
         mat = at.key("machine").item(j)
         i = names.setdefault(m.name, j)
         if i != j:
             raise mat.key("name").error(f"duplicate machine name {m.name!r} (also machine[{i}])")
-        mine = [(mat.key("addresses").item(k), n) for k, n in enumerate(m.addresses)]
-        mine += [(mat.key("public").item(k), ipaddress.ip_network(a))
-                 for k, a in enumerate(m.public)]
-        for where, net in mine:
-            for i, other_path, other in claims:
+        mine = [(j, mat.key("addresses").item(k), n, str(n)) for k, n in enumerate(m.addresses)]
+        mine += [
+            (j, mat.key("public").item(k), ipaddress.ip_network(a), _addr_text(a))
+            for k, a in enumerate(m.public)
+        ]
+        for _, where, net, text in mine:
+            for i, other_at, other, other_text in claims:
                 if net.version == other.version and net.overlaps(other):
-                    raise where.error(f"{net} overlaps {other} at {other_path} "
-                                      f"(machine {machines[i].name!r})")
-        claims += [(j, where.path, net) for where, net in mine]
+                    raise where.error(
+                        f"{text} overlaps {other_text} at {other_at.path} "
+                        f"(machine {machines[i].name!r})"
+                    )
+        claims += mine
 
 
 def _span(value: Network | bytes | AddressRange) -> tuple[int, int, int]:
@@ -476,8 +528,15 @@ class _At:
         return ConfigError(self.source, self.path, what)
 
 
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-               dict: "table", type(None): "null"}
+_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    dict: "table",
+    type(None): "null",
+}
 
 
 def _short(value: object) -> str:
@@ -490,8 +549,9 @@ def _kind(value: object) -> str:
     return name if isinstance(value, list | dict) else f"{name} {_short(value)}"
 
 
-def _table(at: _At, value: object, required: Sequence[str], optional: Sequence[str]
-           ) -> dict[str, Any]:
+def _table(
+    at: _At, value: object, required: Sequence[str], optional: Sequence[str]
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise at.error(f"expected a table, got {_kind(value)}")
     allowed = (*required, *optional)
@@ -504,8 +564,7 @@ def _table(at: _At, value: object, required: Sequence[str], optional: Sequence[s
     return value
 
 
-def _items(at: _At, value: object, tables: str = "", empty: str = "") -> Iterator[
-        tuple[_At, Any]]:
+def _items(at: _At, value: object, tables: str = "", empty: str = "") -> Iterator[tuple[_At, Any]]:
     """The elements of an array with their paths; `tables` names a TOML array of tables."""
     if not isinstance(value, list):
         kind = f"an array of tables ({tables})" if tables else "an array"
@@ -540,7 +599,7 @@ def _seconds(at: _At, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise at.error(f"expected a number of seconds, got {_kind(value)}")
     if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
-        raise at.error(f"{value} out of range: seconds must be > 0 and <= {MAX_SECONDS:g}")
+        raise at.error(f"{value} out of range: seconds must be > 0 and <= {MAX_SECONDS:.0f}")
     return float(value)
 
 
@@ -605,7 +664,7 @@ def _port_range(at: _At, value: object, lo: int) -> tuple[int, int]:
             raise at.error(f"port {value} out of range {lo}-65535")
         return value, value
     if not isinstance(value, str):
-        raise at.error(f"expected a port or a \"lo-hi\" range, got {_kind(value)}")
+        raise at.error(f'expected a port or a "lo-hi" range, got {_kind(value)}')
     first, sep, last = value.partition("-")
     start = _port(at, first.strip(), lo)
     end = _port(at, last.strip(), lo) if sep else start
@@ -670,11 +729,15 @@ def _machine_dict(m: MachineConfig) -> dict[str, Any]:
         "start": m.start,
     }
     if m.firewall is not None:
-        out["firewall"] = {"default": "allow" if m.firewall.default_allow else "drop",
-                           "rule": [_rule_dict(r) for r in m.firewall.rules]}
+        out["firewall"] = {
+            "default": "allow" if m.firewall.default_allow else "drop",
+            "rule": [_rule_dict(r) for r in m.firewall.rules],
+        }
     if m.nat is not None:
-        out["nat"] = {"snat": [_snat_dict(s) for s in m.nat.snat],
-                      "dnat": [_dnat_dict(d) for d in m.nat.dnat]}
+        out["nat"] = {
+            "snat": [_snat_dict(s) for s in m.nat.snat],
+            "dnat": [_dnat_dict(d) for d in m.nat.dnat],
+        }
     if m.lb:
         out["lb"] = [_pool_dict(p) for p in m.lb]
     return out
@@ -710,12 +773,18 @@ def _snat_dict(rule: SnatRule) -> dict[str, Any]:
 
 
 def _dnat_dict(rule: DnatRule) -> dict[str, Any]:
-    return {"proto": _PROTOCOL_NAMES[rule.proto],
-            "match": format_endpoint(rule.match_addr, rule.match_port),
-            "to": format_endpoint(rule.to_addr, rule.to_port)}
+    return {
+        "proto": _PROTOCOL_NAMES[rule.proto],
+        "match": format_endpoint(rule.match_addr, rule.match_port),
+        "to": format_endpoint(rule.to_addr, rule.to_port),
+    }
 
 
 def _pool_dict(pool: LbPool) -> dict[str, Any]:
     backends = [b.name if b.weight == 1 else f"{b.name}@{b.weight}" for b in pool.backends]
-    return {"proto": _PROTOCOL_NAMES[pool.proto], "vip": format_endpoint(pool.vip, pool.port),
-            "backends": backends}
+    return {
+        "proto": _PROTOCOL_NAMES[pool.proto],
+        "vip": format_endpoint(pool.vip, pool.port),
+        "backends": backends,
+        "scheduler": pool.scheduler,
+    }

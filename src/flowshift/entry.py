@@ -176,7 +176,8 @@ class Flow:
         return _STRUCT.pack(
             k.family, k.proto, k.zone, k.sport, k.dport, _pad(k.src), _pad(k.dst),
             _pad(x.src), _pad(x.dst), x.sport, x.dport,
-            self.machine, self.chain, self.owner, self.generation, self.status, self.rule,
+            self.machine, self.chain, self.owner, self.generation,
+            self.status | (Status.SEEN_REPLY if t is not None and t.seen_reply else 0), self.rule,
             self.backend, *tcp, self.created, self.last_seen, self.expires, self.stream_ts,
             *self.packets, *self.bytes)
 
@@ -194,7 +195,7 @@ class Flow:
                 seen=(TcpDir(*v[28:34]), TcpDir(*v[34:40])),
                 state=v[18], last_dir=v[19], retrans=v[20], last_index=v[21],
                 last_wscale=v[22], last_flags=v[23], last_seq=v[24], last_ack=v[25],
-                last_end=v[26], last_win=v[27])
+                last_end=v[26], last_win=v[27], seen_reply=bool(v[15] & Status.SEEN_REPLY))
         return cls(key=key, xlat=xlat, machine=v[11], chain=v[12], owner=v[13],
                    generation=v[14], status=v[15], rule=v[16], backend=v[17], tcp=tcp,
                    created=v[40], last_seen=v[41], expires=v[42], stream_ts=v[43],

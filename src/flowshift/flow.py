@@ -36,7 +36,8 @@ class FlowKey(NamedTuple):
     dport: int
 
     def reversed(self) -> FlowKey:
-        return FlowKey(self.family, self.proto, self.zone, self.dst, self.src, self.dport, self.sport)
+        return FlowKey(self.family, self.proto, self.zone, self.dst, self.src, self.dport,
+                       self.sport)
 
     def canonical(self) -> FlowKey:
         """The same key for both directions: the smaller (address, port) end first."""

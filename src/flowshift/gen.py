@@ -884,6 +884,7 @@ def _syn_flood(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
     dst = _hosts(target, random.Random(spec.seed))[0]
     # the burst lasts about 2% of the duration
     spacing = max(int(spec.duration_s * NS * 0.02 / spec.attack_count), 1 * US)
+    mss = spec.mtu - (40 if family == 4 else 60)
     t = plan.start_ns
     for _ in range(spec.attack_count):
         src = _random_host(nets, rng)
@@ -896,7 +897,7 @@ def _syn_flood(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
             ack=0,
             flags=TCP_SYN,
             window=rng.choice((512, 1024, 64240)),
-            options=tcp_options(mss=1460) if rng.random() < 0.5 else b"",
+            options=tcp_options(mss=mss) if rng.random() < 0.5 else b"",
             src_mac=_client_mac(src),
             dst_mac=GATEWAY_MAC,
             ttl=rng.randint(40, 64),

@@ -223,8 +223,8 @@ class Host:
                 fkey = hit[0].key
         item.fkey = fkey
         if fkey is not None:
-            if fkey in self.in_transit or self.inflight_per_flow.get(fkey, 0) and \
-                    hit[0].owner != Tier.PNIC:
+            if fkey in self.in_transit or (self.inflight_per_flow.get(fkey, 0) and \
+                    hit[0].owner != Tier.PNIC):
                 self.held.setdefault(fkey, deque()).append(item)
                 self.stats.held_packets += 1
                 return
@@ -549,8 +549,11 @@ class Host:
     # -- end, dumps --------------------------------------------------------------------------
 
     def finish(self) -> None:
-        if self.pnic_healthy and (self.dirty or self.batch):
-            self.sync(self.now)
+        """End of input: settle every packet still held, batched or at the PNIC."""
+        while self.pnic_healthy and (self.dirty or self.batch or self.held):
+            self.sync(self.now)  # answers may release held packets into a new batch
+            for fkey in list(self.held):
+                self._release(fkey)
         for fkey in list(self.held):
             self._release(fkey)
         self._peaks()

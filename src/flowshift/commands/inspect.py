@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -138,7 +139,9 @@ def render(s: TraceSummary, console: Console) -> None:
             Text.assemble(("reading stopped early: ", "yellow"), s.problem), soft_wrap=True
         )
     if s.failures:
-        console.print(_counts("not parsed", "reason", {e.label: n for e, n in s.failures.items()}))
+        console.print(
+            _counts("parse failures", "reason", {e.label: n for e, n in s.failures.items()})
+        )
     if s.flows:
         console.print(_counts("flows by protocol", "protocol", s.flows_by_protocol()))
         top = Table(title=f"top {TOP_FLOWS} flows by bytes", title_justify="left")
@@ -182,7 +185,7 @@ def inspect_cmd(trace: str, as_json: bool) -> None:
             transient=True,
             disable=not err.is_terminal or _file_size(trace) < PROGRESS_FROM,
         ) as bar:
-            task = bar.add_task(f"reading {trace}", total=None)
+            task = bar.add_task(f"reading {escape(trace)}", total=None)
 
             def progress(position: int, size: int) -> None:
                 bar.update(task, completed=position, total=size)

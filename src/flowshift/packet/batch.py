@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba.core import cgutils, types
+from numba.extending import intrinsic
 
 from flowshift.packet.pcap import (
     Frame,
@@ -62,7 +64,7 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536) -> Itera
 
 def _frame_batches(reader: TraceReader, batch_size: int) -> Iterator[Batch]:
     with reader:
-        frames = []
+        frames: list[Frame] = []
         for frame in reader:
             frames.append(frame)
             if len(frames) == batch_size:
@@ -132,13 +134,28 @@ def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     return n, pos, FULL
 
 
+@intrinsic
+def _copy_bytes(typingctx, dst, dst_pos, src, src_pos, n):
+    """memcpy(dst + dst_pos, src + src_pos, n) for uint8 arrays, unchecked: numba's slice
+    assignment copies byte by byte, ten times slower. Callers keep the ranges in bounds."""
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dst_arr, dst_pos, src_arr, src_pos, n = args
+        d = context.make_array(signature.args[0])(context, builder, dst_arr)
+        s = context.make_array(signature.args[2])(context, builder, src_arr)
+        to, frm = builder.gep(d.data, [dst_pos]), builder.gep(s.data, [src_pos])
+        cgutils.raw_memcpy(builder, to, frm, n, 1)
+
+    return sig, codegen
+
+
 @numba.njit(cache=True)
 def _gather(chunk, src, caplen, out, out_pos):
     """Copy frames chunk[src[i]:src[i]+caplen[i]] back to back into out from out_pos on."""
     for i in range(len(src)):
-        c = caplen[i]
-        out[out_pos : out_pos + c] = chunk[src[i] : src[i] + c]
-        out_pos += c
+        _copy_bytes(out, out_pos, chunk, src[i], caplen[i])
+        out_pos += caplen[i]
     return out_pos
 
 

@@ -119,6 +119,8 @@ _ICMP = Struct("!BBxxH")  # type, code, identifier
 _MSS = _U16
 _TS = Struct("!II")
 _SACK = Struct("!II")
+_TS_ONLY = Struct("!III")  # NOP, NOP, timestamps (kind 8, length 10): marker, tsval, tsecr
+TS_ONLY_MARKER = 0x0101080A
 
 _OK = ParseError.OK
 _TRUNCATED_IP = ParseError.TRUNCATED_IP
@@ -386,6 +388,12 @@ def _tcp(pkt: Packet, data: bytes | bytearray, off: int, limit: int, inner: bool
     pkt.window = window
     pkt.tcp_hlen = hlen
     pkt.payload_len = seglen - hlen
+    if hlen == 32 and off + 32 <= limit:
+        marker, tsval, tsecr = _TS_ONLY.unpack_from(data, off + 20)
+        if marker == TS_ONLY_MARKER:  # the options of nearly every established segment
+            pkt.tsval = tsval
+            pkt.tsecr = tsecr
+            return
     if hlen > 20 and not _tcp_options(pkt, data, off + 20, off + hlen, limit):
         pkt.error = ParseError.BAD_TCP_OPTIONS
 

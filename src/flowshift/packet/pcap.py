@@ -226,19 +226,36 @@ class TraceReader:
                 )
                 pos = end
                 self.position = base + pos
-            # the buffer ends inside a record (or at a corrupt one): keep its start, read more
+            # the buffer ends inside a record (or at a corrupt one): complete that record alone,
+            # so that the next chunk is used as read, not copied onto the end of this one
+            rest = buf[pos:]
+            base += pos
+            if len(rest) < 16:
+                rest += self._read(16 - len(rest))
             need = 16
-            if n - pos >= 16:
-                caplen = record(buf, pos)[2]
+            if len(rest) >= 16:
+                caplen = record(rest, 0)[2]
                 if caplen > limit:
-                    self.problem = corrupt_record_problem(base + pos, caplen, header.snaplen)
+                    self.problem = corrupt_record_problem(base, caplen, header.snaplen)
                     return
-                need = 16 + caplen
-            buf, base, pos, n = self._refill(buf, base, pos, need)
-            if n < need:
-                if n and self.problem is None:
-                    self.problem = truncated_record_problem(base, need, n)
+                need += caplen
+                if len(rest) < need:
+                    rest += self._read(need - len(rest))
+            if len(rest) < need:
+                if rest and self.problem is None:
+                    self.problem = truncated_record_problem(base, need, len(rest))
                 return
+            sec, frac, caplen, wire = record(rest, 0)
+            yield frame(
+                sec * 1_000_000_000 + frac * frac_ns,
+                rest[16:],
+                wire if wire >= caplen else caplen,
+                lt,
+            )
+            base += need
+            self.position = base
+            buf = self._read(CHUNK)
+            pos = 0
 
     def _pcapng_frames(self) -> Iterator[Frame]:
         buf = self._head

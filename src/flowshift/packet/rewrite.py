@@ -129,8 +129,8 @@ def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes) -> Change | No
 
     In a quoted datagram the field may be missing. Not quoted: nothing to do (Linux NAT leaves
     a partly quoted header alone too). Quoted but cut by snaplen: the field on the wire moved by
-    exactly new -> old (its sum compensates the pseudo-header change), so that change is
-    returned, unwritten, for the ICMP checksum, which covers it.
+    exactly new -> old (a checksum moves against the bytes it covers), so that change is
+    returned, unwritten, for the ICMP checksum, which covers the field.
     """
     at = view.l4 + L4_CHECKSUM_AT[view.proto]
     if view is not pkt:

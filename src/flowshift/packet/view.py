@@ -52,7 +52,7 @@ class ParseError(IntEnum):
     BAD_UDP_LENGTH = 14
     BAD_CHECKSUM = 15  # set only by verification, never by parse()
     TRUNCATED_ICMP_INNER = 16  # ICMP error whose embedded header cannot be parsed
-    UNSUPPORTED_PROTOCOL = 17  # IP protocol flowshift does not track (GRE, ESP, SCTP...): parsed to L3
+    UNSUPPORTED_PROTOCOL = 17  # IP protocol not tracked (GRE, ESP, SCTP...): parsed to L3
 
     @property
     def label(self) -> str:
@@ -100,7 +100,7 @@ class Packet:
     icmp_type: int = -1
     icmp_code: int = -1
     icmp_id: int = -1  # echo request/reply identifier
-    inner: Packet | None = None  # ICMP error: the embedded original datagram (parsed from its IP header)
+    inner: Packet | None = None  # ICMP error: the quoted original datagram, from its IP header
     extra: dict[str, int] = field(default_factory=dict)  # rarely used fields (e.g. udp length)
 
     @property

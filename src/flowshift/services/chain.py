@@ -51,24 +51,34 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
     """A packet of a tracked flow. None: the flow must be destroyed and the packet is new."""
     proto = flow.key.proto
     if proto == PROTO_TCP:
-        res = ct_tcp.tcp_packet(flow.tcp, fdir, pkt, bool(flow.status & Status.ASSURED))
+        tcp = flow.tcp
+        res = ct_tcp.tcp_packet(tcp, fdir, pkt, bool(flow.status & Status.ASSURED))
         action = res.action
         if action == ct_tcp.TcpAction.REOPEN:
             return None
+        if tcp.seen_reply:
+            flow.status |= Status.SEEN_REPLY
+        if res.assured:
+            flow.status |= Status.ASSURED
         if action == ct_tcp.TcpAction.INVALID:
+            if res.timeout_ns > 0:  # Linux shortens the life of a doomed assured conntrack
+                flow.expires = min(flow.expires, now + res.timeout_ns)
             return Outcome(Verdict.DROP, Reason.INVALID, flow=flow, direction=fdir)
         if action == ct_tcp.TcpAction.IGNORE:
             translate(pkt, flow, fdir)
             return Outcome(Verdict.FORWARD, Reason.ESTABLISHED, flow=flow, direction=fdir)
-        flow.expires = now + res.timeout_ns
-        if res.assured:
-            flow.status |= Status.ASSURED
+        if res.timeout_ns == ct_tcp.TIMEOUT_DESTROY:
+            flow.expires = now  # gone for the next packet (an RST before any reply)
+        elif res.timeout_ns > 0:
+            flow.expires = now + res.timeout_ns
     elif proto == PROTO_UDP:
         udp_update(flow, fdir, now)
+        if fdir:
+            flow.status |= Status.SEEN_REPLY
     else:
         icmp_update(flow, fdir, now)
-    if fdir:
-        flow.status |= Status.SEEN_REPLY
+        if fdir:
+            flow.status |= Status.SEEN_REPLY
     flow.packets[fdir] += 1
     flow.bytes[fdir] += pkt.ip_total
     flow.last_seen = now
@@ -173,7 +183,7 @@ class Chain:
                     owner=self.tier)
         if proto == PROTO_TCP:
             res = ct_tcp.tcp_packet(tcp, 0, pkt, False)
-            if res.action == ct_tcp.TcpAction.INVALID:
+            if res.action != ct_tcp.TcpAction.ACCEPT or res.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
             flow.expires = now + res.timeout_ns
         elif proto == PROTO_UDP:

@@ -250,6 +250,7 @@ def _segment_end(pkt: Packet) -> int:
 
 
 def _has_options(pkt: Packet) -> bool:
+    """The header carries options (the option fields cover packets built without tcp_hlen)."""
     return (
         pkt.tcp_hlen > 20
         or pkt.wscale >= 0
@@ -538,6 +539,18 @@ def _done(
     return TcpResult(action, timeout_ns, assured)
 
 
+def _forget_last(conn: TcpConn) -> None:
+    """Clear the last-packet memory as a new conntrack has it."""
+    conn.retrans = 0
+    conn.last_dir = 0
+    conn.last_index = TCP_NONE_SET
+    conn.last_seq = 0
+    conn.last_ack = 0
+    conn.last_end = 0
+    conn.last_win = 0
+    conn.last_wscale = 0
+
+
 def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
     """May pkt create a conntrack? If so, initialise conn from it (Linux tcp_new).
 
@@ -553,19 +566,11 @@ def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
         return False
     if new_state != _SS and not NF_CT_TCP_LOOSE:
         return False
-    fresh = TcpConn()
-    conn.seen = fresh.seen
-    conn.state = fresh.state
-    conn.retrans = fresh.retrans
-    conn.last_dir = fresh.last_dir
-    conn.last_seq = fresh.last_seq
-    conn.last_ack = fresh.last_ack
-    conn.last_end = fresh.last_end
-    conn.last_win = fresh.last_win
-    conn.last_wscale = fresh.last_wscale
-    conn.last_flags = fresh.last_flags
-    conn.seen_reply = fresh.seen_reply
-    conn.last_index = TCP_NONE_SET
+    conn.seen = _two_dirs()
+    conn.state = _NO
+    conn.seen_reply = False
+    conn.last_flags = 0
+    _forget_last(conn)
     orig = conn.seen[0]
     orig.end = _segment_end(pkt)
     orig.maxwin = (pkt.window & 0xFFFF) or 1
@@ -683,12 +688,5 @@ def relearn(conn: TcpConn) -> None:
         d.maxwin = 0
         d.maxack = 0
         d.flags = kept | TCP_FLAG_SACK_PERM | TCP_FLAG_BE_LIBERAL
-    conn.retrans = 0
-    conn.last_dir = 0
-    conn.last_index = TCP_NONE_SET
-    conn.last_seq = 0
-    conn.last_ack = 0
-    conn.last_end = 0
-    conn.last_win = 0
-    conn.last_wscale = 0
+    _forget_last(conn)
     conn.last_flags &= TCP_FLAG_SIMULTANEOUS_OPEN

@@ -24,12 +24,13 @@ INGRESS = 1  # from the wire towards the machine
 
 _PORT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP})
 _ICMP_PROTOS = frozenset({PROTO_ICMP, PROTO_ICMPV6})
-_ADDR_LEN = {4: 4, 6: 16}
+_FAMILY_ADDR_LEN = {4: 4, 6: 16}
 
 # (rule index, allow, proto or 0, src lo, src hi, dst lo, dst hi, port ranges or None,
 #  icmp types or None)
-_Compiled = tuple[int, bool, int, int, int, int, int, tuple[tuple[int, int], ...] | None,
-                  frozenset[int] | None]
+_Compiled = tuple[
+    int, bool, int, int, int, int, int, tuple[tuple[int, int], ...] | None, frozenset[int] | None
+]
 
 
 class RuleSet:
@@ -39,14 +40,16 @@ class RuleSet:
         self.default_allow = firewall.default_allow
         self._groups: dict[tuple[int, int], tuple[_Compiled, ...]] = {}
         for direction in (EGRESS, INGRESS):
-            for family, addr_len in _ADDR_LEN.items():
+            for family, addr_len in _FAMILY_ADDR_LEN.items():
                 self._groups[direction, addr_len] = tuple(
                     _compile(index, rule, addr_len)
                     for index, rule in enumerate(firewall.rules)
-                    if rule.direction in (None, direction) and _family_fits(rule, family))
+                    if rule.direction in (None, direction) and _family_fits(rule, family)
+                )
 
-    def decide(self, direction: int, proto: int, src: bytes, dst: bytes, dport: int,
-               icmp_type: int) -> tuple[bool, int]:
+    def decide(
+        self, direction: int, proto: int, src: bytes, dst: bytes, dport: int, icmp_type: int
+    ) -> tuple[bool, int]:
         """(allowed, index of the deciding rule or -1 for the default) for a new flow's packet.
 
         `src` and `dst` are raw 4- or 16-byte addresses; `dport` counts for TCP/UDP only and
@@ -56,7 +59,8 @@ class RuleSet:
         if rules is None:
             raise ValueError(
                 f"direction must be EGRESS or INGRESS and addresses 4 or 16 bytes, got "
-                f"direction {direction!r} with a {len(src)}-byte source")
+                f"direction {direction!r} with a {len(src)}-byte source"
+            )
         s = int.from_bytes(src, "big")
         d = int.from_bytes(dst, "big")
         for index, allow, rproto, slo, shi, dlo, dhi, ports, types in rules:
@@ -81,9 +85,24 @@ def _family_fits(rule: Rule, family: int) -> bool:
 
 def _compile(index: int, rule: Rule, addr_len: int) -> _Compiled:
     everything = (0, (1 << (8 * addr_len)) - 1)
-    slo, shi = everything if rule.src is None else (int(rule.src.network_address),
-                                                    int(rule.src.broadcast_address))
-    dlo, dhi = everything if rule.dst is None else (int(rule.dst.network_address),
-                                                    int(rule.dst.broadcast_address))
-    return (index, rule.allow, rule.proto, slo, shi, dlo, dhi, rule.dst_port or None,
-            frozenset(rule.icmp_type) if rule.icmp_type else None)
+    slo, shi = (
+        everything
+        if rule.src is None
+        else (int(rule.src.network_address), int(rule.src.broadcast_address))
+    )
+    dlo, dhi = (
+        everything
+        if rule.dst is None
+        else (int(rule.dst.network_address), int(rule.dst.broadcast_address))
+    )
+    return (
+        index,
+        rule.allow,
+        rule.proto,
+        slo,
+        shi,
+        dlo,
+        dhi,
+        rule.dst_port or None,
+        frozenset(rule.icmp_type) if rule.icmp_type else None,
+    )

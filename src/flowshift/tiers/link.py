@@ -69,7 +69,7 @@ def _pnic_main(conn: Connection, capacity: int, idle_timeout_ns: int,
 
 class ProcessLink:
     def __init__(self, capacity: int, *, idle_timeout_ns: int, report_interval_ns: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("fork")  # a SmartNIC boots on its own: inherit nothing but args
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_pnic_main, name="flowshift-pnic", daemon=True,
                                 args=(child, capacity, idle_timeout_ns, report_interval_ns))

@@ -1,0 +1,67 @@
+"""Helpers for tests that run traces through an emulated host and compare runs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowshift.config import HostConfig
+from flowshift.entry import Flow
+from flowshift.host import Host, PacketResult
+from flowshift.offload import OffloadPolicy, established
+from flowshift.packet.pcap import open_trace
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+REAL = CORPUS / "real"
+
+
+@dataclass
+class Run:
+    results: list[PacketResult]
+    host: Host
+
+    def outputs(self) -> list[tuple[int, str, bytes | None]]:
+        """What the invariant compares: verdict, reason and bytes of every packet."""
+        return [(int(r.verdict), r.reason, r.data) for r in self.results]
+
+
+class RandomPolicy(OffloadPolicy):
+    """Offload established flows at pseudo-random moments drawn from a seed."""
+
+    def __init__(self, base: OffloadPolicy, seed: int, p: float) -> None:
+        self.__dict__.update(base.__dict__)
+        self.seed = seed
+        self.p = p
+
+    def wants(self, flow: Flow) -> bool:
+        if not established(flow):
+            return False
+        total = flow.packets[0] + flow.packets[1]
+        return random.Random(f"{self.seed}/{flow.key}/{total}").random() < self.p
+
+
+def run(trace: Path, config: HostConfig, *, policy: str | None = None,
+        random_seed: int | None = None, p: float = 0.3, latency: int = 0, batch: int = 256,
+        pnic: str = "inline", capacity: int | None = None, withdraw_at: int | None = None,
+        crash_at: int | None = None) -> Run:
+    """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away."""
+    host = Host(config, policy=policy, capacity=capacity, pnic=pnic, latency=latency,
+                batch=batch)
+    if random_seed is not None:
+        host.policy = RandomPolicy(host.policy, random_seed, p)
+    results: list[PacketResult] = []
+    try:
+        with open_trace(trace) as frames:
+            for i, f in enumerate(frames):
+                if i == withdraw_at:
+                    host.withdraw_pnic(f.ts_ns)
+                if i == crash_at:
+                    host.crash_pnic(f.ts_ns)
+                host.process(i, f.ts_ns, f.data, f.linktype, f.wire_len)
+                results.extend(host.results())
+        host.finish()
+        results.extend(host.results())
+    finally:
+        host.close()
+    return Run(results, host)

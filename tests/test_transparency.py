@@ -1,0 +1,135 @@
+"""Offload transparency: whatever the offload schedule, the host's output is the same.
+
+Every run is compared packet for packet (verdict, reason, bytes) with the run that never
+offloads, over the real captures of the corpus and over generated traces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowshift.config import load_config, parse_config
+from flowshift.gen import TraceSpec, generate
+from flowshift.verdict import Verdict
+from hosttools import REAL, run
+
+needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
+
+FIREWALL_HOST = {
+    "pnic": {"capacity": 64},
+    "offload": {"policy": "elephant", "elephant_packets": 8, "elephant_bytes": 20000,
+                "idle_timeout": 2.0, "report_interval": 0.5},
+    "machine": [{
+        "name": "vm",
+        "addresses": ["10.0.0.0/24", "fd00::/64"],
+        "services": ["firewall", "count"],
+        "firewall": {"default": "drop", "rule": [
+            {"action": "allow", "direction": "egress", "proto": "any"},
+        ]},
+    }],
+}
+
+
+@pytest.fixture(scope="module")
+def real():
+    cfg = load_config(REAL / "lb-gateway.toml")
+    return REAL / "replay_input.pcap", cfg, run(REAL / "replay_input.pcap", cfg, policy="never")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "trace.pcap"
+    generate(TraceSpec(flows=300, duration_s=20.0, seed=7, elephants=4, udp_share=0.2,
+                       ipv6_share=0.3), path)
+    cfg = parse_config(FIREWALL_HOST, "test")
+    return path, cfg, run(path, cfg, policy="never")
+
+
+def _same(a, b) -> None:
+    assert len(a.results) == len(b.results)
+    for x, y in zip(a.outputs(), b.outputs(), strict=True):
+        assert x == y
+
+
+@needs_corpus
+@pytest.mark.parametrize("policy", ["always", "elephant"])
+def test_real_capture_policies(real, policy):
+    trace, cfg, never = real
+    offloaded = run(trace, cfg, policy=policy)
+    _same(never, offloaded)
+    assert offloaded.host.stats.offloads_to_pnic > 0
+    assert offloaded.host.stats.tier_packets["pnic"] > 0
+
+
+@needs_corpus
+def test_real_capture_process_pnic(real):
+    trace, cfg, never = real
+    offloaded = run(trace, cfg, policy="always", pnic="process")
+    _same(never, offloaded)
+    assert offloaded.host.stats.tier_packets["pnic"] > 0
+
+
+@needs_corpus
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=st.integers(0, 6),
+       batch=st.sampled_from([1, 3, 16, 256]), capacity=st.sampled_from([1, 4, 4096]))
+def test_real_capture_random_schedules(real, seed, p, latency, batch, capacity):
+    trace, cfg, never = real
+    offloaded = run(trace, cfg, random_seed=seed, p=p, latency=latency, batch=batch,
+                    capacity=capacity)
+    _same(never, offloaded)
+
+
+@needs_corpus
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.integers(0, 22000), latency=st.integers(0, 3))
+def test_real_capture_graceful_withdrawal(real, at, latency):
+    trace, cfg, never = real
+    offloaded = run(trace, cfg, policy="always", latency=latency, withdraw_at=at)
+    _same(never, offloaded)
+
+
+@needs_corpus
+@settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.integers(0, 22000))
+def test_real_capture_crash_keeps_connections(real, at):
+    trace, cfg, never = real
+    crashed = run(trace, cfg, policy="always", crash_at=at)
+    for x, y in zip(never.results, crashed.results, strict=True):
+        if x.verdict == Verdict.FORWARD:
+            assert y.verdict == Verdict.FORWARD, (x, y)
+            assert y.data == x.data
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=st.integers(0, 6),
+       batch=st.sampled_from([1, 5, 64]), capacity=st.sampled_from([2, 16, 64]))
+def test_generated_random_schedules(generated, seed, p, latency, batch, capacity):
+    trace, cfg, never = generated
+    offloaded = run(trace, cfg, random_seed=seed, p=p, latency=latency, batch=batch,
+                    capacity=capacity)
+    _same(never, offloaded)
+
+
+def test_generated_elephant_policy_moves_flows(generated):
+    trace, cfg, never = generated
+    offloaded = run(trace, cfg)
+    _same(never, offloaded)
+    s = offloaded.host.stats
+    assert s.offloads_to_pnic > 0
+    assert sum(s.returned.values()) > 0
+    assert s.peak_second_cache <= 64
+
+
+def test_generated_withdraw_and_crash(generated: tuple[Path, object, object]):
+    trace, cfg, never = generated
+    n = len(never.results)
+    _same(never, run(trace, cfg, policy="always", withdraw_at=n // 2))
+    crashed = run(trace, cfg, policy="always", crash_at=n // 3)
+    for x, y in zip(never.results, crashed.results, strict=True):
+        if x.verdict == Verdict.FORWARD:
+            assert y.verdict == Verdict.FORWARD
