@@ -158,13 +158,17 @@ def bench(packets: int, json_path: str | None, repeat: int) -> None:
                 }
             )
 
-    table = Table(
-        title=(
-            f"packet layer on {info['cpu']}, {info['cores']} cores, Python {info['python']}\n"
-            f"trace: {results[0]['packets']:,} packets, {size / 1e6:,.0f} MB, {source}; "
-            f"best of {repeat}"
-        )
+    console.print(
+        f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, "
+        f"numpy {info['numpy']}, numba {info['numba']}",
+        soft_wrap=True,
     )
+    console.print(
+        f"trace: {results[0]['packets']:,} packets, {size / 1e6:,.0f} MB, {source}; "
+        f"best of {repeat} runs",
+        soft_wrap=True,
+    )
+    table = Table()
     table.add_column("stage")
     table.add_column("packets/s", justify="right")
     table.add_column("MB/s", justify="right")

@@ -186,3 +186,10 @@ def test_filler_is_deterministic_and_sized() -> None:
 def test_impossible_frames_are_refused(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_the_checksum_oracle_catches_a_flipped_byte() -> None:
+    frame = bytearray(udp_frame(src=A4, dst=B4, sport=1, dport=2, payload=b"payload"))
+    frame[-1] ^= 0x01
+    assert not scapy_checksums_ok(bytes(frame))
+    assert verify_checksums(parse(frame, LINKTYPE_ETHERNET)) is False

@@ -254,6 +254,19 @@ def test_weight_limit_is_maglevs() -> None:
     assert MAX_WEIGHT == maglev.MAX_WEIGHT
 
 
+def test_lb_scheduler_defaults_to_maglev_and_round_trips(tmp_path: Path) -> None:
+    text = SHAPE + 'scheduler = "round-robin"\n'
+    text += '[[machine.lb]]\nproto = "udp"\nvip = "203.0.113.10:53"\nbackends = ["10.0.0.53:53"]\n'
+    cfg = load_config(write(tmp_path, text))
+    rr, default = cfg.machines[0].lb
+    assert (rr.scheduler, default.scheduler) == ("round-robin", "maglev")
+    pools = to_dict(cfg)["machine"][0]["lb"]
+    assert [p["scheduler"] for p in pools] == ["round-robin", "maglev"]
+    assert parse_config(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    # files written before the key existed keep their Maglev pools
+    assert load_config(write(tmp_path, SHAPE)).machines[0].lb[0].scheduler == "maglev"
+
+
 # -- errors: one line, the file, the key path and what is wrong -----------------------------
 
 M = """
@@ -526,6 +539,21 @@ ERRORS = [
         "machine[0].lb[1].vip",
         ["203.0.113.1:53 is also machine[0].lb[0].vip"],
     ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.1:80"]\nscheduler = "wrr"'),
+        "machine[0].lb[0].scheduler",
+        ["unknown scheduler", "'wrr'", "maglev, round-robin"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.1:80"]\nscheduler = 1'),
+        "machine[0].lb[0].scheduler",
+        ["expected a string", "integer 1"],
+    ),
+    (
+        lb('proto = "tcp"\nvip = "203.0.113.1:80"\nbackends = ["10.0.0.1:80"]\nschedule = "x"'),
+        "machine[0].lb[0].schedule",
+        ["unknown key", "allowed: backends, proto, scheduler, vip"],
+    ),
     # offload and PNIC
     (
         f'[offload]\npolicy = "sometimes"\n{M}services = []',
@@ -759,6 +787,8 @@ def machines(draw: st.DrawFn, j: int) -> dict[str, Any]:
             pools.append(
                 {"proto": draw(st.sampled_from(["tcp", "udp"])), "vip": vip, "backends": backends}
             )
+            if draw(st.booleans()):
+                pools[-1]["scheduler"] = draw(st.sampled_from(["maglev", "round-robin"]))
         out["lb"] = pools
     return out
 

@@ -53,7 +53,6 @@ MS = 1_000_000
 US = 1_000
 START_NS = 1_704_067_200 * NS  # 2024-01-01T00:00:00Z, fixed so that traces are reproducible
 ATTACKS = ("none", "syn-flood", "out-of-window")
-KINDS = ("tcp", "elephant", "udp", "udp-stream", "icmp", "syn-flood")
 
 DEFAULT_CLIENTS = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
 DEFAULT_SERVERS = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8::/64"))
@@ -191,7 +190,8 @@ class TraceSpec:
 class GenSummary:
     packets: int = 0
     bytes: int = 0
-    flows: dict[str, int] = field(default_factory=dict)  # by kind (KINDS)
+    # by kind: tcp, elephant, udp, udp-stream, icmp, syn-flood
+    flows: dict[str, int] = field(default_factory=dict)
     attacked_flows: int = 0  # out-of-window: valid flows that received injected segments
     elephant_packets: int = 0
     elephant_bytes: int = 0
@@ -407,6 +407,7 @@ class _End:
     rcv_wnd: int  # receive window (bytes) it starts with
     rcv_max: int  # receive window it grows to
     ts_off: int  # timestamp clock offset (ms); -1: no timestamps
+    flow_label: int = 0  # IPv6
     mss: int = 0  # data bytes per segment it sends, set by the handshake
     rcv_nxt: int = 0
     received: int = 0
@@ -438,7 +439,11 @@ class _Tcp:
         self.client.mac, self.client.peer_mac = _client_mac(plan.client), GATEWAY_MAC
         self.server.mac, self.server.peer_mac = GATEWAY_MAC, _client_mac(plan.client)
         self.server.ttl = _server_ttl(plan.server)
-        self.flow_label = rng.getrandbits(20) if v6 else 0
+        if v6:  # each end labels its own direction (RFC 6437)
+            self.client.flow_label, self.server.flow_label = (
+                rng.getrandbits(20),
+                rng.getrandbits(20),
+            )
 
     def _end(self, addr: bytes, port: int, far: bool, mss: int, ts: bool, big: bool) -> _End:
         rng = self.rng
@@ -504,7 +509,7 @@ class _Tcp:
             dst_mac=end.peer_mac,
             ttl=end.ttl,
             ip_id=end.ip_id,
-            flow_label=self.flow_label,
+            flow_label=end.flow_label,
             vlan=self.vlan,
         )
         end.ip_id = (end.ip_id + 1) & 0xFFFF
@@ -547,7 +552,9 @@ class _Tcp:
         s.rcv_nxt = c.nxt
         t = self._reply_at(s, t)
         c_tsval = c.sent_ts[-1][1] if c.sent_ts else 0
+        ip_id, s.ip_id = s.ip_id, 0  # Linux's listener sends its SYN-ACK with IP ID 0
         yield self._send(s, c, t, TCP_SYN | TCP_ACK, syn_options=self._syn_options(s, c_tsval, t))
+        s.ip_id = ip_id
         s.nxt += 1
         c.rcv_nxt = s.nxt
         opt_len = 12 if c.ts_off >= 0 else 0
@@ -699,7 +706,7 @@ class _Tcp:
             dst_mac=src.peer_mac,
             ttl=self.rng.randint(30, 250),
             ip_id=self.rng.getrandbits(16),
-            flow_label=self.flow_label,
+            flow_label=src.flow_label,
             vlan=self.vlan,
         )
         return t, frame, MARK_ATTACK

@@ -20,6 +20,8 @@ import numpy as np
 
 from flowshift.report import NS, TIERS, Tally
 
+# savefig formats of the Agg backend and its vector siblings; the file name's extension picks one
+FORMATS = ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "webp", "tif", "tiff")
 TIER_COLORS = {"machine": "#9e9e9e", "vnic": "#4c72b0", "pnic": "#dd8452"}
 EVENT_STYLE = {"offload": ("#2ca02c", "offloads"), "return": ("#9467bd", "returns"),
                "refuse": ("#d62728", "refusals")}
@@ -40,7 +42,7 @@ def _rates(tally: Tally) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
                report: dict[str, Any]) -> None:
-    """Write the PNG (the format follows the file name's extension, as matplotlib does)."""
+    """Write the plot; the format follows the file name's extension (none: PNG)."""
     first = report["trace"]["first_ts"]
     first_ns = round(first * NS) if first is not None else 0
     width = tally.bin_ns / NS
@@ -67,7 +69,8 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
     ax_rate.set_ylabel("packets/s")
     ax_rate.set_title(f"packets per second by tier ({_bin_text(width)} bins)", fontsize=9,
                       loc="left")
-    ax_rate.legend(loc="upper right", fontsize=8)
+    if len(times):
+        ax_rate.legend(loc="upper right", fontsize=8)
 
     # panel 2: second-cache occupancy
     occ = np.array(stats.occupancy, dtype=np.int64).reshape(-1, 2)
@@ -135,7 +138,7 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
     for ax in (ax_rate, ax_cache, ax_events):
         ax.grid(True, alpha=0.3)
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format=plot_format(path))
     finally:
         plt.close(fig)
 
@@ -160,6 +163,10 @@ def _occupancy_from_events(events: list[tuple[int, str, str]], first_ns: int,
     times.append(end)
     counts.append(n)
     return np.array(times), np.array(counts)
+
+
+def plot_format(path: str | os.PathLike[str]) -> str:
+    return os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
 
 
 def _bin_text(width_s: float) -> str:

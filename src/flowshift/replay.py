@@ -114,6 +114,12 @@ def run_replay(
     times = {"pnic-crash-at": crash_at, "pnic-withdraw-at": withdraw_at, "dump-flows-at": dump_at}
     _check_options(offload, pnic, capacity, times, outputs.get("dump-flows"))
     _check_outputs(trace, {k: outputs.get(k) for k in paths})
+    if plot is not None:
+        from flowshift.plot import FORMATS, plot_format  # matplotlib only when a plot is asked
+
+        if plot_format(plot) not in FORMATS:
+            raise ReplayError(f"--plot {plot}: unknown image format (use one of "
+                              f"{', '.join('.' + f for f in FORMATS)})")
     options = {
         "trace": os.fspath(trace),
         "config": None if isinstance(config, HostConfig) else os.fspath(config),
@@ -187,7 +193,7 @@ def run_replay(
     if run.linktype_mismatch:
         result["packets"]["out_linktype_mismatch"] = run.linktype_mismatch
     if plot is not None:
-        from flowshift.plot import write_plot  # matplotlib loads only when a plot is asked for
+        from flowshift.plot import write_plot
 
         try:
             write_plot(plot, run.tally, run.host.stats, result)
@@ -279,6 +285,7 @@ class _Run:
         writer = self.writer
         rows = self.rows
         first = self.first_ts
+        bin_ns = tally.bin_ns
         for r in self.host.results():
             ts = r.ts_ns
             key = (r.verdict, r.reason, r.tier, r.machine, r.direction)
@@ -289,11 +296,12 @@ class _Run:
                 c[0] += 1
                 c[1] += r.wire_len
             if r.tier:
-                b = (ts - first) // tally.bin_ns
+                b = (ts - first) // bin_ns
                 if b >= HIST_MAX_BINS:
                     while b >= HIST_MAX_BINS:
                         tally.coarsen()
-                        b = (ts - first) // tally.bin_ns
+                        bin_ns = tally.bin_ns
+                        b = (ts - first) // bin_ns
                     rate = tally.rate
                 elif b < 0:  # out-of-order timestamps before the first packet
                     b = 0

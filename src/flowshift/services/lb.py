@@ -89,6 +89,6 @@ class LoadBalancer:
                 pool = self.order[i]
                 raise ValueError(
                     f"LB state of pool {i} ({format_endpoint(pool.vip, pool.port)}): slot "
-                    f"{slot!r:.40} out of range 0-{max(cycle, 1) - 1}"
+                    f"{slot!r:.40} is not an integer in 0-{max(cycle, 1) - 1}"
                 )
         self.next = list(state)
