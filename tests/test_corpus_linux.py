@@ -87,7 +87,6 @@ needs_lb_handoff = pytest.mark.skipif(
 # VNIC mid-run under "always" and "elephant": the round-robin position must move with it.
 SCHEDULES = [
     pytest.param(("machine", "never"), id="machine-never"),
-    pytest.param(("vnic", "never"), id="vnic-never"),
     pytest.param(("vnic", "always"), id="vnic-always"),
     pytest.param(("vnic", "elephant"), id="vnic-elephant"),
     pytest.param(("machine", "always"), id="machine-always", marks=needs_lb_handoff),

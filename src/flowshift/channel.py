@@ -35,6 +35,7 @@ class Handoff(Msg):
     machine: int
     config: dict[str, Any]
     entries: list[bytes]
+    lb_state: list[int] = []  # LoadBalancer.state(): each pool's next round-robin slot
 
 
 # -- VNIC -> PNIC --------------------------------------------------------------------------

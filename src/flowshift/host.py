@@ -286,11 +286,14 @@ class Host:
         assert chain is not None
         machine_end, vnic_end = ch.pair()
         machine_end.send(ch.Handoff(m, to_dict_machine(self.config, m),
-                                    [f.to_bytes() for f in chain.export_flows()]))
+                                    [f.to_bytes() for f in chain.export_flows()],
+                                    chain.lb.state() if chain.lb is not None else []))
         msg = vnic_end.receive()
         assert isinstance(msg, ch.Handoff)
         cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
         vnic = VnicChain(cfg, m, self)
+        if vnic.lb is not None:
+            vnic.lb.restore(msg.lb_state)
         for raw in msg.entries:
             vnic.import_flow(Flow.from_bytes(raw))
         self.vnics[m] = vnic
