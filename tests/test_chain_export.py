@@ -13,7 +13,6 @@ from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import ParseError
 from flowshift.services.chain import Chain
-
 from hosttools import REAL
 
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
