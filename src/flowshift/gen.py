@@ -31,8 +31,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from os import PathLike
-from typing import Any
+from typing import Any, NamedTuple
 
+from flowshift.config import HostConfig
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.gen_gateway import Gateway
 from flowshift.packet.build import (
     ICMP_DEST_UNREACH,
     ICMPV6_DEST_UNREACH,
@@ -43,6 +46,7 @@ from flowshift.packet.build import (
     tcp_options,
     udp_frame,
 )
+from flowshift.packet.parse import parse
 from flowshift.packet.pcap import PcapWriter
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 
@@ -58,6 +62,7 @@ DEFAULT_CLIENTS = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd
 DEFAULT_SERVERS = (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8::/64"))
 
 HOSTS_PER_NETWORK = 64  # distinct hosts drawn from each client/server network
+INGRESS_SHARE = 0.3  # of the mice, with a gateway that has VIPs or port forwards
 EPHEMERAL_PORTS = (32768, 60999)  # Linux net.ipv4.ip_local_port_range default
 DELACK_NS = 40 * MS  # Linux TCP_DELACK_MIN
 INIT_CWND = 10  # segments (RFC 6928, Linux default)
@@ -120,6 +125,9 @@ class TraceSpec:
     mtu: int = 1500
     vlan: int | None = None
     start_ns: int = START_NS
+    # a gateway capture of this host config's first machine (see docs/gen-trace.md)
+    gateway: HostConfig | None = None
+    ingress_share: float | None = None  # of the mice; None: INGRESS_SHARE when there are targets
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -160,6 +168,9 @@ class TraceSpec:
             return "no server network"
         if self.ipv6_share is not None and not 0 <= self.ipv6_share <= 1:
             return f"ipv6 share must be in [0, 1], not {self.ipv6_share}"
+        problem = self._gateway_problem()
+        if problem:
+            return problem
         share = self.v6_share
         for fam, needed in ((4, share < 1), (6, share > 0)):
             for role, nets in (("client", self.clients), ("server", self.servers)):
@@ -169,6 +180,45 @@ class TraceSpec:
                         f"is IPv{fam}"
                     )
         return None
+
+    def _gateway_problem(self) -> str | None:
+        if self.gateway is None:
+            if self.ingress_share is not None:
+                return "an ingress share needs a gateway config"
+            return None
+        m = self.gateway.machines[0]
+        for net in self.clients:
+            if not any(net.version == a.version and net.subnet_of(a) for a in m.addresses):
+                return f"client network {net} is not inside gateway machine {m.name}'s addresses"
+        for net in self.servers:
+            # partly inside is fine: hosts the gateway owns are left out of the pool
+            if any(net.version == a.version and net.subnet_of(a) for a in m.addresses):
+                return f"server network {net} is inside gateway machine {m.name}'s addresses"
+        if self.ingress_share is not None:
+            if not 0 <= self.ingress_share <= 1:
+                return f"ingress share must be in [0, 1], not {self.ingress_share}"
+            if self.ingress_share > 0 and not self.ingress_targets():
+                return (
+                    f"ingress share {self.ingress_share:g} needs an LB VIP or DNAT rule on "
+                    f"gateway machine {m.name} whose family a server network has"
+                )
+        return None
+
+    def ingress_targets(self) -> list[tuple[int, bytes, int]]:
+        """(proto, address, port) that ingress flows open: the gateway's VIPs and DNAT matches
+        of a family the server (outside) networks have."""
+        if self.gateway is None:
+            return []
+        families = {n.version for n in self.servers}
+        targets = Gateway(self.gateway).targets()
+        return [t for t in targets if (4 if len(t[1]) == 4 else 6) in families]
+
+    @property
+    def ingress(self) -> float:
+        """The share of mice that are ingress flows: as given, or what the gateway offers."""
+        if self.ingress_share is not None:
+            return self.ingress_share
+        return INGRESS_SHARE if self.ingress_targets() else 0.0
 
     @property
     def v6_share(self) -> float:
@@ -193,6 +243,7 @@ class GenSummary:
     # by kind: tcp, elephant, udp, udp-stream, icmp, syn-flood
     flows: dict[str, int] = field(default_factory=dict)
     attacked_flows: int = 0  # out-of-window: valid flows that received injected segments
+    ingress_flows: int = 0  # gateway traces: flows opened from the outside (in `flows` too)
     elephant_packets: int = 0
     elephant_bytes: int = 0
     attack_packets: int = 0
@@ -226,6 +277,26 @@ class _Plan:
     rate_bps: float
     upload: bool = False
     attacked: bool = False
+    ingress: bool = False  # a gateway trace's flow from the outside to a VIP or port forward
+    down: Wire | None = None  # the server side's packets as captured; None: reverse of `up`
+
+    @property
+    def up(self) -> Wire:
+        """The client side's packets as captured (the original tuple of the flow)."""
+        return Wire(self.client, self.server, self.sport, self.dport)
+
+    @property
+    def reply(self) -> Wire:
+        return self.down or Wire(self.server, self.client, self.dport, self.sport)
+
+
+class Wire(NamedTuple):
+    """One direction's addresses and ports (ICMP echo: identifiers) as the capture sees them."""
+
+    src: bytes
+    dst: bytes
+    sport: int
+    dport: int
 
 
 # ---------------------------------------------------------------- plan
@@ -282,6 +353,14 @@ def _mouse_size(rng: random.Random) -> int:
 def _plan(spec: TraceSpec) -> list[_Plan]:
     rng = random.Random(spec.seed)
     clients, servers = _pools(spec.clients, rng), _pools(spec.servers, rng)
+    gateway = Gateway(spec.gateway) if spec.gateway is not None else None
+    if gateway is not None:
+        for fam, pool in servers.items():  # the outside is what the gateway does not own
+            servers[fam] = [a for a in pool if not gateway.owns(a)]
+            if not servers[fam] and any(n.version == fam for n in spec.servers):
+                raise ValueError(f"every IPv{fam} server host is the gateway's own")
+    targets = spec.ingress_targets()
+    ingress = spec.ingress
     ports = _Ports(rng)
     v6 = spec.v6_share
     dur = spec.duration_s * NS
@@ -302,6 +381,9 @@ def _plan(spec: TraceSpec) -> list[_Plan]:
     starts = sorted(int(rng.random() * dur) for _ in range(mice))
     plans: list[_Plan] = []
     for start in starts:
+        if targets and rng.random() < ingress:
+            plans.append(_ingress_plan(start, rng.choice(targets), servers, ports, rng, timing))
+            continue
         u = rng.random()
         if u < spec.icmp_share:
             kind = "icmp"
@@ -347,14 +429,98 @@ def _plan(spec: TraceSpec) -> list[_Plan]:
         for p in rng.sample(tcp, min(spec.attack_count, len(tcp))):
             p.attacked = True
     elif spec.attack == "syn-flood":
+        target = _flood_target(spec, targets, gateway)
         plans.append(
-            _Plan(0, "syn-flood", int(dur * 0.3), b"", b"", 0, spec.tcp_ports[0], 0, 0, 0.0)
+            _Plan(0, "syn-flood", int(dur * 0.3), b"", target[0], 0, target[1], 0, 0, 0.0)
         )
     plans.sort(key=lambda p: p.start_ns)  # stable: equal starts keep their drawing order
     for i, p in enumerate(plans):
         p.index = i
         p.start_ns += spec.start_ns
+    if gateway is not None:
+        _translate(plans, spec, gateway)
     return plans
+
+
+def _flood_target(
+    spec: TraceSpec, targets: list[tuple[int, bytes, int]], gateway: Gateway | None
+) -> tuple[bytes, int]:
+    """(address, port) a SYN flood hits: a gateway's TCP VIP or port forward, else its public
+    address of a family the outside has; b"" (a server of the pool) without a gateway."""
+    for proto, addr, port in targets:
+        if proto == PROTO_TCP:
+            return addr, port
+    if gateway is not None:
+        families = [n.version for n in spec.servers]
+        for addr in sorted(gateway.machine.public, key=len):  # IPv4 first
+            if (4 if len(addr) == 4 else 6) in families:
+                return addr, spec.tcp_ports[0]
+    return b"", spec.tcp_ports[0]
+
+
+def _ingress_plan(
+    start: int,
+    target: tuple[int, bytes, int],
+    servers: dict[int, list[bytes]],
+    ports: _Ports,
+    rng: random.Random,
+    timing: Callable[[], tuple[int, float]],
+) -> _Plan:
+    """A flow from an outside host (of the server pool) to a VIP or port forward."""
+    proto, addr, port = target
+    pool = servers[4 if len(addr) == 4 else 6]
+    client = pool[int(len(pool) * rng.random() ** 2)]
+    rtt, rate = timing()
+    if proto == PROTO_TCP:
+        kind, size = "tcp", _mouse_size(rng)
+    else:
+        kind, size = "udp", rng.randint(1, 2)
+    upload = kind == "tcp" and rng.random() < UPLOAD_SHARE
+    sport = ports.take(client)
+    return _Plan(0, kind, start, client, addr, sport, port, size, rtt, rate, upload, ingress=True)
+
+
+def _translate(plans: list[_Plan], spec: TraceSpec, gateway: Gateway) -> None:
+    """Give every flow the translation the gateway's host will give it (`_Plan.down`).
+
+    Flows are opened in the order the host sees their first packets: by time; at equal
+    times a SYN of the flood already queued in generate()'s merge goes first, then plans in
+    list order. Each spoofed SYN to a VIP is a flow of its own and takes a round-robin turn.
+    """
+    events: list[tuple[int, int, int, _Plan | FlowKey]] = []
+    for p in plans:
+        if p.kind == "syn-flood":
+            for i, (t, frame, _) in enumerate(_syn_flood(p, spec, _flow_rng(spec, p))):
+                key = parse(frame, 1).key(0)
+                events.append((t, 1 if i == 0 else 0, p.index, key))
+        else:
+            events.append((p.start_ns, 1, p.index, p))
+    events.sort(key=lambda e: e[:3])
+    redraws = random.Random(f"{spec.seed}:gateway")
+
+    def redraw(key: FlowKey) -> FlowKey:
+        if key.proto in (PROTO_ICMP, PROTO_ICMPV6):
+            ident = redraws.randint(1, 0xFFFF)
+            return key._replace(sport=ident, dport=ident)
+        return key._replace(sport=redraws.randint(*EPHEMERAL_PORTS))
+
+    for _, _, _, item in events:
+        if isinstance(item, FlowKey):  # spoofed: taken as it comes
+            gateway.open(item, ingress=not gateway.owns(item.src))
+            continue
+        p = item
+        key, xlat = gateway.open(_flow_key(p), p.ingress, redraw)
+        p.sport = key.sport
+        p.down = Wire(xlat.dst, xlat.src, xlat.dport, xlat.sport)
+
+
+def _flow_key(p: _Plan) -> FlowKey:
+    v4 = len(p.client) == 4
+    if p.kind == "icmp":  # the echo identifier is both "ports"
+        proto = PROTO_ICMP if v4 else PROTO_ICMPV6
+        return FlowKey(4 if v4 else 6, proto, 0, p.client, p.server, p.sport, p.sport)
+    proto = PROTO_UDP if p.kind in ("udp", "udp-stream") else PROTO_TCP
+    return FlowKey(4 if v4 else 6, proto, 0, p.client, p.server, p.sport, p.dport)
 
 
 def _payload_estimate(p: _Plan) -> int:
@@ -396,6 +562,8 @@ class _End:
 
     addr: bytes
     port: int
+    dst: bytes  # where its packets are addressed, as captured (a translated tuple's end)
+    dport: int
     mac: bytes
     peer_mac: bytes
     ttl: int
@@ -433,9 +601,9 @@ class _Tcp:
         timestamps = rng.random() < 0.9  # both sides agree (Windows peers often do not)
         base_mss = spec.mtu - (60 if v6 else 40)
         big = plan.kind == "elephant"
-        self.client = self._end(plan.client, plan.sport, False, base_mss, timestamps, big)
+        self.client = self._end(plan.up, False, base_mss, timestamps, big)
         server_mss = base_mss - rng.choice((0, 0, 0, 20, 80, 100))
-        self.server = self._end(plan.server, plan.dport, True, server_mss, timestamps, big)
+        self.server = self._end(plan.reply, True, server_mss, timestamps, big)
         self.client.mac, self.client.peer_mac = _client_mac(plan.client), GATEWAY_MAC
         self.server.mac, self.server.peer_mac = GATEWAY_MAC, _client_mac(plan.client)
         self.server.ttl = _server_ttl(plan.server)
@@ -445,15 +613,17 @@ class _Tcp:
                 rng.getrandbits(20),
             )
 
-    def _end(self, addr: bytes, port: int, far: bool, mss: int, ts: bool, big: bool) -> _End:
+    def _end(self, wire: Wire, far: bool, mss: int, ts: bool, big: bool) -> _End:
         rng = self.rng
         # Linux: rcv window starts near 64 KiB; tcp_rmem max (6 MiB) sets the scale, 7
         rcv_max = rng.choice((256, 1024, 3072, 6144)) * 1024 if not big else 6144 * 1024
         wscale = rng.choice((7, 7, 7, 8, 9, 10)) if big else rng.choice((2, 5, 6, 7, 7, 8, 9))
         wscale = max(wscale, math.ceil(math.log2(rcv_max / 65535)))
         return _End(
-            addr=addr,
-            port=port,
+            addr=wire.src,
+            port=wire.sport,
+            dst=wire.dst,
+            dport=wire.dport,
             mac=b"",
             peer_mac=b"",
             ttl=64,
@@ -496,9 +666,9 @@ class _Tcp:
             end.right = max(end.right, end.rcv_nxt + (window << end.wscale))
         frame = tcp_frame(
             src=end.addr,
-            dst=peer.addr,
+            dst=end.dst,
             sport=end.port,
-            dport=peer.port,
+            dport=end.dport,
             seq=end.nxt if seq is None else seq,
             ack=end.rcv_nxt if flags & TCP_ACK else 0,
             flags=flags,
@@ -567,7 +737,7 @@ class _Tcp:
         t = self._reply_at(c, t)
         yield self._send(c, s, t, TCP_ACK)
 
-        host = ipaddress.ip_address(s.addr)
+        host = ipaddress.ip_address(plan.server)  # the name the client asked (a VIP)
         host_text = f"[{host}]" if host.version == 6 else str(host)
         if plan.upload:
             request = _http_upload_head(plan.index, host_text, plan.size)
@@ -682,21 +852,22 @@ class _Tcp:
         gap = max(self.rtt // 8, 10 * US)
         for i in range(rng.randint(2, 4)):
             t += gap
-            src, dst = (s, c) if i % 2 == 0 else (c, s)
+            src = s if i % 2 == 0 else c
             seq = (src.nxt + rng.choice((1, -1)) * rng.randint(1 << 29, 1 << 30)) & 0xFFFFFFFF
             payload = filler(rng.randint(64, 512), rng.getrandbits(16))
-            yield self._spoofed(src, dst, t, seq, TCP_PSH | TCP_ACK, payload)
+            yield self._spoofed(src, t, seq, TCP_PSH | TCP_ACK, payload)
         t += gap
-        src, dst = (s, c) if rng.random() < 0.5 else (c, s)
-        yield self._spoofed(src, dst, t, (src.nxt + (1 << 31)) & 0xFFFFFFFF, TCP_RST, b"")
+        src = s if rng.random() < 0.5 else c
+        yield self._spoofed(src, t, (src.nxt + (1 << 31)) & 0xFFFFFFFF, TCP_RST, b"")
         return t
 
-    def _spoofed(self, src: _End, dst: _End, t: int, seq: int, flags: int, data: bytes) -> Emit:
+    def _spoofed(self, src: _End, t: int, seq: int, flags: int, data: bytes) -> Emit:
+        """A segment forged in the name of `src`, addressed as `src`'s own packets are."""
         frame = tcp_frame(
             src=src.addr,
-            dst=dst.addr,
+            dst=src.dst,
             sport=src.port,
-            dport=dst.port,
+            dport=src.dport,
             seq=seq,
             ack=src.rcv_nxt if flags & TCP_ACK else 0,
             flags=flags,
@@ -759,10 +930,10 @@ class _Hosts:
     def up(self) -> dict[str, Any]:
         """Keyword arguments of a client -> server frame."""
         self.client_id = (self.client_id + 1) & 0xFFFF
-        p = self.plan
+        up = self.plan.up
         return {
-            "src": p.client,
-            "dst": p.server,
+            "src": up.src,
+            "dst": up.dst,
             "src_mac": self.cmac,
             "dst_mac": GATEWAY_MAC,
             "ttl": 64,
@@ -771,10 +942,10 @@ class _Hosts:
         }
 
     def down(self, df: bool = True) -> dict[str, Any]:
-        p = self.plan
+        reply = self.plan.reply
         return {
-            "src": p.server,
-            "dst": p.client,
+            "src": reply.src,
+            "dst": reply.dst,
             "src_mac": GATEWAY_MAC,
             "dst_mac": self.cmac,
             "ttl": self.sttl,
@@ -790,16 +961,21 @@ def _udp_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emit
     t = plan.start_ns
     dns = plan.dport == 53
     name = f"host{plan.index}.example.com"
+    reply = plan.reply
     for qtype in (1, 28)[: plan.size]:
         txid = rng.getrandbits(16)
         query = _dns_query(txid, name, qtype) if dns else filler(rng.randint(20, 200), txid)
-        up = udp_frame(sport=plan.sport, dport=plan.dport, payload=query, **h.up())
+        sent = h.up()
+        up = udp_frame(sport=plan.sport, dport=plan.dport, payload=query, **sent)
         yield t, up, MARK_PLAIN
         t += plan.rtt_ns + rng.randint(100 * US, 5 * MS)
         if rng.random() < UNREACHABLE_SHARE:
             kind = ICMP_DEST_UNREACH if len(plan.client) == 4 else ICMPV6_DEST_UNREACH
             code = 3 if len(plan.client) == 4 else 4  # port unreachable
             d = h.down(df=False)
+            if plan.down is not None:  # the server refuses the query as it got it: translated
+                sent |= {"src": reply.dst, "dst": reply.src}
+                up = udp_frame(sport=reply.dport, dport=reply.sport, payload=query, **sent)
             err = icmp_error_frame(up, type=kind, code=code, ttl=d["ttl"], ip_id=d["ip_id"])
             yield t, err, MARK_PLAIN
             return
@@ -809,7 +985,7 @@ def _udp_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emit
             answer = filler(rng.randint(40, 1200), txid)
         yield (
             t,
-            udp_frame(sport=plan.dport, dport=plan.sport, payload=answer, **h.down()),
+            udp_frame(sport=reply.sport, dport=reply.dport, payload=answer, **h.down()),
             MARK_PLAIN,
         )
         t += rng.randint(20 * US, 2 * MS)
@@ -839,6 +1015,7 @@ def _stream_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[E
     lag = min(plan.rtt_ns // 2, interval // 2)  # the far end's packets, offset in phase
     up_len, down_len = rng.choice((172, 332, 1200)), rng.choice((172, 332, 1200))
     t = plan.start_ns
+    reply = plan.reply
     for i in range(max(1, plan.size // interval)):
         jitter = rng.randint(0, 200 * US)
         yield (
@@ -849,7 +1026,7 @@ def _stream_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[E
         yield (
             t + lag + jitter + rng.randint(0, 300 * US),
             udp_frame(
-                sport=plan.dport, dport=plan.sport, payload=filler(down_len, i * 11), **h.down()
+                sport=reply.sport, dport=reply.dport, payload=filler(down_len, i * 11), **h.down()
             ),
             MARK_PLAIN,
         )
@@ -868,9 +1045,11 @@ def _ping_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
         data = struct.pack("<qq", sent_us // 1_000_000, sent_us % 1_000_000) + bytes(
             range(0x10, 0x38)
         )
-        ident = plan.sport
-        req = icmp_echo_frame(ident=ident, seq=seq, payload=data, **h.up())
-        rep = icmp_echo_frame(ident=ident, seq=seq, reply=True, payload=data, **h.down(df=False))
+        req = icmp_echo_frame(ident=plan.sport, seq=seq, payload=data, **h.up())
+        # the reply carries the identifier as the server got it (NAT may move it)
+        rep = icmp_echo_frame(
+            ident=plan.reply.dport, seq=seq, reply=True, payload=data, **h.down(df=False)
+        )
         events.append((t, req, MARK_PLAIN))
         events.append((t + plan.rtt_ns + rng.randint(10 * US, 100 * US), rep, MARK_PLAIN))
         t += interval + rng.randint(0, 2 * MS)
@@ -879,16 +1058,25 @@ def _ping_flow(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
 
 
 def _syn_flood(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emit]:
-    """SYNs from random addresses of the client networks to one server port, never answered."""
-    v4 = [n for n in spec.clients if n.version == 4]
-    nets = (
-        v4
-        if v4 and any(n.version == 4 for n in spec.servers)
-        else [n for n in spec.clients if n.version == 6]
-    )
-    family = nets[0].version
-    target = next(n for n in spec.servers if n.version == family)
-    dst = _hosts(target, random.Random(spec.seed))[0]
+    """SYNs from random addresses of the client networks to one server port, never answered.
+
+    Against a gateway (`plan.server` set) they come from the outside networks instead and go
+    to its VIP, port forward or public address.
+    """
+    if plan.server:
+        family = 4 if len(plan.server) == 4 else 6
+        nets = [n for n in spec.servers if n.version == family]
+        dst = plan.server
+    else:
+        v4 = [n for n in spec.clients if n.version == 4]
+        nets = (
+            v4
+            if v4 and any(n.version == 4 for n in spec.servers)
+            else [n for n in spec.clients if n.version == 6]
+        )
+        family = nets[0].version
+        target = next(n for n in spec.servers if n.version == family)
+        dst = _hosts(target, random.Random(spec.seed))[0]
     # the burst lasts about 2% of the duration
     spacing = max(int(spec.duration_s * NS * 0.02 / spec.attack_count), 1 * US)
     mss = spec.mtu - (40 if family == 4 else 60)
@@ -916,8 +1104,12 @@ def _syn_flood(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
         t += rng.randint(spacing // 2, spacing * 3 // 2)
 
 
+def _flow_rng(spec: TraceSpec, plan: _Plan) -> random.Random:
+    return random.Random(f"{spec.seed}:{plan.index}")
+
+
 def _flow_packets(plan: _Plan, spec: TraceSpec) -> Iterator[Emit]:
-    rng = random.Random(f"{spec.seed}:{plan.index}")
+    rng = _flow_rng(spec, plan)
     if plan.kind in ("tcp", "elephant"):
         mark = MARK_ELEPHANT if plan.kind == "elephant" else MARK_PLAIN
         return _Tcp(plan, spec, rng, mark).packets()
@@ -947,6 +1139,7 @@ def generate(
     for p in plans:
         summary.flows[p.kind] = summary.flows.get(p.kind, 0) + 1
     summary.attacked_flows = sum(p.attacked for p in plans)
+    summary.ingress_flows = sum(p.ingress for p in plans)
     heap: list[tuple[int, int, bytes, int, Iterator[Emit]]] = []
     order = count()
     next_plan = 0

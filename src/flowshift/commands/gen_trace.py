@@ -9,24 +9,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flowshift.config import load_config
 from flowshift.gen import (
     ATTACKS,
     DEFAULT_SERVERS,
     NS,
     GenSummary,
-    IPNetwork,
     TraceSpec,
     generate,
     parse_networks,
     parse_ports,
 )
-
-
-def _config_clients(path: str) -> tuple[IPNetwork, ...]:
-    """The first machine's addresses in the host config at `path` (validated non-empty)."""
-    from flowshift.config import load_config  # imported here: only --config needs it
-
-    return load_config(path).machines[0].addresses
 
 
 @click.command("gen-trace")
@@ -119,6 +112,20 @@ def _config_clients(path: str) -> tuple[IPNetwork, ...]:
     help="Host config (TOML): clients default to its first machine's addresses.",
 )
 @click.option(
+    "--gateway-config",
+    "gateway_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Host config (TOML): write a capture of its first machine's gateway, with the "
+    "translations it makes (SNAT, LB, DNAT). Clients default to the machine's addresses.",
+)
+@click.option(
+    "--ingress-share",
+    type=float,
+    default=None,
+    help="With --gateway-config: share of the other flows opened from the outside to the "
+    "machine's VIPs and port forwards [default: 0.3 when it has any, else 0].",
+)
+@click.option(
     "--tcp-ports",
     default="80,8080",
     show_default=True,
@@ -158,6 +165,8 @@ def gen_trace(
     clients: str | None,
     servers: str | None,
     config_path: str | None,
+    gateway_path: str | None,
+    ingress_share: float | None,
     tcp_ports: str,
     udp_ports: str,
     stream_ports: str,
@@ -172,10 +181,13 @@ def gen_trace(
     packets in the trace.
     """
     try:
+        gateway = load_config(gateway_path) if gateway_path is not None else None
         if clients is not None:
             client_nets = parse_networks(clients)
+        elif gateway is not None:
+            client_nets = gateway.machines[0].addresses
         elif config_path is not None:
-            client_nets = _config_clients(config_path)
+            client_nets = load_config(config_path).machines[0].addresses
         else:
             client_nets = None
         spec = TraceSpec(
@@ -195,6 +207,8 @@ def gen_trace(
             stream_ports=parse_ports(stream_ports),
             mtu=mtu,
             vlan=vlan,
+            gateway=gateway,
+            ingress_share=ingress_share,
             **({"clients": client_nets} if client_nets is not None else {}),
         )
     except (ValueError, OSError) as e:
@@ -219,6 +233,9 @@ def gen_trace(
                 )
 
             summary = generate(spec, out, report)
+    except ValueError as e:  # a gateway that leaves a flow no free translated tuple
+        click.echo(f"Error: {e}", err=True)
+        ctx.exit(2)
     except OSError as e:
         click.echo(f"Error: cannot write {out}: {e.strerror}", err=True)
         ctx.exit(1)
@@ -241,4 +258,6 @@ def _summary_table(path: Path, s: GenSummary) -> Table:
     if s.attack_packets:
         attacked = f" on {s.attacked_flows:,} flows" if s.attacked_flows else ""
         table.add_row("attack", f"{s.attack_packets:,} packets{attacked}")
+    if s.ingress_flows:
+        table.add_row("ingress", f"{s.ingress_flows:,} flows from the outside")
     return table
