@@ -3,10 +3,10 @@
 Writes the embedded demo host config (flowshift/data/demo.toml), generates a gateway trace for
 it, replays the trace with the elephant offload policy and writes every output next to them.
 
-The trace merges two generated halves: the machines' own clients going out (elephants and mice,
-DNS, pings, a few media streams the firewall drops; IPv4 and some IPv6), and outside clients
-coming in to the web VIP (plus a SYN flood against it). Answers are then put in their wire
-form (WireView): to the SNAT address, from the LB backend.
+The trace merges two generated parts: a gateway capture of the `gw` machine (its clients going
+out through SNAT: elephants and mice, DNS, pings, a few media streams the firewall drops, IPv4
+and some IPv6; outside clients coming in to the web VIP, plus a SYN flood against it), and the
+`lab` machine's own clients going out.
 """
 
 from __future__ import annotations
@@ -23,30 +23,15 @@ import click
 from rich.console import Console
 
 from flowshift.config import ConfigError, HostConfig, load_config
-from flowshift.entry import Flow, Tier
-from flowshift.flow import FlowKey
 from flowshift.gen import TraceSpec, generate
-from flowshift.host import Classifier
-from flowshift.packet.parse import parse
 from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
-from flowshift.packet.rewrite import (
-    set_dport,
-    set_dst,
-    set_inner_dport,
-    set_inner_dst,
-    set_inner_sport,
-    set_inner_src,
-    set_sport,
-    set_src,
-)
-from flowshift.packet.view import LINKTYPE_ETHERNET, Packet, ParseError
+from flowshift.packet.view import LINKTYPE_ETHERNET
 from flowshift.replay import ReplayError, run_replay
 from flowshift.report import print_summary
-from flowshift.services.chain import Chain
 
 DURATION_S = 20.0
-OUTSIDE_CLIENTS = "203.0.113.0/24", "2001:db8:beef::/64"
-INSIDE_CLIENTS = "10.0.0.0/24", "10.0.2.0/24", "fd00::/64"
+GW_CLIENTS = "10.0.0.0/24", "fd00::/64"
+LAB_CLIENTS = ("10.0.2.0/24",)
 OUTPUTS = ("demo.toml", "demo.pcap", "out.pcap", "verdicts.csv", "report.json", "plot.png",
            "flows.txt")
 
@@ -60,19 +45,17 @@ def _nets(*texts: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, .
 
 
 def trace_specs(config: HostConfig, scale: float) -> tuple[TraceSpec, TraceSpec]:
-    """(the machines' clients going out, outside clients coming in to the VIPs)."""
-    vips = tuple(ipaddress.ip_network(ipaddress.ip_address(p.vip))
-                 for m in config.machines for p in m.lb)
-    outgoing = TraceSpec(
-        flows=max(int(750 * scale), 20), elephants=max(round(2 * scale), 1),
+    """(a gateway capture of the first machine, the second machine's clients going out)."""
+    gateway = TraceSpec(
+        flows=max(int(900 * scale), 20), elephants=max(round(2 * scale), 1),
         duration_s=DURATION_S, seed=1, udp_share=0.2, icmp_share=0.04, ipv6_share=0.15,
-        clients=_nets(*INSIDE_CLIENTS), tcp_ports=(80, 443, 8080))
-    incoming = TraceSpec(
-        flows=max(int(200 * scale), 10), elephants=1, elephant_share=0.5,
-        duration_s=DURATION_S, seed=2, udp_share=0.0, icmp_share=0.0, ipv6_share=0.25,
-        clients=_nets(*OUTSIDE_CLIENTS), servers=vips, tcp_ports=(80,), attack="syn-flood",
-        attack_flows=max(int(150 * scale), 10))
-    return outgoing, incoming
+        clients=_nets(*GW_CLIENTS), tcp_ports=(80, 443, 8080), gateway=config,
+        ingress_share=0.2, attack="syn-flood", attack_flows=max(int(150 * scale), 10))
+    lab = TraceSpec(
+        flows=max(int(150 * scale), 10), elephants=1, elephant_share=0.5,
+        duration_s=DURATION_S, seed=2, udp_share=0.1, icmp_share=0.02, ipv6_share=0.0,
+        clients=_nets(*LAB_CLIENTS), tcp_ports=(443,))
+    return gateway, lab
 
 
 def _frames(path: Path) -> Iterator[tuple[int, bytes, int]]:
@@ -81,83 +64,17 @@ def _frames(path: Path) -> Iterator[tuple[int, bytes, int]]:
             yield f.ts_ns, f.data, f.wire_len
 
 
-class WireView:
-    """Puts generated answers into the form they have on the wire outside a NAT/LB host.
-
-    The generator answers each packet as it was sent: to the client's inside address, from the
-    VIP. On the wire, the answer goes to the SNAT address and port the host chose, and comes
-    from the backend its LB chose: the reverse of the flow's `xlat`. Those choices depend on
-    the host's state, so this pass runs the machines' chains (the reference engine, as the
-    replay does before any offload) over the trace and rewrites each answer from its flow.
-    """
-
-    def __init__(self, config: HostConfig) -> None:
-        self.classifier = Classifier(config.machines)
-        self.chains = [Chain(m, i, Tier.MACHINE) for i, m in enumerate(config.machines)]
-        self.now = 0
-
-    def _flow(self, key: FlowKey) -> Flow | None:
-        """The flow whose original key is `key` in any machine's zone."""
-        for chain in self.chains:
-            hit = chain.flows.get(key._replace(zone=chain.index))
-            if hit is not None and hit[1] == 0 and hit[0].expires > self.now:
-                return hit[0]
-        return None
-
-    def frame(self, ts: int, data: bytes, wire_len: int) -> bytes:
-        self.now = ts
-        pkt = parse(bytearray(data), LINKTYPE_ETHERNET, wire_len)
-        if pkt.error != ParseError.OK:
-            return data
-        inner = pkt.inner
-        if inner is None:
-            flow = self._flow(pkt.key().reversed())
-            if flow is not None and flow.key != flow.xlat:  # an answer: from reverse(xlat)
-                x = flow.xlat
-                _set(pkt, x.dst, x.src, x.dport, x.sport)
-        elif inner.error == ParseError.OK:
-            flow = self._flow(inner.key())
-            if flow is not None and flow.key != flow.xlat:  # an ICMP error about a query
-                k, x = flow.key, flow.xlat
-                if k.src != x.src:  # SNAT: the error goes to the NAT address
-                    set_dst(pkt, x.src)
-                if k.dst != x.dst:  # LB: the error comes from the backend
-                    set_src(pkt, x.dst)
-                _set(inner, x.src, x.dst, x.sport, x.dport, pkt)
-        wire = bytes(pkt.data)
-        m, direction = self.classifier.classify(pkt)
-        if m >= 0:
-            self.chains[m].process(pkt, direction, ts)  # the state the next answer needs
-        return wire
-
-
-def _set(view: Packet, src: bytes, dst: bytes, sport: int, dport: int,
-         outer: Packet | None = None) -> None:
-    """Rewrite a packet's (or, with `outer`, its quoted datagram's) tuple, checksums kept."""
-    if outer is None:
-        setters = (set_src, set_dst, set_sport, set_dport)
-        pkt = view
-    else:
-        setters = (set_inner_src, set_inner_dst, set_inner_sport, set_inner_dport)
-        pkt = outer
-    for setter, old, new in zip(setters, (view.src, view.dst, view.sport, view.dport),
-                                (src, dst, sport, dport), strict=True):
-        if old != new:
-            setter(pkt, new)
-
-
 def build_trace(path: Path, config: HostConfig, scale: float = 1.0) -> int:
     """Write the demo trace for `config` to `path`; returns its packet count."""
-    outgoing, incoming = trace_specs(config, scale)
-    wire = WireView(config)
+    specs = trace_specs(config, scale)
     with tempfile.TemporaryDirectory(prefix="flowshift-demo-") as tmp:
-        a, b = Path(tmp) / "outgoing.pcap", Path(tmp) / "incoming.pcap"
-        generate(outgoing, a)
-        generate(incoming, b)
+        parts = [Path(tmp) / f"part{i}.pcap" for i in range(len(specs))]
+        for spec, part in zip(specs, parts, strict=True):
+            generate(spec, part)
         n = 0
         with PcapWriter(path, linktype=LINKTYPE_ETHERNET) as out:
-            for ts, data, wire_len in heapq.merge(_frames(a), _frames(b), key=lambda f: f[0]):
-                out.write(ts, wire.frame(ts, data, wire_len), wire_len)
+            for ts, data, wire_len in heapq.merge(*map(_frames, parts), key=lambda f: f[0]):
+                out.write(ts, data, wire_len)
                 n += 1
     return n
 
