@@ -12,6 +12,7 @@ from rich.console import Console
 
 from flowshift.entry import Flow, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.host import HostStats
 from flowshift.replay import seconds_text
 from flowshift.report import (
     HIST_MAX_BINS,
@@ -101,8 +102,8 @@ def test_coarsen_keeps_every_packet() -> None:
     assert tally.rate[(0, "pnic")] == 2
 
 
-def fake_stats() -> SimpleNamespace:
-    return SimpleNamespace(
+def fake_stats() -> HostStats:
+    return HostStats(
         offloads_to_vnic=1, offloads_to_pnic=3, refused={"full": 2}, returned={"closed": 3},
         flows_total=4, peak_first_cache=4, peak_second_cache=2,
         events=[(0, "offload", ""), (5, "return", ""), (6, "offload", "")], occupancy=[])

@@ -128,6 +128,10 @@ _decoder = msgspec.msgpack.Decoder(Message)
 class ChannelError(ValueError):
     """A frame that was rejected: its reason is logged and counted; no state changed."""
 
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason  # short-frame | version | checksum | undecodable
+
 
 def encode(msg: Msg) -> bytes:
     body = _encoder.encode(msg)
@@ -136,17 +140,17 @@ def encode(msg: Msg) -> bytes:
 
 def decode(frame: bytes) -> Msg:
     if len(frame) < _HEADER.size:
-        raise ChannelError(f"short frame ({len(frame)} bytes)")
+        raise ChannelError("short-frame", f"{len(frame)} bytes")
     version, crc = _HEADER.unpack_from(frame)
     body = memoryview(frame)[_HEADER.size:]
     if version != VERSION:
-        raise ChannelError(f"version {version}, expected {VERSION}")
+        raise ChannelError("version", f"{version}, expected {VERSION}")
     if zlib.crc32(body) != crc:
-        raise ChannelError("checksum mismatch")
+        raise ChannelError("checksum", "crc32 of the body differs")
     try:
         return _decoder.decode(body)
     except msgspec.DecodeError as exc:
-        raise ChannelError(f"undecodable body: {exc}") from None
+        raise ChannelError("undecodable", str(exc)) from None
 
 
 class Endpoint:
@@ -172,10 +176,13 @@ class Endpoint:
             try:
                 return decode(frame)
             except ChannelError as exc:
-                reason = str(exc).split(" (")[0].split(":")[0]
-                self.rejected[reason] = self.rejected.get(reason, 0) + 1
-                log.warning("channel: rejected frame: %s", exc)
+                count_rejected(self.rejected, exc)
         return None
+
+
+def count_rejected(rejected: dict[str, int], exc: ChannelError) -> None:
+    rejected[exc.reason] = rejected.get(exc.reason, 0) + 1
+    log.warning("channel: rejected frame: %s", exc)
 
 
 def pair() -> tuple[Endpoint, Endpoint]:

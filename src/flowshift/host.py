@@ -161,6 +161,7 @@ class Host:
         # VNIC-side offload bookkeeping, by the flow's original key
         self.pnic_healthy = True
         self.pnic_flows = 0  # entries the PNIC holds or is being sent
+        self.pnic_owned: dict[FlowKey, Flow] = {}  # the VNIC's shadows of PNIC-owned flows
         self.transit: dict[int, FlowKey] = {}  # offload/recall seq -> flow
         self.in_transit: set[FlowKey] = set()
         self.held: dict[FlowKey, deque[_Pending]] = {}
@@ -321,7 +322,7 @@ class Host:
             reason = "unsupported-service"
         elif self.pnic_flows >= self.config.pnic.capacity:
             reason = "full"
-            self._make_room(vnic, flow)
+            self._make_room(flow)
         if reason is not None:
             self._refused(fkey, total, reason)
             return
@@ -337,12 +338,11 @@ class Host:
         self.backoff[fkey] = max(2 * total, total + 1)
         self.stats.events.append((self.now, "refuse", reason))
 
-    def _make_room(self, vnic: VnicChain, candidate: Flow) -> None:
+    def _make_room(self, candidate: Flow) -> None:
         """Take back the least recently used PNIC flow if it sat idle for the candidate's life."""
         lru = None
-        for flow in vnic.flows:
-            if flow.owner == Tier.PNIC and flow.key not in self.in_transit and \
-                    (lru is None or flow.last_seen < lru.last_seen):
+        for flow in self.pnic_owned.values():
+            if flow.key not in self.in_transit and (lru is None or flow.last_seen < lru.last_seen):
                 lru = flow
         if lru is not None and lru.last_seen < candidate.created:
             self.seq += 1
@@ -421,6 +421,7 @@ class Host:
             hit = vnic.flows.get(fkey)
             assert hit is not None
             hit[0].owner = Tier.PNIC
+            self.pnic_owned[fkey] = hit[0]
             self.stats.offloads_to_pnic += 1
             self.stats.events.append((self.now, "offload", str(fkey)))
             self._release(fkey)
@@ -449,17 +450,16 @@ class Host:
 
     def _shadow(self, reported: Flow) -> None:
         """Refresh the VNIC's shadow of a PNIC-owned flow from a report."""
-        vnic = self._vnic_of(reported.key)
-        hit = vnic.flows.get(reported.key)
-        if hit is None or hit[0].owner != Tier.PNIC:
+        shadow = self.pnic_owned.get(reported.key)
+        if shadow is None:
             return
-        shadow = hit[0]
         shadow.tcp, shadow.status = reported.tcp, reported.status
         shadow.packets, shadow.bytes = reported.packets, reported.bytes
         shadow.last_seen, shadow.expires = reported.last_seen, reported.expires
 
     def _on_return(self, flow: Flow, reason: str) -> None:
         fkey = flow.key
+        self.pnic_owned.pop(fkey, None)
         vnic = self._vnic_of(fkey)
         old = vnic.flows.get(fkey)
         if old is not None:
@@ -490,7 +490,8 @@ class Host:
                 # the PNIC gave the flow back before this packet: the VNIC runs it
                 self._vnic_process(item, self._vnic_of(fkey))
             else:
-                item.pkt.data[:] = msg.data[i] if msg.data[i] else item.pkt.data
+                if msg.data[i]:
+                    item.pkt.data[:] = msg.data[i]
                 self._finish(item.index, item.ts, self.names[item.machine],
                              "egress" if item.direction == EGRESS else "ingress",
                              Verdict(verdict), reason_text(Reason(msg.reason[i])), "pnic",
@@ -537,17 +538,13 @@ class Host:
         self.stats.events.append((now, "crash", ""))
         self.pnic_healthy = False
         self.link.close()
-        for vnic in self.vnics:
-            if vnic is None:
-                continue
-            for flow in list(vnic.flows):
-                if flow.owner != Tier.PNIC:
-                    continue
-                resume(flow, now)
-                flow.owner = Tier.VNIC
-                self.pnic_flows -= 1
-                self.stats.returned["crash"] = self.stats.returned.get("crash", 0) + 1
-                self._release(flow.key)
+        owned, self.pnic_owned = self.pnic_owned, {}
+        for flow in owned.values():
+            resume(flow, now)
+            flow.owner = Tier.VNIC
+            self.pnic_flows -= 1
+            self.stats.returned["crash"] = self.stats.returned.get("crash", 0) + 1
+            self._release(flow.key)
 
     # -- end, dumps --------------------------------------------------------------------------
 
@@ -559,6 +556,7 @@ class Host:
                 self._release(fkey)
         for fkey in list(self.held):
             self._release(fkey)
+        self.stats.rejected_messages = dict(self.link.rejected)
         self._peaks()
 
     def close(self) -> None:

@@ -129,6 +129,8 @@ def build_report(
             "to_pnic": stats.offloads_to_pnic,
             "refused": _sorted_counts(dict(stats.refused)),
             "returned": _sorted_counts(dict(stats.returned)),
+            "held_packets": stats.held_packets,
+            "rejected_messages": _sorted_counts(dict(stats.rejected_messages)),
         },
         "flows": {
             "total": stats.flows_total,

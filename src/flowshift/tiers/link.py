@@ -24,6 +24,8 @@ log = logging.getLogger("flowshift.link")
 
 
 class PnicLink(Protocol):
+    rejected: dict[str, int]  # frames from the PNIC rejected at the VNIC, by reason
+
     def send(self, msg: ch.Msg) -> None: ...
     def receive(self, block: bool = False) -> ch.Msg | None: ...
     def close(self) -> None: ...
@@ -41,6 +43,10 @@ class InlineLink:
 
     def receive(self, block: bool = False) -> ch.Msg | None:
         return self.vnic_end.receive()
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return self.vnic_end.rejected
 
     def close(self) -> None:
         self.vnic_end.inbox.clear()
@@ -102,9 +108,7 @@ class ProcessLink:
             try:
                 return ch.decode(frame)
             except ch.ChannelError as exc:
-                reason = str(exc).split(":")[0]
-                self.rejected[reason] = self.rejected.get(reason, 0) + 1
-                log.warning("vnic: rejected frame: %s", exc)
+                ch.count_rejected(self.rejected, exc)
 
     def close(self) -> None:
         if self.proc.is_alive():
