@@ -24,28 +24,17 @@ from flowshift.flow import FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
+from flowshift.results import PARSE_BASE, BatchResults, PacketResult, reason_label
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import EGRESS, INGRESS, Chain, Outcome
 from flowshift.services.conntrack import ICMP_TIMEOUT, SECOND, UDP_TIMEOUT_REPLIED
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.pnic import PUNT
-from flowshift.verdict import Reason, Verdict, reason_text
+from flowshift.verdict import Reason, Verdict
 
 _TIER_NAMES = ("machine", "vnic", "pnic")
+_DIRECTIONS = ("egress", "ingress")
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
-
-
-@dataclass(slots=True)
-class PacketResult:
-    index: int
-    ts_ns: int
-    machine: str
-    direction: str  # "egress" | "ingress" | ""
-    verdict: Verdict
-    reason: str
-    tier: str  # "machine" | "vnic" | "pnic" | "" (bypass, unparsed)
-    data: bytes | None  # the packet as it leaves the host; None when not forwarded
-    wire_len: int
 
 
 @dataclass(slots=True)
@@ -178,6 +167,7 @@ class Host:
         # results, released in input order
         self.done: dict[int, PacketResult] = {}
         self.next_out = 0
+        self.current: BatchResults | None = None  # the batch process_batch is filling
         for i, m in enumerate(config.machines):
             if m.start == "vnic":
                 self.handoff(i, 0)
@@ -190,15 +180,13 @@ class Host:
         pkt = parse(bytearray(data), linktype, wire_len)
         err = pkt.error
         if err != ParseError.OK and err != ParseError.UNSUPPORTED_PROTOCOL:
-            if err in _BYPASS_PARSE:
-                self._finish(index, ts_ns, "", "", Verdict.BYPASS, err.label, "", pkt, wire_len)
-            else:
-                self._finish(index, ts_ns, "", "", Verdict.UNPARSED, err.label, "", None,
-                             wire_len)
+            verdict = Verdict.BYPASS if err in _BYPASS_PARSE else Verdict.UNPARSED
+            self._finish(index, ts_ns, -1, -1, verdict, PARSE_BASE + err, -1, -1,
+                         pkt if verdict == Verdict.BYPASS else None, wire_len)
             return
         m, direction = self.classifier.classify(pkt)
         if m < 0:
-            self._finish(index, ts_ns, "", "", Verdict.BYPASS, Reason.NO_MACHINE.label, "", pkt,
+            self._finish(index, ts_ns, -1, -1, Verdict.BYPASS, Reason.NO_MACHINE, -1, -1, pkt,
                          wire_len)
             return
         item = _Pending(index, ts_ns, pkt, m, direction, None)  # type: ignore[arg-type]
@@ -214,6 +202,26 @@ class Host:
         else:
             self._steer(item, vnic)
         self._pump()
+
+    def process_batch(self, res: BatchResults) -> BatchResults:
+        """Decide every packet of a batch; its arrays are filled and its buffer rewritten.
+
+        The batch is settled before this returns: nothing of it stays held or in flight.
+        """
+        self.settle()
+        self.current = res
+        try:
+            buf, offset, caplen = res.buf, res.offset, res.caplen
+            wire_len, linktype, ts = res.wire_len, res.linktype, res.ts
+            base = res.index0
+            for i in range(len(res)):
+                start = int(offset[i])
+                self.process(base + i, int(ts[i]), buf[start:start + int(caplen[i])].tobytes(),
+                             int(linktype[i]), int(wire_len[i]))
+            self.settle()
+        finally:
+            self.current = None
+        return res
 
     def _steer(self, item: _Pending, vnic: VnicChain) -> None:
         pkt = item.pkt
@@ -258,19 +266,27 @@ class Host:
     def _record(self, item: _Pending, out: Outcome, tier: Tier) -> None:
         if out.created:
             self.stats.flows_total += 1
-        self._finish(item.index, item.ts, self.names[item.machine],
-                     "egress" if item.direction == EGRESS else "ingress", out.verdict,
-                     reason_text(out.reason, out.rule), _TIER_NAMES[tier],
-                     item.pkt if out.verdict == Verdict.FORWARD else None, item.pkt.wire_len)
+        self._finish(item.index, item.ts, item.machine, item.direction, out.verdict, out.reason,
+                     out.rule, tier, item.pkt if out.verdict == Verdict.FORWARD else None,
+                     item.pkt.wire_len)
 
-    def _finish(self, index: int, ts: int, machine: str, direction: str, verdict: Verdict,
-                reason: str, tier: str, pkt: Packet | None, wire_len: int) -> None:
-        if tier:
-            self.stats.tier_packets[tier] += 1
-            self.stats.tier_bytes[tier] += wire_len
-        data = bytes(pkt.data) if pkt is not None else None
-        self.done[index] = PacketResult(index, ts, machine, direction, verdict, reason, tier,
-                                        data, wire_len)
+    def _finish(self, index: int, ts: int, machine: int, direction: int, verdict: int,
+                reason: int, rule: int, tier: int, pkt: Packet | None, wire_len: int) -> None:
+        if tier >= 0:
+            name = _TIER_NAMES[tier]
+            self.stats.tier_packets[name] += 1
+            self.stats.tier_bytes[name] += wire_len
+        data = pkt.data if pkt is not None else None
+        cur = self.current
+        if cur is not None and 0 <= index - cur.index0 < len(cur):
+            cur.set(index - cur.index0, verdict, reason, rule, tier, machine, direction,
+                    None if verdict == Verdict.BYPASS else data)
+            return
+        self.done[index] = PacketResult(
+            index, ts, self.names[machine] if machine >= 0 else "",
+            _DIRECTIONS[direction] if direction >= 0 else "", Verdict(verdict),
+            reason_label(reason, rule), _TIER_NAMES[tier] if tier >= 0 else "",
+            bytes(data) if data is not None else None, wire_len)
 
     def results(self) -> Iterator[PacketResult]:
         """Finished results, in input order (a held packet delays the ones after it)."""
@@ -492,9 +508,8 @@ class Host:
             else:
                 if msg.data[i]:
                     item.pkt.data[:] = msg.data[i]
-                self._finish(item.index, item.ts, self.names[item.machine],
-                             "egress" if item.direction == EGRESS else "ingress",
-                             Verdict(verdict), reason_text(Reason(msg.reason[i])), "pnic",
+                self._finish(item.index, item.ts, item.machine, item.direction, verdict,
+                             msg.reason[i], -1, Tier.PNIC,
                              item.pkt if verdict == Verdict.FORWARD else None,
                              item.pkt.wire_len)
             if not left:
@@ -548,14 +563,18 @@ class Host:
 
     # -- end, dumps --------------------------------------------------------------------------
 
-    def finish(self) -> None:
-        """End of input: settle every packet still held, batched or at the PNIC."""
+    def settle(self) -> None:
+        """Finish every packet still held, batched or at the PNIC."""
         while self.pnic_healthy and (self.dirty or self.batch or self.held):
             self.sync(self.now)  # answers may release held packets into a new batch
             for fkey in list(self.held):
                 self._release(fkey)
         for fkey in list(self.held):
             self._release(fkey)
+
+    def finish(self) -> None:
+        """End of input."""
+        self.settle()
         self.stats.rejected_messages = dict(self.link.rejected)
         self._peaks()
 

@@ -1,24 +1,24 @@
 """The replay runtime: one trace through one emulated host, and the files that tell the result.
 
-Per packet the loop only hands the frame to the host, takes the results the host has finished
-(in input order) and writes them: the output trace, the verdicts file and the counters of the
-report (report.Tally). Scheduled PNIC actions (crash, withdraw) and the flow dump fire just
-before the first packet at or after their time. Everything else (the report, the plot, the
+The trace is read in batches (packet/batch.py); the host decides a whole batch at once into
+arrays (results.BatchResults, its buffer rewritten in place), and the loop counts and writes
+them with numpy: the output trace, the verdicts file and the counters of the report
+(report.Tally). Scheduled PNIC actions (crash, withdraw) and the flow dump fire just before the
+first packet at or after their time (a batch is split there). Everything else (the report, the plot, the
 summary) is built once at the end from the counters, so memory stays flat whatever the trace.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import replace
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -26,14 +26,16 @@ from flowshift import __version__
 from flowshift.config import HostConfig, load_config, to_dict
 from flowshift.host import Host
 from flowshift.offload import POLICIES
-from flowshift.packet.pcap import Frame, PcapWriter, open_trace, trace_linktype_name
+from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.pcap import PcapWriter, open_trace, trace_linktype_name
 from flowshift.report import HIST_MAX_BINS, NS, Tally, build_report, flow_dump
+from flowshift.results import DIRECTION_LABELS, TIER_LABELS, BatchResults, reason_label
 from flowshift.verdict import Verdict
 
 VERDICTS_HEADER = ("index", "time", "machine", "direction", "verdict", "reason", "tier",
                    "out_index")
 PNIC_MODES = ("inline", "process")
-PROGRESS_EVERY = 4096  # packets between progress-bar updates
+BATCH = 65536  # packets read and decided at a time
 # Scheduled actions at the same time run in this order: the dump sees the state before the
 # PNIC changes.
 ACTIONS = ("dump", "withdraw", "crash")
@@ -143,9 +145,9 @@ def run_replay(
 
     started = time.perf_counter()
     with ExitStack() as stack:
-        reader = stack.enter_context(open_trace(trace))
-        frames: Iterator[Frame] = iter(reader)
-        first = next(frames, None)
+        with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
+            fmt, size = reader.format, reader.size
+            first = next(iter(reader), None)
         # classic pcap holds one link type; the output takes the input's (the first frame's
         # for pcapng, whose interfaces may differ: docs/replay.md)
         linktype = first.linktype if first is not None else (
@@ -158,17 +160,13 @@ def run_replay(
             except OSError as e:
                 raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
         if verdicts is not None:
-            vfile = stack.enter_context(_opener(verdicts, "verdicts"))
-            run.rows = csv.writer(vfile, lineterminator="\n")
-            run.rows.writerow(VERDICTS_HEADER)
-        if first is not None:
-            frames = chain((first,), frames)
-        bar = _progress(progress, reader.size, os.path.basename(os.fspath(trace)))
+            run.rows = stack.enter_context(_opener(verdicts, "verdicts"))
+            run.rows.write(",".join(VERDICTS_HEADER) + "\n")
+        bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
         if bar is not None:
             stack.enter_context(bar[0])
-        fired = run.replay(frames, schedule, dump_path, bar, reader)
+        fired = run.replay(read_batches(trace, BATCH), schedule, dump_path, bar)
         run.host.finish()
-        run.drain()
         for t, action in schedule[len(fired):]:  # past the end of the trace
             entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS,
                      "before_index": None}
@@ -180,12 +178,12 @@ def run_replay(
         wall = time.perf_counter() - started
         trace_info = {
             "path": os.fspath(trace),
-            "format": reader.format,
-            "linktypes": sorted(trace_linktype_name(lt) for lt in reader.linktypes),
+            "format": fmt,
+            "linktypes": sorted(trace_linktype_name(lt) for lt in run.linktypes),
             "packets": run.n,
             "first_ts": run.first_ts / NS if run.n else None,
             "duration": (run.last_ts - run.first_ts) / NS if run.n else 0.0,
-            "problem": reader.problem,
+            "problem": run.problem,
         }
     result = build_report(
         run.tally, run.host.stats, version=__version__, trace=trace_info, options=options,
@@ -226,101 +224,135 @@ class _Run:
 
     def __init__(self, cfg: HostConfig, pnic: str, first_ts: int, linktype: int) -> None:
         self.host = Host(cfg, pnic=pnic)
+        self.names = [m.name for m in cfg.machines]
         self.first_ts = first_ts
         self.last_ts = first_ts
         self.linktype = linktype
+        self.linktypes: set[int] = set()
+        self.problem: str | None = None
         self.writer: PcapWriter | None = None
-        self.rows: Any = None  # csv writer
+        self.rows: Any = None  # the verdicts file
         self.tally = Tally()
         self.n = 0
-        self.foreign: dict[int, int] = {}  # index -> link type, for frames unlike the first
         self.linktype_mismatch = 0
+        self.labels: dict[int, tuple[Any, ...]] = {}  # result code -> its text fields
 
-    def replay(self, frames: Iterator[Frame], schedule: list[tuple[float, str]],
+    def replay(self, batches: Iterator[Batch], schedule: list[tuple[float, str]],
                dump_path: str | os.PathLike[str] | None,
-               bar: tuple[Progress, Any] | None, reader: Any) -> list[dict[str, Any]]:
-        """The hot loop. Returns the scheduled actions that fired."""
+               bar: tuple[Progress, Any] | None) -> list[dict[str, Any]]:
+        """The loop, a batch at a time. Returns the scheduled actions that fired."""
         host = self.host
-        process = host.process
-        drain = self.drain
-        linktype = self.linktype
-        foreign = self.foreign
         pending = [(self.first_ts + round(t * NS), t, a) for t, a in schedule]
-        next_at = pending[0][0] if pending else None
         fired: list[dict[str, Any]] = []
         latest = self.first_ts
-        i = -1
-        for i, f in enumerate(frames):
-            ts = f.ts_ns
-            if next_at is not None and ts >= next_at:
-                while pending and ts >= pending[0][0]:
-                    at_ns, t, action = pending.pop(0)
-                    now = max(at_ns, latest)  # the host's clock never goes back
-                    if action == "dump":
-                        self.dump(dump_path, now)
-                    elif action == "withdraw":
-                        host.withdraw_pnic(now)
-                    else:
-                        host.crash_pnic(now)
-                    fired.append({"action": action, "at": t, "time": (now - self.first_ts) / NS,
-                                  "before_index": i})
-                next_at = pending[0][0] if pending else None
-            if ts > latest:
-                latest = ts
-            if f.linktype != linktype:
-                foreign[i] = f.linktype
-            process(i, ts, f.data, f.linktype, f.wire_len)
-            drain()
-            if bar is not None and i % PROGRESS_EVERY == 0:
-                bar[0].update(bar[1], completed=reader.position, packets=i)
-        self.n = i + 1
+        done_bytes = 0
+        for batch in batches:
+            n = len(batch)
+            self.problem = batch.problem
+            if n == 0:
+                continue
+            self.linktypes.update(int(x) for x in np.unique(batch.linktype))
+            start = 0
+            while start < n:
+                stop = n
+                if pending:
+                    # actions fire just before the first packet at or after their time
+                    due = np.flatnonzero(batch.ts_ns[start:] >= pending[0][0])
+                    if len(due) and due[0] == 0:
+                        now = max(pending[0][0], latest)  # the host's clock never goes back
+                        while pending and int(batch.ts_ns[start]) >= pending[0][0]:
+                            _, t, action = pending.pop(0)
+                            if action == "dump":
+                                self.dump(dump_path, now)
+                            elif action == "withdraw":
+                                host.withdraw_pnic(now)
+                            else:
+                                host.crash_pnic(now)
+                            fired.append({"action": action, "at": t,
+                                          "time": (now - self.first_ts) / NS,
+                                          "before_index": self.n})
+                        continue
+                    if len(due):
+                        stop = start + int(due[0])
+                res = BatchResults.over(self.n, batch.buf, batch.offset[start:stop],
+                                        batch.caplen[start:stop], batch.wire_len[start:stop],
+                                        batch.linktype[start:stop], batch.ts_ns[start:stop])
+                host.process_batch(res)
+                self.drain(res)
+                latest = max(latest, int(res.ts.max()))
+                self.n += stop - start
+                start = stop
+            done_bytes += len(batch.buf) + 16 * n
+            if bar is not None:
+                bar[0].update(bar[1], completed=done_bytes, packets=self.n)
         self.last_ts = latest
         return fired
 
-    def drain(self) -> None:
-        """Write the results the host has finished: output packet, verdict row, counters."""
+    def _label(self, code: int) -> tuple[Any, ...]:
+        """(verdict, reason, tier, machine, direction) texts of a packed result code."""
+        hit = self.labels.get(code)
+        if hit is None:
+            verdict, reason, rule, tier, machine, direction = _unpack(code)
+            hit = (Verdict(verdict), reason_label(reason, rule),
+                   TIER_LABELS[tier] if tier >= 0 else "",
+                   self.names[machine] if machine >= 0 else "",
+                   DIRECTION_LABELS[direction] if direction >= 0 else "")
+            self.labels[code] = hit
+        return hit
+
+    def drain(self, res: BatchResults) -> None:
+        """Count a finished batch and write its outputs (packets, verdict rows), vectorized."""
         tally = self.tally
-        counts = tally.counts
-        rate = tally.rate
-        writer = self.writer
-        rows = self.rows
-        first = self.first_ts
-        bin_ns = tally.bin_ns
-        for r in self.host.results():
-            ts = r.ts_ns
-            key = (r.verdict, r.reason, r.tier, r.machine, r.direction)
-            c = counts.get(key)
-            if c is None:
-                counts[key] = [1, r.wire_len]
-            else:
-                c[0] += 1
-                c[1] += r.wire_len
-            if r.tier:
-                b = (ts - first) // bin_ns
-                if b >= HIST_MAX_BINS:
-                    while b >= HIST_MAX_BINS:
-                        tally.coarsen()
-                        bin_ns = tally.bin_ns
-                        b = (ts - first) // bin_ns
-                    rate = tally.rate
-                elif b < 0:  # out-of-order timestamps before the first packet
-                    b = 0
-                k = (b, r.tier)
-                rate[k] = rate.get(k, 0) + 1
-            foreign = bool(self.foreign) and self.foreign.pop(r.index, None) is not None
-            out_index: int | str = ""
-            if r.data is not None:
-                out_index = tally.out_packets
-                tally.out_packets += 1
-                if writer is not None:
-                    try:
-                        writer.write(ts, r.data, r.wire_len)
-                    except ValueError as e:
-                        raise ReplayError(f"--out: packet {r.index}: {e}") from None
-                self.linktype_mismatch += foreign
-            if rows is not None:
-                rows.writerow((r.index, seconds_text(ts - first), r.machine, r.direction,
-                               LABELS[r.verdict], r.reason, r.tier, out_index))
+        codes = _pack(res)
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        packets = np.bincount(inverse, minlength=len(uniq))
+        octets = np.bincount(inverse, weights=res.wire_len, minlength=len(uniq))
+        for code, p, b in zip(uniq.tolist(), packets.tolist(), octets.tolist(), strict=True):
+            key = self._label(code)
+            c = tally.counts.setdefault(key, [0, 0])
+            c[0] += p
+            c[1] += int(b)
+        self._rates(res)
+        leaving = res.leaving
+        sent = np.flatnonzero(leaving)
+        out_base = tally.out_packets
+        tally.out_packets += len(sent)
+        self.linktype_mismatch += int(np.count_nonzero(res.linktype[sent] != self.linktype))
+        if self.writer is not None:
+            try:
+                self.writer.write_batch(res.ts[sent], res.buf, res.offset[sent],
+                                        res.caplen[sent], res.wire_len[sent])
+            except ValueError as e:
+                raise ReplayError(f"--out: {e}") from None
+        if self.rows is not None:
+            out_index = np.cumsum(leaving) - 1 + out_base
+            label = self._label
+            first = self.first_ts
+            lines = []
+            for i, (code, ts, gone) in enumerate(zip(codes.tolist(), res.ts.tolist(),
+                                                     leaving.tolist(), strict=True)):
+                verdict, reason, tier, machine, direction = label(code)
+                lines.append(f"{res.index0 + i},{seconds_text(ts - first)},{machine},"
+                             f"{direction},{LABELS[verdict]},{reason},{tier},"
+                             f"{out_index[i] if gone else ''}\n")
+            self.rows.write("".join(lines))
+
+    def _rates(self, res: BatchResults) -> None:
+        """Packets per (time bin, tier) for the plot."""
+        tally = self.tally
+        tiered = res.tier >= 0
+        if not tiered.any():
+            return
+        rel = np.maximum(res.ts[tiered] - self.first_ts, 0)
+        while int(rel.max()) // tally.bin_ns >= HIST_MAX_BINS:
+            tally.coarsen()
+        bins = rel // tally.bin_ns
+        tiers = res.tier[tiered]
+        for t, name in enumerate(TIER_LABELS):
+            counts = np.bincount(bins[tiers == t])
+            for b in np.flatnonzero(counts).tolist():
+                k = (b, name)
+                tally.rate[k] = tally.rate.get(k, 0) + int(counts[b])
 
     def dump(self, path: str | os.PathLike[str] | None, now: int) -> None:
         assert path is not None
@@ -329,3 +361,18 @@ class _Run:
             Path(path).write_text(text, encoding="utf-8")
         except OSError as e:
             raise ReplayError(f"--dump-flows {path}: cannot write ({e.strerror})") from None
+
+
+def _pack(res: BatchResults) -> np.ndarray:
+    """One int64 per packet holding everything the counters group by."""
+    return ((res.verdict.astype(np.int64) + 1)
+            | (res.reason.astype(np.int64) << 4)
+            | ((res.rule.astype(np.int64) + 1) << 16)
+            | ((res.tier.astype(np.int64) + 1) << 32)
+            | ((res.machine.astype(np.int64) + 1) << 36)
+            | ((res.direction.astype(np.int64) + 1) << 52))
+
+
+def _unpack(code: int) -> tuple[int, int, int, int, int, int]:
+    return ((code & 0xF) - 1, (code >> 4) & 0xFFF, ((code >> 16) & 0xFFFF) - 1,
+            ((code >> 32) & 0xF) - 1, ((code >> 36) & 0xFFFF) - 1, ((code >> 52) & 0xF) - 1)

@@ -159,6 +159,30 @@ def _gather(chunk, src, caplen, out, out_pos):
     return out_pos
 
 
+@numba.njit(cache=True)
+def _put_u32(out, pos, v):
+    out[pos] = v & 0xFF
+    out[pos + 1] = (v >> 8) & 0xFF
+    out[pos + 2] = (v >> 16) & 0xFF
+    out[pos + 3] = (v >> 24) & 0xFF
+
+
+@numba.njit(cache=True)
+def pack_records(buf, offset, caplen, wire_len, ts, out):
+    """Classic pcap records (nanosecond, little-endian) of the given frames, back to back in
+    `out` (sized sum(16 + caplen)). Returns the bytes written."""
+    pos = 0
+    for i in range(len(offset)):
+        sec = ts[i] // 1_000_000_000
+        _put_u32(out, pos, sec)
+        _put_u32(out, pos + 4, ts[i] - sec * 1_000_000_000)
+        _put_u32(out, pos + 8, caplen[i])
+        _put_u32(out, pos + 12, wire_len[i])
+        _copy_bytes(out, pos + 16, buf, offset[i], caplen[i])
+        pos += 16 + caplen[i]
+    return pos
+
+
 class _BatchBuilder:
     """One batch being filled from successive chunks."""
 

@@ -1,0 +1,91 @@
+"""What the host decided for each input packet: one result per packet, or one batch as arrays.
+
+Reasons are small integers so that a batch is a handful of numpy arrays: a `Reason` code
+(verdict.py) for the chain's decisions, or `PARSE_BASE + ParseError` for frames that were not
+parsed (unparsed) or not IP (bypass). `reason_label` turns a code into the text reports use.
+The packets as they leave the host are the batch's own buffer, rewritten in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowshift.packet.view import ParseError
+from flowshift.verdict import Reason, Verdict, reason_text
+
+PARSE_BASE = 64  # reason codes from here on are ParseError + PARSE_BASE
+TIER_LABELS = ("machine", "vnic", "pnic")
+DIRECTION_LABELS = ("egress", "ingress")
+PENDING = -1  # verdict of a packet not decided yet
+
+
+def reason_label(code: int, rule: int = -1) -> str:
+    if code >= PARSE_BASE:
+        return ParseError(code - PARSE_BASE).label
+    return reason_text(Reason(code), rule)
+
+
+@dataclass(slots=True)
+class PacketResult:
+    index: int
+    ts_ns: int
+    machine: str
+    direction: str  # "egress" | "ingress" | ""
+    verdict: Verdict
+    reason: str
+    tier: str  # "machine" | "vnic" | "pnic" | "" (bypass, unparsed)
+    data: bytes | None  # the packet as it leaves the host; None when not forwarded
+    wire_len: int
+
+
+@dataclass
+class BatchResults:
+    """Results of input packets `index0 .. index0 + n - 1`, one array entry per packet."""
+
+    index0: int
+    buf: np.ndarray  # uint8: the packets, rewritten in place as they leave
+    offset: np.ndarray  # int64
+    caplen: np.ndarray  # uint32
+    wire_len: np.ndarray  # uint32
+    linktype: np.ndarray  # uint16
+    ts: np.ndarray  # int64
+    verdict: np.ndarray  # int8, PENDING until decided
+    reason: np.ndarray  # int16
+    rule: np.ndarray  # int16
+    tier: np.ndarray  # int8, -1: no tier (bypass, unparsed)
+    machine: np.ndarray  # int16, -1: none
+    direction: np.ndarray  # int8, -1: none
+
+    @classmethod
+    def over(cls, index0: int, buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray,
+             wire_len: np.ndarray, linktype: np.ndarray, ts: np.ndarray) -> BatchResults:
+        n = len(offset)
+        return cls(index0, buf, offset, caplen, wire_len, linktype, ts,
+                   np.full(n, PENDING, np.int8), np.zeros(n, np.int16), np.full(n, -1, np.int16),
+                   np.full(n, -1, np.int8), np.full(n, -1, np.int16), np.full(n, -1, np.int8))
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def frame(self, i: int) -> bytes:
+        start = int(self.offset[i])
+        return self.buf[start:start + int(self.caplen[i])].tobytes()
+
+    def set(self, i: int, verdict: int, reason: int, rule: int, tier: int, machine: int,
+            direction: int, data: bytes | bytearray | None) -> None:
+        self.verdict[i] = verdict
+        self.reason[i] = reason
+        self.rule[i] = rule
+        self.tier[i] = tier
+        self.machine[i] = machine
+        self.direction[i] = direction
+        if data is not None:
+            start = int(self.offset[i])
+            self.buf[start:start + len(data)] = np.frombuffer(data, np.uint8)
+
+    @property
+    def leaving(self) -> np.ndarray:
+        """Mask of the packets that leave the host (forwarded or passed on unchanged)."""
+        return (self.verdict == Verdict.FORWARD) | (self.verdict == Verdict.BYPASS)
