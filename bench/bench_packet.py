@@ -10,8 +10,6 @@ mixed sizes built here, then measures each stage in packets per second on this m
 from __future__ import annotations
 
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -19,11 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-import numba
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from common import machine
 from flowshift.packet.batch import read_batches
 from flowshift.packet.build import tcp_frame
 from flowshift.packet.parse import parse
@@ -31,25 +28,6 @@ from flowshift.packet.pcap import PcapWriter, open_trace
 from flowshift.packet.view import TCP_ACK, TCP_PSH
 
 PACKETS_PER_FLOW = 100  # the generator's traffic averages about 150: aim over the target
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "system": f"{platform.system()} {platform.release()}",
-    }
 
 
 def generated_trace(path: Path, packets: int) -> str | None:

@@ -59,15 +59,15 @@ def test_garbage_never_escapes_as_another_error(data):
 
 
 def test_rejected_frame_changes_no_pnic_state_and_is_counted():
-    link = InlineLink(4, idle_timeout_ns=10**9, report_interval_ns=10**9)
+    link = InlineLink(4, (), idle_timeout_ns=10**9, report_interval_ns=10**9)
     key = FlowKey(4, 17, 0, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1000, 53)
     entry = Flow(key=key, xlat=key, machine=0, chain=1, expires=10**12).to_bytes()
     good = ch.encode(ch.Offload(1, entry))
     link.vnic_end.send_frame(_reframe(good, crc=0))  # corrupted in transit
     serve(link.pnic_end, link.pnic)
-    assert len(link.pnic.cache) == 0
+    assert len(link.pnic.engine) == 0
     assert link.pnic_end.rejected == {"checksum": 1}
     assert link.receive() is None  # no answer to a frame that never arrived
     link.send(ch.Offload(1, entry))
     assert link.receive() == ch.Ack(1)
-    assert len(link.pnic.cache) == 1
+    assert len(link.pnic.engine) == 1

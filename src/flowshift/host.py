@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config, to_dict
 from flowshift.entry import Flow, Tier
@@ -24,7 +26,7 @@ from flowshift.flow import FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
-from flowshift.results import PARSE_BASE, BatchResults, PacketResult, reason_label
+from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, reason_label
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import EGRESS, INGRESS, Chain, Outcome
 from flowshift.services.conntrack import ICMP_TIMEOUT, SECOND, UDP_TIMEOUT_REPLIED
@@ -34,6 +36,7 @@ from flowshift.verdict import Reason, Verdict
 
 _TIER_NAMES = ("machine", "vnic", "pnic")
 _DIRECTIONS = ("egress", "ingress")
+REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 
 
@@ -141,7 +144,7 @@ class Host:
             Chain(m, i, Tier.MACHINE) for i, m in enumerate(config.machines)]
         self.vnics: list[VnicChain | None] = [None] * len(config.machines)
         self.link: PnicLink = (ProcessLink if pnic == "process" else InlineLink)(
-            config.pnic.capacity,
+            config.pnic.capacity, config.machines,
             idle_timeout_ns=int(config.offload.idle_timeout * SECOND),
             report_interval_ns=int(config.offload.report_interval * SECOND))
         self.latency = latency
@@ -214,14 +217,47 @@ class Host:
             buf, offset, caplen = res.buf, res.offset, res.caplen
             wire_len, linktype, ts = res.wire_len, res.linktype, res.ts
             base = res.index0
-            for i in range(len(res)):
+            rows = self._pnic_first(res, None)
+            pos = 0
+            while pos < len(rows):
+                i = rows[pos]
+                pos += 1
+                offloads = self.stats.offloads_to_pnic
                 start = int(offset[i])
                 self.process(base + i, int(ts[i]), buf[start:start + int(caplen[i])].tobytes(),
                              int(linktype[i]), int(wire_len[i]))
+                if self.stats.offloads_to_pnic != offloads and len(rows) - pos >= REPASS_MIN:
+                    # a flow just moved down: its later packets in this batch are the PNIC's
+                    self.settle()
+                    rows, pos = self._pnic_first(res, rows[pos:]), 0
             self.settle()
         finally:
             self.current = None
         return res
+
+    def _pnic_first(self, res: BatchResults, rows: list[int] | None) -> list[int]:
+        """Packets of PNIC-owned flows are the PNIC's before software sees the batch, as on a
+        SmartNIC whose second cache sits in front of the host: it processes the hits in place
+        and leaves the rest (and the flows it hands back) to software, whose packets follow in
+        order. `rows`: the rows still undecided (None: all). The rows left to software, in
+        order."""
+        link = self.link
+        if not (self.pnic_healthy and self.pnic_owned and isinstance(link, InlineLink)):
+            return list(range(len(res))) if rows is None else rows
+        select = np.ones(len(res), np.bool_)
+        if rows is not None:
+            select[:] = False
+            select[rows] = True
+        first = int(np.argmax(select))
+        self._clock(int(res.ts[first]))
+        link.run_batch(res, select)
+        self._receive_all()  # the entries handed back, before any packet of theirs
+        done = select & (res.verdict != PENDING)
+        res.tier[done] = Tier.PNIC
+        count = int(np.count_nonzero(done))
+        self.stats.tier_packets["pnic"] += count
+        self.stats.tier_bytes["pnic"] += int(res.wire_len[done].sum())
+        return np.flatnonzero(select & ~done).tolist()
 
     def _steer(self, item: _Pending, vnic: VnicChain) -> None:
         pkt = item.pkt

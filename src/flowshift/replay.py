@@ -4,8 +4,9 @@ The trace is read in batches (packet/batch.py); the host decides a whole batch a
 arrays (results.BatchResults, its buffer rewritten in place), and the loop counts and writes
 them with numpy: the output trace, the verdicts file and the counters of the report
 (report.Tally). Scheduled PNIC actions (crash, withdraw) and the flow dump fire just before the
-first packet at or after their time (a batch is split there). Everything else (the report, the plot, the
-summary) is built once at the end from the counters, so memory stays flat whatever the trace.
+first packet at or after their time (a batch is split there). Everything else (the report,
+the plot, the summary) is built once at the end from the counters, so memory stays flat
+whatever the trace.
 """
 
 from __future__ import annotations
@@ -165,7 +166,7 @@ def run_replay(
         bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
         if bar is not None:
             stack.enter_context(bar[0])
-        fired = run.replay(read_batches(trace, BATCH), schedule, dump_path, bar)
+        fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_path, bar)
         run.host.finish()
         for t, action in schedule[len(fired):]:  # past the end of the trace
             entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS,

@@ -48,9 +48,13 @@ class Batch:
         return self.buf[start : start + int(self.caplen[i])].tobytes()
 
 
-def read_batches(path: str | os.PathLike[str], batch_size: int = 65536) -> Iterator[Batch]:
+def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
+                 reuse: bool = False) -> Iterator[Batch]:
     """The frames of a trace in batches of `batch_size` (the last one shorter).
 
+    `reuse`: a batch's arrays are recycled for the batch after the next one, so a consumer
+    that is done with each batch before it takes the one after next saves the cost of fresh
+    memory (page faults: about a third of a second per GB here). Classic pcap only.
     Raises TraceError, before the first batch, when the file is not a trace.
     """
     if batch_size < 1:
@@ -59,7 +63,7 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536) -> Itera
     if reader.pcap_header is None:
         return _frame_batches(reader, batch_size)
     reader.close()
-    return _pcap_batches(reader.path, reader.pcap_header, batch_size)
+    return _pcap_batches(reader.path, reader.pcap_header, batch_size, reuse)
 
 
 def _frame_batches(reader: TraceReader, batch_size: int) -> Iterator[Batch]:
@@ -186,15 +190,19 @@ def pack_records(buf, offset, caplen, wire_len, ts, out):
 class _BatchBuilder:
     """One batch being filled from successive chunks."""
 
-    def __init__(self, size: int, linktype: int) -> None:
-        self.ts = np.empty(size, np.int64)
-        self.caplen = np.empty(size, np.uint32)
-        self.wire = np.empty(size, np.uint32)
-        self.src = np.empty(size, np.int64)
-        self.offset = np.empty(size, np.int64)
+    def __init__(self, size: int, linktype: int, recycled: _BatchBuilder | None = None) -> None:
+        if recycled is not None and len(recycled.ts) == size:
+            self.ts, self.caplen, self.wire = recycled.ts, recycled.caplen, recycled.wire
+            self.src, self.offset, self.buf = recycled.src, recycled.offset, recycled.buf
+        else:
+            self.ts = np.empty(size, np.int64)
+            self.caplen = np.empty(size, np.uint32)
+            self.wire = np.empty(size, np.uint32)
+            self.src = np.empty(size, np.int64)
+            self.offset = np.empty(size, np.int64)
+            self.buf = np.empty(0, np.uint8)
         self.linktype = linktype
         self.n = 0
-        self.buf = np.empty(0, np.uint8)
         self.buf_len = 0
 
     def take(self, chunk: np.ndarray, start: int, stop: int) -> None:
@@ -232,7 +240,8 @@ def _caplen_at(chunk: np.ndarray, pos: int, big: bool) -> int:
     return int.from_bytes(chunk[pos + 8 : pos + 12].tobytes(), "big" if big else "little")
 
 
-def _pcap_batches(path: str, header: PcapHeader, batch_size: int) -> Iterator[Batch]:
+def _pcap_batches(path: str, header: PcapHeader, batch_size: int,
+                  reuse: bool = False) -> Iterator[Batch]:
     frac_ns = 1 if header.nanosecond else 1000
     limit = header.record_limit
     big = header.big_endian
@@ -246,6 +255,7 @@ def _pcap_batches(path: str, header: PcapHeader, batch_size: int) -> Iterator[Ba
         base = 24  # file offset of chunk[0]
         pos = filled = 0  # chunk[pos:filled] is read but not yet decoded
         builder = _BatchBuilder(batch_size, header.linktype)
+        spare: _BatchBuilder | None = None  # the builder before the last, to recycle
         problem = None
         while True:
             # keep the unfinished record at the front, grow for a record longer than a chunk
@@ -270,7 +280,8 @@ def _pcap_batches(path: str, header: PcapHeader, batch_size: int) -> Iterator[Ba
                 if why != FULL:
                     break
                 yield builder.batch()
-                builder = _BatchBuilder(batch_size, header.linktype)
+                spare, builder = (builder if reuse else None), _BatchBuilder(
+                    batch_size, header.linktype, spare)
             if why == CORRUPT:
                 caplen = _caplen_at(chunk, pos, big)
                 problem = corrupt_record_problem(base + pos, caplen, header.snaplen)

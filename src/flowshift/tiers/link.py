@@ -17,7 +17,11 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Protocol
 
+import numpy as np
+
 from flowshift import channel as ch
+from flowshift.config import MachineConfig
+from flowshift.results import BatchResults
 from flowshift.tiers.pnic import Pnic, serve
 
 log = logging.getLogger("flowshift.link")
@@ -32,8 +36,9 @@ class PnicLink(Protocol):
 
 
 class InlineLink:
-    def __init__(self, capacity: int, *, idle_timeout_ns: int, report_interval_ns: int) -> None:
-        self.pnic = Pnic(capacity, idle_timeout_ns=idle_timeout_ns,
+    def __init__(self, capacity: int, machines: tuple[MachineConfig, ...], *,
+                 idle_timeout_ns: int, report_interval_ns: int) -> None:
+        self.pnic = Pnic(capacity, machines, idle_timeout_ns=idle_timeout_ns,
                          report_interval_ns=report_interval_ns)
         self.vnic_end, self.pnic_end = ch.pair()
 
@@ -44,6 +49,15 @@ class InlineLink:
     def receive(self, block: bool = False) -> ch.Msg | None:
         return self.vnic_end.receive()
 
+    def run_batch(self, res: BatchResults, select: np.ndarray) -> None:
+        """The host's batch through the PNIC's data path in place (its DMA ring); the entries
+        handed back arrive as Return messages."""
+        out: list[ch.Msg] = []
+        self.pnic.run(res.buf, res.offset, res.caplen, res.wire_len, res.linktype, res.ts,
+                      select, res.verdict, res.reason, res.machine, res.direction, out)
+        for msg in out:
+            self.pnic_end.send(msg)
+
     @property
     def rejected(self) -> dict[str, int]:
         return self.vnic_end.rejected
@@ -52,13 +66,14 @@ class InlineLink:
         self.vnic_end.inbox.clear()
 
 
-def _pnic_main(conn: Connection, capacity: int, idle_timeout_ns: int,
-               report_interval_ns: int) -> None:
+def _pnic_main(conn: Connection, capacity: int, machines: tuple[MachineConfig, ...],
+               idle_timeout_ns: int, report_interval_ns: int) -> None:
     """The PNIC process: decode, handle, answer, until the pipe closes."""
     cores = os.sched_getaffinity(0)
     if len(cores) > 1:
         os.sched_setaffinity(0, {max(cores)})
-    pnic = Pnic(capacity, idle_timeout_ns=idle_timeout_ns, report_interval_ns=report_interval_ns)
+    pnic = Pnic(capacity, machines, idle_timeout_ns=idle_timeout_ns,
+                report_interval_ns=report_interval_ns)
     while True:
         try:
             frame = conn.recv_bytes()
@@ -74,11 +89,13 @@ def _pnic_main(conn: Connection, capacity: int, idle_timeout_ns: int,
 
 
 class ProcessLink:
-    def __init__(self, capacity: int, *, idle_timeout_ns: int, report_interval_ns: int) -> None:
+    def __init__(self, capacity: int, machines: tuple[MachineConfig, ...], *,
+                 idle_timeout_ns: int, report_interval_ns: int) -> None:
         ctx = mp.get_context("fork")  # a SmartNIC boots on its own: inherit nothing but args
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_pnic_main, name="flowshift-pnic", daemon=True,
-                                args=(child, capacity, idle_timeout_ns, report_interval_ns))
+                                args=(child, capacity, machines, idle_timeout_ns,
+                                      report_interval_ns))
         self.proc.start()
         child.close()
         self.replies: queue.Queue[bytes | None] = queue.Queue()

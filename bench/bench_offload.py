@@ -1,0 +1,251 @@
+"""Offload performance: the PNIC engine, the reference engine, end-to-end replay, offloads,
+entry sizes and the memory of a million flows, each measured against its baseline in one run.
+
+    python bench/bench_offload.py [--flows N] [--workdir DIR] [--json PATH] [--quick]
+
+Generates (once per work dir) an elephant-heavy gateway trace for bench/offload-host.toml
+(≥ 2 million packets, ≥ 95 % of packets and bytes in a few elephants, the rest in thousands of
+short connections), then measures:
+
+- reference engine alone: parse + the machine's chain, per packet, in Python;
+- PNIC engine alone: the compiled pipeline over batches, with the trace's established flows
+  installed in its second cache (taken from the reference engine mid-trace);
+- `flowshift replay` end to end with `--offload never` and with `--offload elephant`;
+- offloads per second: entries installed through the in-process VNIC↔PNIC channel;
+- bytes per flow entry in the first cache (Python objects) and the second cache (fixed layout);
+- peak memory with 1 million concurrent flows in the first cache.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from common import machine, rss_bytes
+from flowshift import channel as ch
+from flowshift.config import HostConfig, load_config
+from flowshift.entry import ENTRY_SIZE, Flow, Tier
+from flowshift.flow import FlowKey
+from flowshift.gen import TraceSpec, generate
+from flowshift.host import Classifier
+from flowshift.offload import established
+from flowshift.packet.batch import read_batches
+from flowshift.packet.parse import parse
+from flowshift.packet.view import ParseError
+from flowshift.replay import run_replay
+from flowshift.services.chain import Chain
+from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers.link import InlineLink
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "offload-host.toml"
+SECOND = 1_000_000_000
+
+
+def make_trace(path: Path, cfg: HostConfig, flows: int) -> dict[str, Any]:
+    spec = TraceSpec(flows=flows, duration_s=max(10.0, flows / 60), seed=11, elephants=8,
+                     elephant_share=0.985, udp_share=0.05, icmp_share=0.01, gateway=cfg)
+    s = generate(spec, path)
+    return {"packets": s.packets, "bytes": s.bytes, "flows": s.flows,
+            "elephant_packet_share": round(s.elephant_packet_share, 4),
+            "elephant_byte_share": round(s.elephant_byte_share, 4)}
+
+
+def frames(path: Path, limit: int | None = None) -> list[tuple[int, bytes, int, int]]:
+    out: list[tuple[int, bytes, int, int]] = []
+    for b in read_batches(path):
+        for i in range(len(b)):
+            out.append((int(b.ts_ns[i]), b.frame(i), int(b.linktype[i]), int(b.wire_len[i])))
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def reference_engine(cfg: HostConfig, packets: list[tuple[int, bytes, int, int]]
+                     ) -> tuple[float, Chain]:
+    """Packets/s of parse + chain over `packets`; the chain afterwards."""
+    classifier = Classifier(cfg.machines)
+    chain = Chain(cfg.machines[0], 0, Tier.VNIC)
+    start = time.perf_counter()
+    for ts, data, linktype, wire_len in packets:
+        pkt = parse(bytearray(data), linktype, wire_len)
+        if pkt.error != ParseError.OK:
+            continue
+        m, direction = classifier.classify(pkt)
+        if m >= 0:
+            chain.process(pkt, direction, ts)
+    return len(packets) / (time.perf_counter() - start), chain
+
+
+def pnic_engine(cfg: HostConfig, trace: Path, chain: Chain, skip: int) -> dict[str, Any]:
+    """The compiled engine over the rest of the trace, with the chain's established flows."""
+    from flowshift.tiers.pnic_engine import PnicEngine
+
+    flows = [f for f in chain.export_flows() if established(f)]
+    engine = PnicEngine(max(len(flows), 1) * 2, Classifier(cfg.machines))
+    for f in flows:
+        f.owner = Tier.PNIC
+        engine.insert(f.to_bytes())
+    seen = processed = total = 0
+    elapsed = 0.0
+    for b in read_batches(trace):
+        n = len(b)
+        lo = max(0, skip - seen)
+        seen += n
+        if lo >= n:
+            continue
+        sl = slice(lo, n)
+        verdict = np.empty(n - lo, np.int8)
+        reason = np.empty(n - lo, np.int16)
+        returned = np.empty(n - lo, np.int64)
+        select = np.ones(n - lo, np.bool_)
+        start = time.perf_counter()
+        processed += engine.process(b.buf, b.offset[sl], b.caplen[sl], b.wire_len[sl],
+                                    b.linktype[sl], b.ts_ns[sl], select, verdict, reason,
+                                    returned)
+        elapsed += time.perf_counter() - start
+        total += n - lo
+    return {"entries": len(flows), "packets": total, "processed": processed,
+            "processed_share": processed / max(total, 1),
+            "packets_per_second": total / elapsed if elapsed else 0.0,
+            "bytes_per_entry": engine_bytes(engine) / engine_capacity(engine)}
+
+
+def engine_bytes(engine: Any) -> int:
+    return sum(v.nbytes for v in vars(engine).values() if isinstance(v, np.ndarray))
+
+
+def engine_capacity(engine: Any) -> int:
+    return len(engine.entries)
+
+
+def replay(trace: Path, offload: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_replay(trace, CONFIG, offload=offload, progress=False,
+                            report=Path(tmp) / "r.json")
+    return float(report["timing"]["packets_per_second"]), report
+
+
+def offloads_per_second(n: int) -> float:
+    """Offload + acknowledgement of n entries through the in-process channel."""
+    link = InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
+                      report_interval_ns=3600 * SECOND)
+    entries = [synthetic_flow(i).to_bytes() for i in range(n)]
+    start = time.perf_counter()
+    for seq, raw in enumerate(entries):
+        link.send(ch.Offload(seq, raw))
+        msg = link.receive()
+        assert isinstance(msg, ch.Ack), msg
+    return n / (time.perf_counter() - start)
+
+
+def synthetic_flow(i: int) -> Flow:
+    # unique keys and reply keys for i < 2**28: 4096 flows per server, one port each
+    src = bytes((10, 0, (i >> 8) & 0xFF, i & 0xFF))
+    dst = bytes((198, 51, (i >> 12) & 0xFF, 1 + (i >> 20)))
+    key = FlowKey(4, 6, 0, src, dst, 1024 + (i & 0xFFF), 443)
+    xlat = key._replace(src=b"\xc0\x00\x02\x01")
+    return Flow(key=key, xlat=xlat, machine=0, chain=11, tcp=TcpConn(state=TcpState.ESTABLISHED),
+                status=3, created=i, last_seen=i, expires=10**15, owner=Tier.VNIC)
+
+
+def first_cache_memory(n: int) -> dict[str, float]:
+    """Run in a fresh process: RSS of n imported flows in one VNIC chain."""
+    cfg = load_config(CONFIG)
+    raws = [synthetic_flow(i).to_bytes() for i in range(n)]
+    chain = Chain(cfg.machines[0], 0, Tier.VNIC)
+    before = rss_bytes()
+    for raw in raws:
+        chain.import_flow(Flow.from_bytes(raw))
+    after = rss_bytes()
+    del raws
+    return {"flows": len(chain.flows), "rss_mib": after / 2**20,
+            "bytes_per_flow": (after - before) / n}
+
+
+@click.command()
+@click.option("--flows", default=1500, show_default=True, help="Flows of the generated trace.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the generated trace here (reused when present).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--million", default=1_000_000, show_default=True,
+              help="Flows for the first-cache memory figure.")
+@click.option("--memory-only", is_flag=True, hidden=True)
+def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
+         memory_only: bool) -> None:
+    if memory_only:  # the child that measures the first cache on its own
+        print(json.dumps(first_cache_memory(million)))
+        return
+    console = Console()
+    cfg = load_config(CONFIG)
+    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trace = work / f"elephants-{flows}.pcap"
+    info_path = trace.with_suffix(".json")
+    if not trace.exists() or not info_path.exists():
+        console.print(f"generating {trace} ...")
+        info_path.write_text(json.dumps(make_trace(trace, cfg, flows)))
+    info = json.loads(info_path.read_text())
+    results: dict[str, Any] = {"machine": machine(), "trace": info}
+
+    sample = frames(trace, 300_000)
+    ref_pps, chain = reference_engine(cfg, sample)
+    results["reference_engine_pps"] = ref_pps
+    results["pnic_engine"] = pnic_engine(cfg, trace, chain, len(sample))
+    never_pps, _ = replay(trace, "never")
+    eleph_pps, eleph = replay(trace, "elephant")
+    results["replay"] = {
+        "never_pps": never_pps, "elephant_pps": eleph_pps, "ratio": eleph_pps / never_pps,
+        "elephant_tiers": eleph["tiers"], "elephant_offloads": eleph["offloads"]}
+    results["offloads_per_second"] = offloads_per_second(100_000)
+    child = subprocess.run([sys.executable, __file__, "--memory-only", "--million",
+                            str(million)], capture_output=True, text=True, check=True)
+    memory = json.loads(child.stdout.strip().splitlines()[-1])
+    results["first_cache"] = memory
+    results["entry_bytes"] = {"first_cache": memory["bytes_per_flow"],
+                              "second_cache": results["pnic_engine"]["bytes_per_entry"],
+                              "entry_layout": ENTRY_SIZE}
+
+    m = results["machine"]
+    table = Table(title=f"flowshift offload benchmark — {m['cpu']}, {m['cores']} cores, "
+                        f"{m['memory']}, Python {m['python']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("against", justify="right")
+    pe = results["pnic_engine"]
+    rp = results["replay"]
+    table.add_row("trace", f"{info['packets']:,} packets",
+                  f"elephants: {info['elephant_packet_share']:.1%} of packets, "
+                  f"{info['elephant_byte_share']:.1%} of bytes")
+    table.add_row("PNIC engine alone", f"{pe['packets_per_second']:,.0f} pkt/s",
+                  f"{pe['packets_per_second'] / ref_pps:,.1f}× reference engine")
+    table.add_row("reference engine alone", f"{ref_pps:,.0f} pkt/s", "baseline")
+    table.add_row("replay --offload never", f"{never_pps:,.0f} pkt/s", "baseline")
+    table.add_row("replay --offload elephant", f"{eleph_pps:,.0f} pkt/s",
+                  f"{rp['ratio']:,.1f}× never")
+    table.add_row("offloads through the channel", f"{results['offloads_per_second']:,.0f} /s",
+                  "")
+    table.add_row("bytes per entry, second cache",
+                  f"{results['entry_bytes']['second_cache']:,.0f}",
+                  f"layout {ENTRY_SIZE} B + index")
+    table.add_row("bytes per entry, first cache", f"{memory['bytes_per_flow']:,.0f}",
+                  "Python objects")
+    table.add_row(f"{memory['flows']:,} first-cache flows", f"{memory['rss_mib']:,.0f} MiB RSS",
+                  "whole process")
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

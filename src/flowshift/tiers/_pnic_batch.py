@@ -1,0 +1,122 @@
+"""The PNIC engine's pipeline over one batch, compiled: parse, classify, look up, process.
+
+One pass in packet order, as a SmartNIC pipeline would run it. A packet either is processed
+here (verdict FORWARD or DROP, frame rewritten in place, entry updated) or punted (verdict -1,
+frame untouched); a punted hit also takes its entry out of the index (returned[i] = slot) so
+that later packets of that flow in the batch miss and go to software behind it.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from flowshift.tiers._pnic_flow import E_EXPIRES, process_flow, processable, rd64
+from flowshift.tiers._pnic_index import head_word, index_remove, lookup
+from flowshift.tiers._pnic_parse import (
+    F_DPORT,
+    F_DST_HI,
+    F_DST_LO,
+    F_FAMILY,
+    F_PROTO,
+    F_SPORT,
+    F_SRC_HI,
+    F_SRC_LO,
+    FAIL,
+    FULL,
+    N_FIELDS,
+    parse_frame,
+)
+
+PUNT = -1
+LIVE = 1
+RETURNED = 2
+_SIGN = np.int64(-9223372036854775808)
+
+
+@numba.njit(cache=True, inline="always")
+def _ule(a, b):
+    """a <= b for int64 words read as unsigned."""
+    return (a ^ _SIGN) <= (b ^ _SIGN)
+
+
+@numba.njit(cache=True)
+def _inside(family, hi, lo, inside):
+    """Classifier._inside: the first machine whose range holds the address, or -1.
+
+    inside rows: (family, lo_hi, lo_lo, hi_hi, hi_lo, machine); IPv4 values in the low word.
+    """
+    if family == 4:
+        lo = (hi >> 32) & 0xFFFFFFFF
+        hi = 0
+    for j in range(inside.shape[0]):
+        if inside[j, 0] != family:
+            continue
+        r_hi, r_lo = inside[j, 1], inside[j, 2]
+        above = (r_hi != hi and _ule(r_hi, hi)) or (r_hi == hi and _ule(r_lo, lo))
+        t_hi, t_lo = inside[j, 3], inside[j, 4]
+        below = (hi != t_hi and _ule(hi, t_hi)) or (hi == t_hi and _ule(lo, t_lo))
+        if above and below:
+            return inside[j, 5]
+    return -1
+
+
+@numba.njit(cache=True)
+def classify(f, inside, public):
+    """Classifier.classify: (machine, 0 egress) for the source's machine, else (machine,
+    1 ingress) for the public or inside destination's; machine -1: none.
+
+    public rows: (family, address words hi, lo as in keys, machine).
+    """
+    family = f[F_FAMILY]
+    m = _inside(family, f[F_SRC_HI], f[F_SRC_LO], inside)
+    if m >= 0:
+        return m, 0
+    for j in range(public.shape[0]):
+        if public[j, 0] == family and public[j, 1] == f[F_DST_HI] and public[j, 2] == f[F_DST_LO]:
+            return public[j, 3], 1
+    return _inside(family, f[F_DST_HI], f[F_DST_LO], inside), 1
+
+
+@numba.njit(cache=True)
+def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
+                  returned, machine, direction, rows, state, keys, vals, inside, public):
+    """Run the selected packets of a batch; (packets processed, entries returned)."""
+    f = np.zeros(N_FIELDS, np.int64)
+    processed = 0
+    gone = 0
+    for i in range(len(select)):
+        if not select[i]:
+            continue
+        verdict[i] = PUNT
+        reason[i] = 0
+        returned[i] = -1
+        s = numba.int64(offset[i])
+        status = parse_frame(buf, s, numba.int64(caplen[i]), numba.int64(wire_len[i]),
+                             numba.int64(linktype[i]), f)
+        if status == FAIL:
+            continue
+        m, d = classify(f, inside, public)
+        if m < 0:
+            continue
+        hit = lookup(keys, vals,
+                     head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
+                     f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+        if hit < 0:
+            continue
+        slot = hit >> 1
+        row = rows[slot]
+        now = numba.int64(ts[i])
+        if status != FULL or rd64(row, E_EXPIRES) <= now or not processable(row, f):
+            index_remove(rows, slot, keys, vals)
+            state[slot] = RETURNED
+            returned[i] = slot
+            gone += 1
+            continue
+        v, r = process_flow(row, hit & 1, buf, s, f, now)
+        verdict[i] = v
+        reason[i] = r
+        machine[i] = m
+        direction[i] = d
+        processed += 1
+    return processed, gone

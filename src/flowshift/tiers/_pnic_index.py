@@ -1,0 +1,165 @@
+"""The second cache's exact-match index, compiled: open addressing on numpy arrays.
+
+Each entry is found by two keys, its original key (direction 0) and its reply key, the reverse
+of its rewrite (direction 1). A key is five int64 words: (family | proto << 8 | zone << 16 |
+sport << 32 | dport << 48, src as two big-endian words, dst as two). The table holds the words
+and `slot * 2 + direction` (-1: empty); linear probing, deletion by backward shift (no
+tombstones, so lookups never slow down under churn). The size is a power of two at least twice
+the number of keys, so a probe always ends at an empty bucket.
+
+Entries are rows of bytes in the ENTRY_DTYPE layout; the offsets below are checked against it
+by the engine at import.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# ENTRY_DTYPE offsets the compiled code reads and writes
+E_FAMILY = 0
+E_PROTO = 1
+E_ZONE = 2
+E_SPORT = 4
+E_DPORT = 6
+E_SRC = 8
+E_DST = 24
+E_XSRC = 40
+E_XDST = 56
+E_XSPORT = 72
+E_XDPORT = 74
+
+EMPTY = -1
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
+
+
+@numba.njit(cache=True, inline="always")
+def le16(row, i):
+    return numba.int64(row[i]) | (numba.int64(row[i + 1]) << 8)
+
+
+@numba.njit(cache=True, inline="always")
+def addr_words(row, i, family):
+    """A 16-byte address field as two big-endian words (IPv4: only its 4 bytes count)."""
+    hi = np.int64(0)
+    lo = np.int64(0)
+    for k in range(8):
+        hi = (hi << 8) | numba.int64(row[i + k])
+    if family == 4:
+        return hi & np.int64(-4294967296), np.int64(0)  # keep the top 32 bits
+    for k in range(8, 16):
+        lo = (lo << 8) | numba.int64(row[i + k])
+    return hi, lo
+
+
+@numba.njit(cache=True, inline="always")
+def head_word(family, proto, zone, sport, dport):
+    return family | (proto << 8) | (zone << 16) | (sport << 32) | (dport << 48)
+
+
+@numba.njit(cache=True)
+def entry_key(row, reply):
+    """The original key of an entry row, or its reply key (the reverse of the rewrite)."""
+    family = numba.int64(row[E_FAMILY])
+    proto = numba.int64(row[E_PROTO])
+    zone = le16(row, E_ZONE)
+    if reply:
+        s_hi, s_lo = addr_words(row, E_XDST, family)
+        d_hi, d_lo = addr_words(row, E_XSRC, family)
+        return (head_word(family, proto, zone, le16(row, E_XDPORT), le16(row, E_XSPORT)),
+                s_hi, s_lo, d_hi, d_lo)
+    s_hi, s_lo = addr_words(row, E_SRC, family)
+    d_hi, d_lo = addr_words(row, E_DST, family)
+    return (head_word(family, proto, zone, le16(row, E_SPORT), le16(row, E_DPORT)),
+            s_hi, s_lo, d_hi, d_lo)
+
+
+@numba.njit(cache=True, inline="always")
+def _home(w0, w1, w2, w3, w4, mask):
+    h = np.int64(0)
+    for w in (w0, w1, w2, w3, w4):
+        h = (h ^ w) * _GOLDEN
+        h ^= (h >> 29) & np.int64(0x7FFFFFFFF)
+    return h & mask
+
+
+@numba.njit(cache=True, inline="always")
+def _same(keys, j, w0, w1, w2, w3, w4):
+    return (keys[j, 0] == w0 and keys[j, 1] == w1 and keys[j, 2] == w2 and keys[j, 3] == w3
+            and keys[j, 4] == w4)
+
+
+@numba.njit(cache=True)
+def lookup(keys, vals, w0, w1, w2, w3, w4):
+    """slot * 2 + direction of a key, or -1."""
+    mask = len(vals) - 1
+    j = _home(w0, w1, w2, w3, w4, mask)
+    while vals[j] != EMPTY:
+        if _same(keys, j, w0, w1, w2, w3, w4):
+            return vals[j]
+        j = (j + 1) & mask
+    return EMPTY
+
+
+@numba.njit(cache=True)
+def _put(keys, vals, key, value):
+    mask = len(vals) - 1
+    j = _home(key[0], key[1], key[2], key[3], key[4], mask)
+    while vals[j] != EMPTY:
+        j = (j + 1) & mask
+    for k in range(5):
+        keys[j, k] = key[k]
+    vals[j] = value
+
+
+@numba.njit(cache=True)
+def _delete(keys, vals, key):
+    mask = len(vals) - 1
+    i = _home(key[0], key[1], key[2], key[3], key[4], mask)
+    while True:
+        if vals[i] == EMPTY:
+            return
+        if _same(keys, i, key[0], key[1], key[2], key[3], key[4]):
+            break
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if vals[j] == EMPTY:
+            break
+        home = _home(keys[j, 0], keys[j, 1], keys[j, 2], keys[j, 3], keys[j, 4], mask)
+        # the bucket at j may move back to the hole at i unless its home lies in (i, j]
+        if (i <= j and i < home <= j) or (i > j and (home > i or home <= j)):
+            continue
+        for k in range(5):
+            keys[i, k] = keys[j, k]
+        vals[i] = vals[j]
+        i = j
+    vals[i] = EMPTY
+
+
+@numba.njit(cache=True)
+def index_insert(rows, slot, keys, vals):
+    """Index both keys of the entry in rows[slot]; False if either is taken (or they are one)."""
+    row = rows[slot]
+    key = entry_key(row, False)
+    reply = entry_key(row, True)
+    if key == reply:
+        return False
+    if lookup(keys, vals, *key) != EMPTY or lookup(keys, vals, *reply) != EMPTY:
+        return False
+    _put(keys, vals, key, slot * 2)
+    _put(keys, vals, reply, slot * 2 + 1)
+    return True
+
+
+@numba.njit(cache=True)
+def index_remove(rows, slot, keys, vals):
+    row = rows[slot]
+    _delete(keys, vals, entry_key(row, False))
+    _delete(keys, vals, entry_key(row, True))
+
+
+def table_size(capacity: int) -> int:
+    """A power of two at least 2 * 2 * capacity: two keys per entry, load at most one half."""
+    return 1 << max(3, (4 * capacity - 1).bit_length())

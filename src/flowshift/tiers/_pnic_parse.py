@@ -1,0 +1,368 @@
+"""Compiled header parsing for the PNIC engine: one frame of a batch into a field vector.
+
+A port of packet/parse.py reduced to what the engine needs, with the same checks in the same
+order, so that it reaches the same decision as `parse()` for every frame:
+
+- FAIL: `parse()` reports an error, an ICMP error (quoted datagram) or a non-first fragment;
+  the reference PNIC never looks such a packet up, so neither does the engine.
+- KEY_ONLY: the flow key is the one `parse()` gives, but the engine does not process the packet
+  (IPv6 extension headers, first fragments, ICMP other than echo): a hit is returned to software.
+- FULL: every field the chain reads is in `f`; the engine may process the packet.
+
+Offsets in `f` are relative to the frame start; all reads stay below the captured length.
+"""
+
+from __future__ import annotations
+
+import numba
+
+FAIL = 0
+KEY_ONLY = 1
+FULL = 2
+
+# indices into the field vector
+F_L3 = 0
+F_FAMILY = 1
+F_PROTO = 2
+F_TOTAL = 3  # IP datagram length (pkt.ip_total)
+F_L4 = 4
+F_L4LEN = 5  # transport segment length per the IP header
+F_SPORT = 6
+F_DPORT = 7
+F_SEQ = 8
+F_ACK = 9
+F_FLAGS = 10
+F_WINDOW = 11
+F_PAYLOAD = 12
+F_SACK_AT = 13  # first SACK block of the last SACK option, -1: none
+F_SACK_N = 14
+F_ECHO = 15  # ICMP echo: the identifier is both ports
+F_SRC_HI = 16  # addresses as two big-endian 64-bit words (IPv4: top 32 bits of the first)
+F_SRC_LO = 17
+F_DST_HI = 18
+F_DST_LO = 19
+N_FIELDS = 20
+
+_ETH_P_IPV4 = 0x0800
+_ETH_P_IPV6 = 0x86DD
+_ARPHRD_NETLINK = 824
+_TS_ONLY_MARKER = 0x0101080A
+
+
+@numba.njit(cache=True, inline="always")
+def be16(b, i):
+    return (numba.int64(b[i]) << 8) | numba.int64(b[i + 1])
+
+
+@numba.njit(cache=True, inline="always")
+def be32(b, i):
+    return (be16(b, i) << 16) | be16(b, i + 2)
+
+
+@numba.njit(cache=True, inline="always")
+def be64(b, i):
+    return (be32(b, i) << 32) | be32(b, i + 4)
+
+
+@numba.njit(cache=True)
+def _is_vlan(ethertype):
+    return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100 or ethertype == 0x9200
+
+
+@numba.njit(cache=True)
+def parse_frame(b, s, n, wire, linktype, f):
+    """Parse the frame b[s:s+n] (wire: its length on the wire) into f; FAIL/KEY_ONLY/FULL."""
+    if wire < n:
+        wire = n
+    if linktype == 1:  # Ethernet
+        if n < 14:
+            return FAIL
+        ethertype = be16(b, s + 12)
+        off = 14
+    elif linktype == 101 or linktype == 12 or linktype == 14:  # raw IP
+        if n == 0:
+            return FAIL
+        version = b[s] >> 4
+        if version == 4:
+            ethertype = _ETH_P_IPV4
+        elif version == 6:
+            ethertype = _ETH_P_IPV6
+        else:
+            return FAIL
+        off = 0
+    elif linktype == 228 or linktype == 229:
+        ethertype = _ETH_P_IPV4 if linktype == 228 else _ETH_P_IPV6
+        off = 0
+    elif linktype == 113 or linktype == 276:  # Linux cooked v1 / v2
+        off = 16 if linktype == 113 else 20
+        if n < off:
+            return FAIL
+        if linktype == 113:
+            hatype = be16(b, s + 2)
+            ethertype = be16(b, s + 14)
+        else:
+            hatype = be16(b, s + 8)
+            ethertype = be16(b, s)
+        if hatype == _ARPHRD_NETLINK:
+            return FAIL
+    elif linktype == 0 or linktype == 108:  # BSD / OpenBSD loopback
+        if n < 4:
+            return FAIL
+        family = be32(b, s)
+        if linktype == 0 and family > 0xFFFF:
+            family = (numba.int64(b[s]) | (numba.int64(b[s + 1]) << 8)
+                      | (numba.int64(b[s + 2]) << 16) | (numba.int64(b[s + 3]) << 24))
+        if family == 2:
+            ethertype = _ETH_P_IPV4
+        elif family == 10 or family == 24 or family == 28 or family == 30:
+            ethertype = _ETH_P_IPV6
+        else:
+            return FAIL
+        off = 4
+    else:
+        return FAIL
+    while _is_vlan(ethertype):
+        if n < off + 4:
+            return FAIL
+        ethertype = be16(b, s + off + 2)
+        off += 4
+    if ethertype == _ETH_P_IPV4:
+        return _ipv4(b, s, off, n, wire - off, f)
+    if ethertype == _ETH_P_IPV6:
+        return _ipv6(b, s, off, n, wire - off, f)
+    return FAIL
+
+
+@numba.njit(cache=True)
+def _ipv4_options_ok(b, s, i, end):
+    while i < end:
+        kind = b[s + i]
+        if kind == 0:
+            return True
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            return False
+        size = numba.int64(b[s + i + 1])
+        if size < 2 or i + size > end:
+            return False
+        i += size
+    return True
+
+
+@numba.njit(cache=True)
+def _ipv4(b, s, off, limit, room, f):
+    if limit - off < 20:
+        return FAIL
+    vihl = numba.int64(b[s + off])
+    total = be16(b, s + off + 2)
+    frag = be16(b, s + off + 6)
+    proto = numba.int64(b[s + off + 9])
+    hlen = (vihl & 0xF) << 2
+    if vihl >> 4 != 4 or hlen < 20 or total < 20 or total > room or hlen > total:
+        return FAIL
+    f[F_L3] = off
+    f[F_FAMILY] = 4
+    f[F_PROTO] = proto
+    f[F_TOTAL] = total
+    f[F_L4LEN] = total - hlen
+    f[F_SRC_HI] = be32(b, s + off + 12) << 32
+    f[F_SRC_LO] = 0
+    f[F_DST_HI] = be32(b, s + off + 16) << 32
+    f[F_DST_LO] = 0
+    if hlen > 20 and (off + hlen > limit or not _ipv4_options_ok(b, s, off + 20, off + hlen)):
+        return FAIL
+    if frag & 0x1FFF:
+        return FAIL  # no transport header: the reference PNIC does not look it up
+    is_frag = (frag & 0x2000) != 0
+    status = _transport(b, s, proto, off + hlen, limit, is_frag, f)
+    if status == FULL and is_frag:
+        return KEY_ONLY
+    return status
+
+
+@numba.njit(cache=True)
+def _jumbo_payload_length(b, s, i, limit):
+    """The Jumbo Payload option of the hop-by-hop header at i (RFC 2675), or 0."""
+    if i + 8 > limit:
+        return 0
+    end = min(i + ((numba.int64(b[s + i + 1]) + 1) << 3), limit)
+    i += 2
+    while i + 1 < end:
+        kind = b[s + i]
+        if kind == 0:
+            i += 1
+            continue
+        if kind == 0xC2 and b[s + i + 1] == 4 and i + 6 <= end:
+            length = be32(b, s + i + 2)
+            return length if length > 0xFFFF else 0
+        i += 2 + numba.int64(b[s + i + 1])
+    return 0
+
+
+@numba.njit(cache=True)
+def _ipv6(b, s, off, limit, room, f):
+    if limit - off < 40:
+        return FAIL
+    if b[s + off] >> 4 != 6:
+        return FAIL
+    plen = be16(b, s + off + 4)
+    nxt = numba.int64(b[s + off + 6])
+    total = 40 + plen
+    if plen == 0 and nxt == 0:
+        total += _jumbo_payload_length(b, s, off + 40, limit)
+    if total > room:
+        return FAIL
+    f[F_L3] = off
+    f[F_FAMILY] = 6
+    f[F_TOTAL] = total
+    f[F_SRC_HI] = be64(b, s + off + 8)
+    f[F_SRC_LO] = be64(b, s + off + 16)
+    f[F_DST_HI] = be64(b, s + off + 24)
+    f[F_DST_LO] = be64(b, s + off + 32)
+    end = off + total
+    i = off + 40
+    extended = False
+    is_frag = False
+    while nxt == 0 or nxt == 43 or nxt == 44 or nxt == 51 or nxt == 60:
+        extended = True
+        if (nxt == 0 and i != off + 40) or i + 8 > end or i + 8 > limit:
+            return FAIL
+        if nxt == 44:  # fragment header
+            after = numba.int64(b[s + i])
+            fo = be16(b, s + i + 2)
+            if fo & 0xFFF8:
+                return FAIL  # fragment payload, no transport header
+            if fo & 1:
+                is_frag = True
+            i += 8
+            nxt = after
+            continue
+        if nxt == 51:
+            size = (numba.int64(b[s + i + 1]) + 2) << 2
+        else:
+            size = (numba.int64(b[s + i + 1]) + 1) << 3
+        if i + size > end or i + size > limit:
+            return FAIL
+        nxt = numba.int64(b[s + i])
+        i += size
+    f[F_PROTO] = nxt
+    f[F_L4LEN] = end - i
+    status = _transport(b, s, nxt, i, limit, is_frag, f)
+    if status == FULL and extended:
+        return KEY_ONLY
+    return status
+
+
+@numba.njit(cache=True)
+def _transport(b, s, proto, off, limit, is_frag, f):
+    f[F_SACK_AT] = -1
+    f[F_SACK_N] = 0
+    f[F_ECHO] = 0
+    if proto == 6:
+        return _tcp(b, s, off, limit, f)
+    if proto == 17:
+        return _udp(b, s, off, limit, is_frag, f)
+    if proto == 1 or proto == 58:
+        return _icmp(b, s, proto, off, limit, f)
+    return FAIL  # a protocol flowshift does not track
+
+
+@numba.njit(cache=True)
+def _tcp(b, s, off, limit, f):
+    seglen = f[F_L4LEN]
+    if seglen < 20 or limit - off < 20:
+        return FAIL
+    hlen = (numba.int64(b[s + off + 12]) >> 4) << 2
+    if hlen < 20 or hlen > seglen:
+        return FAIL
+    f[F_L4] = off
+    f[F_SPORT] = be16(b, s + off)
+    f[F_DPORT] = be16(b, s + off + 2)
+    f[F_SEQ] = be32(b, s + off + 4)
+    f[F_ACK] = be32(b, s + off + 8)
+    f[F_FLAGS] = b[s + off + 13]
+    f[F_WINDOW] = be16(b, s + off + 14)
+    f[F_PAYLOAD] = seglen - hlen
+    if hlen == 32 and off + 32 <= limit and be32(b, s + off + 20) == _TS_ONLY_MARKER:
+        return FULL  # NOP NOP timestamps: the options of nearly every established segment
+    if hlen > 20 and not _tcp_options(b, s, off + 20, off + hlen, limit, f):
+        return FAIL
+    return FULL
+
+
+@numba.njit(cache=True)
+def _tcp_options(b, s, i, end, limit, f):
+    """Validate the options like parse._tcp_options; note where the last SACK option is."""
+    stop = end if end < limit else limit
+    while i < stop:
+        kind = b[s + i]
+        if kind == 0:
+            return True
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= stop:
+            return i + 1 < end
+        size = numba.int64(b[s + i + 1])
+        if size < 2 or i + size > end:
+            return False
+        if i + size > limit:
+            return True
+        if kind == 2:
+            if size != 4:
+                return False
+        elif kind == 3:
+            if size != 3:
+                return False
+        elif kind == 4:
+            if size != 2:
+                return False
+        elif kind == 5:
+            if size < 10 or (size - 2) & 7:
+                return False
+            f[F_SACK_AT] = i + 2
+            f[F_SACK_N] = (size - 2) >> 3
+        elif kind == 8 and size != 10:
+            return False
+        i += size
+    return True
+
+
+@numba.njit(cache=True)
+def _udp(b, s, off, limit, is_frag, f):
+    seglen = f[F_L4LEN]
+    if seglen < 8 or limit - off < 8:
+        return FAIL
+    ulen = be16(b, s + off + 4)
+    if ulen == 0 and f[F_FAMILY] == 6:
+        ulen = seglen
+    if ulen < 8 or (ulen > seglen and not is_frag):
+        return FAIL
+    f[F_L4] = off
+    f[F_SPORT] = be16(b, s + off)
+    f[F_DPORT] = be16(b, s + off + 2)
+    return FULL
+
+
+@numba.njit(cache=True)
+def _icmp(b, s, proto, off, limit, f):
+    if f[F_L4LEN] < 8 or limit - off < 8:
+        return FAIL
+    kind = b[s + off]
+    f[F_L4] = off
+    if proto == 58:
+        echo = kind == 128 or kind == 129
+        error = kind == 1 or kind == 2 or kind == 3 or kind == 4
+    else:
+        echo = kind == 0 or kind == 8
+        error = kind == 3 or kind == 4 or kind == 5 or kind == 11 or kind == 12
+    if echo:
+        f[F_ECHO] = 1
+        f[F_SPORT] = f[F_DPORT] = be16(b, s + off + 4)
+        return FULL
+    if error:
+        return FAIL  # an ICMP error quotes a datagram: software relates it
+    f[F_SPORT] = f[F_DPORT] = 0
+    return KEY_ONLY
