@@ -37,6 +37,8 @@ from flowshift.verdict import Reason, Verdict
 _TIER_NAMES = ("machine", "vnic", "pnic")
 _DIRECTIONS = ("egress", "ingress")
 REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
+_OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
+_FWD, _BYP, _MACHINE = Verdict.FORWARD, Verdict.BYPASS, Tier.MACHINE
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 
 
@@ -74,6 +76,7 @@ class Classifier:
     def __init__(self, machines: tuple[MachineConfig, ...]) -> None:
         self.inside: list[tuple[int, int, int, int]] = []  # (family, lo, hi, machine)
         self.public: dict[bytes, int] = {}
+        self.cache: dict[bytes, int] = {}
         for i, m in enumerate(machines):
             for net in m.addresses:
                 fam = 4 if net.version == 4 else 6
@@ -83,6 +86,12 @@ class Classifier:
                 self.public[addr] = i
 
     def _inside(self, family: int, addr: bytes) -> int:
+        m = self.cache.get(addr)
+        if m is None:
+            m = self.cache[addr] = self._inside_slow(family, addr)
+        return m
+
+    def _inside_slow(self, family: int, addr: bytes) -> int:
         v = int.from_bytes(addr, "big")
         for fam, lo, hi, m in self.inside:
             if fam == family and lo <= v <= hi:
@@ -182,7 +191,7 @@ class Host:
         self._clock(ts_ns)
         pkt = parse(bytearray(data), linktype, wire_len)
         err = pkt.error
-        if err != ParseError.OK and err != ParseError.UNSUPPORTED_PROTOCOL:
+        if err != _OK and err != _UNSUP:
             verdict = Verdict.BYPASS if err in _BYPASS_PARSE else Verdict.UNPARSED
             self._finish(index, ts_ns, -1, -1, verdict, PARSE_BASE + err, -1, -1,
                          pkt if verdict == Verdict.BYPASS else None, wire_len)
@@ -198,7 +207,7 @@ class Host:
             chain = self.machine_chains[m]
             assert chain is not None
             out = chain.process(pkt, direction, ts_ns)
-            self._record(item, out, Tier.MACHINE)
+            self._record(item, out, _MACHINE)
             if out.flow is not None and self.policy.wants(out.flow):
                 self.handoff(m, ts_ns)
                 self._consider(self.vnics[m], out.flow.key)
@@ -214,8 +223,9 @@ class Host:
         self.settle()
         self.current = res
         try:
-            buf, offset, caplen = res.buf, res.offset, res.caplen
-            wire_len, linktype, ts = res.wire_len, res.linktype, res.ts
+            buf = memoryview(res.buf)
+            offset, caplen = res.offset.tolist(), res.caplen.tolist()
+            wire_len, linktype, ts = res.wire_len.tolist(), res.linktype.tolist(), res.ts.tolist()
             base = res.index0
             rows = self._pnic_first(res, None)
             pos = 0
@@ -223,9 +233,9 @@ class Host:
                 i = rows[pos]
                 pos += 1
                 offloads = self.stats.offloads_to_pnic
-                start = int(offset[i])
-                self.process(base + i, int(ts[i]), buf[start:start + int(caplen[i])].tobytes(),
-                             int(linktype[i]), int(wire_len[i]))
+                start = offset[i]
+                self.process(base + i, ts[i], buf[start:start + caplen[i]], linktype[i],
+                             wire_len[i])
                 if self.stats.offloads_to_pnic != offloads and len(rows) - pos >= REPASS_MIN:
                     # a flow just moved down: its later packets in this batch are the PNIC's
                     self.settle()
@@ -302,12 +312,16 @@ class Host:
     def _record(self, item: _Pending, out: Outcome, tier: Tier) -> None:
         if out.created:
             self.stats.flows_total += 1
+        flow = out.flow
         self._finish(item.index, item.ts, item.machine, item.direction, out.verdict, out.reason,
-                     out.rule, tier, item.pkt if out.verdict == Verdict.FORWARD else None,
-                     item.pkt.wire_len)
+                     out.rule, tier, item.pkt if out.verdict == _FWD else None,
+                     item.pkt.wire_len, flow is not None and flow.key != flow.xlat)
 
     def _finish(self, index: int, ts: int, machine: int, direction: int, verdict: int,
-                reason: int, rule: int, tier: int, pkt: Packet | None, wire_len: int) -> None:
+                reason: int, rule: int, tier: int, pkt: Packet | None, wire_len: int,
+                rewritten: bool = False) -> None:
+        """Record a packet's result; `pkt`: the packet as it leaves (None: it does not),
+        `rewritten`: its bytes differ from the input's (only those go back into a batch)."""
         if tier >= 0:
             name = _TIER_NAMES[tier]
             self.stats.tier_packets[name] += 1
@@ -316,7 +330,7 @@ class Host:
         cur = self.current
         if cur is not None and 0 <= index - cur.index0 < len(cur):
             cur.set(index - cur.index0, verdict, reason, rule, tier, machine, direction,
-                    None if verdict == Verdict.BYPASS else data)
+                    data if rewritten else None)
             return
         self.done[index] = PacketResult(
             index, ts, self.names[machine] if machine >= 0 else "",
@@ -439,7 +453,8 @@ class Host:
             self.since_pump = 0
             if self.latency:
                 self._flush()
-            self._receive_all()
+            if self.dirty:
+                self._receive_all()
 
     def _receive_all(self, until_sync: int = 0) -> None:
         while True:
@@ -547,7 +562,7 @@ class Host:
                 self._finish(item.index, item.ts, item.machine, item.direction, verdict,
                              msg.reason[i], -1, Tier.PNIC,
                              item.pkt if verdict == Verdict.FORWARD else None,
-                             item.pkt.wire_len)
+                             item.pkt.wire_len, True)
             if not left:
                 hit = self._vnic_of(fkey).flows.get(fkey)
                 if hit is not None and hit[0].owner != Tier.PNIC:

@@ -47,7 +47,21 @@ def update16(csum: int, old: int, new: int) -> int:
 
 def update_bytes(csum: int, old: bytes, new: bytes) -> int:
     """RFC 1624 update for a changed field of even length (an address: 4 or 16 bytes)."""
-    s = (~csum & 0xFFFF) + ones_sum(new) + (~ones_sum(old) & 0xFFFF)
+    return update_sum(csum, change_sum(old, new))
+
+
+def change_sum(old: bytes, new: bytes) -> int:
+    """~m + m' of RFC 1624 eqn. 3 for a changed field of even length: what `update_sum` adds.
+
+    One change moves several checksums (an address: the IPv4 header's and the transport's), so
+    it is summed once.
+    """
+    return (~ones_sum(old) & 0xFFFF) + ones_sum(new)
+
+
+def update_sum(csum: int, change: int) -> int:
+    """RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), with `change` from `change_sum`."""
+    s = (~csum & 0xFFFF) + change
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF

@@ -18,7 +18,13 @@ everything from scratch, for building packets and for checking the incremental p
 from __future__ import annotations
 
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from flowshift.packet.checksum import checksum, pseudo_header_sum, update_bytes
+from flowshift.packet.checksum import (
+    change_sum,
+    checksum,
+    pseudo_header_sum,
+    update_bytes,
+    update_sum,
+)
 from flowshift.packet.view import Packet
 
 # where the checksum field sits in each transport header
@@ -84,19 +90,22 @@ def fix_checksums(pkt: Packet) -> None:
 
 
 def _set_addr(pkt: Packet, view: Packet, addr: bytes, dst: bool) -> None:
-    _bytearray(pkt)
-    if view.l3 < 0:
+    data = _bytearray(pkt)
+    l3 = view.l3
+    if l3 < 0:
         raise ValueError(f"cannot set an address: not an IP packet ({view.error.label})")
     old = view.dst if dst else view.src
     if len(addr) != len(old):
         raise ValueError(f"address of {len(addr)} bytes for an IPv{view.family} packet")
     addr = bytes(addr)
-    off = view.l3 + (16 if dst else 12) if view.family == 4 else view.l3 + (24 if dst else 8)
-    changes = [_write(pkt.data, off, addr)]
-    if view.family == 4:
-        changes.append(_adjust(pkt.data, view.l3 + IPV4_CHECKSUM_AT, old, addr, False))
+    v4 = view.family == 4
+    off = l3 + (16 if dst else 12) if v4 else l3 + (24 if dst else 8)
+    changes = [_write(data, off, addr)]
+    diff = change_sum(old, addr)  # summed once for both checksums
+    if v4:
+        changes.append(_adjust(data, l3 + IPV4_CHECKSUM_AT, diff, False))
     if view.l4 >= 0 and view.proto in PSEUDO_HEADER_PROTOS:
-        changes.append(_adjust_l4(pkt, view, old, addr))
+        changes.append(_adjust_l4(pkt, view, old, addr, diff))
     if dst:
         view.dst = addr
     else:
@@ -105,7 +114,7 @@ def _set_addr(pkt: Packet, view: Packet, addr: bytes, dst: bool) -> None:
 
 
 def _set_port(pkt: Packet, view: Packet, port: int, dst: bool) -> None:
-    _bytearray(pkt)
+    data = _bytearray(pkt)
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} out of range 0..65535")
     echo = view.is_icmp_echo
@@ -113,8 +122,8 @@ def _set_port(pkt: Packet, view: Packet, port: int, dst: bool) -> None:
         raise ValueError(f"cannot set a port: no TCP/UDP header or ICMP echo ({view.error.label})")
     off = view.l4 + 4 if echo else view.l4 + (2 if dst else 0)
     new = port.to_bytes(2, "big")
-    change = _write(pkt.data, off, new)
-    changes = [change, _adjust_l4(pkt, view, change[1], new)]
+    change = _write(data, off, new)
+    changes = [change, _adjust_l4(pkt, view, change[1], new, change_sum(change[1], new))]
     if echo:
         view.icmp_id = view.sport = view.dport = port
     elif dst:
@@ -124,8 +133,9 @@ def _set_port(pkt: Packet, view: Packet, port: int, dst: bool) -> None:
     _carry_to_icmp(pkt, view, changes)
 
 
-def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes) -> Change | None:
-    """Move the transport checksum of `view` by old -> new; return the change it made.
+def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes, diff: int) -> Change | None:
+    """Move the transport checksum of `view` by old -> new (`diff`: their `change_sum`); return
+    the change it made.
 
     In a quoted datagram the field may be missing. Not quoted: nothing to do (Linux NAT leaves
     a partly quoted header alone too). Quoted but cut by snaplen: the field on the wire moved by
@@ -138,15 +148,16 @@ def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes) -> Change | No
             return None
         if at + 2 > len(pkt.data):
             return at, new, old
-    return _adjust(pkt.data, at, old, new, view.proto == PROTO_UDP and view.family == 4)
+    return _adjust(pkt.data, at, diff, view.proto == PROTO_UDP and view.family == 4)
 
 
-def _adjust(data: bytearray, at: int, old: bytes, new: bytes, udp4: bool) -> Change | None:
-    """RFC 1624 update of the checksum field at `at` for a change old -> new elsewhere."""
+def _adjust(data: bytearray, at: int, diff: int, udp4: bool) -> Change | None:
+    """RFC 1624 update of the checksum field at `at` for a change elsewhere (`diff`: its
+    `change_sum`)."""
     csum = data[at] << 8 | data[at + 1]
     if udp4 and csum == 0:
         return None  # UDP over IPv4 sent without a checksum stays so
-    value = update_bytes(csum, old, new)
+    value = update_sum(csum, diff)
     if value == 0 and udp4:
         value = 0xFFFF
     return _write(data, at, value.to_bytes(2, "big"))
@@ -205,6 +216,8 @@ def _inner(pkt: Packet) -> Packet:
     return pkt.inner
 
 
-def _bytearray(pkt: Packet) -> None:
-    if not isinstance(pkt.data, bytearray):
+def _bytearray(pkt: Packet) -> bytearray:
+    data = pkt.data
+    if not isinstance(data, bytearray):
         raise TypeError("rewriting needs the packet parsed from a bytearray")
+    return data

@@ -46,27 +46,42 @@ class Outcome:
 
 _ECHO_REQUESTS = {PROTO_ICMP: ICMP_ECHO_REQUEST, PROTO_ICMPV6: ICMPV6_ECHO_REQUEST}
 
+# Per-packet constants as module globals: enum attribute lookups cost ~70 ns each, and IntFlag
+# arithmetic builds a new enum member; flow.status holds a plain int.
+_SEEN_REPLY = int(Status.SEEN_REPLY)
+_ASSURED = int(Status.ASSURED)
+_NAT = int(Status.NAT)
+_FORWARD = Verdict.FORWARD
+_DROP = Verdict.DROP
+_ESTABLISHED = Reason.ESTABLISHED
+_INVALID = Reason.INVALID
+_TCP_REOPEN = ct_tcp.TcpAction.REOPEN
+_TCP_INVALID = ct_tcp.TcpAction.INVALID
+_TCP_IGNORE = ct_tcp.TcpAction.IGNORE
+_tcp_packet = ct_tcp.tcp_packet
+_new_key = tuple.__new__  # FlowKey(...) without NamedTuple's Python-level __new__
+
 
 def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None:
     """A packet of a tracked flow. None: the flow must be destroyed and the packet is new."""
     proto = flow.key.proto
     if proto == PROTO_TCP:
         tcp = flow.tcp
-        res = ct_tcp.tcp_packet(tcp, fdir, pkt, bool(flow.status & Status.ASSURED))
+        res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0)
         action = res.action
-        if action == ct_tcp.TcpAction.REOPEN:
+        if action == _TCP_REOPEN:
             return None
         if tcp.seen_reply:
-            flow.status |= Status.SEEN_REPLY
+            flow.status |= _SEEN_REPLY
         if res.assured:
-            flow.status |= Status.ASSURED
-        if action == ct_tcp.TcpAction.INVALID:
+            flow.status |= _ASSURED
+        if action == _TCP_INVALID:
             if res.timeout_ns > 0:  # Linux shortens the life of a doomed assured conntrack
                 flow.expires = min(flow.expires, now + res.timeout_ns)
-            return Outcome(Verdict.DROP, Reason.INVALID, flow=flow, direction=fdir)
-        if action == ct_tcp.TcpAction.IGNORE:
+            return Outcome(_DROP, _INVALID, -1, flow, fdir)
+        if action == _TCP_IGNORE:
             translate(pkt, flow, fdir)
-            return Outcome(Verdict.FORWARD, Reason.ESTABLISHED, flow=flow, direction=fdir)
+            return Outcome(_FORWARD, _ESTABLISHED, -1, flow, fdir)
         if res.timeout_ns == ct_tcp.TIMEOUT_DESTROY:
             flow.expires = now  # gone for the next packet (an RST before any reply)
         elif res.timeout_ns > 0:
@@ -74,16 +89,16 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
     elif proto == PROTO_UDP:
         udp_update(flow, fdir, now)
         if fdir:
-            flow.status |= Status.SEEN_REPLY
+            flow.status |= _SEEN_REPLY
     else:
         icmp_update(flow, fdir, now)
         if fdir:
-            flow.status |= Status.SEEN_REPLY
+            flow.status |= _SEEN_REPLY
     flow.packets[fdir] += 1
     flow.bytes[fdir] += pkt.ip_total
     flow.last_seen = now
     translate(pkt, flow, fdir)
-    return Outcome(Verdict.FORWARD, Reason.ESTABLISHED, flow=flow, direction=fdir)
+    return Outcome(_FORWARD, _ESTABLISHED, -1, flow, fdir)
 
 
 class Chain:
@@ -132,7 +147,8 @@ class Chain:
             return Outcome(Verdict.DROP, Reason.FRAGMENT)
         if pkt.inner is not None:
             return self._related(pkt, direction, now)
-        key = pkt.key(self.index)
+        key = _new_key(FlowKey, (pkt.family, pkt.proto, self.index, pkt.src, pkt.dst, pkt.sport,
+                                 pkt.dport))  # pkt.key(self.index)
         hit = self.lookup(key, now)
         if hit is not None:
             flow, fdir = hit
@@ -178,7 +194,7 @@ class Chain:
         elif xlat != key and self.in_use(xlat.reversed(), now):
             return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)  # DNAT tuple clash
         flow = Flow(key=key, xlat=xlat, machine=self.index, chain=self.services, tcp=tcp,
-                    status=Status.NAT if xlat != key else 0, rule=rule, backend=backend,
+                    status=_NAT if xlat != key else 0, rule=rule, backend=backend,
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
         if proto == PROTO_TCP:

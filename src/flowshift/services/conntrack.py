@@ -9,7 +9,7 @@ TCP tracking lives in conntrack_tcp.py.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flowshift.entry import Flow, Status
 from flowshift.flow import FlowKey
@@ -26,13 +26,17 @@ ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
 
 
+_SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds enum members
+_ASSURED = int(Status.ASSURED)
+
+
 def udp_update(flow: Flow, direction: int, now: int) -> None:
     """Linux nf_conntrack_udp_packet: the timeout and ASSURED for one packet of a tracked flow."""
-    if flow.status & Status.SEEN_REPLY:
+    if flow.status & _SEEN_REPLY:
         timeout = UDP_TIMEOUT_UNREPLIED
         if now > flow.stream_ts:
             timeout = UDP_TIMEOUT_REPLIED
-            flow.status |= Status.ASSURED
+            flow.status |= _ASSURED
         flow.expires = now + timeout
     else:
         flow.expires = now + UDP_TIMEOUT_UNREPLIED
@@ -48,6 +52,9 @@ class FlowTable:
 
     def __init__(self) -> None:
         self._by_key: dict[FlowKey, tuple[Flow, int]] = {}
+        # The flow and direction of a key, live or not (callers check `expires`). The dict's
+        # own method: every packet looks its flow up.
+        self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
         self._deadlines: list[tuple[int, int, Flow]] = []
         self._seq = 0  # heap tie-breaker: flows do not compare
 
@@ -58,10 +65,6 @@ class FlowTable:
         for flow, direction in self._by_key.values():
             if direction == 0:
                 yield flow
-
-    def get(self, key: FlowKey) -> tuple[Flow, int] | None:
-        """The flow and direction of `key`, live or not (callers check `expires`)."""
-        return self._by_key.get(key)
 
     def add(self, flow: Flow) -> None:
         self._by_key[flow.key] = (flow, 0)
