@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +30,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from common import machine
 from flowshift.config import HostConfig, parse_config
 from flowshift.gen import TraceSpec, generate
 from flowshift.host import Classifier, Host
@@ -74,20 +73,6 @@ NAT_HOST = {  # a gateway: stateful firewall, masquerade of both families, one p
 }
 
 Frames = list[tuple[int, bytes, int, int]]  # (ts_ns, data, linktype, wire_len)
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "implementation": platform.python_implementation(),
-            "system": f"{platform.system()} {platform.release()}"}
 
 
 def load(path: Path) -> Frames:
@@ -200,7 +185,7 @@ def bench(flows: int, repeat: int, json_path: str | None) -> None:
             with console.status(f"measuring {name}"):
                 results.append({"stage": name, **best(run, repeat)})
 
-    console.print(f"machine: {info['cpu']}, {info['cores']} cores, {info['implementation']} "
+    console.print(f"machine: {info['cpu']}, {info['cores']} cores, Python "
                   f"{info['python']}, {info['system']}", soft_wrap=True)
     console.print(f"traces: {len(guest):,} packets (guest), {len(gateway):,} packets (NAT "
                   f"gateway), {flows} flows each; best of {repeat} runs", soft_wrap=True)
