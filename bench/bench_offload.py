@@ -141,6 +141,9 @@ def offloads_per_second(n: int) -> float:
     link = InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
                       report_interval_ns=3600 * SECOND)
     entries = [synthetic_flow(i).to_bytes() for i in range(n)]
+    warm = InlineLink(1, load_config(CONFIG).machines, idle_timeout_ns=SECOND,
+                      report_interval_ns=SECOND)
+    warm.send(ch.Offload(0, entries[0]))  # loads the compiled index code before timing
     start = time.perf_counter()
     for seq, raw in enumerate(entries):
         link.send(ch.Offload(seq, raw))

@@ -15,13 +15,14 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import MachineConfig
-from flowshift.entry import ENTRY_DTYPE, Flow, Tier
+from flowshift.entry import ENTRY_DTYPE, Tier
 from flowshift.flow import FlowKey
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_FIN, TCP_RST, TCP_SYN
 from flowshift.tiers.pnic_engine import PnicEngine
 
 PUNT = -1
+_OWNER = ENTRY_DTYPE.fields["owner"][1]  # the entry's owner byte
 _LIFE_FLAGS = TCP_SYN | TCP_FIN | TCP_RST
 
 
@@ -71,9 +72,9 @@ class Pnic:
             return ch.Refuse(msg.seq, "unhealthy")
         if len(self.engine) >= self.capacity:
             return ch.Refuse(msg.seq, "full")
-        flow = Flow.from_bytes(msg.entry)
-        flow.owner = Tier.PNIC
-        if self.engine.insert(flow.to_bytes()) < 0:
+        entry = bytearray(msg.entry)
+        entry[_OWNER] = Tier.PNIC
+        if self.engine.insert(entry) < 0:
             return ch.Refuse(msg.seq, "duplicate")
         return ch.Ack(msg.seq)
 
