@@ -191,21 +191,6 @@ class TraceReader:
     ) -> None:
         self.close()
 
-    def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
-                    caplen: np.ndarray, wire_len: np.ndarray) -> None:
-        """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]."""
-        from flowshift.packet.batch import pack_records  # numba: only when batches are used
-
-        if not len(offset):
-            return
-        if ts_ns.min() < 0 or ts_ns.max() // 1_000_000_000 > 0xFFFFFFFF:
-            raise ValueError("a timestamp does not fit a pcap record")
-        cap = np.minimum(caplen, self.snaplen).astype(np.int64)
-        wire = np.maximum(wire_len.astype(np.int64), cap)
-        out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
-        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
-        self._file.write(memoryview(out)[:n])
-
     def close(self) -> None:
         self._file.close()
 
