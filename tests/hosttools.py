@@ -13,6 +13,21 @@ from flowshift.offload import OffloadPolicy, established
 from flowshift.packet.pcap import open_trace
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+# a machine whose firewall lets its own traffic out: replies pass, nothing is translated
+FIREWALL_HOST = {
+    "pnic": {"capacity": 64},
+    "offload": {"policy": "elephant", "elephant_packets": 8, "elephant_bytes": 20000,
+                "idle_timeout": 2.0, "report_interval": 0.5},
+    "machine": [{
+        "name": "vm",
+        "addresses": ["10.0.0.0/24", "fd00::/64"],
+        "services": ["firewall", "count"],
+        "firewall": {"default": "drop", "rule": [
+            {"action": "allow", "direction": "egress", "proto": "any"},
+        ]},
+    }],
+}
 REAL = CORPUS / "real"
 
 

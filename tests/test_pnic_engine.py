@@ -483,3 +483,38 @@ def test_bad_input_is_named():
         engine.process(np.zeros(10, np.uint8), one, np.array([10], np.uint32),
                        np.array([10, 10], np.uint32), np.ones(1, np.uint16), one,
                        np.ones(1, bool), one.copy(), one.copy(), one.copy())
+
+
+def test_argument_types_and_a_strided_buffer_give_the_same_results():
+    """process() runs one compiled kernel for every caller: other integer types and a frame
+    buffer that is a strided view (worked on in a copy, written back) change nothing."""
+    key = FlowKey(4, PROTO_TCP, 0, _CLIENT4, _SERVER4, 40000, 443)
+    conn = TcpConn(seen=(TcpDir(1000, 70000, 65535, 5000, 0, 0x22),
+                         TcpDir(5000, 66000, 65535, 1000, 0, 0x22)),
+                   state=3, last_index=3, last_win=65535, seen_reply=True)
+    flow = Flow(key=key, xlat=key._replace(src=_PUBLIC4, sport=50000), machine=0, chain=8,
+                tcp=conn, status=Status.SEEN_REPLY | Status.ASSURED | Status.NAT,
+                expires=1000 * S)
+    classifier = Classifier(parse_config(LAB, "lab").machines)
+    frames = [(S * (i + 1), tcp_frame(src=_CLIENT4, dst=_SERVER4, sport=40000, dport=443,
+                                      seq=1000 + 100 * i, ack=5000, flags=TCP_ACK, window=65535,
+                                      payload_len=100), 1, 154) for i in range(4)]
+    buf, offset, caplen, wire, linktype, ts = _arrays(frames)
+    outputs = []
+    for wide, strided in ((False, False), (True, False), (False, True)):
+        engine = PnicEngine(2, classifier)
+        engine.insert(flow.to_bytes())
+        work = buf.copy()
+        if strided:
+            spaced = np.zeros(2 * len(buf), np.uint8)
+            spaced[::2] = buf
+            work = spaced[::2]
+        args = (offset, caplen, wire, linktype, ts)
+        if wide:
+            args = tuple(a.astype(np.int64) for a in args)
+        n = len(frames)
+        verdict, reason, returned = (np.zeros(n, np.int64) for _ in range(3))
+        assert engine.process(work, *args, np.ones(n, bool), verdict, reason, returned) == n
+        outputs.append((work.tobytes(), verdict.tolist(), reason.tolist(), engine.get(0)))
+    assert outputs[0][0] != buf.tobytes()  # rewritten (SNAT)
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]

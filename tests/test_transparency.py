@@ -15,24 +15,9 @@ from hypothesis import strategies as st
 from flowshift.config import load_config, parse_config
 from flowshift.gen import TraceSpec, generate
 from flowshift.verdict import Verdict
-from hosttools import REAL, run
+from hosttools import FIREWALL_HOST, REAL, run
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
-
-FIREWALL_HOST = {
-    "pnic": {"capacity": 64},
-    "offload": {"policy": "elephant", "elephant_packets": 8, "elephant_bytes": 20000,
-                "idle_timeout": 2.0, "report_interval": 0.5},
-    "machine": [{
-        "name": "vm",
-        "addresses": ["10.0.0.0/24", "fd00::/64"],
-        "services": ["firewall", "count"],
-        "firewall": {"default": "drop", "rule": [
-            {"action": "allow", "direction": "egress", "proto": "any"},
-        ]},
-    }],
-}
-
 
 @pytest.fixture(scope="module")
 def real():

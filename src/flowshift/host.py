@@ -36,6 +36,7 @@ from flowshift.verdict import Reason, Verdict
 
 _TIER_NAMES = ("machine", "vnic", "pnic")
 _DIRECTIONS = ("egress", "ingress")
+SWEEP_INTERVAL = 10 * SECOND  # of trace time between sweeps of expired flows
 REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD, _BYP, _MACHINE = Verdict.FORWARD, Verdict.BYPASS, Tier.MACHINE
@@ -176,6 +177,7 @@ class Host:
         self.synced_at = -1
         self.since_pump = 0
         self.next_tick = -1
+        self.next_sweep = -1
         # results, released in input order
         self.done: dict[int, PacketResult] = {}
         self.next_out = 0
@@ -189,6 +191,8 @@ class Host:
     def process(self, index: int, ts_ns: int, data: bytes, linktype: int, wire_len: int) -> None:
         self.now = ts_ns
         self._clock(ts_ns)
+        if ts_ns >= self.next_sweep:
+            self._sweep(ts_ns)
         pkt = parse(bytearray(data), linktype, wire_len)
         err = pkt.error
         if err != _OK and err != _UNSUP:
@@ -437,6 +441,15 @@ class Host:
         self._flush()  # one FIFO: control messages stay behind earlier packets
         self.link.send(msg)
         self.dirty = True
+
+    def _sweep(self, now: int) -> None:
+        """Free the flows that expired and were never looked up again (results unchanged)."""
+        if self.next_sweep >= 0:
+            for chain in (*self.machine_chains, *self.vnics):
+                if chain is not None:
+                    for flow in chain.flows.sweep(now, keep=Tier.PNIC):
+                        self.backoff.pop(flow.key, None)
+        self.next_sweep = now + SWEEP_INTERVAL
 
     def _clock(self, now: int) -> None:
         """Let the PNIC see time pass (reports, idle returns) even when it gets no packets."""

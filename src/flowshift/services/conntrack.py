@@ -2,13 +2,13 @@
 
 The table maps both keys of a flow (original and reply, as packets arrive) to the flow and the
 direction. Expiry follows Linux: a flow whose timeout passed is gone for the next packet that
-looks it up (lazy), and a sweep on a heap of deadlines frees memory without changing results.
+looks it up (lazy), and a periodic sweep (`sweep`, driven by the host on trace time) frees the
+memory of flows nobody looked up again, without changing any result.
 TCP tracking lives in conntrack_tcp.py.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterator
 
 from flowshift.entry import Flow, Status
@@ -55,8 +55,6 @@ class FlowTable:
         # The flow and direction of a key, live or not (callers check `expires`). The dict's
         # own method: every packet looks its flow up.
         self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
-        self._deadlines: list[tuple[int, int, Flow]] = []
-        self._seq = 0  # heap tie-breaker: flows do not compare
 
     def __len__(self) -> int:
         return len(self._by_key) // 2
@@ -69,7 +67,6 @@ class FlowTable:
     def add(self, flow: Flow) -> None:
         self._by_key[flow.key] = (flow, 0)
         self._by_key[flow.reply_key] = (flow, 1)
-        self._push(flow)
 
     def remove(self, flow: Flow) -> None:
         for key in (flow.key, flow.reply_key):
@@ -77,24 +74,14 @@ class FlowTable:
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
 
-    def _push(self, flow: Flow, at: int | None = None) -> None:
-        self._seq += 1
-        heapq.heappush(self._deadlines, (flow.expires if at is None else at, self._seq, flow))
-
     def sweep(self, now: int, keep: int = -1) -> list[Flow]:
-        """Remove flows whose timeout has passed; flows owned by tier `keep` are left alone."""
-        gone = []
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, flow = heapq.heappop(heap)
-            if self._by_key.get(flow.key, (None,))[0] is not flow:
-                continue  # removed or replaced meanwhile
-            if flow.owner == keep:
-                self._push(flow, now + SECOND)  # not ours to expire: look again later
-                continue
-            if flow.expires > now:
-                self._push(flow)  # refreshed since it was pushed
-                continue
+        """Remove flows whose timeout has passed; flows owned by tier `keep` are left alone.
+
+        A scan of the whole table: no per-flow timer state, so a million flows cost nothing
+        between sweeps.
+        """
+        gone = [flow for flow, direction in self._by_key.values()
+                if direction == 0 and flow.expires <= now and flow.owner != keep]
+        for flow in gone:
             self.remove(flow)
-            gone.append(flow)
         return gone

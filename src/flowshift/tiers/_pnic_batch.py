@@ -11,8 +11,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from flowshift.tiers._pnic_flow import E_EXPIRES, process_flow, processable, rd64
-from flowshift.tiers._pnic_index import head_word, index_remove, lookup
+from flowshift.tiers._pnic_flow import E_EXPIRES, process_flow, processable
+from flowshift.tiers._pnic_index import E_SIZE, head_word, index_remove, lookup
+from flowshift.tiers._pnic_mem import kernel, ld64, prefetch
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
@@ -24,7 +25,6 @@ from flowshift.tiers._pnic_parse import (
     F_SRC_LO,
     FAIL,
     FULL,
-    N_FIELDS,
     parse_frame,
 )
 
@@ -32,15 +32,16 @@ PUNT = -1
 LIVE = 1
 RETURNED = 2
 _SIGN = np.int64(-9223372036854775808)
+AHEAD = 8  # frames between a prefetch and the frame's turn
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _ule(a, b):
     """a <= b for int64 words read as unsigned."""
     return (a ^ _SIGN) <= (b ^ _SIGN)
 
 
-@numba.njit(cache=True)
+@kernel()
 def _inside(family, hi, lo, inside):
     """Classifier._inside: the first machine whose range holds the address, or -1.
 
@@ -61,7 +62,7 @@ def _inside(family, hi, lo, inside):
     return -1
 
 
-@numba.njit(cache=True)
+@kernel()
 def classify(f, inside, public):
     """Classifier.classify: (machine, 0 egress) for the source's machine, else (machine,
     1 ingress) for the public or inside destination's; machine -1: none.
@@ -78,20 +79,31 @@ def classify(f, inside, public):
     return _inside(family, f[F_DST_HI], f[F_DST_LO], inside), 1
 
 
-@numba.njit(cache=True)
+@kernel()
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
-                  returned, machine, direction, rows, state, keys, vals, inside, public):
-    """Run the selected packets of a batch; (packets processed, entries returned)."""
-    f = np.zeros(N_FIELDS, np.int64)
+                  returned, machine, direction, mem, state, keys, vals, inside, public, f):
+    """Run the selected packets of a batch; (packets processed, entries returned).
+
+    buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
+    f: N_FIELDS int64, the parser's field vector (kernels allocate nothing).
+    """
     processed = 0
     gone = 0
-    for i in range(len(select)):
+    n = len(select)
+    for i in range(n):
+        if i + AHEAD < n:
+            # the headers of a later frame: a trace's frames are far apart, beyond the
+            # hardware prefetcher's reach, and each would otherwise wait for memory (a hint
+            # only: an unselected frame's offset may point anywhere, a prefetch never faults)
+            at = offset[i + AHEAD]
+            prefetch(buf, at)
+            prefetch(buf, at + 63)
         if not select[i]:
             continue
         verdict[i] = PUNT
         reason[i] = 0
         returned[i] = -1
-        s = numba.int64(offset[i])
+        s = offset[i]
         status = parse_frame(buf, s, numba.int64(caplen[i]), numba.int64(wire_len[i]),
                              numba.int64(linktype[i]), f)
         if status == FAIL:
@@ -105,15 +117,15 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
         if hit < 0:
             continue
         slot = hit >> 1
-        row = rows[slot]
-        now = numba.int64(ts[i])
-        if status != FULL or rd64(row, E_EXPIRES) <= now or not processable(row, f):
-            index_remove(rows, slot, keys, vals)
+        e = slot * E_SIZE
+        now = ts[i]
+        if status != FULL or ld64(mem, e + E_EXPIRES) <= now or not processable(mem, e, f):
+            index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot
             gone += 1
             continue
-        v, r = process_flow(row, hit & 1, buf, s, f, now)
+        v, r = process_flow(mem, e, hit & 1, buf, s, f, now)
         verdict[i] = v
         reason[i] = r
         machine[i] = m

@@ -2,7 +2,8 @@
 
 A port of services/chain.py `process_flow` for the packets the engine processes (TCP segments
 without SYN, FIN or RST; UDP; ICMP echo), working on one entry row of bytes in ENTRY_DTYPE
-layout and on the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
+layout (read and written at `mem[e + offset]`, the cache's bytes and the entry's start) and on
+the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
 (`tcp_packet` for the ACK row of the state table, `_in_window`, `_timeout`); sequence numbers
 are u32 with explicit masks in int64 arithmetic. Rewrites follow packet/rewrite.py: RFC 1624
 updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, UDP over IPv4
@@ -24,8 +25,8 @@ from flowshift.tiers._pnic_index import (
     E_XDST,
     E_XSPORT,
     E_XSRC,
-    le16,
 )
+from flowshift.tiers._pnic_mem import be16, be32, kernel, ld16, ld32, ld64, st32, st64, st_be16
 from flowshift.tiers._pnic_parse import (
     F_ACK,
     F_DPORT,
@@ -42,8 +43,6 @@ from flowshift.tiers._pnic_parse import (
     F_SPORT,
     F_TOTAL,
     F_WINDOW,
-    be16,
-    be32,
 )
 
 # the rest of the ENTRY_DTYPE offsets (checked by the engine at import)
@@ -125,55 +124,31 @@ TIMEOUTS = np.array([120 * _S, 120 * _S, 60 * _S, 5 * 24 * 3600 * _S, 120 * _S, 
                      30 * _S, 120 * _S, 10 * _S, 120 * _S], np.int64)
 
 
-# -- entry field access (little-endian) ---------------------------------------------------------
-
-@numba.njit(cache=True, inline="always")
-def rd32(row, i):
-    return le16(row, i) | (le16(row, i + 2) << 16)
-
-
-@numba.njit(cache=True, inline="always")
-def wr32(row, i, v):
-    for k in range(4):
-        row[i + k] = (v >> (8 * k)) & 0xFF
-
-
-@numba.njit(cache=True, inline="always")
-def rd64(row, i):
-    return rd32(row, i) | (rd32(row, i + 4) << 32)
-
-
-@numba.njit(cache=True, inline="always")
-def wr64(row, i, v):
-    for k in range(8):
-        row[i + k] = (v >> (8 * k)) & 0xFF
-
-
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _before(a, b):
     return ((a - b) & M32) >= 0x80000000
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _after(a, b):
     return ((b - a) & M32) >= 0x80000000
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _scaled(win, scale):
     return 0 if scale >= 32 else (win << scale) & M32
 
 
 # -- TCP conntrack ------------------------------------------------------------------------------
 
-@numba.njit(cache=True)
-def _lenient(row, sender, action):
-    if row[sender + D_FLAGS] & FLAG_BE_LIBERAL:
+@kernel()
+def _lenient(mem, e, sender, action):
+    if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL:
         return ACCEPT
     return action
 
 
-@numba.njit(cache=True)
+@kernel()
 def _highest_sack(b, s, f, ack):
     sack = ack
     at = f[F_SACK_AT]
@@ -184,14 +159,14 @@ def _highest_sack(b, s, f, ack):
     return sack
 
 
-@numba.njit(cache=True)
-def _max_ack_window(row, sender):
-    maxwin = rd32(row, sender + D_MAXWIN)
+@kernel()
+def _max_ack_window(mem, e, sender):
+    maxwin = ld32(mem, e + sender + D_MAXWIN)
     return maxwin if maxwin > MAXACKWINCONST else MAXACKWINCONST
 
 
-@numba.njit(cache=True)
-def tcp_in_window(row, d, b, s, f):
+@kernel()
+def tcp_in_window(mem, e, d, b, s, f):
     """conntrack_tcp._in_window for a segment with ACK and without SYN, FIN, RST."""
     sender = E_SEEN + SEEN_SIZE * d
     receiver = E_SEEN + SEEN_SIZE * (1 - d)
@@ -200,105 +175,107 @@ def tcp_in_window(row, d, b, s, f):
     win_raw = f[F_WINDOW]
     win = win_raw
     end = (seq + f[F_PAYLOAD]) & M32
-    if row[receiver + D_FLAGS] & FLAG_SACK_PERM:
+    if mem[e + receiver + D_FLAGS] & FLAG_SACK_PERM:
         sack = _highest_sack(b, s, f, ack)
     else:
         sack = ack
 
-    if rd32(row, sender + D_MAXWIN) == 0:
+    if ld32(mem, e + sender + D_MAXWIN) == 0:
         # first packet seen from this side mid-stream: learn from it
-        wr32(row, sender + D_END, end)
-        swin = _scaled(win, row[sender + D_SCALE])
+        st32(mem, e + sender + D_END, end)
+        swin = _scaled(win, mem[e + sender + D_SCALE])
         maxwin = swin if swin else 1
-        wr32(row, sender + D_MAXWIN, maxwin)
-        wr32(row, sender + D_MAXEND, (end + maxwin) & M32)
-        if rd32(row, receiver + D_MAXWIN) == 0:
-            wr32(row, receiver + D_END, sack)
-            wr32(row, receiver + D_MAXEND, sack)
-        elif sack == (rd32(row, receiver + D_END) + 1) & M32:
-            wr32(row, receiver + D_END, sack)
+        st32(mem, e + sender + D_MAXWIN, maxwin)
+        st32(mem, e + sender + D_MAXEND, (end + maxwin) & M32)
+        if ld32(mem, e + receiver + D_MAXWIN) == 0:
+            st32(mem, e + receiver + D_END, sack)
+            st32(mem, e + receiver + D_MAXEND, sack)
+        elif sack == (ld32(mem, e + receiver + D_END) + 1) & M32:
+            st32(mem, e + receiver + D_END, sack)
 
-    s_end = rd32(row, sender + D_END)
-    s_maxend = rd32(row, sender + D_MAXEND)
-    r_end = rd32(row, receiver + D_END)
-    r_maxwin = rd32(row, receiver + D_MAXWIN)
+    s_end = ld32(mem, e + sender + D_END)
+    s_maxend = ld32(mem, e + sender + D_MAXEND)
+    r_end = ld32(mem, e + receiver + D_END)
+    r_maxwin = ld32(mem, e + receiver + D_MAXWIN)
     if not _before(seq, (s_maxend + 1) & M32):
         # I: data starts beyond the receiver's window
         overshot = (end - s_maxend + 1) & M32
-        ack_ok = _after(sack, (r_end - _max_ack_window(row, sender) - 1) & M32)
+        ack_ok = _after(sack, (r_end - _max_ack_window(mem, e, sender) - 1) & M32)
         in_recv_win = r_maxwin != 0 and _after(end, (s_end - r_maxwin - 1) & M32)
         if in_recv_win and ack_ok and overshot <= r_maxwin and _before(sack, (r_end + 1) & M32):
-            wr32(row, sender + D_END, end)
-            row[sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
-            return _lenient(row, sender, IGNORE)
-        return _lenient(row, sender, A_INVALID)
+            st32(mem, e + sender + D_END, end)
+            mem[e + sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
+            return _lenient(mem, e, sender, IGNORE)
+        return _lenient(mem, e, sender, A_INVALID)
     if not _before(sack, (r_end + 1) & M32):
-        return _lenient(row, sender, A_INVALID)  # III: acknowledges data never seen
+        return _lenient(mem, e, sender, A_INVALID)  # III: acknowledges data never seen
     if r_maxwin != 0 and not _after(end, (s_end - r_maxwin - 1) & M32):
-        return _lenient(row, sender, IGNORE)  # II: retransmission of acknowledged data
-    if not _after(sack, (r_end - _max_ack_window(row, sender) - 1) & M32):
-        return _lenient(row, sender, IGNORE)  # IV: very old ACK
+        return _lenient(mem, e, sender, IGNORE)  # II: retransmission of acknowledged data
+    if not _after(sack, (r_end - _max_ack_window(mem, e, sender) - 1) & M32):
+        return _lenient(mem, e, sender, IGNORE)  # IV: very old ACK
 
-    win = _scaled(win, row[sender + D_SCALE])
+    win = _scaled(win, mem[e + sender + D_SCALE])
     swin = (win + sack - ack) & M32
-    if rd32(row, sender + D_MAXWIN) < swin:
-        wr32(row, sender + D_MAXWIN, swin)
+    if ld32(mem, e + sender + D_MAXWIN) < swin:
+        st32(mem, e + sender + D_MAXWIN, swin)
     if _after(end, s_end):
-        wr32(row, sender + D_END, end)
-        row[sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
-    if not row[sender + D_FLAGS] & FLAG_MAXACK_SET:
-        wr32(row, sender + D_MAXACK, ack)
-        row[sender + D_FLAGS] |= FLAG_MAXACK_SET
-    elif _after(ack, rd32(row, sender + D_MAXACK)):
-        wr32(row, sender + D_MAXACK, ack)
+        st32(mem, e + sender + D_END, end)
+        mem[e + sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
+    if not mem[e + sender + D_FLAGS] & FLAG_MAXACK_SET:
+        st32(mem, e + sender + D_MAXACK, ack)
+        mem[e + sender + D_FLAGS] |= FLAG_MAXACK_SET
+    elif _after(ack, ld32(mem, e + sender + D_MAXACK)):
+        st32(mem, e + sender + D_MAXACK, ack)
 
-    s_maxend = rd32(row, sender + D_MAXEND)
-    r_maxwin = rd32(row, receiver + D_MAXWIN)
+    s_maxend = ld32(mem, e + sender + D_MAXEND)
+    r_maxwin = ld32(mem, e + receiver + D_MAXWIN)
     if r_maxwin != 0 and _after(end, s_maxend):
-        wr32(row, receiver + D_MAXWIN, (r_maxwin + end - s_maxend) & M32)
+        st32(mem, e + receiver + D_MAXWIN, (r_maxwin + end - s_maxend) & M32)
     right_edge = (sack + win) & M32
-    if _after(right_edge, (rd32(row, receiver + D_MAXEND) - 1) & M32):
-        wr32(row, receiver + D_MAXEND, right_edge if win else (right_edge + 1) & M32)
-    if ack == rd32(row, receiver + D_END):
-        row[receiver + D_FLAGS] &= ~FLAG_DATA_UNACKNOWLEDGED
+    if _after(right_edge, (ld32(mem, e + receiver + D_MAXEND) - 1) & M32):
+        st32(mem, e + receiver + D_MAXEND, right_edge if win else (right_edge + 1) & M32)
+    if ack == ld32(mem, e + receiver + D_END):
+        mem[e + receiver + D_FLAGS] &= ~FLAG_DATA_UNACKNOWLEDGED
 
     # the segment is ACK_SET: count identical ones in a row (retransmissions)
-    if (row[E_LAST_DIR] == d and rd32(row, E_LAST_SEQ) == seq and rd32(row, E_LAST_ACK) == ack
-            and rd32(row, E_LAST_END) == end and rd32(row, E_LAST_WIN) == win_raw):
-        row[E_RETRANS] = (row[E_RETRANS] + 1) & 0xFF
+    if (mem[e + E_LAST_DIR] == d and ld32(mem, e + E_LAST_SEQ) == seq
+            and ld32(mem, e + E_LAST_ACK) == ack and ld32(mem, e + E_LAST_END) == end
+            and ld32(mem, e + E_LAST_WIN) == win_raw):
+        mem[e + E_RETRANS] = (mem[e + E_RETRANS] + 1) & 0xFF
     else:
-        row[E_LAST_DIR] = d
-        wr32(row, E_LAST_SEQ, seq)
-        wr32(row, E_LAST_ACK, ack)
-        wr32(row, E_LAST_END, end)
-        wr32(row, E_LAST_WIN, win_raw)
-        row[E_RETRANS] = 0
+        mem[e + E_LAST_DIR] = d
+        st32(mem, e + E_LAST_SEQ, seq)
+        st32(mem, e + E_LAST_ACK, ack)
+        st32(mem, e + E_LAST_END, end)
+        st32(mem, e + E_LAST_WIN, win_raw)
+        mem[e + E_RETRANS] = 0
     return ACCEPT
 
 
-@numba.njit(cache=True)
-def _tcp_timeout(row, new_state):
+@kernel()
+def _tcp_timeout(mem, e, new_state):
     state_timeout = TIMEOUTS[new_state]
-    if row[E_RETRANS] >= MAX_RETRANS and state_timeout > TIMEOUT_RETRANS:
+    if mem[e + E_RETRANS] >= MAX_RETRANS and state_timeout > TIMEOUT_RETRANS:
         return TIMEOUT_RETRANS
-    unacked = (row[E_SEEN + D_FLAGS] | row[E_SEEN + SEEN_SIZE + D_FLAGS]) & FLAG_DATA_UNACKNOWLEDGED
+    flags = mem[e + E_SEEN + D_FLAGS] | mem[e + E_SEEN + SEEN_SIZE + D_FLAGS]
+    unacked = flags & FLAG_DATA_UNACKNOWLEDGED
     if unacked and state_timeout > TIMEOUT_UNACK:
         return TIMEOUT_UNACK
-    if rd32(row, E_LAST_WIN) == 0 and state_timeout > TIMEOUT_RETRANS:
+    if ld32(mem, e + E_LAST_WIN) == 0 and state_timeout > TIMEOUT_RETRANS:
         return TIMEOUT_RETRANS
     return state_timeout
 
 
-@numba.njit(cache=True)
-def _ignored(row, d):
+@kernel()
+def _ignored(mem, e, d):
     """conntrack_tcp._done for IGNORE: a reply packet the tracker passes marks SEEN_REPLY."""
     if d == 1:
-        row[E_STATUS] |= SEEN_REPLY
+        mem[e + E_STATUS] |= SEEN_REPLY
     return IGNORE, -1
 
 
-@numba.njit(cache=True)
-def tcp_track(row, d, b, s, f):
+@kernel()
+def tcp_track(mem, e, d, b, s, f):
     """conntrack_tcp.tcp_packet for a segment without SYN, FIN, RST: (action, timeout_ns).
 
     The status byte's SEEN_REPLY bit is the conntrack's seen_reply (entry.Flow keeps them so).
@@ -306,52 +283,53 @@ def tcp_track(row, d, b, s, f):
     flags = f[F_FLAGS]
     if not flags & TCP_ACK:
         return A_INVALID, -1  # no ACK, no SYN/FIN/RST: not a valid flag combination
-    old_state = numba.int64(row[E_TCP_STATE])
+    old_state = numba.int64(mem[e + E_TCP_STATE])
     new_state = ACK_ROWS[d, old_state]
     if new_state == S_IGNORE:
         # conntrack_tcp._note_ignored for an ACK_SET packet
-        row[E_LAST_INDEX] = ACK_SET
-        row[E_LAST_DIR] = d
-        wr32(row, E_LAST_SEQ, f[F_SEQ])
-        wr32(row, E_LAST_END, (f[F_SEQ] + f[F_PAYLOAD]) & M32)
-        wr32(row, E_LAST_WIN, f[F_WINDOW])
+        mem[e + E_LAST_INDEX] = ACK_SET
+        mem[e + E_LAST_DIR] = d
+        st32(mem, e + E_LAST_SEQ, f[F_SEQ])
+        st32(mem, e + E_LAST_END, (f[F_SEQ] + f[F_PAYLOAD]) & M32)
+        st32(mem, e + E_LAST_WIN, f[F_WINDOW])
         if old_state == S_SYN_SENT and d == 1:
-            wr32(row, E_LAST_ACK, f[F_ACK])
-        return _ignored(row, d)
+            st32(mem, e + E_LAST_ACK, f[F_ACK])
+        return _ignored(mem, e, d)
     if new_state == S_INVALID:
         return A_INVALID, -1
     if new_state == S_TIME_WAIT:
-        if (old_state == S_LAST_ACK and row[E_LAST_DIR] != d and row[E_LAST_INDEX] == SYN_SET
-                and row[E_LAST_FLAGS] & FLAG_CHALLENGE_ACK):
-            row[E_LAST_FLAGS] &= ~FLAG_CHALLENGE_ACK
-            return _ignored(row, d)
-    elif new_state == S_SYN_RECV and d == 1 and row[E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN:
+        if (old_state == S_LAST_ACK and mem[e + E_LAST_DIR] != d
+                and mem[e + E_LAST_INDEX] == SYN_SET
+                and mem[e + E_LAST_FLAGS] & FLAG_CHALLENGE_ACK):
+            mem[e + E_LAST_FLAGS] &= ~FLAG_CHALLENGE_ACK
+            return _ignored(mem, e, d)
+    elif new_state == S_SYN_RECV and d == 1 and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN:
         new_state = S_ESTABLISHED
 
-    action = tcp_in_window(row, d, b, s, f)
+    action = tcp_in_window(mem, e, d, b, s, f)
     if action == IGNORE:
-        return _ignored(row, d)
+        return _ignored(mem, e, d)
     if action == A_INVALID:
         return A_INVALID, -1
 
-    row[E_LAST_INDEX] = ACK_SET
-    row[E_LAST_DIR] = d
-    row[E_TCP_STATE] = new_state
-    timeout = _tcp_timeout(row, new_state)
-    if not row[E_STATUS] & SEEN_REPLY:
+    mem[e + E_LAST_INDEX] = ACK_SET
+    mem[e + E_LAST_DIR] = d
+    mem[e + E_TCP_STATE] = new_state
+    timeout = _tcp_timeout(mem, e, new_state)
+    if not mem[e + E_STATUS] & SEEN_REPLY:
         if new_state == S_ESTABLISHED and timeout > TIMEOUT_UNACK:
             timeout = TIMEOUT_UNACK  # picked up mid-stream, no answer yet
-    elif (not row[E_STATUS] & ASSURED and new_state == S_ESTABLISHED
+    elif (not mem[e + E_STATUS] & ASSURED and new_state == S_ESTABLISHED
           and old_state in (S_SYN_RECV, S_ESTABLISHED)):
-        row[E_STATUS] |= ASSURED
+        mem[e + E_STATUS] |= ASSURED
     if d == 1:
-        row[E_STATUS] |= SEEN_REPLY
+        mem[e + E_STATUS] |= SEEN_REPLY
     return ACCEPT, timeout
 
 
 # -- rewrite ------------------------------------------------------------------------------------
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _ones_sum(a, i, n):
     """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF."""
     v = np.int64(0)
@@ -363,23 +341,25 @@ def _ones_sum(a, i, n):
     return r if r else 0xFFFF
 
 
-@numba.njit(cache=True)
-def _adjust(b, at, old_sum, new_sum, udp4):
-    """rewrite._adjust: RFC 1624 update of the checksum at b[at] for a field old -> new."""
+@kernel(inline=True)
+def _adjust(b, at, terms, udp4):
+    """rewrite._adjust for several fields at once: RFC 1624 update of the checksum at b[at] by
+    `terms`, the sum of ~old + new over the changed fields. One update by the sum equals the
+    updates one field at a time (ones'-complement addition is associative, and the folded sum
+    is 0 only when every term is), including UDP's 0 -> 0xFFFF."""
     csum = be16(b, at)
     if udp4 and csum == 0:
         return  # UDP over IPv4 sent without a checksum stays so
-    t = (~csum & 0xFFFF) + new_sum + (~old_sum & 0xFFFF)
+    t = (~csum & 0xFFFF) + terms
     while t >> 16:
         t = (t & 0xFFFF) + (t >> 16)
     value = ~t & 0xFFFF
     if value == 0 and udp4:
         value = 0xFFFF
-    b[at] = value >> 8
-    b[at + 1] = value & 0xFF
+    st_be16(b, at, value)
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _l4_checksum_at(l4, proto):
     if proto == 6:
         return l4 + 16
@@ -388,113 +368,119 @@ def _l4_checksum_at(l4, proto):
     return l4 + 2  # ICMP, ICMPv6
 
 
-@numba.njit(cache=True)
-def _set_addr(b, at, row, field, n, family, l3, l4, proto):
-    """rewrite._set_addr: write the address at b[at] from row[field:field+n], fix checksums."""
+@kernel(inline=True)
+def _same_addr(a, i, mem, j, n):
+    """Are the n-byte (4 or 16) addresses at a[i] and mem[j] equal?"""
+    if n == 4:
+        return ld32(a, i) == ld32(mem, j)
+    return ld64(a, i) == ld64(mem, j) and ld64(a, i + 8) == ld64(mem, j + 8)
+
+
+@kernel(inline=True)
+def _set_addr(b, at, mem, j, n):
+    """rewrite._set_addr without the checksums: write the address, return its ~old + new."""
     old_sum = _ones_sum(b, at, n)
-    new_sum = _ones_sum(row, field, n)
-    for k in range(n):
-        b[at + k] = row[field + k]
-    if family == 4:
-        _adjust(b, l3 + 10, old_sum, new_sum, False)
-    if proto == 6 or proto == 17 or proto == 58:
-        _adjust(b, _l4_checksum_at(l4, proto), old_sum, new_sum, proto == 17 and family == 4)
+    new_sum = _ones_sum(mem, j, n)
+    if n == 4:
+        st32(b, at, ld32(mem, j))
+    else:
+        st64(b, at, ld64(mem, j))
+        st64(b, at + 8, ld64(mem, j + 8))
+    return (~old_sum & 0xFFFF) + new_sum
 
 
-@numba.njit(cache=True)
-def _set_port(b, at, port, l4, proto, udp4):
+@kernel(inline=True)
+def _set_port(b, at, port):
     old = be16(b, at)
-    b[at] = port >> 8
-    b[at + 1] = port & 0xFF
-    _adjust(b, _l4_checksum_at(l4, proto), old, port, udp4)  # ones_sum of one word is itself
+    st_be16(b, at, port)
+    return (~old & 0xFFFF) + port  # ones_sum of one word is itself
 
 
-@numba.njit(cache=True)
-def _differs(b, at, row, field, n):
-    for k in range(n):  # noqa: SIM110 - a loop: numba compiles no any(generator)
-        if b[at + k] != row[field + k]:
-            return True
-    return False
-
-
-@numba.njit(cache=True)
-def translate(row, d, b, s, f):
+@kernel()
+def translate(mem, e, d, b, s, f):
     """xlat.translate: rewrite a packet of the flow in direction d (0 original, 1 reply)."""
     family = f[F_FAMILY]
     n = 4 if family == 4 else 16
-    if (not _differs(row, E_SRC, row, E_XSRC, n) and not _differs(row, E_DST, row, E_XDST, n)
-            and le16(row, E_SPORT) == le16(row, E_XSPORT)
-            and le16(row, E_DPORT) == le16(row, E_XDPORT)):
+    if (_same_addr(mem, e + E_SRC, mem, e + E_XSRC, n)
+            and _same_addr(mem, e + E_DST, mem, e + E_XDST, n)
+            and ld16(mem, e + E_SPORT) == ld16(mem, e + E_XSPORT)
+            and ld16(mem, e + E_DPORT) == ld16(mem, e + E_XDPORT)):
         return
     if d == 0:
         src, dst = E_XSRC, E_XDST
-        sport, dport = le16(row, E_XSPORT), le16(row, E_XDPORT)
+        sport, dport = ld16(mem, e + E_XSPORT), ld16(mem, e + E_XDPORT)
     else:
         src, dst = E_DST, E_SRC
-        sport, dport = le16(row, E_DPORT), le16(row, E_SPORT)
+        sport, dport = ld16(mem, e + E_DPORT), ld16(mem, e + E_SPORT)
     proto = f[F_PROTO]
     l3 = s + f[F_L3]
     l4 = s + f[F_L4]
     src_at = l3 + (12 if family == 4 else 8)
     dst_at = l3 + (16 if family == 4 else 24)
-    if _differs(b, src_at, row, src, n):
-        _set_addr(b, src_at, row, src, n, family, l3, l4, proto)
-    if _differs(b, dst_at, row, dst, n):
-        _set_addr(b, dst_at, row, dst, n, family, l3, l4, proto)
-    udp4 = proto == 17 and family == 4
+    addr_terms = 0  # IPv4 header and pseudo-header
+    if not _same_addr(b, src_at, mem, e + src, n):
+        addr_terms += _set_addr(b, src_at, mem, e + src, n)
+    if not _same_addr(b, dst_at, mem, e + dst, n):
+        addr_terms += _set_addr(b, dst_at, mem, e + dst, n)
+    port_terms = 0
     echo = f[F_ECHO] != 0
     cur_sport = f[F_SPORT]
     cur_dport = f[F_DPORT]
     if cur_sport != sport:
-        _set_port(b, l4 + 4 if echo else l4, sport, l4, proto, udp4)
-        cur_sport = sport
+        port_terms += _set_port(b, l4 + 4 if echo else l4, sport)
         if echo:  # the identifier is both ports
             cur_dport = sport
     if cur_dport != dport:
-        _set_port(b, l4 + 4 if echo else l4 + 2, dport, l4, proto, udp4)
+        port_terms += _set_port(b, l4 + 4 if echo else l4 + 2, dport)
+    if family == 4 and addr_terms:
+        _adjust(b, l3 + 10, addr_terms, False)
+    if proto == 6 or proto == 17 or proto == 58:
+        port_terms += addr_terms
+    if port_terms:
+        _adjust(b, _l4_checksum_at(l4, proto), port_terms, proto == 17 and family == 4)
 
 
 # -- the chain for one packet -------------------------------------------------------------------
 
-@numba.njit(cache=True)
-def process_flow(row, d, b, s, f, now):
+@kernel()
+def process_flow(mem, e, d, b, s, f, now):
     """chain.process_flow for a packet the engine processes: (verdict, reason)."""
-    proto = row[E_PROTO]
+    proto = mem[e + E_PROTO]
     if proto == 6:
-        action, timeout = tcp_track(row, d, b, s, f)
+        action, timeout = tcp_track(mem, e, d, b, s, f)
         if action == A_INVALID:
             return DROP, INVALID
         if action == IGNORE:
-            translate(row, d, b, s, f)
+            translate(mem, e, d, b, s, f)
             return FORWARD, ESTABLISHED
-        wr64(row, E_EXPIRES, now + timeout)
+        st64(mem, e + E_EXPIRES, now + timeout)
     elif proto == 17:
-        status = row[E_STATUS]
+        status = mem[e + E_STATUS]
         if status & SEEN_REPLY:
             timeout = UDP_TIMEOUT_UNREPLIED
-            if now > rd64(row, E_STREAM_TS):
+            if now > ld64(mem, e + E_STREAM_TS):
                 timeout = UDP_TIMEOUT_REPLIED
-                row[E_STATUS] |= ASSURED
-            wr64(row, E_EXPIRES, now + timeout)
+                mem[e + E_STATUS] |= ASSURED
+            st64(mem, e + E_EXPIRES, now + timeout)
         else:
-            wr64(row, E_EXPIRES, now + UDP_TIMEOUT_UNREPLIED)
+            st64(mem, e + E_EXPIRES, now + UDP_TIMEOUT_UNREPLIED)
         if d:
-            row[E_STATUS] |= SEEN_REPLY
+            mem[e + E_STATUS] |= SEEN_REPLY
     else:
-        wr64(row, E_EXPIRES, now + ICMP_TIMEOUT)
+        st64(mem, e + E_EXPIRES, now + ICMP_TIMEOUT)
         if d:
-            row[E_STATUS] |= SEEN_REPLY
-    wr64(row, E_PACKETS + 8 * d, rd64(row, E_PACKETS + 8 * d) + 1)
-    wr64(row, E_BYTES + 8 * d, rd64(row, E_BYTES + 8 * d) + f[F_TOTAL])
-    wr64(row, E_LAST_SEEN, now)
-    translate(row, d, b, s, f)
+            mem[e + E_STATUS] |= SEEN_REPLY
+    st64(mem, e + E_PACKETS + 8 * d, ld64(mem, e + E_PACKETS + 8 * d) + 1)
+    st64(mem, e + E_BYTES + 8 * d, ld64(mem, e + E_BYTES + 8 * d) + f[F_TOTAL])
+    st64(mem, e + E_LAST_SEEN, now)
+    translate(mem, e, d, b, s, f)
     return FORWARD, ESTABLISHED
 
 
-@numba.njit(cache=True)
-def processable(row, f):
+@kernel()
+def processable(mem, e, f):
     """Can the engine run this hit of a fully parsed packet exactly? Else software must."""
-    if row[E_PROTO] == 6:
+    if mem[e + E_PROTO] == 6:
         # SYN, FIN and RST change the connection's life: software handles them
-        return not f[F_FLAGS] & 0x07 and row[E_TCP_STATE] < N_STATES
+        return not f[F_FLAGS] & 0x07 and mem[e + E_TCP_STATE] < N_STATES
     return True

@@ -7,14 +7,16 @@ and `slot * 2 + direction` (-1: empty); linear probing, deletion by backward shi
 tombstones, so lookups never slow down under churn). The size is a power of two at least twice
 the number of keys, so a probe always ends at an empty bucket.
 
-Entries are rows of bytes in the ENTRY_DTYPE layout; the offsets below are checked against it
-by the engine at import.
+Entries are the cache's bytes, E_SIZE per slot, in the ENTRY_DTYPE layout; the offsets below
+are checked against it by the engine at import.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16
 
 # ENTRY_DTYPE offsets the compiled code reads and writes
 E_FAMILY = 0
@@ -28,53 +30,43 @@ E_XSRC = 40
 E_XDST = 56
 E_XSPORT = 72
 E_XDPORT = 74
+E_SIZE = 224  # ENTRY_SIZE: entry i starts at byte i * E_SIZE of the cache
 
 EMPTY = -1
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 
 
-@numba.njit(cache=True, inline="always")
-def le16(row, i):
-    return numba.int64(row[i]) | (numba.int64(row[i + 1]) << 8)
-
-
-@numba.njit(cache=True, inline="always")
-def addr_words(row, i, family):
+@kernel(inline=True)
+def addr_words(mem, i, family):
     """A 16-byte address field as two big-endian words (IPv4: only its 4 bytes count)."""
-    hi = np.int64(0)
-    lo = np.int64(0)
-    for k in range(8):
-        hi = (hi << 8) | numba.int64(row[i + k])
     if family == 4:
-        return hi & np.int64(-4294967296), np.int64(0)  # keep the top 32 bits
-    for k in range(8, 16):
-        lo = (lo << 8) | numba.int64(row[i + k])
-    return hi, lo
+        return be32(mem, i) << 32, np.int64(0)
+    return be64(mem, i), be64(mem, i + 8)
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def head_word(family, proto, zone, sport, dport):
     return family | (proto << 8) | (zone << 16) | (sport << 32) | (dport << 48)
 
 
-@numba.njit(cache=True)
-def entry_key(row, reply):
-    """The original key of an entry row, or its reply key (the reverse of the rewrite)."""
-    family = numba.int64(row[E_FAMILY])
-    proto = numba.int64(row[E_PROTO])
-    zone = le16(row, E_ZONE)
+@kernel()
+def entry_key(mem, e, reply):
+    """The original key of the entry at mem[e], or its reply key (the reverse of the rewrite)."""
+    family = numba.int64(mem[e + E_FAMILY])
+    proto = numba.int64(mem[e + E_PROTO])
+    zone = ld16(mem, e + E_ZONE)
     if reply:
-        s_hi, s_lo = addr_words(row, E_XDST, family)
-        d_hi, d_lo = addr_words(row, E_XSRC, family)
-        return (head_word(family, proto, zone, le16(row, E_XDPORT), le16(row, E_XSPORT)),
+        s_hi, s_lo = addr_words(mem, e + E_XDST, family)
+        d_hi, d_lo = addr_words(mem, e + E_XSRC, family)
+        return (head_word(family, proto, zone, ld16(mem, e + E_XDPORT), ld16(mem, e + E_XSPORT)),
                 s_hi, s_lo, d_hi, d_lo)
-    s_hi, s_lo = addr_words(row, E_SRC, family)
-    d_hi, d_lo = addr_words(row, E_DST, family)
-    return (head_word(family, proto, zone, le16(row, E_SPORT), le16(row, E_DPORT)),
+    s_hi, s_lo = addr_words(mem, e + E_SRC, family)
+    d_hi, d_lo = addr_words(mem, e + E_DST, family)
+    return (head_word(family, proto, zone, ld16(mem, e + E_SPORT), ld16(mem, e + E_DPORT)),
             s_hi, s_lo, d_hi, d_lo)
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _home(w0, w1, w2, w3, w4, mask):
     h = np.int64(0)
     for w in (w0, w1, w2, w3, w4):
@@ -83,13 +75,13 @@ def _home(w0, w1, w2, w3, w4, mask):
     return h & mask
 
 
-@numba.njit(cache=True, inline="always")
+@kernel(inline=True)
 def _same(keys, j, w0, w1, w2, w3, w4):
     return (keys[j, 0] == w0 and keys[j, 1] == w1 and keys[j, 2] == w2 and keys[j, 3] == w3
             and keys[j, 4] == w4)
 
 
-@numba.njit(cache=True)
+@kernel()
 def lookup(keys, vals, w0, w1, w2, w3, w4):
     """slot * 2 + direction of a key, or -1."""
     mask = len(vals) - 1
@@ -101,7 +93,7 @@ def lookup(keys, vals, w0, w1, w2, w3, w4):
     return EMPTY
 
 
-@numba.njit(cache=True)
+@kernel()
 def _put(keys, vals, key, value):
     mask = len(vals) - 1
     j = _home(key[0], key[1], key[2], key[3], key[4], mask)
@@ -112,7 +104,7 @@ def _put(keys, vals, key, value):
     vals[j] = value
 
 
-@numba.njit(cache=True)
+@kernel()
 def _delete(keys, vals, key):
     mask = len(vals) - 1
     i = _home(key[0], key[1], key[2], key[3], key[4], mask)
@@ -138,12 +130,12 @@ def _delete(keys, vals, key):
     vals[i] = EMPTY
 
 
-@numba.njit(cache=True)
-def index_insert(rows, slot, keys, vals):
-    """Index both keys of the entry in rows[slot]; False if either is taken (or they are one)."""
-    row = rows[slot]
-    key = entry_key(row, False)
-    reply = entry_key(row, True)
+@kernel()
+def index_insert(mem, slot, keys, vals):
+    """Index both keys of the entry in slot; False if either is taken (or they are one)."""
+    e = slot * E_SIZE
+    key = entry_key(mem, e, False)
+    reply = entry_key(mem, e, True)
     if key == reply:
         return False
     if lookup(keys, vals, *key) != EMPTY or lookup(keys, vals, *reply) != EMPTY:
@@ -153,11 +145,11 @@ def index_insert(rows, slot, keys, vals):
     return True
 
 
-@numba.njit(cache=True)
-def index_remove(rows, slot, keys, vals):
-    row = rows[slot]
-    _delete(keys, vals, entry_key(row, False))
-    _delete(keys, vals, entry_key(row, True))
+@kernel()
+def index_remove(mem, slot, keys, vals):
+    e = slot * E_SIZE
+    _delete(keys, vals, entry_key(mem, e, False))
+    _delete(keys, vals, entry_key(mem, e, True))
 
 
 def table_size(capacity: int) -> int:

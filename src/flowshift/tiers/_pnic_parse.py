@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numba
 
+from flowshift.tiers._pnic_mem import be16, be32, be64, kernel, ld32
+
 FAIL = 0
 KEY_ONLY = 1
 FULL = 2
@@ -49,27 +51,12 @@ _ARPHRD_NETLINK = 824
 _TS_ONLY_MARKER = 0x0101080A
 
 
-@numba.njit(cache=True, inline="always")
-def be16(b, i):
-    return (numba.int64(b[i]) << 8) | numba.int64(b[i + 1])
-
-
-@numba.njit(cache=True, inline="always")
-def be32(b, i):
-    return (be16(b, i) << 16) | be16(b, i + 2)
-
-
-@numba.njit(cache=True, inline="always")
-def be64(b, i):
-    return (be32(b, i) << 32) | be32(b, i + 4)
-
-
-@numba.njit(cache=True)
+@kernel(inline=True)
 def _is_vlan(ethertype):
     return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100 or ethertype == 0x9200
 
 
-@numba.njit(cache=True)
+@kernel()
 def parse_frame(b, s, n, wire, linktype, f):
     """Parse the frame b[s:s+n] (wire: its length on the wire) into f; FAIL/KEY_ONLY/FULL."""
     if wire < n:
@@ -110,8 +97,7 @@ def parse_frame(b, s, n, wire, linktype, f):
             return FAIL
         family = be32(b, s)
         if linktype == 0 and family > 0xFFFF:
-            family = (numba.int64(b[s]) | (numba.int64(b[s + 1]) << 8)
-                      | (numba.int64(b[s + 2]) << 16) | (numba.int64(b[s + 3]) << 24))
+            family = ld32(b, s)
         if family == 2:
             ethertype = _ETH_P_IPV4
         elif family == 10 or family == 24 or family == 28 or family == 30:
@@ -133,7 +119,7 @@ def parse_frame(b, s, n, wire, linktype, f):
     return FAIL
 
 
-@numba.njit(cache=True)
+@kernel()
 def _ipv4_options_ok(b, s, i, end):
     while i < end:
         kind = b[s + i]
@@ -151,7 +137,7 @@ def _ipv4_options_ok(b, s, i, end):
     return True
 
 
-@numba.njit(cache=True)
+@kernel()
 def _ipv4(b, s, off, limit, room, f):
     if limit - off < 20:
         return FAIL
@@ -182,7 +168,7 @@ def _ipv4(b, s, off, limit, room, f):
     return status
 
 
-@numba.njit(cache=True)
+@kernel()
 def _jumbo_payload_length(b, s, i, limit):
     """The Jumbo Payload option of the hop-by-hop header at i (RFC 2675), or 0."""
     if i + 8 > limit:
@@ -201,7 +187,7 @@ def _jumbo_payload_length(b, s, i, limit):
     return 0
 
 
-@numba.njit(cache=True)
+@kernel()
 def _ipv6(b, s, off, limit, room, f):
     if limit - off < 40:
         return FAIL
@@ -255,7 +241,7 @@ def _ipv6(b, s, off, limit, room, f):
     return status
 
 
-@numba.njit(cache=True)
+@kernel()
 def _transport(b, s, proto, off, limit, is_frag, f):
     f[F_SACK_AT] = -1
     f[F_SACK_N] = 0
@@ -269,7 +255,7 @@ def _transport(b, s, proto, off, limit, is_frag, f):
     return FAIL  # a protocol flowshift does not track
 
 
-@numba.njit(cache=True)
+@kernel()
 def _tcp(b, s, off, limit, f):
     seglen = f[F_L4LEN]
     if seglen < 20 or limit - off < 20:
@@ -292,7 +278,7 @@ def _tcp(b, s, off, limit, f):
     return FULL
 
 
-@numba.njit(cache=True)
+@kernel()
 def _tcp_options(b, s, i, end, limit, f):
     """Validate the options like parse._tcp_options; note where the last SACK option is."""
     stop = end if end < limit else limit
@@ -330,7 +316,7 @@ def _tcp_options(b, s, i, end, limit, f):
     return True
 
 
-@numba.njit(cache=True)
+@kernel()
 def _udp(b, s, off, limit, is_frag, f):
     seglen = f[F_L4LEN]
     if seglen < 8 or limit - off < 8:
@@ -346,7 +332,7 @@ def _udp(b, s, off, limit, is_frag, f):
     return FULL
 
 
-@numba.njit(cache=True)
+@kernel()
 def _icmp(b, s, proto, off, limit, f):
     if f[F_L4LEN] < 8 or limit - off < 8:
         return FAIL

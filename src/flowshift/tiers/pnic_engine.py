@@ -22,6 +22,7 @@ from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.tiers import _pnic_flow as kf
 from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers._pnic_batch import LIVE, RETURNED, process_batch
+from flowshift.tiers._pnic_parse import N_FIELDS
 from flowshift.verdict import Reason, Verdict
 
 if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
@@ -46,6 +47,7 @@ def _check_layout() -> None:
         "last_seen": kf.E_LAST_SEEN, "expires": kf.E_EXPIRES, "stream_ts": kf.E_STREAM_TS,
         "packets": kf.E_PACKETS, "bytes": kf.E_BYTES,
     }
+    assert ki.E_SIZE == ENTRY_SIZE, "ENTRY_DTYPE changed size: update the PNIC engine"
     for name, off in offsets.items():
         assert fields[name][1] == off, f"ENTRY_DTYPE.{name} moved: update the PNIC engine"
     seen = fields["seen0"][0]
@@ -95,6 +97,11 @@ def _compile_classifier(classifier: Classifier) -> tuple[np.ndarray, np.ndarray]
     return _int64(inside, 6), _int64(public, 4)
 
 
+def _as(a: np.ndarray, dtype: type) -> np.ndarray:
+    """a as a contiguous array of dtype, copied only when it is not one already."""
+    return np.ascontiguousarray(a, dtype)
+
+
 class PnicEngine:
     """The second cache and its compiled data path."""
 
@@ -103,7 +110,8 @@ class PnicEngine:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
-        self._rows = self.entries.view(np.uint8).reshape(capacity, ENTRY_SIZE)
+        self._mem = self.entries.view(np.uint8)  # what the kernels read: the entries' bytes
+        self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
         size = ki.table_size(capacity)
         self._keys = np.zeros((size, 5), np.int64)
         self._vals = np.full(size, ki.EMPTY, np.int64)
@@ -126,7 +134,7 @@ class PnicEngine:
             return -1
         slot = self._free[-1]
         self._rows[slot] = np.frombuffer(entry, np.uint8)
-        if not ki.index_insert(self._rows, slot, self._keys, self._vals):
+        if not ki.index_insert(self._mem, slot, self._keys, self._vals):
             self._rows[slot] = 0
             return -1
         self._free.pop()
@@ -138,7 +146,7 @@ class PnicEngine:
         """Take an entry out (live, or returned by `process`): its exact bytes."""
         state = self._slot_state(slot)
         if state == LIVE:
-            ki.index_remove(self._rows, slot, self._keys, self._vals)
+            ki.index_remove(self._mem, slot, self._keys, self._vals)
             self._live -= 1
         return self._release(slot)
 
@@ -216,10 +224,16 @@ class PnicEngine:
         if len(start) and (start.min() < 0
                            or (start + caplen[chosen].astype(np.int64)).max() > len(buf)):
             raise ValueError("a selected frame lies outside buf")
-        done, gone = process_batch(buf, offset, caplen, wire_len, linktype, ts, chosen,
-                                   verdict, reason, returned, machine, direction,
-                                   self._rows, self._state,
-                                   self._keys, self._vals, self._inside, self._public)
+        # one set of argument types, so that every caller runs the same compiled kernel
+        work = np.ascontiguousarray(buf)
+        done, gone = process_batch(work, _as(offset, np.int64), _as(caplen, np.uint32),
+                                   _as(wire_len, np.uint32), _as(linktype, np.uint16),
+                                   _as(ts, np.int64), chosen, verdict, reason, returned,
+                                   machine, direction, self._mem, self._state,
+                                   self._keys, self._vals, self._inside, self._public,
+                                   np.zeros(N_FIELDS, np.int64))
+        if work is not buf:
+            buf[:] = work
         self._live -= gone
         return int(done)
 

@@ -1,0 +1,91 @@
+"""Unchecked loads and stores of 16/32/64-bit integers in uint8 arrays, for the PNIC kernels.
+
+Numba reads `a[i]` one byte at a time with a negative-index test each; a flow entry's fields
+and a header's words are read here in one (unaligned) machine load instead: little-endian for
+the entry (ENTRY_DTYPE is little-endian), byte-swapped for network order. The arrays must be
+one-dimensional and contiguous, and the callers keep every access inside them, as the parser
+does with the captured length. Values come back as int64 (zero-extended; a 64-bit field as its
+int64 bit pattern) and stores keep the low bits of an int64.
+"""
+
+from __future__ import annotations
+
+import numba
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+_I64 = ir.IntType(64)
+
+
+def _address(context, builder, arr_type, arr, i, bits):
+    a = context.make_array(arr_type)(context, builder, arr)
+    return builder.bitcast(builder.gep(a.data, [i]), ir.IntType(bits).as_pointer())
+
+
+def _bswap(builder, v, bits):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]),
+                                        f"llvm.bswap.i{bits}")
+    return builder.call(fn, [v])
+
+
+def _loader(bits: int, network: bool):
+    def load(typingctx, arr, i):
+        def codegen(context, builder, signature, args):
+            ptr = _address(context, builder, signature.args[0], args[0], args[1], bits)
+            v = builder.load(ptr, align=1)
+            if network:
+                v = _bswap(builder, v, bits)
+            return v if bits == 64 else builder.zext(v, _I64)
+
+        return types.int64(arr, types.intp), codegen
+
+    return intrinsic(load)
+
+
+def _storer(bits: int, network: bool):
+    def store(typingctx, arr, i, v):
+        def codegen(context, builder, signature, args):
+            ptr = _address(context, builder, signature.args[0], args[0], args[1], bits)
+            w = args[2] if bits == 64 else builder.trunc(args[2], ir.IntType(bits))
+            if network:
+                w = _bswap(builder, w, bits)
+            builder.store(w, ptr, align=1)
+
+        return types.void(arr, types.intp, types.int64), codegen
+
+    return intrinsic(store)
+
+
+ld16 = _loader(16, False)
+ld32 = _loader(32, False)
+ld64 = _loader(64, False)
+st16 = _storer(16, False)
+st32 = _storer(32, False)
+st64 = _storer(64, False)
+be16 = _loader(16, True)
+be32 = _loader(32, True)
+be64 = _loader(64, True)
+st_be16 = _storer(16, True)
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    """Ask for the cache line of arr[i] ahead of use (a hint: never faults)."""
+    def codegen(context, builder, signature, args):
+        ptr = _address(context, builder, signature.args[0], args[0], args[1], 8)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+
+    return types.void(arr, types.intp), codegen
+
+
+def kernel(*, inline: bool = False):
+    """numba.njit for the engine's kernels: cached, and without reference counting (numba's
+    `_nrt` option). Every array argument of a compiled call otherwise costs two atomic
+    reference-count updates, several dozen per packet, more than the packet's own work; the
+    kernels allocate nothing, so they need none. `inline`: inline at every call site."""
+    return numba.njit(cache=True, _nrt=False, inline="always" if inline else "never")
