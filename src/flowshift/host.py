@@ -234,7 +234,7 @@ class Host:
             rows = self._pnic_first(res, None)
             pos = 0
             while pos < len(rows):
-                i = rows[pos]
+                i = int(rows[pos])
                 pos += 1
                 offloads = self.stats.offloads_to_pnic
                 start = offset[i]
@@ -249,7 +249,7 @@ class Host:
             self.current = None
         return res
 
-    def _pnic_first(self, res: BatchResults, rows: list[int] | None) -> list[int]:
+    def _pnic_first(self, res: BatchResults, rows: np.ndarray | None) -> np.ndarray:
         """Packets of PNIC-owned flows are the PNIC's before software sees the batch, as on a
         SmartNIC whose second cache sits in front of the host: it processes the hits in place
         and leaves the rest (and the flows it hands back) to software, whose packets follow in
@@ -257,7 +257,7 @@ class Host:
         order."""
         link = self.link
         if not (self.pnic_healthy and self.pnic_owned and isinstance(link, InlineLink)):
-            return list(range(len(res))) if rows is None else rows
+            return np.arange(len(res)) if rows is None else rows
         select = np.ones(len(res), np.bool_)
         if rows is not None:
             select[:] = False
@@ -271,7 +271,7 @@ class Host:
         count = int(np.count_nonzero(done))
         self.stats.tier_packets["pnic"] += count
         self.stats.tier_bytes["pnic"] += int(res.wire_len[done].sum())
-        return np.flatnonzero(select & ~done).tolist()
+        return np.flatnonzero(select & ~done)
 
     def _steer(self, item: _Pending, vnic: VnicChain) -> None:
         pkt = item.pkt
