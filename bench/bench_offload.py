@@ -118,15 +118,21 @@ def pnic_engine(cfg: HostConfig, trace: Path, chain: Chain, skip: int) -> dict[s
     return {"entries": len(flows), "packets": total, "processed": processed,
             "processed_share": processed / max(total, 1),
             "packets_per_second": total / elapsed if elapsed else 0.0,
-            "bytes_per_entry": engine_bytes(engine) / engine_capacity(engine)}
+            "bytes_per_entry": second_cache_bytes(cfg)}
 
 
 def engine_bytes(engine: Any) -> int:
-    return sum(v.nbytes for v in vars(engine).values() if isinstance(v, np.ndarray))
+    """Memory of the engine's arrays, each buffer once (views of the entries are not new)."""
+    return sum(v.nbytes for v in vars(engine).values()
+               if isinstance(v, np.ndarray) and v.base is None)
 
 
-def engine_capacity(engine: Any) -> int:
-    return len(engine.entries)
+def second_cache_bytes(cfg: HostConfig) -> float:
+    """Bytes per slot of a second cache of the config's capacity: entries and their index."""
+    from flowshift.tiers.pnic_engine import PnicEngine
+
+    capacity = cfg.pnic.capacity
+    return engine_bytes(PnicEngine(capacity, Classifier(cfg.machines))) / capacity
 
 
 def replay(trace: Path, offload: str) -> float:
