@@ -31,6 +31,42 @@ FIREWALL_HOST = {
 REAL = CORPUS / "real"
 
 
+# a gateway: firewall, SNAT of both families, LB VIPs (round robin and Maglev, TCP and UDP)
+GATEWAY_HOST = {
+    "offload": {"policy": "elephant", "elephant_packets": 16, "elephant_bytes": 20000,
+                "idle_timeout": 2.0, "report_interval": 0.5},
+    "pnic": {"capacity": 64},
+    "machine": [{
+        "name": "gw",
+        "addresses": ["10.0.0.0/23", "fd00::/63"],
+        "public": ["192.0.2.1", "2001:db8:ffff::1", "192.0.2.10", "2001:db8:ffff::10",
+                   "192.0.2.53"],
+        "services": ["firewall", "nat", "lb", "count"],
+        "firewall": {"default": "drop", "rule": [
+            {"action": "allow", "direction": "egress", "proto": "any"},
+            {"action": "allow", "direction": "ingress", "proto": "tcp", "dst": "10.0.1.0/24",
+             "dst_port": [8080]},
+            {"action": "allow", "direction": "ingress", "proto": "tcp",
+             "dst": "fd00:0:0:1::/64", "dst_port": [8080]},
+            {"action": "allow", "direction": "ingress", "proto": "udp", "dst": "10.0.1.0/24",
+             "dst_port": [53]},
+        ]},
+        "nat": {"snat": [
+            {"source": "10.0.0.0/23", "to": "192.0.2.1", "ports": "1024-65535"},
+            {"source": "fd00::/63", "to": "2001:db8:ffff::1", "ports": "1024-65535"},
+        ]},
+        "lb": [
+            {"proto": "tcp", "vip": "192.0.2.10:80", "scheduler": "round-robin",
+             "backends": ["10.0.1.11:8080", "10.0.1.12:8080", "10.0.1.13:8080"]},
+            {"proto": "tcp", "vip": "[2001:db8:ffff::10]:80",
+             "backends": ["[fd00:0:0:1::11]:8080", "[fd00:0:0:1::12]:8080"]},
+            {"proto": "udp", "vip": "192.0.2.53:53",
+             "backends": ["10.0.1.21:53", "10.0.1.22:53"]},
+        ],
+    }],
+}
+
+
 @dataclass
 class Run:
     results: list[PacketResult]

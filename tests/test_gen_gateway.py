@@ -17,41 +17,8 @@ from flowshift.gen import TraceSpec, generate, parse_networks
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.verdict import Verdict
-from hosttools import run
+from hosttools import GATEWAY_HOST, run
 
-HOST = {
-    "offload": {"policy": "elephant", "elephant_packets": 16, "elephant_bytes": 20000,
-                "idle_timeout": 2.0, "report_interval": 0.5},
-    "pnic": {"capacity": 64},
-    "machine": [{
-        "name": "gw",
-        "addresses": ["10.0.0.0/23", "fd00::/63"],
-        "public": ["192.0.2.1", "2001:db8:ffff::1", "192.0.2.10", "2001:db8:ffff::10",
-                   "192.0.2.53"],
-        "services": ["firewall", "nat", "lb", "count"],
-        "firewall": {"default": "drop", "rule": [
-            {"action": "allow", "direction": "egress", "proto": "any"},
-            {"action": "allow", "direction": "ingress", "proto": "tcp", "dst": "10.0.1.0/24",
-             "dst_port": [8080]},
-            {"action": "allow", "direction": "ingress", "proto": "tcp",
-             "dst": "fd00:0:0:1::/64", "dst_port": [8080]},
-            {"action": "allow", "direction": "ingress", "proto": "udp", "dst": "10.0.1.0/24",
-             "dst_port": [53]},
-        ]},
-        "nat": {"snat": [
-            {"source": "10.0.0.0/23", "to": "192.0.2.1", "ports": "1024-65535"},
-            {"source": "fd00::/63", "to": "2001:db8:ffff::1", "ports": "1024-65535"},
-        ]},
-        "lb": [
-            {"proto": "tcp", "vip": "192.0.2.10:80", "scheduler": "round-robin",
-             "backends": ["10.0.1.11:8080", "10.0.1.12:8080", "10.0.1.13:8080"]},
-            {"proto": "tcp", "vip": "[2001:db8:ffff::10]:80",
-             "backends": ["[fd00:0:0:1::11]:8080", "[fd00:0:0:1::12]:8080"]},
-            {"proto": "udp", "vip": "192.0.2.53:53",
-             "backends": ["10.0.1.21:53", "10.0.1.22:53"]},
-        ],
-    }],
-}
 CLIENTS = parse_networks("10.0.0.0/24,fd00::/64")
 SERVERS = parse_networks("198.51.100.0/24,2001:db8::/64")
 
@@ -64,7 +31,7 @@ def _spec(cfg, **kw) -> TraceSpec:
 
 @pytest.fixture(scope="module")
 def cfg():
-    return parse_config(HOST, "gateway test")
+    return parse_config(GATEWAY_HOST, "gateway test")
 
 
 @pytest.fixture(scope="module", params=["none", "syn-flood", "out-of-window"])
@@ -76,7 +43,7 @@ def replayed(request, cfg, tmp_path_factory):
 
 def _inside(addr: bytes) -> bool:
     ip = ipaddress.ip_address(addr)
-    return any(ip in ipaddress.ip_network(n) for n in HOST["machine"][0]["addresses"])
+    return any(ip in ipaddress.ip_network(n) for n in GATEWAY_HOST["machine"][0]["addresses"])
 
 
 def test_every_valid_packet_is_forwarded(replayed):
@@ -100,7 +67,7 @@ def test_replies_arrive_translated(replayed):
         before, after = parse(bytearray(data), 1), parse(bytearray(r.data), 1)
         if r.direction == "egress":  # leaves with a public source: SNAT or the VIP
             assert after.src in {ipaddress.ip_address(a).packed
-                                 for a in HOST["machine"][0]["public"]}
+                                 for a in GATEWAY_HOST["machine"][0]["public"]}
         else:  # reaches the inside: a de-NAT'ed reply or a backend
             assert _inside(after.dst)
             if not _inside(before.dst):
@@ -152,7 +119,7 @@ def test_bad_specs_name_the_problem(cfg, kw, words):
 
 
 def test_no_targets_means_no_ingress(tmp_path):
-    machine = {k: v for k, v in HOST["machine"][0].items() if k != "lb"}
+    machine = {k: v for k, v in GATEWAY_HOST["machine"][0].items() if k != "lb"}
     machine["services"] = ["firewall", "nat", "count"]
     plain = parse_config({"machine": [machine]}, "t")
     spec = _spec(plain, flows=40, elephants=0)

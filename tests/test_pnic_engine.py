@@ -34,43 +34,13 @@ from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, process_flow
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir
 from flowshift.tiers.pnic_engine import PnicEngine
-from hosttools import REAL
+from hosttools import GATEWAY_HOST, REAL
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
 
 S = 1_000_000_000
 _LIFE = TCP_SYN | TCP_FIN | TCP_RST
 
-GATEWAY = {
-    "machine": [{
-        "name": "gw",
-        "addresses": ["10.0.0.0/23", "fd00::/63"],
-        "public": ["192.0.2.1", "2001:db8:ffff::1", "192.0.2.10", "2001:db8:ffff::10",
-                   "192.0.2.53"],
-        "services": ["firewall", "nat", "lb", "count"],
-        "firewall": {"default": "drop", "rule": [
-            {"action": "allow", "direction": "egress", "proto": "any"},
-            {"action": "allow", "direction": "ingress", "proto": "tcp", "dst": "10.0.1.0/24",
-             "dst_port": [8080]},
-            {"action": "allow", "direction": "ingress", "proto": "tcp",
-             "dst": "fd00:0:0:1::/64", "dst_port": [8080]},
-            {"action": "allow", "direction": "ingress", "proto": "udp", "dst": "10.0.1.0/24",
-             "dst_port": [53]},
-        ]},
-        "nat": {"snat": [
-            {"source": "10.0.0.0/23", "to": "192.0.2.1", "ports": "1024-65535"},
-            {"source": "fd00::/63", "to": "2001:db8:ffff::1", "ports": "1024-65535"},
-        ]},
-        "lb": [
-            {"proto": "tcp", "vip": "192.0.2.10:80",
-             "backends": ["10.0.1.11:8080", "10.0.1.12:8080"]},
-            {"proto": "tcp", "vip": "[2001:db8:ffff::10]:80",
-             "backends": ["[fd00:0:0:1::11]:8080", "[fd00:0:0:1::12]:8080"]},
-            {"proto": "udp", "vip": "192.0.2.53:53",
-             "backends": ["10.0.1.21:53", "10.0.1.22:53"]},
-        ],
-    }],
-}
 
 # a machine for hand-made flows: inside 10.0.0.0/24 and fd00::/64, NAT'ed to 192.0.2.1/::1
 LAB = {"machine": [{"name": "lab", "addresses": ["10.0.0.0/24", "fd00::/64"],
@@ -222,7 +192,7 @@ def test_real_capture_matches_reference():
 
 @pytest.mark.parametrize("attack", ["none", "out-of-window"])
 def test_generated_gateway_trace_matches_reference(tmp_path, attack):
-    cfg = parse_config(GATEWAY, "gateway")
+    cfg = parse_config(GATEWAY_HOST, "gateway")
     path = tmp_path / "gw.pcap"
     generate(TraceSpec(flows=150, duration_s=8.0, seed=5, elephants=3, ipv6_share=0.3,
                        icmp_share=0.05, udp_share=0.2, attack=attack,
