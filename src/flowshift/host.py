@@ -37,6 +37,7 @@ from flowshift.verdict import Reason, Verdict
 _TIER_NAMES = ("machine", "vnic", "pnic")
 _DIRECTIONS = ("egress", "ingress")
 SWEEP_INTERVAL = 10 * SECOND  # of trace time between sweeps of expired flows
+CLASSIFIER_CACHE = 1 << 16  # addresses whose machine is remembered
 REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD, _BYP, _MACHINE = Verdict.FORWARD, Verdict.BYPASS, Tier.MACHINE
@@ -89,6 +90,8 @@ class Classifier:
     def _inside(self, family: int, addr: bytes) -> int:
         m = self.cache.get(addr)
         if m is None:
+            if len(self.cache) >= CLASSIFIER_CACHE:  # spoofed sources must not grow it
+                self.cache.clear()
             m = self.cache[addr] = self._inside_slow(family, addr)
         return m
 
