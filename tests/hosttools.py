@@ -82,6 +82,7 @@ class RandomPolicy(OffloadPolicy):
 
     def __init__(self, base: OffloadPolicy, seed: int, p: float) -> None:
         self.__dict__.update(base.__dict__)
+        self.name = "random"
         self.seed = seed
         self.p = p
 

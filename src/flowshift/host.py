@@ -151,7 +151,7 @@ class Host:
         self.config = config
         self.names = [m.name for m in config.machines]
         self.classifier = Classifier(config.machines)
-        self.policy = OffloadPolicy(config.offload, config.pnic)
+        self.policy = OffloadPolicy(config.offload, config.pnic)  # sets self.offloading
         self.stats = HostStats()
         self.machine_chains: list[Chain | None] = [
             Chain(m, i, Tier.MACHINE) for i, m in enumerate(config.machines)]
@@ -181,6 +181,7 @@ class Host:
         self.since_pump = 0
         self.next_tick = -1
         self.next_sweep = -1
+        self.report_interval = int(config.offload.report_interval * SECOND)
         # results, released in input order
         self.done: dict[int, PacketResult] = {}
         self.next_out = 0
@@ -189,11 +190,21 @@ class Host:
             if m.start == "vnic":
                 self.handoff(i, 0)
 
+    @property
+    def policy(self) -> OffloadPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: OffloadPolicy) -> None:
+        self._policy = policy
+        self.offloading = policy.name != "never"  # checked per packet: a plain bool
+
     # -- per packet --------------------------------------------------------------------------
 
     def process(self, index: int, ts_ns: int, data: bytes, linktype: int, wire_len: int) -> None:
         self.now = ts_ns
-        self._clock(ts_ns)
+        if ts_ns >= self.next_tick:
+            self._clock(ts_ns)
         if ts_ns >= self.next_sweep:
             self._sweep(ts_ns)
         pkt = parse(bytearray(data), linktype, wire_len)
@@ -215,12 +226,15 @@ class Host:
             assert chain is not None
             out = chain.process(pkt, direction, ts_ns)
             self._record(item, out, _MACHINE)
-            if out.flow is not None and self.policy.wants(out.flow):
+            if self.offloading and out.flow is not None and self.policy.wants(out.flow):
                 self.handoff(m, ts_ns)
                 self._consider(self.vnics[m], out.flow.key)
         else:
             self._steer(item, vnic)
-        self._pump()
+        if self.latency:
+            self._pump()
+        elif self.dirty:
+            self._receive_all()
 
     def process_batch(self, res: BatchResults) -> BatchResults:
         """Decide every packet of a batch; its arrays are filled and its buffer rewritten.
@@ -250,6 +264,7 @@ class Host:
             self.settle()
         finally:
             self.current = None
+            res.flush()
         return res
 
     def _pnic_first(self, res: BatchResults, rows: np.ndarray | None) -> np.ndarray:
@@ -261,6 +276,7 @@ class Host:
         link = self.link
         if not (self.pnic_healthy and self.pnic_owned and isinstance(link, InlineLink)):
             return np.arange(len(res)) if rows is None else rows
+        res.flush()
         select = np.ones(len(res), np.bool_)
         if rows is not None:
             select[:] = False
@@ -455,12 +471,13 @@ class Host:
         self.next_sweep = now + SWEEP_INTERVAL
 
     def _clock(self, now: int) -> None:
-        """Let the PNIC see time pass (reports, idle returns) even when it gets no packets."""
-        if self.next_tick < 0:
-            self.next_tick = now
-        if now >= self.next_tick and self.pnic_healthy and self.pnic_flows:
+        """Let the PNIC see time pass (reports, idle returns) even when it gets no packets:
+        once per report interval of trace time."""
+        if now < self.next_tick:
+            return
+        self.next_tick = now + self.report_interval
+        if self.pnic_healthy and self.pnic_flows:
             self._send(ch.Tick(now))
-            self.next_tick = now + int(self.config.offload.report_interval * SECOND)
             self.stats.occupancy.append((now, self.pnic_flows))
 
     def _pump(self) -> None:

@@ -8,7 +8,7 @@ The packets as they leave the host are the batch's own buffer, rewritten in plac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -57,6 +57,9 @@ class BatchResults:
     tier: np.ndarray  # int8, -1: no tier (bypass, unparsed)
     machine: np.ndarray  # int16, -1: none
     direction: np.ndarray  # int8, -1: none
+    # results set one by one wait here and reach the arrays in bulk (`flush`): six numpy
+    # scalar stores per packet would cost more than the list
+    _rows: list[tuple[int, int, int, int, int, int, int]] = field(default_factory=list)
 
     @classmethod
     def over(cls, index0: int, buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray,
@@ -75,15 +78,21 @@ class BatchResults:
 
     def set(self, i: int, verdict: int, reason: int, rule: int, tier: int, machine: int,
             direction: int, data: bytes | bytearray | None) -> None:
-        self.verdict[i] = verdict
-        self.reason[i] = reason
-        self.rule[i] = rule
-        self.tier[i] = tier
-        self.machine[i] = machine
-        self.direction[i] = direction
+        self._rows.append((i, verdict, reason, rule, tier, machine, direction))
         if data is not None:
             start = int(self.offset[i])
             self.buf[start:start + len(data)] = np.frombuffer(data, np.uint8)
+
+    def flush(self) -> None:
+        """Move the results set one by one into the arrays."""
+        if not self._rows:
+            return
+        rows = np.array(self._rows, np.int64)
+        self._rows.clear()
+        at = rows[:, 0]
+        for column, array in enumerate((self.verdict, self.reason, self.rule, self.tier,
+                                        self.machine, self.direction), start=1):
+            array[at] = rows[:, column]
 
     @property
     def leaving(self) -> np.ndarray:
