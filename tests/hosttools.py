@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowshift.config import HostConfig
 from flowshift.entry import Flow
-from flowshift.host import Host, PacketResult
+from flowshift.host import Host
 from flowshift.offload import OffloadPolicy, established
+from flowshift.packet.batch import read_batches
 from flowshift.packet.pcap import open_trace
+from flowshift.results import BatchResults, PacketResult, reason_label
+from flowshift.verdict import Verdict
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
@@ -96,13 +100,23 @@ class RandomPolicy(OffloadPolicy):
 def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         random_seed: int | None = None, p: float = 0.3, latency: int = 0, batch: int = 256,
         pnic: str = "inline", capacity: int | None = None, withdraw_at: int | None = None,
-        crash_at: int | None = None) -> Run:
-    """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away."""
+        crash_at: int | None = None, rows: int | None = None) -> Run:
+    """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away.
+
+    rows: replay as `flowshift replay` does, `rows` packets at a time through
+    Host.process_batch (the PNIC sees each batch first); None: packet by packet.
+    """
     host = Host(config, policy=policy, capacity=capacity, pnic=pnic, latency=latency,
                 batch=batch)
     if random_seed is not None:
         host.policy = RandomPolicy(host.policy, random_seed, p)
     results: list[PacketResult] = []
+    if rows is not None:
+        try:
+            results = _batched(host, trace, rows, withdraw_at, crash_at)
+        finally:
+            host.close()
+        return Run(results, host)
     try:
         with open_trace(trace) as frames:
             for i, f in enumerate(frames):
@@ -117,3 +131,30 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
     finally:
         host.close()
     return Run(results, host)
+
+
+def _batched(host: Host, trace: Path, rows: int, withdraw_at: int | None,
+             crash_at: int | None) -> list[PacketResult]:
+    results: list[PacketResult] = []
+    index = 0
+    for b in read_batches(trace, rows):
+        # split where the PNIC goes away, as the replay does at a scheduled time
+        cuts = sorted({0, len(b), *(t - index for t in (withdraw_at, crash_at)
+                                     if t is not None and 0 < t - index < len(b))})
+        for lo, hi in itertools.pairwise(cuts):
+            if index + lo == withdraw_at:
+                host.withdraw_pnic(int(b.ts_ns[lo]))
+            if index + lo == crash_at:
+                host.crash_pnic(int(b.ts_ns[lo]))
+            res = BatchResults.over(index + lo, b.buf.copy(), b.offset[lo:hi], b.caplen[lo:hi],
+                                    b.wire_len[lo:hi], b.linktype[lo:hi], b.ts_ns[lo:hi])
+            host.process_batch(res)
+            leaving = res.leaving
+            for i in range(len(res)):
+                results.append(PacketResult(
+                    res.index0 + i, int(res.ts[i]), "", "", Verdict(int(res.verdict[i])),
+                    reason_label(int(res.reason[i]), int(res.rule[i])), "",
+                    res.frame(i) if leaving[i] else None, int(res.wire_len[i])))
+        index += len(b)
+    host.finish()
+    return results

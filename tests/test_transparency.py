@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from flowshift.config import load_config, parse_config
 from flowshift.gen import TraceSpec, generate
+from flowshift.tiers.link import InlineLink
 from flowshift.verdict import Verdict
 from hosttools import FIREWALL_HOST, REAL, run
 
@@ -115,6 +116,49 @@ def test_generated_withdraw_and_crash(generated: tuple[Path, object, object]):
     n = len(never.results)
     _same(never, run(trace, cfg, policy="always", withdraw_at=n // 2))
     crashed = run(trace, cfg, policy="always", crash_at=n // 3)
+    for x, y in zip(never.results, crashed.results, strict=True):
+        if x.verdict == Verdict.FORWARD:
+            assert y.verdict == Verdict.FORWARD
+
+
+# -- the replay's own path: batches that meet the PNIC first ---------------------------------
+
+
+@needs_corpus
+@pytest.mark.parametrize(("policy", "rows"), [("always", 64), ("elephant", 1000),
+                                              ("always", 65536), ("never", 5000)])
+def test_real_capture_batched(real, policy, rows, monkeypatch):
+    passes = []
+    original = InlineLink.run_batch
+
+    def counted(self, res, select):
+        passes.append(int(select.sum()))
+        return original(self, res, select)
+
+    monkeypatch.setattr(InlineLink, "run_batch", counted)
+    trace, cfg, never = real
+    batched = run(trace, cfg, policy=policy, rows=rows)
+    _same(never, batched)
+    if policy != "never":
+        assert batched.host.stats.tier_packets["pnic"] > 0
+        assert passes  # the PNIC saw batches before software did
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), rows=st.sampled_from([7, 300, 5000]),
+       capacity=st.sampled_from([2, 16, 64]))
+def test_generated_batched_random_schedules(generated, seed, p, rows, capacity):
+    trace, cfg, never = generated
+    _same(never, run(trace, cfg, random_seed=seed, p=p, rows=rows, capacity=capacity))
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck))
+@given(at=st.integers(0, 20000), rows=st.sampled_from([100, 4096]))
+def test_generated_batched_withdraw_and_crash(generated, at, rows):
+    trace, cfg, never = generated
+    at = at % len(never.results)
+    _same(never, run(trace, cfg, policy="always", rows=rows, withdraw_at=at))
+    crashed = run(trace, cfg, policy="always", rows=rows, crash_at=at)
     for x, y in zip(never.results, crashed.results, strict=True):
         if x.verdict == Verdict.FORWARD:
             assert y.verdict == Verdict.FORWARD
