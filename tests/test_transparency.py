@@ -144,6 +144,15 @@ def test_real_capture_batched(real, policy, rows, monkeypatch):
         assert passes  # the PNIC saw batches before software did
 
 
+@needs_corpus
+@pytest.mark.parametrize("rows", [500, 65536])
+def test_real_capture_batched_process_pnic(real, rows):
+    trace, cfg, never = real
+    batched = run(trace, cfg, policy="always", pnic="process", rows=rows)
+    _same(never, batched)
+    assert batched.host.stats.tier_packets["pnic"] > 0
+
+
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), rows=st.sampled_from([7, 300, 5000]),
        capacity=st.sampled_from([2, 16, 64]))

@@ -73,6 +73,13 @@ class Tick(Msg):
     sync: int = 0
 
 
+class RunBatch(Msg):
+    """The host's batch is in the shared ring: run its selected packets (process transport)."""
+
+    rows: int
+    size: int  # bytes of frames in the ring
+
+
 class Withdraw(Msg):
     """Graceful PNIC withdrawal: return every entry, then refuse offloads."""
 
@@ -118,8 +125,14 @@ class Health(Msg):
     healthy: bool
 
 
-Message = (Handoff | Offload | Recall | Packets | Tick | Withdraw | Ack | Refuse | Return
-           | Results | Report | Synced | Health)
+class BatchDone(Msg):
+    """The batch in the shared ring is done; its Return messages came before this."""
+
+    rows: int
+
+
+Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Ack | Refuse
+           | Return | Results | Report | Synced | Health | BatchDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -274,7 +274,7 @@ class Host:
         order. `rows`: the rows still undecided (None: all). The rows left to software, in
         order."""
         link = self.link
-        if not (self.pnic_healthy and self.pnic_owned and isinstance(link, InlineLink)):
+        if not (self.pnic_healthy and self.pnic_owned):
             return np.arange(len(res)) if rows is None else rows
         res.flush()
         select = np.ones(len(res), np.bool_)
@@ -283,7 +283,9 @@ class Host:
             select[rows] = True
         first = int(np.argmax(select))
         self._clock(int(res.ts[first]))
-        link.run_batch(res, select)
+        self.settle()  # the PNIC is quiet: nothing of ours in flight
+        if not link.run_batch(res, select):
+            return np.arange(len(res)) if rows is None else rows
         self._receive_all()  # the entries handed back, before any packet of theirs
         done = select & (res.verdict != PENDING)
         res.tier[done] = Tier.PNIC
