@@ -4,7 +4,9 @@ The oracle is scapy building the same packet from the changed description, with 
 computed from scratch (for an ICMP error: the quoted datagram's checksums over the whole original
 datagram, then the ICMP checksum over the quote). Rewriting a frame cut by snaplen must give the
 same bytes as cutting the rewritten whole frame: the incremental update is right relative to the
-original even where the covered bytes are missing.
+original even where the covered bytes are missing. The whole outer rewrite of a NAT'ed packet
+(`plan_outer` / `rewrite_outer`, and translate with them) must give exactly the bytes of the
+`set_*` calls one after another, from any checksum values.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoRequest, IPv6, IPv6E
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
+from flowshift.entry import Flow
+from flowshift.flow import FlowKey
 from flowshift.packet import rewrite
 from flowshift.packet.parse import parse, verify_checksums
 from flowshift.packet.view import Packet
+from flowshift.services.xlat import translate
 
 
 @dataclass(frozen=True)
@@ -270,3 +275,105 @@ def test_rewrite_refuses_what_it_cannot_do():
     arp = parse(bytearray(bytes(Ether(type=0x0806) / Raw(bytes(28)))), 1)
     with pytest.raises(ValueError, match="not-ip"):
         rewrite.set_dst(arp, bytes(4))
+
+
+def corner_addrs(family: int):
+    """Any address, or one of those whose RFC 1624 change can sum to ones'-complement zero."""
+    n = 4 if family == 4 else 16
+    return st.one_of(addrs(family), st.sampled_from([bytes(n), b"\xff\xff" + bytes(n - 2)]))
+
+
+checksum_values = st.one_of(
+    st.none(), st.sampled_from([b"\0\0", b"\xff\xff"]), st.binary(min_size=2, max_size=2)
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_outer_rewrite_gives_the_bytes_of_the_set_calls(data):
+    family = data.draw(st.sampled_from([4, 6]))
+    spec = data.draw(simple_specs(family, ("tcp", "udp", "udp0", "echo")))
+    spec = replace(
+        spec,
+        src=data.draw(corner_addrs(family)),
+        dst=data.draw(corner_addrs(family)),
+        ether=data.draw(st.booleans()),
+        vlan=data.draw(st.booleans()),
+    )
+    whole, linktype = frame(spec)
+    first = parse(whole, linktype)
+    cut = data.draw(st.one_of(st.just(len(whole)), st.integers(min_capture(first), len(whole))))
+    buf = bytearray(whole[:cut])
+    # the update must match from any checksum it finds, 0 and 0xFFFF among them
+    spots = [first.l4 + rewrite.L4_CHECKSUM_AT[first.proto]]
+    if family == 4:
+        spots.append(first.l3 + rewrite.IPV4_CHECKSUM_AT)
+    for at in spots:
+        value = data.draw(checksum_values)
+        if value is not None:
+            buf[at : at + 2] = value
+
+    old = (first.src, first.dst, first.sport, first.dport)
+    sport = data.draw(st.one_of(st.just(first.sport), ports))
+    dport = sport if spec.kind == "echo" else data.draw(st.one_of(st.just(first.dport), ports))
+    new = (
+        data.draw(st.one_of(st.just(first.src), corner_addrs(family))),
+        data.draw(st.one_of(st.just(first.dst), corner_addrs(family))),
+        sport,
+        dport,
+    )
+    stepwise = parse(bytearray(buf), linktype, len(whole))
+    for field, value in zip(("src", "dst", "sport", "dport"), new, strict=True):
+        if getattr(stepwise, field) != value:
+            SETTERS[field](stepwise, value)
+
+    plan = rewrite.plan_outer(family, first.proto, old, new)
+    assert plan is not None
+    at_once = parse(bytearray(buf), linktype, len(whole))
+    assert rewrite.rewrite_outer(at_once, plan) is True
+    assert at_once.data == stepwise.data
+    assert at_once.key() == stepwise.key() == parse(bytes(at_once.data), linktype, len(whole)).key()
+    assert at_once.icmp_id == stepwise.icmp_id
+
+    # the same through translate, with its kept plans, in either direction of a flow
+    direction = data.draw(st.sampled_from([0, 1]))
+    key, xlat = FlowKey(family, first.proto, 0, *old), FlowKey(family, first.proto, 0, *new)
+    if direction == 1:
+        key, xlat = xlat.reversed(), key.reversed()
+    translated = parse(bytearray(buf), linktype, len(whole))
+    translate(translated, Flow(key=key, xlat=xlat, machine=0, chain=0), direction)
+    assert translated.data == stepwise.data
+    assert translated.key() == stepwise.key()
+
+
+def test_outer_rewrite_of_udp_over_ipv4_keeps_checksum_0_and_sends_0_as_ffff():
+    base = Spec(4, "udp", b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1000, 0, payload=b"\x55")
+    whole = frame(base)[0]
+    start = int.from_bytes(whole[26:28], "big")
+    old = (base.src, base.dst, 1000, 0)
+    plan = rewrite.plan_outer(4, 17, old, (base.src, base.dst, 1000, start))  # sums to 0xFFFF
+    pkt = parse(bytearray(whole), 101)
+    assert rewrite.rewrite_outer(pkt, plan) is True
+    assert pkt.data[26:28] == b"\xff\xff"
+    assert bytes(pkt.data) == frame(replace(base, dport=start))[0]
+
+    without = parse(bytearray(frame(replace(base, kind="udp0"))[0]), 101)
+    assert rewrite.rewrite_outer(without, plan) is True
+    assert without.data[26:28] == b"\0\0"
+    assert without.dport == start
+
+
+def test_outer_rewrite_refuses_what_it_does_not_fit():
+    whole, _ = frame(Spec(4, "tcp", bytes(4), bytes(4), 1, 2))
+    old = (bytes(4), bytes(4), 1, 2)
+    plan = rewrite.plan_outer(4, 6, old, (b"\1\2\3\4", bytes(4), 1, 2))
+    other = rewrite.plan_outer(4, 6, (bytes(4), bytes(4), 1, 3), (b"\1\2\3\4", bytes(4), 1, 3))
+    pkt = parse(bytearray(whole), 101)
+    assert rewrite.rewrite_outer(pkt, other) is False  # not the ports the plan starts from
+    assert rewrite.rewrite_outer(parse(whole, 101), plan) is False  # not a bytearray
+    assert bytes(pkt.data) == whole and pkt.src == bytes(4)
+    echo = (bytes(4), bytes(4), 7, 7)
+    assert rewrite.plan_outer(4, 1, echo, (bytes(4), bytes(4), 8, 9)) is None  # two identifiers
+    assert rewrite.plan_outer(4, 47, old, (bytes(4), bytes(4), 5, 2)) is None  # GRE has no ports
+    assert rewrite.plan_outer(4, 6, old, (bytes(16), bytes(4), 1, 2)) is None
+    assert rewrite.plan_outer(4, 6, old, (bytes(4), bytes(4), 1, 70000)) is None

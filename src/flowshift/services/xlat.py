@@ -4,13 +4,24 @@ A flow's `key` is its original direction as it arrives and `xlat` the same direc
 leaves. A packet of the original direction is rewritten key → xlat; a reply arrives as the
 reverse of xlat and is rewritten back to the reverse of key. Checksums are updated
 incrementally (RFC 1624) by packet.rewrite.
+
+Every packet of a flow direction changes the same way, so that rewrite is worked out once
+(`rewrite.plan_outer`) and kept for the next packets, keyed by what it depends on: the flow's
+key, xlat and the direction.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flowshift.entry import Flow
+from flowshift.flow import FlowKey
 from flowshift.packet import rewrite
 from flowshift.packet.view import Packet
+
+# flow directions whose rewrite is kept worked out (about 800 bytes each, keys included); the
+# least recently used is dropped first, and worked out again when its flow comes back
+PLAN_CACHE = 1 << 14
 
 
 def translate(pkt: Packet, flow: Flow, direction: int) -> None:
@@ -18,10 +29,11 @@ def translate(pkt: Packet, flow: Flow, direction: int) -> None:
     k, x = flow.key, flow.xlat
     if k == x:
         return
-    if direction == 0:
-        src, dst, sport, dport = x.src, x.dst, x.sport, x.dport
-    else:
-        src, dst, sport, dport = k.dst, k.src, k.dport, k.sport
+    plan = _plan(k, x, direction)
+    if plan is not None and rewrite.rewrite_outer(pkt, plan):
+        return
+    # a packet the plan does not fit: one field after another
+    src, dst, sport, dport = _target(k, x, direction)
     if pkt.src != src:
         rewrite.set_src(pkt, src)
     if pkt.dst != dst:
@@ -30,6 +42,22 @@ def translate(pkt: Packet, flow: Flow, direction: int) -> None:
         rewrite.set_sport(pkt, sport)
     if pkt.dport != dport:
         rewrite.set_dport(pkt, dport)
+
+
+@lru_cache(maxsize=PLAN_CACHE)
+def _plan(key: FlowKey, xlat: FlowKey, direction: int) -> rewrite.OuterRewrite | None:
+    if direction == 0:  # as the packet arrives
+        old = key.src, key.dst, key.sport, key.dport
+    else:
+        old = xlat.dst, xlat.src, xlat.dport, xlat.sport
+    return rewrite.plan_outer(key.family, key.proto, old, _target(key, xlat, direction))
+
+
+def _target(key: FlowKey, xlat: FlowKey, direction: int) -> rewrite.Tuple4:
+    """(src, dst, sport, dport) a packet of `direction` leaves with."""
+    if direction == 0:
+        return xlat.src, xlat.dst, xlat.sport, xlat.dport
+    return key.dst, key.src, key.dport, key.sport
 
 
 def translate_related(pkt: Packet, flow: Flow, direction: int) -> None:
