@@ -46,3 +46,47 @@ def reason_text(reason: Reason, rule: int = -1) -> str:
     if reason is Reason.RULE:
         return f"rule:{rule}"
     return reason.label
+
+
+class RefuseReason(IntEnum):
+    """Why an offload to the PNIC did not happen (the flow stays where it was)."""
+
+    UNHEALTHY = 1  # the PNIC is withdrawn, crashed or failing
+    UNSUPPORTED_SERVICE = 2  # the flow's chain has a service the PNIC does not run
+    FULL = 3  # the second cache has no room
+    DUPLICATE = 4  # the PNIC already holds an entry with this key
+    BAD_ENTRY = 5  # the entry did not decode or failed its checks
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class ReturnReason(IntEnum):
+    """Why a flow came back up from the PNIC."""
+
+    CLOSED = 1  # a FIN or RST: the connection's end runs in software
+    IDLE = 2  # no packet for the offload idle timeout
+    EXPIRED = 3  # its conntrack timeout passed
+    ROOM = 4  # the VNIC took it back to make room for another flow
+    WITHDRAW = 5  # graceful PNIC withdrawal: the exact entry came back
+    CRASH = 6  # the PNIC died: resumed from the last report
+    UNSUPPORTED = 7  # a packet of a shape the PNIC does not run
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class PuntReason(IntEnum):
+    """Why the PNIC data path handed a packet to software instead of processing it."""
+
+    MISS = 1  # no entry in the second cache
+    LIFE = 2  # SYN, FIN or RST: the connection's life changes in software
+    EXPIRED = 3  # the entry's conntrack timeout passed
+    UNSUPPORTED = 4  # a header shape or protocol the fast path does not run
+    HELD = 5  # the flow is in transit between tiers: software keeps arrival order
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
