@@ -15,14 +15,15 @@ from flowshift.entry import Flow
 from flowshift.flow import FlowKey
 from flowshift.tiers.link import InlineLink
 from flowshift.tiers.pnic import serve
+from flowshift.verdict import RefuseReason, ReturnReason
 
 MESSAGES = [
     ch.Handoff(1, {"name": "gw"}, [b"\x01" * 224], [3, 0]),
     ch.Offload(7, b"\x02" * 224),
-    ch.Recall(8, (4, 6, 0, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1000, 80), "room"),
+    ch.Recall(8, (4, 6, 0, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1000, 80), ReturnReason.ROOM),
     ch.Packets(5, [0, 1], [0, 0], [4, 5], [b"ab", b"cd"], [1, 1], [60, 60]),
-    ch.Tick(9, 2), ch.Withdraw(3), ch.Ack(7), ch.Refuse(7, "full"),
-    ch.Return(b"\x03" * 224, "idle"), ch.Results([0], [0], [3], [b"x"]),
+    ch.Tick(9, 2), ch.Withdraw(3), ch.Ack(7), ch.Refuse(7, RefuseReason.FULL),
+    ch.Return(b"\x03" * 224, ReturnReason.IDLE), ch.Results([0], [0], [3], [b"x"]),
     ch.Report(4, [b"\x04" * 224]), ch.Synced(2), ch.Health(False),
 ]
 

@@ -51,7 +51,7 @@ class Recall(Msg):
 
     seq: int
     key: tuple[int, int, int, bytes, bytes, int, int]  # the flow's original FlowKey
-    reason: str
+    reason: int  # verdict.ReturnReason
 
 
 class Packets(Msg):
@@ -95,12 +95,12 @@ class Ack(Msg):
 
 class Refuse(Msg):
     seq: int
-    reason: str
+    reason: int  # verdict.RefuseReason
 
 
 class Return(Msg):
     entry: bytes
-    reason: str
+    reason: int  # verdict.ReturnReason
 
 
 class Results(Msg):

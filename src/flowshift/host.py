@@ -32,7 +32,7 @@ from flowshift.services.chain import EGRESS, INGRESS, Chain, Outcome
 from flowshift.services.conntrack import ICMP_TIMEOUT, SECOND, UDP_TIMEOUT_REPLIED
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.pnic import PUNT
-from flowshift.verdict import Reason, Verdict
+from flowshift.verdict import Reason, RefuseReason, ReturnReason, Verdict
 
 _TIER_NAMES = ("machine", "vnic", "pnic")
 _DIRECTIONS = ("egress", "ingress")
@@ -408,11 +408,11 @@ class Host:
             return
         reason = None
         if not self.pnic_healthy:
-            reason = "unhealthy"
+            reason = RefuseReason.UNHEALTHY
         elif not self.policy.supports(flow):
-            reason = "unsupported-service"
+            reason = RefuseReason.UNSUPPORTED_SERVICE
         elif self.pnic_flows >= self.config.pnic.capacity:
-            reason = "full"
+            reason = RefuseReason.FULL
             self._make_room(flow)
         if reason is not None:
             self._refused(fkey, total, reason)
@@ -424,10 +424,11 @@ class Host:
         self._send(ch.Offload(self.seq, flow.to_bytes()))
         self._peaks()
 
-    def _refused(self, fkey: FlowKey, total: int, reason: str) -> None:
-        self.stats.refused[reason] = self.stats.refused.get(reason, 0) + 1
+    def _refused(self, fkey: FlowKey, total: int, reason: int) -> None:
+        label = RefuseReason(reason).label
+        self.stats.refused[label] = self.stats.refused.get(label, 0) + 1
         self.backoff[fkey] = max(2 * total, total + 1)
-        self.stats.events.append((self.now, "refuse", reason))
+        self.stats.events.append((self.now, "refuse", label))
 
     def _make_room(self, candidate: Flow) -> None:
         """Take back the least recently used PNIC flow if it sat idle for the candidate's life."""
@@ -439,7 +440,7 @@ class Host:
             self.seq += 1
             self.transit[self.seq] = lru.key
             self.in_transit.add(lru.key)
-            self._send(ch.Recall(self.seq, tuple(lru.key), "room"))
+            self._send(ch.Recall(self.seq, tuple(lru.key), ReturnReason.ROOM))
 
     def _to_pnic(self, item: _Pending) -> None:
         self.inflight[item.index] = item
@@ -559,7 +560,7 @@ class Host:
         shadow.packets, shadow.bytes = reported.packets, reported.bytes
         shadow.last_seen, shadow.expires = reported.last_seen, reported.expires
 
-    def _on_return(self, flow: Flow, reason: str) -> None:
+    def _on_return(self, flow: Flow, reason: int) -> None:
         fkey = flow.key
         self.pnic_owned.pop(fkey, None)
         vnic = self._vnic_of(fkey)
@@ -568,8 +569,9 @@ class Host:
             vnic.flows.remove(old[0])
         vnic.import_flow(flow)
         self.pnic_flows -= 1
-        self.stats.returned[reason] = self.stats.returned.get(reason, 0) + 1
-        self.stats.events.append((self.now, "return", reason))
+        label = ReturnReason(reason).label
+        self.stats.returned[label] = self.stats.returned.get(label, 0) + 1
+        self.stats.events.append((self.now, "return", label))
         for seq, key in list(self.transit.items()):
             if key == fkey:  # the answer to our recall
                 del self.transit[seq]
@@ -644,7 +646,8 @@ class Host:
             resume(flow, now)
             flow.owner = Tier.VNIC
             self.pnic_flows -= 1
-            self.stats.returned["crash"] = self.stats.returned.get("crash", 0) + 1
+            crash = ReturnReason.CRASH.label
+            self.stats.returned[crash] = self.stats.returned.get(crash, 0) + 1
             self._release(flow.key)
 
     # -- end, dumps --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from flowshift.flow import FlowKey
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_FIN, TCP_RST, TCP_SYN
 from flowshift.tiers.pnic_engine import PnicEngine
+from flowshift.verdict import RefuseReason, ReturnReason
 
 PUNT = -1
 _OWNER = ENTRY_DTYPE.fields["owner"][1]  # the entry's owner byte
@@ -63,19 +64,19 @@ class Pnic:
         elif isinstance(msg, ch.Withdraw):
             self.healthy = False
             for slot in engine.used_slots():
-                out.append(ch.Return(engine.remove(slot), "withdraw"))
+                out.append(ch.Return(engine.remove(slot), ReturnReason.WITHDRAW))
             out.append(ch.Health(False))
         return out
 
     def _offload(self, msg: ch.Offload) -> ch.Msg:
         if not self.healthy:
-            return ch.Refuse(msg.seq, "unhealthy")
+            return ch.Refuse(msg.seq, RefuseReason.UNHEALTHY)
         if len(self.engine) >= self.capacity:
-            return ch.Refuse(msg.seq, "full")
+            return ch.Refuse(msg.seq, RefuseReason.FULL)
         entry = bytearray(msg.entry)
         entry[_OWNER] = Tier.PNIC
         if self.engine.insert(entry) < 0:
-            return ch.Refuse(msg.seq, "duplicate")
+            return ch.Refuse(msg.seq, RefuseReason.DUPLICATE)
         return ch.Ack(msg.seq)
 
     def _timers(self, now: int, out: list[ch.Msg]) -> None:
@@ -88,7 +89,7 @@ class Pnic:
         slots = np.array(engine.used_slots(), np.int64)
         idle = engine.entries["last_seen"][slots] + self.idle_timeout <= now
         for slot in slots[idle].tolist():
-            out.append(ch.Return(engine.remove(slot), "idle"))
+            out.append(ch.Return(engine.remove(slot), ReturnReason.IDLE))
         out.append(ch.Report(now, [engine.get(s) for s in slots[~idle].tolist()]))
 
     def _expire(self, now: int, out: list[ch.Msg]) -> None:
@@ -96,7 +97,7 @@ class Pnic:
         engine = self.engine
         slots = np.array(engine.used_slots(), np.int64)
         for slot in slots[engine.entries["expires"][slots] <= now].tolist():
-            out.append(ch.Return(engine.remove(slot), "expired"))
+            out.append(ch.Return(engine.remove(slot), ReturnReason.EXPIRED))
 
     # -- the data path -----------------------------------------------------------------------
 
@@ -134,15 +135,15 @@ class Pnic:
         out.append(ch.Results(list(msg.index), verdict.tolist(), reason.tolist(), datas))
 
 
-def _why(raw: bytes, now: int, frame: bytes, linktype: int, wire_len: int) -> str:
+def _why(raw: bytes, now: int, frame: bytes, linktype: int, wire_len: int) -> ReturnReason:
     """The reason an entry came back with a punted packet."""
     expires = int(np.frombuffer(raw, ENTRY_DTYPE)["expires"][0])
     if expires <= now:
-        return "expired"
+        return ReturnReason.EXPIRED
     pkt = parse(frame, linktype, wire_len)
     if pkt.proto == 6 and pkt.flags & _LIFE_FLAGS:
-        return "closed"
-    return "unsupported"
+        return ReturnReason.CLOSED
+    return ReturnReason.UNSUPPORTED
 
 
 def serve(endpoint: ch.Endpoint, pnic: Pnic) -> None:
