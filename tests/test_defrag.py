@@ -1,0 +1,266 @@
+"""packet.defrag against its own laws, scapy as an oracle, and Linux's captures."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, UDP, defragment, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6, fragment6
+
+from flowshift.packet.defrag import (
+    IPV6_MIN_MTU,
+    Defrag,
+    DefragOutcome,
+    Reassembled,
+    fragment_info,
+    refragment,
+    split,
+)
+from linuxcases import load
+
+SEC = 1_000_000_000
+
+
+def v4_datagram(size: int, ident: int = 0x1234, df: bool = False, tos: int = 0) -> bytes:
+    return bytes(IP(src="10.9.0.2", dst="203.0.113.2", id=ident, flags="DF" if df else 0,
+                    tos=tos) / UDP(sport=4000, dport=5000) / bytes(i & 0xFF for i in range(size)))
+
+
+def v6_datagram(size: int) -> bytes:
+    return bytes(IPv6(src="fd00:9::2", dst="2001:db8:9::2") / UDP(sport=4000, dport=5000)
+                 / bytes(i & 0xFF for i in range(size)))
+
+
+def cut(datagram: bytes, per: int, ident: int = 0x1234) -> list[bytes]:
+    plen = len(datagram) - (20 if datagram[0] >> 4 == 4 else 40)
+    return split(datagram, [(o, min(per, plen - o)) for o in range(0, plen, per)], ident)
+
+
+def feed(d: Defrag, frags: list[bytes], t0: int = 0, step: int = 0) -> list[Reassembled]:
+    out = []
+    for i, f in enumerate(frags):
+        r = d.push(f, t0 + i * step)
+        if isinstance(r, Reassembled):
+            out.append(r)
+    return out
+
+
+datagrams = st.one_of(
+    st.builds(v4_datagram, st.integers(9, 6000)),
+    st.builds(v6_datagram, st.integers(9, 6000)),
+)
+
+
+@given(datagrams, st.integers(1, 200), st.randoms(use_true_random=False), st.data())
+@settings(max_examples=150, deadline=None)
+def test_any_order_with_duplicates_reassembles_the_original(
+        dg: bytes, per8: int, rnd: random.Random, data: st.DataObject) -> None:
+    per = per8 * 8 if dg[0] >> 4 == 4 else max(per8 * 8, IPV6_MIN_MTU - 48)
+    frags = cut(dg, per)
+    if len(frags) < 2:
+        return
+    order = frags[:]
+    rnd.shuffle(order)
+    dups = data.draw(st.lists(st.sampled_from(frags), max_size=3))
+    for f in dups:  # a fragment again, at some point after its first copy
+        at = order.index(f) + 1
+        order.insert(rnd.randint(at, len(order)), f)
+    d = Defrag()
+    got = []
+    for f in order:
+        r = d.push(f, 0)
+        if isinstance(r, Reassembled):
+            got.append(r)
+            break  # later copies would start a new queue, as in Linux
+    assert len(got) == 1
+    (r,) = got
+    assert r.datagram == dg
+    assert r.fragments == frags  # each once, in offset order: what Linux forwards
+    assert split(r.datagram, r.pieces, r.ident) == frags
+    assert d.memory == 0 and len(d) == 0
+
+
+@given(datagrams, st.integers(1, 6), st.integers(1, 7))
+@settings(max_examples=100, deadline=None)
+def test_a_partial_overlap_drops_the_whole_datagram(dg: bytes, which: int, shift8: int) -> None:
+    frags = cut(dg, 1232)
+    if len(frags) < 3:
+        return
+    k = min(which, len(frags) - 2)  # a middle fragment
+    info = fragment_info(frags[k])
+    assert info is not None
+    # the same bytes, 8*shift8 bytes earlier: reaches into fragment k-1
+    hdr_end = len(frags[k]) - len(info.payload)
+    start = info.offset - 8 * shift8
+    plen = len(dg) - (20 if dg[0] >> 4 == 4 else 40)
+    hdr_dg = 20 if dg[0] >> 4 == 4 else 40
+    moved = split(dg, [(start, len(info.payload))], info.key[5])[0]
+    if dg[0] >> 4 == 6 and len(moved) < IPV6_MIN_MTU:
+        return
+    assert hdr_end and plen and hdr_dg
+    d = Defrag()
+    assert feed(d, [*frags[:k], moved, *frags[k:]]) == []
+    assert d.counts[DefragOutcome.OVERLAP] == 1
+
+
+def test_duplicate_of_a_run_is_dropped_but_spanning_two_runs_is_an_overlap() -> None:
+    dg = v4_datagram(4000)
+    a, b, _, _ = cut(dg, 1232)
+    span = split(dg, [(0, 2464)], 0x1234)[0]  # covers a and b exactly
+    d = Defrag()
+    feed(d, [a, b, span])  # a and b came back to back: one run, span lies within it
+    assert d.last is DefragOutcome.DUPLICATE and len(d) == 1
+    d = Defrag()
+    feed(d, [b, a, span])  # b then a: two runs; span touches both
+    assert d.last is DefragOutcome.OVERLAP and len(d) == 0
+
+
+def test_incomplete_datagram_expires_after_the_timeout() -> None:
+    frags = cut(v4_datagram(3000), 1232)
+    d = Defrag(timeout_ns=30 * SEC)
+    assert feed(d, frags[:2], 0) == []
+    assert d.push(frags[2], 30 * SEC - 1) is not None  # just in time
+    d = Defrag(timeout_ns=30 * SEC)
+    feed(d, frags[:2], 0)
+    assert d.push(frags[2], 30 * SEC) is None  # the queue is gone: this starts a new one
+    assert d.counts[DefragOutcome.EXPIRED] == 1 and len(d) == 1
+    assert d.expire(60 * SEC) == 1 and d.memory == 0
+
+
+def test_ipv6_timeout_is_its_own() -> None:
+    frags = cut(v6_datagram(3000), 1232, 7)
+    d = Defrag(timeout_ns=1 * SEC, timeout6_ns=60 * SEC)
+    assert len(feed(d, frags, 0, 20 * SEC)) == 1
+
+
+@given(st.integers(2, 40), st.integers(3000, 20000))
+@settings(max_examples=30, deadline=None)
+def test_memory_bound_drops_fragments_above_high_thresh(n: int, thresh: int) -> None:
+    d = Defrag(high_thresh=thresh)
+    for i in range(n):  # first fragments only: never complete
+        d.push(cut(v4_datagram(3000, ident=i), 1232, i)[0], i)
+        assert d.memory <= thresh + 1252
+    assert len(d) * 1252 == d.memory
+    if n * 1252 > thresh + 1252:
+        assert d.counts[DefragOutcome.MEMORY] > 0
+    d.expire(10**12)
+    assert d.memory == 0
+    # with memory back, datagrams complete again
+    assert len(feed(d, cut(v4_datagram(3000, ident=999), 1232, 999), 10**12)) == 1
+
+
+def test_outcomes_of_bad_geometry() -> None:
+    dg = v4_datagram(3000)
+    a, _, c = cut(dg, 1232)
+    d = Defrag()
+    feed(d, [a, c])
+    bad_last = split(dg, [(1232, 100)], 0x1234)[0]  # "last" fragment ending before the end
+    bad_last = bad_last[:6] + bytes([bad_last[6] & 0xDF]) + bad_last[7:]  # MF off
+    assert d.push(bad_last, 0) is None and d.last is DefragOutcome.INVALID and len(d) == 0
+    tiny = cut(v6_datagram(3000), 600, 3)  # non-last IPv6 fragments under 1280 bytes
+    d = Defrag()
+    assert feed(d, tiny) == [] and d.counts[DefragOutcome.INVALID] == len(tiny) - 1
+
+
+def test_not_a_fragment_passes_through() -> None:
+    dg = v4_datagram(100)
+    d = Defrag()
+    assert d.push(dg, 0) is dg and len(d) == 0
+
+
+def test_ecn_of_fragments_combines_as_rfc_3168() -> None:
+    dg_ce, dg_ect = v4_datagram(3000, tos=3), v4_datagram(3000, tos=2)
+    _, b, c = cut(dg_ect, 1232)
+    a_ce = cut(dg_ce, 1232)[0]
+    (r,) = feed(Defrag(), [a_ce, b, c])
+    assert r.datagram[1] & 3 == 3
+    dg_not = v4_datagram(3000, tos=0)
+    d = Defrag()
+    assert feed(d, [a_ce, *cut(dg_not, 1232)[1:]]) == []
+    assert d.counts[DefragOutcome.INVALID] == 1
+
+
+def test_df_survives_only_when_the_largest_fragment_had_it() -> None:
+    dg = v4_datagram(3000, df=True)
+    (r,) = feed(Defrag(), cut(dg, 1232))
+    assert r.datagram == dg
+
+
+# --------------------------------------------------------------------------- scapy oracle
+@given(st.integers(9, 8000), st.integers(1, 180), st.randoms(use_true_random=False))
+@settings(max_examples=60, deadline=None)
+def test_ipv4_matches_scapy_fragment_and_defragment(size: int, per8: int,
+                                                    rnd: random.Random) -> None:
+    dg = v4_datagram(size)
+    per = per8 * 8
+    theirs = [bytes(p) for p in fragment(IP(dg), fragsize=per)]
+    mine = refragment(dg, 20 + per)
+    assert mine == theirs
+    order = mine[:]
+    rnd.shuffle(order)
+    (r,) = feed(Defrag(), order) if len(mine) > 1 else [None]  # type: ignore[list-item]
+    if r is not None:
+        # scapy's defragment wants the fragments in order (shuffled, it reports overlaps)
+        assert r.datagram == bytes(defragment([IP(f) for f in mine])[0])
+
+
+@given(st.integers(9, 8000), st.integers(154, 400))
+@settings(max_examples=40, deadline=None)
+def test_ipv6_matches_scapy_fragment6_and_defragment6(size: int, per8: int) -> None:
+    dg = v6_datagram(size)
+    size_out = 48 + per8 * 8
+    pkt = (IPv6(src="fd00:9::2", dst="2001:db8:9::2") / IPv6ExtHdrFragment(id=77)
+           / IPv6(dg).payload)
+    theirs = [bytes(p) for p in fragment6(pkt, size_out)]
+    mine = refragment(dg, size_out, 77)
+    if len(dg) > size_out:  # Linux fragments only what does not fit (scapy counts the header)
+        assert mine == theirs
+        (r,) = feed(Defrag(), mine[::-1])
+        assert r.datagram == bytes(defragment6([IPv6(f) for f in mine]))
+
+
+# --------------------------------------------------------------------------- Linux
+@pytest.mark.parametrize("name", ["frag-order", "frag-reversed", "frag-overlap"])
+def test_linux_forwards_what_split_cuts_from_the_translated_datagram(name: str) -> None:
+    """Reassemble what entered the router and what it sent: Linux sent the translated
+    datagram cut at the boundaries it received (IPv4 id kept, IPv6 id drawn anew)."""
+    case = load(name)
+    ins = feed(Defrag(), [f.data[14:] for f in case.inputs])
+    outs = feed(Defrag(), [f.data[14:] for f in case.outputs])
+    assert len(ins) == len(outs) > 0
+    for a, b in zip(ins, outs, strict=True):
+        assert split(a.datagram, a.pieces, a.ident) == a.fragments
+        assert split(b.datagram, a.pieces, b.ident) == b.fragments
+        assert refragment(b.datagram, a.max_size, b.ident) == b.fragments
+        if a.datagram[0] >> 4 == 4:
+            assert a.ident == b.ident
+        assert a.datagram[48:] == b.datagram[48:]  # NAT touched the headers only
+
+
+@pytest.mark.parametrize(("name", "timeout"), [
+    ("frag-order", 30), ("frag-reversed", 30), ("frag-overlap", 30), ("frag-expire", 2)])
+def test_datagrams_linux_forwarded_are_those_defrag_completes(name: str, timeout: int) -> None:
+    """Per datagram entering the router: forwarded by Linux iff Defrag completes it."""
+    case = load(name)
+    d = Defrag(timeout_ns=timeout * SEC, timeout6_ns=timeout * SEC)
+    completed: set[int] = set()
+    pending: dict[int, list[int]] = {}
+    for i, fr in enumerate(case.inputs):
+        info = fragment_info(fr.data[14:])
+        if info is None:
+            continue
+        pending.setdefault(info.key[5], []).append(i)
+        if isinstance(d.push(fr.data[14:], fr.ts_ns), Reassembled):
+            completed.update(pending.pop(info.key[5]))
+        elif d.last in (DefragOutcome.OVERLAP, DefragOutcome.EXPIRED):
+            pending.pop(info.key[5], None)
+    forwarded = {i for i, row in enumerate(case.rows)
+                 if row["verdict"] == "forward" and row["frag_offset"] != ""
+                 and (row["frag_mf"] == "1" or row["frag_offset"] != "0")}
+    # a duplicate Linux dropped belongs to a completed datagram: every fragment but those
+    dups = {int(r["input_index"]) for r in case.rows
+            if r["verdict"] == "drop" and r["part"].endswith("duplicate")}
+    assert forwarded == completed - dups
