@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Capture Linux's verdicts on the semantics flowshift does not model yet.
 
-usage (root):  .venv/bin/python tests/data/linux/make_cases.py [CASE ...]
+usage (root):  .venv/bin/python tests/data/linux/make_cases.py [--out DIR] [CASE ...]
+               .venv/bin/python tests/data/linux/make_cases.py --configs
 
 For every case it builds three network namespaces, a client (the inside), a Linux router
 running nftables (SNAT + stateful forward filter) and a server (the outside), sets the
@@ -61,6 +62,7 @@ C4, C4B, RI4, RO4, S4 = "10.9.0.2", "10.9.0.3", "10.9.0.1", "203.0.113.1", "203.
 C6, RI6, RO6, S6 = "fd00:9::2", "fd00:9::1", "2001:db8:9::1", "2001:db8:9::2"
 UDP_ECHO = 5000  # the server's UDP echo port (a payload "wait<sec>|" delays the echo)
 TCP_PORT = 80  # the server's TCP service: reads a line, answers, closes
+TCP_ECHO = 81  # echoes what it reads until EOF; "push<sec>|" makes it send unasked, later
 
 BASE_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
@@ -114,12 +116,9 @@ class Topology:
     def up(self) -> None:
         for ns in (NS_C, NS_R, NS_S):
             sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", "eth0", "netns", NS_C, "address", MAC_C, "type", "veth",
-           "peer", "inside", "netns", NS_R, "address", MAC_RI)
-        sh("ip", "link", "add", "eth0", "netns", NS_S, "address", MAC_S, "type", "veth",
-           "peer", "outside", "netns", NS_R, "address", MAC_RO)
         for ns in (NS_C, NS_R, NS_S):
-            # no router solicitations, DAD or MLD chatter: the captures hold the case only
+            # before the links exist, so that they inherit it: no router solicitations
+            # or DAD in the captures (MLD reports remain)
             for k, v in (("net.ipv6.conf.all.router_solicitations", "0"),
                          ("net.ipv6.conf.default.router_solicitations", "0"),
                          ("net.ipv6.conf.all.accept_dad", "0"),
@@ -127,6 +126,10 @@ class Topology:
                          ("net.ipv6.conf.all.force_mld_version", "2"),
                          ("net.ipv6.conf.default.addr_gen_mode", "1")):
                 sh("sysctl", "-qw", f"{k}={v}", ns=ns)
+        sh("ip", "link", "add", "eth0", "netns", NS_C, "address", MAC_C, "type", "veth",
+           "peer", "inside", "netns", NS_R, "address", MAC_RI)
+        sh("ip", "link", "add", "eth0", "netns", NS_S, "address", MAC_S, "type", "veth",
+           "peer", "outside", "netns", NS_R, "address", MAC_RO)
         addrs = {NS_C: [("eth0", f"{C4}/24"), ("eth0", f"{C4B}/24"), ("eth0", f"{C6}/64")],
                  NS_R: [("inside", f"{RI4}/24"), ("inside", f"{RI6}/64"),
                         ("outside", f"{RO4}/24"), ("outside", f"{RO6}/64")],
@@ -217,6 +220,11 @@ def role_servers() -> None:
         t.bind((addr, TCP_PORT))
         t.listen(64)
         sel.register(t, selectors.EVENT_READ, "tcp")
+        e = socket.socket(fam, socket.SOCK_STREAM)
+        e.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        e.bind((addr, TCP_ECHO))
+        e.listen(64)
+        sel.register(e, selectors.EVENT_READ, "echo")
 
     def echo_later(sock: socket.socket, data: bytes, peer: tuple[str, int], delay: float) -> None:
         time.sleep(delay)
@@ -227,6 +235,15 @@ def role_servers() -> None:
         with contextlib.suppress(OSError), conn:
             conn.recv(4096)
             conn.sendall(b"ok\n")
+
+    def echo(conn: socket.socket) -> None:
+        conn.settimeout(20)
+        with contextlib.suppress(OSError), conn:
+            while data := conn.recv(4096):
+                if data.startswith(b"push"):
+                    time.sleep(float(data[4:data.index(b"|")]))
+                    data = b"pushed\n"
+                conn.sendall(data)
 
     print("ready", flush=True)
     while True:
@@ -242,7 +259,8 @@ def role_servers() -> None:
                                  daemon=True).start()
             else:
                 conn, _ = sock.accept()
-                threading.Thread(target=serve, args=(conn,), daemon=True).start()
+                threading.Thread(target=serve if key.data == "tcp" else echo, args=(conn,),
+                                 daemon=True).start()
 
 
 def udp_exchange(src: str, sport: int, dst: str, payload: bytes, timeout: float = 1.0,
@@ -422,6 +440,13 @@ def role_client(case: str) -> None:
                 udp_exchange(src, sport, dst, b"wait1.0|" + tag(f"{fam}-in-time", 40), 2.0)
             with part(f"{fam}-reply-late"):
                 udp_exchange(src, sport + 1, dst, b"wait3.0|" + tag(f"{fam}-late", 40), 3.5)
+    elif case in ("ct-tcp", "ct-tcp-strict"):
+        # the router's nf_conntrack_tcp_timeout_established is 2 s (ct-tcp-strict: and
+        # nf_conntrack_tcp_loose = 0): a connection idle for 3 s has lost its entry
+        with part("idle-client-first"):
+            tcp_idle(C4, 45001, S4, b"push0|")
+        with part("idle-server-first"):
+            tcp_idle(C4, 45002, S4, b"push3|")
     elif case == "nat-ports":
         # UDP from 10.9.0.2 is SNATed to 203.0.113.1:40000-40003; TCP from 10.9.0.3 to :40010
         with part("udp-range"):
@@ -444,6 +469,23 @@ def role_client(case: str) -> None:
                 sh("ping", "-n", f"-{fam[1]}", "-c", "1", "-W", "1", "-t", "1", dst, check=False)
     else:
         raise SystemExit(f"unknown case {case}")
+
+
+def tcp_idle(src: str, sport: int, dst: str, second: bytes) -> None:
+    """A connection that talks, idles 3 s, and talks again (`second` first), then resets."""
+    c = socket.create_connection((dst, TCP_ECHO), timeout=3, source_address=(src, sport))
+    try:
+        c.sendall(b"one\n")
+        c.recv(100)
+        time.sleep(3)
+        c.settimeout(4.5)
+        c.sendall(second)
+        with contextlib.suppress(OSError):
+            c.recv(100)
+    finally:
+        # RST, not FIN: no retransmissions outlive the part
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
 
 
 def tcp_exchange(src: str, sport: int, dst: str) -> int:
@@ -531,10 +573,12 @@ def ip_fields(data: bytes) -> dict[str, object] | None:
         typ, code, ident, seq = struct.unpack_from("!BBxxHH", body)
         f.update(icmp_type=typ, icmp_code=code)
         echo = (typ in (0, 8)) if proto == 1 else (typ in (128, 129))
+        error = typ in (3, 4, 5, 11, 12) if proto == 1 else typ < 128
         if echo:
             f.update(sport=ident, dport=ident)
         # an ICMP error quotes a datagram NAT rewrites: only its kind is invariant
-        f["invariant"] = (*head, typ, code, seq, body[8:]) if echo else (*head, typ, code)
+        f["invariant"] = ((*head, typ, code) if error else (*head, typ, code, seq, body[8:])
+                          if echo else (*head, typ, code, body[4:]))
     else:
         f["invariant"] = (*head, body)
     return f
@@ -598,8 +642,9 @@ def match(entered: list[Frame], left: list[Frame], phases: list[tuple[str, float
                    in_proto=f["proto"], tcp_flags=f["flags"], ip_id=f["id"] if f["id"]
                    is not None else "", frag_offset=f["offset"], frag_mf=int(bool(f["mf"])),
                    ttl_in=f["ttl"])
+        link_scope = str(f["dst"]).startswith("ff02:") or str(f["src"]).startswith(("fe80:", "::"))
         for j, (out, g) in enumerate(outs):
-            if (j in used or g is None or out.side == fr.side or out.ts_ns < fr.ts_ns
+            if (link_scope or j in used or g is None or out.side == fr.side or out.ts_ns < fr.ts_ns
                     or out.ts_ns - fr.ts_ns > 2_000_000_000 or g["family"] != f["family"]
                     or g["proto"] != f["proto"] or g["invariant"] != f["invariant"]
                     or (f["family"] == 4 and g["id"] != f["id"])):
@@ -666,6 +711,9 @@ CASES = {c.name: c for c in (
     Case("frag-expire", {"net.ipv4.ipfrag_time": "2",
                          "net.netfilter.nf_conntrack_frag6_timeout": "2"}, snaplen=2000),
     Case("ct-timeout", {"net.netfilter.nf_conntrack_udp_timeout": "2"}),
+    Case("ct-tcp", {"net.netfilter.nf_conntrack_tcp_timeout_established": "2"}),
+    Case("ct-tcp-strict", {"net.netfilter.nf_conntrack_tcp_timeout_established": "2",
+                           "net.netfilter.nf_conntrack_tcp_loose": "0"}),
     Case("nat-ports", udp_ports="40000-40003", tcp_ports="40010"),
     Case("ttl"),
 )}
@@ -700,8 +748,8 @@ def host_toml(case: Case) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_case(case: Case) -> None:
-    out = HERE / case.name
+def run_case(case: Case, into: Path = HERE) -> None:
+    out = into / case.name
     out.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"fs-linux-{case.name}-"))
     topo = Topology(case.sysctls, ruleset(case.udp_ports, case.tcp_ports))
@@ -797,10 +845,13 @@ def main(argv: list[str]) -> None:
         for case in CASES.values():
             (HERE / case.name / "host.toml").write_text(host_toml(case))
         return
+    into = HERE
+    if argv[:1] == ["--out"] and len(argv) > 1:
+        into, argv = Path(argv[1]), argv[2:]
     for name in argv or list(CASES):
         if name not in CASES:
             raise SystemExit(f"make_cases.py: unknown case {name!r} (cases: {', '.join(CASES)})")
-        run_case(CASES[name])
+        run_case(CASES[name], into)
 
 
 if __name__ == "__main__":
