@@ -7,6 +7,17 @@ if ! command -v tshark >/dev/null 2>&1; then
     apt-get update -qq
     apt-get install -y -qq tshark >/dev/null
 fi
+# tests/test_linux_cases_live.py re-captures Linux cases: namespaces, nftables, tcpdump
+missing=()
+for t in ip:iproute2 nft:nftables tcpdump:tcpdump conntrack:conntrack ethtool:ethtool \
+         ping:iputils-ping; do
+    command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
+done
+if [ "$(id -u)" = 0 ] && [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

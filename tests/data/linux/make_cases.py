@@ -845,6 +845,8 @@ def main(argv: list[str]) -> None:
         for case in CASES.values():
             (HERE / case.name / "host.toml").write_text(host_toml(case))
         return
+    # a TERM ends the run through its finally blocks: the namespaces are deleted
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     into = HERE
     if argv[:1] == ["--out"] and len(argv) > 1:
         into, argv = Path(argv[1]), argv[2:]
