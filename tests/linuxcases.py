@@ -27,7 +27,7 @@ from flowshift.verdict import Verdict
 from hosttools import run
 
 LINUX = Path(__file__).resolve().parent / "data" / "linux"
-CASES = ("frag-order", "frag-reversed", "frag-overlap", "frag-expire", "ct-timeout", "ct-tcp",
+CASES = ("frag-order", "frag-reversed", "frag-overlap", "frag-geometry", "frag-expire", "ct-timeout", "ct-tcp",
          "ct-tcp-strict", "nat-ports", "ttl")
 FILES = ("replay_input.pcap", "linux_output.pcap", "linux_verdicts.csv", "host.toml",
          "phases.tsv", "case.json")

@@ -11,7 +11,6 @@ from scapy.layers.inet import IP, UDP, defragment, fragment
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6, fragment6
 
 from flowshift.packet.defrag import (
-    IPV6_MIN_MTU,
     Defrag,
     DefragOutcome,
     Reassembled,
@@ -58,7 +57,7 @@ datagrams = st.one_of(
 @settings(max_examples=150, deadline=None)
 def test_any_order_with_duplicates_reassembles_the_original(
         dg: bytes, per8: int, rnd: random.Random, data: st.DataObject) -> None:
-    per = per8 * 8 if dg[0] >> 4 == 4 else max(per8 * 8, IPV6_MIN_MTU - 48)
+    per = per8 * 8
     frags = cut(dg, per)
     if len(frags) < 2:
         return
@@ -98,8 +97,6 @@ def test_a_partial_overlap_drops_the_whole_datagram(dg: bytes, which: int, shift
     plen = len(dg) - (20 if dg[0] >> 4 == 4 else 40)
     hdr_dg = 20 if dg[0] >> 4 == 4 else 40
     moved = split(dg, [(start, len(info.payload))], info.key[5])[0]
-    if dg[0] >> 4 == 6 and len(moved) < IPV6_MIN_MTU:
-        return
     assert hdr_end and plen and hdr_dg
     d = Defrag()
     assert feed(d, [*frags[:k], moved, *frags[k:]]) == []
@@ -152,17 +149,41 @@ def test_memory_bound_drops_fragments_above_high_thresh(n: int, thresh: int) -> 
     assert len(feed(d, cut(v4_datagram(3000, ident=999), 1232, 999), 10**12)) == 1
 
 
-def test_outcomes_of_bad_geometry() -> None:
-    dg = v4_datagram(3000)
-    a, _, c = cut(dg, 1232)
+def _last(frag: bytes) -> bytes:
+    """The same fragment with More Fragments cleared."""
+    if frag[0] >> 4 == 4:
+        return frag[:6] + bytes([frag[6] & 0xDF]) + frag[7:]
+    return frag[:43] + bytes([frag[43] & 0xFE]) + frag[44:]
+
+
+@pytest.mark.parametrize("make", [v4_datagram, v6_datagram])
+def test_a_second_end_kills_an_ipv4_queue_but_drops_only_an_ipv6_fragment(make: object) -> None:
+    dg = make(3000)  # type: ignore[operator]
+    a, b, c = cut(dg, 1232, 9)
+    early_end = _last(split(dg, [(1232, 104)], 9)[0])  # a "last" fragment short of the end
     d = Defrag()
     feed(d, [a, c])
-    bad_last = split(dg, [(1232, 100)], 0x1234)[0]  # "last" fragment ending before the end
-    bad_last = bad_last[:6] + bytes([bad_last[6] & 0xDF]) + bad_last[7:]  # MF off
-    assert d.push(bad_last, 0) is None and d.last is DefragOutcome.INVALID and len(d) == 0
-    tiny = cut(v6_datagram(3000), 600, 3)  # non-last IPv6 fragments under 1280 bytes
+    assert d.push(early_end, 0) is None and d.last is DefragOutcome.INVALID
+    if dg[0] >> 4 == 4:
+        assert len(d) == 0 and d.memory == 0  # ip_frag_queue: the queue is corrupt
+    else:
+        assert len(feed(d, [b])) == 1  # nf_ct_frag6_queue: the fragment alone goes
+
+
+def test_misaligned_ipv6_fragment_kills_the_queue_ipv4_trims_it() -> None:
+    dg6 = v6_datagram(3000)
+    a, _, c = cut(dg6, 1232, 5)
+    odd = split(dg6, [(1232, 1231)], 5)[0]  # not the last, not a multiple of 8
     d = Defrag()
-    assert feed(d, tiny) == [] and d.counts[DefragOutcome.INVALID] == len(tiny) - 1
+    feed(d, [a, c])
+    assert d.push(odd, 0) is None and d.last is DefragOutcome.INVALID and len(d) == 0
+    dg4 = v4_datagram(3000)
+    a, b, c = cut(dg4, 1232)
+    longer = split(dg4, [(1232, 1236)], 0x1234)[0]  # trimmed to 1232: a duplicate of b
+    d = Defrag()
+    feed(d, [a, b])
+    assert d.push(longer, 0) is None and d.last is DefragOutcome.DUPLICATE
+    assert len(feed(d, [c])) == 1
 
 
 def test_not_a_fragment_passes_through() -> None:
@@ -223,7 +244,8 @@ def test_ipv6_matches_scapy_fragment6_and_defragment6(size: int, per8: int) -> N
 
 
 # --------------------------------------------------------------------------- Linux
-@pytest.mark.parametrize("name", ["frag-order", "frag-reversed", "frag-overlap"])
+@pytest.mark.parametrize("name", ["frag-order", "frag-reversed", "frag-overlap",
+                                  "frag-geometry"])
 def test_linux_forwards_what_split_cuts_from_the_translated_datagram(name: str) -> None:
     """Reassemble what entered the router and what it sent: Linux sent the translated
     datagram cut at the boundaries it received (IPv4 id kept, IPv6 id drawn anew)."""
@@ -241,26 +263,27 @@ def test_linux_forwards_what_split_cuts_from_the_translated_datagram(name: str) 
 
 
 @pytest.mark.parametrize(("name", "timeout"), [
-    ("frag-order", 30), ("frag-reversed", 30), ("frag-overlap", 30), ("frag-expire", 2)])
+    ("frag-order", 30), ("frag-reversed", 30), ("frag-overlap", 30), ("frag-geometry", 30),
+    ("frag-expire", 2)])
 def test_datagrams_linux_forwarded_are_those_defrag_completes(name: str, timeout: int) -> None:
-    """Per datagram entering the router: forwarded by Linux iff Defrag completes it."""
+    """Linux forwarded exactly the fragments Defrag kept in the datagrams it completed."""
     case = load(name)
     d = Defrag(timeout_ns=timeout * SEC, timeout6_ns=timeout * SEC)
     completed: set[int] = set()
-    pending: dict[int, list[int]] = {}
+    kept: dict[object, list[int]] = {}  # input fragments held in each open queue
     for i, fr in enumerate(case.inputs):
         info = fragment_info(fr.data[14:])
         if info is None:
             continue
-        pending.setdefault(info.key[5], []).append(i)
-        if isinstance(d.push(fr.data[14:], fr.ts_ns), Reassembled):
-            completed.update(pending.pop(info.key[5]))
-        elif d.last in (DefragOutcome.OVERLAP, DefragOutcome.EXPIRED):
-            pending.pop(info.key[5], None)
+        d.expire(fr.ts_ns)
+        if info.key not in d:
+            kept.pop(info.key, None)
+        out = d.push(fr.data[14:], fr.ts_ns)
+        if d.last in (DefragOutcome.QUEUED, DefragOutcome.REASSEMBLED):
+            kept.setdefault(info.key, []).append(i)
+        if isinstance(out, Reassembled):
+            completed.update(kept.pop(info.key))
     forwarded = {i for i, row in enumerate(case.rows)
-                 if row["verdict"] == "forward" and row["frag_offset"] != ""
-                 and (row["frag_mf"] == "1" or row["frag_offset"] != "0")}
-    # a duplicate Linux dropped belongs to a completed datagram: every fragment but those
-    dups = {int(r["input_index"]) for r in case.rows
-            if r["verdict"] == "drop" and r["part"].endswith("duplicate")}
-    assert forwarded == completed - dups
+                 if row["verdict"] == "forward" and (row["frag_mf"] == "1"
+                                                     or row["frag_offset"] not in ("", "0"))}
+    assert forwarded == completed

@@ -28,6 +28,8 @@ MISSING = {
        for p in ("v4-udp-reversed", "v6-udp-reversed", "v4-udp-shuffled")},
     **{("frag-overlap", f"{f}-{p}"): DEFRAG
        for f in ("v4", "v6") for p in ("duplicate", "overlap", "overlap-resent")},
+    **{("frag-geometry", p): DEFRAG
+       for p in ("v4-early-end", "v6-early-end", "v6-misaligned")},
     **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"
        for f in ("v4", "v6") for p in ("within", "expired")},
     ("ct-timeout", "v4-reply-late"): "tunable conntrack timeouts (nf_conntrack_udp_timeout = 2)",

@@ -40,7 +40,6 @@ from flowshift.packet.checksum import checksum
 IPFRAG_TIME_NS = 30_000_000_000  # net.ipv4.ipfrag_time
 FRAG6_TIMEOUT_NS = 60_000_000_000  # net.netfilter.nf_conntrack_frag6_timeout
 IPFRAG_HIGH_THRESH = 4 * 1024 * 1024  # net.ipv4.ipfrag_high_thresh (and frag6_high_thresh)
-IPV6_MIN_MTU = 1280  # a non-last IPv6 fragment smaller than this is dropped (Linux 4.19+)
 IP_MAX_LEN = 65535
 
 _IP_MF, _IP_DF, _IP_OFFSET = 0x2000, 0x4000, 0x1FFF
@@ -58,7 +57,7 @@ class DefragOutcome(IntEnum):
     EXPIRED = 5  # queue older than the timeout: dropped whole (counted once per queue)
     TOO_BIG = 6  # the datagram would exceed 65535 bytes
     MEMORY = 7  # fragment memory above high_thresh: fragment dropped
-    INVALID = 8  # bad geometry (misaligned, empty, beyond the end, tiny IPv6, ECN mix)
+    INVALID = 8  # bad geometry (misaligned, empty, beyond the end) or an ECN mix
 
     @property
     def label(self) -> str:
@@ -170,6 +169,10 @@ class Defrag:
     def __len__(self) -> int:
         return len(self._queues)
 
+    def __contains__(self, key: object) -> bool:
+        """Is a queue open for this key (`FragmentInfo.key`)?"""
+        return key in self._queues
+
     def expire(self, now_ns: int) -> int:
         """Drop every queue whose time is up at `now_ns`; returns how many."""
         gone = [k for k, q in self._queues.items()
@@ -196,26 +199,26 @@ class Defrag:
         if self.memory > self.high_thresh:
             return DefragOutcome.MEMORY
         offset, end = info.offset, info.offset + len(info.payload)
-        if info.family == 6 and (end > IP_MAX_LEN or (info.more and len(packet) < IPV6_MIN_MTU)):
-            return DefragOutcome.TOO_BIG if end > IP_MAX_LEN else DefragOutcome.INVALID
         q = self._queues.get(info.key)
-        if q is None:
+        if q is None:  # Linux finds or creates the queue first, whatever follows
             q = self._queues[info.key] = _Queue(ts_ns)
+        if info.family == 6 and end > IP_MAX_LEN:
+            return DefragOutcome.TOO_BIG
         if not info.more:
             if end < q.length or (q.last_in and end != q.length):
-                return self._kill(info.key, DefragOutcome.INVALID)
+                return self._corrupt(info)
             q.last_in, q.length = True, end
         else:
             if end & 7:
-                if info.family == 6:  # RFC 8200: a non-last fragment is a multiple of 8
+                if info.family == 6:  # RFC 8200: kills the queue
                     return self._kill(info.key, DefragOutcome.INVALID)
                 end &= ~7  # IPv4: trimmed to a multiple of 8
             if end > q.length:
                 if q.last_in:
-                    return self._kill(info.key, DefragOutcome.INVALID)
+                    return self._corrupt(info)
                 q.length = end
         if end == offset:
-            return self._kill(info.key, DefragOutcome.INVALID)
+            return self._corrupt(info)
         frag = _Fragment(offset, end, packet, info)
         placed = self._insert(q, frag)
         if placed is not DefragOutcome.QUEUED:
@@ -237,6 +240,13 @@ class Defrag:
         if q.first is not None and q.last_in and q.meat == q.length:
             return DefragOutcome.REASSEMBLED
         return DefragOutcome.QUEUED
+
+    def _corrupt(self, info: FragmentInfo) -> DefragOutcome:
+        """Inconsistent geometry: IPv4 drops the whole queue, IPv6 (nf_conntrack_reasm)
+        only the fragment."""
+        if info.family == 4:
+            return self._kill(info.key, DefragOutcome.INVALID)
+        return DefragOutcome.INVALID
 
     @staticmethod
     def _insert(q: _Queue, frag: _Fragment) -> DefragOutcome:

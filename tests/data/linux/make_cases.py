@@ -421,6 +421,29 @@ def role_client(case: str) -> None:
                     # the same datagram again, well formed, after the overlap killed it
                     crafted_udp(inj, src, dst, sport + 1, 0x4202 + (fam == "v6") * 0x10000,
                                 f"{fam}-overlap", 3000, lambda p: p)
+    elif case == "frag-geometry":
+        # a second "last" fragment that ends early: IPv4 drops the queue, IPv6 the fragment
+        for fam, src, dst in (("v4", C4, S4), ("v6", C6, S6)):
+            sport = 42401 if fam == "v4" else 42411
+            ident = 0x4401 + (fam == "v6") * 0x10000
+            with listening(src, [sport, sport + 1]):
+                with part(f"{fam}-early-end"):
+                    body = udp_datagram(src, dst, sport, tag(f"{fam}-early-end", 3000))
+                    a, b, c = fragment_packets(src, dst, ident, body, even_pieces(len(body), 1232))
+                    early = fragment_packets(src, dst, ident, body[:1232 + 104], [(1232, 104)])[0]
+                    for pkt in (a, c, early, b):
+                        inj.send(pkt)
+                if fam == "v6":
+                    with part("v6-misaligned"):
+                        # a non-last fragment whose length is no multiple of 8 (RFC 8200)
+                        body = udp_datagram(src, dst, sport + 1, tag("v6-misaligned", 3000))
+                        a, b, c = fragment_packets(src, dst, ident + 1, body,
+                                                   even_pieces(len(body), 1232))
+                        odd = fragment_packets(src, dst, ident + 1, body[:1232 + 1228],
+                                               [(1232, 1228)])[0]
+                        odd = odd[:43] + bytes([odd[43] | 1]) + odd[44:]  # More Fragments
+                        for pkt in (a, odd, b, c):
+                            inj.send(pkt)
     elif case == "frag-expire":
         # the router's ipfrag_time / nf_conntrack_frag6_timeout is 2 s in this case
         for fam, src, dst in (("v4", C4, S4), ("v6", C6, S6)):
@@ -708,6 +731,7 @@ CASES = {c.name: c for c in (
     Case("frag-order", snaplen=2000),
     Case("frag-reversed", snaplen=2000),
     Case("frag-overlap", snaplen=2000),
+    Case("frag-geometry", snaplen=2000),
     Case("frag-expire", {"net.ipv4.ipfrag_time": "2",
                          "net.netfilter.nf_conntrack_frag6_timeout": "2"}, snaplen=2000),
     Case("ct-timeout", {"net.netfilter.nf_conntrack_udp_timeout": "2"}),
