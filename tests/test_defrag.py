@@ -287,3 +287,21 @@ def test_datagrams_linux_forwarded_are_those_defrag_completes(name: str, timeout
                  if row["verdict"] == "forward" and (row["frag_mf"] == "1"
                                                      or row["frag_offset"] not in ("", "0"))}
     assert forwarded == completed
+
+
+def test_later_fragments_carry_only_copied_options() -> None:
+    """ip_options_fragment: options without the copy flag become NOPs after the first
+    fragment (the header keeps its length); reassembly takes the first fragment's header."""
+    from scapy.layers.inet import IPOption_RR, IPOption_Security
+
+    dg = bytes(IP(src="10.9.0.2", dst="203.0.113.2",
+                  options=[IPOption_Security(), IPOption_RR()]) / UDP(sport=1, dport=2)
+               / bytes(3000))
+    first, *later = refragment(dg, 1500)
+    assert first[20:36] == dg[20:36]
+    for f in later:
+        opts = f[20:36]
+        assert opts[:11] == dg[20:31]  # security (copy flag set) kept
+        assert opts[11:14] == b"\x01\x01\x01"  # record route (not copied): NOPs
+    (r,) = feed(Defrag(), [*later, first])
+    assert r.datagram == dg
