@@ -27,8 +27,8 @@ from flowshift.verdict import Verdict
 from hosttools import run
 
 LINUX = Path(__file__).resolve().parent / "data" / "linux"
-CASES = ("frag-order", "frag-reversed", "frag-overlap", "frag-geometry", "frag-expire",
-         "ct-timeout", "ct-tcp", "ct-tcp-strict", "nat-ports", "ttl")
+CASES = ("frag-order", "frag-reversed", "frag-overlap", "frag-geometry", "frag-memory",
+         "frag-expire", "ct-timeout", "ct-tcp", "ct-tcp-strict", "nat-ports", "ttl")
 FILES = ("replay_input.pcap", "linux_output.pcap", "linux_verdicts.csv", "host.toml",
          "phases.tsv", "case.json")
 

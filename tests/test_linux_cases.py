@@ -30,6 +30,8 @@ MISSING = {
        for f in ("v4", "v6") for p in ("duplicate", "overlap", "overlap-resent")},
     **{("frag-geometry", p): DEFRAG
        for p in ("v4-early-end", "v6-early-end", "v6-misaligned")},
+    **{("frag-memory", f"{f}-{p}"): DEFRAG + " with a fragment memory bound"
+       for f in ("v4", "v6") for p in ("fill", "over-bound", "after-expiry")},
     **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"
        for f in ("v4", "v6") for p in ("within", "expired")},
     ("ct-timeout", "v4-reply-late"): "tunable conntrack timeouts (nf_conntrack_udp_timeout = 2)",

@@ -444,6 +444,25 @@ def role_client(case: str) -> None:
                         odd = odd[:43] + bytes([odd[43] | 1]) + odd[44:]  # More Fragments
                         for pkt in (a, odd, b, c):
                             inj.send(pkt)
+    elif case == "frag-memory":
+        # the router's fragment memory bound is 8 KiB and its reassembly timeout 2 s
+        for fam, src, dst in (("v4", C4, S4), ("v6", C6, S6)):
+            sport = 42501 if fam == "v4" else 42511
+            base = 0x4500 + (fam == "v6") * 0x10000
+            with listening(src, [sport, sport + 1]):
+                with part(f"{fam}-fill"):
+                    # first fragments of six datagrams that never complete
+                    for k in range(6):
+                        body = udp_datagram(src, dst, sport, tag(f"{fam}-fill-{k}", 3000))
+                        inj.send(fragment_packets(src, dst, base + 10 + k, body,
+                                                  [(0, 1232)])[0])
+                with part(f"{fam}-over-bound"):
+                    crafted_udp(inj, src, dst, sport, base + 1, f"{fam}-over-bound", 3000,
+                                lambda p: p)
+                time.sleep(2.5)  # the filling queues expire; their memory comes back
+                with part(f"{fam}-after-expiry"):
+                    crafted_udp(inj, src, dst, sport + 1, base + 2, f"{fam}-after-expiry",
+                                3000, lambda p: p)
     elif case == "frag-expire":
         # the router's ipfrag_time / nf_conntrack_frag6_timeout is 2 s in this case
         for fam, src, dst in (("v4", C4, S4), ("v6", C6, S6)):
@@ -732,6 +751,12 @@ CASES = {c.name: c for c in (
     Case("frag-reversed", snaplen=2000),
     Case("frag-overlap", snaplen=2000),
     Case("frag-geometry", snaplen=2000),
+    Case("frag-memory", {"net.ipv4.ipfrag_time": "2",
+                         "net.netfilter.nf_conntrack_frag6_timeout": "2",
+                         "net.ipv4.ipfrag_low_thresh": "1024",
+                         "net.ipv4.ipfrag_high_thresh": "8192",
+                         "net.netfilter.nf_conntrack_frag6_low_thresh": "1024",
+                         "net.netfilter.nf_conntrack_frag6_high_thresh": "8192"}, snaplen=2000),
     Case("frag-expire", {"net.ipv4.ipfrag_time": "2",
                          "net.netfilter.nf_conntrack_frag6_timeout": "2"}, snaplen=2000),
     Case("ct-timeout", {"net.netfilter.nf_conntrack_udp_timeout": "2"}),
