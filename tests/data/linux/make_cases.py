@@ -326,13 +326,13 @@ def fragment_packets(src: str, dst: str, ident: int, body: bytes,
         last = off + length >= len(body)
         chunk = body[off:off + length]
         if ":" in dst:
-            pkt = (IPv6(src=src, dst=dst, hlim=64)
-                   / IPv6ExtHdrFragment(nh=17, offset=off // 8, m=0 if last else 1, id=ident)
-                   / chunk)
+            out.append(bytes(IPv6(src=src, dst=dst, hlim=64)
+                             / IPv6ExtHdrFragment(nh=17, offset=off // 8, m=0 if last else 1,
+                                                  id=ident)
+                             / chunk))
         else:
-            pkt = IP(src=src, dst=dst, id=ident, proto=17, ttl=64, flags=0 if last else 1,
-                     frag=off // 8) / chunk
-        out.append(bytes(pkt))
+            out.append(bytes(IP(src=src, dst=dst, id=ident, proto=17, ttl=64,
+                                flags=0 if last else 1, frag=off // 8) / chunk))
     return out
 
 
@@ -636,7 +636,8 @@ def read(path: Path, side: str) -> list[Frame]:
 def split(inside: list[Frame], outside: list[Frame]) -> tuple[list[Frame], list[Frame]]:
     mine = {"inside": bytes.fromhex(MAC_RI.replace(":", "")),
             "outside": bytes.fromhex(MAC_RO.replace(":", ""))}
-    entered, left = [], []
+    entered: list[Frame] = []
+    left: list[Frame] = []
     for fr in sorted(inside + outside, key=lambda f: (f.ts_ns, f.side, f.index)):
         (left if fr.data[6:12] == mine[fr.side] else entered).append(fr)
     return entered, left
@@ -832,9 +833,9 @@ def run_case(case: Case, into: Path = HERE) -> None:
     finally:
         topo.down()
     phases = []
-    for line in phases_text.splitlines():
-        name, t0, t1 = line.split("\t")
-        phases.append((name, float(t0), float(t1)))
+    for ln in phases_text.splitlines():
+        part, t0, t1 = ln.split("\t")
+        phases.append((part, float(t0), float(t1)))
     entered, left = split(read(work / "inside.pcap", "inside"),
                           read(work / "outside.pcap", "outside"))
     write_pcap(out / "replay_input.pcap", entered, case.snaplen)
@@ -866,8 +867,8 @@ def run_case(case: Case, into: Path = HERE) -> None:
     }
     (out / "case.json").write_text(json.dumps(meas, indent=1) + "\n")
     shutil.rmtree(work)
-    print(f"{case.name}: entered {len(entered)}, left {len(left)}, forwarded "
-          f"{meas['packets']['forwarded']}")
+    forwarded = sum(r["verdict"] == "forward" for r in rows)
+    print(f"{case.name}: entered {len(entered)}, left {len(left)}, forwarded {forwarded}")
 
 
 def write_pcap(path: Path, frames: list[Frame], snaplen: int) -> None:
