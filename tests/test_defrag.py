@@ -313,3 +313,18 @@ def test_later_fragments_carry_only_copied_options() -> None:
         assert opts[11:14] == b"\x01\x01\x01"  # record route (not copied): NOPs
     (r,) = feed(Defrag(), [*later, first])
     assert r.datagram == dg
+
+
+@given(datagrams, st.randoms(use_true_random=False),
+       st.lists(st.integers(0, 20 * SEC), min_size=8, max_size=8))
+@settings(max_examples=60, deadline=None)
+def test_a_datagram_completes_iff_its_fragments_come_within_the_timeout(
+        dg: bytes, rnd: random.Random, gaps: list[int]) -> None:
+    frags = cut(dg, 1232, 3)
+    rnd.shuffle(frags)
+    times = [sum(gaps[: i + 1]) for i in range(len(frags))]
+    d = Defrag(timeout_ns=30 * SEC, timeout6_ns=30 * SEC)
+    done = [r for f, t in zip(frags, times, strict=False) if isinstance(r := d.push(f, t),
+                                                                         Reassembled)]
+    single = len(frags) == 1  # not a fragment at all: passed through
+    assert (len(done) == 1) == (not single and times[len(frags) - 1] - times[0] < 30 * SEC)
