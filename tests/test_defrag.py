@@ -328,3 +328,24 @@ def test_a_datagram_completes_iff_its_fragments_come_within_the_timeout(
                                                                          Reassembled)]
     single = len(frags) == 1  # not a fragment at all: passed through
     assert (len(done) == 1) == (not single and times[len(frags) - 1] - times[0] < 30 * SEC)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_a_datagram_over_65535_bytes_is_refused(family: int) -> None:
+    chunk = bytes(8000)
+    frags = []
+    for off in range(0, 64000 + 1, 8000):
+        last = off == 64000
+        if family == 4:
+            frags.append(bytes(IP(src="10.9.0.2", dst="203.0.113.2", id=7, proto=17,
+                                  flags=0 if last else 1, frag=off // 8) / chunk))
+        else:
+            frags.append(bytes(IPv6(src="fd00:9::2", dst="2001:db8:9::2")
+                               / IPv6ExtHdrFragment(nh=17, offset=off // 8, m=0 if last else 1,
+                                                    id=7) / chunk))
+    d = Defrag()
+    assert feed(d, frags) == []
+    if family == 4:  # the queue completes, and gluing it refuses the size
+        assert d.counts[DefragOutcome.TOO_BIG] == 1 and len(d) == 0 and d.memory == 0
+    else:  # nf_conntrack_reasm refuses the fragment that ends past 65535
+        assert d.last is DefragOutcome.TOO_BIG

@@ -19,11 +19,12 @@ is that reassembly, without the rest of the chain:
   of old queues (ipfrag_low_thresh is obsolete).
 - `counts` holds every outcome by `DefragOutcome`.
 
-What Linux forwards is `Reassembled.fragments`: the received fragments in offset order, each
-once. After NAT rewrote the reassembled datagram (its addresses, and its L4 header, whose
-checksum covers the whole datagram), `split(translated, r.pieces)` cuts the translated
-datagram at the same boundaries, keeping the IPv4 id; `refragment(datagram, size)` is
-Linux's ip_do_fragment cut at `r.max_size`, the largest fragment received.
+Linux forwards the datagram cut again at the boundaries it arrived with, in offset order,
+every fragment with the first fragment's header (`Reassembled.fragments` are the fragments
+as received, each once). After NAT rewrote the reassembled datagram (its addresses, and its
+L4 header, whose checksum covers the whole datagram), `split(translated, r.pieces)` is that
+cut, keeping the IPv4 id; `refragment(datagram, size)` is Linux's ip_do_fragment cut at
+`r.max_size`, the largest fragment received.
 """
 
 from __future__ import annotations
@@ -237,9 +238,17 @@ class Defrag:
             q.ecn |= 1 << ((struct.unpack_from("!I", packet)[0] >> 20) & 3)
         if offset == 0:
             q.first = frag
-        if q.first is not None and q.last_in and q.meat == q.length:
-            return DefragOutcome.REASSEMBLED
-        return DefragOutcome.QUEUED
+        if q.first is None or not q.last_in or q.meat != q.length:
+            return DefragOutcome.QUEUED
+        # complete: what Linux still refuses when it glues the datagram together
+        size = q.first.info.header_len + q.length  # IPv4 total length
+        if info.family == 6:
+            size -= 40  # IPv6 payload length
+        if size > IP_MAX_LEN:
+            return self._kill(info.key, DefragOutcome.TOO_BIG)
+        if _ecn(q.ecn) < 0:
+            return self._kill(info.key, DefragOutcome.INVALID)
+        return DefragOutcome.REASSEMBLED
 
     def _corrupt(self, info: FragmentInfo) -> DefragOutcome:
         """Inconsistent geometry: IPv4 drops the whole queue, IPv6 (nf_conntrack_reasm)
@@ -285,7 +294,7 @@ class Defrag:
         return why
 
     # ------------------------------------------------------------------ reassembly
-    def _reassemble(self, key: tuple[int, int, bytes, bytes, int, int]) -> Reassembled | None:
+    def _reassemble(self, key: tuple[int, int, bytes, bytes, int, int]) -> Reassembled:
         q = self._queues[key]
         first = q.first
         assert first is not None
@@ -293,16 +302,6 @@ class Defrag:
         payload = b"".join(f.info.payload[: f.end - f.offset] for f in frags)
         info = first.info
         ecn = _ecn(q.ecn)
-        if info.family == 4 and info.header_len + len(payload) > IP_MAX_LEN:
-            self.counts[DefragOutcome.REASSEMBLED] -= 1
-            self.counts[DefragOutcome.TOO_BIG] += 1
-            self._kill(key, DefragOutcome.TOO_BIG)
-            return None
-        if ecn < 0:
-            self.counts[DefragOutcome.REASSEMBLED] -= 1
-            self.counts[DefragOutcome.INVALID] += 1
-            self._kill(key, DefragOutcome.INVALID)
-            return None
         self._kill(key, DefragOutcome.REASSEMBLED)
         head = bytearray(first.packet[: info.header_len])
         if info.family == 4:
