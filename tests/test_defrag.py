@@ -254,7 +254,10 @@ def test_linux_forwards_what_split_cuts_from_the_translated_datagram(name: str) 
     outs = feed(Defrag(), [f.data[14:] for f in case.outputs])
     assert len(ins) == len(outs) > 0
     for a, b in zip(ins, outs, strict=True):
-        assert split(a.datagram, a.pieces, a.ident) == a.fragments
+        # the cut of the received datagram holds the received payloads (headers may differ:
+        # Linux gives every fragment the first one's, frag-geometry/*-mixed-headers)
+        assert [fragment_info(f).payload for f in split(a.datagram, a.pieces, a.ident)] == [
+            fragment_info(f).payload for f in a.fragments]  # type: ignore[union-attr]
         assert split(b.datagram, a.pieces, b.ident) == b.fragments
         assert refragment(b.datagram, a.max_size, b.ident) == b.fragments
         if a.datagram[0] >> 4 == 4:

@@ -29,7 +29,8 @@ MISSING = {
     **{("frag-overlap", f"{f}-{p}"): DEFRAG
        for f in ("v4", "v6") for p in ("duplicate", "overlap", "overlap-resent")},
     **{("frag-geometry", p): DEFRAG
-       for p in ("v4-early-end", "v6-early-end", "v6-misaligned")},
+       for p in ("v4-early-end", "v4-mixed-headers", "v6-early-end", "v6-mixed-headers",
+                 "v6-misaligned")},
     **{("frag-memory", f"{f}-{p}"): DEFRAG + " with a fragment memory bound"
        for f in ("v4", "v6") for p in ("fill", "over-bound", "after-expiry")},
     **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"

@@ -336,6 +336,26 @@ def fragment_packets(src: str, dst: str, ident: int, body: bytes,
     return out
 
 
+def _with_header(pkt: bytes, ttl: int, dscp: int) -> bytes:
+    """The packet with another TTL / hop limit and DSCP (IPv4 checksum fixed)."""
+    b = bytearray(pkt)
+    if b[0] >> 4 == 4:
+        b[8], b[1] = ttl, dscp << 2
+        b[10:12] = b"\0\0"
+        b[10:12] = struct.pack("!H", _ip_checksum(bytes(b[:(b[0] & 15) * 4])))
+    else:
+        b[7] = ttl
+        b[0], b[1] = 0x60 | dscp >> 2, (b[1] & 0x0F) | (dscp & 3) << 6
+    return bytes(b)
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 def even_pieces(total: int, size: int) -> list[tuple[int, int]]:
     return [(off, min(size, total - off)) for off in range(0, total, size)]
 
@@ -426,13 +446,21 @@ def role_client(case: str) -> None:
         for fam, src, dst in (("v4", C4, S4), ("v6", C6, S6)):
             sport = 42401 if fam == "v4" else 42411
             ident = 0x4401 + (fam == "v6") * 0x10000
-            with listening(src, [sport, sport + 1]):
+            with listening(src, [sport, sport + 1, sport + 2]):
                 with part(f"{fam}-early-end"):
                     body = udp_datagram(src, dst, sport, tag(f"{fam}-early-end", 3000))
                     a, b, c = fragment_packets(src, dst, ident, body, even_pieces(len(body), 1232))
                     early = fragment_packets(src, dst, ident, body[:1232 + 104], [(1232, 104)])[0]
                     for pkt in (a, c, early, b):
                         inj.send(pkt)
+                with part(f"{fam}-mixed-headers"):
+                    # fragments whose headers differ (TTL / hop limit, DSCP): Linux sends
+                    # every fragment with the first fragment's header
+                    body = udp_datagram(src, dst, sport + 2, tag(f"{fam}-mixed", 3000))
+                    frags = fragment_packets(src, dst, ident + 2, body,
+                                             even_pieces(len(body), 1232))
+                    for k, pkt in enumerate(frags):
+                        inj.send(_with_header(pkt, ttl=64 - 10 * k, dscp=8 * k))
                 if fam == "v6":
                     with part("v6-misaligned"):
                         # a non-last fragment whose length is no multiple of 8 (RFC 8200)
