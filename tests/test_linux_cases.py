@@ -138,6 +138,15 @@ def test_readme_describes_every_case_and_the_kernel() -> None:
             assert f"`{part}`" in text, f"{name}/{part} not described"
 
 
+def test_readme_counts_are_the_captures() -> None:
+    text = (LINUX / "README.md").read_text()
+    for name in CASES:
+        m = re.search(rf"^\| `{re.escape(name)}` \|.*\| (\d+) / (\d+) / (\d+) \|$", text, re.M)
+        assert m, f"no table row for {name}"
+        meta = json.loads((LINUX / name / "case.json").read_text())["packets"]
+        assert tuple(map(int, m.groups())) == (meta["entered"], meta["left"], meta["forwarded"])
+
+
 def test_missing_semantics_name_real_parts() -> None:
     known = {(n, p) for n in CASES for p in parts(n)}
     assert set(MISSING) <= known
