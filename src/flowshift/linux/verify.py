@@ -1,0 +1,267 @@
+"""Differential check: one machine's config in flowshift and in the real Linux kernel, per packet.
+
+The machine's chain is rendered as nftables (flowshift.nft) and loaded into a router in
+namespaces (router.py). The same trace goes through flowshift (replay.run_replay) and
+through the router, in order: egress packets enter on the machine side, ingress packets on
+the wire side. Each packet's outcome is compared: forwarded or not, and when forwarded, the
+5-tuple it left with and its transport bytes (so checksums, sequence numbers and ICMP
+quotes count too).
+
+To find a packet's output, each injected packet is stamped with its injection number in a
+field neither NAT nor conntrack looks at: the IPv4 identification (header checksum fixed)
+or the IPv6 flow label. Packets flowshift does not give to the machine (bypass, unparsed),
+truncated captures and IP fragments are not injected; they are counted as not compared.
+"""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import struct
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from flowshift.config import HostConfig, LbPool, MachineConfig
+from flowshift.flow import PROTO_NAMES, format_endpoint
+from flowshift.gen import TraceSpec, generate
+from flowshift.linux.router import MACHINE, WIRE, Output, Router, Routes, pinned
+from flowshift.nft import Ports, render, sysctl_lines
+from flowshift.packet.checksum import ones_sum
+from flowshift.packet.parse import parse
+from flowshift.packet.pcap import open_trace
+from flowshift.packet.view import LINKTYPE_ETHERNET, Packet
+from flowshift.replay import run_replay
+
+BATCH = 64  # frames sent before reading what came out
+STAMP_MOD = {4: 1 << 16, 6: 1 << 20}  # IPv4 identification, IPv6 flow label
+ETHERTYPES = {4: b"\x08\x00", 6: b"\x86\xdd"}
+SHOWN = 10  # differences kept for the report
+ESTABLISHED_REASONS = ("established", "related")
+DEFAULT_FLOWS = 200
+DEFAULT_DURATION = 5.0
+
+Tuple5 = tuple[str, str, int]  # "src:port", "dst:port", proto
+
+
+@dataclass
+class Difference:
+    index: int  # the input packet, 0-based in the trace
+    cls: str
+    what: str  # "verdict", "side", "rewrite" or "bytes"
+    flowshift: str
+    linux: str
+
+    def text(self) -> str:
+        return (f"#{self.index} {self.cls}: {self.what} differs: flowshift {self.flowshift}; "
+                f"Linux {self.linux}")
+
+
+@dataclass
+class Verification:
+    machine: str
+    trace: str
+    classes: dict[str, list[int]] = field(default_factory=dict)  # class -> [agree, differ]
+    skipped: Counter[str] = field(default_factory=Counter)  # not compared, by why
+    differences: list[Difference] = field(default_factory=list)  # the first SHOWN
+    differing: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def compared(self) -> int:
+        return sum(a + d for a, d in self.classes.values())
+
+    @property
+    def agreed(self) -> bool:
+        return self.differing == 0
+
+    def count(self, cls: str, diff: Difference | None) -> None:
+        row = self.classes.setdefault(cls, [0, 0])
+        if diff is None:
+            row[0] += 1
+            return
+        row[1] += 1
+        self.differing += 1
+        if len(self.differences) < SHOWN:
+            self.differences.append(diff)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "trace": self.trace,
+            "agree": self.agreed,
+            "compared": self.compared,
+            "differing": self.differing,
+            "classes": {k: {"agree": a, "differ": d} for k, (a, d) in sorted(self.classes.items())},
+            "not_compared": dict(sorted(self.skipped.items())),
+            "differences": [vars(d) for d in self.differences],
+            "notes": self.notes,
+        }
+
+
+def round_robin_twin(cfg: HostConfig) -> HostConfig:
+    """The same config with every Maglev pool balanced round robin, as Linux can."""
+    machines = tuple(
+        replace(m, lb=tuple(replace(p, scheduler="round-robin") for p in m.lb))
+        for m in cfg.machines
+    )
+    return replace(cfg, machines=machines)
+
+
+def maglev_pools(m: MachineConfig) -> list[LbPool]:
+    return [p for p in m.lb if p.scheduler == "maglev"] if "lb" in m.services else []
+
+
+def verify(cfg: HostConfig, machine: int, trace: str | Path | None = None, *,
+           flows: int = DEFAULT_FLOWS, seed: int = 1) -> Verification:
+    """Run the check for machine `machine` of `cfg`; generate a gateway trace when none given."""
+    m = cfg.machines[machine]
+    one = replace(cfg, machines=(m,))  # the machine alone: both sides see only its traffic
+    with tempfile.TemporaryDirectory(prefix="fs-verify-") as tmp:
+        work = Path(tmp)
+        if trace is None:
+            trace = work / "trace.pcap"
+            generate(TraceSpec(flows=flows, duration_s=DEFAULT_DURATION, seed=seed,
+                               gateway=one, clients=m.addresses), trace)
+            name = f"generated gateway trace (flows {flows}, seed {seed})"
+        else:
+            name = str(trace)
+        run_replay(trace, one, out=work / "flowshift.pcap", verdicts=work / "verdicts.csv",
+                   progress=False)
+        result = Verification(m.name, name)
+        if maglev_pools(m):
+            result.notes.append(
+                "Maglev pools run as jhash in Linux: LB flows may take other backends "
+                "(verify the round-robin twin with --maglev-as-round-robin)")
+        _compare(one, trace, work, result)
+    return result
+
+
+# -- the comparison -------------------------------------------------------------------------
+
+
+@dataclass
+class _Input:
+    index: int
+    side: int
+    cls: str
+    verdict: str  # flowshift's
+    reason: str
+    out: Packet | None  # flowshift's output
+    family: int
+    stamp: int
+    frame: bytes
+    proto: int
+    ip_total: int
+
+
+def _compare(cfg: HostConfig, trace: str | Path, work: Path, result: Verification) -> None:
+    m = cfg.machines[0]
+    with (work / "verdicts.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open_trace(work / "flowshift.pcap") as frames:
+        ours = [parse(bytearray(fr.data), fr.linktype, fr.wire_len) for fr in frames]
+    inputs = list(_inputs(trace, rows, ours, result))
+    routes = Routes([*m.addresses, *(ipaddress.ip_network(a) for a in m.public)])
+    ruleset = render(cfg, [0], {0: Ports()}).text
+    outputs: dict[int, Output] = {}
+    with Router(ruleset, sysctl_lines(cfg, [0]), routes) as router, pinned():
+        recent: dict[tuple[int, int], _Input] = {}
+        for start in range(0, len(inputs), BATCH):
+            batch = inputs[start:start + BATCH]
+            for i in batch:
+                recent[i.family, i.stamp] = i
+            for o in router.exchange([(i.side, i.frame) for i in batch]):
+                hit = _owner(o, recent)
+                if hit is not None and hit.index not in outputs:
+                    outputs[hit.index] = o
+    for i in inputs:
+        result.count(i.cls, _judge(i, outputs.get(i.index)))
+
+
+def _inputs(trace: str | Path, rows: list[dict[str, str]], ours: list[Packet],
+            result: Verification) -> Iterator[_Input]:
+    seq = 0
+    with open_trace(trace) as frames:
+        for fr, row in zip(frames, rows, strict=False):
+            if row["verdict"] not in ("forward", "drop"):
+                result.skipped[f"flowshift {row['verdict']}"] += 1
+                continue
+            pkt = parse(bytearray(fr.data), fr.linktype, fr.wire_len)
+            if pkt.truncated or len(fr.data) < fr.wire_len:
+                result.skipped["truncated capture"] += 1
+                continue
+            if pkt.frag:
+                result.skipped["IP fragment"] += 1
+                continue
+            ip = bytearray(pkt.data[pkt.l3:pkt.l3 + pkt.ip_total])
+            stamp = seq % STAMP_MOD[pkt.family]
+            _stamp(ip, pkt.family, stamp)
+            seq += 1
+            direction = row["direction"]
+            state = ("established" if row["reason"] in ESTABLISHED_REASONS else
+                     "invalid" if row["reason"] == "invalid" else "new")
+            proto = PROTO_NAMES.get(pkt.proto, f"proto {pkt.proto}")
+            out = None
+            if row["verdict"] == "forward" and row["out_index"]:
+                out = ours[int(row["out_index"])]
+            yield _Input(int(row["index"]), MACHINE if direction == "egress" else WIRE,
+                         f"{proto} {direction} {state}", row["verdict"], row["reason"], out,
+                         pkt.family, stamp, bytes(12) + ETHERTYPES[pkt.family] + bytes(ip),
+                         pkt.proto, pkt.ip_total)
+
+
+def _stamp(ip: bytearray, family: int, stamp: int) -> None:
+    if family == 4:
+        struct.pack_into("!H", ip, 4, stamp)
+        hlen = (ip[0] & 0xF) * 4
+        ip[10:12] = b"\0\0"
+        struct.pack_into("!H", ip, 10, ~ones_sum(ip[:hlen]) & 0xFFFF)
+    else:
+        ip[1] = (ip[1] & 0xF0) | (stamp >> 16)
+        struct.pack_into("!H", ip, 2, stamp & 0xFFFF)
+
+
+def _owner(o: Output, recent: dict[tuple[int, int], _Input]) -> _Input | None:
+    pkt = parse(bytearray(o.frame), LINKTYPE_ETHERNET)
+    if pkt.family == 4:
+        stamp = struct.unpack_from("!H", pkt.data, pkt.l3 + 4)[0]
+    elif pkt.family == 6:
+        stamp = struct.unpack_from("!I", pkt.data, pkt.l3)[0] & 0xFFFFF
+    else:
+        return None
+    hit = recent.get((pkt.family, stamp))
+    if hit is None or hit.proto != pkt.proto or hit.ip_total != pkt.ip_total:
+        return None  # the router's own traffic, or another packet
+    return hit
+
+
+def _judge(i: _Input, o: Output | None) -> Difference | None:
+    ours = "forward" if i.verdict == "forward" else f"drop ({i.reason})"
+    if o is None:
+        if i.verdict != "forward":
+            return None
+        return Difference(i.index, i.cls, "verdict", f"forward ({i.reason})", "drop")
+    theirs = parse(bytearray(o.frame), LINKTYPE_ETHERNET)
+    if i.verdict != "forward" or i.out is None:
+        return Difference(i.index, i.cls, "verdict", ours, f"forward {_tuple(theirs)}")
+    if o.side == i.side:
+        return Difference(i.index, i.cls, "side", "forward", "sent back where it came from")
+    if _tuple(theirs) != _tuple(i.out):
+        return Difference(i.index, i.cls, "rewrite", _tuple(i.out), _tuple(theirs))
+    if _l4(theirs) != _l4(i.out):
+        return Difference(i.index, i.cls, "bytes", "transport bytes as written",
+                          "other transport bytes (checksum, quote or payload)")
+    return None
+
+
+def _tuple(pkt: Packet) -> str:
+    proto = PROTO_NAMES.get(pkt.proto, str(pkt.proto))
+    return f"{proto} {format_endpoint(pkt.src, pkt.sport)} > {format_endpoint(pkt.dst, pkt.dport)}"
+
+
+def _l4(pkt: Packet) -> bytes:
+    return bytes(pkt.data[pkt.l4:pkt.l3 + pkt.ip_total]) if pkt.l4 >= 0 else b""
