@@ -2,10 +2,13 @@
 # Install everything the tests need (apt + pip, from scratch), then lint and run the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v tshark >/dev/null 2>&1; then
+missing=()
+command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)  # flowshift nft / verify tests
+if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq tshark >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

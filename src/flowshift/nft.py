@@ -214,7 +214,8 @@ def _pool(pool: LbPool, at: str, outside: str, warnings: list[str]) -> list[str]
     elements = ", ".join(
         f"{lo if lo == hi else f'{lo}-{hi}'} : {_addr(b.addr)} . {b.port}" for b, lo, hi in runs
     )
-    match = f"iifname {outside} {fam} daddr {_addr(pool.vip)} {L4_NAMES[pool.proto]} dport {pool.port}"
+    l4 = L4_NAMES[pool.proto]
+    match = f"iifname {outside} {fam} daddr {_addr(pool.vip)} {l4} dport {pool.port}"
     lines: list[str] = []
     if pool.scheduler == "round-robin":
         pick = f"numgen inc mod {total}"

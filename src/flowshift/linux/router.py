@@ -31,8 +31,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from pyroute2 import NetNS, netns
-from pyroute2.ethtool import Ethtool
+from pyroute2 import NetNS, netns  # type: ignore[import-untyped]
+from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -54,6 +54,9 @@ NEXT_HOP4 = ("169.254.0.2", "169.254.1.2")  # the router's neighbour on each sid
 NEXT_HOP6 = "fe80::2"
 OFFLOADS = ("tx-checksum-ip-generic", "tx-scatter-gather", "tx-tcp-segmentation",
             "tx-tcp6-segmentation", "tx-generic-segmentation", "rx-gro")
+
+
+NOT_ROOT = "verify needs root (network namespaces and nftables)"
 
 
 class RouterError(RuntimeError):
@@ -86,7 +89,7 @@ class Router:
 
     def __enter__(self) -> Router:
         if os.geteuid() != 0:
-            raise RouterError("verify needs root (network namespaces and nftables)")
+            raise RouterError(NOT_ROOT)
         try:
             self._build()
         except BaseException:
@@ -117,8 +120,8 @@ class Router:
         name = f"{self.tag}-{suffix}"
         if name in netns.listnetns():
             raise RouterError(f"namespace {name} exists already (a leftover of this process id?)")
+        self._names.append(name)  # first: an interrupted create is still removed
         netns.create(name)
-        self._names.append(name)
         return name
 
     def _build(self) -> None:
@@ -277,7 +280,7 @@ def _load_ruleset(name: str, ruleset: str) -> None:
 
 
 def _packet_socket(name: str, ifname: str) -> socket.socket:
-    sock = netns.create_socket(name, socket.AF_PACKET, socket.SOCK_RAW,
+    sock: socket.socket = netns.create_socket(name, socket.AF_PACKET, socket.SOCK_RAW,
                                socket.htons(ETH_P_ALL), flags=0)
     sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     sock.bind((ifname, 0))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import ipaddress
+import os
 import struct
 import tempfile
 from collections import Counter
@@ -28,7 +29,16 @@ from typing import Any
 from flowshift.config import HostConfig, LbPool, MachineConfig
 from flowshift.flow import PROTO_NAMES, format_endpoint
 from flowshift.gen import TraceSpec, generate
-from flowshift.linux.router import MACHINE, WIRE, Output, Router, Routes, pinned
+from flowshift.linux.router import (
+    MACHINE,
+    NOT_ROOT,
+    WIRE,
+    Output,
+    Router,
+    RouterError,
+    Routes,
+    pinned,
+)
 from flowshift.nft import Ports, render, sysctl_lines
 from flowshift.packet.checksum import ones_sum
 from flowshift.packet.parse import parse
@@ -64,7 +74,8 @@ class Difference:
 class Verification:
     machine: str
     trace: str
-    classes: dict[str, list[int]] = field(default_factory=dict)  # class -> [agree, differ]
+    # class -> [agree, differ, forwarded (by both, alike)]
+    classes: dict[str, list[int]] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)  # not compared, by why
     differences: list[Difference] = field(default_factory=list)  # the first SHOWN
     differing: int = 0
@@ -72,16 +83,17 @@ class Verification:
 
     @property
     def compared(self) -> int:
-        return sum(a + d for a, d in self.classes.values())
+        return sum(a + d for a, d, _ in self.classes.values())
 
     @property
     def agreed(self) -> bool:
         return self.differing == 0
 
-    def count(self, cls: str, diff: Difference | None) -> None:
-        row = self.classes.setdefault(cls, [0, 0])
+    def count(self, cls: str, diff: Difference | None, forwarded: bool) -> None:
+        row = self.classes.setdefault(cls, [0, 0, 0])
         if diff is None:
             row[0] += 1
+            row[2] += forwarded
             return
         row[1] += 1
         self.differing += 1
@@ -95,7 +107,8 @@ class Verification:
             "agree": self.agreed,
             "compared": self.compared,
             "differing": self.differing,
-            "classes": {k: {"agree": a, "differ": d} for k, (a, d) in sorted(self.classes.items())},
+            "classes": {k: {"agree": a, "differ": d, "forwarded": f}
+                        for k, (a, d, f) in sorted(self.classes.items())},
             "not_compared": dict(sorted(self.skipped.items())),
             "differences": [vars(d) for d in self.differences],
             "notes": self.notes,
@@ -116,8 +129,14 @@ def maglev_pools(m: MachineConfig) -> list[LbPool]:
 
 
 def verify(cfg: HostConfig, machine: int, trace: str | Path | None = None, *,
-           flows: int = DEFAULT_FLOWS, seed: int = 1) -> Verification:
-    """Run the check for machine `machine` of `cfg`; generate a gateway trace when none given."""
+           flows: int = DEFAULT_FLOWS, seed: int = 1, ruleset: str | None = None) -> Verification:
+    """Run the check for machine `machine` of `cfg`; generate a gateway trace when none given.
+
+    `ruleset`: the nftables ruleset Linux runs (ports "inside" and "outside"), by default
+    the machine's rendering; another one checks a hand-written ruleset against the config.
+    """
+    if os.geteuid() != 0:
+        raise RouterError(NOT_ROOT)
     m = cfg.machines[machine]
     one = replace(cfg, machines=(m,))  # the machine alone: both sides see only its traffic
     with tempfile.TemporaryDirectory(prefix="fs-verify-") as tmp:
@@ -136,7 +155,9 @@ def verify(cfg: HostConfig, machine: int, trace: str | Path | None = None, *,
             result.notes.append(
                 "Maglev pools run as jhash in Linux: LB flows may take other backends "
                 "(verify the round-robin twin with --maglev-as-round-robin)")
-        _compare(one, trace, work, result)
+        if ruleset is None:
+            ruleset = render(one, [0], {0: Ports()}).text
+        _compare(one, trace, work, ruleset, result)
     return result
 
 
@@ -158,7 +179,8 @@ class _Input:
     ip_total: int
 
 
-def _compare(cfg: HostConfig, trace: str | Path, work: Path, result: Verification) -> None:
+def _compare(cfg: HostConfig, trace: str | Path, work: Path, ruleset: str,
+             result: Verification) -> None:
     m = cfg.machines[0]
     with (work / "verdicts.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -166,7 +188,6 @@ def _compare(cfg: HostConfig, trace: str | Path, work: Path, result: Verificatio
         ours = [parse(bytearray(fr.data), fr.linktype, fr.wire_len) for fr in frames]
     inputs = list(_inputs(trace, rows, ours, result))
     routes = Routes([*m.addresses, *(ipaddress.ip_network(a) for a in m.public)])
-    ruleset = render(cfg, [0], {0: Ports()}).text
     outputs: dict[int, Output] = {}
     with Router(ruleset, sysctl_lines(cfg, [0]), routes) as router, pinned():
         recent: dict[tuple[int, int], _Input] = {}
@@ -179,7 +200,8 @@ def _compare(cfg: HostConfig, trace: str | Path, work: Path, result: Verificatio
                 if hit is not None and hit.index not in outputs:
                     outputs[hit.index] = o
     for i in inputs:
-        result.count(i.cls, _judge(i, outputs.get(i.index)))
+        out = outputs.get(i.index)
+        result.count(i.cls, _judge(i, out), out is not None)
 
 
 def _inputs(trace: str | Path, rows: list[dict[str, str]], ours: list[Packet],

@@ -1,0 +1,137 @@
+"""`flowshift verify` against the real kernel: full agreement where Linux can say the same thing.
+
+Each case builds a Linux router in namespaces of its own (fs-v-<pid>-*), sends a generated
+gateway trace through it and through flowshift, and tears the namespaces down. Maglev pools
+have no nftables form: the plain config differs from Linux on LB flows, exactly as stated,
+and its round-robin twin agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from pyroute2 import netns
+
+from flowshift.cli import main
+from flowshift.config import load_config
+from flowshift.linux.verify import verify
+from flowshift.nft import render
+from hosttools import REAL
+
+ROOT = Path(__file__).resolve().parents[1]
+root = pytest.mark.root
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="nft not installed")
+EXACT = [  # (config, machine, round-robin twin of its Maglev pools)
+    (ROOT / "examples/nat-gateway.toml", None, False),
+    (ROOT / "examples/guest-firewall.toml", None, False),
+    (ROOT / "examples/load-balancer.toml", None, True),
+    (ROOT / "src/flowshift/data/demo.toml", "gw", True),
+    (ROOT / "src/flowshift/data/demo.toml", "lab", False),
+    (ROOT / "bench/offload-host.toml", None, False),
+    (REAL / "lb-gateway-rr.toml", None, False),
+]
+
+
+def leftovers() -> list[str]:
+    return [n for n in netns.listnetns() if n.startswith(f"fs-v-{os.getpid()}-")]
+
+
+def run_verify(*args: str) -> tuple[int, dict[str, Any] | str]:
+    out = CliRunner().invoke(main, ["verify", *args], catch_exceptions=False)
+    assert not leftovers()
+    try:
+        return out.exit_code, json.loads(out.output)
+    except json.JSONDecodeError:
+        return out.exit_code, out.output
+
+
+@root
+@needs_nft
+@pytest.mark.slow
+@pytest.mark.parametrize(("path", "machine", "twin"), EXACT,
+                         ids=lambda v: v.name if isinstance(v, Path) else str(v))
+def test_linux_agrees_on_a_generated_gateway_trace(path: Path, machine: str | None,
+                                                   twin: bool) -> None:
+    args = [str(path), "--json", *(["--machine", machine] if machine else [])]
+    code, result = run_verify(*args, *(["--maglev-as-round-robin"] if twin else []))
+    assert isinstance(result, dict), result
+    assert code == 0, result["differences"]
+    assert result["agree"] and result["differing"] == 0
+    assert result["compared"] > 1000 and not result["not_compared"]
+    classes = result["classes"]
+    for direction in ("egress", "ingress"):  # traffic crossed Linux both ways
+        assert sum(c["forwarded"] for k, c in classes.items() if direction in k) > 0
+
+
+@root
+@needs_nft
+@pytest.mark.slow
+def test_maglev_pools_differ_from_linux_on_the_backend_choice() -> None:
+    """jhash is not Maglev: the first difference is a new LB flow sent to another backend."""
+    code, result = run_verify(str(ROOT / "examples/load-balancer.toml"), "--json")
+    assert isinstance(result, dict), result
+    assert code == 1 and not result["agree"]
+    first = result["differences"][0]
+    assert first["what"] == "rewrite" and first["cls"].endswith("ingress new")
+    assert any("Maglev" in note for note in result["notes"])
+
+
+@root
+@needs_nft
+@pytest.mark.slow
+def test_a_ruleset_that_is_not_the_config_is_caught(tmp_path: Path) -> None:
+    """Rendered, then web traffic to port 80 removed: Linux drops what flowshift allows."""
+    config = ROOT / "examples/nat-gateway.toml"
+    ruleset = render(load_config(config)).text
+    tweaked = ruleset.replace("tcp dport { 80, 443 }", "tcp dport { 443 }")
+    assert tweaked != ruleset
+    (tmp_path / "rules.nft").write_text(tweaked)
+    code, result = run_verify(str(config), "--json", "--ruleset", str(tmp_path / "rules.nft"))
+    assert isinstance(result, dict), result
+    assert code == 1 and result["differing"] > 0
+    first = result["differences"][0]
+    assert first["what"] == "verdict" and first["cls"] == "tcp egress new"
+    assert first["flowshift"] == "forward (rule:0)" and first["linux"] == "drop"
+    text = CliRunner().invoke(main, ["verify", str(config), "--ruleset",
+                                     str(tmp_path / "rules.nft")])
+    assert text.exit_code == 1
+    assert f"#{first['index']} tcp egress new: verdict differs" in text.output
+
+
+@root
+@needs_nft
+def test_a_ruleset_linux_refuses_exits_2_and_leaves_nothing(tmp_path: Path) -> None:
+    (tmp_path / "bad.nft").write_text("table inet x { chain y { nonsense } }\n")
+    code, text = run_verify(str(ROOT / "examples/nat-gateway.toml"), "--flows", "5",
+                            "--ruleset", str(tmp_path / "bad.nft"))
+    assert code == 2
+    assert isinstance(text, str) and text.startswith("Error: nft refused the ruleset:")
+
+
+def test_verify_needs_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    out = CliRunner().invoke(main, ["verify", str(ROOT / "examples/nat-gateway.toml"),
+                                    "--flows", "5"])
+    assert out.exit_code == 2
+    assert out.output == "Error: verify needs root (network namespaces and nftables)\n"
+
+
+def test_verify_names_a_bad_config(tmp_path: Path) -> None:
+    (tmp_path / "bad.toml").write_text("[[machine]]\nname = 1\n")
+    out = CliRunner().invoke(main, ["verify", str(tmp_path / "bad.toml")])
+    assert out.exit_code == 2 and out.output.startswith(f"Error: {tmp_path / 'bad.toml'}: ")
+
+
+@root
+@needs_nft
+def test_the_api_reports_classes_and_tears_down() -> None:
+    result = verify(load_config(ROOT / "examples/guest-firewall.toml"), 0, flows=20, seed=3)
+    assert result.agreed and result.compared > 0
+    assert all(" " in cls for cls in result.classes)
+    assert not leftovers()
