@@ -135,3 +135,21 @@ def test_the_api_reports_classes_and_tears_down() -> None:
     assert result.agreed and result.compared > 0
     assert all(" " in cls for cls in result.classes)
     assert not leftovers()
+
+
+@root
+@needs_nft
+def test_ctrl_c_mid_injection_tears_everything_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowshift.linux.router import Router
+
+    sent = []
+
+    def interrupted(self: Router, frames: Any) -> list[Any]:
+        sent.append(self.namespaces)
+        assert len(leftovers()) == 3  # the router and its two ends exist meanwhile
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Router, "exchange", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify(load_config(ROOT / "examples/nat-gateway.toml"), 0, flows=5)
+    assert sent and not leftovers()
