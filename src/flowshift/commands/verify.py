@@ -87,10 +87,13 @@ def _print(r: Verification, twin: bool) -> None:
     console.print(table)
     for why, n in sorted(r.skipped.items()):
         console.print(f"not compared: {n:,} packets ({why})")
+    if r.filled:
+        console.print(f"zero-filled: {r.filled:,} truncated captures sent at their length on the "
+                      "wire (verdict and 5-tuple compared, transport bytes not)")
     for note in r.notes:
         console.print(f"note: {note}")
     for d in r.differences:
-        console.print(d.text(), markup=False, highlight=False)
+        console.print(d.text(), markup=False, highlight=False, soft_wrap=True)
     share = (r.compared - r.differing) / r.compared if r.compared else 1.0
     verdict = "[green]agree[/]" if r.agreed else "[red]differ[/]"
     console.print(f"{verdict}: {r.compared - r.differing:,} of {r.compared:,} packets alike "

@@ -10,7 +10,10 @@ quotes count too).
 To find a packet's output, each injected packet is stamped with its injection number in a
 field neither NAT nor conntrack looks at: the IPv4 identification (header checksum fixed)
 or the IPv6 flow label. Packets flowshift does not give to the machine (bypass, unparsed),
-truncated captures and IP fragments are not injected; they are counted as not compared.
+IP fragments and what no router forwards (link-scope, multicast, TTL 1) are not injected;
+they are counted as not compared, by why. A truncated capture (snaplen) is sent zero-filled
+to its length on the wire with a valid transport checksum, so Linux tracks the connection as
+the capture saw it; its verdict and 5-tuple are compared, its transport bytes are not.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from flowshift.config import HostConfig, LbPool, MachineConfig
-from flowshift.flow import PROTO_NAMES, format_endpoint
+from flowshift.flow import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_NAMES,
+    PROTO_TCP,
+    PROTO_UDP,
+    format_endpoint,
+)
 from flowshift.gen import TraceSpec, generate
 from flowshift.linux.router import (
     MACHINE,
+    MTU,
     NOT_ROOT,
     WIRE,
     Output,
@@ -40,7 +51,7 @@ from flowshift.linux.router import (
     pinned,
 )
 from flowshift.nft import Ports, render, sysctl_lines
-from flowshift.packet.checksum import ones_sum
+from flowshift.packet.checksum import checksum, ones_sum, pseudo_header_sum
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import LINKTYPE_ETHERNET, Packet
@@ -53,6 +64,8 @@ SHOWN = 10  # differences kept for the report
 ESTABLISHED_REASONS = ("established", "related")
 DEFAULT_FLOWS = 200
 DEFAULT_DURATION = 5.0
+BROADCAST = ipaddress.ip_address("255.255.255.255")
+CHECKSUM_AT = {PROTO_TCP: 16, PROTO_UDP: 6, PROTO_ICMP: 2, PROTO_ICMPV6: 2}
 
 Tuple5 = tuple[str, str, int]  # "src:port", "dst:port", proto
 
@@ -79,6 +92,7 @@ class Verification:
     skipped: Counter[str] = field(default_factory=Counter)  # not compared, by why
     differences: list[Difference] = field(default_factory=list)  # the first SHOWN
     differing: int = 0
+    filled: int = 0  # truncated captures sent zero-filled to their length on the wire
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -110,6 +124,7 @@ class Verification:
             "classes": {k: {"agree": a, "differ": d, "forwarded": f}
                         for k, (a, d, f) in sorted(self.classes.items())},
             "not_compared": dict(sorted(self.skipped.items())),
+            "zero_filled": self.filled,
             "differences": [vars(d) for d in self.differences],
             "notes": self.notes,
         }
@@ -177,6 +192,7 @@ class _Input:
     frame: bytes
     proto: int
     ip_total: int
+    filled: bool  # a truncated capture, zero-filled: its transport bytes are not compared
 
 
 def _compare(cfg: HostConfig, trace: str | Path, work: Path, ruleset: str,
@@ -213,13 +229,18 @@ def _inputs(trace: str | Path, rows: list[dict[str, str]], ours: list[Packet],
                 result.skipped[f"flowshift {row['verdict']}"] += 1
                 continue
             pkt = parse(bytearray(fr.data), fr.linktype, fr.wire_len)
-            if pkt.truncated or len(fr.data) < fr.wire_len:
-                result.skipped["truncated capture"] += 1
-                continue
-            if pkt.frag:
-                result.skipped["IP fragment"] += 1
+            why = _not_routable(pkt)
+            if why:
+                result.skipped[why] += 1
                 continue
             ip = bytearray(pkt.data[pkt.l3:pkt.l3 + pkt.ip_total])
+            filled = pkt.truncated
+            if filled:
+                if pkt.l4 < 0 or pkt.proto not in CHECKSUM_AT:
+                    result.skipped["truncated capture"] += 1
+                    continue
+                _fill(ip, pkt)
+                result.filled += 1
             stamp = seq % STAMP_MOD[pkt.family]
             _stamp(ip, pkt.family, stamp)
             seq += 1
@@ -233,7 +254,37 @@ def _inputs(trace: str | Path, rows: list[dict[str, str]], ours: list[Packet],
             yield _Input(int(row["index"]), MACHINE if direction == "egress" else WIRE,
                          f"{proto} {direction} {state}", row["verdict"], row["reason"], out,
                          pkt.family, stamp, bytes(12) + ETHERTYPES[pkt.family] + bytes(ip),
-                         pkt.proto, pkt.ip_total)
+                         pkt.proto, pkt.ip_total, filled)
+
+
+def _not_routable(pkt: Packet) -> str:
+    """Why a router cannot be asked about this packet ("" when it can)."""
+    if pkt.frag:
+        return "IP fragment"
+    if pkt.ip_total > MTU:
+        return f"larger than the router's MTU ({MTU})"
+    if pkt.ttl <= 1:
+        return "TTL or hop limit <= 1 (a router never forwards it)"
+    src, dst = ipaddress.ip_address(pkt.src), ipaddress.ip_address(pkt.dst)
+    if src.is_link_local or dst.is_link_local or dst.is_multicast or dst == BROADCAST:
+        return "link-scope, multicast or broadcast (a router never forwards it)"
+    return ""
+
+
+def _fill(ip: bytearray, pkt: Packet) -> None:
+    """Zero-fill a truncated capture to its length on the wire and give it a valid transport
+    checksum, so Linux takes it as the packet the capture stood for."""
+    ip.extend(bytes(pkt.ip_total - len(ip)))
+    l4 = pkt.l4 - pkt.l3
+    at = l4 + CHECKSUM_AT[pkt.proto]
+    ip[at:at + 2] = b"\0\0"
+    segment = ip[l4:]
+    initial = 0 if pkt.proto == PROTO_ICMP else pseudo_header_sum(
+        pkt.src, pkt.dst, pkt.proto, len(segment))
+    value = checksum(segment, initial)
+    if value == 0 and pkt.proto == PROTO_UDP:
+        value = 0xFFFF  # 0 means "no checksum" in UDP
+    struct.pack_into("!H", ip, at, value)
 
 
 def _stamp(ip: bytearray, family: int, stamp: int) -> None:
@@ -274,7 +325,7 @@ def _judge(i: _Input, o: Output | None) -> Difference | None:
         return Difference(i.index, i.cls, "side", "forward", "sent back where it came from")
     if _tuple(theirs) != _tuple(i.out):
         return Difference(i.index, i.cls, "rewrite", _tuple(i.out), _tuple(theirs))
-    if _l4(theirs) != _l4(i.out):
+    if not i.filled and _l4(theirs) != _l4(i.out):
         return Difference(i.index, i.cls, "bytes", "transport bytes as written",
                           "other transport bytes (checksum, quote or payload)")
     return None
