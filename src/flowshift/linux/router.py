@@ -40,6 +40,7 @@ RCVBUF = 32 << 20
 NUD_PERMANENT = 0x80
 RTNH_F_ONLINK = 4
 QUIET_S = 0.005  # a side is quiet when it delivers nothing for this long
+SETTLE_S = 0.05  # before the first frame and after the last: the router's own noise, stragglers
 BATCH_BOUND_S = 2.0  # never wait longer than this for one batch
 MAX_FRAME = 65535
 MTU = 16000  # of every veth: room for jumbo traces, one frame per packet (no GSO)
@@ -180,10 +181,12 @@ class Router:
 
     # -- traffic ----------------------------------------------------------------------------
 
-    def exchange(self, frames: Sequence[tuple[int, bytes]]) -> list[Output]:
+    def exchange(self, frames: Sequence[tuple[int, bytes]], quiet_s: float = QUIET_S
+                 ) -> list[Output]:
         """Send (side, frame) in order; return what the router forwarded meanwhile, in order.
 
-        Ethernet addresses are set here: from the end's MAC to the router port's.
+        Ethernet addresses are set here: from the end's MAC to the router port's. Without
+        frames, it only reads until both sides stay quiet for `quiet_s`.
         """
         out: list[Output] = []
         for side, frame in frames:
@@ -191,7 +194,7 @@ class Router:
             self._socks[side].send(data)
         deadline = time.monotonic() + BATCH_BOUND_S
         while time.monotonic() < deadline:
-            ready, _, _ = select.select(self._socks, [], [], QUIET_S)
+            ready, _, _ = select.select(self._socks, [], [], quiet_s)
             if not ready:
                 break
             for s in ready:

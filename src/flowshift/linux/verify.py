@@ -43,6 +43,8 @@ from flowshift.linux.router import (
     MACHINE,
     MTU,
     NOT_ROOT,
+    QUIET_S,
+    SETTLE_S,
     WIRE,
     Output,
     Router,
@@ -206,12 +208,14 @@ def _compare(cfg: HostConfig, trace: str | Path, work: Path, ruleset: str,
     routes = Routes([*m.addresses, *(ipaddress.ip_network(a) for a in m.public)])
     outputs: dict[int, Output] = {}
     with Router(ruleset, sysctl_lines(cfg, [0]), routes) as router, pinned():
+        router.exchange([], SETTLE_S)  # what the router said at link-up (MLD) is not ours
         recent: dict[tuple[int, int], _Input] = {}
-        for start in range(0, len(inputs), BATCH):
-            batch = inputs[start:start + BATCH]
+        batches = [inputs[k:k + BATCH] for k in range(0, len(inputs), BATCH)]
+        for batch in [*batches, []]:  # the empty batch: stragglers of a busy machine
             for i in batch:
                 recent[i.family, i.stamp] = i
-            for o in router.exchange([(i.side, i.frame) for i in batch]):
+            quiet = QUIET_S if batch else SETTLE_S
+            for o in router.exchange([(i.side, i.frame) for i in batch], quiet):
                 hit = _owner(o, recent)
                 if hit is not None and hit.index not in outputs:
                     outputs[hit.index] = o
