@@ -166,7 +166,7 @@ def test_ctrl_c_mid_injection_tears_everything_down(monkeypatch: pytest.MonkeyPa
 
     sent = []
 
-    def interrupted(self: Router, frames: Any) -> list[Any]:
+    def interrupted(self: Router, *args: Any) -> list[Any]:
         sent.append(self.namespaces)
         assert len(leftovers()) == 3  # the router and its two ends exist meanwhile
         raise KeyboardInterrupt
