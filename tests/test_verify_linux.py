@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pyroute2 import netns
 
 from flowshift.cli import main
-from flowshift.config import load_config
+from flowshift.config import load_config, parse_config
 from flowshift.linux.verify import verify
 from flowshift.nft import render
 from hosttools import REAL
@@ -175,3 +177,71 @@ def test_ctrl_c_mid_injection_tears_everything_down(monkeypatch: pytest.MonkeyPa
     with pytest.raises(KeyboardInterrupt):
         verify(load_config(ROOT / "examples/nat-gateway.toml"), 0, flows=5)
     assert sent and not leftovers()
+
+
+# Rules built from what a generated gateway trace holds, so that they match some of it.
+NETS = {4: ["10.0.0.0/24", "10.0.0.0/25", "198.51.100.0/24", "198.51.100.0/26", "0.0.0.0/0"],
+        6: ["fd00::/64", "2001:db8::/64", "2001:db8::/80", "::/0"]}
+PORTS = [53, 80, 8080, 5004, "1-1023", "8000-9000", "5000-5010"]
+TYPES = [0, 3, 8, 128, 129, 1]
+
+
+@st.composite
+def gateway_rules(draw: st.DrawFn) -> dict[str, Any]:
+    family = draw(st.sampled_from([None, 4, 6]))
+    proto = draw(st.sampled_from(
+        {None: ["any", "tcp", "udp", "icmp", "icmpv6"], 4: ["any", "tcp", "udp", "icmp"],
+         6: ["any", "tcp", "udp", "icmpv6"]}[family]))
+    rule: dict[str, Any] = {"action": draw(st.sampled_from(["allow", "drop"])),
+                            "direction": draw(st.sampled_from(["egress", "ingress", "any"])),
+                            "proto": proto}
+    if family is not None:
+        rule[draw(st.sampled_from(["src", "dst"]))] = draw(st.sampled_from(NETS[family]))
+    if proto in ("any", "tcp", "udp") and draw(st.booleans()):
+        rule["dst_port"] = draw(st.lists(st.sampled_from(PORTS), min_size=1, max_size=3))
+    elif proto in ("any", "icmp", "icmpv6") and draw(st.booleans()):
+        rule["icmp_type"] = draw(st.lists(st.sampled_from(TYPES), min_size=1, max_size=3))
+    return rule
+
+
+@st.composite
+def gateway_configs(draw: st.DrawFn) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "name": "gw", "addresses": ["10.0.0.0/24", "fd00::/64"],
+        "public": ["203.0.113.1", "2001:db8:ff::1"], "services": ["firewall", "count"],
+        "firewall": {"default": draw(st.sampled_from(["allow", "drop"])),
+                     "rule": draw(st.lists(gateway_rules(), max_size=5))},
+    }
+    if draw(st.booleans()):
+        # SNAT whose range holds every client port and echo identifier, so both keep them: a
+        # port that must move moves to a random one in Linux (docs/nftables.md)
+        m["services"].append("nat")
+        ports = draw(st.sampled_from([None, "1-65535"]))
+        snat = [{"source": "10.0.0.0/24", "to": "203.0.113.1"},
+                {"source": "fd00::/64", "to": "2001:db8:ff::1"}]
+        for s in snat if ports else []:
+            s["ports"] = ports
+        m["nat"] = {"snat": snat, "dnat": [
+            {"proto": "tcp", "match": "203.0.113.1:80", "to": "10.0.0.3:8080"}]}
+    if draw(st.booleans()):
+        m["services"].append("lb")
+        m["public"].append("203.0.113.10")
+        m["lb"] = [{"proto": draw(st.sampled_from(["tcp", "udp"])), "vip": "203.0.113.10:53",
+                    "scheduler": "round-robin",
+                    "backends": draw(st.sampled_from([["10.0.0.21:53", "10.0.0.22:53@2"],
+                                                      ["10.0.0.21:53@0", "10.0.0.22:5353"]]))}]
+    return {"machine": [m]}
+
+
+@root
+@needs_nft
+@pytest.mark.slow
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(gateway_configs())
+def test_linux_agrees_on_random_gateway_configs(data: dict[str, Any]) -> None:
+    cfg = parse_config(data, "generated")
+    result = verify(cfg, 0, flows=40, seed=7)
+    assert result.agreed, [d.text() for d in result.differences]
+    assert result.compared > 100
+    assert not leftovers()
