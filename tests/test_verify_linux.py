@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pyroute2 import netns
+from pyroute2 import netns  # type: ignore[import-untyped]
 
 from flowshift.cli import main
 from flowshift.config import load_config, parse_config
@@ -217,10 +217,10 @@ def gateway_configs(draw: st.DrawFn) -> dict[str, Any]:
         # port that must move moves to a random one in Linux (docs/nftables.md)
         m["services"].append("nat")
         ports = draw(st.sampled_from([None, "1-65535"]))
-        snat = [{"source": "10.0.0.0/24", "to": "203.0.113.1"},
-                {"source": "fd00::/64", "to": "2001:db8:ff::1"}]
-        for s in snat if ports else []:
-            s["ports"] = ports
+        snat: list[dict[str, str]] = [{"source": "10.0.0.0/24", "to": "203.0.113.1"},
+                                      {"source": "fd00::/64", "to": "2001:db8:ff::1"}]
+        for rule in snat if ports is not None else []:
+            rule["ports"] = ports
         m["nat"] = {"snat": snat, "dnat": [
             {"proto": "tcp", "match": "203.0.113.1:80", "to": "10.0.0.3:8080"}]}
     if draw(st.booleans()):
