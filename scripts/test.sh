@@ -2,10 +2,13 @@
 # Install everything the tests need (apt + pip, from scratch), then lint and run the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v tshark >/dev/null 2>&1; then
+missing=()
+command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)  # flowshift nft / verify tests
+if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq tshark >/dev/null
+    apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # tests/test_linux_cases_live.py re-captures Linux cases: namespaces, nftables, tcpdump
 missing=()

@@ -14,6 +14,8 @@ COMMANDS = {
     "replay": "flowshift.commands.replay:replay",
     "gen-trace": "flowshift.commands.gen_trace:gen_trace",
     "inspect": "flowshift.commands.inspect:inspect_cmd",
+    "nft": "flowshift.commands.nft:nft_cmd",
+    "verify": "flowshift.commands.verify:verify_cmd",
 }
 
 
