@@ -232,3 +232,19 @@ def test_down_stops_the_daemon_cleanly(suffix: str):
             b"flowshift.live.daemon" not in Path(f"/proc/{pid}/cmdline").read_bytes()
         assert ours(host.names) == [] and not log.exists()
         assert host.cli("down").returncode == 1  # nothing left to remove
+
+
+def test_captures_at_both_ends_show_no_loss_and_no_reordering(live: LiveHost):
+    """The data segments the machine sent are those the wire received, in the same order, each
+    once: the VNIC lost, reordered and duplicated nothing (a loss would show as a missing
+    segment here and a retransmission there)."""
+    sink = live.start("wire", "sink", "198.51.100.2", "5001")
+    sent_cap = live.start("gw", "capture", "eth0", "out", "5001")
+    got_cap = live.start("wire", "capture", "eth0", "in", "5001")
+    sent = live.run("gw", "send", "198.51.100.2", "5001", str(2 << 20))
+    assert finish(sink)["sha256"] == sent["sha256"]
+    machine, wire = finish(sent_cap), finish(got_cap)
+    assert machine["dropped"] == wire["dropped"] == 0  # the captures saw every frame
+    assert all(p["rx_drops"] == 0 for p in live.json("status")["ports"])
+    assert sum(n for _, n in machine["segments"]) == 2 << 20
+    assert wire["segments"] == machine["segments"]

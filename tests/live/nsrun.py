@@ -11,6 +11,9 @@ socket is made), read one JSON line from each and bound every wait with a timeou
   endpoint's text and close; exit after COUNT connections in all.
 - fetch ADDR PORT COUNT: COUNT sequential connections; print the answers, or the error.
 - probe ADDR PORT TIMEOUT: one connection attempt; print {"connected": bool, "error": text}.
+- capture IFNAME in|out PORT: record the TCP segments with data to or from PORT that the
+  interface receives (in) or sends (out), until a FIN has passed and the link is quiet; print
+  {"segments": [[seq, length], ...], "dropped": frames the capture itself lost}.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import random
 import selectors
 import socket
+import struct
 import sys
 import time
 
@@ -109,7 +113,45 @@ def probe(addr: str, port: str, timeout: str) -> None:
         out({"connected": False, "error": str(err)})
 
 
-ROLES = {"sink": sink, "send": send, "names": names, "fetch": fetch, "probe": probe}
+PACKET_OUTGOING, PACKET_HOST = 4, 0
+SOL_PACKET, PACKET_STATISTICS = 263, 6
+
+
+def capture(ifname: str, way: str, port: str) -> None:
+    want = PACKET_OUTGOING if way == "out" else PACKET_HOST
+    p = int(port)
+    # ETH_P_ALL: a socket of one protocol does not see the frames the interface sends
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE: the capture must not drop
+    s.bind((ifname, 0x0003))
+    s.settimeout(0.5)
+    out({"ready": True})
+    segments, fin_at, deadline = [], None, time.monotonic() + TIMEOUT / 2
+    while time.monotonic() < deadline:
+        try:
+            raw, addr = s.recvfrom(65536)
+        except TimeoutError:
+            if fin_at is not None:
+                break  # quiet after the FIN: the transfer is over
+            continue
+        frame = raw[14:]  # the IPv4 packet after its Ethernet header
+        if addr[2] != want or raw[12:14] != b"\x08\x00" or frame[9] != 6:
+            continue
+        ihl = (frame[0] & 0x0F) * 4
+        sport, dport, seq = struct.unpack_from("!HHI", frame, ihl)
+        if p not in (sport, dport):
+            continue
+        length = struct.unpack_from("!H", frame, 2)[0] - ihl - (frame[ihl + 12] >> 4) * 4
+        if length:
+            segments.append([seq, length])
+        if frame[ihl + 13] & 0x01:
+            fin_at = time.monotonic()
+    _, dropped = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+    out({"segments": segments, "dropped": dropped})
+
+
+ROLES = {"sink": sink, "send": send, "names": names, "fetch": fetch, "probe": probe,
+         "capture": capture}
 
 if __name__ == "__main__":
     netns.setns(sys.argv[1], flags=0)

@@ -93,7 +93,10 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
         return
     click.echo(f"VNIC daemon pid {reply.pid}, up {reply.uptime_s:.1f} s, "
-               f"source {reply.source} on {', '.join(reply.ports)}")
+               f"source {reply.source}")
+    for port in reply.ports:
+        click.echo(f"  port {port.ifname} ({port.machine or 'uplink'}): {port.rx_drops} rx "
+                   f"drops, {port.tx_errors} tx errors")
     if reply.metrics:
         click.echo(f"metrics: {reply.metrics}")
     click.echo(f"first cache: {reply.first_cache} entries, {reply.swept} swept")

@@ -48,18 +48,24 @@ class VerdictRow(msgspec.Struct):
     packets: int
 
 
+class PortRow(msgspec.Struct):
+    ifname: str
+    machine: str  # "" for the uplink
+    rx_drops: int  # frames lost before the daemon read them (its socket buffer was full)
+    tx_errors: int  # frames the kernel refused to send
+
+
 class Status(msgspec.Struct, tag=True):
     pid: int
     uptime_s: float
     source: str  # the packet source: "af_packet" on the ports today
-    ports: list[str]
+    ports: list[PortRow]
     metrics: str  # the Prometheus endpoint's URL, "" when off
     traffic: list[TrafficRow]
     verdicts: list[VerdictRow]
     flows: dict[str, int]  # live flows per machine
     flows_created: dict[str, int]
     first_cache: int  # entries in the VNIC's flow tables
-    tx_errors: dict[str, int]  # frames the kernel refused to send, per port
     swept: int  # expired flows freed so far
 
 

@@ -31,6 +31,7 @@ from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
 
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired flows
+TICK = 1.0  # seconds between reads of the sockets' drop counters
 SECOND = 1_000_000_000
 log = logging.getLogger("flowshift.live.daemon")
 
@@ -43,6 +44,7 @@ class Daemon:
         assert state.uplink is not None
         wired = [*state.ports, state.uplink]
         self.port_names = [p.ifname for p in wired]
+        self.port_machines = [p.machine for p in wired]
         self.pipeline = Pipeline(self.config, Wiring(
             tuple(mac_bytes(p.mac) for p in wired), tuple(mac_bytes(p.peer_mac) for p in wired)))
         self.started = time.monotonic()
@@ -51,14 +53,19 @@ class Daemon:
         self.ports: AfPacketPorts | None = None
         self.sel = selectors.DefaultSelector()
 
-    def tx_errors(self) -> dict[str, int]:
-        errors = self.ports.tx_errors if self.ports is not None else []
-        return dict(zip(self.port_names, errors, strict=False))
+    def port_rows(self) -> list[ctl.PortRow]:
+        """Per port: frames lost to a full receive buffer, frames the kernel would not send
+        (as of the last tick; read from the metrics thread too, so only the loop updates)."""
+        if self.ports is None:
+            return []
+        return [ctl.PortRow(name, machine, rx, tx) for name, machine, rx, tx in zip(
+            self.port_names, self.port_machines, self.ports.rx_drops, self.ports.tx_errors,
+            strict=True)]
 
     def open(self) -> None:
         """Metrics (root namespace), then fs-host: the ports and the control socket."""
         if self.state.metrics_port:
-            metrics.serve(self.pipeline, self.tx_errors, self.state.metrics_port)
+            metrics.serve(self.pipeline, self.port_rows, self.state.metrics_port)
         netns.setns(self.names.host, flags=0)
         self.ports = AfPacketPorts(self.port_names)
         for i, s in enumerate(self.ports.sockets()):
@@ -86,14 +93,21 @@ class Daemon:
         ports, pipeline = self.ports, self.pipeline
         receive, send, decide = ports.receive, ports.send, pipeline.frame
         next_sweep = time.monotonic() + SWEEP_INTERVAL
+        next_tick = time.monotonic() + TICK
         log.info("ready: ports %s", ", ".join(self.port_names))
         while not self.stopping:
-            timeout = max(0.0, next_sweep - time.monotonic())
+            timeout = max(0.0, min(next_sweep, next_tick) - time.monotonic())
             for key, _ in self.sel.select(timeout):
                 kind, index = key.data
                 if kind == "port":
                     for port, data in receive(index):
-                        out = decide(port, data, time.monotonic_ns())
+                        try:
+                            out = decide(port, data, time.monotonic_ns())
+                        except Exception:  # a bug must not take every machine off the net
+                            log.exception("frame of %d bytes on %s", len(data),
+                                          self.port_names[port])
+                            pipeline.count_error()
+                            continue
                         if out >= 0:
                             send(out, data)
                 elif kind == "listen":
@@ -102,6 +116,9 @@ class Daemon:
                     self._on_control(key.fileobj, index)  # type: ignore[arg-type]
                 else:
                     self.wake_r.recv(64)
+            if time.monotonic() >= next_tick:
+                ports.count_drops()
+                next_tick = time.monotonic() + TICK
             if time.monotonic() >= next_sweep:
                 self.swept += pipeline.sweep(time.monotonic_ns())
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -157,6 +174,8 @@ class Daemon:
             return ctl.Ok()
         if isinstance(req, ctl.FlowsRequest):
             return self.flows()
+        if self.ports is not None:
+            self.ports.count_drops()
         return self.status()
 
     def status(self) -> ctl.Status:
@@ -166,7 +185,7 @@ class Daemon:
         port = self.state.metrics_port
         return ctl.Status(
             pid=os.getpid(), uptime_s=round(time.monotonic() - self.started, 3),
-            source="af_packet", ports=self.port_names,
+            source="af_packet", ports=self.port_rows(),
             metrics=f"http://127.0.0.1:{port}/metrics" if port else "",
             traffic=[ctl.TrafficRow(t, m, d, n, b) for (t, m, d), (n, b) in
                      sorted(c.traffic.items())],
@@ -174,7 +193,7 @@ class Daemon:
             flows={name: sum(1 for f in chain.flows if f.expires > now)
                    for name, chain in zip(p.names, p.chains, strict=True)},
             flows_created=dict(sorted(c.flows_created.items())),
-            first_cache=p.first_cache(), tx_errors=self.tx_errors(), swept=self.swept)
+            first_cache=p.first_cache(), swept=self.swept)
 
     def flows(self) -> ctl.Flows:
         now = time.monotonic_ns()

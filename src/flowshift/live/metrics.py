@@ -16,15 +16,16 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flowshift.live.control import PortRow
 from flowshift.live.pipeline import Pipeline
 
 PREFIX = "flowshift_live"
 
 
 class PipelineCollector(Collector):
-    def __init__(self, pipeline: Pipeline, tx_errors: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, pipeline: Pipeline, ports: Callable[[], list[PortRow]]) -> None:
         self.pipeline = pipeline
-        self.tx_errors = tx_errors
+        self.ports = ports
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = self.pipeline.counters
@@ -58,15 +59,19 @@ class PipelineCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_first_cache_entries",
                                 "Flow entries in the VNIC's first cache",
                                 value=self.pipeline.first_cache())
+        rx = CounterMetricFamily(f"{PREFIX}_rx_drops", "Frames lost before the daemon read "
+                                 "them (its socket buffer was full)", labels=("port",))
         tx = CounterMetricFamily(f"{PREFIX}_tx_errors", "Frames the kernel refused to send",
                                  labels=("port",))
-        for port, n in self.tx_errors().items():
-            tx.add_metric([port], n)
+        for row in self.ports():
+            rx.add_metric([row.ifname], row.rx_drops)
+            tx.add_metric([row.ifname], row.tx_errors)
+        yield rx
         yield tx
 
 
-def serve(pipeline: Pipeline, tx_errors: Callable[[], dict[str, int]], port: int) -> None:
+def serve(pipeline: Pipeline, ports: Callable[[], list[PortRow]], port: int) -> None:
     """Start the endpoint on 127.0.0.1:port (in the caller's network namespace)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PipelineCollector(pipeline, tx_errors))
+    registry.register(PipelineCollector(pipeline, ports))
     start_http_server(port, addr="127.0.0.1", registry=registry)

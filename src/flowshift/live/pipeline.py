@@ -25,6 +25,7 @@ from flowshift.verdict import Reason, Verdict
 
 DIRECTIONS = ("egress", "ingress")
 WRONG_PORT = "wrong-port"  # a steering drop of the live host, not a chain reason
+ENGINE_ERROR = "error"  # the pipeline raised on a frame: dropped, logged
 UNKNOWN_PORT = -1  # a source that cannot tell the arrival port (the PNIC's punt device)
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FORWARD = Verdict.FORWARD
@@ -111,6 +112,10 @@ class Pipeline:
         key = (machine, direction, verdict, reason)
         v = self.counters.verdicts
         v[key] = v.get(key, 0) + 1
+
+    def count_error(self) -> None:
+        """A frame the pipeline failed on (a bug, logged by the daemon): dropped."""
+        self._count("", "", Verdict.DROP.label, ENGINE_ERROR)
 
     def sweep(self, now: int) -> int:
         """Free expired flows; how many."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -19,7 +20,9 @@ ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_IGNORE_OUTGOING = 23  # Linux 4.20: no copies of the frames we send ourselves
 PACKET_OUTGOING = 4  # sll_pkttype of a frame leaving the interface
-RCVBUF = 4 << 20  # room for bursts while the loop is busy with other ports
+PACKET_STATISTICS = 6  # (packets, drops) since the last read
+SO_RCVBUFFORCE = 33  # root may pass net.core.rmem_max (about 200 KiB by default)
+RCVBUF = 8 << 20  # room for bursts (a TCP window or two) while the loop is busy elsewhere
 MAX_FRAME = 65536  # larger than any frame: offloads are off, so frames are at most MTU + 14
 BURST = 64  # frames taken from one socket before the loop looks at the others
 
@@ -44,6 +47,7 @@ class AfPacketPorts:
     def __init__(self, ifnames: Sequence[str], *, receive: bool = True) -> None:
         self.ifnames = list(ifnames)
         self.tx_errors = [0] * len(ifnames)
+        self.rx_drops = [0] * len(ifnames)  # frames the kernel dropped: our buffer was full
         self._socks: list[socket.socket] = []
         proto = ETH_P_ALL if receive else 0  # protocol 0: the socket receives nothing
         try:
@@ -52,7 +56,10 @@ class AfPacketPorts:
                 self._socks.append(s)
                 if receive:
                     s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+                    try:
+                        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+                    except PermissionError:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
                 s.bind((name, proto))
                 s.setblocking(False)
         except OSError:
@@ -71,6 +78,14 @@ class AfPacketPorts:
                 return
             if addr[2] != PACKET_OUTGOING:
                 yield index, bytearray(data)
+
+    def count_drops(self) -> list[int]:
+        """Frames each port's socket lost to a full buffer, so far (the kernel's counters reset
+        on every read: they are added up here)."""
+        for i, s in enumerate(self._socks):
+            _, drops = struct.unpack("II", s.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+            self.rx_drops[i] += drops
+        return self.rx_drops
 
     def send(self, port: int, frame: bytearray) -> bool:
         """Send a frame out of a port; False (and counted) when the kernel refused it."""
