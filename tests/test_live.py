@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 from pyroute2 import netns
 
+from flowshift.live import lifecycle
 from flowshift.live.names import Names
 from flowshift.live.topology import offloads
 
@@ -223,16 +225,20 @@ def test_down_after_sigkill_of_the_daemon_leaves_nothing(suffix: str):
         assert not host.names.run_dir.exists()
 
 
-def test_down_stops_the_daemon_cleanly(suffix: str):
+def test_sigterm_stops_the_daemon_cleanly_and_down_removes_the_rest(suffix: str):
     for host in _up(suffix):
         pid = json.loads(host.names.state.read_text())["pid"]
-        log = host.names.log
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WAIT
+        while lifecycle.daemon_running(pid, host.names) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not lifecycle.daemon_running(pid, host.names)
+        assert host.names.log.read_text().rstrip().endswith("stopped")  # left its loop
+        assert not host.names.control.exists()
         assert host.cli("down").returncode == 0
-        assert not Path(f"/proc/{pid}/cmdline").exists() or \
-            b"flowshift.live.daemon" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-        assert ours(host.names) == [] and not log.exists()
-        assert host.cli("down").returncode == 1  # nothing left to remove
-
+        assert ours(host.names) == [] and not host.names.run_dir.exists()
+        done = host.cli("down")  # nothing left to remove
+        assert done.returncode == 1 and "no live host is up" in done.stderr
 
 def test_captures_at_both_ends_show_no_loss_and_no_reordering(live: LiveHost):
     """The data segments the machine sent are those the wire received, in the same order, each

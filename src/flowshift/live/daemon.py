@@ -188,8 +188,8 @@ class Daemon:
             source="af_packet", ports=self.port_rows(),
             metrics=f"http://127.0.0.1:{port}/metrics" if port else "",
             traffic=[ctl.TrafficRow(t, m, d, n, b) for (t, m, d), (n, b) in
-                     sorted(c.traffic.items())],
-            verdicts=[ctl.VerdictRow(*k, n) for k, n in sorted(c.verdicts.items())],
+                     sorted(c.traffic().items())],
+            verdicts=[ctl.VerdictRow(*k, n) for k, n in sorted(c.verdicts().items())],
             flows={name: sum(1 for f in chain.flows if f.expires > now)
                    for name, chain in zip(p.names, p.chains, strict=True)},
             flows_created=dict(sorted(c.flows_created.items())),

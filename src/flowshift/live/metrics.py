@@ -29,7 +29,7 @@ class PipelineCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = self.pipeline.counters
-        traffic = c.traffic.copy()
+        traffic = c.traffic()
         packets = CounterMetricFamily(f"{PREFIX}_packets", "Frames processed, by tier",
                                       labels=("tier", "machine", "direction"))
         nbytes = CounterMetricFamily(f"{PREFIX}_bytes", "Bytes of frames processed, by tier",
@@ -43,7 +43,7 @@ class PipelineCollector(Collector):
             f"{PREFIX}_verdicts", "Frames by verdict and reason (drops: verdict drop, "
             "unparsed or bypass; the live host forwards nothing it did not process)",
             labels=("machine", "direction", "verdict", "reason"))
-        for key, n in c.verdicts.copy().items():
+        for key, n in c.verdicts().items():
             verdicts.add_metric(list(key), n)
         yield verdicts
         created = CounterMetricFamily(f"{PREFIX}_flows_created", "Flows created",

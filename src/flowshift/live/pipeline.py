@@ -28,8 +28,12 @@ WRONG_PORT = "wrong-port"  # a steering drop of the live host, not a chain reaso
 ENGINE_ERROR = "error"  # the pipeline raised on a frame: dropped, logged
 UNKNOWN_PORT = -1  # a source that cannot tell the arrival port (the PNIC's punt device)
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
-_FORWARD = Verdict.FORWARD
-_VNIC = "vnic"
+_BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
+# per-frame constants as plain ints: enum attribute lookups cost more than the dict update
+_FORWARD, _DROP = int(Verdict.FORWARD), int(Verdict.DROP)
+_BYPASS, _UNPARSED = int(Verdict.BYPASS), int(Verdict.UNPARSED)
+_NO_MACHINE = int(Reason.NO_MACHINE)
+_VNIC = int(Tier.VNIC)
 
 
 def mac_bytes(text: str) -> bytes:
@@ -49,15 +53,40 @@ class Wiring:
         return len(self.port_macs) - 1
 
 
+# live-only reason codes of steering drops, beside the chain's Reason and PARSE_BASE + parse
+# error codes (negative: they never collide)
+_WRONG_PORT, _ENGINE_ERROR = -1, -2
+_LIVE_REASONS = {_WRONG_PORT: WRONG_PORT, _ENGINE_ERROR: ENGINE_ERROR}
+
+
 @dataclass
 class Counters:
-    """Plain counters, read by `live status` and the Prometheus collector."""
+    """Plain counters keyed by numbers (cheap per frame); labelled when read, by `live status`
+    and the Prometheus collector. Machine -1 and direction -1: the frame was no machine's."""
 
-    # (tier, machine, direction) -> [packets, bytes], frames the chain processed
-    traffic: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
-    # (machine, direction, verdict, reason) -> packets; machine "" when none was found
-    verdicts: dict[tuple[str, str, str, str], int] = field(default_factory=dict)
+    names: list[str]
+    # (tier, machine, direction) -> [packets, bytes] of the frames a chain processed
+    raw_traffic: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
+    # (machine, direction, verdict, reason code, rule) -> frames
+    raw_verdicts: dict[tuple[int, int, int, int, int], int] = field(default_factory=dict)
     flows_created: dict[str, int] = field(default_factory=dict)
+
+    def _name(self, m: int) -> str:
+        return self.names[m] if m >= 0 else ""
+
+    def traffic(self) -> dict[tuple[str, str, str], list[int]]:
+        """(tier, machine, direction) -> [packets, bytes]."""
+        return {(Tier(t).name.lower(), self._name(m), DIRECTIONS[d]): list(row)
+                for (t, m, d), row in self.raw_traffic.copy().items()}
+
+    def verdicts(self) -> dict[tuple[str, str, str, str], int]:
+        """(machine, direction, verdict, reason) -> frames; "" for no machine."""
+        out: dict[tuple[str, str, str, str], int] = {}
+        for (m, d, v, code, rule), n in self.raw_verdicts.copy().items():
+            reason = _LIVE_REASONS.get(code) or reason_label(code, rule)
+            key = (self._name(m), DIRECTIONS[d] if d >= 0 else "", Verdict(v).label, reason)
+            out[key] = out.get(key, 0) + n
+        return out
 
 
 class Pipeline:
@@ -66,7 +95,7 @@ class Pipeline:
         self.chains = [Chain(m, i, Tier.VNIC) for i, m in enumerate(config.machines)]
         self.classifier = Classifier(config.machines)
         self.wiring = wiring
-        self.counters = Counters()
+        self.counters = Counters(self.names)
         # Ethernet header (dst, src) per output port: egress goes to the wire's eth0, ingress
         # to the machine's
         self._eth = [peer + own for own, peer in zip(wiring.port_macs, wiring.peer_macs,
@@ -78,44 +107,44 @@ class Pipeline:
         pkt = parse(data, LINKTYPE_ETHERNET, len(data))
         err = pkt.error
         if err != _OK and err != _UNSUP:
-            verdict = Verdict.BYPASS if err in (ParseError.NOT_IP,
-                                                ParseError.UNKNOWN_ETHERTYPE) else Verdict.UNPARSED
-            self._count("", "", verdict.label, reason_label(PARSE_BASE + err))
+            verdict = _BYPASS if err in _BYPASS_PARSE else _UNPARSED
+            self._count(-1, -1, verdict, PARSE_BASE + err, -1)
             return -1
         m, direction = self.classifier.classify(pkt)
         if m < 0:
-            self._count("", "", Verdict.BYPASS.label, Reason.NO_MACHINE.label)
+            self._count(-1, -1, _BYPASS, _NO_MACHINE, -1)
             return -1
-        name = self.names[m]
-        dname = DIRECTIONS[direction]
-        out = self.wiring.uplink if direction == EGRESS else m
-        if port != UNKNOWN_PORT and port != (m if direction == EGRESS else self.wiring.uplink):
-            self._count(name, dname, Verdict.DROP.label, WRONG_PORT)
+        uplink = self.wiring.uplink
+        if port != UNKNOWN_PORT and port != (m if direction == EGRESS else uplink):
+            self._count(m, direction, _DROP, _WRONG_PORT, -1)
             return -1
         outcome = self.chains[m].process(pkt, direction, now)
-        key = (_VNIC, name, dname)
-        row = self.counters.traffic.get(key)
+        c = self.counters
+        key = (_VNIC, m, direction)
+        row = c.raw_traffic.get(key)
         if row is None:
-            row = self.counters.traffic[key] = [0, 0]
+            row = c.raw_traffic[key] = [0, 0]
         row[0] += 1
         row[1] += len(data)
         if outcome.created:
-            self.counters.flows_created[name] = self.counters.flows_created.get(name, 0) + 1
-        self._count(name, dname, outcome.verdict.label,
-                    reason_label(outcome.reason, outcome.rule))
-        if outcome.verdict != _FORWARD:
+            name = self.names[m]
+            c.flows_created[name] = c.flows_created.get(name, 0) + 1
+        verdict = outcome.verdict
+        self._count(m, direction, verdict, outcome.reason, outcome.rule)
+        if verdict != _FORWARD:
             return -1
+        out = uplink if direction == EGRESS else m
         data[0:12] = self._eth[out]
         return out
 
-    def _count(self, machine: str, direction: str, verdict: str, reason: str) -> None:
-        key = (machine, direction, verdict, reason)
-        v = self.counters.verdicts
+    def _count(self, m: int, direction: int, verdict: int, reason: int, rule: int) -> None:
+        key = (m, direction, verdict, reason, rule)
+        v = self.counters.raw_verdicts
         v[key] = v.get(key, 0) + 1
 
     def count_error(self) -> None:
         """A frame the pipeline failed on (a bug, logged by the daemon): dropped."""
-        self._count("", "", Verdict.DROP.label, ENGINE_ERROR)
+        self._count(-1, -1, _DROP, _ENGINE_ERROR, -1)
 
     def sweep(self, now: int) -> int:
         """Free expired flows; how many."""

@@ -134,10 +134,10 @@ def build(p: Plan, record: Callable[[str], None]) -> tuple[list[PortState], Port
         for m in p.machines:
             host.link("add", ifname=m.port, kind="veth",
                       peer={"ifname": PEER_IF, "net_ns_fd": m.netns})
-    _offloads_off(p.host, [UPLINK, *(m.port for m in p.machines)])
-    _offloads_off(p.wire, [PEER_IF])
+    offloads_off(p.host, [UPLINK, *(m.port for m in p.machines)])
+    offloads_off(p.wire, [PEER_IF])
     for m in p.machines:
-        _offloads_off(m.netns, [PEER_IF])
+        offloads_off(m.netns, [PEER_IF])
     with IPRoute(netns=p.host) as host:
         macs = {name: _up(host, name) for name in (UPLINK, *(m.port for m in p.machines))}
     ports = []
@@ -190,7 +190,7 @@ def _sysctls(ns: str, values: Iterable[tuple[str, str]]) -> None:
         netns.popns()
 
 
-def _offloads_off(ns: str, ifnames: Iterable[str]) -> None:
+def offloads_off(ns: str, ifnames: Iterable[str]) -> None:
     """`ethtool -K <if> <feature> off` for OFFLOADS_OFF, by ioctl (pyroute2's Ethtool) from
     inside the namespace, where the ioctl socket must be opened."""
     netns.pushns(ns)
@@ -234,5 +234,5 @@ def offloads(ns: str, ifname: str) -> dict[str, bool]:
         netns.popns()
 
 
-__all__ = ["MachinePlan", "Plan", "build", "first_host", "offloads", "plan",
+__all__ = ["MachinePlan", "Plan", "build", "first_host", "offloads", "offloads_off", "plan",
            "teardown"]
