@@ -254,3 +254,16 @@ def test_captures_at_both_ends_show_no_loss_and_no_reordering(live: LiveHost):
     assert all(p["rx_drops"] == 0 for p in live.json("status")["ports"])
     assert sum(n for _, n in machine["segments"]) == 2 << 20
     assert wire["segments"] == machine["segments"]
+
+
+def test_a_bad_config_is_refused_with_one_line_and_nothing_made(suffix: str, tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(HOST.read_text().replace('peers = ["198.51.100.2"', 'peers = ["203.0.113.1"'))
+    host = LiveHost(suffix)
+    done = host.cli("up", str(bad))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "live.peers[0]: peer 203.0.113.1 is an address of machine 'gw'" in done.stderr
+    assert ours(host.names) == [] and not host.names.state.exists()
+    done = host.cli("up", str(tmp_path / "missing.toml"))
+    assert done.returncode == 2 and "cannot read" in done.stderr

@@ -75,7 +75,7 @@ def test_plan_gives_machines_their_addresses_and_backends_and_the_wire_its_route
 
 def test_plan_refuses_a_peer_that_is_a_machine_address():
     raw = {"machine": [{"name": "m", "addresses": ["198.51.100.0/24"], "services": []}]}
-    with pytest.raises(LiveError, match=r"h\.toml: live\.peers\[0\]: peer 198\.51\.100\.2 "):
+    with pytest.raises(ConfigError, match=r"h\.toml: live\.peers\[0\]: peer 198\.51\.100\.2 "):
         plan(parse_config(raw), Names(), "h.toml")  # the default peers count too
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -19,9 +20,10 @@ from flowshift.live.engine import ConfigError
 from flowshift.live.names import LiveError, Names
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception, status: int = 1) -> None:
+    """One line on stderr; status 2 for bad input (as every command), 1 for the rest."""
     click.echo(f"Error: {err}", err=True)
-    raise click.exceptions.Exit(1)
+    raise click.exceptions.Exit(status)
 
 
 def _names() -> Names:
@@ -58,9 +60,14 @@ def live() -> None:
 def up(config: str, metrics_port: int | None, timeout: float) -> None:
     """Build the host of CONFIG and start its VNIC daemon; return when it is ready."""
     names = _names()
+    if os.geteuid() != 0:
+        _fail(LiveError("flowshift live up needs root (network namespaces)"))
     try:
         state = lifecycle.up(config, names, metrics_port=metrics_port or 0, timeout=timeout)
-    except (ConfigError, LiveError) as err:
+    except ConfigError as err:
+        _fail(err, 2)
+        return
+    except LiveError as err:
         _fail(err)
         return
     except OSError as err:  # netlink and socket errors while building

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute, netns
 from pyroute2.ethtool import Ethtool
 
-from flowshift.live.engine import HostConfig
+from flowshift.live.engine import ConfigError, HostConfig
 from flowshift.live.names import GATEWAY4, GATEWAY6, PEER_IF, UPLINK, LiveError, Names, port_name
 from flowshift.live.state import PortState
 
@@ -79,15 +79,16 @@ def first_host(net: Network) -> Interface:
 
 
 def plan(cfg: HostConfig, names: Names, source: str) -> Plan:
-    """What `live up` creates for a config. A machine's eth0 gets the first host address of each
+    """What `live up` creates for a config; a ConfigError when no live host can be made of it
+    (a peer that is a machine's address). A machine's eth0 gets the first host address of each
     of its networks, and the machine-side addresses its LB backends and DNAT targets use."""
     machines = []
     ports: dict[str, str] = {}
-    for m in cfg.machines:
+    for j, m in enumerate(cfg.machines):
         port = port_name(m.name)
         if port in ports:
-            raise LiveError(f"{source}: machines {ports[port]!r} and {m.name!r} would share "
-                            f"the port name {port}: rename one")
+            raise ConfigError(source, f"machine[{j}].name", f"{m.name!r} and {ports[port]!r} "
+                              f"would share the live port name {port}: rename one")
         ports[port] = m.name
         addrs = [first_host(n) for n in m.addresses]
         inside = [b.addr for pool in m.lb for b in pool.backends]
@@ -104,8 +105,8 @@ def plan(cfg: HostConfig, names: Names, source: str) -> Plan:
         ip = ipaddress.ip_address(raw)
         for m in cfg.machines:
             if raw in m.public or any(ip in n for n in m.addresses if n.version == ip.version):
-                raise LiveError(f"{source}: live.peers[{i}]: peer {ip} is an address of "
-                                f"machine {m.name!r}")
+                raise ConfigError(source, f"live.peers[{i}]",
+                                  f"peer {ip} is an address of machine {m.name!r}")
         peers.append(ipaddress.ip_interface(f"{ip}/{ip.max_prefixlen}"))
     routes: list[Network] = []
     for m in cfg.machines:
