@@ -25,11 +25,7 @@ class FlowsRequest(msgspec.Struct, tag=True):
     pass
 
 
-class StopRequest(msgspec.Struct, tag=True):
-    pass
-
-
-Request = StatusRequest | FlowsRequest | StopRequest
+Request = StatusRequest | FlowsRequest
 
 
 class TrafficRow(msgspec.Struct):
@@ -88,11 +84,7 @@ class Flows(msgspec.Struct, tag=True):
     flows: list[FlowRow]
 
 
-class Ok(msgspec.Struct, tag=True):
-    pass
-
-
-Reply = Status | Flows | Ok
+Reply = Status | Flows
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyroute2 import netns
+from pyroute2 import netns  # type: ignore[import-untyped]
 
 from flowshift.flow import format_addr
 from flowshift.live import control as ctl
@@ -169,9 +169,6 @@ class Daemon:
             conn.close()
 
     def _answer(self, req: ctl.Request) -> ctl.Reply:
-        if isinstance(req, ctl.StopRequest):
-            self.stopping = True
-            return ctl.Ok()
         if isinstance(req, ctl.FlowsRequest):
             return self.flows()
         if self.ports is not None:

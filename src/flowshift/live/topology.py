@@ -18,8 +18,8 @@ import ipaddress
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, netns
-from pyroute2.ethtool import Ethtool
+from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
+from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
 
 from flowshift.live.engine import ConfigError, HostConfig
 from flowshift.live.names import GATEWAY4, GATEWAY6, PEER_IF, UPLINK, LiveError, Names, port_name
