@@ -267,3 +267,20 @@ def test_a_bad_config_is_refused_with_one_line_and_nothing_made(suffix: str, tmp
     assert ours(host.names) == [] and not host.names.state.exists()
     done = host.cli("up", str(tmp_path / "missing.toml"))
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_malformed_frames_and_control_garbage_are_counted_not_fatal(live: LiveHost):
+    # an IPv4 header cut short, from the machine: counted as unparsed, never forwarded
+    frame = bytes(6) + bytes.fromhex("020000000001") + b"\x08\x00" + bytes.fromhex("4500")
+    key = ("", "", "unparsed", "truncated-ip")
+    before = live.verdicts().get(key, 0)
+    assert live.run("gw", "inject", "eth0", frame.hex()) == {"sent": len(frame)}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WAIT)
+        s.connect(str(live.names.control))
+        s.sendall(b"\x00\x00\x00\x03abc")  # a frame that is no request
+        assert s.recv(16) == b""  # closed without an answer
+    deadline = time.monotonic() + WAIT
+    while live.verdicts().get(key, 0) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live.verdicts()[key] == before + 1

@@ -11,6 +11,7 @@ socket is made), read one JSON line from each and bound every wait with a timeou
   endpoint's text and close; exit after COUNT connections in all.
 - fetch ADDR PORT COUNT: COUNT sequential connections; print the answers, or the error.
 - probe ADDR PORT TIMEOUT: one connection attempt; print {"connected": bool, "error": text}.
+- inject IFNAME HEX: send one raw frame out of the interface; print {"sent": n}.
 - capture IFNAME in|out PORT: record the TCP segments with data to or from PORT that the
   interface receives (in) or sends (out), until a FIN has passed and the link is quiet; print
   {"segments": [[seq, length], ...], "dropped": frames the capture itself lost}.
@@ -150,8 +151,14 @@ def capture(ifname: str, way: str, port: str) -> None:
     out({"segments": segments, "dropped": dropped})
 
 
+def inject(ifname: str, hexframe: str) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as s:
+        s.bind((ifname, 0))
+        out({"sent": s.send(bytes.fromhex(hexframe))})
+
+
 ROLES = {"sink": sink, "send": send, "names": names, "fetch": fetch, "probe": probe,
-         "capture": capture}
+         "capture": capture, "inject": inject}
 
 if __name__ == "__main__":
     netns.setns(sys.argv[1], flags=0)
