@@ -7,6 +7,8 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowshift.config import ConfigError, load_config, parse_config
 from flowshift.live import control as ctl
@@ -175,3 +177,28 @@ def test_control_messages_round_trip_through_their_framing():
     assert isinstance(ctl.decode_request(body), ctl.FlowsRequest)
     with pytest.raises(ctl.ControlError, match="too long"):
         ctl.unframe(b"\xff\xff\xff\xff")
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from(["syn-out", "syn-in", "udp-out"]),
+       cut=st.integers(0, 80), flips=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)),
+                                              max_size=4),
+       port=st.sampled_from([GW, LB, UP, UNKNOWN_PORT]))
+def test_any_frame_is_decided_and_counted_once_never_a_crash(base: str, cut: int,
+                                                              flips: list[tuple[int, int]],
+                                                              port: int):
+    p = pipeline()
+    frame = {
+        "syn-out": syn(INSIDE, PEER, 40000, 5001),
+        "syn-in": syn(PEER, ipaddress.ip_address("198.51.100.10").packed, 1000, 80),
+        "udp-out": bytearray(udp_frame(src=INSIDE, dst=PEER, sport=5, dport=53, payload=b"q")),
+    }[base]
+    for at, value in flips:
+        if at < len(frame):
+            frame[at] = value
+    frame = frame[:len(frame) - cut] if cut < len(frame) else frame[:1]
+    out = p.frame(port, frame, 1)
+    assert out in (-1, GW, LB, UP)
+    assert sum(p.counters.verdicts().values()) == 1
+    if out >= 0:
+        assert bytes(frame[0:6]) == PEER_MACS[out] and bytes(frame[6:12]) == PORT_MACS[out]

@@ -26,7 +26,7 @@ from flowshift.live import metrics
 from flowshift.live.engine import FlowView, Tier, flow_dump, flow_line, parse_config
 from flowshift.live.names import Names
 from flowshift.live.pipeline import Pipeline, Wiring, mac_bytes
-from flowshift.live.source import AfPacketPorts
+from flowshift.live.source import AfPacketPorts, PacketSource
 from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
 
@@ -68,7 +68,9 @@ class Daemon:
             metrics.serve(self.pipeline, self.port_rows, self.state.metrics_port)
         netns.setns(self.names.host, flags=0)
         self.ports = AfPacketPorts(self.port_names)
-        for i, s in enumerate(self.ports.sockets()):
+        # the packet source: the ports themselves until the PNIC datapath punts to a device
+        self.source: PacketSource = self.ports
+        for i, s in enumerate(self.source.sockets()):
             self.sel.register(s, selectors.EVENT_READ, ("port", i))
         path = self.names.control
         path.unlink(missing_ok=True)
@@ -91,7 +93,7 @@ class Daemon:
     def run(self) -> None:
         assert self.ports is not None
         ports, pipeline = self.ports, self.pipeline
-        receive, send, decide = ports.receive, ports.send, pipeline.frame
+        receive, send, decide = self.source.receive, ports.send, pipeline.frame
         next_sweep = time.monotonic() + SWEEP_INTERVAL
         next_tick = time.monotonic() + TICK
         log.info("ready: ports %s", ", ".join(self.port_names))
