@@ -241,9 +241,9 @@ def test_sigterm_stops_the_daemon_cleanly_and_down_removes_the_rest(suffix: str)
         assert done.returncode == 1 and "no live host is up" in done.stderr
 
 def test_captures_at_both_ends_show_no_loss_and_no_reordering(live: LiveHost):
-    """The data segments the machine sent are those the wire received, in the same order, each
-    once: the VNIC lost, reordered and duplicated nothing (a loss would show as a missing
-    segment here and a retransmission there)."""
+    """The data segments the machine sent are those the wire received, in the same order: the
+    VNIC lost, reordered and duplicated nothing (a loss would show as a segment missing at the
+    wire, and its retransmission at both ends)."""
     sink = live.start("wire", "sink", "198.51.100.2", "5001")
     sent_cap = live.start("gw", "capture", "eth0", "out", "5001")
     got_cap = live.start("wire", "capture", "eth0", "in", "5001")
@@ -252,7 +252,14 @@ def test_captures_at_both_ends_show_no_loss_and_no_reordering(live: LiveHost):
     machine, wire = finish(sent_cap), finish(got_cap)
     assert machine["dropped"] == wire["dropped"] == 0  # the captures saw every frame
     assert all(p["rx_drops"] == 0 for p in live.json("status")["ports"])
-    assert sum(n for _, n in machine["segments"]) == 2 << 20
+    # the whole stream was sent (a busy machine may make TCP retransmit a segment on a timer,
+    # which is the sender's doing: both captures then show it)
+    covered: set[int] = set()
+    first = machine["segments"][0][0]
+    for seq, n in machine["segments"]:
+        start = (seq - first) % (1 << 32)  # the stream offset, past any wrap of the sequence
+        covered.update(range(start, start + n, 4))  # full segments are multiples of 4 bytes
+    assert len(covered) == (2 << 20) // 4
     assert wire["segments"] == machine["segments"]
 
 
