@@ -292,3 +292,19 @@ def test_malformed_frames_and_control_garbage_are_counted_not_fatal(live: LiveHo
     while live.verdicts().get(key, 0) == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert live.verdicts()[key] == before + 1
+
+
+def test_the_daemon_exits_when_its_state_file_is_gone(suffix: str):
+    """An `up` killed between starting the daemon and recording its pid leaves `down` no pid to
+    stop: the daemon must notice on its own."""
+    for host in _up(suffix):
+        state = host.names.state.read_text()
+        pid = json.loads(state)["pid"]
+        host.names.state.unlink()
+        try:
+            deadline = time.monotonic() + WAIT
+            while lifecycle.daemon_running(pid, host.names) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not lifecycle.daemon_running(pid, host.names)
+        finally:
+            host.names.state.write_text(state)  # for the fixture's `down`

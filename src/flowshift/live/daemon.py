@@ -31,7 +31,7 @@ from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
 
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired flows
-TICK = 1.0  # seconds between reads of the sockets' drop counters
+TICK = 1.0  # seconds between reads of the sockets' drop counters and checks of the state file
 SECOND = 1_000_000_000
 log = logging.getLogger("flowshift.live.daemon")
 
@@ -121,6 +121,9 @@ class Daemon:
             if time.monotonic() >= next_tick:
                 ports.count_drops()
                 next_tick = time.monotonic() + TICK
+                if not self.names.state.exists():  # `down` ran without stopping us (an `up`
+                    log.info("state file gone")    # killed before it recorded our pid)
+                    break
             if time.monotonic() >= next_sweep:
                 self.swept += pipeline.sweep(time.monotonic_ns())
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
