@@ -106,8 +106,8 @@ class Daemon:
                         try:
                             out = decide(port, data, time.monotonic_ns())
                         except Exception:  # a bug must not take every machine off the net
-                            log.exception("frame of %d bytes on %s", len(data),
-                                          self.port_names[port])
+                            log.exception("frame of %d bytes from %s", len(data),
+                                          self.port_names[port] if port >= 0 else "source")
                             pipeline.count_error()
                             continue
                         if out >= 0:
