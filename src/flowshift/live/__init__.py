@@ -13,5 +13,6 @@ service chain on it (the reference engine) and sends the forwarded frame out of 
 - control.py   the control socket's messages and client
 - metrics.py   the Prometheus collector
 - daemon.py    the VNIC daemon's event loop
+- lifecycle.py `live up` and `live down`: build, start, wait for ready; stop, remove
 - engine.py    the reference engine's public names, imported in one place
 """
