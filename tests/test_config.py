@@ -307,7 +307,8 @@ ERRORS = [
     ),
     (fw('action = "allow"\nsrc = 10'), "machine[0].firewall.rule[0].src", ["expected a string"]),
     # unknown and missing keys
-    (f"colour = 1\n{M}services = []", "colour", ["unknown key", "allowed: machine, offload, pnic"]),
+    (f"colour = 1\n{M}services = []", "colour",
+     ["unknown key", "allowed: live, machine, offload, pnic"]),
     (
         fw('action = "allow"\nprot = "tcp"'),
         "machine[0].firewall.rule[0].prot",

@@ -16,6 +16,7 @@ COMMANDS = {
     "inspect": "flowshift.commands.inspect:inspect_cmd",
     "nft": "flowshift.commands.nft:nft_cmd",
     "verify": "flowshift.commands.verify:verify_cmd",
+    "live": "flowshift.commands.live:live",
 }
 
 

@@ -142,10 +142,18 @@ class MachineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LiveConfig:
+    # addresses of the outside (`fs-wire`) in `flowshift live`: documentation ranges by default
+    peers: tuple[bytes, ...] = tuple(
+        ipaddress.ip_address(a).packed for a in ("198.51.100.2", "2001:db8::2"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class HostConfig:
     pnic: PnicConfig = PnicConfig()
     offload: OffloadConfig = OffloadConfig()
     machines: tuple[MachineConfig, ...]
+    live: LiveConfig = LiveConfig()
 
 
 class ConfigError(ValueError):
@@ -197,13 +205,32 @@ def _toml_where(message: str) -> tuple[str, str]:
 def parse_config(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     """Validate a decoded config (TOML or JSON); `source` names it in errors."""
     at = _At(source)
-    t = _table(at, data, ("machine",), ("pnic", "offload"))
+    t = _table(at, data, ("machine",), ("pnic", "offload", "live"))
     pnic = _pnic(at.key("pnic"), t.get("pnic", {}))
     offload = _offload(at.key("offload"), t.get("offload", {}))
     items = _items(at.key("machine"), t["machine"], "[[machine]]", "needs at least one machine")
     machines = tuple(_machine(a, v) for a, v in items)
     _check_machines(at, machines)
-    return HostConfig(pnic=pnic, offload=offload, machines=machines)
+    live = _live(at.key("live"), t.get("live", {}))
+    return HostConfig(pnic=pnic, offload=offload, machines=machines, live=live)
+
+
+def _live(at: _At, raw: object) -> LiveConfig:
+    """Peers that clash with a machine's addresses are refused by `flowshift live up`, which
+    also checks the defaults."""
+    t = _table(at, raw, (), ("peers",))
+    if "peers" not in t:
+        return LiveConfig()
+    peers: list[bytes] = []
+    for a, v in _items(at.key("peers"), t["peers"]):
+        addr = _address(a, v)
+        ip = ipaddress.ip_address(addr)
+        if ip.is_multicast or ip.is_unspecified or ip.is_loopback or ip.is_link_local:
+            raise a.error(f"{ip} is not a unicast address a peer can have")
+        if addr in peers:
+            raise a.error(f"peer {ip} listed twice")
+        peers.append(addr)
+    return LiveConfig(peers=tuple(peers))
 
 
 def _pnic(at: _At, raw: object) -> PnicConfig:
@@ -717,6 +744,7 @@ def to_dict(cfg: HostConfig) -> dict[str, Any]:
             "report_interval": cfg.offload.report_interval,
         },
         "machine": [_machine_dict(m) for m in cfg.machines],
+        "live": {"peers": [_addr_text(a) for a in cfg.live.peers]},
     }
 
 

@@ -1,0 +1,130 @@
+"""`flowshift live`: a real host on Linux, its machines in network namespaces, its VNIC a daemon.
+
+`up HOST.toml` builds the host and starts the VNIC daemon, `down` removes everything `up` made,
+`status` and `flows` ask the daemon. See docs/live.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+import msgspec
+
+from flowshift.live import control as ctl
+from flowshift.live import lifecycle
+from flowshift.live import state as st
+from flowshift.live.engine import ConfigError
+from flowshift.live.names import LiveError, Names
+
+
+def _fail(err: Exception, status: int = 1) -> None:
+    """One line on stderr; status 2 for bad input (as every command), 1 for the rest."""
+    click.echo(f"Error: {err}", err=True)
+    raise click.exceptions.Exit(status)
+
+
+def _names() -> Names:
+    try:
+        return Names.from_env()
+    except LiveError as err:
+        _fail(err)
+        raise  # unreachable: _fail exits
+
+
+def _ask(names: Names, request: ctl.Request) -> ctl.Reply:
+    try:
+        state = st.load(names)
+        if not lifecycle.daemon_running(state.pid, names):
+            raise LiveError(f"the VNIC daemon (pid {state.pid}) is not running: "
+                            "`flowshift live down` cleans up")
+        return ctl.request(names.control, request)
+    except (LiveError, ctl.ControlError) as err:
+        _fail(err)
+        raise
+
+
+@click.group("live")
+def live() -> None:
+    """A live host: machines in network namespaces, the VNIC a daemon on real packets."""
+
+
+@live.command("up")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on 127.0.0.1:PORT (root namespace). Default: off.")
+@click.option("--timeout", type=click.FloatRange(0.1, 600), default=60.0, show_default=True,
+              help="Seconds to wait for the daemon to answer.")
+def up(config: str, metrics_port: int | None, timeout: float) -> None:
+    """Build the host of CONFIG and start its VNIC daemon; return when it is ready."""
+    names = _names()
+    if os.geteuid() != 0:
+        _fail(LiveError("flowshift live up needs root (network namespaces)"))
+    try:
+        state = lifecycle.up(config, names, metrics_port=metrics_port or 0, timeout=timeout)
+    except ConfigError as err:
+        _fail(err, 2)
+        return
+    except LiveError as err:
+        _fail(err)
+        return
+    except OSError as err:  # netlink and socket errors while building
+        _fail(LiveError(f"cannot build the live host: {err}"))
+        return
+    machines = ", ".join(p.machine for p in state.ports)
+    click.echo(f"live host up: {names.host}, {names.wire}, machines {machines}; "
+               f"VNIC daemon pid {state.pid}")
+
+
+@live.command("down")
+def down() -> None:
+    """Stop the VNIC daemon and remove everything `live up` created."""
+    names = _names()
+    try:
+        removed = lifecycle.down(names)
+    except LiveError as err:
+        _fail(err)
+        return
+    click.echo(f"live host down: removed {', '.join(removed) or 'no namespace'}")
+
+
+@live.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
+def status(as_json: bool) -> None:
+    """The daemon's counters: traffic per machine and direction, verdicts, flows."""
+    reply = _ask(_names(), ctl.StatusRequest())
+    assert isinstance(reply, ctl.Status)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return
+    click.echo(f"VNIC daemon pid {reply.pid}, up {reply.uptime_s:.1f} s, "
+               f"source {reply.source}")
+    for port in reply.ports:
+        click.echo(f"  port {port.ifname} ({port.machine or 'uplink'}): {port.rx_drops} rx "
+                   f"drops, {port.tx_errors} tx errors")
+    if reply.metrics:
+        click.echo(f"metrics: {reply.metrics}")
+    click.echo(f"first cache: {reply.first_cache} entries, {reply.swept} swept")
+    for machine, n in reply.flows.items():
+        click.echo(f"  {machine}: {n} flows, {reply.flows_created.get(machine, 0)} created")
+    for t in reply.traffic:
+        click.echo(f"  {t.tier} {t.machine} {t.direction}: {t.packets} packets, "
+                   f"{t.bytes} bytes")
+    for v in reply.verdicts:
+        who = f"{v.machine} {v.direction}" if v.machine else "(no machine)"
+        click.echo(f"  {who}: {v.verdict} {v.reason}: {v.packets}")
+
+
+@live.command("flows")
+@click.option("--json", "as_json", is_flag=True, help="Print the flows as JSON.")
+def flows(as_json: bool) -> None:
+    """Every live flow, conntrack-style, with its machine and owner tier."""
+    reply = _ask(_names(), ctl.FlowsRequest())
+    assert isinstance(reply, ctl.Flows)
+    if as_json:
+        rows: list[dict[str, Any]] = msgspec.to_builtins(reply.flows)
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(reply.text, nl=False)

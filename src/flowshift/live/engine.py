@@ -1,0 +1,29 @@
+"""The parts of flowshift the live runtime runs, imported in this one place.
+
+The live VNIC is the reference engine on real frames: the same config loader, the same address
+classifier as the replay host and the same `Chain`. Nothing here adds behaviour.
+"""
+
+from flowshift.config import ConfigError, HostConfig, load_config, parse_config, to_dict
+from flowshift.entry import Tier
+from flowshift.host import Classifier, FlowView
+from flowshift.packet.parse import parse
+from flowshift.report import flow_dump, flow_line
+from flowshift.services.chain import EGRESS, INGRESS, Chain
+
+__all__ = [
+    "EGRESS",
+    "INGRESS",
+    "Chain",
+    "Classifier",
+    "ConfigError",
+    "FlowView",
+    "HostConfig",
+    "Tier",
+    "flow_dump",
+    "flow_line",
+    "load_config",
+    "parse",
+    "parse_config",
+    "to_dict",
+]

@@ -1,0 +1,77 @@
+"""Prometheus metrics of the VNIC daemon, read from the pipeline's plain counters at scrape time.
+
+The event loop only bumps integers in dicts; this collector copies them when Prometheus scrapes
+(prometheus_client serves from its own thread; a dict copy is one atomic step under the GIL).
+The endpoint listens on 127.0.0.1 of the root network namespace: the daemon opens it before it
+enters fs-host, and the socket stays where it was made.
+
+Punts by reason are not exported yet: there is no PNIC datapath to punt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from flowshift.live.control import PortRow
+from flowshift.live.pipeline import Pipeline
+
+PREFIX = "flowshift_live"
+
+
+class PipelineCollector(Collector):
+    def __init__(self, pipeline: Pipeline, ports: Callable[[], list[PortRow]]) -> None:
+        self.pipeline = pipeline
+        self.ports = ports
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        c = self.pipeline.counters
+        traffic = c.traffic()
+        packets = CounterMetricFamily(f"{PREFIX}_packets", "Frames processed, by tier",
+                                      labels=("tier", "machine", "direction"))
+        nbytes = CounterMetricFamily(f"{PREFIX}_bytes", "Bytes of frames processed, by tier",
+                                     labels=("tier", "machine", "direction"))
+        for (tier, machine, direction), (n, b) in traffic.items():
+            packets.add_metric([tier, machine, direction], n)
+            nbytes.add_metric([tier, machine, direction], b)
+        yield packets
+        yield nbytes
+        verdicts = CounterMetricFamily(
+            f"{PREFIX}_verdicts", "Frames by verdict and reason (drops: verdict drop, "
+            "unparsed or bypass; the live host forwards nothing it did not process)",
+            labels=("machine", "direction", "verdict", "reason"))
+        for key, n in c.verdicts().items():
+            verdicts.add_metric(list(key), n)
+        yield verdicts
+        created = CounterMetricFamily(f"{PREFIX}_flows_created", "Flows created",
+                                      labels=("machine",))
+        for machine, n in c.flows_created.copy().items():
+            created.add_metric([machine], n)
+        yield created
+        flows = GaugeMetricFamily(f"{PREFIX}_flows", "Flow entries held, by owner tier",
+                                  labels=("machine", "tier"))
+        for name, chain in zip(self.pipeline.names, self.pipeline.chains, strict=True):
+            flows.add_metric([name, "vnic"], len(chain.flows))
+        yield flows
+        yield GaugeMetricFamily(f"{PREFIX}_first_cache_entries",
+                                "Flow entries in the VNIC's first cache",
+                                value=self.pipeline.first_cache())
+        rx = CounterMetricFamily(f"{PREFIX}_rx_drops", "Frames lost before the daemon read "
+                                 "them (its socket buffer was full)", labels=("port",))
+        tx = CounterMetricFamily(f"{PREFIX}_tx_errors", "Frames the kernel refused to send",
+                                 labels=("port",))
+        for row in self.ports():
+            rx.add_metric([row.ifname], row.rx_drops)
+            tx.add_metric([row.ifname], row.tx_errors)
+        yield rx
+        yield tx
+
+
+def serve(pipeline: Pipeline, ports: Callable[[], list[PortRow]], port: int) -> None:
+    """Start the endpoint on 127.0.0.1:port (in the caller's network namespace)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PipelineCollector(pipeline, ports))
+    start_http_server(port, addr="127.0.0.1", registry=registry)
