@@ -324,6 +324,13 @@ class Datapath:
             if e is not None:
                 yield e
 
+    def clear(self) -> None:
+        """Take every entry, reply key and hold record out."""
+        for name in ("fs_flows", "fs_replies", "fs_holds"):
+            fd = self.fd[name]
+            while (k := bpfsys.next_key(fd, None, KEY_SIZE)) is not None:
+                bpfsys.delete(fd, k)
+
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
@@ -339,7 +346,7 @@ class Datapath:
 
     def _hold_op(self, key: FlowKey | bytes, op: str) -> int:
         ctx = key_bytes(key) + struct.pack("<II", _HOLD_OPS[op], 0)
-        run = bpfsys.test_run(self._hold_fd, None, ctx)
+        run = bpfsys.test_run(self._hold_fd, None, ctx, ctx_out_size=0)  # syscall: no ctx_out
         return ctypes.c_int32(run.retval).value
 
     def hold_state(self, key: FlowKey | bytes) -> tuple[Hold, int]:
