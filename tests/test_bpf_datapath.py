@@ -21,7 +21,7 @@ from flowshift.config import parse_config
 from flowshift.entry import Flow, Service, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.host import Classifier
-from flowshift.live.datapath import Clock, Datapath, Hold, Mode, Port, Result
+from flowshift.live.datapath import Clock, Datapath, Mode, Port, Result
 from flowshift.packet.build import icmp_echo_frame, tcp_frame, tcp_options, udp_frame
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from flowshift.services import conntrack_tcp as ct_tcp

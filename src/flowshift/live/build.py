@@ -92,7 +92,8 @@ def build(cache: Path | None = None) -> Path:
         out = work / "pnic.o"
         arch = {"x86_64": "x86", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
         _run([clang, "-target", "bpf", "-O2", "-g", f"-D__TARGET_ARCH_{arch}", "-Wall",
-              "-Wno-unused-function", "-Werror=implicit-function-declaration", "-I", str(work), "-I", str(SOURCES),
+              "-Wno-unused-function", "-Werror=implicit-function-declaration",
+              "-I", str(work), "-I", str(SOURCES),
               "-c", str(SOURCES / PROGRAM), "-o", str(out)])
         _atomic_write(obj, out.read_bytes())
     return obj

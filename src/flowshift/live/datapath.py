@@ -166,8 +166,8 @@ class Datapath:
         self._cpus = bpfsys.possible_cpus()
         self._obj = BpfObject(self.build())
         try:
-            for m in _SIZED:
-                self._obj.set_max_entries(m, capacity)
+            for sized in _SIZED:
+                self._obj.set_max_entries(sized, capacity)
             self._obj.load()
             self.fd = {m: self._obj.map_fd(m) for m in MAPS}
             self.prog_fd = self._obj.prog_fd(PROGRAM)
@@ -413,7 +413,7 @@ def _ensure_bpffs(root: Path) -> None:
 
 
 def _ipr(netns: str | None):  # type: ignore[no-untyped-def]
-    from pyroute2 import IPRoute, NetNS
+    from pyroute2 import IPRoute, NetNS  # type: ignore[import-untyped]
 
     return NetNS(netns) if netns else IPRoute()
 
