@@ -172,3 +172,68 @@ def test_frames_are_redirected_rewritten_and_punted_then_nothing_is_left(lab):
         dp.close()
     assert _filters_and_qdiscs(host, "hm") == ([], [])
     assert not pins.exists()
+
+
+def _ones(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def test_a_local_udp_exchange_crosses_the_datapath_both_ways(lab):
+    """Real sockets: the machine's stack sends (CHECKSUM_PARTIAL over veth), the datapath
+    SNATs it out of the uplink, the wire's stack answers, the datapath de-NATs the answer back
+    to the machine. The IPv4 header checksum is checked by both stacks; the UDP field leaves
+    the host as the partial (pseudo-header) sum of the translated addresses."""
+    from pyroute2 import NetNS
+
+    host, machine, wire, info = lab
+    with NetNS(machine) as ipr:
+        mh = ipr.link_lookup(ifname="mh")[0]
+        ipr.addr("add", index=mh, address="10.0.0.5", prefixlen=24)
+        ipr.neigh("add", dst="10.0.0.1", lladdr=info["hm"][1].hex(":"), ifindex=mh, state=0x80)
+        ipr.route("add", dst="0.0.0.0/0", gateway="10.0.0.1")
+    with NetNS(wire) as ipr:
+        wh = ipr.link_lookup(ifname="wh")[0]
+        ipr.addr("add", index=wh, address="198.51.100.7", prefixlen=24)
+        ipr.route("add", dst="192.0.2.1/32", oif=wh, scope=253)
+        ipr.neigh("add", dst="192.0.2.1", lladdr=info["hw"][1].hex(":"), ifindex=wh, state=0x80)
+    key, xlat = keys(4, 17, "snat", dport=53)
+    now = time.monotonic_ns()
+    f = flow(key, xlat, expires=now + 600 * S)
+    uplink = Port(info["hw"][0], src_mac=info["hw"][1], dst_mac=info["wh"][1])
+    mport = Port(info["hm"][0], src_mac=info["hm"][1], dst_mac=info["mh"][1])
+    with Datapath(f"u{os.getpid()}", 4, CLASSIFIER, uplink=uplink, machine_ports=[mport],
+                  punt_ifindex=info["hp0"][0], clock=Clock.MONO) as dp:
+        assert dp.insert(f.to_bytes())
+        dp.attach("hm", netns=host)
+        dp.attach("hw", netns=host)
+        with in_netns(wire):
+            server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            server.bind(("198.51.100.7", 53))
+        with in_netns(machine):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            client.bind(("10.0.0.5", 40000))
+        tap = packet_socket(wire, "wh")
+        try:
+            for s in (server, client):
+                s.settimeout(WAIT)
+            client.sendto(b"hello", ("198.51.100.7", 53))
+            data, peer = server.recvfrom(100)
+            assert (data, peer) == (b"hello", ("192.0.2.1", 50000))
+            frame, _ = receive(tap, lambda d: d[12:14] == b"\x08\x00" and d[23] == 17
+                               and d[36:38] == b"\x00\x35")
+            pseudo = xlat.src + xlat.dst + struct.pack("!BBH", 0, 17, len(frame) - 34)
+            csum = struct.unpack_from("!H", frame, 40)[0]
+            assert csum == _ones(pseudo), "not the partial sum of the translated addresses"
+            server.sendto(b"world", peer)
+            assert client.recvfrom(100) == (b"world", ("198.51.100.7", 53))
+            entry = dp.get(key)
+            assert entry is not None
+            assert struct.unpack_from("<2Q", entry, 180) == (11, 10)  # one more each way
+        finally:
+            for s in (server, client, tap):
+                s.close()

@@ -12,6 +12,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "fs_consts.h"
 #include "pnic_maps.h"
@@ -21,6 +22,9 @@
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define ETH_P_8021Q 0x8100
+#define CHECKSUM_PARTIAL 3
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -173,6 +177,9 @@ int pnic_ingress(struct __sk_buff *skb)
 	if (!pp)
 		return TC_ACT_OK;
 	int status = fs_parse_frame(skb, pp);
+	/* CO-RE: how the kernel holds this skb's L4 checksum (test runs: CHECKSUM_NONE) */
+	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
+	pp->partial = BPF_CORE_READ_BITFIELD(kskb, ip_summed) == CHECKSUM_PARTIAL;
 	if (status == P_FAIL || status == P_NOT_PORTED)
 		return punt(skb, cfg, PUNT_UNSUPPORTED);
 	__u32 direction;
@@ -214,6 +221,8 @@ int pnic_ingress(struct __sk_buff *skb)
 		why = PUNT_LIFE;
 	else if (e->proto == 6 && e->tcp_state >= TCP_STATE_COUNT)
 		why = PUNT_UNSUPPORTED;
+	else if (pp->partial && e->proto != 6 && e->proto != 17)
+		why = PUNT_UNSUPPORTED; /* no pseudo-header: no partial checksum to keep */
 	if (why) {
 		mark_returned(&okey);
 		return punt(skb, cfg, why);
@@ -240,7 +249,7 @@ int pnic_ingress(struct __sk_buff *skb)
 	__u8 macs[12];
 	__builtin_memcpy(macs, out->dst_mac, 6);
 	__builtin_memcpy(macs + 6, out->src_mac, 6);
-	bpf_skb_store_bytes(skb, 0, macs, 12, 0);
+	bpf_skb_store_bytes(skb, 0, macs, 12, BPF_F_RECOMPUTE_CSUM);
 	skb->cb[CB_IFINDEX] = out->ifindex;
 	return bpf_redirect(out->ifindex, 0);
 }

@@ -237,7 +237,7 @@ static __always_inline __u32 ones_sum(const __u8 *a, int n)
 static __always_inline void st16(struct __sk_buff *skb, __u32 at, __u32 value)
 {
 	__u8 w[2] = {value >> 8, value & 0xFF};
-	bpf_skb_store_bytes(skb, at, w, 2, 0);
+	bpf_skb_store_bytes(skb, at, w, 2, BPF_F_RECOMPUTE_CSUM);
 }
 
 /* rewrite._adjust for several fields at once (see docs/pnic-engine.md) */
@@ -278,9 +278,9 @@ static __always_inline __u64 set_addr(struct __sk_buff *skb, __u32 at, const __u
 	__u8 buf[16];
 	__builtin_memcpy(buf, new, 16);
 	if (n == 4)
-		bpf_skb_store_bytes(skb, at, buf, 4, 0);
+		bpf_skb_store_bytes(skb, at, buf, 4, BPF_F_RECOMPUTE_CSUM);
 	else
-		bpf_skb_store_bytes(skb, at, buf, 16, 0);
+		bpf_skb_store_bytes(skb, at, buf, 16, BPF_F_RECOMPUTE_CSUM);
 	return (__u64)(~old_sum & 0xFFFF) + new_sum;
 }
 
@@ -288,6 +288,21 @@ static __always_inline __u64 set_port(struct __sk_buff *skb, __u32 at, __u32 old
 {
 	st16(skb, at, port);
 	return (__u64)(~old & 0xFFFF) + port;
+}
+
+/* A CHECKSUM_PARTIAL skb (a local stack's segment over veth): its L4 field holds the folded
+ * pseudo-header sum, not complemented, and the device sums the rest. Only the addresses (the
+ * pseudo-header) enter it, as Linux's inet_proto_csum_replace4 does for such an skb. */
+static __always_inline void adjust_partial(struct __sk_buff *skb, __u32 at, __u64 terms)
+{
+	__u8 w[2];
+	if (bpf_skb_load_bytes(skb, at, w, 2))
+		return;
+	__u64 t = rd16(w) + terms;
+	for (int k = 0; k < 4; k++)
+		if (t >> 16)
+			t = (t & 0xFFFF) + (t >> 16);
+	st16(skb, at, t & 0xFFFF);
 }
 
 /* xlat.translate: rewrite a packet of the flow in direction d (0 original, 1 reply) */
@@ -331,6 +346,11 @@ FS_GLOBAL int fs_translate(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
 		port_terms += set_port(skb, p->echo ? l4 + 4 : l4 + 2, cur_dport, dport);
 	if (p->family == 4 && addr_terms)
 		adjust(skb, l3 + 10, addr_terms, 0);
+	if (p->partial) {
+		if (addr_terms)
+			adjust_partial(skb, p->proto == 6 ? l4 + 16 : l4 + 6, addr_terms);
+		return 0;
+	}
 	if (p->proto == 6 || p->proto == 17 || p->proto == 58)
 		port_terms += addr_terms;
 	if (port_terms) {

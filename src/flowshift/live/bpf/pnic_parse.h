@@ -48,6 +48,7 @@ struct pkt {
 	__u8 th[64]; /* the TCP header with its options */
 	__u8 ip[64]; /* the IP header (IPv4 with its options) */
 	__s64 timeout; /* tcp_track's result */
+	__u32 partial; /* skb is CHECKSUM_PARTIAL: the L4 field holds the pseudo-header sum */
 };
 
 static __always_inline __u32 rd16(const __u8 *p)
