@@ -22,6 +22,7 @@
 #define TC_ACT_OK 0
 #define TC_ACT_SHOT 2
 #define ETH_P_8021Q 0x8100
+#define CHECKSUM_COMPLETE 2
 #define CHECKSUM_PARTIAL 3
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
@@ -179,7 +180,9 @@ int pnic_ingress(struct __sk_buff *skb)
 	int status = fs_parse_frame(skb, pp);
 	/* CO-RE: how the kernel holds this skb's L4 checksum (test runs: CHECKSUM_NONE) */
 	struct sk_buff *kskb = bpf_cast_to_kern_ctx(skb);
-	pp->partial = BPF_CORE_READ_BITFIELD(kskb, ip_summed) == CHECKSUM_PARTIAL;
+	__u32 summed = BPF_CORE_READ_BITFIELD(kskb, ip_summed);
+	pp->partial = summed == CHECKSUM_PARTIAL;
+	pp->complete = summed == CHECKSUM_COMPLETE;
 	if (status == P_FAIL || status == P_NOT_PORTED)
 		return punt(skb, cfg, PUNT_UNSUPPORTED);
 	__u32 direction;
@@ -249,7 +252,7 @@ int pnic_ingress(struct __sk_buff *skb)
 	__u8 macs[12];
 	__builtin_memcpy(macs, out->dst_mac, 6);
 	__builtin_memcpy(macs + 6, out->src_mac, 6);
-	bpf_skb_store_bytes(skb, 0, macs, 12, BPF_F_RECOMPUTE_CSUM);
+	store_hdr(skb, 0, macs, 12, !pp->complete);
 	skb->cb[CB_IFINDEX] = out->ifindex;
 	return bpf_redirect(out->ifindex, 0);
 }

@@ -234,17 +234,18 @@ static __always_inline __u32 ones_sum(const __u8 *a, int n)
 	return r ? r : 0xFFFF;
 }
 
-static __always_inline void st16(struct __sk_buff *skb, __u32 at, __u32 value)
+static __always_inline void st16(struct __sk_buff *skb, __u32 at, __u32 value, int direct)
 {
 	__u8 w[2] = {value >> 8, value & 0xFF};
-	bpf_skb_store_bytes(skb, at, w, 2, BPF_F_RECOMPUTE_CSUM);
+	store_hdr(skb, at, w, 2, direct);
 }
 
 /* rewrite._adjust for several fields at once (see docs/pnic-engine.md) */
-static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms, int udp4)
+static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms, int udp4,
+				   int direct)
 {
 	__u8 w[2];
-	if (bpf_skb_load_bytes(skb, at, w, 2))
+	if (LOAD(skb, at, w, 2))
 		return;
 	__u32 csum = rd16(w);
 	if (udp4 && csum == 0)
@@ -256,7 +257,7 @@ static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms,
 	__u32 value = ~t & 0xFFFF;
 	if (value == 0 && udp4)
 		value = 0xFFFF;
-	st16(skb, at, value);
+	st16(skb, at, value, direct);
 }
 
 static __always_inline int same_addr(const __u8 *a, const __u8 *b, int n)
@@ -272,37 +273,39 @@ static __always_inline int same_addr(const __u8 *a, const __u8 *b, int n)
 
 /* rewrite._set_addr without the checksums: write the address, return its ~old + new */
 static __always_inline __u64 set_addr(struct __sk_buff *skb, __u32 at, const __u8 *old,
-				      const __u8 *new, int n)
+				      const __u8 *new, int n, int direct)
 {
 	__u32 old_sum = ones_sum(old, n), new_sum = ones_sum(new, n);
 	__u8 buf[16];
 	__builtin_memcpy(buf, new, 16);
 	if (n == 4)
-		bpf_skb_store_bytes(skb, at, buf, 4, BPF_F_RECOMPUTE_CSUM);
+		store_hdr(skb, at, buf, 4, direct);
 	else
-		bpf_skb_store_bytes(skb, at, buf, 16, BPF_F_RECOMPUTE_CSUM);
+		store_hdr(skb, at, buf, 16, direct);
 	return (__u64)(~old_sum & 0xFFFF) + new_sum;
 }
 
-static __always_inline __u64 set_port(struct __sk_buff *skb, __u32 at, __u32 old, __u32 port)
+static __always_inline __u64 set_port(struct __sk_buff *skb, __u32 at, __u32 old, __u32 port,
+				      int direct)
 {
-	st16(skb, at, port);
+	st16(skb, at, port, direct);
 	return (__u64)(~old & 0xFFFF) + port;
 }
 
 /* A CHECKSUM_PARTIAL skb (a local stack's segment over veth): its L4 field holds the folded
  * pseudo-header sum, not complemented, and the device sums the rest. Only the addresses (the
  * pseudo-header) enter it, as Linux's inet_proto_csum_replace4 does for such an skb. */
-static __always_inline void adjust_partial(struct __sk_buff *skb, __u32 at, __u64 terms)
+static __always_inline void adjust_partial(struct __sk_buff *skb, __u32 at, __u64 terms,
+					   int direct)
 {
 	__u8 w[2];
-	if (bpf_skb_load_bytes(skb, at, w, 2))
+	if (LOAD(skb, at, w, 2))
 		return;
 	__u64 t = rd16(w) + terms;
 	for (int k = 0; k < 4; k++)
 		if (t >> 16)
 			t = (t & 0xFFFF) + (t >> 16);
-	st16(skb, at, t & 0xFFFF);
+	st16(skb, at, t & 0xFFFF, direct);
 }
 
 /* xlat.translate: rewrite a packet of the flow in direction d (0 original, 1 reply) */
@@ -328,34 +331,35 @@ FS_GLOBAL int fs_translate(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
 		dport = e->sport;
 	}
 	__u32 l3 = p->l3, l4 = p->l4;
+	int direct = !p->complete;
 	__u32 src_at = l3 + (p->family == 4 ? 12 : 8);
 	__u32 dst_at = l3 + (p->family == 4 ? 16 : 24);
 	__u64 addr_terms = 0;
 	if (!same_addr(p->src, src, n))
-		addr_terms += set_addr(skb, src_at, p->src, src, n);
+		addr_terms += set_addr(skb, src_at, p->src, src, n, direct);
 	if (!same_addr(p->dst, dst, n))
-		addr_terms += set_addr(skb, dst_at, p->dst, dst, n);
+		addr_terms += set_addr(skb, dst_at, p->dst, dst, n, direct);
 	__u64 port_terms = 0;
 	__u32 cur_sport = p->sport, cur_dport = p->dport;
 	if (cur_sport != sport) {
-		port_terms += set_port(skb, p->echo ? l4 + 4 : l4, cur_sport, sport);
+		port_terms += set_port(skb, p->echo ? l4 + 4 : l4, cur_sport, sport, direct);
 		if (p->echo)
 			cur_dport = sport; /* the identifier is both ports */
 	}
 	if (cur_dport != dport)
-		port_terms += set_port(skb, p->echo ? l4 + 4 : l4 + 2, cur_dport, dport);
+		port_terms += set_port(skb, p->echo ? l4 + 4 : l4 + 2, cur_dport, dport, direct);
 	if (p->family == 4 && addr_terms)
-		adjust(skb, l3 + 10, addr_terms, 0);
+		adjust(skb, l3 + 10, addr_terms, 0, direct);
 	if (p->partial) {
 		if (addr_terms)
-			adjust_partial(skb, p->proto == 6 ? l4 + 16 : l4 + 6, addr_terms);
+			adjust_partial(skb, p->proto == 6 ? l4 + 16 : l4 + 6, addr_terms, direct);
 		return 0;
 	}
 	if (p->proto == 6 || p->proto == 17 || p->proto == 58)
 		port_terms += addr_terms;
 	if (port_terms) {
 		__u32 at = p->proto == 6 ? l4 + 16 : p->proto == 17 ? l4 + 6 : l4 + 2;
-		adjust(skb, at, port_terms, p->proto == 17 && p->family == 4);
+		adjust(skb, at, port_terms, p->proto == 17 && p->family == 4, direct);
 	}
 	return 0;
 }

@@ -6,7 +6,8 @@
  * port does not (more than MAX_VLAN tags, more than MAX_EXT IPv6 extension headers, an IPv6
  * jumbogram): punted as PUNT_UNSUPPORTED without a lookup.
  *
- * Headers are copied to the stack with bpf_skb_load_bytes (non-linear skbs need no pull);
+ * Headers are copied to the stack: straight from the linear data when they lie in it, else
+ * with bpf_skb_load_bytes (a non-linear skb needs no pull);
  * `limit` is skb->len, the frame's whole length (a kernel frame is never cut by a snaplen).
  */
 #pragma once
@@ -33,6 +34,44 @@ static __always_inline __u32 bounded(__u32 i)
 	return i & 63;
 }
 
+/* Copy len (a constant at every call site) bytes at off to the stack; 0 or a negative errno */
+#define LOAD(skb, off, to, len) load_hdr(skb, off, to, len)
+static __always_inline int load_hdr(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (off < 2048) {
+		__u32 o = off;
+		asm volatile("" : "+r"(o)); /* the verifier must see the mask on this register */
+		o &= 2047;
+		if (data + o + len <= end) {
+			__builtin_memcpy(to, data + o, len);
+			return 0;
+		}
+	}
+	return bpf_skb_load_bytes(skb, off, to, len);
+}
+
+/* Write len (a constant) bytes at off: straight into the linear data when it holds them and
+ * direct is set, else with bpf_skb_store_bytes, which also keeps a CHECKSUM_COMPLETE skb's
+ * csum right (so direct is clear for such an skb). */
+static __always_inline void store_hdr(struct __sk_buff *skb, __u32 off, const void *from,
+				      const __u32 len, int direct)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (direct && off < 2048) {
+		__u32 o = off;
+		asm volatile("" : "+r"(o));
+		o &= 2047;
+		if (data + o + len <= end) {
+			__builtin_memcpy(data + o, from, len);
+			return;
+		}
+	}
+	bpf_skb_store_bytes(skb, off, from, len, BPF_F_RECOMPUTE_CSUM);
+}
+
 #define ETH_P_IPV4 0x0800
 #define ETH_P_IPV6 0x86DD
 
@@ -49,6 +88,7 @@ struct pkt {
 	__u8 ip[64]; /* the IP header (IPv4 with its options) */
 	__s64 timeout; /* tcp_track's result */
 	__u32 partial; /* skb is CHECKSUM_PARTIAL: the L4 field holds the pseudo-header sum */
+	__u32 complete; /* skb is CHECKSUM_COMPLETE: stores must keep skb->csum right */
 };
 
 static __always_inline __u32 rd16(const __u8 *p)
@@ -165,7 +205,7 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p, __s32
 	__s32 seglen = p->l4len;
 	if (seglen < 20 || limit - off < 20)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, off, p->th, 20))
+	if (LOAD(skb, off, p->th, 20))
 		return P_FAIL;
 	__s32 hlen = (p->th[12] >> 4) << 2;
 	if (hlen < 20 || hlen > seglen)
@@ -182,7 +222,8 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p, __s32
 		__u32 olen = hlen - 20;
 		if (olen > 40 || olen == 0)
 			return P_FAIL;
-		if (bpf_skb_load_bytes(skb, off + 20, p->th + 20, olen))
+		if (olen == 12 ? LOAD(skb, off + 20, p->th + 20, 12)
+				: bpf_skb_load_bytes(skb, off + 20, p->th + 20, olen))
 			return P_FAIL;
 	}
 	if (hlen == 32 && rd32(p->th + 20) == TS_ONLY_MARKER)
@@ -199,7 +240,7 @@ static __always_inline int parse_udp(struct __sk_buff *skb, struct pkt *p, __s32
 	__s32 seglen = p->l4len;
 	if (seglen < 8 || limit - off < 8)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, off, h, 8))
+	if (LOAD(skb, off, h, 8))
 		return P_FAIL;
 	__s32 ulen = rd16(h + 4);
 	if (ulen == 0 && p->family == 6)
@@ -217,7 +258,7 @@ static __always_inline int parse_icmp(struct __sk_buff *skb, struct pkt *p, __s3
 	__u8 h[8];
 	if (p->l4len < 8 || limit - off < 8)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, off, h, 8))
+	if (LOAD(skb, off, h, 8))
 		return P_FAIL;
 	__u8 kind = h[0];
 	int echo, error;
@@ -260,7 +301,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, __s3
 	__u8 *ip = p->ip;
 	if (limit - off < 20)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, off, ip, 20))
+	if (LOAD(skb, off, ip, 20))
 		return P_FAIL;
 	__s32 vihl = ip[0];
 	__s32 total = rd16(ip + 2);
@@ -305,7 +346,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, __s3
 	__u8 h[8];
 	if (limit - off < 40)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, off, ip, 40))
+	if (LOAD(skb, off, ip, 40))
 		return P_FAIL;
 	if ((ip[0] >> 4) != 6)
 		return P_FAIL;
@@ -334,7 +375,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, __s3
 		extended = 1;
 		if ((nxt == 0 && i != off + 40) || i + 8 > end || i + 8 > limit)
 			return P_FAIL;
-		if (bpf_skb_load_bytes(skb, i, h, 8))
+		if (LOAD(skb, i, h, 8))
 			return P_FAIL;
 		if (nxt == 44) {
 			__u32 fo = rd16(h + 2);
@@ -370,7 +411,7 @@ FS_GLOBAL int fs_parse_frame(struct __sk_buff *skb, struct pkt *p)
 	__u8 w[2];
 	if (limit < 14)
 		return P_FAIL;
-	if (bpf_skb_load_bytes(skb, 12, w, 2))
+	if (LOAD(skb, 12, w, 2))
 		return P_FAIL;
 	__u32 et = rd16(w);
 	__s32 off = 14;
@@ -379,7 +420,7 @@ FS_GLOBAL int fs_parse_frame(struct __sk_buff *skb, struct pkt *p)
 			break;
 		if (limit < off + 4)
 			return P_FAIL;
-		if (bpf_skb_load_bytes(skb, off + 2, w, 2))
+		if (LOAD(skb, off + 2, w, 2))
 			return P_FAIL;
 		et = rd16(w);
 		off += 4;
