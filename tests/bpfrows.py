@@ -127,3 +127,17 @@ def check_row(dp: Datapath, row: Row, classifier: Classifier, ports: dict[int, P
     assert dp.get(key) == row.entry_after, f"{what}: entry after differs"
     if row.verdict == PUNT and row.reason in (PuntReason.LIFE, PuntReason.EXPIRED):
         assert dp.hold_state(key)[0] == Hold.RETURNED, f"{what}: the entry was not handed back"
+
+
+def check_rows(dp: Datapath, rows: list[Row], classifier: Classifier,
+               ports: dict[int, Port]) -> tuple[int, int]:
+    """check_row for every row: (rows checked, rows skipped as not Ethernet)."""
+    checked = skipped = 0
+    for row in rows:
+        try:
+            check_row(dp, row, classifier, ports)
+        except NotEthernet:
+            skipped += 1
+            continue
+        checked += 1
+    return checked, skipped

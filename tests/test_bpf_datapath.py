@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bpfrows import PUNT, Row, check_row, engine_row
+from bpfrows import PUNT, Row, check_row, check_rows, engine_row
 from flowshift.config import parse_config
 from flowshift.entry import Flow, Service, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
@@ -379,9 +379,22 @@ def test_a_datapath_with_the_same_name_is_refused_and_close_removes_its_pins(dp)
     with pytest.raises(FileExistsError):
         Datapath(dp.name, 4, CLASSIFIER, uplink=PORTS[0], machine_ports=[], punt_ifindex=1)
     assert dp.pin_dir.is_dir()  # the refused one took nothing of the first one's
-    with Datapath(f"u{os.getpid()}", 4, CLASSIFIER, uplink=PORTS[0], machine_ports=[],
+    machines = parse_config(LAB, "lab").machines  # the machines or their Classifier
+    with Datapath(f"u{os.getpid()}", 4, machines, uplink=PORTS[0], machine_ports=[],
                   punt_ifindex=1) as other:
         pins = sorted(p.name for p in other.pin_dir.iterdir())
         assert pins == sorted(["fs_flows", "fs_replies", "fs_holds", "fs_config", "fs_ports",
                                "fs_punts", "pnic_ingress", "hold_ctl"])
     assert not other.pin_dir.exists()
+
+
+def test_a_table_of_rows_runs_and_non_ethernet_rows_are_counted_apart(dp):
+    key, xlat = keys(4, PROTO_UDP, "snat", dport=53)
+    f = flow(key, xlat)
+    k = f.key
+    frame = udp_frame(src=k.src, dst=k.dst, sport=k.sport, dport=k.dport, payload_len=4)
+    rows = [engine_row(CLASSIFIER, f.to_bytes(), frame, 3 * S, description="ethernet"),
+            engine_row(CLASSIFIER, f.to_bytes(), frame[14:], 3 * S, linktype=101,
+                       description="raw IP")]
+    assert rows[1].verdict == Verdict.FORWARD  # the engine runs raw IP; tc never sees it
+    assert check_rows(dp, rows, CLASSIFIER, PORTS) == (1, 1)

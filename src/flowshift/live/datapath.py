@@ -27,6 +27,7 @@ from flowshift.live.libbpf import BpfObject
 from flowshift.verdict import PuntReason
 
 if TYPE_CHECKING:
+    from flowshift.config import MachineConfig
     from flowshift.host import Classifier
 
 BPFFS = Path("/sys/fs/bpf")
@@ -147,7 +148,8 @@ class Datapath:
         """The compiled object (built now, or from the cache)."""
         return build.build()
 
-    def __init__(self, name: str, capacity: int, classifier: Classifier, *, uplink: Port,
+    def __init__(self, name: str, capacity: int,
+                 machines: Classifier | Sequence[MachineConfig], *, uplink: Port,
                  machine_ports: Sequence[Port], punt_ifindex: int, clock: Clock = Clock.MONO,
                  tag_punts: bool = True, mode: Mode = Mode.FAST, bpffs: Path = BPFFS) -> None:
         if not name or "/" in name:
@@ -162,7 +164,10 @@ class Datapath:
         self._pinned: list[Path] = []
         self._attached: list[tuple[str | None, str, bool]] = []  # (netns, ifname, made clsact)
         self._mode, self._clock, self._punt, self._tag = mode, clock, punt_ifindex, tag_punts
-        self._classifier = classifier
+        from flowshift.host import Classifier  # host.py wires tiers together: import late
+
+        self._classifier = (machines if isinstance(machines, Classifier)
+                            else Classifier(tuple(machines)))
         self._cpus = bpfsys.possible_cpus()
         self._obj = BpfObject(self.build())
         try:
