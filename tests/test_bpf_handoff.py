@@ -59,10 +59,15 @@ def test_held_flow_switches_only_with_nothing_in_flight(dp):
     assert dp.test_run(back, ts=10 * S).code == PuntReason.HELD  # another one in flight
     assert [dp.handled(key) for _ in range(2)] == [1, 0]
     assert dp.handled(key) == -1  # nothing left to handle: the count never goes below 0
+    advanced = f.copy()  # the VNIC ran the punted packets: it writes the entry it advanced
+    advanced.packets = [20, 30]
+    assert dp.update(advanced.to_bytes())
     assert dp.release(key)
     assert dp.hold_state(key) == (Hold.FAST, 0)
     r = dp.test_run(out, ts=10 * S)
     assert (r.result, r.code) == (Result.FORWARD, Reason.ESTABLISHED)
+    after = dp.get(key)
+    assert after is not None and int.from_bytes(after[180:188], "little") == 21
     assert not dp.release(key)  # not held any more
 
 
