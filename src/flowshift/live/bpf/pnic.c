@@ -260,7 +260,7 @@ int pnic_ingress(struct __sk_buff *skb)
 /* The VNIC's side of the handoff (BPF_PROG_TEST_RUN with a struct hold_op): userspace cannot
  * take a bpf_spin_lock, so its read-modify-writes of a hold record run here, under the lock
  * the datapath takes. Returns: HANDLED the count left (-1 none to handle), RELEASE 1 switched
- * to the fast path / 0 punts still in flight / -1 not held, READ state << 32 | inflight;
+ * to the fast path / 0 punts still in flight / -1 not held, READ state << 16 | inflight;
  * -2 no record. */
 SEC("syscall")
 int hold_ctl(struct hold_op *op)

@@ -1,11 +1,11 @@
 /* The datapath's maps and the records they hold (what userspace reads and writes).
  *
- * flows:   original key -> struct flow_entry (the second cache; FLOWS_MAX = the capacity)
- * replies: reply key (the reverse of the entry's rewrite) -> original key
- * holds:   original key -> struct flow_hold, present while a flow is held or returned
- * config:  one struct fs_config (mode, clock, punt device, the machines' addresses)
- * ports:   port index -> struct fs_port (0 the uplink, 1 + m machine m's port)
- * punts:   per-CPU packet counts by PuntReason (index 0: forwarded, PUNT_MAX: dropped)
+ * fs_flows:   original key -> struct flow_entry (the second cache; sized to the capacity)
+ * fs_replies: reply key (the reverse of the entry's rewrite) -> original key
+ * fs_holds:   original key -> struct flow_hold, present while a flow is held or returned
+ * fs_config:  one struct fs_config (mode, clock, punt device, the machines' addresses)
+ * fs_ports:   port index -> struct fs_port (0 the uplink, 1 + m machine m's port)
+ * fs_punts:   per-CPU packet counts by PuntReason (index 0: forwarded, PUNT_MAX: dropped)
  *
  * Every integer is host order (little-endian) unless named *_be; addresses are 16 bytes as in
  * the flow entry (IPv4 in the first 4). docs/datapath.md describes each map.
@@ -13,7 +13,7 @@
 #pragma once
 
 #ifndef FLOWS_MAX
-#define FLOWS_MAX 1024
+#define FLOWS_MAX 1024 /* the loader sets the real size (the capacity) before loading */
 #endif
 
 #define MAX_RANGES 64
