@@ -21,6 +21,7 @@ from flowshift.config import parse_config
 from flowshift.entry import Flow, Service, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.host import Classifier
+from flowshift.live import bpfsys
 from flowshift.live.datapath import Clock, Datapath, Mode, Port, Result
 from flowshift.packet.build import icmp_echo_frame, tcp_frame, tcp_options, udp_frame
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
@@ -398,3 +399,20 @@ def test_a_table_of_rows_runs_and_non_ethernet_rows_are_counted_apart(dp):
                        description="raw IP")]
     assert rows[1].verdict == Verdict.FORWARD  # the engine runs raw IP; tc never sees it
     assert check_rows(dp, rows, CLASSIFIER, PORTS) == (1, 1)
+
+
+def test_another_process_reaches_the_maps_by_their_pins(dp):
+    """What the VNIC daemon does: BPF_OBJ_GET on the pinned paths, then map operations."""
+    key, xlat = keys(4, PROTO_UDP, "snat", dport=53)
+    entry = flow(key, xlat).to_bytes()
+    dp.clear()
+    assert dp.insert(entry)
+    fd = bpfsys.obj_get(dp.pin_dir / "fs_flows")
+    try:
+        info = bpfsys.map_info(fd)
+        assert (info.key_size, info.value_size, info.max_entries) == (40, 224, 8)
+        assert bpfsys.lookup(fd, entry[:40], info.value_size) == entry
+        assert bpfsys.next_key(fd, None, info.key_size) == entry[:40]
+    finally:
+        os.close(fd)
+    dp.clear()
