@@ -193,6 +193,17 @@ def test_shapes_the_engine_does_not_process(dp):
     assert bad_state.tcp is not None
     bad_state.tcp.state = 10
     run(dp, engine_row(CLASSIFIER, bad_state.to_bytes(), segment(f, 0, 1, 2), 10 * S))
+    key6, xlat6 = keys(6, PROTO_TCP, "snat")
+    f6 = flow(key6, xlat6, established(1, 2), Status.SEEN_REPLY)
+    plain = segment(f6, 0, 1, 2, size=20)
+    hop = bytes([6, 0, 1, 4, 0, 0, 0, 0])  # hop-by-hop options: next TCP, PadN
+    ext = bytearray(plain[:54] + hop + plain[54:])
+    ext[18:20] = (int.from_bytes(plain[18:20], "big") + 8).to_bytes(2, "big")
+    ext[20] = 0  # next header: hop-by-hop
+    row = run(dp, engine_row(CLASSIFIER, f6.to_bytes(), bytes(ext), 10 * S))
+    assert (row.verdict, row.reason) == (PUNT, PuntReason.UNSUPPORTED)  # KEY_ONLY hit
+    row = run(dp, engine_row(CLASSIFIER, None, bytes(ext), 10 * S))
+    assert (row.verdict, row.reason) == (PUNT, PuntReason.MISS)
     arp = bytes(12) + b"\x08\x06" + bytes(28)
     row = run(dp, engine_row(CLASSIFIER, None, arp, 10 * S))
     assert (row.verdict, row.reason) == (PUNT, PuntReason.UNSUPPORTED)
