@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: Apache-2.0
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /* The PNIC as an eBPF program at tc (clsact) ingress of a port.
  *
  * The compiled PNIC engine's pipeline (tiers/pnic_engine.py, docs/pnic-engine.md): parse,
