@@ -11,21 +11,27 @@ hypothesis-drawn entries and segments near every window edge.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpfrows import PUNT, Row, check_row, check_rows, engine_row
-from flowshift.config import parse_config
+from flowshift.config import load_config, parse_config
 from flowshift.entry import Flow, Service, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.host import Classifier
 from flowshift.live import bpfsys
-from flowshift.live.datapath import Clock, Datapath, Mode, Port, Result
+from flowshift.live.datapath import Clock, Datapath, Mode, Port, Result, key_bytes, reply_key
+from flowshift.offload import established as offloadable
 from flowshift.packet.build import icmp_echo_frame, tcp_frame, tcp_options, udp_frame
-from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from flowshift.packet.parse import parse
+from flowshift.packet.pcap import open_trace
+from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
+from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir, TcpState
 from flowshift.verdict import PuntReason, Reason, Verdict
 
@@ -427,3 +433,66 @@ def test_another_process_reaches_the_maps_by_their_pins(dp):
     finally:
         os.close(fd)
     dp.clear()
+
+
+# -- the real capture ------------------------------------------------------------------------
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
+def test_real_capture_rows_match_the_engine():
+    """The real LB gateway capture: its first half through the reference chains, every
+    established flow then offloaded, and each later packet a row (the flow's entry as the
+    engine left it before the packet) through the engine and the datapath."""
+    cfg = load_config(REAL / "lb-gateway.toml")
+    classifier = Classifier(cfg.machines)
+    with open_trace(REAL / "replay_input.pcap") as reader:
+        # the capture is cut to a snaplen; the kernel sees whole frames: pad the payload
+        frames = [(f.ts_ns, bytes(f.data).ljust(f.wire_len, b"\0"), f.linktype)
+                  for f in reader]
+    chains = [Chain(m, i) for i, m in enumerate(cfg.machines)]
+    entries: dict[bytes, bytes] = {}
+    index: dict[bytes, bytes] = {}
+    pos = 0
+    for k in range(1, 10):  # the first tenth after which a dozen flows are live and offloadable
+        mark = len(frames) * k // 10
+        for now, data, lt in frames[pos:mark]:
+            pkt = parse(bytearray(data), lt, len(data))
+            if pkt.error in (ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL):
+                m, direction = classifier.classify(pkt)
+                if m >= 0:
+                    chains[m].process(pkt, direction, now)
+        pos = mark
+        now = frames[mark][0]
+        live = [f.to_bytes() for c in chains for f in c.flows
+                if offloadable(f) and f.expires > now]
+        if len(live) >= 12:
+            break
+    for raw in live:
+        entries[raw[:40]] = raw
+        index[raw[:40]] = index[reply_key(raw)] = raw[:40]
+    ports = {i: Port(30 + i, bytes([2, 0, 0, 0, 3, i]), bytes([2, 0, 0, 0, 4, i]))
+             for i in range(len(cfg.machines) + 1)}
+    outcomes: Counter[tuple[int, int]] = Counter()
+    with Datapath(f"r{os.getpid()}", 8, classifier, uplink=ports[0],
+                  machine_ports=[ports[1 + i] for i in range(len(cfg.machines))],
+                  punt_ifindex=PUNT_IFINDEX, clock=Clock.TSTAMP) as dp:
+        for ts, data, lt in frames[pos:]:
+            pkt = parse(bytearray(data), lt, len(data))
+            orig = None
+            if pkt.error == ParseError.OK and pkt.inner is None and not pkt.frag_offset:
+                m, _ = classifier.classify(pkt)
+                orig = index.get(key_bytes(pkt.key(m))) if m >= 0 else None
+            entry = entries.get(orig) if orig is not None else None
+            row = engine_row(classifier, entry, data, ts, lt)
+            assert check_rows(dp, [row], classifier, ports) == (1, 0)
+            outcomes[(row.verdict, row.reason)] += 1
+            if orig is None or row.entry_after is None:
+                continue
+            if row.verdict == PUNT and row.reason != PuntReason.MISS:  # handed back
+                del index[orig], index[reply_key(entries.pop(orig))]
+            else:
+                entries[orig] = row.entry_after
+    assert outcomes[(Verdict.FORWARD, Reason.ESTABLISHED)] > 1000
+    assert outcomes[(PUNT, PuntReason.LIFE)] > 0
