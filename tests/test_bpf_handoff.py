@@ -20,7 +20,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from flowshift.entry import Status
 from flowshift.flow import PROTO_TCP
-from flowshift.live.datapath import Clock, Datapath, Hold, Result
+from flowshift.live import bpfsys
+from flowshift.live.datapath import Clock, Datapath, Hold, Result, key_bytes
 from flowshift.verdict import PuntReason, Reason
 from test_bpf_datapath import CLASSIFIER, PORTS, PUNT_IFINDEX, S, established, flow, keys, segment
 
@@ -64,6 +65,7 @@ def test_held_flow_switches_only_with_nothing_in_flight(dp):
     assert dp.update(advanced.to_bytes())
     assert dp.release(key)
     assert dp.hold_state(key) == (Hold.FAST, 0)
+    assert bpfsys.lookup(dp.fd["fs_holds"], key_bytes(key), 16) is None  # record gone
     r = dp.test_run(out, ts=10 * S)
     assert (r.result, r.code) == (Result.FORWARD, Reason.ESTABLISHED)
     after = dp.get(key)

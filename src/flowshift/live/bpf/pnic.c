@@ -287,6 +287,9 @@ int hold_ctl(struct hold_op *op)
 		ret = (h->state << 16) | (h->inflight & 0xFFFF);
 	}
 	bpf_spin_unlock(&h->lock);
+	if (which == HOLD_OP_RELEASE && ret == 1)
+		bpf_map_delete_elem(&fs_holds, &key); /* FAST already: a packet holding the record
+							 * reads FAST, a later one finds none */
 	return ret;
 }
 
