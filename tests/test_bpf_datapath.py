@@ -11,6 +11,8 @@ hypothesis-drawn entries and segments near every window edge.
 from __future__ import annotations
 
 import os
+import struct
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -496,3 +498,32 @@ def test_real_capture_rows_match_the_engine():
                 entries[orig] = row.entry_after
     assert outcomes[(Verdict.FORWARD, Reason.ESTABLISHED)] > 1000
     assert outcomes[(PUNT, PuntReason.LIFE)] > 0
+
+
+def test_packets_of_one_flow_on_two_cpus_lose_no_update(dp):
+    """Both cores run the same flow's packets at once (BPF_PROG_TEST_RUN with repeat, from two
+    threads): the flow's lock serializes the entry's updates, so no count is lost."""
+    key, xlat = keys(4, PROTO_UDP, None, dport=53)
+    f = flow(key, xlat, status=Status.SEEN_REPLY)
+    k = f.key
+    frame = udp_frame(src=k.src, dst=k.dst, sport=k.sport, dport=k.dport, payload_len=10)
+    dp.clear()
+    assert dp.insert(f.to_bytes())
+    calls, repeat = 20, 50000
+
+    def hammer() -> None:
+        for _ in range(calls):
+            assert dp.test_run(frame, ts=3 * S, repeat=repeat).result is Result.FORWARD
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    after = dp.get(key)
+    assert after is not None
+    sent = 2 * calls * repeat
+    assert struct.unpack_from("<2Q", after, 180) == (f.packets[0] + sent, f.packets[1])
+    assert struct.unpack_from("<Q", after, 196)[0] == f.bytes[0] + sent * (len(frame) - 14)
+    dp.clear()

@@ -65,7 +65,8 @@ def test_held_flow_switches_only_with_nothing_in_flight(dp):
     assert dp.update(advanced.to_bytes())
     assert dp.release(key)
     assert dp.hold_state(key) == (Hold.FAST, 0)
-    assert bpfsys.lookup(dp.fd["fs_holds"], key_bytes(key), 16) is None  # record gone
+    record = bpfsys.lookup(dp.fd["fs_holds"], key_bytes(key), 16)
+    assert record is not None and record[4:12] == bytes(8)  # FAST, nothing in flight
     r = dp.test_run(out, ts=10 * S)
     assert (r.result, r.code) == (Result.FORWARD, Reason.ESTABLISHED)
     after = dp.get(key)

@@ -266,7 +266,8 @@ class Datapath:
     # -- the second cache --------------------------------------------------------------------
 
     def insert(self, entry: bytes, *, held: bool = False) -> bool:
-        """Add an entry under both its keys; False when full or a key is already present.
+        """Add an entry under both its keys, with its hold record; False when full or a key is
+        already present.
 
         held: the flow starts HELD (see docs/datapath.md, the handoff): its packets are punted
         and counted until `release` finds every one of them handled.
@@ -281,8 +282,16 @@ class Datapath:
             if (bpfsys.lookup(flows, k, ENTRY_SIZE) is not None
                     or bpfsys.lookup(replies, k, KEY_SIZE) is not None):
                 return False
-        if held and not bpfsys.update(holds, key, _hold(Hold.HELD), bpfsys.NOEXIST):
-            return False
+        # the flow's record (its lock, its hold state) goes in first: no packet ever finds the
+        # entry without it, nor a held flow's entry unheld
+        try:
+            if not bpfsys.update(holds, key, _hold(Hold.HELD if held else Hold.FAST),
+                                 bpfsys.NOEXIST):
+                return False
+        except bpfsys.BpfError as e:
+            if e.errno == errno.E2BIG:  # full
+                return False
+            raise
         try:
             if not bpfsys.update(flows, key, entry, bpfsys.NOEXIST):
                 raise _Refused
@@ -290,8 +299,7 @@ class Datapath:
                 bpfsys.delete(flows, key)
                 raise _Refused
         except (_Refused, bpfsys.BpfError) as e:
-            if held:
-                bpfsys.delete(holds, key)
+            bpfsys.delete(holds, key)
             if isinstance(e, bpfsys.BpfError) and e.errno != errno.E2BIG:
                 raise
             return False

@@ -134,35 +134,6 @@ static __always_inline int punt(struct __sk_buff *skb, struct fs_config *cfg, __
 	return bpf_redirect(cfg->punt_ifindex, 0);
 }
 
-/* The flow's hold state; a HELD flow's punt is counted in flight, under the record's lock. */
-static __always_inline __u32 hold_check(struct flow_key *okey)
-{
-	struct flow_hold *h = bpf_map_lookup_elem(&fs_holds, okey);
-	if (!h)
-		return HOLD_FAST;
-	bpf_spin_lock(&h->lock);
-	__u32 state = h->state;
-	if (state == HOLD_HELD)
-		h->inflight += 1;
-	bpf_spin_unlock(&h->lock);
-	return state;
-}
-
-/* The engine's "returned": the entry stays in the map, untouched, for the VNIC to take; later
- * packets of the flow miss, as they do once the engine took the entry out of its index. */
-static __always_inline void mark_returned(struct flow_key *okey)
-{
-	struct flow_hold fresh = {.state = HOLD_RETURNED};
-	if (bpf_map_update_elem(&fs_holds, okey, &fresh, BPF_NOEXIST) == 0)
-		return;
-	struct flow_hold *h = bpf_map_lookup_elem(&fs_holds, okey);
-	if (!h)
-		return;
-	bpf_spin_lock(&h->lock);
-	h->state = HOLD_RETURNED;
-	bpf_spin_unlock(&h->lock);
-}
-
 SEC("tc")
 int pnic_ingress(struct __sk_buff *skb)
 {
@@ -209,30 +180,40 @@ int pnic_ingress(struct __sk_buff *skb)
 		d = 1;
 	}
 
-	__u32 hold = hold_check(&okey);
-	if (hold == HOLD_HELD)
-		return punt(skb, cfg, PUNT_HELD);
-	if (hold == HOLD_RETURNED)
-		return punt(skb, cfg, PUNT_MISS);
-
-	__u32 why = 0;
-	if (status != P_FULL)
-		why = PUNT_UNSUPPORTED;
-	else if (e->expires <= now)
-		why = PUNT_EXPIRED;
-	else if (e->proto == 6 && (pp->flags & (TH_SYN | TH_FIN | TH_RST)))
-		why = PUNT_LIFE;
-	else if (e->proto == 6 && e->tcp_state >= TCP_STATE_COUNT)
-		why = PUNT_UNSUPPORTED;
-	else if (pp->partial && e->proto != 6 && e->proto != 17)
-		why = PUNT_UNSUPPORTED; /* no pseudo-header: no partial checksum to keep */
-	if (why) {
-		mark_returned(&okey);
-		return punt(skb, cfg, why);
+	/* The flow's record: its lock serializes the packets of the flow (two directions arrive
+	 * at two ports, maybe on two CPUs) and the VNIC's handoff operations (hold_ctl). */
+	struct flow_hold *h = bpf_map_lookup_elem(&fs_holds, &okey);
+	if (!h)
+		return punt(skb, cfg, PUNT_MISS); /* not inserted through the control API */
+	__u32 why = 0, reason = 0;
+	int verdict = VERDICT_FORWARD;
+	bpf_spin_lock(&h->lock);
+	if (h->state == HOLD_HELD) {
+		h->inflight += 1; /* counted in the same critical section that saw HELD */
+		why = PUNT_HELD;
+	} else if (h->state == HOLD_RETURNED) {
+		why = PUNT_MISS; /* as the engine, whose index no longer has it */
+	} else {
+		if (status != P_FULL)
+			why = PUNT_UNSUPPORTED;
+		else if (e->expires <= now)
+			why = PUNT_EXPIRED;
+		else if (e->proto == 6 && (pp->flags & (TH_SYN | TH_FIN | TH_RST)))
+			why = PUNT_LIFE;
+		else if (e->proto == 6 && e->tcp_state >= TCP_STATE_COUNT)
+			why = PUNT_UNSUPPORTED;
+		else if (pp->partial && e->proto != 6 && e->proto != 17)
+			why = PUNT_UNSUPPORTED; /* no pseudo-header: no partial checksum to keep */
+		if (why)
+			h->state = HOLD_RETURNED; /* the engine's "returned": the VNIC takes it */
+		else
+			verdict = track_flow(e, d, pp, now, &reason);
 	}
-
-	__u32 reason;
-	int verdict = process_flow(skb, e, d, pp, now, &reason);
+	bpf_spin_unlock(&h->lock);
+	if (why)
+		return punt(skb, cfg, why);
+	if (verdict == VERDICT_FORWARD)
+		fs_translate(skb, e, d, pp); /* reads only the entry's keys, which never change */
 	skb->cb[CB_CODE] = reason;
 	skb->cb[CB_MACHINE] = m;
 	skb->cb[CB_DIRECTION] = direction;
@@ -287,9 +268,6 @@ int hold_ctl(struct hold_op *op)
 		ret = (h->state << 16) | (h->inflight & 0xFFFF);
 	}
 	bpf_spin_unlock(&h->lock);
-	if (which == HOLD_OP_RELEASE && ret == 1)
-		bpf_map_delete_elem(&fs_holds, &key); /* FAST already: a packet holding the record
-							 * reads FAST, a later one finds none */
 	return ret;
 }
 

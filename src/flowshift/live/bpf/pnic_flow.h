@@ -162,10 +162,8 @@ static __always_inline int tcp_ignored(struct flow_entry *e, __u32 d)
 
 /* conntrack_tcp.tcp_packet for a segment without SYN, FIN, RST: the action; p->timeout set
  * when it is ACCEPT */
-FS_GLOBAL int fs_tcp_track(struct flow_entry *e, __u32 d, struct pkt *p)
+static __always_inline int tcp_track(struct flow_entry *e, __u32 d, struct pkt *p)
 {
-	if (!e || !p)
-		return TCP_ACTION_INVALID;
 	if (!(p->flags & TH_ACK))
 		return TCP_ACTION_INVALID; /* no ACK, no SYN/FIN/RST: not a valid combination */
 	__u32 old_state = e->tcp_state & (TCP_TABLE_SIZE - 1); /* < 10: see processable */
@@ -364,21 +362,21 @@ FS_GLOBAL int fs_translate(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
 	return 0;
 }
 
-/* chain.process_flow for a packet the datapath processes: the Verdict; *reason set */
-static __always_inline int process_flow(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
-					struct pkt *p, __s64 now, __u32 *reason)
+/* chain.process_flow's state update for a packet the datapath processes: the Verdict, *reason
+ * and *translate (rewrite the packet after). It runs under the flow's lock, so it touches only
+ * the entry, never the packet (no helper calls under a bpf_spin_lock). */
+static __always_inline int track_flow(struct flow_entry *e, __u32 d, struct pkt *p, __s64 now,
+				      __u32 *reason)
 {
 	*reason = REASON_ESTABLISHED;
 	if (e->proto == 6) {
-		int action = fs_tcp_track(e, d, p);
+		int action = tcp_track(e, d, p);
 		if (action == TCP_ACTION_INVALID) {
 			*reason = REASON_INVALID;
 			return VERDICT_DROP;
 		}
-		if (action == TCP_ACTION_IGNORE) {
-			fs_translate(skb, e, d, p);
-			return VERDICT_FORWARD;
-		}
+		if (action == TCP_ACTION_IGNORE)
+			return VERDICT_FORWARD; /* passed, but neither counted nor timed */
 		e->expires = now + p->timeout;
 	} else if (e->proto == 17) {
 		if (e->status & STATUS_SEEN_REPLY) {
@@ -406,6 +404,5 @@ static __always_inline int process_flow(struct __sk_buff *skb, struct flow_entry
 		e->bytes[0] += p->total;
 	}
 	e->last_seen = now;
-	fs_translate(skb, e, d, p);
 	return VERDICT_FORWARD;
 }
