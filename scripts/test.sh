@@ -2,24 +2,19 @@
 # Install everything the tests need (apt + pip, from scratch), then lint and run the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-command -v tshark >/dev/null 2>&1 || missing+=(tshark)
-command -v nft >/dev/null 2>&1 || missing+=(nftables)  # flowshift nft / verify tests
-if ((${#missing[@]})); then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-# tests/test_linux_cases_live.py re-captures Linux cases: namespaces, nftables, tcpdump
-missing=()
-for t in ip:iproute2 nft:nftables tcpdump:tcpdump conntrack:conntrack ethtool:ethtool \
-         ping:iputils-ping; do
-    command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
+# apt packages the tests need, installed only when missing: tshark (capture checks); iproute2,
+# nftables, conntrack, tcpdump, ethtool, iputils-ping (Linux routers and live hosts in
+# namespaces); clang, llvm, libbpf-dev, bpftool (the eBPF datapath's build)
+need=()
+for t in tshark:tshark ip:iproute2 nft:nftables conntrack:conntrack tcpdump:tcpdump \
+         ethtool:ethtool ping:iputils-ping clang:clang llvm-objdump:llvm bpftool:bpftool; do
+    command -v "${t%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${t%%:*}" ] || need+=("${t#*:}")
 done
-if [ "$(id -u)" = 0 ] && [ ${#missing[@]} -gt 0 ]; then
+[ -e /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
