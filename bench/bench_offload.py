@@ -37,7 +37,6 @@ from flowshift.config import HostConfig, load_config
 from flowshift.entry import ENTRY_SIZE, Flow, Tier
 from flowshift.flow import FlowKey
 from flowshift.gen import TraceSpec, generate
-from flowshift.host import Classifier
 from flowshift.offload import established
 from flowshift.packet.batch import read_batches
 from flowshift.packet.parse import parse
@@ -45,6 +44,7 @@ from flowshift.packet.view import ParseError
 from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers.classify import Classifier
 from flowshift.tiers.link import InlineLink
 
 HERE = Path(__file__).resolve().parent

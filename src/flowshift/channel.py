@@ -86,6 +86,12 @@ class Withdraw(Msg):
     now: int
 
 
+class Query(Msg):
+    """Every entry as it stands now, read only (a flow dump): answered by Entries."""
+
+    now: int
+
+
 # -- PNIC -> VNIC --------------------------------------------------------------------------
 
 
@@ -101,6 +107,7 @@ class Refuse(Msg):
 class Return(Msg):
     entry: bytes
     reason: int  # verdict.ReturnReason
+    now: int = -1  # trace time it happened (the punted packet's); -1: when its message was
 
 
 class Results(Msg):
@@ -121,6 +128,17 @@ class Synced(Msg):
     sync: int
 
 
+class Entries(Msg):
+    """The answer to a Query: every entry, unchanged."""
+
+    now: int
+    entries: list[bytes]
+
+
+class Done(Msg):
+    """The answers to one message are complete (process transport: frames carry no grouping)."""
+
+
 class Health(Msg):
     healthy: bool
 
@@ -131,8 +149,8 @@ class BatchDone(Msg):
     rows: int
 
 
-Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Ack | Refuse
-           | Return | Results | Report | Synced | Health | BatchDone)
+Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Query | Ack
+           | Refuse | Return | Results | Report | Synced | Entries | Done | Health | BatchDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -19,6 +19,7 @@ from flowshift.entry import ENTRY_DTYPE, Tier
 from flowshift.flow import FlowKey
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_FIN, TCP_RST, TCP_SYN
+from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import PnicEngine
 from flowshift.verdict import RefuseReason, ReturnReason
 
@@ -32,8 +33,6 @@ class Pnic:
 
     def __init__(self, capacity: int, machines: tuple[MachineConfig, ...], *,
                  idle_timeout_ns: int, report_interval_ns: int) -> None:
-        from flowshift.host import Classifier  # the PNIC steers by the machines' addresses
-
         self.capacity = capacity
         self.engine = PnicEngine(max(capacity, 1), Classifier(machines))
         self.idle_timeout = idle_timeout_ns
@@ -48,15 +47,17 @@ class Pnic:
         out: list[ch.Msg] = []
         engine = self.engine
         if isinstance(msg, ch.Packets):
-            self._timers(msg.now, out)
             self._packets(msg, out)
         elif isinstance(msg, ch.Offload):
             out.append(self._offload(msg))
         elif isinstance(msg, ch.Tick):
-            self._timers(msg.now, out)
-            if msg.sync:
+            if msg.sync:  # a barrier: expired entries come back, no report
                 self._expire(msg.now, out)
                 out.append(ch.Synced(msg.sync))
+            else:  # the VNIC's report timer, on its grid of trace time
+                self._timers(msg.now, out)
+        elif isinstance(msg, ch.Query):
+            out.append(ch.Entries(msg.now, [engine.get(s) for s in engine.used_slots()]))
         elif isinstance(msg, ch.Recall):
             hit = engine.find(FlowKey(*msg.key))
             if hit is not None and hit[1] == 0:
@@ -80,11 +81,7 @@ class Pnic:
         return ch.Ack(msg.seq)
 
     def _timers(self, now: int, out: list[ch.Msg]) -> None:
-        if self.next_report < 0:
-            self.next_report = now + self.report_interval
-        if now < self.next_report:
-            return
-        self.next_report = now + self.report_interval
+        """Idle returns and a report of every other entry."""
         engine = self.engine
         slots = np.array(engine.used_slots(), np.int64)
         idle = engine.entries["last_seen"][slots] + self.idle_timeout <= now
@@ -116,7 +113,7 @@ class Pnic:
             start = int(offset[i])
             frame = buf[start:start + int(caplen[i])].tobytes()
             out.append(ch.Return(raw, _why(raw, int(ts[i]), frame, int(linktype[i]),
-                                           int(wire_len[i]))))
+                                           int(wire_len[i])), int(ts[i])))
 
     def _packets(self, msg: ch.Packets, out: list[ch.Msg]) -> None:
         n = len(msg.index)
