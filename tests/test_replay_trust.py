@@ -1,0 +1,236 @@
+"""Replay you can trust: regressions for defects of the event order, the handoff and the channel.
+
+Each test names the defect it pins down; each failed before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowshift.config import parse_config
+from flowshift.packet.build import ip_frame
+from flowshift.packet.view import TCP_ACK, TCP_SYN
+from flowshift.replay import run_replay
+from flowshift.verdict import Verdict
+from hosttools import FIREWALL_HOST, REAL, run
+from tracetools import S, TcpConn, spaced, udp, write_pcap, write_pcapng
+
+needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
+POLICIES = ("always", "elephant")
+
+
+def _closing_across_gap(gap: int) -> list[tuple[int, bytes]]:
+    """A connection that closes around a far-later packet whose timestamp comes first in the
+    file (the clock never goes back: the late FIN/ACK is judged at the far packet's time)."""
+    a = TcpConn()
+    trace = spaced(a.handshake() + a.data(12), S, S // 1000)
+    t = trace[-1][0]
+    return trace + [(t + S, a.client_fin()), (t + S + gap, udp(7000)),
+                    (t + S + 1000, a.server_fin()), (t + S + 2000, a.client_ack())]
+
+
+def _diff(a, b):
+    return [(i, x[:2], y[:2]) for i, (x, y) in enumerate(zip(a.outputs(), b.outputs(),
+                                                             strict=True)) if x != y]
+
+
+# -- 1. held packets judged after the sweep freed their flow ---------------------------------
+
+
+@pytest.mark.parametrize("rows", [None, 64])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_sweep_acts_at_its_own_time_not_a_later_packets(tmp_path, policy, rows):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    path = write_pcap(tmp_path / "gap.pcap", _closing_across_gap(130 * S))
+    never = run(path, cfg, policy="never", rows=rows)
+    assert _diff(never, run(path, cfg, policy=policy, rows=rows)) == []
+
+
+def _replay(tmp_path: Path, trace: Path, cfg, name: str, **kw) -> tuple[dict, str, bytes]:
+    out, verdicts = tmp_path / f"{name}.pcap", tmp_path / f"{name}.csv"
+    report = run_replay(trace, cfg, out=out, verdicts=verdicts, progress=False, **kw)
+    return report, verdicts.read_text(), out.read_bytes()
+
+
+def _fin_wait_trace(tmp_path: Path) -> Path:
+    """A flow offloaded, then its FIN; the peer's FIN/ACK 1 ms later; a packet 130 s later."""
+    a = TcpConn()
+    trace = spaced(a.handshake() + a.data(20), S, S // 1000)
+    t = trace[-1][0]
+    trace += [(t + S, a.client_fin()), (t + S + S // 1000, a.server_fin()),
+              (t + S + 2 * S // 1000, a.client_ack()), (t + 131 * S, udp(7000))]
+    return write_pcap(tmp_path / "finwait.pcap", trace)
+
+
+@pytest.mark.parametrize("split", [{}, {"dump_at": 1.5}, {"withdraw_at": 1.5},
+                                   {"crash_at": 1.5}, {"dump_at": 3.0}])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_split_points_keep_the_peers_fin(tmp_path, policy, split):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    trace = _fin_wait_trace(tmp_path)
+    if "dump_at" in split:
+        split = {**split, "dump_path": tmp_path / "flows.txt"}
+    never = _replay(tmp_path, trace, cfg, "never", offload="never")
+    got = _replay(tmp_path, trace, cfg, "got", offload=policy, **split)
+    assert got[1].replace(",pnic,", ",vnic,").replace(",machine,", ",vnic,") == \
+        never[1].replace(",machine,", ",vnic,")
+    assert got[2] == never[2]
+
+
+# -- 4. a retried decision advanced a round-robin pool twice ---------------------------------
+
+RR_HOST = {
+    "offload": {"policy": "always"},
+    "machine": [{
+        "name": "lb", "addresses": ["10.0.1.0/24"], "public": ["192.0.2.10", "192.0.2.11"],
+        "services": ["lb", "count"],
+        "lb": [
+            {"proto": "tcp", "vip": "192.0.2.10:80", "scheduler": "round-robin",
+             "backends": ["10.0.1.11:8080"]},
+            {"proto": "tcp", "vip": "192.0.2.11:80", "scheduler": "round-robin",
+             "backends": ["10.0.1.11:8080", "10.0.1.12:8080"]},
+        ],
+    }],
+}
+
+
+def test_a_clash_check_does_not_advance_a_round_robin_pool_twice(tmp_path):
+    cfg = parse_config(RR_HOST, "test")
+    a = TcpConn(sport=40000, dport=80, client=bytes([198, 51, 100, 7]),
+                server=bytes([192, 0, 2, 10]))
+    syn = a.handshake()[0]
+    # the backend's answer and the client's ACK, written as they cross the host
+    synack = ip_frame(src=bytes([10, 0, 1, 11]), dst=bytes([198, 51, 100, 7]), proto=6,
+                      l4=_tcp(8080, 40000, 5000, 1001, TCP_SYN | TCP_ACK,
+                              bytes([10, 0, 1, 11]), bytes([198, 51, 100, 7])))
+    ack = TcpConn(sport=40000, dport=80, client=bytes([198, 51, 100, 7]),
+                  server=bytes([192, 0, 2, 10]))
+    ack.cseq, ack.sseq = 1001, 5001
+    frames = [syn, synack, ack._out(TCP_ACK), *[ack._out(TCP_ACK, b"x" * 10) for _ in range(3)]]
+    b = TcpConn(sport=40000, dport=80, client=bytes([198, 51, 100, 7]),
+                server=bytes([192, 0, 2, 11]))
+    c = TcpConn(sport=40001, dport=80, client=bytes([198, 51, 100, 7]),
+                server=bytes([192, 0, 2, 11]))
+    frames += [b.handshake()[0], c.handshake()[0]]
+    path = write_pcap(tmp_path / "rr.pcap", spaced(frames, S, S // 100))
+    never = run(path, cfg, policy="never")
+    always = run(path, cfg, policy="always")
+    # to VIP 2 the first pick is the shared backend: the tuple clashes with the first flow
+    assert never.results[6].reason == "nat-exhausted"
+    assert always.host.stats.offloads_to_pnic > 0
+    assert _diff(never, always) == []
+    # the pool took one turn for the dropped SYN: the next one goes to the other backend
+    assert never.results[7].data == always.results[7].data
+
+
+def _tcp(sport: int, dport: int, seq: int, ack: int, flags: int, src: bytes,
+         dst: bytes) -> bytes:
+    from flowshift.packet.build import tcp_segment
+
+    return tcp_segment(src=src, dst=dst, sport=sport, dport=dport, seq=seq, ack=ack,
+                       flags=flags, window=65535)
+
+
+# -- 5. untracked protocols: Linux's generic tracker -----------------------------------------
+
+
+def _igmp(src: bytes, dst: bytes) -> bytes:
+    body = bytes([0x16, 0, 0, 0]) + dst  # IGMPv2 membership report (checksum not checked)
+    return ip_frame(src=src, dst=dst, proto=2, l4=body)
+
+
+def test_igmp_from_a_machine_that_allows_egress_is_tracked_generically(tmp_path):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    group = bytes([224, 0, 0, 251])
+    src = bytes([10, 0, 0, 2])
+    trace = [(S, _igmp(src, group)), (2 * S, _igmp(src, group)), (700 * S, _igmp(src, group))]
+    path = write_pcap(tmp_path / "igmp.pcap", trace)
+    for policy in ("never", "always"):
+        got = run(path, cfg, policy=policy)
+        assert [r.verdict for r in got.results] == [Verdict.FORWARD] * 3
+        # the second is the tracked flow's (600 s); the third starts a new one
+        assert [r.reason for r in got.results] == ["rule:0", "established", "rule:0"]
+
+
+def test_untracked_protocol_ingress_is_judged_by_the_rules(tmp_path):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    trace = [(S, _igmp(bytes([198, 51, 100, 1]), bytes([10, 0, 0, 2])))]
+    path = write_pcap(tmp_path / "igmp-in.pcap", trace)
+    got = run(path, cfg, policy="never")
+    assert [(r.verdict, r.reason) for r in got.results] == [(Verdict.DROP, "default")]
+
+
+# -- 6. pcapng replay ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pnic", ["inline", "process"])
+def test_pcapng_replay_rewrites_in_place(tmp_path, pnic):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    a = TcpConn()
+    trace = spaced(a.handshake() + a.data(40), S, S // 1000)
+    ng = write_pcapng(tmp_path / "t.pcapng", trace)
+    classic = write_pcap(tmp_path / "t.pcap", trace)
+    got = _replay(tmp_path, ng, cfg, "ng", offload="always", pnic=pnic)
+    want = _replay(tmp_path, classic, cfg, "classic", offload="always", pnic=pnic)
+    assert got[0]["tiers"]["pnic"]["packets"] > 0 if "tiers" in got[0] else True
+    assert got[1] == want[1]
+    assert got[2] == want[2]
+
+
+# -- 8. events stamped at their own time; peaks independent of batch, dumps, transport -------
+
+
+@needs_corpus
+def test_events_and_peaks_do_not_depend_on_batches_dumps_or_transport(tmp_path, monkeypatch):
+    import flowshift.replay as replay_mod
+
+    from flowshift.config import load_config
+
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    trace = REAL / "replay_input.pcap"
+
+    def go(name, batch=65536, **kw):
+        monkeypatch.setattr(replay_mod, "BATCH", batch)
+        return _replay(tmp_path, trace, cfg, name, offload="always", **kw)
+
+    base = go("base")
+    assert base[0]["offloads"]["to_pnic"] > 0
+    for name, kw in [("small", {"batch": 500}), ("dump", {"dump_at": 3.0,
+                                                          "dump_path": tmp_path / "f.txt"}),
+                     ("process", {"pnic": "process"})]:
+        got = go(name, **kw)
+        assert got[1] == base[1], name
+        assert got[2] == base[2], name
+        for key in ("offloads", "flows", "tiers"):
+            assert got[0][key] == base[0][key], (name, key)
+        assert got[0]["events"] == base[0]["events"], name
+
+
+# -- 9. the flow dump of PNIC-owned flows is as of the dump -----------------------------------
+
+
+@needs_corpus
+@pytest.mark.parametrize("at", [2.0, 6.0, 11.0])
+def test_dump_is_the_same_under_every_schedule_but_the_tier(tmp_path, at):
+    from flowshift.config import load_config
+
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    trace = REAL / "replay_input.pcap"
+    dumps = {}
+    for policy in ("never", "always", "elephant"):
+        path = tmp_path / f"{policy}.txt"
+        run_replay(trace, cfg, offload=policy, dump_at=at, dump_path=path, progress=False)
+        dumps[policy] = [line.rsplit(" tier=", 1)[0] for line in path.read_text().splitlines()]
+    assert dumps["never"]
+    assert dumps["always"] == dumps["never"]
+    assert dumps["elephant"] == dumps["never"]
+
+
+def test_report_counts_rejected_messages(tmp_path):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    trace = write_pcap(tmp_path / "t.pcap", spaced(TcpConn().handshake(), S, S))
+    report = run_replay(trace, cfg, progress=False)
+    assert json.loads(json.dumps(report))["offloads"]["rejected_messages"] == {}
