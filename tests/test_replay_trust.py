@@ -234,3 +234,68 @@ def test_report_counts_rejected_messages(tmp_path):
     trace = write_pcap(tmp_path / "t.pcap", spaced(TcpConn().handshake(), S, S))
     report = run_replay(trace, cfg, progress=False)
     assert json.loads(json.dumps(report))["offloads"]["rejected_messages"] == {}
+
+
+# -- 8 and 9 on the demo's gateway: elephants, a SYN flood, UDP media --------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from flowshift.commands.demo import build_trace, demo_config_text
+
+    d = tmp_path_factory.mktemp("demo")
+    (d / "demo.toml").write_text(demo_config_text())
+    from flowshift.config import load_config
+
+    cfg = load_config(d / "demo.toml")
+    build_trace(d / "demo.pcap", cfg, scale=0.3)
+    return d / "demo.pcap", cfg
+
+
+def test_demo_dump_is_the_same_under_every_schedule_but_the_tier(tmp_path, demo):
+    trace, cfg = demo
+    dumps = {}
+    for policy, kw in [("never", {}), ("elephant", {}), ("always", {}),
+                       ("elephant", {"pnic": "process"})]:
+        path = tmp_path / "flows.txt"
+        run_replay(trace, cfg, offload=policy, dump_at=10.0, dump_path=path, progress=False,
+                   **kw)
+        dumps[policy, *kw.values()] = [line.rsplit(" tier=", 1)[0]
+                                       for line in path.read_text().splitlines()]
+    never = dumps.pop(("never",))
+    assert never
+    for name, got in dumps.items():
+        assert got == never, name
+
+
+def test_demo_events_and_peaks_do_not_depend_on_batches_dumps_or_transport(
+        tmp_path, demo, monkeypatch):
+    import flowshift.replay as replay_mod
+
+    trace, cfg = demo
+    seen = []
+    original = replay_mod.build_report
+
+    def keep(tally, stats, **kw):
+        seen.append(list(stats.events))
+        return original(tally, stats, **kw)
+
+    monkeypatch.setattr(replay_mod, "build_report", keep)
+
+    def go(name, batch=65536, **kw):
+        monkeypatch.setattr(replay_mod, "BATCH", batch)
+        return _replay(tmp_path, trace, cfg, name, offload="elephant", **kw)
+
+    base = go("base")
+    assert base[0]["offloads"]["to_pnic"] > 0
+    closed = [t for t, kind, what in seen[0] if kind == "return" and what == "closed"]
+    assert len(set(closed)) > 1  # stamped at their own packets, not at a batch's start
+    for name, kw in [("small", {"batch": 700}),
+                     ("dump", {"dump_at": 7.0, "dump_path": tmp_path / "f.txt"}),
+                     ("process", {"pnic": "process"})]:
+        got = go(name, **kw)
+        assert got[1] == base[1], name
+        assert got[2] == base[2], name
+        for key in ("offloads", "flows", "tiers"):
+            assert got[0][key] == base[0][key], (name, key)
+        assert seen[-1] == seen[0], name
