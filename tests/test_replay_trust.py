@@ -186,7 +186,6 @@ def test_pcapng_replay_rewrites_in_place(tmp_path, pnic):
 @needs_corpus
 def test_events_and_peaks_do_not_depend_on_batches_dumps_or_transport(tmp_path, monkeypatch):
     import flowshift.replay as replay_mod
-
     from flowshift.config import load_config
 
     cfg = load_config(REAL / "lb-gateway-rr.toml")

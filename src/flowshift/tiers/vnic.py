@@ -102,6 +102,8 @@ class Vnic:
         self.batch: list[Pending] = []  # packets for the PNIC, not sent yet
         self.seq = 0
         self.sync_seq = 0
+        self.packets_seq = 0
+        self.packets_sent: dict[int, list[int]] = {}  # Packets message -> its packets
         self.synced_at = -1
         # messages sent whose answers are not applied: (due time, kind, seq)
         self.outstanding: deque[tuple[int, int, int]] = deque()
@@ -239,7 +241,9 @@ class Vnic:
         self.link.send(ch.Packets(b[-1].ts, [p.index for p in b], [p.machine for p in b],
                                   [p.ts for p in b], [bytes(p.pkt.data) for p in b],
                                   [p.pkt.linktype for p in b], [p.pkt.wire_len for p in b]))
-        self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, 0))
+        self.packets_seq += 1
+        self.packets_sent[self.packets_seq] = [p.index for p in b]
+        self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, self.packets_seq))
         self.synced_at = -1
 
     def _send(self, msg: ch.Msg, kind: int = _KIND_OTHER, seq: int = 0, at: int = -1) -> None:
@@ -292,6 +296,11 @@ class Vnic:
             fkey = self.queue.answered(seq)  # the PNIC no longer had the flow
             assert fkey is not None
             self._release(fkey)
+        elif kind == _KIND_PACKETS:
+            for index in self.packets_sent.pop(seq, ()):
+                if index in self.queue.inflight:  # no result came back for it: ours to decide
+                    self.stats.count(self.rejected, "unanswered")
+                    self._on_results(ch.Results([index], [PUNT], [0], [b""]), due)
 
     def defer(self, returned: list[ch.Msg], fallback: int) -> None:
         """Entries handed back by a batch that met the PNIC first: each takes effect at its
