@@ -28,8 +28,8 @@ def _closing_across_gap(gap: int) -> list[tuple[int, bytes]]:
     a = TcpConn()
     trace = spaced(a.handshake() + a.data(12), S, S // 1000)
     t = trace[-1][0]
-    return trace + [(t + S, a.client_fin()), (t + S + gap, udp(7000)),
-                    (t + S + 1000, a.server_fin()), (t + S + 2000, a.client_ack())]
+    return [*trace, (t + S, a.client_fin()), (t + S + gap, udp(7000)),
+            (t + S + 1000, a.server_fin()), (t + S + 2000, a.client_ack())]
 
 
 def _diff(a, b):
