@@ -34,16 +34,28 @@ def _block(kind: int, body: bytes) -> bytes:
     return struct.pack("<II", kind, n) + body + struct.pack("<I", n)
 
 
-def pcapng_bytes(frames: list[tuple[int, bytes, int]], linktype: int = 1) -> bytes:
-    """(ts_ns, data, wire_len) frames as a pcapng file: SHB, one IDB (ns), EPBs."""
+def pcapng_bytes(frames: list[tuple[int, bytes, int]], linktype: int = 1,
+                 linktypes: list[int] | None = None) -> bytes:
+    """(ts_ns, data, wire_len) frames as a pcapng file: SHB, IDBs (ns), EPBs. `linktypes`:
+    each frame's link type (one interface per link type); default all `linktype`."""
+    kinds = linktypes or [linktype] * len(frames)
+    ifaces = sorted(set(kinds)) or [linktype]
     shb = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
     tsresol = struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0)  # if_tsresol = 9
-    idb = _block(1, struct.pack("<HHI", linktype, 0, 0) + tsresol)
-    out = [shb, idb]
-    for ts, data, wire in frames:
-        out.append(_block(6, struct.pack("<IIIII", 0, ts >> 32, ts & 0xFFFFFFFF, len(data),
-                                         max(wire, len(data))) + data))
+    out = [shb] + [_block(1, struct.pack("<HHI", lt, 0, 0) + tsresol) for lt in ifaces]
+    for (ts, data, wire), lt in zip(frames, kinds, strict=True):
+        out.append(_block(6, struct.pack("<IIIII", ifaces.index(lt), ts >> 32, ts & 0xFFFFFFFF,
+                                         len(data), max(wire, len(data))) + data))
     return b"".join(out)
+
+
+def write_mixed_pcapng(path: Path, trace: Trace, raw: list[bool]) -> Path:
+    """The trace as pcapng where the frames marked `raw` lose their Ethernet header and go
+    on a raw-IP interface (LINKTYPE_RAW): one trace, two link types."""
+    frames = [(ts, f[14:] if r else f, len(f) - (14 if r else 0))
+              for (ts, f), r in zip(trace, raw, strict=True)]
+    path.write_bytes(pcapng_bytes(frames, linktypes=[101 if r else 1 for r in raw]))
+    return path
 
 
 def write_pcapng(path: Path, trace: Trace) -> Path:

@@ -176,7 +176,7 @@ class Host:
             clock = np.maximum.accumulate(res.ts)  # each packet's trace time: never back
             if self.clock > 0:
                 np.maximum(clock, self.clock, out=clock)
-            buf = memoryview(res.buf)
+            buf = res.buf.data  # a memoryview: slices without copies
             offset, caplen = res.offset.tolist(), res.caplen.tolist()
             wire_len, linktype, ts = res.wire_len.tolist(), res.linktype.tolist(), res.ts.tolist()
             pos, n = 0, len(res)

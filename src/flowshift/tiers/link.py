@@ -36,7 +36,9 @@ log = logging.getLogger("flowshift.link")
 
 
 class PnicLink(Protocol):
-    rejected: dict[str, int]  # frames from the PNIC rejected at the VNIC, by reason
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Frames from the PNIC rejected at the VNIC, by reason."""
 
     def send(self, msg: ch.Msg) -> None: ...
     def send_frame(self, frame: bytes) -> None: ...
