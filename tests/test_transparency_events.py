@@ -24,8 +24,8 @@ from flowshift.verdict import Verdict
 from hosttools import CORPUS, FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
 from tracetools import (
     CLIENT,
-    S,
     SERVER,
+    S,
     TcpConn,
     pcap_to_pcapng,
     write_mixed_pcapng,
