@@ -35,7 +35,7 @@ from common import machine, rss_bytes
 from flowshift import channel as ch
 from flowshift.config import HostConfig, load_config
 from flowshift.entry import ENTRY_SIZE, Flow, Tier
-from flowshift.flow import FlowKey
+from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.gen import TraceSpec, generate
 from flowshift.offload import established
 from flowshift.packet.batch import read_batches
@@ -49,7 +49,7 @@ from flowshift.tiers.link import InlineLink
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "offload-host.toml"
-SECOND = 1_000_000_000
+SECOND = NS_PER_S
 
 
 def make_trace(path: Path, cfg: HostConfig, flows: int) -> dict[str, Any]:

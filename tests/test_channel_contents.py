@@ -155,3 +155,11 @@ def test_vnic_rejects_and_counts(msg):
     host.finish()
     assert sum(host.stats.rejected_messages.values()) == 1
 
+
+
+def test_pnic_rejections_reach_the_report():
+    host = Host(CFG, policy="always")
+    host.vnic.link.send(ch.Offload(9, ENTRY[:50]))  # type: ignore[attr-defined]
+    host.vnic.link.answers()  # type: ignore[attr-defined]
+    host.finish()
+    assert host.stats.rejected_messages == {"pnic-bad-entry": 1}

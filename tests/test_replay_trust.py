@@ -298,3 +298,39 @@ def test_demo_events_and_peaks_do_not_depend_on_batches_dumps_or_transport(
         for key in ("offloads", "flows", "tiers"):
             assert got[0][key] == base[0][key], (name, key)
         assert seen[-1] == seen[0], name
+
+
+# -- the ordering rule: the clock never goes back ---------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [None, 1, 2, 64])
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_a_packet_whose_timestamp_goes_back_is_decided_at_the_clock(tmp_path, policy, rows):
+    cfg = parse_config(FIREWALL_HOST, "test")
+    reply = udp(53, 7000, src=bytes([198, 51, 100, 1]), dst=bytes([10, 0, 0, 2]))
+    # a UDP flow at 1 s, answered; a packet at 100 s; the flow's next packet stamped 2 s:
+    # decided at 100 s, when the 30 s flow has long expired, so it starts a new flow
+    trace = [(S, udp(7000)), (S + 1000, reply), (100 * S, udp(7001)), (2 * S, udp(7000))]
+    got = run(write_pcap(tmp_path / "back.pcap", trace), cfg, policy=policy, rows=rows)
+    assert [r.reason for r in got.results] == ["rule:0", "established", "rule:0", "rule:0"]
+
+
+# -- 3. the process transport ends cleanly -----------------------------------------------------
+
+
+def test_process_pnic_stops_its_reader_and_process(tmp_path):
+    import threading
+
+    errors = []
+    old = threading.excepthook
+    threading.excepthook = errors.append
+    try:
+        cfg = parse_config(FIREWALL_HOST, "test")
+        got = run(_fin_wait_trace(tmp_path), cfg, policy="always", pnic="process", rows=8)
+        link = got.host.vnic.link
+        assert got.host.stats.offloads_to_pnic > 0
+        assert not link.reader.is_alive()
+        assert not link.proc.is_alive()
+    finally:
+        threading.excepthook = old
+    assert errors == []

@@ -127,6 +127,7 @@ class Report(Msg):
 
 class Synced(Msg):
     sync: int
+    next_expiry: int = -1  # the earliest expiry among the entries left (-1: none)
 
 
 class Entries(Msg):

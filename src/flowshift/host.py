@@ -41,7 +41,7 @@ from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
-from flowshift.tiers.vnic import Pending, Vnic
+from flowshift.tiers.vnic import MIN_TIMEOUT, Pending, Vnic
 from flowshift.verdict import Reason, Verdict
 
 SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
@@ -220,6 +220,7 @@ class Host:
             return rows
         vnic.defer(returned, int(clock[lo]))
         vnic.synced_at = -1
+        vnic.lower_floor(int(clock[lo]) + MIN_TIMEOUT)
         done = select & (res.verdict != PENDING)
         res.tier[done] = Tier.PNIC
         self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))
@@ -287,7 +288,7 @@ class Host:
         """End of input: every packet decided, the counters complete."""
         self.vnic.settle(max(self.clock, 0))
         rejected = dict(self.vnic.link.rejected)
-        for reason, n in self.vnic.rejected.items():
+        for reason, n in [*self.vnic.rejected.items(), *self.vnic.pnic_rejected().items()]:
             rejected[reason] = rejected.get(reason, 0) + n
         self.stats.rejected_messages = rejected
         self.stats.events.sort(key=lambda e: e[0])  # stable: same-time events keep their order

@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowshift.entry import Tier
 from flowshift.packet.view import ParseError
+from flowshift.services.rules import EGRESS, INGRESS
 from flowshift.verdict import Reason, Verdict, reason_text
 
 PARSE_BASE = 64  # reason codes from here on are ParseError + PARSE_BASE
-TIER_LABELS = ("machine", "vnic", "pnic")
-DIRECTION_LABELS = ("egress", "ingress")
+TIER_LABELS = tuple(t.label for t in Tier)  # by Tier value
+DIRECTION_LABELS = tuple(label for _, label in sorted({EGRESS: "egress",
+                                                        INGRESS: "ingress"}.items()))
 PENDING = -1  # verdict of a packet not decided yet
 
 

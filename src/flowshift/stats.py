@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flowshift.entry import Flow, Tier
-
-TIER_NAMES = tuple(t.label for t in Tier)
+from flowshift.entry import Flow
+from flowshift.results import TIER_LABELS as TIER_NAMES
 
 
 @dataclass(slots=True)

@@ -16,14 +16,12 @@ from collections.abc import Callable, Iterator
 from flowshift.entry import Flow, Status
 from flowshift.flow import NS_PER_S, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 
-SECOND = NS_PER_S
-
 # Linux defaults (nf_conntrack_proto_udp.c, nf_conntrack_proto_icmp.c, ..._icmpv6.c)
-UDP_TIMEOUT_UNREPLIED = 30 * SECOND
-UDP_TIMEOUT_REPLIED = 120 * SECOND  # a stream: still active 2 s after the first packet
-UDP_STREAM_AFTER = 2 * SECOND
-ICMP_TIMEOUT = 30 * SECOND
-GENERIC_TIMEOUT = 600 * SECOND  # nf_conntrack_generic_timeout
+UDP_TIMEOUT_UNREPLIED = 30 * NS_PER_S
+UDP_TIMEOUT_REPLIED = 120 * NS_PER_S  # a stream: still active 2 s after the first packet
+UDP_STREAM_AFTER = 2 * NS_PER_S
+ICMP_TIMEOUT = 30 * NS_PER_S
+GENERIC_TIMEOUT = 600 * NS_PER_S  # nf_conntrack_generic_timeout
 
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128

@@ -62,7 +62,9 @@ class Pnic:
         elif isinstance(msg, ch.Tick):
             if msg.sync:  # a barrier: expired entries come back, no report
                 self._expire(msg.now, out)
-                out.append(ch.Synced(msg.sync))
+                slots = np.array(engine.used_slots(), np.int64)
+                out.append(ch.Synced(msg.sync, int(engine.entries["expires"][slots].min())
+                                     if len(slots) else -1))
             else:  # the VNIC's report timer, on its grid of trace time
                 self._timers(msg.now, out)
         elif isinstance(msg, ch.Query):

@@ -38,7 +38,12 @@ from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
-from flowshift.services.conntrack import generic_timeout
+from flowshift.services.conntrack import (
+    GENERIC_TIMEOUT,
+    ICMP_TIMEOUT,
+    UDP_TIMEOUT_UNREPLIED,
+    generic_timeout,
+)
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
@@ -48,6 +53,11 @@ _OK = ParseError.OK
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
+_NEVER = 1 << 63
+# No packet the PNIC processes gives its entry less life than this: a sync finds nothing
+# expired before the earliest known expiry or this long after the earliest packet since.
+MIN_TIMEOUT = min(t for t in (*ct_tcp.TCP_TIMEOUTS_NS, UDP_TIMEOUT_UNREPLIED, ICMP_TIMEOUT,
+                              GENERIC_TIMEOUT) if t > 0)
 
 
 class VnicChain(Chain):
@@ -105,11 +115,13 @@ class Vnic:
         self.packets_seq = 0
         self.packets_sent: dict[int, list[int]] = {}  # Packets message -> its packets
         self.synced_at = -1
+        self.expiry_floor = -1  # no PNIC entry expires before this (-1: unknown)
         # messages sent whose answers are not applied: (due time, kind, seq)
         self.outstanding: deque[tuple[int, int, int]] = deque()
         self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
         self._order = itertools.count()
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
+        self._pnic_rejected: dict[str, int] = {}  # the same at the PNIC, as it last said
 
     # -- machine -> VNIC ---------------------------------------------------------------------
 
@@ -206,6 +218,7 @@ class Vnic:
         self.seq += 1
         self.queue.start(self.seq, fkey)
         self.pnic_flows += 1
+        self.lower_floor(flow.expires)
         self._send(ch.Offload(self.seq, flow.to_bytes()), _KIND_OFFLOAD, self.seq)
         self.peaks()
 
@@ -243,6 +256,7 @@ class Vnic:
                                   [p.pkt.linktype for p in b], [p.pkt.wire_len for p in b]))
         self.packets_seq += 1
         self.packets_sent[self.packets_seq] = [p.index for p in b]
+        self.lower_floor(min(p.ts for p in b) + MIN_TIMEOUT)
         self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, self.packets_seq))
         self.synced_at = -1
 
@@ -321,15 +335,22 @@ class Vnic:
         if until is not None:
             self.deliver(until)
 
+    def lower_floor(self, t: int) -> None:
+        """An entry at the PNIC may expire as early as `t`."""
+        if self.expiry_floor >= 0:
+            self.expiry_floor = min(self.expiry_floor, t)
+
     def sync(self, now: int) -> None:
         """Barrier before a decision that can reach a PNIC-owned entry: every answer applied,
-        every entry expired by `now` handed back."""
+        every entry expired by `now` handed back (no round trip when none can have)."""
         if self.synced_at == now and not self.batch and not self.outstanding:
             return
         self.drain(now)
-        if self.alive and self.healthy and self.pnic_flows:
+        if self.alive and self.healthy and self.pnic_flows and not (
+                self.expiry_floor > now):
             self.sync_seq += 1
             self._send(ch.Tick(now, self.sync_seq), at=now)
+            self.expiry_floor = _NEVER  # lowered by the answer and by what follows
             self.drain(now)
         self.synced_at = now
 
@@ -382,7 +403,11 @@ class Vnic:
                     self._shadow(flow)
         elif isinstance(msg, ch.Health):
             self.healthy = bool(msg.healthy)
-        elif not isinstance(msg, (ch.Synced, ch.Entries)):
+        elif isinstance(msg, ch.Synced):
+            if msg.next_expiry >= 0:
+                self.lower_floor(msg.next_expiry)
+            self.lower_floor(at + MIN_TIMEOUT)
+        elif not isinstance(msg, ch.Entries):
             self._reject("unexpected")
 
     def _entry(self, raw: bytes) -> Flow | None:
@@ -538,6 +563,7 @@ class Vnic:
         if not self.alive:
             return
         self.sync(now)  # packets already handed to the PNIC were processed before it died
+        self.pnic_rejected()  # its counters die with it
         self.stats.events.append((now, "crash", ""))
         self.healthy = self.alive = False
         self.link.close()
@@ -551,6 +577,16 @@ class Vnic:
             self._release(flow.key)
 
     # -- dumps -------------------------------------------------------------------------------
+
+    def pnic_rejected(self) -> dict[str, int]:
+        """The messages the PNIC rejected, by reason (asked while it is there)."""
+        if self.alive:
+            self.drain()
+            self.link.send(ch.Query(self.clock))
+            for msg in self.link.answers():
+                if isinstance(msg, ch.Entries):
+                    self._pnic_rejected = {f"pnic-{k}": v for k, v in msg.rejected.items()}
+        return dict(self._pnic_rejected)
 
     def views(self, now: int, machines: list[Chain | None]) -> list[FlowView]:
         """Every live flow as it stands at `now`, with its owner tier; PNIC-owned flows as the
