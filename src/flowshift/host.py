@@ -4,14 +4,10 @@ Per packet: classify it (tiers/classify.py), hand it to the tier that owns its m
 (the machine, tiers/machine.py, or its VNIC, tiers/vnic.py, which passes PNIC-owned flows on to
 the PNIC, tiers/pnic.py, over a channel, tiers/link.py), and collect its result.
 
-A replay is a discrete-event run in trace time. The clock is the latest timestamp seen: a
-packet whose timestamp goes backwards is decided at the current clock (as a kernel's clock
-never goes back). Before a packet at time T, every timer due by T fires at its own time (the
-PNIC report tick on its grid, the sweep of expired flows on its grid) and every answer of the
-PNIC due by T takes effect, in time order. A batch meets the PNIC first (as on a SmartNIC whose
-second cache sits in front of the host), one segment between two timer events at a time, so
-no timer acts after a packet it should precede; the entries the PNIC hands back take effect at
-their own packet's time. See docs/architecture.md.
+A replay is a discrete-event run in trace time (docs/architecture.md): the clock is the latest
+timestamp seen (it never goes back); before a packet at T every timer due by T fires at its own
+grid time and every PNIC answer due by T takes effect; a batch meets the PNIC first, one
+segment between timer events at a time.
 """
 
 from __future__ import annotations
@@ -28,14 +24,7 @@ from flowshift.flow import NS_PER_S
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
-from flowshift.results import (
-    DIRECTION_LABELS,
-    PARSE_BASE,
-    PENDING,
-    BatchResults,
-    PacketResult,
-    reason_label,
-)
+from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
@@ -77,9 +66,7 @@ class Host:
         self.policy = self.vnic.policy
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1
-        self.done: dict[int, PacketResult] = {}  # results waiting to be taken, in input order
-        self.next_out = 0
-        self.current: BatchResults | None = None  # the batch process_batch is filling
+        self.out = Results(self.names)
         for i, m in enumerate(config.machines):
             if m.start == "vnic":
                 self.handoff(i, 0)
@@ -128,15 +115,12 @@ class Host:
                 t = max(t, t + SWEEP_INTERVAL * ((last - t) // SWEEP_INTERVAL))
                 vnic.clock = t
                 vnic.deliver(t)
-                self._sweep(t)
+                for machine in self.machines:
+                    if machine is not None:
+                        machine.chain.flows.sweep(t)
+                vnic.sweep(t)
                 self.next_sweep = t + SWEEP_INTERVAL
         self.next_timer = min(self.next_tick, self.next_sweep)
-
-    def _sweep(self, now: int) -> None:
-        for machine in self.machines:
-            if machine is not None:
-                machine.chain.flows.sweep(now)
-        self.vnic.sweep(now)
 
     # -- per packet --------------------------------------------------------------------------
 
@@ -171,7 +155,7 @@ class Host:
 
         The batch is settled before this returns: nothing of it stays held or in flight."""
         self.vnic.settle(max(self.clock, 0))
-        self.current = res
+        self.out.current = res
         try:
             clock = np.maximum.accumulate(res.ts)  # each packet's trace time: never back
             if self.clock > 0:
@@ -200,7 +184,7 @@ class Host:
                 pos = end
             self.vnic.settle(self.clock)
         finally:
-            self.current = None
+            self.out.current = None
             res.flush()
         return res
 
@@ -237,30 +221,16 @@ class Host:
     def _finish(self, index: int, ts: int, machine: int, direction: int, verdict: int,
                 reason: int, rule: int, tier: int, pkt: Packet | None, wire_len: int,
                 rewritten: bool = False) -> None:
-        """Record a packet's result; `pkt`: the packet as it leaves (None: it does not),
-        `rewritten`: its bytes differ from the input's (only those go back into a batch)."""
         if tier >= 0:
             name = TIER_NAMES[tier]
             self.stats.tier_packets[name] += 1
             self.stats.tier_bytes[name] += wire_len
-        data = pkt.data if pkt is not None else None
-        cur = self.current
-        if cur is not None and 0 <= index - cur.index0 < len(cur):
-            cur.set(index - cur.index0, verdict, reason, rule, tier, machine, direction,
-                    data if rewritten else None)
-            return
-        self.done[index] = PacketResult(
-            index, ts, self.names[machine] if machine >= 0 else "",
-            DIRECTION_LABELS[direction] if direction >= 0 else "", Verdict(verdict),
-            reason_label(reason, rule), TIER_NAMES[tier] if tier >= 0 else "",
-            bytes(data) if data is not None else None, wire_len)
+        self.out.put(index, ts, machine, direction, verdict, reason, rule, tier,
+                     pkt.data if pkt is not None else None, wire_len, rewritten)
 
     def results(self) -> Iterator[PacketResult]:
         """Finished results, in input order (a held packet delays the ones after it)."""
-        done = self.done
-        while self.next_out in done:
-            yield done.pop(self.next_out)
-            self.next_out += 1
+        return self.out.take()
 
     # -- machine -> VNIC, the PNIC going away, end, dumps -------------------------------------
 

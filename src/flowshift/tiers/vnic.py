@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flowshift import channel as ch
-from flowshift.config import HostConfig, parse_config
+from flowshift.config import HostConfig, MachineConfig, parse_config
 from flowshift.entry import ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.offload import HandoffQueue, OffloadPolicy
@@ -63,8 +63,8 @@ MIN_TIMEOUT = min(t for t in (*ct_tcp.TCP_TIMEOUTS_NS, UDP_TIMEOUT_UNREPLIED, IC
 class VnicChain(Chain):
     """The chain a VNIC runs: its first cache also shadows the flows the PNIC owns."""
 
-    def __init__(self, machine: object, index: int) -> None:
-        super().__init__(machine, index, Tier.VNIC)  # type: ignore[arg-type]
+    def __init__(self, machine: MachineConfig, index: int) -> None:
+        super().__init__(machine, index, Tier.VNIC)
 
     def lookup_remote(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
         # A PNIC-owned flow: the VNIC synced before any decision that can reach it, so the
