@@ -334,3 +334,31 @@ def test_process_pnic_stops_its_reader_and_process(tmp_path):
     finally:
         threading.excepthook = old
     assert errors == []
+
+
+# -- an entry the PNIC handed back at a later packet, expired by an earlier decision -----------
+
+
+def test_a_clash_check_sees_a_pnic_entry_expired_before_its_return(tmp_path):
+    import copy
+
+    from hosttools import GATEWAY_HOST
+
+    host = copy.deepcopy(GATEWAY_HOST)
+    host["offload"]["idle_timeout"] = 10_000.0  # the PNIC keeps idle flows
+    cfg = parse_config(host, "test")
+    server = bytes([198, 51, 100, 1])
+    a, b = bytes([10, 0, 0, 2]), bytes([10, 0, 0, 3])
+    back = udp(53, 5000, src=server, dst=bytes([192, 0, 2, 1]))
+    t = S
+    trace = [(t, udp(5000, src=a, dst=server)), (t + 1000, back),
+             *[(t + 2000 + i * 1000, udp(5000, src=a, dst=server)) for i in range(4)]]
+    t += 200 * S  # past the flow's 120 s: it is dead, though still at the PNIC
+    trace += [(t, udp(5000, src=b, dst=server)),  # SNAT wants the dead flow's port
+              (t + 1000, udp(5000, src=a, dst=server))]  # the dead flow's next packet
+    path = write_pcap(tmp_path / "dead.pcap", trace)
+    never = run(path, cfg, policy="never", rows=64)
+    got = run(path, cfg, policy="always", rows=64)
+    assert got.host.stats.offloads_to_pnic > 0
+    assert _diff(never, got) == []
+    assert never.results[6].data == got.results[6].data

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
-from flowshift.entry import ENTRY_SIZE, Flow, Tier
+from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
@@ -346,6 +346,7 @@ class Vnic:
         if self.synced_at == now and not self.batch and not self.outstanding:
             return
         self.drain(now)
+        self._expire_deferred(now)
         if self.alive and self.healthy and self.pnic_flows and not (
                 self.expiry_floor > now):
             self.sync_seq += 1
@@ -353,6 +354,19 @@ class Vnic:
             self.expiry_floor = _NEVER  # lowered by the answer and by what follows
             self.drain(now)
         self.synced_at = now
+
+    def _expire_deferred(self, now: int) -> None:
+        """Entries a batch handed back at a later packet's time that had expired by `now`:
+        the PNIC would have handed them back at this sync, so they come back now."""
+        if not self.deferred:
+            return
+        dead = [d for d in self.deferred if _expires(d[2].entry) <= now]
+        if not dead:
+            return
+        self.deferred = [d for d in self.deferred if _expires(d[2].entry) > now]
+        heapq.heapify(self.deferred)
+        for _, _, ret in sorted(dead):
+            self._on_message(ch.Return(ret.entry, ReturnReason.EXPIRED, now), now)
 
     def settle(self, now: int) -> None:
         """Finish every packet still held, batched or at the PNIC."""
@@ -613,6 +627,15 @@ class Vnic:
                 if flow.expires > now:
                     out.append(FlowView(flow.copy(), name, TIER_NAMES[tier]))
         return out
+
+
+_FIELDS = ENTRY_DTYPE.fields
+assert _FIELDS is not None
+_EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
+
+
+def _expires(raw: bytes) -> int:
+    return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
 
 
 def resume(flow: Flow, now: int) -> None:
