@@ -227,9 +227,14 @@ def test_tcpdump_sample_both_formats(tmp_path, path):
 
 
 @needs_corpus
-def test_process_pnic_twenty_times_is_inline_every_time():
+def test_process_pnic_twenty_times_is_inline_every_time(tmp_path):
+    from flowshift.packet.pcap import PcapWriter, open_trace
+
     cfg = load_config(REAL / "lb-gateway-rr.toml")
-    trace = REAL / "replay_input.pcap"
+    trace = tmp_path / "head.pcap"
+    with open_trace(REAL / "replay_input.pcap") as frames, PcapWriter(trace) as out:
+        for _, f in zip(range(8000), frames, strict=False):  # its first 8000 packets
+            out.write(f.ts_ns, f.data, f.wire_len)
     inline = run(trace, cfg, policy="elephant", rows=2048)
     assert inline.host.stats.offloads_to_pnic > 0
     for _ in range(20):

@@ -114,6 +114,7 @@ class Vnic:
         self.sync_seq = 0
         self.packets_seq = 0
         self.packets_sent: dict[int, list[int]] = {}  # Packets message -> its packets
+        self.clock = 0  # the trace time of the event being handled (set by the host)
         self.synced_at = -1
         self.expiry_floor = -1  # no PNIC entry expires before this (-1: unknown)
         # messages sent whose answers are not applied: (due time, kind, seq)
@@ -270,8 +271,6 @@ class Vnic:
         self.synced_at = -1
 
     # -- time --------------------------------------------------------------------------------
-
-    clock = 0  # the trace time of the event being handled (set by the host)
 
     def due(self, until: int) -> bool:
         """Is anything to apply by trace time `until`?"""
