@@ -362,3 +362,22 @@ def test_a_clash_check_sees_a_pnic_entry_expired_before_its_return(tmp_path):
     assert got.host.stats.offloads_to_pnic > 0
     assert _diff(never, got) == []
     assert never.results[6].data == got.results[6].data
+
+
+@pytest.mark.parametrize("split", [{}, {"dump_at": 100.0}, {"crash_at": 100.0}])
+def test_a_fin_answered_30_s_later_survives_a_later_packet_in_the_batch(tmp_path, split):
+    """The peer's FIN/ACK 30 s after the FIN (FIN_WAIT lasts 120 s), and a packet 200 s
+    later in the same batch: the FIN/ACK is the connection's, whatever the schedule."""
+    cfg = parse_config(FIREWALL_HOST, "test")
+    a = TcpConn()
+    trace = spaced([*a.handshake(), *a.data(2), a.client_fin()], 2 * S, S // 10000)
+    trace += [(32 * S, a.server_fin()), (32 * S + 1000, a.client_ack()), (202 * S, udp(7000))]
+    path = write_pcap(tmp_path / "fin30.pcap", trace)
+    if "dump_at" in split:
+        split = {**split, "dump_path": tmp_path / "flows.txt"}
+    never = _replay(tmp_path, path, cfg, "never", offload="never")
+    got = _replay(tmp_path, path, cfg, "got", offload="always", **split)
+    rows = [line.split(",")[4:6] for line in got[1].splitlines()]
+    assert rows == [line.split(",")[4:6] for line in never[1].splitlines()]
+    assert rows[7] == ["forward", "established"]  # the peer's FIN/ACK (row 0: the header)
+    assert got[2] == never[2]
