@@ -163,3 +163,15 @@ def test_pnic_rejections_reach_the_report():
     host.vnic.link.answers()  # type: ignore[attr-defined]
     host.finish()
     assert host.stats.rejected_messages == {"pnic-bad-entry": 1}
+
+
+def test_a_corrupt_frame_at_the_pnic_process_is_counted_and_answered():
+    host = Host(CFG, policy="always", pnic="process")
+    try:
+        good = ch.encode(ch.Offload(1, ENTRY))
+        host.vnic.link.send_frame(good[:6] + b"\0" + good[7:])  # the CRC no longer matches
+        assert host.vnic.link.answers() == []  # answered with nothing, not left hanging
+        host.finish()
+        assert host.stats.rejected_messages == {"pnic-checksum": 1}
+    finally:
+        host.close()

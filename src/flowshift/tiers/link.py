@@ -146,7 +146,7 @@ def _pnic_main(conn: Connection, capacity: int, machines: tuple[MachineConfig, .
         try:
             msg = ch.decode(frame)
         except ch.ChannelError as exc:
-            log.warning("pnic: rejected frame: %s", exc)
+            ch.count_rejected(pnic.rejected, exc)  # reported as pnic-<reason>
             msg = None
         if isinstance(msg, ch.RunBatch):
             ring.run(pnic, msg, replies)
