@@ -243,3 +243,19 @@ def test_process_pnic_twenty_times_is_inline_every_time(tmp_path):
         assert process.host.stats.events == inline.host.stats.events
         assert process.host.stats.tier_packets == inline.host.stats.tier_packets
         assert process.host.stats.peak_second_cache == inline.host.stats.peak_second_cache
+
+
+@needs_corpus
+def test_packet_by_packet_and_batches_agree_on_events_tiers_and_peaks():
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    trace = REAL / "replay_input.pcap"
+    runs = [run(trace, cfg, policy="elephant", rows=rows) for rows in (None, 100, 4096)]
+    base = runs[-1].host.stats
+    assert base.offloads_to_pnic > 0
+    for got in runs[:-1]:
+        s = got.host.stats
+        assert got.outputs() == runs[-1].outputs()
+        assert s.events == base.events
+        assert s.tier_packets == base.tier_packets
+        assert (s.peak_second_cache, s.held_packets) == (base.peak_second_cache,
+                                                         base.held_packets)
