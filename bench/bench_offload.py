@@ -35,9 +35,8 @@ from common import machine, rss_bytes
 from flowshift import channel as ch
 from flowshift.config import HostConfig, load_config
 from flowshift.entry import ENTRY_SIZE, Flow, Tier
-from flowshift.flow import FlowKey
+from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.gen import TraceSpec, generate
-from flowshift.host import Classifier
 from flowshift.offload import established
 from flowshift.packet.batch import read_batches
 from flowshift.packet.parse import parse
@@ -45,11 +44,12 @@ from flowshift.packet.view import ParseError
 from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers.classify import Classifier
 from flowshift.tiers.link import InlineLink
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "offload-host.toml"
-SECOND = 1_000_000_000
+SECOND = NS_PER_S
 
 
 def make_trace(path: Path, cfg: HostConfig, flows: int) -> dict[str, Any]:
@@ -153,8 +153,8 @@ def offloads_per_second(n: int) -> float:
     start = time.perf_counter()
     for seq, raw in enumerate(entries):
         link.send(ch.Offload(seq, raw))
-        msg = link.receive()
-        assert isinstance(msg, ch.Ack), msg
+        msg = link.answers()
+        assert msg == [ch.Ack(seq)], msg
     return n / (time.perf_counter() - start)
 
 

@@ -33,11 +33,11 @@ from rich.table import Table
 from common import machine
 from flowshift.config import HostConfig, load_config
 from flowshift.entry import Tier
-from flowshift.host import Classifier
 from flowshift.packet.build import tcp_frame, tcp_options
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_ACK, TCP_SYN
 from flowshift.services.chain import Chain
+from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import PnicEngine
 
 HERE = Path(__file__).resolve().parent

@@ -33,11 +33,12 @@ from rich.table import Table
 from common import machine
 from flowshift.config import HostConfig, parse_config
 from flowshift.gen import TraceSpec, generate
-from flowshift.host import Classifier, Host
+from flowshift.host import Host
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
+from flowshift.tiers.classify import Classifier
 
 FIREWALL_HOST = {  # as tests/test_transparency.py
     "pnic": {"capacity": 64},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowshift.config import HostConfig
@@ -75,6 +75,7 @@ GATEWAY_HOST = {
 class Run:
     results: list[PacketResult]
     host: Host
+    dumps: list[list[str]] = field(default_factory=list)  # flow dumps, without the tier
 
     def outputs(self) -> list[tuple[int, str, bytes | None]]:
         """What the invariant compares: verdict, reason and bytes of every packet."""
@@ -100,8 +101,10 @@ class RandomPolicy(OffloadPolicy):
 def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         random_seed: int | None = None, p: float = 0.3, latency: int = 0, batch: int = 256,
         pnic: str = "inline", capacity: int | None = None, withdraw_at: int | None = None,
-        crash_at: int | None = None, rows: int | None = None) -> Run:
-    """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away.
+        crash_at: int | None = None, rows: int | None = None,
+        dump_at: int | None = None) -> Run:
+    """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away,
+    dump_at one before which the flows are dumped (Run.dumps).
 
     rows: replay as `flowshift replay` does, `rows` packets at a time through
     Host.process_batch (the PNIC sees each batch first); None: packet by packet.
@@ -111,15 +114,18 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
     if random_seed is not None:
         host.policy = RandomPolicy(host.policy, random_seed, p)
     results: list[PacketResult] = []
+    dumps: list[list[str]] = []
     if rows is not None:
         try:
-            results = _batched(host, trace, rows, withdraw_at, crash_at)
+            results = _batched(host, trace, rows, withdraw_at, crash_at, dump_at, dumps)
         finally:
             host.close()
-        return Run(results, host)
+        return Run(results, host, dumps)
     try:
         with open_trace(trace) as frames:
             for i, f in enumerate(frames):
+                if i == dump_at:
+                    dumps.append(_dump(host, f.ts_ns))
                 if i == withdraw_at:
                     host.withdraw_pnic(f.ts_ns)
                 if i == crash_at:
@@ -130,18 +136,29 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         results.extend(host.results())
     finally:
         host.close()
-    return Run(results, host)
+    return Run(results, host, dumps)
+
+
+def _dump(host: Host, ts: int) -> list[str]:
+    from flowshift.report import flow_dump
+
+    now = max(ts, host.clock)
+    return [line.rsplit(" tier=", 1)[0]
+            for line in flow_dump(host.dump_flows(now), now).splitlines()]
 
 
 def _batched(host: Host, trace: Path, rows: int, withdraw_at: int | None,
-             crash_at: int | None) -> list[PacketResult]:
+             crash_at: int | None, dump_at: int | None = None,
+             dumps: list[list[str]] | None = None) -> list[PacketResult]:
     results: list[PacketResult] = []
     index = 0
     for b in read_batches(trace, rows):
         # split where the PNIC goes away, as the replay does at a scheduled time
-        cuts = sorted({0, len(b), *(t - index for t in (withdraw_at, crash_at)
+        cuts = sorted({0, len(b), *(t - index for t in (withdraw_at, crash_at, dump_at)
                                      if t is not None and 0 < t - index < len(b))})
         for lo, hi in itertools.pairwise(cuts):
+            if index + lo == dump_at and dumps is not None:
+                dumps.append(_dump(host, int(b.ts_ns[lo])))
             if index + lo == withdraw_at:
                 host.withdraw_pnic(int(b.ts_ns[lo]))
             if index + lo == crash_at:

@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 
 from flowshift.config import load_config
 from flowshift.entry import Flow, Tier
-from flowshift.host import Classifier
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import ParseError
 from flowshift.services.chain import Chain
+from flowshift.tiers.classify import Classifier
 from hosttools import REAL
 
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")

@@ -11,11 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowshift import channel as ch
+from flowshift.config import parse_config
 from flowshift.entry import Flow
 from flowshift.flow import FlowKey
 from flowshift.tiers.link import InlineLink
-from flowshift.tiers.pnic import serve
 from flowshift.verdict import RefuseReason, ReturnReason
+from hosttools import FIREWALL_HOST
 
 MESSAGES = [
     ch.Handoff(1, {"name": "gw"}, [b"\x01" * 224], [3, 0]),
@@ -60,15 +61,15 @@ def test_garbage_never_escapes_as_another_error(data):
 
 
 def test_rejected_frame_changes_no_pnic_state_and_is_counted():
-    link = InlineLink(4, (), idle_timeout_ns=10**9, report_interval_ns=10**9)
+    machines = parse_config(FIREWALL_HOST, "test").machines
+    link = InlineLink(4, machines, idle_timeout_ns=10**9, report_interval_ns=10**9)
     key = FlowKey(4, 17, 0, b"\x0a\0\0\x01", b"\x0a\0\0\x02", 1000, 53)
     entry = Flow(key=key, xlat=key, machine=0, chain=1, expires=10**12).to_bytes()
     good = ch.encode(ch.Offload(1, entry))
-    link.vnic_end.send_frame(_reframe(good, crc=0))  # corrupted in transit
-    serve(link.pnic_end, link.pnic)
+    link.send_frame(_reframe(good, crc=0))  # corrupted in transit
     assert len(link.pnic.engine) == 0
     assert link.pnic_end.rejected == {"checksum": 1}
-    assert link.receive() is None  # no answer to a frame that never arrived
+    assert link.answers() == []  # no answer to a frame that never arrived
     link.send(ch.Offload(1, entry))
-    assert link.receive() == ch.Ack(1)
+    assert link.answers() == [ch.Ack(1)]
     assert len(link.pnic.engine) == 1

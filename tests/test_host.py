@@ -23,7 +23,8 @@ def test_expired_flows_are_swept_and_their_tuples_reusable():
     results = list(host.results())
     assert [r.verdict for r in results] == [Verdict.FORWARD] * 4
     assert [r.reason for r in results] == ["rule:0", "rule:0", "rule:0", "rule:0"]
-    chain = host.machine_chains[0]
-    assert chain is not None
+    machine = host.machines[0]
+    assert machine is not None
+    chain = machine.chain
     # the 30 s UDP flows of t=0 and t=1 were swept at t=100; 1000 came back as a new flow
     assert sorted(f.key.sport for f in chain.flows) == [1000, 1002]

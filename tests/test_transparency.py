@@ -18,6 +18,8 @@ from flowshift.tiers.link import InlineLink
 from flowshift.verdict import Verdict
 from hosttools import FIREWALL_HOST, REAL, run
 
+# trace time before the PNIC's answers take effect: none, 1 ms, 50 ms
+LATENCY = st.sampled_from([0, 1_000_000, 50_000_000])
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_real_capture_process_pnic(real):
 
 @needs_corpus
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
-@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=st.integers(0, 6),
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=LATENCY,
        batch=st.sampled_from([1, 3, 16, 256]), capacity=st.sampled_from([1, 4, 4096]))
 def test_real_capture_random_schedules(real, seed, p, latency, batch, capacity):
     trace, cfg, never = real
@@ -72,7 +74,7 @@ def test_real_capture_random_schedules(real, seed, p, latency, batch, capacity):
 
 @needs_corpus
 @settings(max_examples=5, deadline=None, suppress_health_check=list(HealthCheck))
-@given(at=st.integers(0, 22000), latency=st.integers(0, 3))
+@given(at=st.integers(0, 22000), latency=LATENCY)
 def test_real_capture_graceful_withdrawal(real, at, latency):
     trace, cfg, never = real
     offloaded = run(trace, cfg, policy="always", latency=latency, withdraw_at=at)
@@ -92,7 +94,7 @@ def test_real_capture_crash_keeps_connections(real, at):
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
-@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=st.integers(0, 6),
+@given(seed=st.integers(0, 2**16), p=st.floats(0.05, 1.0), latency=LATENCY,
        batch=st.sampled_from([1, 5, 64]), capacity=st.sampled_from([2, 16, 64]))
 def test_generated_random_schedules(generated, seed, p, latency, batch, capacity):
     trace, cfg, never = generated
@@ -131,9 +133,9 @@ def test_real_capture_batched(real, policy, rows, monkeypatch):
     passes = []
     original = InlineLink.run_batch
 
-    def counted(self, res, select):
+    def counted(self, res, select, now):
         passes.append(int(select.sum()))
-        return original(self, res, select)
+        return original(self, res, select, now)
 
     monkeypatch.setattr(InlineLink, "run_batch", counted)
     trace, cfg, never = real

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 import msgspec
+import numpy as np
 
 log = logging.getLogger("flowshift.channel")
 
@@ -86,6 +87,12 @@ class Withdraw(Msg):
     now: int
 
 
+class Query(Msg):
+    """Every entry as it stands now, read only (a flow dump): answered by Entries."""
+
+    now: int
+
+
 # -- PNIC -> VNIC --------------------------------------------------------------------------
 
 
@@ -101,6 +108,7 @@ class Refuse(Msg):
 class Return(Msg):
     entry: bytes
     reason: int  # verdict.ReturnReason
+    now: int = -1  # trace time it happened (the punted packet's); -1: when its message was
 
 
 class Results(Msg):
@@ -119,6 +127,19 @@ class Report(Msg):
 
 class Synced(Msg):
     sync: int
+    next_expiry: int = -1  # the earliest expiry among the entries left (-1: none)
+
+
+class Entries(Msg):
+    """The answer to a Query: every entry, unchanged, and the messages the PNIC rejected."""
+
+    now: int
+    entries: list[bytes]
+    rejected: dict[str, int] = {}
+
+
+class Done(Msg):
+    """The answers to one message are complete (process transport: frames carry no grouping)."""
 
 
 class Health(Msg):
@@ -131,11 +152,47 @@ class BatchDone(Msg):
     rows: int
 
 
-Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Ack | Refuse
-           | Return | Results | Report | Synced | Health | BatchDone)
+Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Query | Ack
+           | Refuse | Return | Results | Report | Synced | Entries | Done | Health | BatchDone)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
+
+
+# -- contents ------------------------------------------------------------------------------
+# Framing and the CRC say a frame arrived whole; these say its contents can be ours. Every
+# receiver checks what it is given and rejects, by one of these reasons, before changing state.
+
+def entry_problem(raw: bytes, zones: int) -> str | None:
+    """Why `raw` cannot be a flow entry of a host with `zones` machines (None: it can)."""
+    from flowshift.entry import ENTRY_DTYPE
+    from flowshift.services.conntrack_tcp import TcpState
+
+    if len(raw) != ENTRY_DTYPE.itemsize:
+        return "bad-entry"
+    e = np.frombuffer(raw, ENTRY_DTYPE)[0]
+    if int(e["family"]) not in (4, 6) or int(e["tcp_state"]) >= len(TcpState):
+        return "bad-entry"
+    if int(e["proto"]) == 6 and int(e["tcp_state"]) == 0:
+        return "bad-entry"
+    if not 0 <= int(e["zone"]) < zones or int(e["machine"]) != int(e["zone"]):
+        return "unknown-zone"
+    if int(e["family"]) == 4 and (any(e["src"][4:]) or any(e["dst"][4:])
+                                  or any(e["xsrc"][4:]) or any(e["xdst"][4:])):
+        return "bad-entry"
+    return None
+
+
+def key_problem(key: tuple[int, int, int, bytes, bytes, int, int], zones: int) -> str | None:
+    """Why `key` cannot be a flow key of a host with `zones` machines (None: it can)."""
+    family, proto, zone, src, dst, sport, dport = key
+    n = {4: 4, 6: 16}.get(family)
+    if n is None or len(src) != n or len(dst) != n or not 0 <= proto < 256 \
+            or not 0 <= sport < 65536 or not 0 <= dport < 65536:
+        return "bad-key"
+    if not 0 <= zone < zones:
+        return "unknown-zone"
+    return None
 
 
 class ChannelError(ValueError):

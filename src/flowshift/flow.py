@@ -11,6 +11,8 @@ import ipaddress
 from enum import IntEnum
 from typing import NamedTuple
 
+NS_PER_S = 1_000_000_000  # trace time is in nanoseconds
+
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17

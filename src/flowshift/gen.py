@@ -34,7 +34,7 @@ from os import PathLike
 from typing import Any, NamedTuple
 
 from flowshift.config import HostConfig
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.flow import NS_PER_S, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.gen_gateway import Gateway
 from flowshift.packet.build import (
     ICMP_DEST_UNREACH,
@@ -52,7 +52,7 @@ from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-NS = 1_000_000_000
+NS = NS_PER_S  # flow.NS_PER_S
 MS = 1_000_000
 US = 1_000
 START_NS = 1_704_067_200 * NS  # 2024-01-01T00:00:00Z, fixed so that traces are reproducible

@@ -25,11 +25,12 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from flowshift import __version__
 from flowshift.config import HostConfig, load_config, to_dict
+from flowshift.flow import NS_PER_S
 from flowshift.host import Host
 from flowshift.offload import POLICIES
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import PcapWriter, open_trace, trace_linktype_name
-from flowshift.report import HIST_MAX_BINS, NS, Tally, build_report, flow_dump
+from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump
 from flowshift.results import DIRECTION_LABELS, TIER_LABELS, BatchResults, reason_label
 from flowshift.verdict import Verdict
 
@@ -50,7 +51,7 @@ class ReplayError(Exception):
 def seconds_text(delta_ns: int) -> str:
     """Nanoseconds as seconds with 9 decimals, exactly (no float rounding)."""
     sign = "-" if delta_ns < 0 else ""
-    s, ns = divmod(abs(delta_ns), NS)
+    s, ns = divmod(abs(delta_ns), NS_PER_S)
     return f"{sign}{s}.{ns:09d}"
 
 
@@ -169,7 +170,7 @@ def run_replay(
         fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_path, bar)
         run.host.finish()
         for t, action in schedule[len(fired):]:  # past the end of the trace
-            entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS,
+            entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS_PER_S,
                      "before_index": None}
             if action == "dump":
                 run.dump(dump_path, run.last_ts)
@@ -182,8 +183,8 @@ def run_replay(
             "format": fmt,
             "linktypes": sorted(trace_linktype_name(lt) for lt in run.linktypes),
             "packets": run.n,
-            "first_ts": run.first_ts / NS if run.n else None,
-            "duration": (run.last_ts - run.first_ts) / NS if run.n else 0.0,
+            "first_ts": run.first_ts / NS_PER_S if run.n else None,
+            "duration": (run.last_ts - run.first_ts) / NS_PER_S if run.n else 0.0,
             "problem": run.problem,
         }
     result = build_report(
@@ -243,7 +244,7 @@ class _Run:
                bar: tuple[Progress, Any] | None) -> list[dict[str, Any]]:
         """The loop, a batch at a time. Returns the scheduled actions that fired."""
         host = self.host
-        pending = [(self.first_ts + round(t * NS), t, a) for t, a in schedule]
+        pending = [(self.first_ts + round(t * NS_PER_S), t, a) for t, a in schedule]
         fired: list[dict[str, Any]] = []
         latest = self.first_ts
         done_bytes = 0
@@ -270,7 +271,7 @@ class _Run:
                             else:
                                 host.crash_pnic(now)
                             fired.append({"action": action, "at": t,
-                                          "time": (now - self.first_ts) / NS,
+                                          "time": (now - self.first_ts) / NS_PER_S,
                                           "before_index": self.n})
                         continue
                     if len(due):

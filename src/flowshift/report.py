@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.table import Table
 
 from flowshift.entry import Status
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_NAMES, FlowKey, format_addr
+from flowshift.flow import NS_PER_S, PROTO_ICMP, PROTO_ICMPV6, PROTO_NAMES, FlowKey, format_addr
 from flowshift.services.conntrack_tcp import TcpState
 from flowshift.verdict import Verdict
 
-NS = 1_000_000_000
+NS = NS_PER_S  # trace time per second (flow.NS_PER_S)
 TIERS = ("machine", "vnic", "pnic")
 HIST_START_NS = 1_000_000  # the rate histogram starts with 1 ms bins...
 HIST_MAX_BINS = 1024  # ...and doubles its bin width whenever the trace outgrows this many

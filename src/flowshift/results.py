@@ -8,16 +8,20 @@ The packets as they leave the host are the batch's own buffer, rewritten in plac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from flowshift.entry import Tier
 from flowshift.packet.view import ParseError
+from flowshift.services.rules import EGRESS, INGRESS
 from flowshift.verdict import Reason, Verdict, reason_text
 
 PARSE_BASE = 64  # reason codes from here on are ParseError + PARSE_BASE
-TIER_LABELS = ("machine", "vnic", "pnic")
-DIRECTION_LABELS = ("egress", "ingress")
+TIER_LABELS = tuple(t.label for t in Tier)  # by Tier value
+DIRECTION_LABELS = tuple(label for _, label in sorted({EGRESS: "egress",
+                                                        INGRESS: "ingress"}.items()))
 PENDING = -1  # verdict of a packet not decided yet
 
 
@@ -98,3 +102,36 @@ class BatchResults:
     def leaving(self) -> np.ndarray:
         """Mask of the packets that leave the host (forwarded or passed on unchanged)."""
         return (self.verdict == Verdict.FORWARD) | (self.verdict == Verdict.BYPASS)
+
+
+class Results:
+    """Where a host's results go: into the batch being decided (`current`), or kept per packet
+    until taken, in input order."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names  # machine names by index
+        self.current: BatchResults | None = None
+        self.done: dict[int, PacketResult] = {}
+        self.next_out = 0
+
+    def put(self, index: int, ts: int, machine: int, direction: int, verdict: int,
+            reason: int, rule: int, tier: int, data: bytes | bytearray | None, wire_len: int,
+            rewritten: bool) -> None:
+        """One packet's result; `data`: the packet as it leaves (None: it does not),
+        `rewritten`: its bytes differ from the input's (only those go back into a batch)."""
+        cur = self.current
+        if cur is not None and 0 <= index - cur.index0 < len(cur):
+            cur.set(index - cur.index0, verdict, reason, rule, tier, machine, direction,
+                    data if rewritten else None)
+            return
+        self.done[index] = PacketResult(
+            index, ts, self.names[machine] if machine >= 0 else "",
+            DIRECTION_LABELS[direction] if direction >= 0 else "", Verdict(verdict),
+            reason_label(reason, rule), TIER_LABELS[tier] if tier >= 0 else "",
+            bytes(data) if data is not None else None, wire_len)
+
+    def take(self) -> Iterator[PacketResult]:
+        done = self.done
+        while self.next_out in done:
+            yield done.pop(self.next_out)
+            self.next_out += 1

@@ -88,7 +88,8 @@ def _batch_of(frames: list[Frame], problem: str | None = None) -> Batch:
         wire_len=np.fromiter((f.wire_len for f in frames), np.uint32, len(frames)),
         linktype=np.fromiter((f.linktype for f in frames), np.uint16, len(frames)),
         offset=offset,
-        buf=np.frombuffer(b"".join(f.data for f in frames), np.uint8),
+        # writable: the host rewrites packets in place (NAT, the PNIC's data path)
+        buf=np.frombuffer(bytearray(b"".join(f.data for f in frames)), np.uint8),
         problem=problem,
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowshift.config import MachineConfig
+from flowshift.config import LbPool, MachineConfig
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.packet.view import Packet
@@ -22,6 +22,7 @@ from flowshift.services.conntrack import (
     ICMPV6_ECHO_REQUEST,
     UDP_STREAM_AFTER,
     FlowTable,
+    generic_update,
     icmp_update,
     udp_update,
 )
@@ -91,7 +92,7 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
         if fdir:
             flow.status |= _SEEN_REPLY
     else:
-        icmp_update(flow, fdir, now)
+        (icmp_update if proto in _ECHO_REQUESTS else generic_update)(flow, fdir, now)
         if fdir:
             flow.status |= _SEEN_REPLY
     flow.packets[fdir] += 1
@@ -113,6 +114,7 @@ class Chain:
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
         self.flows = FlowTable()
+        self._picked: LbPool | None = None  # a pool whose pick the decision under way took
 
     # -- lookups (a subclass may resolve flows whose state lives on another tier) ------------
 
@@ -159,28 +161,41 @@ class Chain:
         return self._new(pkt, key, direction, now)
 
     def _new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
+        """A packet that may start a flow. The decision has no side effect until it is final:
+        then a round-robin pool whose pick was evaluated moves on (Linux: `numgen inc` runs
+        in prerouting, whatever the forward filter or NAT later decide)."""
+        self._picked = None
+        out = self._decide_new(pkt, key, direction, now)
+        if self._picked is not None:
+            assert self.lb is not None
+            self.lb.advance(self._picked)
+        return out
+
+    def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
         tcp = None
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
             if not ct_tcp.tcp_new(tcp, pkt):
                 return Outcome(Verdict.DROP, Reason.INVALID)
-        elif proto != PROTO_UDP:
-            echo_request = _ECHO_REQUESTS.get(proto)
-            if pkt.icmp_id < 0 or pkt.icmp_type != echo_request:
-                # not trackable (echo reply with no request, other ICMP types): judged by the
-                # rules like any packet, passed untracked when allowed
-                return self._untracked(pkt, key, direction)
+        elif proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
+                                          or pkt.icmp_type != _ECHO_REQUESTS[proto]):
+            # not trackable (echo reply with no request, other ICMP types): judged by the
+            # rules like any packet, passed untracked when allowed
+            return self._untracked(pkt, key, direction)
+        # any other protocol: Linux's generic tracker, by addresses and protocol
         # DNAT / LB choose the machine-side destination of ingress flows
         xlat = key
         backend = -1
+        pool = None
         if direction == INGRESS:
             if self.lb is not None:
                 pool = self.lb.pool_for(key)
                 if pool is not None:
-                    backend, dst, dport = self.lb.pick(pool, key)
+                    backend, dst, dport = self.lb.peek(pool, key)
                     if backend < 0:
                         return Outcome(Verdict.DROP, Reason.NO_BACKEND)
+                    self._picked = pool
                     xlat = xlat._replace(dst=dst, dport=dport)
             if backend < 0 and self.nat is not None:
                 xlat = self.nat.dnat(key, xlat)
@@ -204,8 +219,10 @@ class Chain:
             flow.expires = now + res.timeout_ns
         elif proto == PROTO_UDP:
             udp_update(flow, 0, now)
-        else:
+        elif proto in _ECHO_REQUESTS:
             icmp_update(flow, 0, now)
+        else:
+            generic_update(flow, 0, now)
         flow.packets[0] = 1
         flow.bytes[0] = pkt.ip_total
         self.flows.add(flow)

@@ -1,10 +1,12 @@
-"""The connection-tracking table and the non-TCP trackers (UDP, ICMP echo).
+"""The connection-tracking table and the non-TCP trackers (UDP, ICMP echo, generic).
 
 The table maps both keys of a flow (original and reply, as packets arrive) to the flow and the
 direction. Expiry follows Linux: a flow whose timeout passed is gone for the next packet that
 looks it up (lazy), and a periodic sweep (`sweep`, driven by the host on trace time) frees the
 memory of flows nobody looked up again, without changing any result.
-TCP tracking lives in conntrack_tcp.py.
+TCP tracking lives in conntrack_tcp.py. Any other protocol is tracked as Linux's generic
+tracker does (nf_conntrack_proto_generic): by addresses and protocol, every packet refreshing
+a 600 s timeout.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from flowshift.entry import Flow, Status
-from flowshift.flow import FlowKey
-
-SECOND = 1_000_000_000
+from flowshift.flow import NS_PER_S, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 
 # Linux defaults (nf_conntrack_proto_udp.c, nf_conntrack_proto_icmp.c, ..._icmpv6.c)
-UDP_TIMEOUT_UNREPLIED = 30 * SECOND
-UDP_TIMEOUT_REPLIED = 120 * SECOND  # a stream: still active 2 s after the first packet
-UDP_STREAM_AFTER = 2 * SECOND
-ICMP_TIMEOUT = 30 * SECOND
+UDP_TIMEOUT_UNREPLIED = 30 * NS_PER_S
+UDP_TIMEOUT_REPLIED = 120 * NS_PER_S  # a stream: still active 2 s after the first packet
+UDP_STREAM_AFTER = 2 * NS_PER_S
+ICMP_TIMEOUT = 30 * NS_PER_S
+GENERIC_TIMEOUT = 600 * NS_PER_S  # nf_conntrack_generic_timeout
 
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
@@ -45,6 +46,21 @@ def udp_update(flow: Flow, direction: int, now: int) -> None:
 def icmp_update(flow: Flow, direction: int, now: int) -> None:
     """Linux nf_conntrack_icmp_packet: every packet refreshes the timeout."""
     flow.expires = now + ICMP_TIMEOUT
+
+
+def generic_update(flow: Flow, direction: int, now: int) -> None:
+    """Linux nf_conntrack_generic: every packet refreshes the timeout."""
+    flow.expires = now + GENERIC_TIMEOUT
+
+
+def generic_timeout(flow: Flow) -> int:
+    """The timeout a packet of this non-TCP flow would give it now."""
+    proto = flow.key.proto
+    if proto == PROTO_UDP:
+        return UDP_TIMEOUT_REPLIED if flow.status & _SEEN_REPLY else UDP_TIMEOUT_UNREPLIED
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
+        return ICMP_TIMEOUT
+    return GENERIC_TIMEOUT
 
 
 class FlowTable:
@@ -74,14 +90,17 @@ class FlowTable:
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
 
-    def sweep(self, now: int, keep: int = -1) -> list[Flow]:
-        """Remove flows whose timeout has passed; flows owned by tier `keep` are left alone.
+    def sweep(self, now: int, keep: int = -1,
+              spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
+        """Remove flows whose timeout has passed; flows owned by tier `keep`, and flows for
+        which `spare(key)` is true (packets of theirs not decided yet), are left alone.
 
         A scan of the whole table: no per-flow timer state, so a million flows cost nothing
         between sweeps.
         """
         gone = [flow for flow, direction in self._by_key.values()
-                if direction == 0 and flow.expires <= now and flow.owner != keep]
+                if direction == 0 and flow.expires <= now and flow.owner != keep
+                and (spare is None or not spare(flow.key))]
         for flow in gone:
             self.remove(flow)
         return gone

@@ -41,25 +41,38 @@ class LoadBalancer:
         i = self.pools.get((key.proto, key.dst, key.dport))
         return None if i is None else self.order[i]
 
-    def pick(self, pool: LbPool, key: FlowKey) -> tuple[int, bytes, int]:
-        """(backend index, address, port) for a new flow; index -1 when none can serve."""
+    def peek(self, pool: LbPool, key: FlowKey) -> tuple[int, bytes, int]:
+        """(backend index, address, port) a new flow would get; index -1 when none can serve.
+        Changes nothing: `advance` commits a round-robin pick once the flow exists."""
         i = self.pools[(pool.proto, pool.vip, pool.port)]
         if i in self.tables:
             index = self.tables[i].lookup(flow_hash(key))
         else:
-            index = self._next_in_turn(i)
+            index = self._in_turn(i)
         if index < 0:
             return -1, b"", 0
         backend = pool.backends[index]
         return index, backend.addr, backend.port
 
-    def _next_in_turn(self, i: int) -> int:
+    def advance(self, pool: LbPool) -> None:
+        """A flow took the pool's current pick: a round-robin pool moves to its next slot."""
+        i = self.pools[(pool.proto, pool.vip, pool.port)]
+        cycle = self._cycle(i)
+        if cycle:
+            self.next[i] = (self.next[i] + 1) % cycle
+
+    def pick(self, pool: LbPool, key: FlowKey) -> tuple[int, bytes, int]:
+        """`peek` and `advance` at once."""
+        hit = self.peek(pool, key)
+        if hit[0] >= 0:
+            self.advance(pool)
+        return hit
+
+    def _in_turn(self, i: int) -> int:
         cycle = self._cycle(i)
         if cycle == 0:
             return NO_BACKEND
-        slot = self.next[i]
-        self.next[i] = (slot + 1) % cycle
-        return bisect_right(self.ends[i], slot)  # the backend whose slot run holds `slot`
+        return bisect_right(self.ends[i], self.next[i])  # the backend whose run holds the slot
 
     def _cycle(self, i: int) -> int:
         """Slots in pool i's round-robin cycle: its total weight (0 for Maglev pools)."""

@@ -1,19 +1,25 @@
 """Transports of the VNIC↔PNIC channel, as seen from the VNIC.
 
-`InlineLink` runs the PNIC in this process: a frame sent is handled at once and its replies wait
-in the VNIC's inbox (deterministic; the host decides when it looks). `ProcessLink` runs the PNIC
-in a process of its own, pinned to its own core where there is one, as a SmartNIC's processor
-would be: frames go over a pipe, and a reader thread empties the way back so neither side can
-block the other.
+Both give the VNIC the same thing: for each message sent, in order, the group of answers the
+PNIC gave to it (`answers`), and for a batch in place, the entries it handed back. The VNIC
+decides when in trace time an answer takes effect; the transport only decides where the work
+runs. `InlineLink` runs the PNIC in this process: a frame sent is handled at once and its
+answers wait in order. `ProcessLink` runs the PNIC in a process of its own, pinned to its own
+core where there is one, as a SmartNIC's processor would be: frames go over a pipe, a reader
+thread empties the way back so neither side can block the other, and the PNIC closes each
+message's answers with a `Done` frame, so `answers` blocks until exactly that group is in,
+however late it arrives in wall time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import multiprocessing as mp
 import os
 import queue
+import socket
 import threading
 from collections import deque
 from multiprocessing.connection import Connection
@@ -30,11 +36,15 @@ log = logging.getLogger("flowshift.link")
 
 
 class PnicLink(Protocol):
-    rejected: dict[str, int]  # frames from the PNIC rejected at the VNIC, by reason
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Frames from the PNIC rejected at the VNIC, by reason."""
 
     def send(self, msg: ch.Msg) -> None: ...
-    def run_batch(self, res: BatchResults, select: np.ndarray) -> bool: ...
-    def receive(self, block: bool = False) -> ch.Msg | None: ...
+    def send_frame(self, frame: bytes) -> None: ...
+    def answers(self) -> list[ch.Msg]: ...
+    def run_batch(self, res: BatchResults, select: np.ndarray,
+                  now: np.ndarray) -> list[ch.Msg] | None: ...
     def close(self) -> None: ...
 
 
@@ -44,23 +54,37 @@ class InlineLink:
         self.pnic = Pnic(capacity, machines, idle_timeout_ns=idle_timeout_ns,
                          report_interval_ns=report_interval_ns)
         self.vnic_end, self.pnic_end = ch.pair()
+        self.groups: deque[list[ch.Msg]] = deque()
 
     def send(self, msg: ch.Msg) -> None:
-        self.vnic_end.send(msg)
+        self.send_frame(ch.encode(msg))
+
+    def send_frame(self, frame: bytes) -> None:
+        """One frame to the PNIC; its answers (none when it was rejected) form one group."""
+        self.vnic_end.send_frame(frame)
         serve(self.pnic_end, self.pnic)
+        group = []
+        while (msg := self.vnic_end.receive()) is not None:
+            group.append(msg)
+        self.groups.append(group)
 
-    def receive(self, block: bool = False) -> ch.Msg | None:
-        return self.vnic_end.receive()
+    def answers(self) -> list[ch.Msg]:
+        """The answers to the oldest message not yet answered."""
+        return self.groups.popleft()
 
-    def run_batch(self, res: BatchResults, select: np.ndarray) -> bool:
-        """The host's batch through the PNIC's data path in place (its DMA ring); the entries
-        handed back arrive as Return messages. Always done: True."""
+    def run_batch(self, res: BatchResults, select: np.ndarray,
+                  now: np.ndarray) -> list[ch.Msg] | None:
+        """The host's batch through the PNIC's data path in place (its DMA ring), each packet
+        at its trace time `now`; the entries it handed back, as Return messages."""
         out: list[ch.Msg] = []
-        self.pnic.run(res.buf, res.offset, res.caplen, res.wire_len, res.linktype, res.ts,
+        self.pnic.run(res.buf, res.offset, res.caplen, res.wire_len, res.linktype, now,
                       select, res.verdict, res.reason, res.machine, res.direction, out)
         for msg in out:
             self.pnic_end.send(msg)
-        return True
+        returned = []
+        while (msg := self.vnic_end.receive()) is not None:
+            returned.append(msg)
+        return returned
 
     @property
     def rejected(self) -> dict[str, int]:
@@ -68,10 +92,12 @@ class InlineLink:
 
     def close(self) -> None:
         self.vnic_end.inbox.clear()
+        self.groups.clear()
 
 
 # The ring the host and a PNIC process share for batches: mapped before the fork, so both see
 # the same pages (no names, nothing to clean up). A batch too big for it goes per packet.
+PNIC_TIMEOUT = 60.0  # seconds of wall time an answer may take before the PNIC counts as gone
 RING_FRAMES = 1 << 27  # bytes of frames
 RING_ROWS = 1 << 17  # packets
 _INPUTS = 6  # int64 columns: offset, caplen, wire_len, linktype, ts, select
@@ -116,19 +142,24 @@ def _pnic_main(conn: Connection, capacity: int, machines: tuple[MachineConfig, .
             frame = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        replies: list[ch.Msg] = []
         try:
             msg = ch.decode(frame)
         except ch.ChannelError as exc:
-            log.warning("pnic: rejected frame: %s", exc)
-            continue
+            ch.count_rejected(pnic.rejected, exc)  # reported as pnic-<reason>
+            msg = None
         if isinstance(msg, ch.RunBatch):
-            replies: list[ch.Msg] = []
             ring.run(pnic, msg, replies)
             replies.append(ch.BatchDone(msg.rows))
         else:
-            replies = pnic.handle(msg)
-        for reply in replies:
-            conn.send_bytes(ch.encode(reply))
+            if msg is not None:
+                replies = pnic.handle(msg)
+            replies.append(ch.Done())  # every frame is answered: the VNIC counts groups
+        try:
+            for reply in replies:
+                conn.send_bytes(ch.encode(reply))
+        except OSError:  # the host closed the pipe: it needs no more answers
+            return
 
 
 class ProcessLink:
@@ -146,7 +177,7 @@ class ProcessLink:
         self.reader = threading.Thread(target=self._read, name="pnic-reader", daemon=True)
         self.reader.start()
         self.rejected: dict[str, int] = {}
-        self.early: deque[ch.Msg] = deque()  # messages read while waiting for a batch
+        self.closed = False
 
     def _read(self) -> None:
         while True:
@@ -157,52 +188,59 @@ class ProcessLink:
                 return
 
     def send(self, msg: ch.Msg) -> None:
-        self.conn.send_bytes(ch.encode(msg))
+        self.send_frame(ch.encode(msg))
 
-    def run_batch(self, res: BatchResults, select: np.ndarray) -> bool:
-        """The host's batch through the PNIC process's data path, by way of the shared ring;
-        the entries handed back arrive as Return messages. False: too big for the ring."""
+    def send_frame(self, frame: bytes) -> None:
+        self.conn.send_bytes(frame)
+
+    def answers(self) -> list[ch.Msg]:
+        """The answers to the oldest message not yet answered: blocks until its Done."""
+        group = []
+        while not isinstance(msg := self._next(), ch.Done):
+            group.append(msg)
+        return group
+
+    def run_batch(self, res: BatchResults, select: np.ndarray,
+                  now: np.ndarray) -> list[ch.Msg] | None:
+        """The host's batch through the PNIC process's data path, by way of the shared ring,
+        each packet at its trace time `now`; the entries handed back, as Return messages.
+        None: too big for the ring (nothing was run)."""
         rows = np.flatnonzero(select)
         n = len(res)
-        if not len(rows) or n > RING_ROWS:
-            return not len(rows)
+        if not len(rows):
+            return []
+        if n > RING_ROWS:
+            return None
         lo = int(res.offset[rows].min())
         hi = int((res.offset[rows] + res.caplen[rows]).max())
         if hi - lo > RING_FRAMES:
-            return False
+            return None
         ring = self.ring
         ring.frames[:hi - lo] = res.buf[lo:hi]
         cols = ring.inputs[:, :n]
         cols[0] = res.offset - lo
-        cols[1], cols[2], cols[3], cols[4] = res.caplen, res.wire_len, res.linktype, res.ts
+        cols[1], cols[2], cols[3], cols[4] = res.caplen, res.wire_len, res.linktype, now
         cols[5] = select
         self.send(ch.RunBatch(n, hi - lo))
-        while True:
-            msg = self._next(block=True)
-            if isinstance(msg, ch.BatchDone):
-                break
-            if msg is not None:
-                self.early.append(msg)  # Returns (and anything else) for the host, in order
+        returned = []
+        while not isinstance(msg := self._next(), ch.BatchDone):
+            returned.append(msg)
         o = {name: a[:n] for name, a in ring.outputs.items()}
         done = select & (o["verdict"] >= 0)
         res.verdict[select] = o["verdict"][select]
         res.reason[done], res.machine[done] = o["reason"][done], o["machine"][done]
         res.direction[done] = o["direction"][done]
         res.buf[lo:hi] = ring.frames[:hi - lo]
-        return True
+        return returned
 
-    def receive(self, block: bool = False) -> ch.Msg | None:
-        if self.early:
-            return self.early.popleft()
-        return self._next(block)
-
-    def _next(self, block: bool) -> ch.Msg | None:
-        """The next message off the pipe (bad frames counted and skipped)."""
+    def _next(self) -> ch.Msg:
+        """The next message off the pipe, waiting for it (bad frames counted and skipped)."""
         while True:
             try:
-                frame = self.replies.get(block=block)
+                frame = self.replies.get(timeout=PNIC_TIMEOUT)
             except queue.Empty:
-                return None
+                raise ConnectionError(f"no answer from the PNIC process in {PNIC_TIMEOUT:.0f} s"
+                                      ) from None
             if frame is None:
                 raise ConnectionError("the PNIC process has gone")
             try:
@@ -211,8 +249,17 @@ class ProcessLink:
                 ch.count_rejected(self.rejected, exc)
 
     def close(self) -> None:
+        """Stop the PNIC process and the reader (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        # shut the socket down before closing it: the reader, blocked in a read, sees EOF
+        # (closing the descriptor under it is not safe), and the PNIC process sees EOF and exits
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self.conn.fileno())) as s:
+            s.shutdown(socket.SHUT_RDWR)
+        self.reader.join(timeout=5)
+        self.conn.close()
+        self.proc.join(timeout=5)
         if self.proc.is_alive():
-            self.conn.close()
+            self.proc.kill()
             self.proc.join(timeout=5)
-            if self.proc.is_alive():
-                self.proc.kill()

@@ -19,6 +19,7 @@ from flowshift.entry import ENTRY_DTYPE, Tier
 from flowshift.flow import FlowKey
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_FIN, TCP_RST, TCP_SYN
+from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import PnicEngine
 from flowshift.verdict import RefuseReason, ReturnReason
 
@@ -32,32 +33,49 @@ class Pnic:
 
     def __init__(self, capacity: int, machines: tuple[MachineConfig, ...], *,
                  idle_timeout_ns: int, report_interval_ns: int) -> None:
-        from flowshift.host import Classifier  # the PNIC steers by the machines' addresses
-
         self.capacity = capacity
         self.engine = PnicEngine(max(capacity, 1), Classifier(machines))
         self.idle_timeout = idle_timeout_ns
         self.report_interval = report_interval_ns
-        self.next_report = -1
+        self.zones = len(machines)
         self.healthy = True
+        self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
 
     # -- messages ----------------------------------------------------------------------------
 
+    def _reject(self, reason: str) -> list[ch.Msg]:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        return []
+
     def handle(self, msg: ch.Msg) -> list[ch.Msg]:
-        """Apply one message; the replies to send back, in order."""
+        """Apply one message; the replies to send back, in order. A message whose contents
+        cannot be the VNIC's is rejected (counted by reason) and changes nothing."""
         out: list[ch.Msg] = []
         engine = self.engine
         if isinstance(msg, ch.Packets):
-            self._timers(msg.now, out)
+            problem = self._packets_problem(msg)
+            if problem is not None:
+                return self._reject(problem)
             self._packets(msg, out)
         elif isinstance(msg, ch.Offload):
             out.append(self._offload(msg))
         elif isinstance(msg, ch.Tick):
-            self._timers(msg.now, out)
-            if msg.sync:
+            if msg.sync:  # a barrier: expired entries come back, no report
                 self._expire(msg.now, out)
-                out.append(ch.Synced(msg.sync))
+                slots = np.array(engine.used_slots(), np.int64)
+                out.append(ch.Synced(msg.sync, int(engine.entries["expires"][slots].min())
+                                     if len(slots) else -1))
+            else:  # the VNIC's report timer, on its grid of trace time
+                self._timers(msg.now, out)
+        elif isinstance(msg, ch.Query):
+            out.append(ch.Entries(msg.now, [engine.get(s) for s in engine.used_slots()],
+                                  dict(self.rejected)))
         elif isinstance(msg, ch.Recall):
+            problem = ch.key_problem(msg.key, self.zones)
+            if problem is None and msg.reason not in ReturnReason._value2member_map_:
+                problem = "bad-reason"
+            if problem is not None:
+                return self._reject(problem)
             hit = engine.find(FlowKey(*msg.key))
             if hit is not None and hit[1] == 0:
                 out.append(ch.Return(engine.remove(hit[0]), msg.reason))
@@ -66,9 +84,28 @@ class Pnic:
             for slot in engine.used_slots():
                 out.append(ch.Return(engine.remove(slot), ReturnReason.WITHDRAW))
             out.append(ch.Health(False))
+        else:
+            return self._reject("unexpected")
         return out
 
+    def _packets_problem(self, msg: ch.Packets) -> str | None:
+        n = len(msg.index)
+        if not (len(msg.zone) == len(msg.ts) == len(msg.data) == len(msg.linktype)
+                == len(msg.wire_len) == n):
+            return "bad-packets"
+        if any(not 0 <= z < self.zones for z in msg.zone):
+            return "unknown-zone"
+        if any(not 0 <= lt < 1 << 16 for lt in msg.linktype) or any(
+                w < 0 or w >= 1 << 32 for w in msg.wire_len) or any(
+                t < 0 or t >= 1 << 63 for t in msg.ts):
+            return "bad-packets"
+        return None
+
     def _offload(self, msg: ch.Offload) -> ch.Msg:
+        problem = ch.entry_problem(msg.entry, self.zones)
+        if problem is not None:
+            self._reject(problem)
+            return ch.Refuse(msg.seq, RefuseReason.BAD_ENTRY)
         if not self.healthy:
             return ch.Refuse(msg.seq, RefuseReason.UNHEALTHY)
         if len(self.engine) >= self.capacity:
@@ -80,11 +117,7 @@ class Pnic:
         return ch.Ack(msg.seq)
 
     def _timers(self, now: int, out: list[ch.Msg]) -> None:
-        if self.next_report < 0:
-            self.next_report = now + self.report_interval
-        if now < self.next_report:
-            return
-        self.next_report = now + self.report_interval
+        """Idle returns and a report of every other entry."""
         engine = self.engine
         slots = np.array(engine.used_slots(), np.int64)
         idle = engine.entries["last_seen"][slots] + self.idle_timeout <= now
@@ -116,7 +149,7 @@ class Pnic:
             start = int(offset[i])
             frame = buf[start:start + int(caplen[i])].tobytes()
             out.append(ch.Return(raw, _why(raw, int(ts[i]), frame, int(linktype[i]),
-                                           int(wire_len[i]))))
+                                           int(wire_len[i])), int(ts[i])))
 
     def _packets(self, msg: ch.Packets, out: list[ch.Msg]) -> None:
         n = len(msg.index)

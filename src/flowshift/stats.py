@@ -1,0 +1,38 @@
+"""What a host counts while it runs, and the flow views a dump is made of."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flowshift.entry import Flow
+from flowshift.results import TIER_LABELS as TIER_NAMES
+
+
+@dataclass(slots=True)
+class FlowView:
+    flow: Flow
+    machine: str
+    tier: str
+
+
+@dataclass
+class HostStats:
+    tier_packets: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_NAMES, 0))
+    tier_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIER_NAMES, 0))
+    offloads_to_vnic: int = 0
+    offloads_to_pnic: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    returned: dict[str, int] = field(default_factory=dict)
+    flows_total: int = 0
+    peak_first_cache: int = 0
+    peak_second_cache: int = 0
+    held_packets: int = 0
+    rejected_messages: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[int, str, str]] = field(default_factory=list)  # (trace time, kind, what)
+    occupancy: list[tuple[int, int]] = field(default_factory=list)  # (trace time, PNIC entries)
+
+    def count(self, table: dict[str, int], label: str) -> None:
+        table[label] = table.get(label, 0) + 1
+
+
+__all__ = ["TIER_NAMES", "FlowView", "HostStats"]

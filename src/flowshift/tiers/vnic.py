@@ -1,0 +1,650 @@
+"""The VNIC tier: the first cache, the offload policy applied, and the VNIC end of the PNIC channel.
+
+Once a machine hands its chain over, the VNIC runs it for every flow the PNIC does not own. Its
+first cache (one `VnicChain` per machine) holds every flow of the machine, with a shadow of each
+flow the PNIC owns. It offers flows the policy wants to the PNIC, refuses when the PNIC cannot
+take them (and makes room by recalling an idle flow), holds the packets of a flow whose entry is
+in transit (offload.HandoffQueue) and handles every message the PNIC sends: Ack, Refuse, Return,
+Results, Report, Health. It also resumes flows after a PNIC crash.
+
+Time. Every message to the PNIC takes effect there in the order sent; its answers take effect
+at the VNIC at a modelled trace time (`latency` after it was sent), never when the transport
+happens to deliver them: `deliver(until)` applies, in time order, every answer due by `until`,
+blocking on the transport if it is not there yet. Entries the PNIC hands back during a batch
+that met it first (`defer`) take effect at their punted packet's trace time. A decision that
+can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT or LB, an ICMP error)
+is taken after a `sync`: every answer applied and every expired entry back, so a PNIC-owned
+flow in the first cache is live.
+
+Every message is checked before it changes anything: an unknown sequence number, flow or
+packet, an entry that does not decode or has a field out of range, an unknown reason, is
+rejected, counted by reason (`rejected`) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flowshift import channel as ch
+from flowshift.config import HostConfig, MachineConfig, parse_config
+from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
+from flowshift.flow import PROTO_TCP, FlowKey
+from flowshift.offload import HandoffQueue, OffloadPolicy
+from flowshift.packet.view import TCP_SYN, Packet, ParseError
+from flowshift.services import conntrack_tcp as ct_tcp
+from flowshift.services.chain import Chain, Outcome
+from flowshift.services.conntrack import (
+    GENERIC_TIMEOUT,
+    ICMP_TIMEOUT,
+    UDP_TIMEOUT_UNREPLIED,
+    generic_timeout,
+)
+from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.tiers.link import PnicLink
+from flowshift.tiers.pnic import PUNT
+from flowshift.verdict import RefuseReason, ReturnReason, Verdict
+
+_OK = ParseError.OK
+_PNIC, _VNIC = Tier.PNIC, Tier.VNIC
+_VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
+_KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
+_NEVER = 1 << 63
+# No packet the PNIC processes gives its entry less life than this: a sync finds nothing
+# expired before the earliest known expiry or this long after the earliest packet since.
+MIN_TIMEOUT = min(t for t in (*ct_tcp.TCP_TIMEOUTS_NS, UDP_TIMEOUT_UNREPLIED, ICMP_TIMEOUT,
+                              GENERIC_TIMEOUT) if t > 0)
+
+
+class VnicChain(Chain):
+    """The chain a VNIC runs: its first cache also shadows the flows the PNIC owns."""
+
+    def __init__(self, machine: MachineConfig, index: int) -> None:
+        super().__init__(machine, index, Tier.VNIC)
+
+    def lookup_remote(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
+        # A PNIC-owned flow: the VNIC synced before any decision that can reach it, so the
+        # PNIC has handed back every entry that expired; the shadow is live.
+        return self.flows.get(key)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A packet at the VNIC: being decided, held, or at the PNIC."""
+
+    index: int
+    ts: int  # its trace time
+    pkt: Packet
+    machine: int
+    direction: int
+    fkey: FlowKey  # the original key of its flow (None until known)
+
+
+# (packet, verdict, reason, rule, tier, rewritten): the host records a packet's result
+Record = Callable[[Pending, int, int, int, int, bool], None]
+
+
+class Vnic:
+    """The VNICs of a host's machines and their side of the one PNIC channel."""
+
+    def __init__(self, config: HostConfig, link: PnicLink, policy: OffloadPolicy,
+                 stats: HostStats, record: Record, *, latency: int = 0,
+                 batch: int = 256) -> None:
+        self.names = [m.name for m in config.machines]
+        self.capacity = config.pnic.capacity
+        self.chains: list[VnicChain | None] = [None] * len(config.machines)
+        self.link = link
+        self.policy = policy
+        self.stats = stats
+        self.record = record
+        self.latency = latency
+        self.batch_size = batch
+        self.queue: HandoffQueue[Pending] = HandoffQueue()
+        self.healthy = True
+        self.alive = True  # the PNIC is there at all (a crash ends it)
+        self.pnic_flows = 0  # entries the PNIC holds or is being sent
+        self.pnic_owned: dict[FlowKey, Flow] = {}  # shadows of PNIC-owned flows
+        self.backoff: dict[FlowKey, int] = {}  # flow -> packet count before the next offer
+        self.batch: list[Pending] = []  # packets for the PNIC, not sent yet
+        self.seq = 0
+        self.sync_seq = 0
+        self.packets_seq = 0
+        self.packets_sent: dict[int, list[int]] = {}  # Packets message -> its packets
+        self.clock = 0  # the trace time of the event being handled (set by the host)
+        self.synced_at = -1
+        self.expiry_floor = -1  # no PNIC entry expires before this (-1: unknown)
+        # messages sent whose answers are not applied: (due time, kind, seq)
+        self.outstanding: deque[tuple[int, int, int]] = deque()
+        self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
+        self._order = itertools.count()
+        self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
+        self._pnic_rejected: dict[str, int] = {}  # the same at the PNIC, as it last said
+
+    # -- machine -> VNIC ---------------------------------------------------------------------
+
+    def adopt(self, msg: ch.Handoff) -> int:
+        """Take over a machine's chain from its handoff message; the entries taken."""
+        m = msg.machine
+        cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
+        chain = VnicChain(cfg, m)
+        if chain.lb is not None:
+            chain.lb.restore(msg.lb_state)
+        for raw in msg.entries:
+            chain.import_flow(Flow.from_bytes(raw))
+        self.chains[m] = chain
+        self.peaks()
+        return len(msg.entries)
+
+    # -- packets -----------------------------------------------------------------------------
+
+    def steer(self, item: Pending) -> None:
+        """A packet of a machine whose VNIC runs its chain: to its flow's owner, in order."""
+        chain = self.chains[item.machine]
+        assert chain is not None
+        pkt = item.pkt
+        hit = (chain.flows.get(pkt.key(item.machine))
+               if pkt.error == _OK and pkt.inner is None else None)
+        if hit is not None:
+            flow = hit[0]
+            fkey = item.fkey = flow.key
+            q = self.queue
+            if q.in_transit(fkey) or q.is_held(fkey) or (
+                    flow.owner != _PNIC and q.in_flight(fkey)):
+                q.hold(item)  # behind its entry, or behind its packets still at the PNIC
+                self.stats.held_packets += 1
+                return
+            if flow.owner == _PNIC:
+                self._to_pnic(item)
+                return
+        self._decide(item, chain)
+
+    def _decide(self, item: Pending, chain: VnicChain) -> None:
+        if self._reaches_pnic(item, chain):
+            self.sync(item.ts)
+        out = chain.process(item.pkt, item.direction, item.ts)
+        self.outcome(item, out, _VNIC)
+        flow = out.flow
+        if flow is not None and flow.owner == _VNIC and self.policy.wants(flow):
+            self.consider(item.machine, flow.key, item.ts)
+
+    def _reaches_pnic(self, item: Pending, chain: Chain) -> bool:
+        """Can deciding this packet look at a flow the PNIC owns (other than its own)?"""
+        if not self.pnic_flows:
+            return False
+        pkt = item.pkt
+        if pkt.inner is not None:  # an ICMP error: related to any flow
+            return True
+        if chain.nat is None and chain.lb is None:  # no tuple clash to check
+            return False
+        return item.fkey is None or (pkt.proto == PROTO_TCP and bool(pkt.flags & TCP_SYN))
+
+    def outcome(self, item: Pending, out: Outcome, tier: int) -> None:
+        if out.created:
+            self.stats.flows_total += 1
+        flow = out.flow
+        self.record(item, out.verdict, out.reason, out.rule, tier,
+                    flow is not None and flow.key != flow.xlat)
+
+    # -- VNIC -> PNIC ------------------------------------------------------------------------
+
+    def consider(self, machine: int, fkey: FlowKey, now: int) -> None:
+        """Offer a flow the policy wants to the PNIC, if the PNIC can take it."""
+        chain = self.chains[machine]
+        assert chain is not None
+        hit = chain.flows.get(fkey)
+        if hit is None or self.queue.in_transit(fkey):
+            return
+        flow = hit[0]
+        total = flow.packets[0] + flow.packets[1]
+        if total < self.backoff.get(fkey, 0):
+            return
+        self.deliver(now)  # the room the PNIC has now, with every answer due so far
+        if flow.owner != _VNIC or self.queue.in_transit(fkey):
+            return
+        reason = None
+        if not self.healthy:
+            reason = RefuseReason.UNHEALTHY
+        elif not self.policy.supports(flow):
+            reason = RefuseReason.UNSUPPORTED_SERVICE
+        elif self.pnic_flows >= self.capacity:
+            reason = RefuseReason.FULL
+            self._make_room(flow)
+        if reason is not None:
+            self._refused(fkey, total, reason, now)
+            return
+        self.seq += 1
+        self.queue.start(self.seq, fkey)
+        self.pnic_flows += 1
+        self.lower_floor(flow.expires)
+        self._send(ch.Offload(self.seq, flow.to_bytes()), _KIND_OFFLOAD, self.seq)
+        self.peaks()
+
+    def _refused(self, fkey: FlowKey, total: int, reason: RefuseReason, now: int) -> None:
+        self.stats.count(self.stats.refused, reason.label)
+        self.backoff[fkey] = max(2 * total, total + 1)
+        self.stats.events.append((now, "refuse", reason.label))
+
+    def _make_room(self, candidate: Flow) -> None:
+        """Take back the least recently used PNIC flow if it sat idle for the candidate's life."""
+        lru = None
+        for flow in self.pnic_owned.values():
+            if not self.queue.in_transit(flow.key) and (lru is None
+                                                        or flow.last_seen < lru.last_seen):
+                lru = flow
+        if lru is not None and lru.last_seen < candidate.created:
+            self.seq += 1
+            self.queue.start(self.seq, lru.key)
+            self._send(ch.Recall(self.seq, tuple(lru.key), ReturnReason.ROOM),  # type: ignore[arg-type]
+                       _KIND_RECALL, self.seq)
+
+    def _to_pnic(self, item: Pending) -> None:
+        self.queue.sent(item)
+        self.batch.append(item)
+        if len(self.batch) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.batch:
+            return
+        b = self.batch
+        self.batch = []
+        self.link.send(ch.Packets(b[-1].ts, [p.index for p in b], [p.machine for p in b],
+                                  [p.ts for p in b], [bytes(p.pkt.data) for p in b],
+                                  [p.pkt.linktype for p in b], [p.pkt.wire_len for p in b]))
+        self.packets_seq += 1
+        self.packets_sent[self.packets_seq] = [p.index for p in b]
+        self.lower_floor(min(p.ts for p in b) + MIN_TIMEOUT)
+        self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, self.packets_seq))
+        self.synced_at = -1
+
+    def _send(self, msg: ch.Msg, kind: int = _KIND_OTHER, seq: int = 0, at: int = -1) -> None:
+        self._flush()  # one FIFO: control messages stay behind earlier packets
+        if not self.alive:
+            return
+        self.link.send(msg)
+        now = at if at >= 0 else self.clock
+        self.outstanding.append((now + self.latency, kind, seq))
+        self.synced_at = -1
+
+    # -- time --------------------------------------------------------------------------------
+
+    def due(self, until: int) -> bool:
+        """Is anything to apply by trace time `until`?"""
+        return bool((self.outstanding and self.outstanding[0][0] <= until)
+                    or (self.deferred and self.deferred[0][0] <= until)
+                    or (self.batch and self.batch[0].ts + self.latency <= until))
+
+    def deliver(self, until: int) -> None:
+        """Apply, in trace-time order, every answer due by `until` (blocking for it if the
+        transport has not brought it yet)."""
+        while True:
+            if self.batch and self.batch[0].ts + self.latency <= until:
+                self._flush()
+            out = self.outstanding[0][0] if self.outstanding else None
+            dfr = self.deferred[0][0] if self.deferred else None
+            if dfr is not None and dfr <= until and (out is None or dfr < out):
+                at, _, ret = heapq.heappop(self.deferred)
+                self._on_message(ret, at)
+            elif out is not None and out <= until:
+                self._apply_next()
+            else:
+                return
+
+    def _apply_next(self) -> None:
+        due, kind, seq = self.outstanding.popleft()
+        for msg in self.link.answers():
+            self._on_message(msg, due)
+        if kind == _KIND_OFFLOAD and self.queue.transit.get(seq) is not None:
+            fkey = self.queue.answered(seq)  # no valid answer: the offer did not happen
+            assert fkey is not None
+            self.pnic_flows -= 1
+            self.stats.count(self.rejected, "unanswered")
+            self._refused(fkey, 0, RefuseReason.BAD_ENTRY, due)
+            self._release(fkey)
+        elif kind == _KIND_RECALL and self.queue.transit.get(seq) is not None:
+            fkey = self.queue.answered(seq)  # the PNIC no longer had the flow
+            assert fkey is not None
+            self._release(fkey)
+        elif kind == _KIND_PACKETS:
+            for index in self.packets_sent.pop(seq, ()):
+                if index in self.queue.inflight:  # no result came back for it: ours to decide
+                    self.stats.count(self.rejected, "unanswered")
+                    self._on_results(ch.Results([index], [PUNT], [0], [b""]), due)
+
+    def defer(self, returned: list[ch.Msg], fallback: int) -> None:
+        """Entries handed back by a batch that met the PNIC first: each takes effect at its
+        own packet's trace time."""
+        for msg in returned:
+            if isinstance(msg, ch.Return):
+                at = msg.now if msg.now >= 0 else fallback
+                heapq.heappush(self.deferred, (at, next(self._order), msg))
+            else:
+                self.stats.count(self.rejected, "unexpected")
+
+    def drain(self, until: int | None = None) -> None:
+        """Apply every answer outstanding (and deferred entries up to `until`): a barrier."""
+        while self.batch or self.outstanding:
+            self._flush()
+            while self.outstanding:
+                self._apply_next()
+        if until is not None:
+            self.deliver(until)
+
+    def lower_floor(self, t: int) -> None:
+        """An entry at the PNIC may expire as early as `t`."""
+        if self.expiry_floor >= 0:
+            self.expiry_floor = min(self.expiry_floor, t)
+
+    def sync(self, now: int) -> None:
+        """Barrier before a decision that can reach a PNIC-owned entry: every answer applied,
+        every entry expired by `now` handed back (no round trip when none can have)."""
+        if self.synced_at == now and not self.batch and not self.outstanding:
+            return
+        self.drain(now)
+        self._expire_deferred(now)
+        if self.alive and self.healthy and self.pnic_flows and not (
+                self.expiry_floor > now):
+            self.sync_seq += 1
+            self._send(ch.Tick(now, self.sync_seq), at=now)
+            self.expiry_floor = _NEVER  # lowered by the answer and by what follows
+            self.drain(now)
+        self.synced_at = now
+
+    def _expire_deferred(self, now: int) -> None:
+        """Entries a batch handed back at a later packet's time that had expired by `now`:
+        the PNIC would have handed them back at this sync, so they come back now."""
+        if not self.deferred:
+            return
+        dead = [d for d in self.deferred if _expires(d[2].entry) <= now]
+        if not dead:
+            return
+        self.deferred = [d for d in self.deferred if _expires(d[2].entry) > now]
+        heapq.heapify(self.deferred)
+        for _, _, ret in sorted(dead):
+            self._on_message(ch.Return(ret.entry, ReturnReason.EXPIRED, now), now)
+
+    def settle(self, now: int) -> None:
+        """Finish every packet still held, batched or at the PNIC."""
+        self.drain(now)
+        while self.queue.held:
+            for fkey in self.queue.held_flows():
+                if not self.queue.in_transit(fkey) and not self.queue.in_flight(fkey):
+                    self._release(fkey)
+            if self.batch or self.outstanding:
+                self.drain(now)
+            elif self.queue.held:  # waiting on nothing that will come: let them go in order
+                for fkey in self.queue.held_flows():
+                    self.queue.cancel(fkey)
+                    self._release(fkey)
+
+    def tick(self, now: int) -> None:
+        """The report timer: the PNIC reports its entries and hands back idle ones."""
+        if self.alive and self.healthy and self.pnic_flows:
+            self._send(ch.Tick(now), at=now)
+            self.stats.occupancy.append((now, self.pnic_flows))
+
+    def sweep(self, now: int) -> None:
+        """Free expired flows nobody looked up again; PNIC-owned flows and flows with packets
+        or entries still on their way are left alone."""
+        for chain in self.chains:
+            if chain is not None:
+                for flow in chain.flows.sweep(now, keep=_PNIC, spare=self.queue.pending):
+                    self.backoff.pop(flow.key, None)
+
+    # -- PNIC -> VNIC ------------------------------------------------------------------------
+
+    def _reject(self, reason: str) -> None:
+        self.stats.count(self.rejected, reason)
+
+    def _on_message(self, msg: ch.Msg, at: int) -> None:
+        if isinstance(msg, ch.Results):
+            self._on_results(msg, at)
+        elif isinstance(msg, ch.Ack):
+            self._on_ack(msg.seq, at)
+        elif isinstance(msg, ch.Refuse):
+            self._on_refuse(msg.seq, msg.reason, at)
+        elif isinstance(msg, ch.Return):
+            self._on_return(msg, at)
+        elif isinstance(msg, ch.Report):
+            for raw in msg.entries:
+                flow = self._entry(raw)
+                if flow is not None:
+                    self._shadow(flow)
+        elif isinstance(msg, ch.Health):
+            self.healthy = bool(msg.healthy)
+        elif isinstance(msg, ch.Synced):
+            if msg.next_expiry >= 0:
+                self.lower_floor(msg.next_expiry)
+            self.lower_floor(at + MIN_TIMEOUT)
+        elif not isinstance(msg, ch.Entries):
+            self._reject("unexpected")
+
+    def _entry(self, raw: bytes) -> Flow | None:
+        """An entry from the PNIC, checked: None (counted) when it cannot be one of ours."""
+        if len(raw) != ENTRY_SIZE:
+            self._reject("bad-entry")
+            return None
+        try:
+            flow = Flow.from_bytes(raw)
+        except (struct.error, ValueError):
+            self._reject("bad-entry")
+            return None
+        key = flow.key
+        if not (0 <= key.zone < len(self.chains)) or self.chains[key.zone] is None \
+                or flow.machine != key.zone:
+            self._reject("unknown-zone")
+            return None
+        if key.family not in (4, 6) or flow.xlat.proto != key.proto or (
+                flow.tcp is not None and not 0 <= flow.tcp.state < len(ct_tcp.TCP_TIMEOUTS_NS)):
+            self._reject("bad-entry")
+            return None
+        return flow
+
+    def _on_ack(self, seq: int, at: int) -> None:
+        fkey = self.queue.transit.get(seq)
+        if fkey is None or fkey in self.pnic_owned:
+            self._reject("unknown-seq")
+            return
+        chain = self.chains[fkey.zone]
+        hit = chain.flows.get(fkey) if chain is not None else None
+        self.queue.answered(seq)
+        if hit is None:  # cannot happen while the sweep spares flows in transit
+            self._reject("unknown-flow")
+            self.pnic_flows -= 1
+            return
+        hit[0].owner = _PNIC
+        self.pnic_owned[fkey] = hit[0]
+        self.stats.offloads_to_pnic += 1
+        self.stats.events.append((at, "offload", str(fkey)))
+        self._release(fkey)
+
+    def _on_refuse(self, seq: int, reason: int, at: int) -> None:
+        if reason not in RefuseReason._value2member_map_:
+            self._reject("bad-reason")
+            return
+        fkey = self.queue.transit.get(seq)
+        if fkey is None or fkey in self.pnic_owned:
+            self._reject("unknown-seq")
+            return
+        self.queue.answered(seq)
+        self.pnic_flows -= 1
+        chain = self.chains[fkey.zone]
+        hit = chain.flows.get(fkey) if chain is not None else None
+        total = hit[0].packets[0] + hit[0].packets[1] if hit is not None else 0
+        self._refused(fkey, total, RefuseReason(reason), at)
+        self._release(fkey)
+
+    def _on_return(self, msg: ch.Return, at: int) -> None:
+        if msg.reason not in ReturnReason._value2member_map_:
+            self._reject("bad-reason")
+            return
+        flow = self._entry(msg.entry)
+        if flow is None:
+            return
+        fkey = flow.key
+        if fkey not in self.pnic_owned:
+            self._reject("unknown-flow")
+            return
+        del self.pnic_owned[fkey]
+        chain = self.chains[fkey.zone]
+        assert chain is not None
+        old = chain.flows.get(fkey)
+        if old is not None:
+            chain.flows.remove(old[0])
+        chain.import_flow(flow)
+        self.pnic_flows -= 1
+        label = ReturnReason(msg.reason).label
+        self.stats.count(self.stats.returned, label)
+        self.stats.events.append((at, "return", label))
+        self.queue.cancel(fkey)  # the answer to a recall, if we sent one
+        self.backoff[fkey] = 2 * (flow.packets[0] + flow.packets[1]) + 1
+        if not self.queue.in_flight(fkey):
+            self._release(fkey)
+
+    def _on_results(self, msg: ch.Results, at: int) -> None:
+        n = len(msg.index)
+        if not (len(msg.verdict) == len(msg.reason) == len(msg.data) == n):
+            self._reject("bad-results")
+            return
+        for index, verdict, reason, data in zip(msg.index, msg.verdict, msg.reason, msg.data,
+                                                strict=True):
+            item = self.queue.inflight.get(index)
+            if item is None or verdict not in _VERDICTS or (
+                    verdict == Verdict.FORWARD and len(data) != len(item.pkt.data)) or not (
+                    0 <= reason < 1 << 15):
+                self._reject("bad-results" if item is not None else "unknown-packet")
+                continue
+            back = self.queue.returned(index)
+            assert back is not None
+            _, last = back
+            fkey = item.fkey
+            chain = self.chains[item.machine]
+            assert chain is not None
+            if verdict == PUNT:  # the PNIC gave the flow back before this packet: ours now
+                self._decide(item, chain)
+            else:
+                if data:
+                    item.pkt.data[:] = data
+                self.record(item, verdict, reason, -1, _PNIC, True)
+            if last:
+                hit = chain.flows.get(fkey)
+                if hit is not None and hit[0].owner != _PNIC:
+                    self._release(fkey)
+
+    def _shadow(self, reported: Flow) -> None:
+        """Refresh the shadow of a PNIC-owned flow from a report."""
+        shadow = self.pnic_owned.get(reported.key)
+        if shadow is None:
+            return
+        shadow.tcp, shadow.status = reported.tcp, reported.status
+        shadow.packets, shadow.bytes = reported.packets, reported.bytes
+        shadow.last_seen, shadow.expires = reported.last_seen, reported.expires
+
+    def _release(self, fkey: FlowKey) -> None:
+        """Hand held packets of a flow to its owner now, in arrival order."""
+        held = self.queue.release(fkey)
+        while held:
+            self.steer(held.popleft())
+            if self.queue.is_held(fkey):  # it had to wait again: keep the rest behind it
+                self.queue.requeue(fkey, held)
+                return
+
+    def peaks(self) -> None:
+        first = sum(len(c.flows) for c in self.chains if c is not None)
+        s = self.stats
+        s.peak_first_cache = max(s.peak_first_cache, first)
+        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
+
+    # -- PNIC failure ------------------------------------------------------------------------
+
+    def withdraw(self, now: int) -> None:
+        """Graceful withdrawal: every entry comes back exact; no offload afterwards."""
+        if not self.healthy:
+            return
+        self.drain(now)
+        self.stats.events.append((now, "withdraw", ""))
+        self._send(ch.Withdraw(now), at=now)
+        self.drain(now)
+        self.healthy = False
+
+    def crash(self, now: int) -> None:
+        """The PNIC dies: no entry comes back; the VNIC resumes from the last report."""
+        if not self.alive:
+            return
+        self.sync(now)  # packets already handed to the PNIC were processed before it died
+        self.pnic_rejected()  # its counters die with it
+        self.stats.events.append((now, "crash", ""))
+        self.healthy = self.alive = False
+        self.link.close()
+        owned, self.pnic_owned = self.pnic_owned, {}
+        for flow in owned.values():
+            resume(flow, now)
+            flow.owner = _VNIC
+            self.pnic_flows -= 1
+            self.stats.count(self.stats.returned, ReturnReason.CRASH.label)
+            self.stats.events.append((now, "return", ReturnReason.CRASH.label))
+            self._release(flow.key)
+
+    # -- dumps -------------------------------------------------------------------------------
+
+    def pnic_rejected(self) -> dict[str, int]:
+        """The messages the PNIC rejected, by reason (asked while it is there)."""
+        if self.alive:
+            self.drain()
+            self.link.send(ch.Query(self.clock))
+            for msg in self.link.answers():
+                if isinstance(msg, ch.Entries):
+                    self._pnic_rejected = {f"pnic-{k}": v for k, v in msg.rejected.items()}
+        return dict(self._pnic_rejected)
+
+    def views(self, now: int, machines: list[Chain | None]) -> list[FlowView]:
+        """Every live flow as it stands at `now`, with its owner tier; PNIC-owned flows as the
+        PNIC has them now (read, not synced: a dump changes nothing)."""
+        self.deliver(now)
+        fresh: dict[FlowKey, Flow] = {}
+        if self.alive and self.pnic_owned:
+            self.drain()
+            self.link.send(ch.Query(now))
+            for msg in self.link.answers():
+                if isinstance(msg, ch.Entries):
+                    for raw in msg.entries:
+                        flow = self._entry(raw)
+                        if flow is not None:
+                            fresh[flow.key] = flow
+        out = []
+        for i, name in enumerate(self.names):
+            chain = self.chains[i] or machines[i]
+            assert chain is not None
+            for flow in chain.flows:
+                tier = flow.owner
+                if tier == _PNIC:
+                    flow = fresh.get(flow.key, flow)
+                if flow.expires > now:
+                    out.append(FlowView(flow.copy(), name, TIER_NAMES[tier]))
+        return out
+
+
+_FIELDS = ENTRY_DTYPE.fields
+assert _FIELDS is not None
+_EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
+
+
+def _expires(raw: bytes) -> int:
+    return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
+
+
+def resume(flow: Flow, now: int) -> None:
+    """After a PNIC crash: continue from the last report, re-learning TCP windows loosely."""
+    if flow.tcp is not None:
+        ct_tcp.relearn(flow.tcp)
+        timeout = ct_tcp.TCP_TIMEOUTS_NS[flow.tcp.state]
+    else:
+        timeout = generic_timeout(flow)
+    flow.expires = max(flow.expires, now + timeout)
+
+
+__all__ = ["Pending", "Vnic", "VnicChain", "resume"]

@@ -1,0 +1,261 @@
+"""Transparency under the event model: traces built to break it, every schedule, both formats.
+
+Hypothesis builds traces from episodes that stress the event order (time gaps longer than every
+timeout, flows that close across a gap, timestamps that go backwards, many short flows among
+elephants, an untracked protocol, two link types in one pcapng) and picks a schedule (policy,
+batch size, capacity, PNIC latency, withdrawal, crash and dump at any packet). Every run is
+compared with the run that never offloads: verdicts, reasons and bytes of every packet, and the
+flow dump but for its tier column. After a crash only the forwarded packets of the never run
+are checked (the VNIC resumes loosely), as Linux would keep those connections.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowshift.config import load_config, parse_config
+from flowshift.packet.build import ip_frame, udp_frame
+from flowshift.verdict import Verdict
+from hosttools import CORPUS, FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
+from tracetools import (
+    CLIENT,
+    SERVER,
+    S,
+    TcpConn,
+    pcap_to_pcapng,
+    write_mixed_pcapng,
+    write_pcap,
+)
+
+MS = S // 1000
+HOSTS = {"firewall": parse_config(FIREWALL_HOST, "test"),
+         "gateway": parse_config(GATEWAY_HOST, "test")}
+
+
+def _episode(rng: random.Random, kind: str, t0: int, port: int) -> list[tuple[int, bytes]]:
+    """One flow's packets from trace time t0."""
+    if kind == "dns":  # a short UDP exchange
+        q = udp_frame(src=CLIENT, dst=SERVER, sport=port, dport=53, payload=b"q")
+        a = udp_frame(src=SERVER, dst=CLIENT, sport=53, dport=port, payload=b"a" * 40)
+        return [(t0, q), (t0 + rng.randint(1, 50) * MS, a)]
+    if kind == "igmp":
+        return [(t0, ip_frame(src=CLIENT, dst=bytes([224, 0, 0, 251]), proto=2,
+                              l4=bytes([0x16, 0, 0, 0, 224, 0, 0, 251])))]
+    conn = TcpConn(sport=port)
+    step = rng.choice([MS // 10, MS, 20 * MS])
+    frames = conn.handshake() + conn.data(rng.choice([2, 12, 40]))
+    out = [(t0 + i * step, f) for i, f in enumerate(frames)]
+    t = out[-1][0]
+    if kind == "elephant":
+        return [*out, (t + step, conn.client_fin()), (t + 2 * step, conn.server_fin()),
+                (t + 3 * step, conn.client_ack())]
+    if kind == "close_across_gap":  # the peer answers the FIN after a long silence
+        gap = rng.choice([30 * S, 130 * S, 700 * S])
+        return [*out, (t + step, conn.client_fin()), (t + gap, conn.server_fin()),
+                (t + gap + step, conn.client_ack())]
+    return out  # "open": never closes
+
+
+KINDS = ("dns", "elephant", "open", "close_across_gap", "igmp")
+
+
+@st.composite
+def traces(draw: st.DrawFn) -> tuple[list[tuple[int, bytes]], list[bool]]:
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    episodes = draw(st.lists(st.sampled_from(KINDS), min_size=1, max_size=30))
+    t = S
+    trace: list[tuple[int, bytes]] = []
+    for n, kind in enumerate(episodes):
+        gap = draw(st.sampled_from([0, 3 * MS, 2 * S, 200 * S, 800 * S]))  # > every timeout
+        t += gap
+        trace += _episode(rng, kind, t, 20000 + n)
+    trace.sort(key=lambda p: p[0])
+    for _ in range(draw(st.integers(0, 4))):  # timestamps that go backwards
+        i = rng.randrange(len(trace))
+        j = min(len(trace) - 1, i + rng.randint(1, 5))
+        trace[i], trace[j] = trace[j], trace[i]
+    if draw(st.booleans()):  # ... across a gap longer than a timeout
+        for i in range(len(trace) - 1):
+            if trace[i + 1][0] - trace[i][0] > 100 * S and rng.random() < 0.5:
+                trace[i], trace[i + 1] = trace[i + 1], trace[i]
+    raw = [False] * len(trace)
+    if draw(st.booleans()):  # two link types in one pcapng
+        raw = [rng.random() < 0.3 for _ in trace]
+    return trace, raw
+
+
+def _write(tmp: Path, trace: list[tuple[int, bytes]], raw: list[bool]) -> Path:
+    if any(raw):
+        return write_mixed_pcapng(tmp / "t.pcapng", trace, raw)
+    return write_pcap(tmp / "t.pcap", trace)
+
+
+def _check(never: Run, got: Run, crashed: bool) -> None:
+    assert len(never.results) == len(got.results)
+    if crashed:
+        for x, y in zip(never.results, got.results, strict=True):
+            if x.verdict == Verdict.FORWARD:
+                assert y.verdict == Verdict.FORWARD, (x, y)
+                assert y.data == x.data
+        return
+    for i, (x, y) in enumerate(zip(never.outputs(), got.outputs(), strict=True)):
+        assert x == y, i
+    assert got.dumps == never.dumps
+
+
+schedules = st.fixed_dictionaries({
+    "policy": st.sampled_from(["always", "elephant"]),
+    "rows": st.sampled_from([None, 1, 7, 64, 4096]),
+    "capacity": st.sampled_from([1, 2, 64]),
+    "latency": st.sampled_from([0, 0, MS, 50 * MS]),
+    "withdraw": st.booleans(), "crash": st.booleans(), "dump": st.booleans(),
+    "at": st.floats(0, 1),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(trace=traces(), schedule=schedules, host=st.sampled_from(sorted(HOSTS)))
+def test_generated_traces_every_schedule(tmp_path_factory, trace, schedule, host):
+    tmp = tmp_path_factory.mktemp("ev")
+    path = _write(tmp, *trace)
+    cfg = HOSTS[host]
+    n = len(trace[0])
+    at = min(int(schedule["at"] * n), n - 1)
+    if schedule["rows"] is not None and schedule["latency"]:
+        schedule["latency"] = 0  # the batch path runs as the replay does: answers at once
+    dump_at = at if schedule["dump"] else None
+    never = run(path, cfg, policy="never", rows=schedule["rows"], dump_at=dump_at)
+    got = run(path, cfg, policy=schedule["policy"], rows=schedule["rows"],
+              capacity=schedule["capacity"], latency=schedule["latency"],
+              withdraw_at=at if schedule["withdraw"] else None,
+              crash_at=at if schedule["crash"] and not schedule["withdraw"] else None,
+              dump_at=dump_at)
+    crashed = schedule["crash"] and not schedule["withdraw"]
+    if crashed:
+        got.dumps = never.dumps  # a crash resumes loosely: its dump after it is not exact
+    _check(never, got, crashed)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(trace=traces(), rows=st.sampled_from([None, 64]))
+def test_generated_traces_process_pnic(tmp_path_factory, trace, rows):
+    path = _write(tmp_path_factory.mktemp("evp"), *trace)
+    cfg = HOSTS["gateway"]
+    inline = run(path, cfg, policy="always", rows=rows)
+    process = run(path, cfg, policy="always", rows=rows, pnic="process")
+    assert process.outputs() == inline.outputs()
+    assert process.host.stats.events == inline.host.stats.events
+    assert process.host.stats.tier_packets == inline.host.stats.tier_packets
+
+
+# -- real captures, both formats, every schedule ---------------------------------------------
+
+needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
+REAL_CAPTURES = sorted(p.name for p in REAL.glob("*.pcap")) if REAL.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory):
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    tmp = tmp_path_factory.mktemp("realng")
+    out = {}
+    for name in REAL_CAPTURES:
+        classic = REAL / name
+        ng = pcap_to_pcapng(classic, tmp / (name + "ng"))
+        out[name] = (classic, ng, run(classic, cfg, policy="never", rows=4096))
+    return cfg, out
+
+
+@needs_corpus
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_real_captures_every_schedule(real_runs, data):
+    cfg, runs = real_runs
+    name = data.draw(st.sampled_from(sorted(runs)))
+    classic, ng, never = runs[name]
+    n = len(never.results)
+    trace = data.draw(st.sampled_from([classic, ng]))
+    at = data.draw(st.integers(0, max(n - 1, 0)))
+    kind = data.draw(st.sampled_from(["policy", "withdraw", "crash", "dump"]))
+    rows = data.draw(st.sampled_from([500, 4096]))
+    policy = data.draw(st.sampled_from(["always", "elephant"]))
+    if kind == "dump":
+        never = run(classic, cfg, policy="never", rows=rows, dump_at=at)
+    got = run(trace, cfg, policy=policy, rows=rows,
+              withdraw_at=at if kind == "withdraw" else None,
+              crash_at=at if kind == "crash" else None,
+              dump_at=at if kind == "dump" else None)
+    _check(never, got, kind == "crash")
+
+
+def _tcpdump_sample() -> list[Path]:
+    d = CORPUS / "tcpdump"
+    if not d.is_dir():
+        return []
+    files = sorted(p for p in d.iterdir() if p.suffix in (".pcap", ".pcapng"))
+    return files[::60]  # a spread sample, the same every run
+
+
+ALLOW_ALL = {"pnic": {"capacity": 8},
+             "offload": {"policy": "always", "idle_timeout": 2.0, "report_interval": 0.5},
+             "machine": [{"name": "all", "addresses": ["0.0.0.0/0", "::/0"],
+                          "services": ["firewall", "count"],
+                          "firewall": {"default": "allow", "rule": []}}]}
+
+
+@pytest.mark.parametrize("path", _tcpdump_sample(), ids=lambda p: p.name)
+def test_tcpdump_sample_both_formats(tmp_path, path):
+    from flowshift.packet.pcap import TraceError
+
+    cfg = parse_config(ALLOW_ALL, "test")
+    try:
+        ng = pcap_to_pcapng(path, tmp_path / "t.pcapng")
+    except TraceError:
+        pytest.skip("not a readable trace (the corpus holds broken files on purpose)")
+    for trace in (path, ng):
+        never = run(trace, cfg, policy="never", rows=64)
+        _check(never, run(trace, cfg, policy="always", rows=64), False)
+        _check(never, run(trace, cfg, policy="always"), False)
+
+
+# -- the PNIC in its own process, twenty times ------------------------------------------------
+
+
+@needs_corpus
+def test_process_pnic_twenty_times_is_inline_every_time(tmp_path):
+    from flowshift.packet.pcap import PcapWriter, open_trace
+
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    trace = tmp_path / "head.pcap"
+    with open_trace(REAL / "replay_input.pcap") as frames, PcapWriter(trace) as out:
+        for _, f in zip(range(8000), frames, strict=False):  # its first 8000 packets
+            out.write(f.ts_ns, f.data, f.wire_len)
+    inline = run(trace, cfg, policy="elephant", rows=2048)
+    assert inline.host.stats.offloads_to_pnic > 0
+    for _ in range(20):
+        process = run(trace, cfg, policy="elephant", rows=2048, pnic="process")
+        assert process.outputs() == inline.outputs()
+        assert process.host.stats.events == inline.host.stats.events
+        assert process.host.stats.tier_packets == inline.host.stats.tier_packets
+        assert process.host.stats.peak_second_cache == inline.host.stats.peak_second_cache
+
+
+@needs_corpus
+def test_packet_by_packet_and_batches_agree_on_events_tiers_and_peaks():
+    cfg = load_config(REAL / "lb-gateway-rr.toml")
+    trace = REAL / "replay_input.pcap"
+    runs = [run(trace, cfg, policy="elephant", rows=rows) for rows in (None, 100, 4096)]
+    base = runs[-1].host.stats
+    assert base.offloads_to_pnic > 0
+    for got in runs[:-1]:
+        s = got.host.stats
+        assert got.outputs() == runs[-1].outputs()
+        assert s.events == base.events
+        assert s.tier_packets == base.tier_packets
+        assert (s.peak_second_cache, s.held_packets) == (base.peak_second_cache,
+                                                         base.held_packets)
