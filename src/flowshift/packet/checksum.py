@@ -60,8 +60,28 @@ def change_sum(old: bytes, new: bytes) -> int:
 
 
 def update_sum(csum: int, change: int) -> int:
-    """RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), with `change` from `change_sum`."""
+    """RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), with `change` from `change_sum` (or a sum of
+    several: ones'-complement addition is associative).
+
+    The one statement of the update: Python calls it, the PNIC kernels compile it (so it is
+    written in what numba compiles too: integers, masks and a loop).
+    """
     s = (~csum & 0xFFFF) + change
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF
+
+
+def update_transport(csum: int, change: int, udp: bool, v4: bool) -> int:
+    """`update_sum` of a transport checksum field, with UDP's rules for zero.
+
+    UDP over IPv4 with checksum 0 was sent without one (RFC 768) and keeps 0. A UDP checksum
+    that comes out as 0 is sent as 0xFFFF, over IPv4 (RFC 768) and IPv6 (RFC 8200 §8.1, where
+    0 is not allowed). TCP and ICMP keep whatever the update gives.
+    """
+    if udp and v4 and csum == 0:
+        return 0
+    value = update_sum(csum, change)
+    if udp and value == 0:
+        return 0xFFFF
+    return value

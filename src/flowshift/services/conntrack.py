@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
+    ICMP_TIMEOUT,
+    SECOND,
+    UDP_STREAM_AFTER,
+    UDP_TIMEOUT_REPLIED,
+    UDP_TIMEOUT_UNREPLIED,
+)
 from flowshift.entry import Flow, Status
 from flowshift.flow import FlowKey
 
-SECOND = 1_000_000_000
-
-# Linux defaults (nf_conntrack_proto_udp.c, nf_conntrack_proto_icmp.c, ..._icmpv6.c)
-UDP_TIMEOUT_UNREPLIED = 30 * SECOND
-UDP_TIMEOUT_REPLIED = 120 * SECOND  # a stream: still active 2 s after the first packet
-UDP_STREAM_AFTER = 2 * SECOND
-ICMP_TIMEOUT = 30 * SECOND
+__all__ = ["ICMP_TIMEOUT", "SECOND", "UDP_STREAM_AFTER", "UDP_TIMEOUT_REPLIED",
+           "UDP_TIMEOUT_UNREPLIED", "FlowTable", "icmp_update", "udp_update"]
 
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128

@@ -8,7 +8,7 @@ tombstones, so lookups never slow down under churn). The size is a power of two 
 the number of keys, so a probe always ends at an empty bucket.
 
 Entries are the cache's bytes, E_SIZE per slot, in the ENTRY_DTYPE layout; the offsets below
-are checked against it by the engine at import.
+are taken from it.
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flowshift import entry
 from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16
 
-# ENTRY_DTYPE offsets the compiled code reads and writes
-E_FAMILY = 0
-E_PROTO = 1
-E_ZONE = 2
-E_SPORT = 4
-E_DPORT = 6
-E_SRC = 8
-E_DST = 24
-E_XSRC = 40
-E_XDST = 56
-E_XSPORT = 72
-E_XDPORT = 74
-E_SIZE = 224  # ENTRY_SIZE: entry i starts at byte i * E_SIZE of the cache
+# ENTRY_DTYPE offsets the compiled code reads and writes (numba reads them as constants)
+_FIELDS = entry.field_offsets()
+E_FAMILY = _FIELDS["family"]
+E_PROTO = _FIELDS["proto"]
+E_ZONE = _FIELDS["zone"]
+E_SPORT = _FIELDS["sport"]
+E_DPORT = _FIELDS["dport"]
+E_SRC = _FIELDS["src"]
+E_DST = _FIELDS["dst"]
+E_XSRC = _FIELDS["xsrc"]
+E_XDST = _FIELDS["xdst"]
+E_XSPORT = _FIELDS["xsport"]
+E_XDPORT = _FIELDS["xdport"]
+E_SIZE = entry.ENTRY_SIZE  # entry i starts at byte i * E_SIZE of the cache
 
 EMPTY = -1
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
