@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fixtures import packets
+from fixtures.packets import PUNT, Row
 from flowshift import channel as ch
 from flowshift.config import parse_config
 from flowshift.entry import ENTRY_SIZE
 from flowshift.tiers.pnic import Pnic
 from flowshift.tiers.pnic_engine import RETURN_REASONS, PnicEngine
 from flowshift.verdict import PuntReason
-from fixtures import packets
-from fixtures.packets import PUNT, Row
 
 ROWS = packets.load()
 
