@@ -149,7 +149,7 @@ def _scaled(win, scale):
 
 # -- TCP conntrack ------------------------------------------------------------------------------
 
-@kernel()
+@kernel(inline=True)
 def _lenient(mem, e, sender, action):
     if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL:
         return ACCEPT

@@ -45,7 +45,8 @@ F_SRC_HI = 16  # addresses as two big-endian 64-bit words (IPv4: top 32 bits of 
 F_SRC_LO = 17
 F_DST_HI = 18
 F_DST_LO = 19
-N_FIELDS = 20
+F_FRAG = 20  # part of a fragmented datagram (a first fragment: MF set)
+N_FIELDS = 21
 
 # the facts of packet/parse.py and packet/view.py (numba reads them as constants)
 _ETH_P_IPV4 = parse.ETH_P_IPV4
@@ -181,9 +182,9 @@ def _ipv4(b, s, off, limit, room, f):
         return FAIL
     if frag & _IP_OFFSET:
         return FAIL  # no transport header: the reference PNIC does not look it up
-    is_frag = (frag & _IP_MF) != 0
-    status = _transport(b, s, proto, off + hlen, limit, is_frag, f)
-    if status == FULL and is_frag:
+    f[F_FRAG] = (frag & _IP_MF) != 0
+    status = _transport(b, s, proto, off + hlen, limit, f)
+    if status == FULL and f[F_FRAG]:
         return KEY_ONLY
     return status
 
@@ -230,7 +231,7 @@ def _ipv6(b, s, off, limit, room, f):
     end = off + total
     i = off + 40
     extended = False
-    is_frag = False
+    f[F_FRAG] = 0
     while nxt in _IPV6_EXT:
         extended = True
         if (nxt == _HOPOPTS and i != off + 40) or i + 8 > end or i + 8 > limit:
@@ -241,7 +242,7 @@ def _ipv6(b, s, off, limit, room, f):
             if fo & 0xFFF8:
                 return FAIL  # fragment payload, no transport header
             if fo & 1:
-                is_frag = True
+                f[F_FRAG] = 1
             i += 8
             nxt = after
             continue
@@ -255,21 +256,21 @@ def _ipv6(b, s, off, limit, room, f):
         i += size
     f[F_PROTO] = nxt
     f[F_L4LEN] = end - i
-    status = _transport(b, s, nxt, i, limit, is_frag, f)
+    status = _transport(b, s, nxt, i, limit, f)
     if status == FULL and extended:
         return KEY_ONLY
     return status
 
 
 @kernel()
-def _transport(b, s, proto, off, limit, is_frag, f):
+def _transport(b, s, proto, off, limit, f):
     f[F_SACK_AT] = -1
     f[F_SACK_N] = 0
     f[F_ECHO] = 0
     if proto == PROTO_TCP:
         return _tcp(b, s, off, limit, f)
     if proto == PROTO_UDP:
-        return _udp(b, s, off, limit, is_frag, f)
+        return _udp(b, s, off, limit, f)
     if proto in (PROTO_ICMP, PROTO_ICMPV6):
         return _icmp(b, s, proto, off, limit, f)
     return FAIL  # a protocol flowshift does not track
@@ -337,14 +338,14 @@ def _tcp_options(b, s, i, end, limit, f):
 
 
 @kernel()
-def _udp(b, s, off, limit, is_frag, f):
+def _udp(b, s, off, limit, f):
     seglen = f[F_L4LEN]
     if seglen < 8 or limit - off < 8:
         return FAIL
     ulen = be16(b, s + off + 4)
     if ulen == 0 and f[F_FAMILY] == 6:
         ulen = seglen
-    if ulen < 8 or (ulen > seglen and not is_frag):
+    if ulen < 8 or (ulen > seglen and not f[F_FRAG]):
         return FAIL
     f[F_L4] = off
     f[F_SPORT] = be16(b, s + off)

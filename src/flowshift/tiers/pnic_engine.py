@@ -242,7 +242,8 @@ def warm() -> float:
     entry["xsport"], entry["xdport"] = 1, 2
     slot = engine.insert(entry.tobytes())
     engine.find(FlowKey(4, 6, 0, src, dst, 1, 2))
-    frame = np.frombuffer(tcp_frame(src=src, dst=dst, sport=1, dport=2, flags=0x10),
+    frame = np.frombuffer(tcp_frame(src=src, dst=dst, sport=1, dport=2, seq=1, ack=1,
+                                    flags=0x10, window=1),
                           np.uint8).copy()
     one = np.zeros(1, np.int64)
     engine.process(frame, one, one + len(frame), one + len(frame), one + 1, one,
