@@ -226,6 +226,11 @@ class PnicEngine:
         return int(done)
 
 
+def compilations() -> int:
+    """How many times this process compiled the batch kernel (0: it came from the cache)."""
+    return sum(process_batch.stats.cache_misses.values())
+
+
 def warm() -> float:
     """Compile every kernel the engine runs, or load it from the cache (tiers/_pnic_cache.py);
     the seconds it took. Call it before timing a run: else the first batch compiles inside it
@@ -253,4 +258,4 @@ def warm() -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["RETURN_REASONS", "PnicEngine", "warm"]
+__all__ = ["RETURN_REASONS", "PnicEngine", "compilations", "warm"]
