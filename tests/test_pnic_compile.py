@@ -11,6 +11,7 @@ import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -19,6 +20,7 @@ from flowshift.commands.replay import warm_engine
 from flowshift.tiers import pnic_engine
 from flowshift.tiers._pnic_batch import process_batch
 from flowshift.tiers._pnic_cache import fingerprint
+from flowshift.verdict import PuntReason
 
 
 def test_after_warm_any_caller_runs_the_compiled_kernel() -> None:
@@ -38,7 +40,7 @@ def test_after_warm_any_caller_runs_the_compiled_kernel() -> None:
     assert done == 0
     assert list(process_batch.signatures) == signatures
     assert verdict.tolist() == [-1, 0, -1]  # the unselected packet is left alone
-    assert reason.tolist()[::2] == [pnic_engine.PuntReason.UNSUPPORTED] * 2  # zeros: no IP
+    assert reason.tolist()[::2] == [PuntReason.UNSUPPORTED] * 2  # zeros: no IP
 
 
 def test_warm_step_is_shown_and_says_whether_it_compiled() -> None:
@@ -57,7 +59,7 @@ def _cache_dir(env: dict[str, str]) -> str:
     return out.stdout.strip()
 
 
-def test_cache_goes_to_the_user_cache_directory(tmp_path) -> None:
+def test_cache_goes_to_the_user_cache_directory(tmp_path: Path) -> None:
     assert _cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == str(
         tmp_path / "flowshift" / "numba" / fingerprint())
     assert _cache_dir({"HOME": str(tmp_path)}) == str(

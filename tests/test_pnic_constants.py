@@ -14,6 +14,8 @@ import inspect
 import subprocess
 import sys
 import types
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +24,6 @@ from flowshift import conntrack_types as ct
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from flowshift.packet import parse, rewrite, view
-from flowshift.services import conntrack as generic
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.tiers import _pnic_batch as kb
 from flowshift.tiers import _pnic_cache as kc
@@ -31,8 +32,9 @@ from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers import _pnic_parse as kp
 from flowshift.verdict import PuntReason, Reason, Verdict
 
-_FIELDS = ENTRY_DTYPE.fields
+_FIELDS: Mapping[str, Any] = ENTRY_DTYPE.fields or {}
 _SEEN = _FIELDS["seen0"][0]
+_SEEN_FIELDS: Mapping[str, Any] = _SEEN.fields or {}
 
 
 def _offset(name: str) -> int:
@@ -56,9 +58,9 @@ ENTRY_OFFSETS = {
 FACTS = {
     (ki, "E_SIZE"): ENTRY_SIZE,
     (kf, "SEEN_SIZE"): _SEEN.itemsize,
-    (kf, "D_END"): _SEEN.fields["end"][1], (kf, "D_MAXEND"): _SEEN.fields["maxend"][1],
-    (kf, "D_MAXWIN"): _SEEN.fields["maxwin"][1], (kf, "D_MAXACK"): _SEEN.fields["maxack"][1],
-    (kf, "D_SCALE"): _SEEN.fields["scale"][1], (kf, "D_FLAGS"): _SEEN.fields["flags"][1],
+    (kf, "D_END"): _SEEN_FIELDS["end"][1], (kf, "D_MAXEND"): _SEEN_FIELDS["maxend"][1],
+    (kf, "D_MAXWIN"): _SEEN_FIELDS["maxwin"][1], (kf, "D_MAXACK"): _SEEN_FIELDS["maxack"][1],
+    (kf, "D_SCALE"): _SEEN_FIELDS["scale"][1], (kf, "D_FLAGS"): _SEEN_FIELDS["flags"][1],
     (kf, "FORWARD"): Verdict.FORWARD, (kf, "DROP"): Verdict.DROP,
     (kf, "ESTABLISHED"): Reason.ESTABLISHED, (kf, "INVALID"): Reason.INVALID,
     (kf, "SEEN_REPLY"): Status.SEEN_REPLY, (kf, "ASSURED"): Status.ASSURED,
@@ -66,28 +68,28 @@ FACTS = {
     (kf, "TCP_LIFE"): view.TCP_SYN | view.TCP_FIN | view.TCP_RST,
     (kf, "PROTO_TCP"): PROTO_TCP, (kf, "PROTO_UDP"): PROTO_UDP,
     (kf, "PROTO_ICMPV6"): PROTO_ICMPV6,
-    (kf, "ACCEPT"): ct_tcp.TcpAction.ACCEPT, (kf, "A_INVALID"): ct_tcp.TcpAction.INVALID,
-    (kf, "IGNORE"): ct_tcp.TcpAction.IGNORE,
-    (kf, "S_SYN_SENT"): ct_tcp.TcpState.SYN_SENT, (kf, "S_SYN_RECV"): ct_tcp.TcpState.SYN_RECV,
-    (kf, "S_ESTABLISHED"): ct_tcp.TcpState.ESTABLISHED,
-    (kf, "S_LAST_ACK"): ct_tcp.TcpState.LAST_ACK,
-    (kf, "S_TIME_WAIT"): ct_tcp.TcpState.TIME_WAIT,
-    (kf, "S_INVALID"): ct_tcp.STATE_INVALID, (kf, "S_IGNORE"): ct_tcp.STATE_IGNORE,
-    (kf, "ACK_SET"): ct_tcp.TCP_ACK_SET, (kf, "SYN_SET"): ct_tcp.TCP_SYN_SET,
-    (kf, "N_STATES"): len(ct_tcp.TcpState),
-    (kf, "FLAG_SACK_PERM"): ct_tcp.TCP_FLAG_SACK_PERM,
-    (kf, "FLAG_BE_LIBERAL"): ct_tcp.TCP_FLAG_BE_LIBERAL,
-    (kf, "FLAG_DATA_UNACKNOWLEDGED"): ct_tcp.TCP_FLAG_DATA_UNACKNOWLEDGED,
-    (kf, "FLAG_MAXACK_SET"): ct_tcp.TCP_FLAG_MAXACK_SET,
-    (kf, "FLAG_CHALLENGE_ACK"): ct_tcp.TCP_FLAG_CHALLENGE_ACK,
-    (kf, "FLAG_SIMULTANEOUS_OPEN"): ct_tcp.TCP_FLAG_SIMULTANEOUS_OPEN,
-    (kf, "MAX_RETRANS"): ct_tcp.NF_CT_TCP_MAX_RETRANS,
-    (kf, "MAXACKWINCONST"): ct_tcp.MAXACKWINCONST,
-    (kf, "TIMEOUT_RETRANS"): ct_tcp.TIMEOUT_RETRANS_NS,
-    (kf, "TIMEOUT_UNACK"): ct_tcp.TIMEOUT_UNACK_NS,
-    (kf, "UDP_TIMEOUT_UNREPLIED"): generic.UDP_TIMEOUT_UNREPLIED,
-    (kf, "UDP_TIMEOUT_REPLIED"): generic.UDP_TIMEOUT_REPLIED,
-    (kf, "ICMP_TIMEOUT"): generic.ICMP_TIMEOUT,
+    (kf, "ACCEPT"): ct.TcpAction.ACCEPT, (kf, "A_INVALID"): ct.TcpAction.INVALID,
+    (kf, "IGNORE"): ct.TcpAction.IGNORE,
+    (kf, "S_SYN_SENT"): ct.TcpState.SYN_SENT, (kf, "S_SYN_RECV"): ct.TcpState.SYN_RECV,
+    (kf, "S_ESTABLISHED"): ct.TcpState.ESTABLISHED,
+    (kf, "S_LAST_ACK"): ct.TcpState.LAST_ACK,
+    (kf, "S_TIME_WAIT"): ct.TcpState.TIME_WAIT,
+    (kf, "S_INVALID"): ct.STATE_INVALID, (kf, "S_IGNORE"): ct.STATE_IGNORE,
+    (kf, "ACK_SET"): ct.TCP_ACK_SET, (kf, "SYN_SET"): ct.TCP_SYN_SET,
+    (kf, "N_STATES"): len(ct.TcpState),
+    (kf, "FLAG_SACK_PERM"): ct.TCP_FLAG_SACK_PERM,
+    (kf, "FLAG_BE_LIBERAL"): ct.TCP_FLAG_BE_LIBERAL,
+    (kf, "FLAG_DATA_UNACKNOWLEDGED"): ct.TCP_FLAG_DATA_UNACKNOWLEDGED,
+    (kf, "FLAG_MAXACK_SET"): ct.TCP_FLAG_MAXACK_SET,
+    (kf, "FLAG_CHALLENGE_ACK"): ct.TCP_FLAG_CHALLENGE_ACK,
+    (kf, "FLAG_SIMULTANEOUS_OPEN"): ct.TCP_FLAG_SIMULTANEOUS_OPEN,
+    (kf, "MAX_RETRANS"): ct.NF_CT_TCP_MAX_RETRANS,
+    (kf, "MAXACKWINCONST"): ct.MAXACKWINCONST,
+    (kf, "TIMEOUT_RETRANS"): ct.TIMEOUT_RETRANS_NS,
+    (kf, "TIMEOUT_UNACK"): ct.TIMEOUT_UNACK_NS,
+    (kf, "UDP_TIMEOUT_UNREPLIED"): ct.UDP_TIMEOUT_UNREPLIED,
+    (kf, "UDP_TIMEOUT_REPLIED"): ct.UDP_TIMEOUT_REPLIED,
+    (kf, "ICMP_TIMEOUT"): ct.ICMP_TIMEOUT,
     (kf, "CSUM_AT_TCP"): rewrite.L4_CHECKSUM_AT[PROTO_TCP],
     (kf, "CSUM_AT_UDP"): rewrite.L4_CHECKSUM_AT[PROTO_UDP],
     (kf, "CSUM_AT_ICMP"): rewrite.L4_CHECKSUM_AT[PROTO_ICMP],
@@ -137,10 +139,10 @@ def test_every_fact_equals_its_source() -> None:
 
 def test_tables_equal_the_state_table_and_timeouts() -> None:
     for d in (ct.ORIGINAL, ct.REPLY):
-        assert tuple(kf.ACK_ROWS[d]) == ct_tcp.TCP_CONNTRACKS[d][ct_tcp.TCP_ACK_SET]
-    assert tuple(kf.TIMEOUTS) == ct_tcp.TCP_TIMEOUTS_NS
+        assert tuple(kf.ACK_ROWS[d]) == ct_tcp.TCP_CONNTRACKS[d][ct.TCP_ACK_SET]
+    assert tuple(kf.TIMEOUTS) == ct.TCP_TIMEOUTS_NS
     assert kf.ACK_ROWS.dtype == kf.TIMEOUTS.dtype == np.int64
-    assert not ct_tcp.NF_CT_TCP_BE_LIBERAL  # the kernels implement the Linux default only
+    assert not ct.NF_CT_TCP_BE_LIBERAL  # the kernels implement the Linux default only
 
 
 @pytest.mark.parametrize("module", [kb, kf, ki, kp], ids=lambda m: m.__name__)

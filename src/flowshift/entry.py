@@ -22,6 +22,9 @@ import numpy as np
 from flowshift.conntrack_types import Status, TcpConn, TcpDir
 from flowshift.flow import FlowKey
 
+__all__ = ["ENTRY_DTYPE", "ENTRY_SIZE", "SERVICE_NAMES", "Flow", "Service", "Status", "Tier",
+           "chain_bits", "field_offsets"]
+
 
 class Tier(IntEnum):
     MACHINE = 0

@@ -61,6 +61,18 @@ from flowshift.packet.view import (
     Packet,
 )
 
+__all__ = [  # the tracker, and the conntrack types its users have always taken from here
+    "M32", "MAXACKWINCONST", "NF_CT_TCP_BE_LIBERAL", "NF_CT_TCP_IGNORE_INVALID_RST",
+    "NF_CT_TCP_LOOSE", "NF_CT_TCP_MAX_RETRANS", "STATE_IGNORE", "STATE_INVALID", "TCP_ACK_SET",
+    "TCP_CONNTRACKS", "TCP_FIN_SET", "TCP_FLAG_BE_LIBERAL", "TCP_FLAG_CHALLENGE_ACK",
+    "TCP_FLAG_CLOSE_INIT", "TCP_FLAG_DATA_UNACKNOWLEDGED", "TCP_FLAG_MAXACK_SET",
+    "TCP_FLAG_SACK_PERM", "TCP_FLAG_SIMULTANEOUS_OPEN", "TCP_FLAG_WINDOW_SCALE", "TCP_MAX_WSCALE",
+    "TCP_NONE_SET", "TCP_RST_SET", "TCP_SYNACK_SET", "TCP_SYN_SET", "TCP_TIMEOUTS_NS",
+    "TIMEOUT_DESTROY", "TIMEOUT_RETRANS_NS", "TIMEOUT_UNACK_NS", "TIMEOUT_UNCHANGED", "TcpAction",
+    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "tcp_new",
+    "tcp_packet", "tcp_valid_flags",
+]
+
 M32 = 0xFFFFFFFF
 
 
