@@ -28,6 +28,7 @@ from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from flowshift.packet.checksum import (
     change_sum,
     checksum,
+    fold,
     pseudo_header_sum,
     update_bytes,
     update_sum,
@@ -125,8 +126,8 @@ def plan_outer(family: int, proto: int, old: Tuple4, new: Tuple4) -> OuterRewrit
         proto, old, new,
         -1 if src == o_src and dst == o_dst else 12 if v4 else 8, src + dst,
         ports_at, ports, echo and ports_at >= 0,
-        _fold(addr_change) if v4 else 0,
-        L4_CHECKSUM_AT.get(proto, 0), _fold(l4_change),
+        fold(addr_change) if v4 else 0,
+        L4_CHECKSUM_AT.get(proto, 0), fold(l4_change),
         proto == PROTO_UDP, v4,
     )
 
@@ -268,13 +269,6 @@ def _adjust(data: bytearray, at: int, diff: int, udp: bool, v4: bool) -> Change 
     if value == csum:
         return None
     return _write(data, at, value.to_bytes(2, "big"))
-
-
-def _fold(change: int) -> int:
-    """`change` (a sum of `change_sum`s) in 0..0xFFFF, the same modulo 0xFFFF, 0 only if 0."""
-    while change >> 16:
-        change = (change & 0xFFFF) + (change >> 16)
-    return change
 
 
 def _carry_to_icmp(pkt: Packet, view: Packet, changes: list[Change | None]) -> None:

@@ -351,6 +351,8 @@ def _ones_sum(a, i, n):
 
 # The RFC 1624 update and UDP's zero rules: their one statement, compiled where the kernels
 # call it (numba compiles a registered function, and its calls of another, in the caller)
+register_jitable(checksum.fold)
+_change_of = register_jitable(checksum.change_of)
 _update_sum = register_jitable(checksum.update_sum)
 _update_transport = register_jitable(checksum.update_transport)
 
@@ -398,14 +400,14 @@ def _set_addr(b, at, mem, j, n):
     else:
         st64(b, at, ld64(mem, j))
         st64(b, at + 8, ld64(mem, j + 8))
-    return (~old_sum & 0xFFFF) + new_sum
+    return _change_of(old_sum, new_sum)
 
 
 @kernel(inline=True)
 def _set_port(b, at, port):
     old = be16(b, at)
     st_be16(b, at, port)
-    return (~old & 0xFFFF) + port  # ones_sum of one word is itself
+    return _change_of(old, port)  # ones_sum of one word is itself
 
 
 @kernel()
