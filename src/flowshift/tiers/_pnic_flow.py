@@ -337,7 +337,7 @@ def tcp_track(mem, e, d, b, s, f):
 
 # -- rewrite ------------------------------------------------------------------------------------
 
-@kernel(inline=True)
+@kernel()
 def _ones_sum(a, i, n):
     """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF."""
     v = np.int64(0)
@@ -382,7 +382,7 @@ def _l4_checksum_at(l4, proto):
     return l4 + CSUM_AT_ICMP  # ICMP, ICMPv6
 
 
-@kernel(inline=True)
+@kernel()
 def _same_addr(a, i, mem, j, n):
     """Are the n-byte (4 or 16) addresses at a[i] and mem[j] equal?"""
     if n == 4:
@@ -390,7 +390,7 @@ def _same_addr(a, i, mem, j, n):
     return ld64(a, i) == ld64(mem, j) and ld64(a, i + 8) == ld64(mem, j + 8)
 
 
-@kernel(inline=True)
+@kernel()
 def _set_addr(b, at, mem, j, n):
     """rewrite._set_addr without the checksums: write the address, return its ~old + new."""
     old_sum = _ones_sum(b, at, n)
