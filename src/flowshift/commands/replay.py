@@ -30,7 +30,7 @@ def warm_engine(console: Console | None) -> float:
     with console.status("compiling the PNIC engine (first run only)…", spinner="dots"):
         seconds = pnic_engine.warm()
     done = "compiled" if pnic_engine.compilations() else "loaded"
-    console.print(f"PNIC engine {done} in {seconds:.1f} s (not counted in the replay's time)")
+    console.print(f"PNIC engine {done} in {seconds:.2f} s (not counted in the replay's time)")
     return seconds
 
 
