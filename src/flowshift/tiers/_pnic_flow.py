@@ -6,8 +6,9 @@ layout (read and written at `mem[e + offset]`, the cache's bytes and the entry's
 the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
 (`tcp_packet` for the ACK row of the state table, `_in_window`, `_timeout`); sequence numbers
 are u32 with explicit masks in int64 arithmetic. Rewrites follow packet/rewrite.py: RFC 1624
-updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, UDP over IPv4
-keeps a zero checksum and sends a computed zero as 0xFFFF.
+updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, by the very
+functions of packet/checksum.py (UDP over IPv4 keeps a zero checksum; a UDP checksum computed
+as zero is sent as 0xFFFF, over IPv4 and IPv6).
 """
 
 from __future__ import annotations
