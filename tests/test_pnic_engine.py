@@ -34,6 +34,7 @@ from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, process_flow
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir
 from flowshift.tiers.pnic_engine import PnicEngine
+from flowshift.verdict import PuntReason
 from hosttools import GATEWAY_HOST, REAL
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
@@ -112,19 +113,26 @@ def run_both(engine: PnicEngine, ref: Reference, classifier: Classifier,
         if verdict[i] < 0:
             assert out_bytes == data, f"packet {i}: punted but rewritten"
             slot = int(returned[i])
+            why = PuntReason(int(reason[i]))
             if slot < 0:
                 assert hit is None, f"packet {i}: the engine missed a cached flow"
+                looked_up = pkt.error == ParseError.OK and pkt.inner is None \
+                    and not pkt.frag_offset
+                assert why == (PuntReason.MISS if looked_up else PuntReason.UNSUPPORTED), i
                 tally.missed += 1
                 continue
             assert hit is not None and hit[0] == slot, f"packet {i}: returned the wrong entry"
             flow = ref.drop(slot)
             assert engine.take_returned(slot) == flow.to_bytes(), f"packet {i}: entry differs"
             if flow.expires <= now:
+                assert why == PuntReason.EXPIRED, i
                 tally.returned["expired"] += 1
             elif flow.key.proto == PROTO_TCP and pkt.flags & _LIFE:
+                assert why == PuntReason.LIFE, i
                 tally.returned["closed"] += 1
             else:
                 assert _returned_anyway(pkt), f"packet {i}: returned for no allowed reason"
+                assert why == PuntReason.UNSUPPORTED, i
                 tally.returned["unhandled"] += 1
             continue
         assert hit is not None, f"packet {i}: processed without a cached flow"

@@ -224,6 +224,51 @@ def test_udp_checksum_zero_is_sent_as_ffff():
     assert bytes(buf) == frame(replace(base, dport=target))[0]
 
 
+V6A = bytes.fromhex("fd000000000000000000000000000001")
+V6B = bytes.fromhex("fd000000000000000000000000000002")
+
+
+def _udp6_landing_on_zero() -> tuple[Spec, int]:
+    """A UDP over IPv6 datagram to port 0, and the port whose rewrite makes its checksum 0."""
+    base = Spec(6, "udp", V6A, V6B, 1000, 0, payload=b"\x55")
+    start = int.from_bytes(frame(base)[0][46:48], "big")
+    assert start not in (0, 0xFFFF)
+    return base, start  # dport 0 -> start adds start to ~start: the sum is 0xFFFF (-0)
+
+
+def test_udp6_checksum_zero_is_sent_as_ffff():
+    base, target = _udp6_landing_on_zero()
+    buf = bytearray(frame(base)[0])
+    rewrite.set_dport(parse(buf, 101), target)
+    assert buf[46:48] == b"\xff\xff"  # RFC 8200: a computed 0 is sent as all ones
+    assert bytes(buf) == frame(replace(base, dport=target))[0]
+    assert verify_checksums(parse(bytes(buf), 101)) is True
+
+
+def test_udp6_outer_rewrite_sends_zero_as_ffff():
+    base, target = _udp6_landing_on_zero()
+    whole = frame(base)[0]
+    plan = rewrite.plan_outer(6, 17, (V6A, V6B, 1000, 0), (V6A, V6B, 1000, target))
+    pkt = parse(bytearray(whole), 101)
+    assert rewrite.rewrite_outer(pkt, plan) is True
+    assert pkt.data[46:48] == b"\xff\xff"
+    key = FlowKey(6, 17, 0, V6A, V6B, 1000, 0)
+    flow = Flow(key=key, xlat=key._replace(dport=target), machine=0, chain=0)
+    translated = parse(bytearray(whole), 101)
+    translate(translated, flow, 0)
+    assert translated.data == pkt.data
+
+
+def test_udp6_inside_an_icmp6_error_sends_zero_as_ffff():
+    inner, target = _udp6_landing_on_zero()
+    error = Spec(6, "error", V6B, V6A, 0, 0, inner=inner, quote=49)
+    buf = bytearray(frame(error)[0])
+    rewrite.set_inner_dport(parse(buf, 101), target)
+    quoted_csum = 40 + 8 + 40 + 6
+    assert buf[quoted_csum:quoted_csum + 2] == b"\xff\xff"
+    assert bytes(buf) == frame(replace(error, inner=replace(inner, dport=target)))[0]
+
+
 def test_echo_identifier_is_both_ports():
     buf = bytearray(frame(Spec(6, "echo", bytes(16), bytes(16), 7, 7))[0])
     pkt = parse(buf, 101)

@@ -19,8 +19,11 @@ from enum import IntEnum, IntFlag
 
 import numpy as np
 
+from flowshift.conntrack_types import Status, TcpConn, TcpDir
 from flowshift.flow import FlowKey
-from flowshift.services.conntrack_tcp import TcpConn, TcpDir
+
+__all__ = ["ENTRY_DTYPE", "ENTRY_SIZE", "SERVICE_NAMES", "Flow", "Service", "Status", "Tier",
+           "chain_bits", "field_offsets"]
 
 
 class Tier(IntEnum):
@@ -51,14 +54,6 @@ def chain_bits(services: list[str] | tuple[str, ...]) -> int:
     for name in services:
         bits |= SERVICE_NAMES[name]
     return bits
-
-
-class Status(IntFlag):
-    """Conntrack status bits carried by the entry (Linux IPS_* meaning, own numbering)."""
-
-    SEEN_REPLY = 1  # a packet was seen in the reply direction
-    ASSURED = 2  # the flow is assured (TCP established handshake / UDP stream)
-    NAT = 4  # the flow is translated (xlat differs from key)
 
 
 _TCP_DIR = [("end", "<u4"), ("maxend", "<u4"), ("maxwin", "<u4"), ("maxack", "<u4"),
@@ -116,6 +111,13 @@ ENTRY_DTYPE = np.dtype(
 ENTRY_SIZE = ENTRY_DTYPE.itemsize
 
 
+def field_offsets(record: str = "") -> dict[str, int]:
+    """Byte offset of each field of the entry, or of its sub-record `record` (e.g. "seen0"):
+    what a compiled mirror of the layout reads and writes."""
+    dtype = ENTRY_DTYPE if not record else ENTRY_DTYPE.fields[record][0]  # type: ignore[index]
+    return {name: int(spec[1]) for name, spec in dtype.fields.items()}
+
+
 # The same layout as a struct format: packing all fields at once is ~20x faster than setting
 # record fields one by one. tests/test_entry.py checks that both describe identical bytes.
 _STRUCT = struct.Struct(
@@ -128,7 +130,8 @@ _STRUCT = struct.Struct(
     "QQQQ"  # packets[2], bytes[2]
     "12x"
 )
-assert _STRUCT.size == ENTRY_SIZE
+if _STRUCT.size != ENTRY_SIZE:
+    raise ImportError(f"entry struct packs {_STRUCT.size} bytes, ENTRY_DTYPE holds {ENTRY_SIZE}")
 
 _NO_TCP = (0,) * 22
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from flowshift.commands.replay import warm_engine
 from flowshift.config import ConfigError, HostConfig, load_config
 from flowshift.gen import TraceSpec, generate
 from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
@@ -108,6 +109,7 @@ def demo(out_dir: Path, scale: float, quiet: bool) -> None:
             packets = build_trace(trace, config, scale)
         if not quiet:
             console.print(f"generated {trace}: {packets:,} packets, {DURATION_S:g} s")
+        warm_engine(None if quiet else console)
         result = run_replay(
             trace, config_path, out=out_dir / "out.pcap", verdicts=out_dir / "verdicts.csv",
             report=out_dir / "report.json", plot=out_dir / "plot.png", offload="elephant",

@@ -37,14 +37,6 @@ def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return ones_sum(src + dst + extra)
 
 
-def update16(csum: int, old: int, new: int) -> int:
-    """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one changed 16-bit word."""
-    s = (~csum & 0xFFFF) + (~old & 0xFFFF) + new
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
 def update_bytes(csum: int, old: bytes, new: bytes) -> int:
     """RFC 1624 update for a changed field of even length (an address: 4 or 16 bytes)."""
     return update_sum(csum, change_sum(old, new))
@@ -56,12 +48,42 @@ def change_sum(old: bytes, new: bytes) -> int:
     One change moves several checksums (an address: the IPv4 header's and the transport's), so
     it is summed once.
     """
-    return (~ones_sum(old) & 0xFFFF) + ones_sum(new)
+    return change_of(ones_sum(old), ones_sum(new))
+
+
+# The update itself, below, is its one statement: Python calls these functions and the PNIC
+# kernels compile them (numba's register_jitable), so they use only what numba compiles too:
+# integers, masks and loops.
+
+def change_of(old_sum: int, new_sum: int) -> int:
+    """~m + m' of RFC 1624 eqn. 3 from the ones'-complement sums of the old and new field."""
+    return (~old_sum & 0xFFFF) + new_sum
+
+
+def fold(s: int) -> int:
+    """A sum of 16-bit terms folded to 16 bits with end-around carries: the same value modulo
+    0xFFFF, 0 only when the sum is 0."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
 
 
 def update_sum(csum: int, change: int) -> int:
-    """RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), with `change` from `change_sum`."""
-    s = (~csum & 0xFFFF) + change
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    """RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'), with `change` from `change_sum` / `change_of`
+    (or a sum of several: ones'-complement addition is associative)."""
+    return ~fold((~csum & 0xFFFF) + change) & 0xFFFF
+
+
+def update_transport(csum: int, change: int, udp: bool, v4: bool) -> int:
+    """`update_sum` of a transport checksum field, with UDP's rules for zero.
+
+    UDP over IPv4 with checksum 0 was sent without one (RFC 768) and keeps 0. A UDP checksum
+    that comes out as 0 is sent as 0xFFFF, over IPv4 (RFC 768) and IPv6 (RFC 8200 §8.1, where
+    0 is not allowed). TCP and ICMP keep whatever the update gives.
+    """
+    if udp and v4 and csum == 0:
+        return 0
+    value = update_sum(csum, change)
+    if udp and value == 0:
+        return 0xFFFF
+    return value

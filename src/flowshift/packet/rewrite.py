@@ -11,7 +11,8 @@ the bytes a full recomputation would need. The checksums touched:
   byte changed in its body.
 
 UDP over IPv4 with checksum 0 carries no checksum and keeps 0; a UDP checksum that comes out as
-0 is sent as 0xFFFF (RFC 768). The `Packet` fields follow the bytes. `fix_checksums` recomputes
+0 is sent as 0xFFFF, over IPv4 (RFC 768) and IPv6 (RFC 8200), as `checksum.update_transport`
+says. The `Packet` fields follow the bytes. `fix_checksums` recomputes
 everything from scratch, for building packets and for checking the incremental path.
 
 A NAT rewrites every packet of a flow direction the same way, so `plan_outer` works the change
@@ -27,9 +28,11 @@ from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from flowshift.packet.checksum import (
     change_sum,
     checksum,
+    fold,
     pseudo_header_sum,
     update_bytes,
     update_sum,
+    update_transport,
 )
 from flowshift.packet.view import Packet
 
@@ -57,7 +60,8 @@ class OuterRewrite(NamedTuple):
     ip_change: int  # what the IPv4 header checksum moves by (0: unchanged)
     l4_at: int  # offset of the transport checksum from the transport header
     l4_change: int  # what the transport checksum moves by (0: unchanged)
-    udp4: bool  # UDP over IPv4: checksum 0 stays 0, a result of 0 is sent as 0xFFFF
+    udp: bool  # UDP: a result of 0 is sent as 0xFFFF (over IPv4 a checksum of 0 stays 0)
+    v4: bool
 
 
 def set_src(pkt: Packet, addr: bytes) -> None:
@@ -122,9 +126,9 @@ def plan_outer(family: int, proto: int, old: Tuple4, new: Tuple4) -> OuterRewrit
         proto, old, new,
         -1 if src == o_src and dst == o_dst else 12 if v4 else 8, src + dst,
         ports_at, ports, echo and ports_at >= 0,
-        _fold(addr_change) if v4 else 0,
-        L4_CHECKSUM_AT.get(proto, 0), _fold(l4_change),
-        v4 and proto == PROTO_UDP,
+        fold(addr_change) if v4 else 0,
+        L4_CHECKSUM_AT.get(proto, 0), fold(l4_change),
+        proto == PROTO_UDP, v4,
     )
 
 
@@ -133,7 +137,7 @@ def rewrite_outer(pkt: Packet, plan: OuterRewrite) -> bool:
     when the packet does not hold `plan.old`, has no parsed transport header or is not in a
     bytearray: the `set_*` calls then do it, or say why not."""
     (proto, old, new, addrs_at, addrs, ports_at, ports, echo,
-     ip_change, l4_at, l4_change, udp4) = plan
+     ip_change, l4_at, l4_change, udp, v4) = plan
     data = pkt.data
     l4 = pkt.l4
     if (l4 < 0 or pkt.proto != proto or (pkt.src, pkt.dst, pkt.sport, pkt.dport) != old
@@ -144,10 +148,9 @@ def rewrite_outer(pkt: Packet, plan: OuterRewrite) -> bool:
         l3 = pkt.l3
         at = l3 + addrs_at
         data[at : at + len(addrs)] = addrs
-        if ip_change:  # RFC 1624 eqn. 3, inline: one end-around carry does for a folded change
+        if ip_change:
             at = l3 + IPV4_CHECKSUM_AT
-            s = ((data[at] << 8 | data[at + 1]) ^ 0xFFFF) + ip_change
-            value = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+            value = update_sum(data[at] << 8 | data[at + 1], ip_change)
             data[at] = value >> 8
             data[at + 1] = value & 0xFF
     if ports_at >= 0:
@@ -157,14 +160,9 @@ def rewrite_outer(pkt: Packet, plan: OuterRewrite) -> bool:
             pkt.icmp_id = new[2]
     if l4_change:
         at = l4 + l4_at
-        csum = data[at] << 8 | data[at + 1]
-        if csum or not udp4:  # UDP over IPv4 sent without a checksum stays so
-            s = (csum ^ 0xFFFF) + l4_change
-            value = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
-            if value == 0 and udp4:
-                value = 0xFFFF
-            data[at] = value >> 8
-            data[at + 1] = value & 0xFF
+        value = update_transport(data[at] << 8 | data[at + 1], l4_change, udp, v4)
+        data[at] = value >> 8
+        data[at + 1] = value & 0xFF
     return True
 
 
@@ -215,7 +213,7 @@ def _set_addr(pkt: Packet, view: Packet, addr: bytes, dst: bool) -> None:
     changes = [_write(data, off, addr)]
     diff = change_sum(old, addr)  # summed once for both checksums
     if v4:
-        changes.append(_adjust(data, l3 + IPV4_CHECKSUM_AT, diff, False))
+        changes.append(_adjust(data, l3 + IPV4_CHECKSUM_AT, diff, False, True))
     if view.l4 >= 0 and view.proto in PSEUDO_HEADER_PROTOS:
         changes.append(_adjust_l4(pkt, view, old, addr, diff))
     if dst:
@@ -260,26 +258,17 @@ def _adjust_l4(pkt: Packet, view: Packet, old: bytes, new: bytes, diff: int) -> 
             return None
         if at + 2 > len(pkt.data):
             return at, new, old
-    return _adjust(pkt.data, at, diff, view.proto == PROTO_UDP and view.family == 4)
+    return _adjust(pkt.data, at, diff, view.proto == PROTO_UDP, view.family == 4)
 
 
-def _adjust(data: bytearray, at: int, diff: int, udp4: bool) -> Change | None:
+def _adjust(data: bytearray, at: int, diff: int, udp: bool, v4: bool) -> Change | None:
     """RFC 1624 update of the checksum field at `at` for a change elsewhere (`diff`: its
-    `change_sum`)."""
+    `change_sum`), with UDP's rules for zero; None when nothing changed."""
     csum = data[at] << 8 | data[at + 1]
-    if udp4 and csum == 0:
-        return None  # UDP over IPv4 sent without a checksum stays so
-    value = update_sum(csum, diff)
-    if value == 0 and udp4:
-        value = 0xFFFF
+    value = update_transport(csum, diff, udp, v4)
+    if value == csum:
+        return None
     return _write(data, at, value.to_bytes(2, "big"))
-
-
-def _fold(change: int) -> int:
-    """`change` (a sum of `change_sum`s) in 0..0xFFFF, the same modulo 0xFFFF, 0 only if 0."""
-    while change >> 16:
-        change = (change & 0xFFFF) + (change >> 16)
-    return change
 
 
 def _carry_to_icmp(pkt: Packet, view: Packet, changes: list[Change | None]) -> None:

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
+    GENERIC_TIMEOUT,
+    ICMP_TIMEOUT,
+    SECOND,
+    UDP_STREAM_AFTER,
+    UDP_TIMEOUT_REPLIED,
+    UDP_TIMEOUT_UNREPLIED,
+)
 from flowshift.entry import Flow, Status
-from flowshift.flow import NS_PER_S, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 
-# Linux defaults (nf_conntrack_proto_udp.c, nf_conntrack_proto_icmp.c, ..._icmpv6.c)
-UDP_TIMEOUT_UNREPLIED = 30 * NS_PER_S
-UDP_TIMEOUT_REPLIED = 120 * NS_PER_S  # a stream: still active 2 s after the first packet
-UDP_STREAM_AFTER = 2 * NS_PER_S
-ICMP_TIMEOUT = 30 * NS_PER_S
-GENERIC_TIMEOUT = 600 * NS_PER_S  # nf_conntrack_generic_timeout
+__all__ = ["GENERIC_TIMEOUT", "ICMP_TIMEOUT", "SECOND", "UDP_STREAM_AFTER", "UDP_TIMEOUT_REPLIED",
+           "UDP_TIMEOUT_UNREPLIED", "FlowTable", "icmp_update", "udp_update"]
 
 ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128

@@ -18,9 +18,40 @@ Use:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from enum import IntEnum
+from dataclasses import dataclass
 
+from flowshift.conntrack_types import (
+    MAXACKWINCONST,
+    NF_CT_TCP_BE_LIBERAL,
+    NF_CT_TCP_IGNORE_INVALID_RST,
+    NF_CT_TCP_LOOSE,
+    NF_CT_TCP_MAX_RETRANS,
+    STATE_IGNORE,
+    STATE_INVALID,
+    TCP_ACK_SET,
+    TCP_FIN_SET,
+    TCP_FLAG_BE_LIBERAL,
+    TCP_FLAG_CHALLENGE_ACK,
+    TCP_FLAG_CLOSE_INIT,
+    TCP_FLAG_DATA_UNACKNOWLEDGED,
+    TCP_FLAG_MAXACK_SET,
+    TCP_FLAG_SACK_PERM,
+    TCP_FLAG_SIMULTANEOUS_OPEN,
+    TCP_FLAG_WINDOW_SCALE,
+    TCP_MAX_WSCALE,
+    TCP_NONE_SET,
+    TCP_RST_SET,
+    TCP_SYN_SET,
+    TCP_SYNACK_SET,
+    TCP_TIMEOUTS_NS,
+    TIMEOUT_RETRANS_NS,
+    TIMEOUT_UNACK_NS,
+    TcpAction,
+    TcpConn,
+    TcpDir,
+    TcpState,
+    fresh_dirs,
+)
 from flowshift.packet.view import (
     TCP_ACK,
     TCP_FIN,
@@ -30,29 +61,19 @@ from flowshift.packet.view import (
     Packet,
 )
 
+__all__ = [  # the tracker, and the conntrack types its users have always taken from here
+    "M32", "MAXACKWINCONST", "NF_CT_TCP_BE_LIBERAL", "NF_CT_TCP_IGNORE_INVALID_RST",
+    "NF_CT_TCP_LOOSE", "NF_CT_TCP_MAX_RETRANS", "STATE_IGNORE", "STATE_INVALID", "TCP_ACK_SET",
+    "TCP_CONNTRACKS", "TCP_FIN_SET", "TCP_FLAG_BE_LIBERAL", "TCP_FLAG_CHALLENGE_ACK",
+    "TCP_FLAG_CLOSE_INIT", "TCP_FLAG_DATA_UNACKNOWLEDGED", "TCP_FLAG_MAXACK_SET",
+    "TCP_FLAG_SACK_PERM", "TCP_FLAG_SIMULTANEOUS_OPEN", "TCP_FLAG_WINDOW_SCALE", "TCP_MAX_WSCALE",
+    "TCP_NONE_SET", "TCP_RST_SET", "TCP_SYNACK_SET", "TCP_SYN_SET", "TCP_TIMEOUTS_NS",
+    "TIMEOUT_DESTROY", "TIMEOUT_RETRANS_NS", "TIMEOUT_UNACK_NS", "TIMEOUT_UNCHANGED", "TcpAction",
+    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "tcp_new",
+    "tcp_packet", "tcp_valid_flags",
+]
+
 M32 = 0xFFFFFFFF
-
-
-class TcpState(IntEnum):
-    """Linux enum tcp_conntrack (values as ctnetlink reports them)."""
-
-    NONE = 0
-    SYN_SENT = 1
-    SYN_RECV = 2
-    ESTABLISHED = 3
-    FIN_WAIT = 4
-    CLOSE_WAIT = 5
-    LAST_ACK = 6
-    TIME_WAIT = 7
-    CLOSE = 8
-    SYN_SENT2 = 9
-
-
-class TcpAction(IntEnum):
-    ACCEPT = 0  # tracked: the conntrack was updated and its timeout refreshed
-    INVALID = 1  # not part of the connection (Linux: ct state invalid); conntrack unchanged
-    IGNORE = 2  # passes as part of the connection, but conntrack was not updated from it
-    REOPEN = 3  # SYN on a closed conntrack: drop the entry and treat the packet as new
 
 
 # The members as module globals: an enum attribute lookup costs ~70 ns, a global ~15 ns, and
@@ -62,37 +83,6 @@ _INVALID = TcpAction.INVALID
 _IGNORE = TcpAction.IGNORE
 _REOPEN = TcpAction.REOPEN
 
-
-# Table sentinels (Linux sIV = TCP_CONNTRACK_MAX, sIG = TCP_CONNTRACK_IGNORE)
-STATE_INVALID = 10
-STATE_IGNORE = 11
-
-# Per-direction flags (IP_CT_TCP_FLAG_*); the last two live in TcpConn.last_flags only
-TCP_FLAG_WINDOW_SCALE = 0x01  # this side sent the window scale option
-TCP_FLAG_SACK_PERM = 0x02  # this side sent SACK-permitted
-TCP_FLAG_CLOSE_INIT = 0x04  # this side sent the first FIN
-TCP_FLAG_BE_LIBERAL = 0x08  # window checks never fail for this side (mid-stream pickup)
-TCP_FLAG_DATA_UNACKNOWLEDGED = 0x10  # this side has data the other has not acknowledged
-TCP_FLAG_MAXACK_SET = 0x20  # TcpDir.maxack holds a value
-TCP_FLAG_CHALLENGE_ACK = 0x40  # IP_CT_EXP_CHALLENGE_ACK: an RFC 5961 challenge ACK may come
-TCP_FLAG_SIMULTANEOUS_OPEN = 0x80  # IP_CT_TCP_SIMULTANEOUS_OPEN
-
-# Linux sysctl knobs, fixed to their defaults
-NF_CT_TCP_BE_LIBERAL = False  # net.netfilter.nf_conntrack_tcp_be_liberal = 0
-NF_CT_TCP_LOOSE = True  # nf_conntrack_tcp_loose = 1: pick up connections mid-stream
-NF_CT_TCP_MAX_RETRANS = 3  # nf_conntrack_tcp_max_retrans
-NF_CT_TCP_IGNORE_INVALID_RST = False  # nf_conntrack_tcp_ignore_invalid_rst = 0
-
-TCP_MAX_WSCALE = 14  # RFC 7323 cap Linux applies to the window scale option
-MAXACKWINCONST = 66000  # floor of the lower bound for acceptable ACKs
-
-# Which flags matter for the state table (Linux get_conntrack_index)
-TCP_SYN_SET = 0
-TCP_SYNACK_SET = 1
-TCP_FIN_SET = 2
-TCP_ACK_SET = 3
-TCP_RST_SET = 4
-TCP_NONE_SET = 5
 
 # States as plain ints (conn.state holds one): int comparisons are cheaper than IntEnum ones
 _NO = int(TcpState.NONE)
@@ -130,22 +120,6 @@ TCP_CONNTRACKS: tuple[tuple[tuple[int, ...], ...], ...] = (
     ),
 )
 
-_S = 1_000_000_000
-# Indexed by TcpState. NONE is never a target state; Linux fills its slot with SYN_SENT's.
-TCP_TIMEOUTS_NS: tuple[int, ...] = (
-    120 * _S,  # NONE
-    120 * _S,  # SYN_SENT
-    60 * _S,  # SYN_RECV
-    5 * 24 * 3600 * _S,  # ESTABLISHED
-    120 * _S,  # FIN_WAIT
-    60 * _S,  # CLOSE_WAIT
-    30 * _S,  # LAST_ACK
-    120 * _S,  # TIME_WAIT
-    10 * _S,  # CLOSE
-    120 * _S,  # SYN_SENT2
-)
-TIMEOUT_RETRANS_NS = 300 * _S  # cap after max_retrans retransmissions or on a zero window
-TIMEOUT_UNACK_NS = 300 * _S  # cap while data is unacknowledged
 TIMEOUT_UNCHANGED = -1  # TcpResult.timeout_ns: leave the conntrack's expiry as it is
 TIMEOUT_DESTROY = 0  # TcpResult.timeout_ns: the conntrack is gone now (delete it)
 
@@ -162,45 +136,6 @@ _VALID_FLAGS = frozenset((
     TCP_ACK,
     TCP_ACK | TCP_URG,
 ))
-
-
-@dataclass(slots=True)
-class TcpDir:
-    """Window tracking of one direction (Linux struct ip_ct_tcp_state); all u32 but scale/flags."""
-
-    end: int = 0  # highest seq + len sent
-    maxend: int = 0  # highest ack + window the other side advertised (right window edge)
-    maxwin: int = 0  # largest window this side advertised (scaled); 0: not learned yet
-    maxack: int = 0  # highest ack this side sent (valid with TCP_FLAG_MAXACK_SET)
-    scale: int = 0  # window scale this side applies to the windows it sends (u8)
-    flags: int = 0  # TCP_FLAG_* (u8)
-
-
-def _two_dirs() -> tuple[TcpDir, TcpDir]:
-    return (TcpDir(), TcpDir())
-
-
-@dataclass(slots=True)
-class TcpConn:
-    """The TCP part of a conntrack (Linux struct ip_ct_tcp) plus its IPS_SEEN_REPLY bit."""
-
-    seen: tuple[TcpDir, TcpDir] = field(default_factory=_two_dirs)  # by direction
-    state: int = 0  # TcpState
-    last_dir: int = 0  # direction of the last packet (u8)
-    retrans: int = 0  # identical ACK-class packets in a row (u8)
-    last_index: int = 0  # conntrack index of the last packet (TCP_*_SET, u8)
-    last_seq: int = 0
-    last_ack: int = 0
-    last_end: int = 0
-    last_win: int = 0  # raw window of the last packet (u16)
-    last_wscale: int = 0  # window scale of an ignored SYN (u8)
-    last_flags: int = 0  # options of an ignored SYN, CHALLENGE_ACK, SIMULTANEOUS_OPEN (u8)
-    # The conntrack status bit IPS_SEEN_REPLY: a reply packet was tracked. Linux keeps it in
-    # the generic conntrack; only the TCP tracker reads it, so it lives here.
-    seen_reply: bool = False
-
-    def copy(self) -> TcpConn:
-        return replace(self, seen=(replace(self.seen[0]), replace(self.seen[1])))
 
 
 @dataclass(slots=True)
@@ -575,7 +510,7 @@ def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
         return False
     if new_state != _SS and not NF_CT_TCP_LOOSE:
         return False
-    conn.seen = _two_dirs()
+    conn.seen = fresh_dirs()
     conn.state = _NO
     conn.seen_reply = False
     conn.last_flags = 0

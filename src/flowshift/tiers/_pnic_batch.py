@@ -1,9 +1,10 @@
 """The PNIC engine's pipeline over one batch, compiled: parse, classify, look up, process.
 
 One pass in packet order, as a SmartNIC pipeline would run it. A packet either is processed
-here (verdict FORWARD or DROP, frame rewritten in place, entry updated) or punted (verdict -1,
-frame untouched); a punted hit also takes its entry out of the index (returned[i] = slot) so
-that later packets of that flow in the batch miss and go to software behind it.
+here (verdict FORWARD or DROP with its Reason, frame rewritten in place, entry updated) or
+punted (verdict -1 with its PuntReason, frame untouched); a punted hit also takes its entry out
+of the index (returned[i] = slot) so that later packets of that flow in the batch miss and go
+to software behind it. `punt_reason` is the one statement of when the engine punts.
 """
 
 from __future__ import annotations
@@ -11,14 +12,22 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from flowshift.tiers._pnic_flow import E_EXPIRES, process_flow, processable
-from flowshift.tiers._pnic_index import E_SIZE, head_word, index_remove, lookup
+from flowshift.tiers._pnic_flow import (
+    E_EXPIRES,
+    E_TCP_STATE,
+    N_STATES,
+    PROTO_TCP,
+    TCP_LIFE,
+    process_flow,
+)
+from flowshift.tiers._pnic_index import E_PROTO, E_SIZE, head_word, index_remove, lookup
 from flowshift.tiers._pnic_mem import kernel, ld64, prefetch
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
     F_DST_LO,
     F_FAMILY,
+    F_FLAGS,
     F_PROTO,
     F_SPORT,
     F_SRC_HI,
@@ -27,8 +36,13 @@ from flowshift.tiers._pnic_parse import (
     FULL,
     parse_frame,
 )
+from flowshift.verdict import PuntReason
 
 PUNT = -1
+PUNT_MISS = int(PuntReason.MISS)
+PUNT_LIFE = int(PuntReason.LIFE)
+PUNT_EXPIRED = int(PuntReason.EXPIRED)
+PUNT_UNSUPPORTED = int(PuntReason.UNSUPPORTED)
 LIVE = 1
 RETURNED = 2
 _SIGN = np.int64(-9223372036854775808)
@@ -80,12 +94,35 @@ def classify(f, inside, public):
 
 
 @kernel()
+def punt_reason(mem, e, f, full, now):
+    """Why a hit goes to software with its entry (a PuntReason code), or 0: processed here.
+
+    Expired first (software expires it exactly), then a SYN, FIN or RST (the connection's life
+    changes in software), then what the engine does not run (`full` False: a header shape
+    parsed for its key only; a TCP state byte out of range). A TCP packet's flags are parsed
+    whenever its key is.
+    """
+    if ld64(mem, e + E_EXPIRES) <= now:
+        return PUNT_EXPIRED
+    if mem[e + E_PROTO] == PROTO_TCP:
+        if f[F_FLAGS] & TCP_LIFE:
+            return PUNT_LIFE
+        if mem[e + E_TCP_STATE] >= N_STATES:
+            return PUNT_UNSUPPORTED
+    if not full:
+        return PUNT_UNSUPPORTED
+    return 0
+
+
+@kernel()
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
-                  returned, machine, direction, mem, state, keys, vals, inside, public, f):
+                  returned, machine, direction, mem, state, keys, vals, inside, public, f,
+                  punts):
     """Run the selected packets of a batch; (packets processed, entries returned).
 
     buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
-    f: N_FIELDS int64, the parser's field vector (kernels allocate nothing).
+    f: N_FIELDS int64, the parser's field vector (kernels allocate nothing); punts: counts by
+    PuntReason code, incremented.
     """
     processed = 0
     gone = 0
@@ -101,28 +138,36 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
         if not select[i]:
             continue
         verdict[i] = PUNT
-        reason[i] = 0
         returned[i] = -1
         s = offset[i]
         status = parse_frame(buf, s, numba.int64(caplen[i]), numba.int64(wire_len[i]),
                              numba.int64(linktype[i]), f)
         if status == FAIL:
+            # not parsed as the reference parses it, or a shape never looked up (ICMP error,
+            # non-first fragment, untracked protocol): software decides
+            reason[i] = PUNT_UNSUPPORTED
+            punts[PUNT_UNSUPPORTED] += 1
             continue
         m, d = classify(f, inside, public)
-        if m < 0:
-            continue
-        hit = lookup(keys, vals,
-                     head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
-                     f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+        hit = -1
+        if m >= 0:
+            hit = lookup(keys, vals,
+                         head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
+                         f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
         if hit < 0:
+            reason[i] = PUNT_MISS
+            punts[PUNT_MISS] += 1
             continue
         slot = hit >> 1
         e = slot * E_SIZE
         now = ts[i]
-        if status != FULL or ld64(mem, e + E_EXPIRES) <= now or not processable(mem, e, f):
+        why = punt_reason(mem, e, f, status == FULL, now)
+        if why:
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot
+            reason[i] = why
+            punts[why] += 1
             gone += 1
             continue
         v, r = process_flow(mem, e, hit & 1, buf, s, f, now)

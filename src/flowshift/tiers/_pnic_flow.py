@@ -6,15 +6,21 @@ layout (read and written at `mem[e + offset]`, the cache's bytes and the entry's
 the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
 (`tcp_packet` for the ACK row of the state table, `_in_window`, `_timeout`); sequence numbers
 are u32 with explicit masks in int64 arithmetic. Rewrites follow packet/rewrite.py: RFC 1624
-updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, UDP over IPv4
-keeps a zero checksum and sends a computed zero as 0xFFFF.
+updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, by the very
+functions of packet/checksum.py (UDP over IPv4 keeps a zero checksum; a UDP checksum computed
+as zero is sent as 0xFFFF, over IPv4 and IPv6).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
+from flowshift import conntrack_types as ct
+from flowshift import entry, flow
+from flowshift.packet import checksum, rewrite, view
+from flowshift.services.conntrack_tcp import TCP_CONNTRACKS
 from flowshift.tiers._pnic_index import (
     E_DPORT,
     E_DST,
@@ -44,84 +50,87 @@ from flowshift.tiers._pnic_parse import (
     F_TOTAL,
     F_WINDOW,
 )
+from flowshift.verdict import Reason, Verdict
 
-# the rest of the ENTRY_DTYPE offsets (checked by the engine at import)
-E_STATUS = 84
-E_TCP_STATE = 90
-E_LAST_DIR = 91
-E_RETRANS = 92
-E_LAST_INDEX = 93
-E_LAST_FLAGS = 95
-E_LAST_SEQ = 96
-E_LAST_ACK = 100
-E_LAST_END = 104
-E_LAST_WIN = 108
-E_SEEN = 112  # seen0; seen1 follows at E_SEEN + SEEN_SIZE
-SEEN_SIZE = 18
-D_END = 0
-D_MAXEND = 4
-D_MAXWIN = 8
-D_MAXACK = 12
-D_SCALE = 16
-D_FLAGS = 17
-E_LAST_SEEN = 156
-E_EXPIRES = 164
-E_STREAM_TS = 172
-E_PACKETS = 180
-E_BYTES = 196
+# Every fact below is derived from the module that defines it for the reference (numba reads
+# module globals as compile-time constants); tests/test_pnic_constants.py checks them.
 
-# verdict / reason codes (flowshift.verdict), checked by the engine at import
-FORWARD = 0
-DROP = 1
-ESTABLISHED = 3
-INVALID = 5
+_FIELDS = entry.field_offsets()
+E_STATUS = _FIELDS["status"]
+E_TCP_STATE = _FIELDS["tcp_state"]
+E_LAST_DIR = _FIELDS["last_dir"]
+E_RETRANS = _FIELDS["retrans"]
+E_LAST_INDEX = _FIELDS["last_index"]
+E_LAST_FLAGS = _FIELDS["last_flags"]
+E_LAST_SEQ = _FIELDS["last_seq"]
+E_LAST_ACK = _FIELDS["last_ack"]
+E_LAST_END = _FIELDS["last_end"]
+E_LAST_WIN = _FIELDS["last_win"]
+E_SEEN = _FIELDS["seen0"]  # seen0; seen1 follows at E_SEEN + SEEN_SIZE
+SEEN_SIZE = _FIELDS["seen1"] - _FIELDS["seen0"]
+_DIR = entry.field_offsets("seen0")
+D_END = _DIR["end"]
+D_MAXEND = _DIR["maxend"]
+D_MAXWIN = _DIR["maxwin"]
+D_MAXACK = _DIR["maxack"]
+D_SCALE = _DIR["scale"]
+D_FLAGS = _DIR["flags"]
+E_LAST_SEEN = _FIELDS["last_seen"]
+E_EXPIRES = _FIELDS["expires"]
+E_STREAM_TS = _FIELDS["stream_ts"]
+E_PACKETS = _FIELDS["packets"]
+E_BYTES = _FIELDS["bytes"]
 
-# conntrack status bits (entry.Status)
-SEEN_REPLY = 1
-ASSURED = 2
+FORWARD = int(Verdict.FORWARD)
+DROP = int(Verdict.DROP)
+ESTABLISHED = int(Reason.ESTABLISHED)
+INVALID = int(Reason.INVALID)
+
+SEEN_REPLY = int(ct.Status.SEEN_REPLY)
+ASSURED = int(ct.Status.ASSURED)
 
 M32 = 0xFFFFFFFF
-TCP_ACK = 0x10
+TCP_ACK = view.TCP_ACK
+TCP_LIFE = view.TCP_SYN | view.TCP_FIN | view.TCP_RST  # flags software handles
+PROTO_TCP = flow.PROTO_TCP
+PROTO_UDP = flow.PROTO_UDP
+PROTO_ICMPV6 = flow.PROTO_ICMPV6
 
-# TcpAction
-ACCEPT = 0
-A_INVALID = 1
-IGNORE = 2
+ACCEPT = int(ct.TcpAction.ACCEPT)
+A_INVALID = int(ct.TcpAction.INVALID)
+IGNORE = int(ct.TcpAction.IGNORE)
 
-# TcpState values used below, the table sentinels and the ACK_SET row index
-S_SYN_SENT = 1
-S_SYN_RECV = 2
-S_ESTABLISHED = 3
-S_LAST_ACK = 6
-S_TIME_WAIT = 7
-S_INVALID = 10
-S_IGNORE = 11
-ACK_SET = 3
-SYN_SET = 0
-N_STATES = 10
+S_SYN_SENT = int(ct.TcpState.SYN_SENT)
+S_SYN_RECV = int(ct.TcpState.SYN_RECV)
+S_ESTABLISHED = int(ct.TcpState.ESTABLISHED)
+S_LAST_ACK = int(ct.TcpState.LAST_ACK)
+S_TIME_WAIT = int(ct.TcpState.TIME_WAIT)
+S_INVALID = ct.STATE_INVALID
+S_IGNORE = ct.STATE_IGNORE
+ACK_SET = ct.TCP_ACK_SET
+SYN_SET = ct.TCP_SYN_SET
+N_STATES = ct.N_TCP_STATES
 
-# per-direction and last_flags bits (conntrack_tcp TCP_FLAG_*)
-FLAG_SACK_PERM = 0x02
-FLAG_BE_LIBERAL = 0x08
-FLAG_DATA_UNACKNOWLEDGED = 0x10
-FLAG_MAXACK_SET = 0x20
-FLAG_CHALLENGE_ACK = 0x40
-FLAG_SIMULTANEOUS_OPEN = 0x80
+FLAG_SACK_PERM = ct.TCP_FLAG_SACK_PERM
+FLAG_BE_LIBERAL = ct.TCP_FLAG_BE_LIBERAL
+FLAG_DATA_UNACKNOWLEDGED = ct.TCP_FLAG_DATA_UNACKNOWLEDGED
+FLAG_MAXACK_SET = ct.TCP_FLAG_MAXACK_SET
+FLAG_CHALLENGE_ACK = ct.TCP_FLAG_CHALLENGE_ACK
+FLAG_SIMULTANEOUS_OPEN = ct.TCP_FLAG_SIMULTANEOUS_OPEN
 
-MAX_RETRANS = 3
-MAXACKWINCONST = 66000
-_S = 1_000_000_000
-TIMEOUT_RETRANS = 300 * _S
-TIMEOUT_UNACK = 300 * _S
-UDP_TIMEOUT_UNREPLIED = 30 * _S
-UDP_TIMEOUT_REPLIED = 120 * _S
-ICMP_TIMEOUT = 30 * _S
+MAX_RETRANS = ct.NF_CT_TCP_MAX_RETRANS
+MAXACKWINCONST = ct.MAXACKWINCONST
+TIMEOUT_RETRANS = ct.TIMEOUT_RETRANS_NS
+TIMEOUT_UNACK = ct.TIMEOUT_UNACK_NS
+UDP_TIMEOUT_UNREPLIED = ct.UDP_TIMEOUT_UNREPLIED
+UDP_TIMEOUT_REPLIED = ct.UDP_TIMEOUT_REPLIED
+ICMP_TIMEOUT = ct.ICMP_TIMEOUT
 
-# The ACK row of TCP_CONNTRACKS per direction, and TCP_TIMEOUTS_NS (checked at import)
-ACK_ROWS = np.array([[3, 10, 3, 3, 5, 5, 7, 7, 8, 10],
-                     [10, 11, 2, 3, 5, 5, 7, 7, 8, 11]], np.int64)
-TIMEOUTS = np.array([120 * _S, 120 * _S, 60 * _S, 5 * 24 * 3600 * _S, 120 * _S, 60 * _S,
-                     30 * _S, 120 * _S, 10 * _S, 120 * _S], np.int64)
+# The ACK row of the state table per direction, and the timeout of each state
+ACK_ROWS = np.array([TCP_CONNTRACKS[d][ACK_SET] for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
+TIMEOUTS = np.array(ct.TCP_TIMEOUTS_NS, np.int64)
+if ct.NF_CT_TCP_BE_LIBERAL:  # the kernels implement the Linux default only
+    raise ImportError("the PNIC kernels assume nf_conntrack_tcp_be_liberal = 0")
 
 
 @kernel(inline=True)
@@ -141,7 +150,7 @@ def _scaled(win, scale):
 
 # -- TCP conntrack ------------------------------------------------------------------------------
 
-@kernel()
+@kernel(inline=True)
 def _lenient(mem, e, sender, action):
     if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL:
         return ACCEPT
@@ -329,7 +338,7 @@ def tcp_track(mem, e, d, b, s, f):
 
 # -- rewrite ------------------------------------------------------------------------------------
 
-@kernel(inline=True)
+@kernel()
 def _ones_sum(a, i, n):
     """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF."""
     v = np.int64(0)
@@ -341,34 +350,40 @@ def _ones_sum(a, i, n):
     return r if r else 0xFFFF
 
 
+# The RFC 1624 update and UDP's zero rules: their one statement, compiled where the kernels
+# call it (numba compiles a registered function, and its calls of another, in the caller)
+register_jitable(checksum.fold)
+_change_of = register_jitable(checksum.change_of)
+_update_sum = register_jitable(checksum.update_sum)
+_update_transport = register_jitable(checksum.update_transport)
+
+CSUM_AT_TCP = rewrite.L4_CHECKSUM_AT[PROTO_TCP]
+CSUM_AT_UDP = rewrite.L4_CHECKSUM_AT[PROTO_UDP]
+CSUM_AT_ICMP = rewrite.L4_CHECKSUM_AT[flow.PROTO_ICMP]
+if rewrite.L4_CHECKSUM_AT[PROTO_ICMPV6] != CSUM_AT_ICMP:
+    raise ImportError("the PNIC kernels assume one checksum offset for ICMP and ICMPv6")
+CSUM_AT_IPV4 = rewrite.IPV4_CHECKSUM_AT
+
+
 @kernel(inline=True)
-def _adjust(b, at, terms, udp4):
-    """rewrite._adjust for several fields at once: RFC 1624 update of the checksum at b[at] by
-    `terms`, the sum of ~old + new over the changed fields. One update by the sum equals the
-    updates one field at a time (ones'-complement addition is associative, and the folded sum
-    is 0 only when every term is), including UDP's 0 -> 0xFFFF."""
-    csum = be16(b, at)
-    if udp4 and csum == 0:
-        return  # UDP over IPv4 sent without a checksum stays so
-    t = (~csum & 0xFFFF) + terms
-    while t >> 16:
-        t = (t & 0xFFFF) + (t >> 16)
-    value = ~t & 0xFFFF
-    if value == 0 and udp4:
-        value = 0xFFFF
-    st_be16(b, at, value)
+def _adjust(b, at, terms, udp, v4):
+    """rewrite._adjust for several fields at once: the checksum at b[at] moved by `terms`, the
+    sum of ~old + new over the changed fields. One update by the sum equals the updates one
+    field at a time (ones'-complement addition is associative, and the folded sum is 0 only
+    when every term is), including UDP's 0 -> 0xFFFF."""
+    st_be16(b, at, _update_transport(be16(b, at), terms, udp, v4))
 
 
 @kernel(inline=True)
 def _l4_checksum_at(l4, proto):
-    if proto == 6:
-        return l4 + 16
-    if proto == 17:
-        return l4 + 6
-    return l4 + 2  # ICMP, ICMPv6
+    if proto == PROTO_TCP:
+        return l4 + CSUM_AT_TCP
+    if proto == PROTO_UDP:
+        return l4 + CSUM_AT_UDP
+    return l4 + CSUM_AT_ICMP  # ICMP, ICMPv6
 
 
-@kernel(inline=True)
+@kernel()
 def _same_addr(a, i, mem, j, n):
     """Are the n-byte (4 or 16) addresses at a[i] and mem[j] equal?"""
     if n == 4:
@@ -376,7 +391,7 @@ def _same_addr(a, i, mem, j, n):
     return ld64(a, i) == ld64(mem, j) and ld64(a, i + 8) == ld64(mem, j + 8)
 
 
-@kernel(inline=True)
+@kernel()
 def _set_addr(b, at, mem, j, n):
     """rewrite._set_addr without the checksums: write the address, return its ~old + new."""
     old_sum = _ones_sum(b, at, n)
@@ -386,14 +401,14 @@ def _set_addr(b, at, mem, j, n):
     else:
         st64(b, at, ld64(mem, j))
         st64(b, at + 8, ld64(mem, j + 8))
-    return (~old_sum & 0xFFFF) + new_sum
+    return _change_of(old_sum, new_sum)
 
 
 @kernel(inline=True)
 def _set_port(b, at, port):
     old = be16(b, at)
     st_be16(b, at, port)
-    return (~old & 0xFFFF) + port  # ones_sum of one word is itself
+    return _change_of(old, port)  # ones_sum of one word is itself
 
 
 @kernel()
@@ -433,11 +448,11 @@ def translate(mem, e, d, b, s, f):
     if cur_dport != dport:
         port_terms += _set_port(b, l4 + 4 if echo else l4 + 2, dport)
     if family == 4 and addr_terms:
-        _adjust(b, l3 + 10, addr_terms, False)
-    if proto == 6 or proto == 17 or proto == 58:
-        port_terms += addr_terms
+        st_be16(b, l3 + CSUM_AT_IPV4, _update_sum(be16(b, l3 + CSUM_AT_IPV4), addr_terms))
+    if proto in (PROTO_TCP, PROTO_UDP, PROTO_ICMPV6):
+        port_terms += addr_terms  # the pseudo-header
     if port_terms:
-        _adjust(b, _l4_checksum_at(l4, proto), port_terms, proto == 17 and family == 4)
+        _adjust(b, _l4_checksum_at(l4, proto), port_terms, proto == PROTO_UDP, family == 4)
 
 
 # -- the chain for one packet -------------------------------------------------------------------
@@ -446,7 +461,7 @@ def translate(mem, e, d, b, s, f):
 def process_flow(mem, e, d, b, s, f, now):
     """chain.process_flow for a packet the engine processes: (verdict, reason)."""
     proto = mem[e + E_PROTO]
-    if proto == 6:
+    if proto == PROTO_TCP:
         action, timeout = tcp_track(mem, e, d, b, s, f)
         if action == A_INVALID:
             return DROP, INVALID
@@ -454,7 +469,7 @@ def process_flow(mem, e, d, b, s, f, now):
             translate(mem, e, d, b, s, f)
             return FORWARD, ESTABLISHED
         st64(mem, e + E_EXPIRES, now + timeout)
-    elif proto == 17:
+    elif proto == PROTO_UDP:
         status = mem[e + E_STATUS]
         if status & SEEN_REPLY:
             timeout = UDP_TIMEOUT_UNREPLIED
@@ -475,12 +490,3 @@ def process_flow(mem, e, d, b, s, f, now):
     st64(mem, e + E_LAST_SEEN, now)
     translate(mem, e, d, b, s, f)
     return FORWARD, ESTABLISHED
-
-
-@kernel()
-def processable(mem, e, f):
-    """Can the engine run this hit of a fully parsed packet exactly? Else software must."""
-    if mem[e + E_PROTO] == 6:
-        # SYN, FIN and RST change the connection's life: software handles them
-        return not f[F_FLAGS] & 0x07 and mem[e + E_TCP_STATE] < N_STATES
-    return True

@@ -8,7 +8,7 @@ tombstones, so lookups never slow down under churn). The size is a power of two 
 the number of keys, so a probe always ends at an empty bucket.
 
 Entries are the cache's bytes, E_SIZE per slot, in the ENTRY_DTYPE layout; the offsets below
-are checked against it by the engine at import.
+are taken from it.
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flowshift import entry
 from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16
 
-# ENTRY_DTYPE offsets the compiled code reads and writes
-E_FAMILY = 0
-E_PROTO = 1
-E_ZONE = 2
-E_SPORT = 4
-E_DPORT = 6
-E_SRC = 8
-E_DST = 24
-E_XSRC = 40
-E_XDST = 56
-E_XSPORT = 72
-E_XDPORT = 74
-E_SIZE = 224  # ENTRY_SIZE: entry i starts at byte i * E_SIZE of the cache
+# ENTRY_DTYPE offsets the compiled code reads and writes (numba reads them as constants)
+_FIELDS = entry.field_offsets()
+E_FAMILY = _FIELDS["family"]
+E_PROTO = _FIELDS["proto"]
+E_ZONE = _FIELDS["zone"]
+E_SPORT = _FIELDS["sport"]
+E_DPORT = _FIELDS["dport"]
+E_SRC = _FIELDS["src"]
+E_DST = _FIELDS["dst"]
+E_XSRC = _FIELDS["xsrc"]
+E_XDST = _FIELDS["xdst"]
+E_XSPORT = _FIELDS["xsport"]
+E_XDPORT = _FIELDS["xdport"]
+E_SIZE = entry.ENTRY_SIZE  # entry i starts at byte i * E_SIZE of the cache
 
 EMPTY = -1
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
@@ -49,21 +51,27 @@ def head_word(family, proto, zone, sport, dport):
     return family | (proto << 8) | (zone << 16) | (sport << 32) | (dport << 48)
 
 
-@kernel()
-def entry_key(mem, e, reply):
-    """The original key of the entry at mem[e], or its reply key (the reverse of the rewrite)."""
+@kernel(inline=True)
+def _key(mem, e, src, dst, sport, dport):
+    """The key of the entry at mem[e] with these address fields and ports."""
     family = numba.int64(mem[e + E_FAMILY])
-    proto = numba.int64(mem[e + E_PROTO])
-    zone = ld16(mem, e + E_ZONE)
-    if reply:
-        s_hi, s_lo = addr_words(mem, e + E_XDST, family)
-        d_hi, d_lo = addr_words(mem, e + E_XSRC, family)
-        return (head_word(family, proto, zone, ld16(mem, e + E_XDPORT), ld16(mem, e + E_XSPORT)),
-                s_hi, s_lo, d_hi, d_lo)
-    s_hi, s_lo = addr_words(mem, e + E_SRC, family)
-    d_hi, d_lo = addr_words(mem, e + E_DST, family)
-    return (head_word(family, proto, zone, ld16(mem, e + E_SPORT), ld16(mem, e + E_DPORT)),
-            s_hi, s_lo, d_hi, d_lo)
+    s_hi, s_lo = addr_words(mem, e + src, family)
+    d_hi, d_lo = addr_words(mem, e + dst, family)
+    head = head_word(family, numba.int64(mem[e + E_PROTO]), ld16(mem, e + E_ZONE),
+                     ld16(mem, e + sport), ld16(mem, e + dport))
+    return head, s_hi, s_lo, d_hi, d_lo
+
+
+@kernel()
+def entry_key(mem, e):
+    """The original key of the entry at mem[e]."""
+    return _key(mem, e, E_SRC, E_DST, E_SPORT, E_DPORT)
+
+
+@kernel()
+def entry_reply_key(mem, e):
+    """The reply key of the entry at mem[e]: the reverse of its rewrite."""
+    return _key(mem, e, E_XDST, E_XSRC, E_XDPORT, E_XSPORT)
 
 
 @kernel(inline=True)
@@ -134,8 +142,8 @@ def _delete(keys, vals, key):
 def index_insert(mem, slot, keys, vals):
     """Index both keys of the entry in slot; False if either is taken (or they are one)."""
     e = slot * E_SIZE
-    key = entry_key(mem, e, False)
-    reply = entry_key(mem, e, True)
+    key = entry_key(mem, e)
+    reply = entry_reply_key(mem, e)
     if key == reply:
         return False
     if lookup(keys, vals, *key) != EMPTY or lookup(keys, vals, *reply) != EMPTY:
@@ -148,8 +156,8 @@ def index_insert(mem, slot, keys, vals):
 @kernel()
 def index_remove(mem, slot, keys, vals):
     e = slot * E_SIZE
-    _delete(keys, vals, entry_key(mem, e, False))
-    _delete(keys, vals, entry_key(mem, e, True))
+    _delete(keys, vals, entry_key(mem, e))
+    _delete(keys, vals, entry_reply_key(mem, e))
 
 
 def table_size(capacity: int) -> int:

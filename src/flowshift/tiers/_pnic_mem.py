@@ -10,10 +10,15 @@ int64 bit pattern) and stores keep the low bits of an int64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from flowshift.tiers._pnic_cache import cache_dir
 
 _I64 = ir.IntType(64)
 
@@ -83,9 +88,22 @@ def prefetch(typingctx, arr, i):
     return types.void(arr, types.intp), codegen
 
 
-def kernel(*, inline: bool = False):
-    """numba.njit for the engine's kernels: cached, and without reference counting (numba's
-    `_nrt` option). Every array argument of a compiled call otherwise costs two atomic
-    reference-count updates, several dozen per packet, more than the packet's own work; the
-    kernels allocate nothing, so they need none. `inline`: inline at every call site."""
-    return numba.njit(cache=True, _nrt=False, inline="always" if inline else "never")
+def kernel(*, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """numba.njit for the engine's kernels: cached (in _pnic_cache.cache_dir()), and without
+    reference counting (numba's `_nrt` option). Every array argument of a compiled call
+    otherwise costs two atomic reference-count updates, several dozen per packet, more than the
+    packet's own work; the kernels allocate nothing, so they need none. `inline`: inline at
+    every call site."""
+    jit = numba.njit(cache=True, _nrt=False, inline="always" if inline else "never")
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        # numba picks a function's cache directory when it is decorated: point it at ours for
+        # that moment only, so that other numba users in the process keep theirs
+        saved = numba.config.CACHE_DIR
+        numba.config.CACHE_DIR = cache_dir()
+        try:
+            return jit(fn)
+        finally:
+            numba.config.CACHE_DIR = saved
+
+    return decorate

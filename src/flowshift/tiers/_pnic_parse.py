@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numba
 
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from flowshift.packet import parse, view
 from flowshift.tiers._pnic_mem import be16, be32, be64, kernel, ld32
 
 FAIL = 0
@@ -43,17 +45,36 @@ F_SRC_HI = 16  # addresses as two big-endian 64-bit words (IPv4: top 32 bits of 
 F_SRC_LO = 17
 F_DST_HI = 18
 F_DST_LO = 19
-N_FIELDS = 20
+F_FRAG = 20  # part of a fragmented datagram (a first fragment: MF set)
+N_FIELDS = 21
 
-_ETH_P_IPV4 = 0x0800
-_ETH_P_IPV6 = 0x86DD
-_ARPHRD_NETLINK = 824
-_TS_ONLY_MARKER = 0x0101080A
-
-
-@kernel(inline=True)
-def _is_vlan(ethertype):
-    return ethertype == 0x8100 or ethertype == 0x88A8 or ethertype == 0x9100 or ethertype == 0x9200
+# the facts of packet/parse.py and packet/view.py (numba reads them as constants)
+_ETH_P_IPV4 = parse.ETH_P_IPV4
+_ETH_P_IPV6 = parse.ETH_P_IPV6
+_VLAN_TPIDS = tuple(sorted(parse.VLAN_TPIDS))
+_ARPHRD_NETLINK = parse.ARPHRD_NETLINK
+_TS_ONLY_MARKER = parse.TS_ONLY_MARKER
+_AF_INET = parse.AF_INET
+_AF_INET6 = tuple(sorted(parse.AF_INET6))
+_LT_ETHERNET = view.LINKTYPE_ETHERNET
+_LT_RAW = (view.LINKTYPE_RAW, *view.DLT_RAW_ALIASES)
+_LT_IPV4 = view.LINKTYPE_IPV4
+_LT_IPV6 = view.LINKTYPE_IPV6
+_LT_SLL = view.LINKTYPE_LINUX_SLL
+_LT_SLL2 = view.LINKTYPE_LINUX_SLL2
+_LT_NULL = view.LINKTYPE_NULL
+_LT_LOOP = view.LINKTYPE_LOOP
+_IP_MF = parse.IP_MF
+_IP_OFFSET = parse.IP_OFFSET
+_IPV6_EXT = tuple(sorted(parse.IPV6_EXT_HEADERS))
+_HOPOPTS = parse.IPPROTO_HOPOPTS
+_FRAGMENT = parse.IPPROTO_FRAGMENT
+_AH = parse.IPPROTO_AH
+_JUMBO = parse.IPV6_OPT_JUMBO
+_ICMP_ECHO = tuple(sorted(parse.ICMP_ECHO_TYPES))
+_ICMP_ERROR = tuple(sorted(parse.ICMP_ERROR_TYPES))
+_ICMPV6_ECHO = tuple(sorted(parse.ICMPV6_ECHO_TYPES))
+_ICMPV6_ERROR = tuple(sorted(parse.ICMPV6_ERROR_TYPES))
 
 
 @kernel()
@@ -61,12 +82,12 @@ def parse_frame(b, s, n, wire, linktype, f):
     """Parse the frame b[s:s+n] (wire: its length on the wire) into f; FAIL/KEY_ONLY/FULL."""
     if wire < n:
         wire = n
-    if linktype == 1:  # Ethernet
+    if linktype == _LT_ETHERNET:
         if n < 14:
             return FAIL
         ethertype = be16(b, s + 12)
         off = 14
-    elif linktype == 101 or linktype == 12 or linktype == 14:  # raw IP
+    elif linktype in _LT_RAW:  # version nibble tells
         if n == 0:
             return FAIL
         version = b[s] >> 4
@@ -77,14 +98,14 @@ def parse_frame(b, s, n, wire, linktype, f):
         else:
             return FAIL
         off = 0
-    elif linktype == 228 or linktype == 229:
-        ethertype = _ETH_P_IPV4 if linktype == 228 else _ETH_P_IPV6
+    elif linktype in (_LT_IPV4, _LT_IPV6):
+        ethertype = _ETH_P_IPV4 if linktype == _LT_IPV4 else _ETH_P_IPV6
         off = 0
-    elif linktype == 113 or linktype == 276:  # Linux cooked v1 / v2
-        off = 16 if linktype == 113 else 20
+    elif linktype in (_LT_SLL, _LT_SLL2):  # Linux cooked v1 / v2
+        off = 16 if linktype == _LT_SLL else 20
         if n < off:
             return FAIL
-        if linktype == 113:
+        if linktype == _LT_SLL:
             hatype = be16(b, s + 2)
             ethertype = be16(b, s + 14)
         else:
@@ -92,22 +113,22 @@ def parse_frame(b, s, n, wire, linktype, f):
             ethertype = be16(b, s)
         if hatype == _ARPHRD_NETLINK:
             return FAIL
-    elif linktype == 0 or linktype == 108:  # BSD / OpenBSD loopback
+    elif linktype in (_LT_NULL, _LT_LOOP):  # BSD / OpenBSD loopback
         if n < 4:
             return FAIL
         family = be32(b, s)
-        if linktype == 0 and family > 0xFFFF:
+        if linktype == _LT_NULL and family > 0xFFFF:
             family = ld32(b, s)
-        if family == 2:
+        if family == _AF_INET:
             ethertype = _ETH_P_IPV4
-        elif family == 10 or family == 24 or family == 28 or family == 30:
+        elif family in _AF_INET6:
             ethertype = _ETH_P_IPV6
         else:
             return FAIL
         off = 4
     else:
         return FAIL
-    while _is_vlan(ethertype):
+    while ethertype in _VLAN_TPIDS:
         if n < off + 4:
             return FAIL
         ethertype = be16(b, s + off + 2)
@@ -159,11 +180,11 @@ def _ipv4(b, s, off, limit, room, f):
     f[F_DST_LO] = 0
     if hlen > 20 and (off + hlen > limit or not _ipv4_options_ok(b, s, off + 20, off + hlen)):
         return FAIL
-    if frag & 0x1FFF:
+    if frag & _IP_OFFSET:
         return FAIL  # no transport header: the reference PNIC does not look it up
-    is_frag = (frag & 0x2000) != 0
-    status = _transport(b, s, proto, off + hlen, limit, is_frag, f)
-    if status == FULL and is_frag:
+    f[F_FRAG] = (frag & _IP_MF) != 0
+    status = _transport(b, s, proto, off + hlen, limit, f)
+    if status == FULL and f[F_FRAG]:
         return KEY_ONLY
     return status
 
@@ -180,7 +201,7 @@ def _jumbo_payload_length(b, s, i, limit):
         if kind == 0:
             i += 1
             continue
-        if kind == 0xC2 and b[s + i + 1] == 4 and i + 6 <= end:
+        if kind == _JUMBO and b[s + i + 1] == 4 and i + 6 <= end:
             length = be32(b, s + i + 2)
             return length if length > 0xFFFF else 0
         i += 2 + numba.int64(b[s + i + 1])
@@ -196,7 +217,7 @@ def _ipv6(b, s, off, limit, room, f):
     plen = be16(b, s + off + 4)
     nxt = numba.int64(b[s + off + 6])
     total = 40 + plen
-    if plen == 0 and nxt == 0:
+    if plen == 0 and nxt == _HOPOPTS:
         total += _jumbo_payload_length(b, s, off + 40, limit)
     if total > room:
         return FAIL
@@ -210,22 +231,22 @@ def _ipv6(b, s, off, limit, room, f):
     end = off + total
     i = off + 40
     extended = False
-    is_frag = False
-    while nxt == 0 or nxt == 43 or nxt == 44 or nxt == 51 or nxt == 60:
+    f[F_FRAG] = 0
+    while nxt in _IPV6_EXT:
         extended = True
-        if (nxt == 0 and i != off + 40) or i + 8 > end or i + 8 > limit:
+        if (nxt == _HOPOPTS and i != off + 40) or i + 8 > end or i + 8 > limit:
             return FAIL
-        if nxt == 44:  # fragment header
+        if nxt == _FRAGMENT:
             after = numba.int64(b[s + i])
             fo = be16(b, s + i + 2)
             if fo & 0xFFF8:
                 return FAIL  # fragment payload, no transport header
             if fo & 1:
-                is_frag = True
+                f[F_FRAG] = 1
             i += 8
             nxt = after
             continue
-        if nxt == 51:
+        if nxt == _AH:
             size = (numba.int64(b[s + i + 1]) + 2) << 2
         else:
             size = (numba.int64(b[s + i + 1]) + 1) << 3
@@ -235,22 +256,22 @@ def _ipv6(b, s, off, limit, room, f):
         i += size
     f[F_PROTO] = nxt
     f[F_L4LEN] = end - i
-    status = _transport(b, s, nxt, i, limit, is_frag, f)
+    status = _transport(b, s, nxt, i, limit, f)
     if status == FULL and extended:
         return KEY_ONLY
     return status
 
 
 @kernel()
-def _transport(b, s, proto, off, limit, is_frag, f):
+def _transport(b, s, proto, off, limit, f):
     f[F_SACK_AT] = -1
     f[F_SACK_N] = 0
     f[F_ECHO] = 0
-    if proto == 6:
+    if proto == PROTO_TCP:
         return _tcp(b, s, off, limit, f)
-    if proto == 17:
-        return _udp(b, s, off, limit, is_frag, f)
-    if proto == 1 or proto == 58:
+    if proto == PROTO_UDP:
+        return _udp(b, s, off, limit, f)
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
         return _icmp(b, s, proto, off, limit, f)
     return FAIL  # a protocol flowshift does not track
 
@@ -317,14 +338,14 @@ def _tcp_options(b, s, i, end, limit, f):
 
 
 @kernel()
-def _udp(b, s, off, limit, is_frag, f):
+def _udp(b, s, off, limit, f):
     seglen = f[F_L4LEN]
     if seglen < 8 or limit - off < 8:
         return FAIL
     ulen = be16(b, s + off + 4)
     if ulen == 0 and f[F_FAMILY] == 6:
         ulen = seglen
-    if ulen < 8 or (ulen > seglen and not is_frag):
+    if ulen < 8 or (ulen > seglen and not f[F_FRAG]):
         return FAIL
     f[F_L4] = off
     f[F_SPORT] = be16(b, s + off)
@@ -338,12 +359,12 @@ def _icmp(b, s, proto, off, limit, f):
         return FAIL
     kind = b[s + off]
     f[F_L4] = off
-    if proto == 58:
-        echo = kind == 128 or kind == 129
-        error = kind == 1 or kind == 2 or kind == 3 or kind == 4
+    if proto == PROTO_ICMPV6:
+        echo = kind in _ICMPV6_ECHO
+        error = kind in _ICMPV6_ERROR
     else:
-        echo = kind == 0 or kind == 8
-        error = kind == 3 or kind == 4 or kind == 5 or kind == 11 or kind == 12
+        echo = kind in _ICMP_ECHO
+        error = kind in _ICMP_ERROR
     if echo:
         f[F_ECHO] = 1
         f[F_SPORT] = f[F_DPORT] = be16(b, s + off + 4)

@@ -17,15 +17,12 @@ from flowshift import channel as ch
 from flowshift.config import MachineConfig
 from flowshift.entry import ENTRY_DTYPE, Tier
 from flowshift.flow import FlowKey
-from flowshift.packet.parse import parse
-from flowshift.packet.view import TCP_FIN, TCP_RST, TCP_SYN
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.pnic_engine import PnicEngine
-from flowshift.verdict import RefuseReason, ReturnReason
+from flowshift.tiers.pnic_engine import RETURN_REASONS, PnicEngine
+from flowshift.verdict import PuntReason, RefuseReason, ReturnReason
 
 PUNT = -1
 _OWNER = ENTRY_DTYPE.fields["owner"][1]  # the entry's owner byte
-_LIFE_FLAGS = TCP_SYN | TCP_FIN | TCP_RST
 
 
 class Pnic:
@@ -139,17 +136,14 @@ class Pnic:
             verdict: np.ndarray, reason: np.ndarray, machine: np.ndarray,
             direction: np.ndarray, out: list[ch.Msg]) -> None:
         """The selected packets of a batch through the engine, in place: processed ones get
-        their verdict, punted ones verdict PUNT; the entries handed back become Return
-        messages, in order."""
+        their verdict, punted ones verdict PUNT and their PuntReason; the entries handed back
+        become Return messages, in order, with the reason the engine gave."""
         returned = np.full(len(offset), -1, np.int64)
         self.engine.process(buf, offset, caplen, wire_len, linktype, ts, select, verdict,
                             reason, returned, machine, direction)
         for i in np.flatnonzero(returned >= 0).tolist():
             raw = self.engine.take_returned(int(returned[i]))
-            start = int(offset[i])
-            frame = buf[start:start + int(caplen[i])].tobytes()
-            out.append(ch.Return(raw, _why(raw, int(ts[i]), frame, int(linktype[i]),
-                                           int(wire_len[i])), int(ts[i])))
+            out.append(ch.Return(raw, RETURN_REASONS[PuntReason(int(reason[i]))], int(ts[i])))
 
     def _packets(self, msg: ch.Packets, out: list[ch.Msg]) -> None:
         n = len(msg.index)
@@ -166,17 +160,6 @@ class Pnic:
         datas = [buf[offset[i]:offset[i] + caplen[i]].tobytes() if verdict[i] == 0 else b""
                  for i in range(n)]
         out.append(ch.Results(list(msg.index), verdict.tolist(), reason.tolist(), datas))
-
-
-def _why(raw: bytes, now: int, frame: bytes, linktype: int, wire_len: int) -> ReturnReason:
-    """The reason an entry came back with a punted packet."""
-    expires = int(np.frombuffer(raw, ENTRY_DTYPE)["expires"][0])
-    if expires <= now:
-        return ReturnReason.EXPIRED
-    pkt = parse(frame, linktype, wire_len)
-    if pkt.proto == 6 and pkt.flags & _LIFE_FLAGS:
-        return ReturnReason.CLOSED
-    return ReturnReason.UNSUPPORTED
 
 
 def serve(endpoint: ch.Endpoint, pnic: Pnic) -> None:

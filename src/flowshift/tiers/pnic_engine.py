@@ -11,19 +11,18 @@ docs/pnic-engine.md describes the pipeline and what is punted.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Status
+from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
 from flowshift.flow import FlowKey
-from flowshift.services import conntrack as ct
-from flowshift.services import conntrack_tcp as ct_tcp
-from flowshift.tiers import _pnic_flow as kf
+from flowshift.packet.view import TCP_ACK
 from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers._pnic_batch import LIVE, RETURNED, process_batch
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.verdict import Reason, Verdict
+from flowshift.verdict import PuntReason, ReturnReason
 
 if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
     from flowshift.host import Classifier
@@ -31,46 +30,20 @@ if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
 _FREE = 0
 _M64 = (1 << 64) - 1
 
+# The entry a punted hit hands back comes back to software for this reason (a miss returns
+# nothing, and the engine never holds a packet: the host does).
+RETURN_REASONS = {
+    PuntReason.LIFE: ReturnReason.CLOSED,
+    PuntReason.EXPIRED: ReturnReason.EXPIRED,
+    PuntReason.UNSUPPORTED: ReturnReason.UNSUPPORTED,
+}
 
-def _check_layout() -> None:
-    """The compiled code's constants must describe ENTRY_DTYPE and the reference's tables."""
-    fields = ENTRY_DTYPE.fields
-    assert fields is not None
-    offsets = {
-        "family": ki.E_FAMILY, "proto": ki.E_PROTO, "zone": ki.E_ZONE, "sport": ki.E_SPORT,
-        "dport": ki.E_DPORT, "src": ki.E_SRC, "dst": ki.E_DST, "xsrc": ki.E_XSRC,
-        "xdst": ki.E_XDST, "xsport": ki.E_XSPORT, "xdport": ki.E_XDPORT,
-        "status": kf.E_STATUS, "tcp_state": kf.E_TCP_STATE, "last_dir": kf.E_LAST_DIR,
-        "retrans": kf.E_RETRANS, "last_index": kf.E_LAST_INDEX, "last_flags": kf.E_LAST_FLAGS,
-        "last_seq": kf.E_LAST_SEQ, "last_ack": kf.E_LAST_ACK, "last_end": kf.E_LAST_END,
-        "last_win": kf.E_LAST_WIN, "seen0": kf.E_SEEN, "seen1": kf.E_SEEN + kf.SEEN_SIZE,
-        "last_seen": kf.E_LAST_SEEN, "expires": kf.E_EXPIRES, "stream_ts": kf.E_STREAM_TS,
-        "packets": kf.E_PACKETS, "bytes": kf.E_BYTES,
-    }
-    assert ki.E_SIZE == ENTRY_SIZE, "ENTRY_DTYPE changed size: update the PNIC engine"
-    for name, off in offsets.items():
-        assert fields[name][1] == off, f"ENTRY_DTYPE.{name} moved: update the PNIC engine"
-    seen = fields["seen0"][0]
-    assert seen.itemsize == kf.SEEN_SIZE
-    for name, off in (("end", kf.D_END), ("maxend", kf.D_MAXEND), ("maxwin", kf.D_MAXWIN),
-                      ("maxack", kf.D_MAXACK), ("scale", kf.D_SCALE), ("flags", kf.D_FLAGS)):
-        assert seen.fields[name][1] == off, f"TcpDir.{name} moved: update the PNIC engine"
-    assert (kf.SEEN_REPLY, kf.ASSURED) == (Status.SEEN_REPLY, Status.ASSURED)
-    assert (kf.FORWARD, kf.DROP) == (Verdict.FORWARD, Verdict.DROP)
-    assert (kf.ESTABLISHED, kf.INVALID) == (Reason.ESTABLISHED, Reason.INVALID)
-    for d in (0, 1):
-        assert tuple(kf.ACK_ROWS[d]) == ct_tcp.TCP_CONNTRACKS[d][ct_tcp.TCP_ACK_SET]
-    assert tuple(kf.TIMEOUTS) == ct_tcp.TCP_TIMEOUTS_NS
-    assert (kf.TIMEOUT_RETRANS, kf.TIMEOUT_UNACK) == (ct_tcp.TIMEOUT_RETRANS_NS,
-                                                      ct_tcp.TIMEOUT_UNACK_NS)
-    assert (kf.UDP_TIMEOUT_UNREPLIED, kf.UDP_TIMEOUT_REPLIED, kf.ICMP_TIMEOUT) == (
-        ct.UDP_TIMEOUT_UNREPLIED, ct.UDP_TIMEOUT_REPLIED, ct.ICMP_TIMEOUT)
-    assert kf.MAX_RETRANS == ct_tcp.NF_CT_TCP_MAX_RETRANS
-    assert kf.MAXACKWINCONST == ct_tcp.MAXACKWINCONST
-    assert not ct_tcp.NF_CT_TCP_BE_LIBERAL  # the kernels assume the Linux default
-
-
-_check_layout()
+# The array types every call of the batch kernel gets, so that it is compiled once: the
+# dtypes of results.BatchResults for the outputs, the widest for the inputs.
+_IN = {"offset": np.int64, "caplen": np.uint32, "wire_len": np.uint32, "linktype": np.uint16,
+       "ts": np.int64}
+_OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine": np.int16,
+        "direction": np.int8}
 
 
 def _words(addr: bytes) -> tuple[int, int]:
@@ -85,27 +58,33 @@ def _int64(values: list[list[int]], width: int) -> np.ndarray:
     return table.view(np.int64)
 
 
-def _compile_classifier(classifier: Classifier) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier's ranges and public addresses as arrays for the kernel (see _pnic_batch)."""
-    inside = []
+def _compile_classifier(classifier: Classifier | None) -> tuple[np.ndarray, np.ndarray]:
+    """Classifier's ranges and public addresses as arrays for the kernel (see _pnic_batch);
+    None: no machine (every packet misses)."""
+    inside: list[list[int]] = []
+    public: list[list[int]] = []
+    if classifier is None:
+        return _int64(inside, 6), _int64(public, 4)
     for family, lo, hi, m in classifier.inside:
         inside.append([family, lo >> 64, lo & _M64, hi >> 64, hi & _M64, m])
-    public = []
     for addr, m in classifier.public.items():
         hi, lo = _words(addr)
         public.append([4 if len(addr) == 4 else 6, hi, lo, m])
     return _int64(inside, 6), _int64(public, 4)
 
 
-def _as(a: np.ndarray, dtype: type) -> np.ndarray:
-    """a as a contiguous array of dtype, copied only when it is not one already."""
-    return np.ascontiguousarray(a, dtype)
+def _arg(a: np.ndarray, dtype: type) -> np.ndarray:
+    """a as a writable contiguous array of dtype (one compiled type), copied only when it is
+    not one already."""
+    if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
+        return a
+    return np.array(a, dtype)
 
 
 class PnicEngine:
     """The second cache and its compiled data path."""
 
-    def __init__(self, capacity: int, classifier: Classifier) -> None:
+    def __init__(self, capacity: int, classifier: Classifier | None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
@@ -119,6 +98,7 @@ class PnicEngine:
         self._free = list(range(capacity - 1, -1, -1))
         self._live = 0
         self._inside, self._public = _compile_classifier(classifier)
+        self._punts = np.zeros(max(PuntReason) + 1, np.int64)  # by PuntReason code
 
     def __len__(self) -> int:
         """Entries in the cache (returned ones not yet taken do not count)."""
@@ -173,6 +153,10 @@ class PnicEngine:
     def used_slots(self) -> list[int]:
         return np.flatnonzero(self._state == LIVE).tolist()
 
+    def punt_counts(self) -> dict[PuntReason, int]:
+        """Packets punted so far, by reason (every reason, zeros included)."""
+        return {r: int(self._punts[r]) for r in PuntReason}
+
     def _slot_state(self, slot: int) -> int:
         if not 0 <= slot < self.capacity:
             raise KeyError(f"slot {slot} outside 0..{self.capacity - 1}")
@@ -197,8 +181,9 @@ class PnicEngine:
         """Run the selected packets of a batch in index order; the number processed.
 
         For a selected packet i: verdict[i] = Verdict.FORWARD/DROP and reason[i] = Reason when
-        processed (buf rewritten in place), else verdict[i] = -1 (punt, buf untouched) and
-        returned[i] = the slot whose entry came back for software (`take_returned`), or -1.
+        processed (buf rewritten in place), else verdict[i] = -1 (punt, buf untouched),
+        reason[i] = the PuntReason and returned[i] = the slot whose entry came back for
+        software (`take_returned`; RETURN_REASONS[reason] says why), or -1.
         Unselected packets are left alone. `machine` and `direction` (optional) receive the
         machine index and 0 egress / 1 ingress of each processed packet.
         """
@@ -207,35 +192,65 @@ class PnicEngine:
             machine = np.empty(n, np.int16)
         if direction is None:
             direction = np.empty(n, np.int8)
-        for name, a in (("offset", offset), ("caplen", caplen), ("wire_len", wire_len),
-                        ("linktype", linktype), ("ts", ts), ("verdict", verdict),
-                        ("reason", reason), ("returned", returned), ("machine", machine),
-                        ("direction", direction)):
+        given = {"offset": offset, "caplen": caplen, "wire_len": wire_len,
+                 "linktype": linktype, "ts": ts, "verdict": verdict, "reason": reason,
+                 "returned": returned, "machine": machine, "direction": direction}
+        for name, a in given.items():
             if a.ndim != 1 or len(a) != n:
                 raise ValueError(f"{name} must be one-dimensional with {n} elements")
         if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable:
             raise ValueError("buf must be a writable one-dimensional uint8 array")
-        for name, a in (("verdict", verdict), ("reason", reason), ("returned", returned),
-                        ("machine", machine), ("direction", direction)):
+        for name in _OUT:
+            a = given[name]
             if a.dtype.kind != "i" or not a.flags.writeable:
                 raise ValueError(f"{name} must be a writable signed integer array")
-        chosen = select.astype(bool, copy=False)
+        chosen = _arg(select.astype(np.bool_, copy=False), np.bool_)
         start = offset[chosen].astype(np.int64)
         if len(start) and (start.min() < 0
                            or (start + caplen[chosen].astype(np.int64)).max() > len(buf)):
             raise ValueError("a selected frame lies outside buf")
-        # one set of argument types, so that every caller runs the same compiled kernel
+        args = {name: _arg(given[name], dtype) for name, dtype in _IN.items()}
+        outs = {name: _arg(given[name], dtype) for name, dtype in _OUT.items()}
         work = np.ascontiguousarray(buf)
-        done, gone = process_batch(work, _as(offset, np.int64), _as(caplen, np.uint32),
-                                   _as(wire_len, np.uint32), _as(linktype, np.uint16),
-                                   _as(ts, np.int64), chosen, verdict, reason, returned,
-                                   machine, direction, self._mem, self._state,
-                                   self._keys, self._vals, self._inside, self._public,
-                                   np.zeros(N_FIELDS, np.int64))
+        done, gone = process_batch(work, args["offset"], args["caplen"], args["wire_len"],
+                                   args["linktype"], args["ts"], chosen, outs["verdict"],
+                                   outs["reason"], outs["returned"], outs["machine"],
+                                   outs["direction"], self._mem, self._state, self._keys,
+                                   self._vals, self._inside, self._public,
+                                   np.zeros(N_FIELDS, np.int64), self._punts)
         if work is not buf:
             buf[:] = work
+        for name, a in outs.items():  # results computed in a copy go back to the caller's
+            if a is not given[name]:
+                given[name][chosen] = a[chosen]
         self._live -= gone
         return int(done)
 
 
-__all__ = ["PnicEngine"]
+def compilations() -> int:
+    """How many times this process compiled the batch kernel (0: it came from the cache)."""
+    return sum(process_batch.stats.cache_misses.values())
+
+
+def warm() -> float:
+    """Compile every kernel the engine runs, or load it from the cache (tiers/_pnic_cache.py);
+    the seconds it took. Call it before timing a run: else the first batch compiles inside it
+    (a first run compiles for tens of seconds, later runs load in a fraction of one)."""
+    from flowshift.packet.build import tcp_frame  # for this one frame only
+
+    started = time.perf_counter()
+    engine = PnicEngine(1, None)
+    key = FlowKey(4, 6, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2)
+    slot = engine.insert(Flow(key=key, xlat=key, machine=0, chain=0).to_bytes())
+    engine.find(key)
+    frame = np.frombuffer(tcp_frame(src=key.src, dst=key.dst, sport=1, dport=2, seq=1, ack=1,
+                                    flags=TCP_ACK, window=1), np.uint8).copy()
+    one = np.zeros(1, np.int64)
+    engine.process(frame, one, one + len(frame), one + len(frame), one + 1, one,
+                   np.ones(1, np.bool_), np.empty(1, np.int8), np.empty(1, np.int16),
+                   np.empty(1, np.int64))
+    engine.remove(slot)
+    return time.perf_counter() - started
+
+
+__all__ = ["RETURN_REASONS", "PnicEngine", "compilations", "warm"]
