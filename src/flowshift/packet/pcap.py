@@ -447,7 +447,7 @@ class PcapWriter:
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
         """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]."""
-        from flowshift.packet.batch import pack_records  # numba: only when batches are used
+        from flowshift.packet._records import pack_records  # numba: only when batches are used
 
         if not len(offset):
             return
