@@ -27,16 +27,12 @@ from flowshift.packet.build import (
 )
 from flowshift.packet.pcap import TraceError, open_trace
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir
+from fuzz.targets import parse_input
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpus"
 SMALL = 16 << 10  # corpus files up to this size become trace seeds
 FRAMES_PER_FILE = 4  # frames taken from each corpus trace for the parser
-
-try:
-    from fuzz.targets import parse_input
-except ImportError:  # run as a script from fuzz/
-    from targets import parse_input  # type: ignore[no-redef]
 
 V4A, V4B = ipaddress.ip_address("10.0.0.2").packed, ipaddress.ip_address("198.51.100.7").packed
 V6A, V6B = ipaddress.ip_address("fd00::2").packed, ipaddress.ip_address("2001:db8::7").packed

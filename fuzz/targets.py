@@ -194,13 +194,14 @@ def _meaningful_mask(raw: bytes) -> np.ndarray:
 
 def fuzz_entry(data: bytes) -> None:
     raw = data[:ENTRY_SIZE].ljust(ENTRY_SIZE, b"\0")
-    out = Flow.from_bytes(raw).to_bytes()
+    out: bytes = Flow.from_bytes(raw).to_bytes()
     assert len(out) == ENTRY_SIZE
     keep = _meaningful_mask(raw)
     a, b = np.frombuffer(raw, np.uint8), np.frombuffer(out, np.uint8)
     bad = np.flatnonzero((a != b) & keep)
     assert not len(bad), f"entry bytes {bad.tolist()} changed on the way through Flow"
-    assert Flow.from_bytes(out).to_bytes() == out
+    again: bytes = Flow.from_bytes(out).to_bytes()
+    assert again == out
 
 
 # -- the config loader -------------------------------------------------------------------

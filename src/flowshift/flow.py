@@ -98,7 +98,7 @@ class AddressRange:
             raise ValueError(f"bad address range {text!r}: {err}") from None
         if lo.version != hi.version:
             raise ValueError(f"bad address range {text!r}: mixes IPv4 and IPv6")
-        if lo > hi:
+        if lo.packed > hi.packed:  # one family: byte order is address order
             raise ValueError(f"bad address range {text!r}: runs backwards")
         return cls(lo.packed, hi.packed)
 

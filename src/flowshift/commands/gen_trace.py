@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -190,6 +191,7 @@ def gen_trace(
             client_nets = load_config(config_path).machines[0].addresses
         else:
             client_nets = None
+        extra: dict[str, Any] = {"clients": client_nets} if client_nets is not None else {}
         spec = TraceSpec(
             flows=flows,
             duration_s=duration,
@@ -209,7 +211,7 @@ def gen_trace(
             vlan=vlan,
             gateway=gateway,
             ingress_share=ingress_share,
-            **({"clients": client_nets} if client_nets is not None else {}),
+            **extra,
         )
     except (ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)

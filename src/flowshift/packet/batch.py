@@ -101,7 +101,7 @@ CORRUPT = 2  # a record claims more than `limit` bytes
 
 
 @numba.njit(cache=True)
-def _u32(b: np.ndarray, i: int, big: bool) -> int:
+def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     if big:
         return (
             (np.int64(b[i]) << 24)
@@ -150,6 +150,13 @@ def _gather(chunk, src, caplen, out, out_pos):
 
 class _BatchBuilder:
     """One batch being filled from successive chunks."""
+
+    ts: np.ndarray
+    caplen: np.ndarray
+    wire: np.ndarray
+    src: np.ndarray
+    offset: np.ndarray
+    buf: np.ndarray
 
     def __init__(self, size: int, linktype: int, recycled: _BatchBuilder | None = None) -> None:
         if recycled is not None and len(recycled.ts) == size:
@@ -228,7 +235,7 @@ def _pcap_batches(path: str, header: PcapHeader, batch_size: int,
                 chunk[:left] = chunk[pos:filled]
             base += pos
             pos = 0
-            got = file.readinto(memoryview(chunk)[left:])
+            got = file.readinto(chunk.data[left:])
             filled = left + got
             while True:
                 start = builder.n

@@ -457,7 +457,7 @@ class PcapWriter:
         wire = np.maximum(wire_len.astype(np.int64), cap)
         out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
         n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
-        self._file.write(memoryview(out)[:n])
+        self._file.write(out.data[:n])
 
     def close(self) -> None:
         self._file.close()
