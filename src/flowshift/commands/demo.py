@@ -24,6 +24,7 @@ from rich.console import Console
 
 from flowshift.config import ConfigError, HostConfig, load_config
 from flowshift.gen import TraceSpec, generate
+from flowshift.output import AtomicOutputs
 from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
 from flowshift.packet.view import LINKTYPE_ETHERNET
 from flowshift.replay import ReplayError, run_replay
@@ -72,7 +73,8 @@ def build_trace(path: Path, config: HostConfig, scale: float = 1.0) -> int:
         for spec, part in zip(specs, parts, strict=True):
             generate(spec, part)
         n = 0
-        with PcapWriter(path, linktype=LINKTYPE_ETHERNET) as out:
+        with AtomicOutputs() as files, PcapWriter(files.temp(path),
+                                                  linktype=LINKTYPE_ETHERNET) as out:
             for ts, data, wire_len in heapq.merge(*map(_frames, parts), key=lambda f: f[0]):
                 out.write(ts, data, wire_len)
                 n += 1
