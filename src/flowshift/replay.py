@@ -112,6 +112,7 @@ def run_replay(
     verdicts: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
+    plot_window: tuple[float | None, float | None] | None = None,
     offload: str | None = None,
     pnic: str = "inline",
     capacity: int | None = None,
@@ -129,9 +130,9 @@ def run_replay(
     previous run's files are as they were."""
     with AtomicOutputs() as files:
         return _replay(trace, config, files, out=out, verdicts=verdicts, report=report,
-                       plot=plot, offload=offload, pnic=pnic, capacity=capacity,
-                       crash_at=crash_at, withdraw_at=withdraw_at, dump_at=dump_at,
-                       dump_path=dump_path, progress=progress)
+                       plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
+                       capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                       dump_at=dump_at, dump_path=dump_path, progress=progress)
 
 
 def _replay(
@@ -143,6 +144,7 @@ def _replay(
     verdicts: str | os.PathLike[str] | None,
     report: str | os.PathLike[str] | None,
     plot: str | os.PathLike[str] | None,
+    plot_window: tuple[float | None, float | None] | None,
     offload: str | None,
     pnic: str,
     capacity: int | None,
@@ -169,6 +171,7 @@ def _replay(
         "config": None if isinstance(config, HostConfig) else os.fspath(config),
         "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
         "report": outputs.get("report"), "plot": outputs.get("plot"),
+        "plot_window": list(plot_window) if plot_window is not None else None,
         "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
         "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
         "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
@@ -238,7 +241,7 @@ def _replay(
         from flowshift.plot import write_plot
 
         try:
-            write_plot(temps["plot"], run.tally, run.host.stats, result)
+            write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
         except OSError as e:
             raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
     if report is not None:
