@@ -8,6 +8,7 @@ fuzz/mutate.py for `-runs=N` inputs (default 100,000). See docs/fuzzing.md.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +21,7 @@ def _numba_modules() -> list[str]:
     return [
         ".".join(("flowshift", *p.relative_to(root).with_suffix("").parts))
         for p in sorted(root.rglob("*.py"))
-        if "numba" in p.read_text(encoding="utf-8")
+        if re.search(r"^(import numba|from numba)", p.read_text(encoding="utf-8"), re.M)
     ]
 
 

@@ -30,7 +30,8 @@ import numpy as np
 from flowshift import channel
 from flowshift.config import ConfigError, parse_config, to_dict
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
-from flowshift.packet.batch import read_batches
+from flowshift.packet import batch as _batch_module
+from flowshift.packet.batch import _batch_of, read_batches
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import TraceError, open_trace
 from flowshift.packet.view import ParseError
@@ -105,6 +106,10 @@ _SCRATCH = Path(
     tempfile.mkdtemp(prefix="fs-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 )
 _TRACE = _SCRATCH / "input.trace"
+# small chunks for the bulk pcap decoder: records straddle chunk ends and outgrow a chunk, the
+# paths a 4 MiB chunk reaches only with large traces (and a fresh 4 MiB buffer per input
+# would cost more than the decoding)
+_batch_module.CHUNK = 1024
 
 
 def fuzz_trace(data: bytes) -> None:
@@ -118,11 +123,20 @@ def fuzz_trace(data: bytes) -> None:
             return
         raise AssertionError("the batch reader opened a file the frame reader refuses") from None
     with reader:
-        frames = [(f.ts_ns, f.data, f.wire_len, f.linktype) for f in reader]
+        frame_objs = list(reader)
         problem = reader.problem
+    frames = [(f.ts_ns, f.data, f.wire_len, f.linktype) for f in frame_objs]
     batched: list[tuple[int, bytes, int, int]] = []
     batch_problem = None
-    for batch in read_batches(_TRACE, batch_size=5):
+    # pcapng batches come from the frame reader itself: build them from the frames read above
+    # (the same conversion, without reading the file a second time); classic pcap has a
+    # decoder of its own, which must agree
+    batches = (
+        read_batches(_TRACE, batch_size=16)
+        if reader.format == "pcap"
+        else iter([_batch_of(list(frame_objs), problem)])
+    )
+    for batch in batches:
         batched += [(int(batch.ts_ns[i]), batch.frame(i), int(batch.wire_len[i]),
                      int(batch.linktype[i])) for i in range(len(batch))]
         batch_problem = batch.problem
