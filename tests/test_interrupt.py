@@ -89,7 +89,7 @@ def test_failed_replay_keeps_the_previous_outputs(
     trace, config = inputs
     old = _previous_run(tmp_path)
 
-    def broken_plot(*args: object) -> None:
+    def broken_plot(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("flowshift.plot.write_plot", broken_plot)
