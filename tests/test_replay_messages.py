@@ -90,6 +90,13 @@ def test_bad_plot_window_exits_2(demo: tuple[Path, Path], tmp_path: Path, text: 
     assert not (tmp_path / "p.png").exists()
 
 
+def test_plot_window_needs_a_plot(demo: tuple[Path, Path]) -> None:
+    trace, config = demo
+    result = CliRunner().invoke(main, ["replay", str(trace), "--config", str(config),
+                                       "--plot-window", "1:2", "-q"])
+    assert result.exit_code == 2 and "--plot-window needs --plot" in result.stderr
+
+
 def test_activity_window_zooms_on_a_long_empty_tail() -> None:
     times = np.arange(100) * 0.1
     busy = np.zeros(100)

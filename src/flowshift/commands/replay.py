@@ -73,6 +73,8 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
     if (dump_flows_at is None) != (dump_flows is None):
         raise click.UsageError("--dump-flows-at and --dump-flows go together")
     window = None
+    if plot_window is not None and plot is None:
+        raise click.UsageError("--plot-window needs --plot")
     if plot_window is not None:
         try:
             window = parse_window(plot_window)
