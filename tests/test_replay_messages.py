@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flowshift import plot as plot_module
 from flowshift.cli import main
@@ -78,6 +80,16 @@ def test_actions_after_the_end_are_reported(demo: tuple[Path, Path], tmp_path: P
     ("1:2.5", (1.0, 2.5)), ("3:", (3.0, None)), (":4", (None, 4.0)), ("0:1e-3", (0.0, 0.001))])
 def test_plot_window_values(text: str, window: tuple[float | None, float | None]) -> None:
     assert parse_window(text) == window
+
+
+@given(st.floats(0, 1e6), st.floats(0, 1e6))
+def test_plot_window_reads_any_pair_of_times(a: float, b: float) -> None:
+    text = f"{a!r}:{b!r}"
+    if a < b:
+        assert parse_window(text) == (a, b)
+    else:
+        with pytest.raises(ValueError):
+            parse_window(text)
 
 
 @pytest.mark.parametrize("text", ["2", "a:b", "3:1", "-1:2", "1:inf", "2:2"])
