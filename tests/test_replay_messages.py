@@ -156,3 +156,25 @@ def test_plot_window_sets_the_axis(demo: tuple[Path, Path], tmp_path: Path,
     assert fig.axes[2].get_xlim() == (2.0, 5.0)
     assert "showing 2-5 s" in fig.axes[2].get_xlabel()
     assert report["options"]["plot_window"] == [2.0, 5.0]
+
+
+def test_every_report_field_is_documented(demo: tuple[Path, Path]) -> None:
+    """docs/replay.md names every key of the report, nested ones included (counts keyed by
+    reason, machine or event kind are data, not fields)."""
+    trace, config = demo
+    report = run_replay(trace, config, crash_at=1.5, progress=False)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "replay.md").read_text()
+    data_keyed = {"config", "options", "machines", "refused", "returned", "rejected_messages",
+                  "drops", "unparsed", "bypass_reasons", "events", "outputs", "linktypes"}
+
+    def keys(d: dict[str, Any]) -> set[str]:
+        found = set(d)
+        for k, v in d.items():
+            if isinstance(v, dict) and k not in data_keyed:
+                found |= keys(v)
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                found |= set().union(*(keys(x) for x in v))
+        return found
+
+    missing = sorted(k for k in keys(report) if f"`{k}`" not in doc)
+    assert not missing, f"report fields not in docs/replay.md: {missing}"
