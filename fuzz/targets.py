@@ -109,10 +109,19 @@ _TRACE = _SCRATCH / "input.trace"
 # small chunks for the bulk pcap decoder: records straddle chunk ends and outgrow a chunk, the
 # paths a 4 MiB chunk reaches only with large traces (and a fresh 4 MiB buffer per input
 # would cost more than the decoding)
-_batch_module.CHUNK = 1024
+FUZZ_CHUNK = 1024
 
 
 def fuzz_trace(data: bytes) -> None:
+    chunk = _batch_module.CHUNK
+    _batch_module.CHUNK = FUZZ_CHUNK  # for this input only: the module is shared with tests
+    try:
+        _fuzz_trace(data)
+    finally:
+        _batch_module.CHUNK = chunk
+
+
+def _fuzz_trace(data: bytes) -> None:
     _TRACE.write_bytes(data)
     try:
         reader = open_trace(_TRACE)
