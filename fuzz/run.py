@@ -8,6 +8,7 @@ fuzz/mutate.py for `-runs=N` inputs (default 100,000). See docs/fuzzing.md.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -51,7 +52,10 @@ def main(argv: list[str]) -> int:
         from fuzz.targets import TARGETS
     from fuzz.seeds import write_seeds
 
-    corpus = Path(tempfile.mkdtemp(prefix=f"fs-fuzz-{name}-"))
+    # the seeds, and the inputs libFuzzer adds: FUZZ_CORPUS, else a fresh temporary directory
+    # (kept afterwards, to start a later run from)
+    given = os.environ.get("FUZZ_CORPUS")
+    corpus = Path(given) if given else Path(tempfile.mkdtemp(prefix=f"fs-fuzz-{name}-"))
     count = write_seeds(name, corpus)
     print(f"{name}: {count} seeds in {corpus}", file=sys.stderr)
     atheris.Setup([argv[0], *options, str(corpus)], TARGETS[name])

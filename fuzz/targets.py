@@ -19,7 +19,9 @@ long campaign) and under pytest without it (tests/test_fuzz.py, seeds plus rando
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Callable
@@ -106,6 +108,7 @@ _SCRATCH = Path(
     tempfile.mkdtemp(prefix="fs-fuzz-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
 )
 _TRACE = _SCRATCH / "input.trace"
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 # small chunks for the bulk pcap decoder: records straddle chunk ends and outgrow a chunk, the
 # paths a 4 MiB chunk reaches only with large traces (and a fresh 4 MiB buffer per input
 # would cost more than the decoding)

@@ -8,6 +8,7 @@ and its figures are in docs/fuzzing.md.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,10 +35,11 @@ def test_target_under_atheris(name: str, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fuzz.run", name, f"-runs={ITERATIONS}",
          f"-artifact_prefix={tmp_path}/"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "FUZZ_CORPUS": str(tmp_path / "corpus")})
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"Done {ITERATIONS} runs" in done.stderr
-    assert not list(tmp_path.iterdir()), "atheris wrote a crash input"
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus"], "atheris wrote a crash input"
 
 
 def test_a_finding_names_its_input() -> None:
