@@ -2,8 +2,9 @@
 
 With atheris installed this is a coverage-guided libFuzzer run over the seeds of
 fuzz/seeds.py (written to a temporary corpus directory; new inputs go there too), e.g.
-`python -m fuzz.run parse -runs=1000000`. Without atheris it runs the mutation fuzzer of
-fuzz/mutate.py for `-runs=N` inputs (default 100,000). See docs/fuzzing.md.
+`python -m fuzz.run parse -runs=1000000`. Without atheris, or with FUZZ_ENGINE=mutate, it
+runs the mutation fuzzer of fuzz/mutate.py for `-runs=N` inputs (default 100,000), which
+keeps every seed in play. See docs/fuzzing.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
         import atheris
     except ImportError:
         atheris = None
-    if atheris is None:
+    if atheris is None or os.environ.get("FUZZ_ENGINE") == "mutate":
         from fuzz.mutate import run
         from fuzz.seeds import seeds
         from fuzz.targets import TARGETS
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> int:
         runs = next((int(o.split("=", 1)[1]) for o in options if o.startswith("-runs=")),
                     100_000)
         n = run(name, TARGETS[name], seeds(name), runs)
-        print(f"Done {n} runs (mutation fuzzer, atheris not installed)")
+        print(f"Done {n} runs (the mutation fuzzer of fuzz/mutate.py)")
         return 0
     # coverage of flowshift only, and not of its numba modules: numba cannot compile
     # instrumented bytecode
