@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
 import click
 
@@ -20,6 +22,9 @@ COMMANDS = {
 }
 
 
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command that Ctrl-C stopped
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -29,7 +34,17 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Ctrl-C: one line and status 130; the command's outputs were never put in place."""
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            print("Interrupted: stopped before the end; unfinished outputs were not written.",
+                  file=sys.stderr)
+            raise click.exceptions.Exit(INTERRUPTED) from None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -27,7 +27,7 @@ import math
 import random
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import count
 from os import PathLike
@@ -103,6 +103,13 @@ def parse_ports(text: str) -> tuple[int, ...]:
             raise ValueError(f"not a port number 1..65535: {part!r}")
         ports.append(int(part))
     return tuple(ports)
+
+
+def _inside(net: IPNetwork, other: IPNetwork) -> bool:
+    """Whether `net` lies within `other` (never, across families)."""
+    if isinstance(net, ipaddress.IPv4Network):
+        return isinstance(other, ipaddress.IPv4Network) and net.subnet_of(other)
+    return isinstance(other, ipaddress.IPv6Network) and net.subnet_of(other)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -188,11 +195,11 @@ class TraceSpec:
             return None
         m = self.gateway.machines[0]
         for net in self.clients:
-            if not any(net.version == a.version and net.subnet_of(a) for a in m.addresses):
+            if not any(_inside(net, a) for a in m.addresses):
                 return f"client network {net} is not inside gateway machine {m.name}'s addresses"
         for net in self.servers:
             # partly inside is fine: hosts the gateway owns are left out of the pool
-            if any(net.version == a.version and net.subnet_of(a) for a in m.addresses):
+            if any(_inside(net, a) for a in m.addresses):
                 return f"server network {net} is inside gateway machine {m.name}'s addresses"
         if self.ingress_share is not None:
             if not 0 <= self.ingress_share <= 1:
@@ -793,7 +800,7 @@ class _Tcp:
         t: int,
         rate_bps: float,
         final_ack: bool,
-    ) -> Iterator[Emit]:
+    ) -> Generator[Emit, None, tuple[int, int]]:
         """Send `total` bytes (`head`, then filler) from `snd` to `rcv`.
 
         Returns (time of the last data segment, time of the last packet yielded). A trailing
@@ -846,7 +853,7 @@ class _Tcp:
         acks.append((t + self.proc + self.rtt, rcv.rcv_nxt, rcv.right))
         return emit
 
-    def _inject(self, t: int, fast: bool) -> Iterator[Emit]:
+    def _inject(self, t: int, fast: bool) -> Generator[Emit, None, int]:
         """Out-of-window attack: spoofed segments and RSTs far outside the receiver's window."""
         rng, c, s = self.rng, self.client, self.server
         gap = max(self.rtt // 8, 10 * US)
@@ -1068,7 +1075,7 @@ def _syn_flood(plan: _Plan, spec: TraceSpec, rng: random.Random) -> Iterator[Emi
         nets = [n for n in spec.servers if n.version == family]
         dst = plan.server
     else:
-        v4 = [n for n in spec.clients if n.version == 4]
+        v4: list[IPNetwork] = [n for n in spec.clients if n.version == 4]
         nets = (
             v4
             if v4 and any(n.version == 4 for n in spec.servers)

@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only: never needs a display
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from flowshift.report import NS, TIERS, Tally
 
@@ -26,6 +27,11 @@ TIER_COLORS = {"machine": "#9e9e9e", "vnic": "#4c72b0", "pnic": "#dd8452"}
 EVENT_STYLE = {"offload": ("#2ca02c", "offloads"), "return": ("#9467bd", "returns"),
                "refuse": ("#d62728", "refusals")}
 RUG_MAX = 2000  # more events than this are drawn as rates: a rug would be a solid bar
+# the default window: the span holding all but ACTIVITY_TAIL of the packets at either end, when
+# that span is less than ZOOM_BELOW of the trace (a long, nearly empty tail otherwise squeezes
+# the activity into a sliver at the left of the axis)
+ACTIVITY_TAIL = 0.01
+ZOOM_BELOW = 0.5
 MARK_STYLE = {"crash": ("#d62728", "PNIC crash"), "withdraw": ("#8c564b", "PNIC withdrawn")}
 
 
@@ -40,14 +46,45 @@ def _rates(tally: Tally) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return np.arange(nbins) * width, per_tier
 
 
+def activity_window(times: np.ndarray, per_tier: dict[str, np.ndarray], width: float,
+                    end: float, marks: list[float]) -> tuple[float, float] | None:
+    """Where the packets are: (lo, hi) seconds when they crowd into less than ZOOM_BELOW of
+    the trace, else None (the whole trace). PNIC crash and withdrawal times stay inside."""
+    total = np.sum(list(per_tier.values()), axis=0) if per_tier else np.zeros(len(times))
+    if not len(times) or total.sum() <= 0:
+        return None
+    cum = np.cumsum(total) / total.sum()
+    lo = float(times[int(np.searchsorted(cum, ACTIVITY_TAIL))])
+    hi = float(times[min(int(np.searchsorted(cum, 1 - ACTIVITY_TAIL)), len(times) - 1)]) + width
+    lo, hi = min([lo, *marks]), max([hi, *marks])
+    if hi - lo >= ZOOM_BELOW * end:
+        return None
+    margin = 0.05 * (hi - lo)
+    return max(lo - margin, 0.0), min(hi + margin, end)
+
+
 def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
-               report: dict[str, Any]) -> None:
-    """Write the plot; the format follows the file name's extension (none: PNG)."""
+               report: dict[str, Any], *,
+               window: tuple[float | None, float | None] | None = None) -> None:
+    """Write the plot; the format follows the file name's extension (none: PNG).
+
+    `window`: (from, to) seconds of trace time to show, either end None for the trace's own;
+    None: where the packets are (activity_window)."""
     first = report["trace"]["first_ts"]
     first_ns = round(first * NS) if first is not None else 0
     width = tally.bin_ns / NS
     times, per_tier = _rates(tally)
     end = max(report["trace"]["duration"], times[-1] + width if len(times) else 0.0, 1e-3)
+    marks = [(t - first_ns) / NS for t, kind, _ in stats.events if kind in MARK_STYLE]
+    if window is not None:
+        x_lo = window[0] if window[0] is not None else 0.0
+        x_hi = window[1] if window[1] is not None else max(end, x_lo + 1e-3)
+        shown = f"showing {x_lo:g}-{x_hi:g} s"
+    else:
+        zoom = activity_window(times, per_tier, width, end, marks)
+        x_lo, x_hi = zoom if zoom is not None else (0.0, end)
+        shown = (f"showing {x_lo:.3g}-{x_hi:.3g} s of {end:.3g} s, where "
+                 f"{100 * (1 - 2 * ACTIVITY_TAIL):g}% of the packets are") if zoom else ""
 
     fig, (ax_rate, ax_cache, ax_events) = plt.subplots(
         3, 1, sharex=True, figsize=(11, 7.5), height_ratios=(3, 2, 1.4), layout="constrained")
@@ -71,6 +108,12 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
                       loc="left")
     if len(times):
         ax_rate.legend(loc="upper right", fontsize=8)
+        visible = (times + width > x_lo) & (times < x_hi)
+        stacked_total = np.sum([per_tier[t] for t in TIERS], axis=0)
+        peak = float(stacked_total[visible].max()) if visible.any() else 0.0
+        ax_rate.set_ylim(0, max(peak, 1.0) * 1.1)
+    else:
+        ax_rate.set_ylim(bottom=0)
 
     # panel 2: second-cache occupancy
     occ = np.array(stats.occupancy, dtype=np.int64).reshape(-1, 2)
@@ -90,6 +133,7 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
                          label=f"capacity {capacity:,}")
         top = max(top, capacity * 1.08)
     ax_cache.set_ylim(0, top)
+    ax_cache.yaxis.set_major_locator(MaxNLocator(integer=True))  # entries are whole
     ax_cache.set_ylabel("entries")
     ax_cache.set_title(f"second cache (PNIC) occupancy: peak {peak:,} of {capacity:,}",
                        fontsize=9, loc="left")
@@ -130,11 +174,10 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
             ax_rate.annotate(label, ((t - first_ns) / NS, 1), xycoords=("data", "axes fraction"),
                              xytext=(3, -12), textcoords="offset points", color=color,
                              fontsize=8)
-    ax_events.set_xlabel("trace time (s from the first packet)")
+    ax_events.set_xlabel("trace time (s from the first packet)" + (f"; {shown}" if shown else ""))
     if ax_events.get_legend_handles_labels()[0]:
         ax_events.legend(loc="upper right", fontsize=8)
-    ax_events.set_xlim(0, end)
-    ax_rate.set_ylim(bottom=0)
+    ax_events.set_xlim(x_lo, x_hi)
     for ax in (ax_rate, ax_cache, ax_events):
         ax.grid(True, alpha=0.3)
     try:

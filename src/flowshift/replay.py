@@ -28,6 +28,7 @@ from flowshift.config import HostConfig, load_config, to_dict
 from flowshift.flow import NS_PER_S
 from flowshift.host import Host
 from flowshift.offload import POLICIES
+from flowshift.output import AtomicOutputs
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import PcapWriter, open_trace, trace_linktype_name
 from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump
@@ -93,6 +94,17 @@ def _opener(path: str | os.PathLike[str], flag: str) -> Any:
         raise ReplayError(f"--{flag} {path}: cannot write ({e.strerror})") from None
 
 
+def _temporaries(files: AtomicOutputs, outputs: dict[str, str]) -> dict[str, str]:
+    """A temporary file beside each output, renamed into place when the replay completed."""
+    temps = {}
+    for flag, path in outputs.items():
+        try:
+            temps[flag] = os.fspath(files.temp(path))
+        except OSError as e:
+            raise ReplayError(f"--{flag} {path}: cannot write ({e.strerror})") from None
+    return temps
+
+
 def run_replay(
     trace: str | os.PathLike[str],
     config: HostConfig | str | os.PathLike[str],
@@ -101,6 +113,7 @@ def run_replay(
     verdicts: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
+    plot_window: tuple[float | None, float | None] | None = None,
     offload: str | None = None,
     pnic: str = "inline",
     capacity: int | None = None,
@@ -111,7 +124,37 @@ def run_replay(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
-    `report` when given). Raises ConfigError, TraceError or ReplayError on bad input."""
+    `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
+
+    Every output is written under a temporary name beside it and renamed into place only
+    when the whole replay completed (output.py): after any failure or an interrupt, the
+    previous run's files are as they were."""
+    with AtomicOutputs() as files:
+        return _replay(trace, config, files, out=out, verdicts=verdicts, report=report,
+                       plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
+                       capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                       dump_at=dump_at, dump_path=dump_path, progress=progress)
+
+
+def _replay(
+    trace: str | os.PathLike[str],
+    config: HostConfig | str | os.PathLike[str],
+    files: AtomicOutputs,
+    *,
+    out: str | os.PathLike[str] | None,
+    verdicts: str | os.PathLike[str] | None,
+    report: str | os.PathLike[str] | None,
+    plot: str | os.PathLike[str] | None,
+    plot_window: tuple[float | None, float | None] | None,
+    offload: str | None,
+    pnic: str,
+    capacity: int | None,
+    crash_at: float | None,
+    withdraw_at: float | None,
+    dump_at: float | None,
+    dump_path: str | os.PathLike[str] | None,
+    progress: bool,
+) -> dict[str, Any]:
     paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
              "dump-flows": dump_path}
     outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
@@ -129,6 +172,7 @@ def run_replay(
         "config": None if isinstance(config, HostConfig) else os.fspath(config),
         "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
         "report": outputs.get("report"), "plot": outputs.get("plot"),
+        "plot_window": list(plot_window) if plot_window is not None else None,
         "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
         "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
         "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
@@ -139,6 +183,7 @@ def run_replay(
     if capacity is not None:
         cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=capacity))
 
+    temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
     # (seconds after the first packet, action), in firing order
     schedule = sorted(
         ((t, action) for action, t in (("dump", dump_at), ("withdraw", withdraw_at),
@@ -158,22 +203,23 @@ def run_replay(
         stack.callback(run.host.close)
         if out is not None:
             try:
-                run.writer = stack.enter_context(PcapWriter(out, linktype=linktype))
+                run.writer = stack.enter_context(PcapWriter(temps["out"], linktype=linktype))
             except OSError as e:
                 raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
         if verdicts is not None:
-            run.rows = stack.enter_context(_opener(verdicts, "verdicts"))
+            run.rows = stack.enter_context(_opener(temps["verdicts"], "verdicts"))
             run.rows.write(",".join(VERDICTS_HEADER) + "\n")
         bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
         if bar is not None:
             stack.enter_context(bar[0])
-        fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_path, bar)
+        dump_temp = temps.get("dump-flows")
+        fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_temp, bar)
         run.host.finish()
         for t, action in schedule[len(fired):]:  # past the end of the trace
             entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS_PER_S,
                      "before_index": None}
             if action == "dump":
-                run.dump(dump_path, run.last_ts)
+                run.dump(dump_temp, run.last_ts)
             else:
                 entry["skipped"] = "the trace ended before this time"
             fired.append(entry)
@@ -196,14 +242,14 @@ def run_replay(
         from flowshift.plot import write_plot
 
         try:
-            write_plot(plot, run.tally, run.host.stats, result)
+            write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
         except OSError as e:
             raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
     if report is not None:
         from json import dumps
 
         try:
-            Path(report).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
+            Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
     return result

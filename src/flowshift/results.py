@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flowshift.entry import Tier
+from flowshift.flow import EGRESS, INGRESS
 from flowshift.packet.view import ParseError
-from flowshift.services.rules import EGRESS, INGRESS
 from flowshift.verdict import Reason, Verdict, reason_text
 
 PARSE_BASE = 64  # reason codes from here on are ParseError + PARSE_BASE

@@ -22,13 +22,14 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from flowshift.commands.replay import warm_engine
+from flowshift.commands.replay import warm_engine, warn_about
 from flowshift.config import ConfigError, HostConfig, load_config
 from flowshift.gen import TraceSpec, generate
+from flowshift.output import AtomicOutputs
 from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
 from flowshift.packet.view import LINKTYPE_ETHERNET
 from flowshift.replay import ReplayError, run_replay
-from flowshift.report import print_summary
+from flowshift.report import summary_table
 
 DURATION_S = 20.0
 GW_CLIENTS = "10.0.0.0/24", "fd00::/64"
@@ -73,7 +74,8 @@ def build_trace(path: Path, config: HostConfig, scale: float = 1.0) -> int:
         for spec, part in zip(specs, parts, strict=True):
             generate(spec, part)
         n = 0
-        with PcapWriter(path, linktype=LINKTYPE_ETHERNET) as out:
+        with AtomicOutputs() as files, PcapWriter(files.temp(path),
+                                                  linktype=LINKTYPE_ETHERNET) as out:
             for ts, data, wire_len in heapq.merge(*map(_frames, parts), key=lambda f: f[0]):
                 out.write(ts, data, wire_len)
                 n += 1
@@ -118,7 +120,8 @@ def demo(out_dir: Path, scale: float, quiet: bool) -> None:
         click.echo(f"Error: {e}", err=True)
         raise click.exceptions.Exit(2) from None
     if not quiet:
-        print_summary(result, console)
+        console.print(summary_table(result))
         console.print(f"files written in {out_dir}:")
         for name in OUTPUTS:
             console.print(f"  {out_dir / name}")
+    warn_about(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -20,6 +21,7 @@ from flowshift.gen import (
     parse_networks,
     parse_ports,
 )
+from flowshift.output import AtomicOutputs
 
 
 @click.command("gen-trace")
@@ -190,6 +192,7 @@ def gen_trace(
             client_nets = load_config(config_path).machines[0].addresses
         else:
             client_nets = None
+        extra: dict[str, Any] = {"clients": client_nets} if client_nets is not None else {}
         spec = TraceSpec(
             flows=flows,
             duration_s=duration,
@@ -209,19 +212,21 @@ def gen_trace(
             vlan=vlan,
             gateway=gateway,
             ingress_share=ingress_share,
-            **({"clients": client_nets} if client_nets is not None else {}),
+            **extra,
         )
     except (ValueError, OSError) as e:
         click.echo(f"Error: {e}", err=True)
         ctx.exit(2)
 
+    err = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]writing[/] {task.fields[packets]:,} packets"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}% of trace time"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=err,
         transient=True,
+        disable=not err.is_terminal,  # on a terminal only: stderr stays clean for errors
     )
     try:
         with progress:
@@ -232,13 +237,15 @@ def gen_trace(
                     task, completed=min(elapsed_ns, spec.duration_s * NS), packets=packets
                 )
 
-            summary = generate(spec, out, report)
+            # written under a temporary name, in place only once the trace is complete
+            with AtomicOutputs() as files:
+                summary = generate(spec, files.temp(out), report)
     except ValueError as e:  # a gateway that leaves a flow no free translated tuple
         click.echo(f"Error: {e}", err=True)
         ctx.exit(2)
     except OSError as e:
         click.echo(f"Error: cannot write {out}: {e.strerror}", err=True)
-        ctx.exit(1)
+        ctx.exit(2)
     Console().print(_summary_table(Path(out), summary))
 
 

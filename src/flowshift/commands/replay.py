@@ -7,6 +7,7 @@ bad config or a file that is not a trace exit with status 2 and one line on stde
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -15,9 +16,11 @@ from flowshift.config import ConfigError
 from flowshift.offload import POLICIES
 from flowshift.packet.pcap import TraceError
 from flowshift.replay import PNIC_MODES, ReplayError, run_replay
-from flowshift.report import print_summary
+from flowshift.report import summary_table
 
 SECONDS = click.FloatRange(min=0, max=1e9)
+SCHEDULE_FLAGS = {"crash": "--pnic-crash-at", "withdraw": "--pnic-withdraw-at",
+                  "dump": "--dump-flows-at"}
 
 
 def warm_engine(console: Console | None) -> float:
@@ -52,6 +55,9 @@ def fail(message: str) -> click.exceptions.Exit:
               help="Write the JSON report.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="PLOT.png",
               help="Plot packets per tier, PNIC occupancy and offload events over time.")
+@click.option("--plot-window", metavar="A:B",
+              help="Plot only trace time A to B (seconds from the first packet; either end may "
+              "be left out). Default: where the packets are (see docs/replay.md).")
 @click.option("--offload", type=click.Choice(POLICIES),
               help="Offload policy (overrides the config's [offload] policy).")
 @click.option("--pnic", type=click.Choice(PNIC_MODES), default="inline", show_default=True,
@@ -68,7 +74,8 @@ def fail(message: str) -> click.exceptions.Exit:
               metavar="FLOWS.txt", help="Where the flow dump goes, conntrack -L style.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
-           report: Path | None, plot: Path | None, offload: str | None, pnic: str,
+           report: Path | None, plot: Path | None, plot_window: str | None,
+           offload: str | None, pnic: str,
            pnic_capacity: int | None, pnic_crash_at: float | None,
            pnic_withdraw_at: float | None, dump_flows_at: float | None,
            dump_flows: Path | None, quiet: bool) -> None:
@@ -79,17 +86,56 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
     """
     if (dump_flows_at is None) != (dump_flows is None):
         raise click.UsageError("--dump-flows-at and --dump-flows go together")
+    window = None
+    if plot_window is not None and plot is None:
+        raise click.UsageError("--plot-window needs --plot")
+    if plot_window is not None:
+        try:
+            window = parse_window(plot_window)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--plot-window") from None
     if offload != "never":
         warm_engine(None if quiet else Console())
     try:
         result = run_replay(
             trace, config, out=out, verdicts=verdicts, report=report, plot=plot,
+            plot_window=window,
             offload=offload, pnic=pnic, capacity=pnic_capacity, crash_at=pnic_crash_at,
             withdraw_at=pnic_withdraw_at, dump_at=dump_flows_at, dump_path=dump_flows,
             progress=not quiet)
     except (ConfigError, TraceError, ReplayError) as e:
         raise fail(str(e)) from None
     if not quiet:
-        print_summary(result, Console())
-    elif result["trace"]["problem"]:
+        Console().print(summary_table(result))
+    warn_about(result)
+
+
+def warn_about(result: dict[str, Any]) -> None:
+    """What the user must not miss, one line each on stderr: a trace that broke off, and
+    scheduled actions the trace ended before (the report marks them `skipped`)."""
+    if result["trace"]["problem"]:
         click.echo(f"Warning: trace ended early: {result['trace']['problem']}", err=True)
+    duration = result["trace"]["duration"]
+    for action in result["schedule"]:
+        if "skipped" in action:
+            flag = SCHEDULE_FLAGS.get(action["action"], action["action"])
+            click.echo(f"Warning: {flag} {action['at']:g} skipped: the trace ended at "
+                       f"{duration:.3f} s", err=True)
+
+
+def parse_window(text: str) -> tuple[float | None, float | None]:
+    """ "A:B", "A:" or ":B", seconds of trace time from the first packet."""
+    lo_text, sep, hi_text = text.partition(":")
+    if not sep:
+        raise ValueError(f"{text!r} is not A:B (seconds, e.g. 2:10, 2: or :10)")
+    try:
+        lo = float(lo_text) if lo_text.strip() else None
+        hi = float(hi_text) if hi_text.strip() else None
+    except ValueError:
+        raise ValueError(f"{text!r} is not A:B (seconds, e.g. 2:10, 2: or :10)") from None
+    for v in (lo, hi):
+        if v is not None and not 0 <= v < float("inf"):
+            raise ValueError(f"{text!r}: times must be seconds >= 0")
+    if lo is not None and hi is not None and hi <= lo:
+        raise ValueError(f"{text!r}: the end must come after the start")
+    return lo, hi

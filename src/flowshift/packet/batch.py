@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
+from flowshift.packet._records import _copy_bytes, pack_records
 from flowshift.packet.pcap import (
     Frame,
     PcapHeader,
@@ -26,6 +25,8 @@ from flowshift.packet.pcap import (
     open_trace,
     truncated_record_problem,
 )
+
+__all__ = ["Batch", "pack_records", "read_batches"]
 
 CHUNK = 1 << 22  # bytes read at a time by the bulk decoder
 
@@ -101,7 +102,7 @@ CORRUPT = 2  # a record claims more than `limit` bytes
 
 
 @numba.njit(cache=True)
-def _u32(b: np.ndarray, i: int, big: bool) -> int:
+def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     if big:
         return (
             (np.int64(b[i]) << 24)
@@ -139,22 +140,6 @@ def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     return n, pos, FULL
 
 
-@intrinsic
-def _copy_bytes(typingctx, dst, dst_pos, src, src_pos, n):
-    """memcpy(dst + dst_pos, src + src_pos, n) for uint8 arrays, unchecked: numba's slice
-    assignment copies byte by byte, ten times slower. Callers keep the ranges in bounds."""
-    sig = types.void(dst, types.intp, src, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        dst_arr, dst_pos, src_arr, src_pos, n = args
-        d = context.make_array(signature.args[0])(context, builder, dst_arr)
-        s = context.make_array(signature.args[2])(context, builder, src_arr)
-        to, frm = builder.gep(d.data, [dst_pos]), builder.gep(s.data, [src_pos])
-        cgutils.raw_memcpy(builder, to, frm, n, 1)
-
-    return sig, codegen
-
-
 @numba.njit(cache=True)
 def _gather(chunk, src, caplen, out, out_pos):
     """Copy frames chunk[src[i]:src[i]+caplen[i]] back to back into out from out_pos on."""
@@ -164,32 +149,15 @@ def _gather(chunk, src, caplen, out, out_pos):
     return out_pos
 
 
-@numba.njit(cache=True)
-def _put_u32(out, pos, v):
-    out[pos] = v & 0xFF
-    out[pos + 1] = (v >> 8) & 0xFF
-    out[pos + 2] = (v >> 16) & 0xFF
-    out[pos + 3] = (v >> 24) & 0xFF
-
-
-@numba.njit(cache=True)
-def pack_records(buf, offset, caplen, wire_len, ts, out):
-    """Classic pcap records (nanosecond, little-endian) of the given frames, back to back in
-    `out` (sized sum(16 + caplen)). Returns the bytes written."""
-    pos = 0
-    for i in range(len(offset)):
-        sec = ts[i] // 1_000_000_000
-        _put_u32(out, pos, sec)
-        _put_u32(out, pos + 4, ts[i] - sec * 1_000_000_000)
-        _put_u32(out, pos + 8, caplen[i])
-        _put_u32(out, pos + 12, wire_len[i])
-        _copy_bytes(out, pos + 16, buf, offset[i], caplen[i])
-        pos += 16 + caplen[i]
-    return pos
-
-
 class _BatchBuilder:
     """One batch being filled from successive chunks."""
+
+    ts: np.ndarray
+    caplen: np.ndarray
+    wire: np.ndarray
+    src: np.ndarray
+    offset: np.ndarray
+    buf: np.ndarray
 
     def __init__(self, size: int, linktype: int, recycled: _BatchBuilder | None = None) -> None:
         if recycled is not None and len(recycled.ts) == size:
@@ -268,7 +236,7 @@ def _pcap_batches(path: str, header: PcapHeader, batch_size: int,
                 chunk[:left] = chunk[pos:filled]
             base += pos
             pos = 0
-            got = file.readinto(memoryview(chunk)[left:])
+            got = file.readinto(chunk.data[left:])
             filled = left + got
             while True:
                 start = builder.n

@@ -140,7 +140,7 @@ def parse(data: bytes | bytearray, linktype: int, wire_len: int | None = None) -
         pkt = _eth_ipv4_tcp(data, n, wire_len)
         if pkt is not None:
             return pkt
-    pkt = Packet(data, linktype, wire_len)
+    pkt = Packet(data, linktype, wire_len)  # type: ignore[arg-type]  # rewrites need bytearray
     if linktype == LINKTYPE_ETHERNET:
         if n < 14:
             pkt.error = ParseError.TRUNCATED_L2
@@ -231,7 +231,7 @@ def _eth_ipv4_tcp(data: bytes | bytearray, n: int, wire_len: int) -> Packet | No
     ):
         return None
     # fields set one by one: keyword arguments to the dataclass constructor cost twice as much
-    pkt = Packet(data, LINKTYPE_ETHERNET, wire_len)
+    pkt = Packet(data, LINKTYPE_ETHERNET, wire_len)  # type: ignore[arg-type]  # as in parse()
     pkt.ethertype = ETH_P_IPV4
     pkt.l3 = 14
     pkt.family = 4
@@ -541,7 +541,7 @@ def _icmp(pkt: Packet, data: bytes | bytearray, off: int, limit: int, inner: boo
 
 def _icmp_inner(pkt: Packet, data: bytes | bytearray, off: int, limit: int, v6: bool) -> None:
     """The datagram an ICMP error quotes: its headers, as far as they were quoted and captured."""
-    inner = Packet(data, pkt.linktype, pkt.wire_len)
+    inner = Packet(data, pkt.linktype, pkt.wire_len)  # type: ignore[arg-type]  # as in parse()
     pkt.inner = inner
     if v6:
         _ipv6(inner, data, off, limit, NO_ROOM_LIMIT, True)

@@ -100,6 +100,20 @@ class PcapHeader(NamedTuple):
         return min(max(self.snaplen, MAX_SNAPLEN), MAX_RECORD)
 
 
+# Timestamps are int64 nanoseconds since the epoch everywhere (batches, the engines, the
+# writer): about 1677 to 2262. A pcapng block can say more (64-bit units, any resolution, an
+# offset), and one flipped bit does; such a block is corrupt like any other.
+TS_MIN_NS = -(1 << 63)
+TS_MAX_NS = (1 << 63) - 1
+
+
+def timestamp_problem(offset: int, ts_ns: int) -> str:
+    return (
+        f"corrupt packet block at byte {offset}: timestamp {ts_ns // 1_000_000_000} s since "
+        f"the epoch is beyond int64 nanoseconds (years 1677-2262)"
+    )
+
+
 def corrupt_record_problem(offset: int, caplen: int, snaplen: int) -> str:
     return (
         f"corrupt record at byte {offset}: captured length {caplen} exceeds the snaplen {snaplen}"
@@ -330,7 +344,11 @@ class TraceReader:
                     return
                 iface = ifaces[if_id]
                 units = (ts_hi << 32) | ts_lo
-                last_ts = units * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
+                ts = units * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
+                if not TS_MIN_NS <= ts <= TS_MAX_NS:
+                    self.problem = timestamp_problem(base + pos, ts)
+                    return
+                last_ts = ts
                 yield Frame(
                     last_ts,
                     buf[body + 20 : body + 20 + caplen],
@@ -429,7 +447,7 @@ class PcapWriter:
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
         """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]."""
-        from flowshift.packet.batch import pack_records  # numba: only when batches are used
+        from flowshift.packet._records import pack_records  # numba: only when batches are used
 
         if not len(offset):
             return
@@ -439,7 +457,7 @@ class PcapWriter:
         wire = np.maximum(wire_len.astype(np.int64), cap)
         out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
         n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
-        self._file.write(memoryview(out)[:n])
+        self._file.write(out.data[:n])
 
     def close(self) -> None:
         self._file.close()

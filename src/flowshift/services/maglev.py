@@ -104,7 +104,7 @@ class Maglev:
         weights = np.array([w for _, w in self._backends], np.int64)
         table = _populate(offsets, skips, weights, np.int64(size))
         table.flags.writeable = False
-        self._table = table
+        self._table: np.ndarray = table
 
     @property
     def backends(self) -> tuple[tuple[str, int], ...]:

@@ -23,17 +23,17 @@ None where Linux would let the new flow clash at confirmation and drop its packe
 
 `in_use(reply_key)` answers Linux's nf_nat_used_tuple: is the REPLY key of a candidate,
 the reversed translated key, already held by another flow?
+
+`AddressRange` lives in flow.py (config names ranges too); it is re-exported here.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, AddressRange, FlowKey
 
 PROTO_SCTP = 132
 PROTO_UDPLITE = 136
@@ -44,64 +44,7 @@ MOVABLE_PROTOS = PORT_PROTOS | ICMP_PROTOS  # those with a port or identifier to
 MAX_ATTEMPTS = 128  # Linux NF_NAT_MAX_ATTEMPTS: candidates in the first round of a search
 MIN_ROUND = 16  # rounds halve in size; no round follows one smaller than this
 
-
-@dataclass(frozen=True)
-class AddressRange:
-    """An inclusive range of IPv4 (4-byte) or IPv6 (16-byte) addresses, in network order."""
-
-    first: bytes
-    last: bytes
-
-    def __post_init__(self) -> None:
-        if len(self.first) not in (4, 16) or len(self.first) != len(self.last):
-            raise ValueError("address range ends must both be 4 (IPv4) or 16 (IPv6) bytes")
-        if self.first > self.last:
-            raise ValueError(f"address range {self} runs backwards")
-
-    @classmethod
-    def from_str(cls, text: str) -> AddressRange:
-        """Parse "a" or "a-b" (IPv4 or IPv6, both ends of one family)."""
-        first, sep, last = text.partition("-")
-        try:
-            lo = ipaddress.ip_address(first.strip())
-            hi = ipaddress.ip_address(last.strip()) if sep else lo
-        except ValueError as err:
-            raise ValueError(f"bad address range {text!r}: {err}") from None
-        if lo.version != hi.version:
-            raise ValueError(f"bad address range {text!r}: mixes IPv4 and IPv6")
-        if lo > hi:
-            raise ValueError(f"bad address range {text!r}: runs backwards")
-        return cls(lo.packed, hi.packed)
-
-    @property
-    def family(self) -> int:
-        return 4 if len(self.first) == 4 else 6
-
-    @property
-    def size(self) -> int:
-        """How many addresses; unlike len(), not limited to sys.maxsize."""
-        return int.from_bytes(self.last, "big") - int.from_bytes(self.first, "big") + 1
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __contains__(self, addr: object) -> bool:
-        return (
-            isinstance(addr, bytes)
-            and len(addr) == len(self.first)
-            and (self.first <= addr <= self.last)
-        )
-
-    def address(self, index: int) -> bytes:
-        """The `index`-th address of the range (0 is `first`)."""
-        if not 0 <= index < self.size:
-            raise IndexError(f"address index {index} outside range {self}")
-        value = int.from_bytes(self.first, "big") + index
-        return value.to_bytes(len(self.first), "big")
-
-    def __str__(self) -> str:
-        lo, hi = ipaddress.ip_address(self.first), ipaddress.ip_address(self.last)
-        return str(lo) if lo == hi else f"{lo}-{hi}"
+__all__ = ["AddressRange", "allocate"]
 
 
 def allocate(

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
+from flowshift.flow import EGRESS, INGRESS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 
 if TYPE_CHECKING:
     from flowshift.config import FirewallConfig, Rule
 
-EGRESS = 0  # from the machine towards the wire
-INGRESS = 1  # from the wire towards the machine
+__all__ = ["EGRESS", "INGRESS", "RuleSet"]  # the directions live in flow.py
 
 _PORT_PROTOS = frozenset({PROTO_TCP, PROTO_UDP})
 _ICMP_PROTOS = frozenset({PROTO_ICMP, PROTO_ICMPV6})

@@ -19,6 +19,7 @@ import mmap
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import threading
 from collections import deque
@@ -132,6 +133,7 @@ class Ring:
 def _pnic_main(conn: Connection, capacity: int, machines: tuple[MachineConfig, ...],
                idle_timeout_ns: int, report_interval_ns: int, ring: Ring) -> None:
     """The PNIC process: decode, handle, answer, until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the host's to handle: it closes us
     cores = os.sched_getaffinity(0)
     if len(cores) > 1:
         os.sched_setaffinity(0, {max(cores)})

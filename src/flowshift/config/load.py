@@ -1,15 +1,10 @@
-"""The host config: a TOML contract that other tools write, validated into typed objects.
+"""Reading a host config: TOML (or an already decoded dict) into the typed model.
 
 `load_config` reads a file, `parse_config` validates an already decoded dict (from TOML or
-JSON) and `to_dict` turns a config back into such a dict, for reports. Every problem is a
-`ConfigError` whose text is one line: the file, the key path (`machine[1].firewall.rule[3]
-.dst_port`, array indices counted from 0) and what is wrong. docs/config.md is the reference
-of every key, its default and its checks.
-
-Typed values, as the tiers use them: addresses are raw bytes (4 or 16, as in FlowKey),
-networks `ipaddress` network objects, port sets tuples of inclusive (lo, hi) ranges,
-protocols numbers (flow.PROTO_*, 0 = any), directions rules.EGRESS / rules.INGRESS (None =
-any). Service lists are kept in chain order, whatever order the file lists them in.
+JSON). Every problem is a `ConfigError` whose text is one line: the file, the key path
+(`machine[1].firewall.rule[3].dst_port`, array indices counted from 0) and what is wrong.
+docs/config.md is the reference of every key, its default and its checks. Defaults come from
+the model's classes (model.py), never written here.
 """
 
 from __future__ import annotations
@@ -25,146 +20,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, format_endpoint
-from flowshift.services.nat_alloc import AddressRange
-from flowshift.services.rules import EGRESS, INGRESS
+from flowshift.config.model import (
+    ACTIONS,
+    DIRECTIONS,
+    MAX_CAPACITY,
+    MAX_COUNT,
+    MAX_SECONDS,
+    MAX_WEIGHT,
+    NAME_RE,
+    POLICIES,
+    PORT_PROTOCOLS,
+    PROTOCOLS,
+    SCHEDULERS,
+    SECTION_SERVICES,
+    SERVICES,
+    STARTS,
+    Backend,
+    ConfigError,
+    DnatRule,
+    FirewallConfig,
+    HostConfig,
+    LbPool,
+    LiveConfig,
+    MachineConfig,
+    NatConfig,
+    Network,
+    OffloadConfig,
+    PnicConfig,
+    PortRanges,
+    Rule,
+    SnatRule,
+    fields_default,
+)
+from flowshift.flow import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    AddressRange,
+    format_endpoint,
+)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-PortRanges = tuple[tuple[int, int], ...]
-
-SERVICES = ("firewall", "nat", "lb", "count")  # chain order
-SECTION_SERVICES = ("firewall", "nat", "lb")  # services configured by a section of their own
-POLICIES = ("never", "always", "elephant")
-STARTS = ("machine", "vnic")
-SCHEDULERS = ("maglev", "round-robin")  # how an LB pool picks the backend of a new flow
-ACTIONS = ("allow", "drop")
-DIRECTIONS: dict[str, int | None] = {"egress": EGRESS, "ingress": INGRESS, "any": None}
-PROTOCOLS = {
-    "tcp": PROTO_TCP,
-    "udp": PROTO_UDP,
-    "icmp": PROTO_ICMP,
-    "icmpv6": PROTO_ICMPV6,
-    "any": 0,
-}
-PORT_PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}  # for DNAT and LB, which move ports
-
-MAX_CAPACITY = 1 << 24  # second-cache entries: 4 GiB of 256-byte entries is plenty
-MAX_COUNT = (1 << 63) - 1  # packet and byte thresholds compare with int64 counters
-MAX_SECONDS = 1e9  # about 31 years: any timeout in nanoseconds still fits an int64
-MAX_WEIGHT = (1 << 32) - 1  # Katran's u32 weights, as services.maglev.MAX_WEIGHT
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-
-
-# -- the typed config ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class PnicConfig:
-    capacity: int = 4096  # flow entries the second cache holds
-    services: tuple[str, ...] = SERVICES  # services the PNIC can run
-
-
-@dataclass(frozen=True, kw_only=True)
-class OffloadConfig:
-    policy: str = "elephant"  # never | always | elephant
-    elephant_packets: int = 32  # either threshold makes a flow an elephant
-    elephant_bytes: int = 65536
-    idle_timeout: float = 30.0  # seconds of trace time before an idle PNIC flow returns
-    report_interval: float = 1.0  # seconds between PNIC state reports to the VNIC
-
-
-@dataclass(frozen=True, kw_only=True)
-class Rule:
-    allow: bool
-    direction: int | None = None  # EGRESS, INGRESS or None (any)
-    proto: int = 0  # 0: any
-    src: Network | None = None  # None: any address
-    dst: Network | None = None
-    dst_port: PortRanges = ()  # empty: any port (the rule then also matches non-TCP/UDP)
-    icmp_type: tuple[int, ...] = ()  # empty: any type
-
-
-@dataclass(frozen=True, kw_only=True)
-class FirewallConfig:
-    default_allow: bool = False  # for packets that start a flow and match no rule
-    rules: tuple[Rule, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class SnatRule:
-    source: Network  # machine-side sources this rule translates
-    to: AddressRange  # wire-side addresses to translate to
-    ports: tuple[int, int] | None = None  # None: Linux's default, keep the port class
-
-
-@dataclass(frozen=True, kw_only=True)
-class DnatRule:
-    proto: int
-    match_addr: bytes  # the wire-side destination...
-    match_port: int
-    to_addr: bytes  # ...and the machine-side one it becomes
-    to_port: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class NatConfig:
-    snat: tuple[SnatRule, ...] = ()  # the first rule whose source matches wins
-    dnat: tuple[DnatRule, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Backend:
-    addr: bytes
-    port: int
-    weight: int = 1
-    name: str  # the backend's identity in the Maglev table: its endpoint text
-
-
-@dataclass(frozen=True, kw_only=True)
-class LbPool:
-    proto: int
-    vip: bytes
-    port: int
-    backends: tuple[Backend, ...]
-    scheduler: str = "maglev"  # maglev | round-robin
-
-
-@dataclass(frozen=True, kw_only=True)
-class MachineConfig:
-    name: str
-    addresses: tuple[Network, ...]  # machine side: its own and those behind it
-    public: tuple[bytes, ...] = ()  # wire side: addresses it answers for (NAT, VIPs)
-    services: tuple[str, ...]  # chain order
-    start: str = "machine"  # tier where new flows start: machine | vnic
-    firewall: FirewallConfig | None = None
-    nat: NatConfig | None = None
-    lb: tuple[LbPool, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class LiveConfig:
-    # addresses of the outside (`fs-wire`) in `flowshift live`: documentation ranges by default
-    peers: tuple[bytes, ...] = tuple(
-        ipaddress.ip_address(a).packed for a in ("198.51.100.2", "2001:db8::2"))
-
-
-@dataclass(frozen=True, kw_only=True)
-class HostConfig:
-    pnic: PnicConfig = PnicConfig()
-    offload: OffloadConfig = OffloadConfig()
-    machines: tuple[MachineConfig, ...]
-    live: LiveConfig = LiveConfig()
-
-
-class ConfigError(ValueError):
-    """A config problem, as one line: `file: key.path: what is wrong`."""
-
-    def __init__(self, source: str, where: str, what: str) -> None:
-        text = f"{source}: {where}: {what}" if where else f"{source}: {what}"
-        super().__init__("\\n".join(text.splitlines()))
-        self.source = source
-        self.where = where  # key path, or "line L, column C" for TOML syntax errors
-        self.what = what
+# the model's defaults, in the form the file writes them
+_PNIC = PnicConfig()
+_OFFLOAD = OffloadConfig()
+_FIREWALL_DEFAULT = "allow" if FirewallConfig().default_allow else "drop"
+_MACHINE_START = fields_default(MachineConfig, "start")
+_POOL_SCHEDULER = fields_default(LbPool, "scheduler")
+_BACKEND_WEIGHT = fields_default(Backend, "weight")
+_RULE_PROTO = next(k for k, v in PROTOCOLS.items() if v == fields_default(Rule, "proto"))
+_RULE_DIRECTION = next(k for k, v in DIRECTIONS.items() if v == fields_default(Rule, "direction"))
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -235,12 +140,13 @@ def _live(at: _At, raw: object) -> LiveConfig:
 
 def _pnic(at: _At, raw: object) -> PnicConfig:
     t = _table(at, raw, (), ("capacity", "services"))
-    capacity = _int(at.key("capacity"), t.get("capacity", 4096), 0, MAX_CAPACITY)
-    services = _services(at.key("services"), t.get("services", list(SERVICES)))
+    capacity = _int(at.key("capacity"), t.get("capacity", _PNIC.capacity), 0, MAX_CAPACITY)
+    services = _services(at.key("services"), t.get("services", list(_PNIC.services)))
     return PnicConfig(capacity=capacity, services=services)
 
 
 def _offload(at: _At, raw: object) -> OffloadConfig:
+    d = _OFFLOAD
     t = _table(
         at,
         raw,
@@ -248,13 +154,17 @@ def _offload(at: _At, raw: object) -> OffloadConfig:
         ("policy", "elephant_packets", "elephant_bytes", "idle_timeout", "report_interval"),
     )
     return OffloadConfig(
-        policy=_choice(at.key("policy"), t.get("policy", "elephant"), POLICIES, "policy"),
+        policy=_choice(at.key("policy"), t.get("policy", d.policy), POLICIES, "policy"),
         elephant_packets=_int(
-            at.key("elephant_packets"), t.get("elephant_packets", 32), 0, MAX_COUNT
+            at.key("elephant_packets"), t.get("elephant_packets", d.elephant_packets), 0, MAX_COUNT
         ),
-        elephant_bytes=_int(at.key("elephant_bytes"), t.get("elephant_bytes", 65536), 0, MAX_COUNT),
-        idle_timeout=_seconds(at.key("idle_timeout"), t.get("idle_timeout", 30.0)),
-        report_interval=_seconds(at.key("report_interval"), t.get("report_interval", 1.0)),
+        elephant_bytes=_int(
+            at.key("elephant_bytes"), t.get("elephant_bytes", d.elephant_bytes), 0, MAX_COUNT
+        ),
+        idle_timeout=_seconds(at.key("idle_timeout"), t.get("idle_timeout", d.idle_timeout)),
+        report_interval=_seconds(
+            at.key("report_interval"), t.get("report_interval", d.report_interval)
+        ),
     )
 
 
@@ -291,7 +201,7 @@ def _machine(at: _At, raw: object) -> MachineConfig:
         addresses=addresses,
         public=public,
         services=services,
-        start=_choice(at.key("start"), t.get("start", "machine"), STARTS, "start tier"),
+        start=_choice(at.key("start"), t.get("start", _MACHINE_START), STARTS, "start tier"),
         firewall=firewall,
         nat=nat,
         lb=lb,
@@ -302,7 +212,7 @@ def _machine(at: _At, raw: object) -> MachineConfig:
 
 def _firewall(at: _At, raw: object) -> FirewallConfig:
     t = _table(at, raw, (), ("default", "rule"))
-    default = _choice(at.key("default"), t.get("default", "drop"), ACTIONS, "action")
+    default = _choice(at.key("default"), t.get("default", _FIREWALL_DEFAULT), ACTIONS, "action")
     items = _items(at.key("rule"), t.get("rule", []), "[[machine.firewall.rule]]")
     return FirewallConfig(
         default_allow=default == "allow", rules=tuple(_rule(a, v) for a, v in items)
@@ -311,8 +221,10 @@ def _firewall(at: _At, raw: object) -> FirewallConfig:
 
 def _rule(at: _At, raw: object) -> Rule:
     t = _table(at, raw, ("action",), ("direction", "proto", "src", "dst", "dst_port", "icmp_type"))
-    proto_name = _choice(at.key("proto"), t.get("proto", "any"), PROTOCOLS, "protocol")
-    direction = _choice(at.key("direction"), t.get("direction", "any"), DIRECTIONS, "direction")
+    proto_name = _choice(at.key("proto"), t.get("proto", _RULE_PROTO), PROTOCOLS, "protocol")
+    direction = _choice(
+        at.key("direction"), t.get("direction", _RULE_DIRECTION), DIRECTIONS, "direction"
+    )
     src = _network(at.key("src"), t["src"]) if "src" in t else None
     dst = _network(at.key("dst"), t["dst"]) if "dst" in t else None
     dst_port: PortRanges = ()
@@ -422,7 +334,9 @@ def _pool(at: _At, raw: object) -> LbPool:
         if any(b.name == backend.name for b in backends):
             raise a.error(f"backend {backend.name} listed twice")
         backends.append(backend)
-    scheduler = _choice(at.key("scheduler"), t.get("scheduler", "maglev"), SCHEDULERS, "scheduler")
+    scheduler = _choice(
+        at.key("scheduler"), t.get("scheduler", _POOL_SCHEDULER), SCHEDULERS, "scheduler"
+    )
     return LbPool(
         proto=PORT_PROTOCOLS[proto],
         vip=vip,
@@ -439,7 +353,7 @@ def _backend(at: _At, raw: object) -> Backend:
     text = _str(at, raw)
     endpoint, sep, weight_text = text.partition("@")
     addr, port = _endpoint(at, endpoint)
-    weight = 1
+    weight = _BACKEND_WEIGHT
     if sep:
         if not _WEIGHT_RE.fullmatch(weight_text.strip()):
             raise at.error(f"weight {_short(weight_text)} is not an integer")
@@ -725,94 +639,3 @@ def _addr_text(addr: bytes) -> str:
     return str(ipaddress.ip_address(addr))
 
 
-# -- writing ------------------------------------------------------------------------------
-
-
-_PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
-_DIRECTION_NAMES = {number: name for name, number in DIRECTIONS.items()}
-
-
-def to_dict(cfg: HostConfig) -> dict[str, Any]:
-    """The config as a JSON-able dict (every default spelled out); parse_config reads it back."""
-    return {
-        "pnic": {"capacity": cfg.pnic.capacity, "services": list(cfg.pnic.services)},
-        "offload": {
-            "policy": cfg.offload.policy,
-            "elephant_packets": cfg.offload.elephant_packets,
-            "elephant_bytes": cfg.offload.elephant_bytes,
-            "idle_timeout": cfg.offload.idle_timeout,
-            "report_interval": cfg.offload.report_interval,
-        },
-        "machine": [_machine_dict(m) for m in cfg.machines],
-        "live": {"peers": [_addr_text(a) for a in cfg.live.peers]},
-    }
-
-
-def _machine_dict(m: MachineConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": m.name,
-        "addresses": [str(n) for n in m.addresses],
-        "public": [_addr_text(a) for a in m.public],
-        "services": list(m.services),
-        "start": m.start,
-    }
-    if m.firewall is not None:
-        out["firewall"] = {
-            "default": "allow" if m.firewall.default_allow else "drop",
-            "rule": [_rule_dict(r) for r in m.firewall.rules],
-        }
-    if m.nat is not None:
-        out["nat"] = {
-            "snat": [_snat_dict(s) for s in m.nat.snat],
-            "dnat": [_dnat_dict(d) for d in m.nat.dnat],
-        }
-    if m.lb:
-        out["lb"] = [_pool_dict(p) for p in m.lb]
-    return out
-
-
-def _rule_dict(rule: Rule) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "action": "allow" if rule.allow else "drop",
-        "direction": _DIRECTION_NAMES[rule.direction],
-        "proto": _PROTOCOL_NAMES[rule.proto],
-    }
-    if rule.src is not None:
-        out["src"] = str(rule.src)
-    if rule.dst is not None:
-        out["dst"] = str(rule.dst)
-    if rule.dst_port:
-        out["dst_port"] = [_ports_value(r) for r in rule.dst_port]
-    if rule.icmp_type:
-        out["icmp_type"] = list(rule.icmp_type)
-    return out
-
-
-def _ports_value(ports: tuple[int, int]) -> int | str:
-    lo, hi = ports
-    return lo if lo == hi else f"{lo}-{hi}"
-
-
-def _snat_dict(rule: SnatRule) -> dict[str, Any]:
-    out: dict[str, Any] = {"source": str(rule.source), "to": str(rule.to)}
-    if rule.ports is not None:
-        out["ports"] = _ports_value(rule.ports)
-    return out
-
-
-def _dnat_dict(rule: DnatRule) -> dict[str, Any]:
-    return {
-        "proto": _PROTOCOL_NAMES[rule.proto],
-        "match": format_endpoint(rule.match_addr, rule.match_port),
-        "to": format_endpoint(rule.to_addr, rule.to_port),
-    }
-
-
-def _pool_dict(pool: LbPool) -> dict[str, Any]:
-    backends = [b.name if b.weight == 1 else f"{b.name}@{b.weight}" for b in pool.backends]
-    return {
-        "proto": _PROTOCOL_NAMES[pool.proto],
-        "vip": format_endpoint(pool.vip, pool.port),
-        "backends": backends,
-        "scheduler": pool.scheduler,
-    }

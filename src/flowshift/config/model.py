@@ -1,0 +1,170 @@
+"""The host config as typed, frozen values: what the tiers read. Every default is written
+once, here; the loader (load.py) and the writer (dump.py) derive theirs from these classes.
+
+Typed values, as the tiers use them: addresses are raw bytes (4 or 16, as in FlowKey),
+networks `ipaddress` network objects, port sets tuples of inclusive (lo, hi) ranges,
+protocols numbers (flow.PROTO_*, 0 = any), directions flow.EGRESS / flow.INGRESS (None =
+any). Service lists are kept in chain order, whatever order the file lists them in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+from flowshift.flow import (
+    EGRESS,
+    INGRESS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    AddressRange,
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRanges = tuple[tuple[int, int], ...]
+
+SERVICES = ("firewall", "nat", "lb", "count")  # chain order
+SECTION_SERVICES = ("firewall", "nat", "lb")  # services configured by a section of their own
+POLICIES = ("never", "always", "elephant")
+STARTS = ("machine", "vnic")
+SCHEDULERS = ("maglev", "round-robin")  # how an LB pool picks the backend of a new flow
+ACTIONS = ("allow", "drop")
+DIRECTIONS: dict[str, int | None] = {"egress": EGRESS, "ingress": INGRESS, "any": None}
+PROTOCOLS = {
+    "tcp": PROTO_TCP,
+    "udp": PROTO_UDP,
+    "icmp": PROTO_ICMP,
+    "icmpv6": PROTO_ICMPV6,
+    "any": 0,
+}
+PORT_PROTOCOLS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}  # for DNAT and LB, which move ports
+
+MAX_CAPACITY = 1 << 24  # second-cache entries: 4 GiB of 256-byte entries is plenty
+MAX_COUNT = (1 << 63) - 1  # packet and byte thresholds compare with int64 counters
+MAX_SECONDS = 1e9  # about 31 years: any timeout in nanoseconds still fits an int64
+MAX_WEIGHT = (1 << 32) - 1  # Katran's u32 weights, as services.maglev.MAX_WEIGHT
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+# -- the typed config ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PnicConfig:
+    capacity: int = 4096  # flow entries the second cache holds
+    services: tuple[str, ...] = SERVICES  # services the PNIC can run
+
+
+@dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    policy: str = "elephant"  # never | always | elephant
+    elephant_packets: int = 32  # either threshold makes a flow an elephant
+    elephant_bytes: int = 65536
+    idle_timeout: float = 30.0  # seconds of trace time before an idle PNIC flow returns
+    report_interval: float = 1.0  # seconds between PNIC state reports to the VNIC
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rule:
+    allow: bool
+    direction: int | None = None  # EGRESS, INGRESS or None (any)
+    proto: int = 0  # 0: any
+    src: Network | None = None  # None: any address
+    dst: Network | None = None
+    dst_port: PortRanges = ()  # empty: any port (the rule then also matches non-TCP/UDP)
+    icmp_type: tuple[int, ...] = ()  # empty: any type
+
+
+@dataclass(frozen=True, kw_only=True)
+class FirewallConfig:
+    default_allow: bool = False  # for packets that start a flow and match no rule
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnatRule:
+    source: Network  # machine-side sources this rule translates
+    to: AddressRange  # wire-side addresses to translate to
+    ports: tuple[int, int] | None = None  # None: Linux's default, keep the port class
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnatRule:
+    proto: int
+    match_addr: bytes  # the wire-side destination...
+    match_port: int
+    to_addr: bytes  # ...and the machine-side one it becomes
+    to_port: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatConfig:
+    snat: tuple[SnatRule, ...] = ()  # the first rule whose source matches wins
+    dnat: tuple[DnatRule, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backend:
+    addr: bytes
+    port: int
+    weight: int = 1
+    name: str  # the backend's identity in the Maglev table: its endpoint text
+
+
+@dataclass(frozen=True, kw_only=True)
+class LbPool:
+    proto: int
+    vip: bytes
+    port: int
+    backends: tuple[Backend, ...]
+    scheduler: str = "maglev"  # maglev | round-robin
+
+
+@dataclass(frozen=True, kw_only=True)
+class MachineConfig:
+    name: str
+    addresses: tuple[Network, ...]  # machine side: its own and those behind it
+    public: tuple[bytes, ...] = ()  # wire side: addresses it answers for (NAT, VIPs)
+    services: tuple[str, ...]  # chain order
+    start: str = "machine"  # tier where new flows start: machine | vnic
+    firewall: FirewallConfig | None = None
+    nat: NatConfig | None = None
+    lb: tuple[LbPool, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LiveConfig:
+    # addresses of the outside (`fs-wire`) in `flowshift live`: documentation ranges by default
+    peers: tuple[bytes, ...] = tuple(
+        ipaddress.ip_address(a).packed for a in ("198.51.100.2", "2001:db8::2"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostConfig:
+    pnic: PnicConfig = PnicConfig()
+    offload: OffloadConfig = OffloadConfig()
+    machines: tuple[MachineConfig, ...]
+    live: LiveConfig = LiveConfig()
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line: `file: key.path: what is wrong`."""
+
+    def __init__(self, source: str, where: str, what: str) -> None:
+        text = f"{source}: {where}: {what}" if where else f"{source}: {what}"
+        super().__init__("\\n".join(text.splitlines()))
+        self.source = source
+        self.where = where  # key path, or "line L, column C" for TOML syntax errors
+        self.what = what
+
+
+def fields_default(cls: type, name: str) -> Any:
+    """The default of field `name` of dataclass `cls`, as the class writes it."""
+    for f in fields(cls):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise KeyError(f"{cls.__name__}.{name} has no default")
