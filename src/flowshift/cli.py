@@ -14,6 +14,7 @@ COMMANDS = {
     "replay": "flowshift.commands.replay:replay",
     "gen-trace": "flowshift.commands.gen_trace:gen_trace",
     "inspect": "flowshift.commands.inspect:inspect_cmd",
+    "sweep": "flowshift.commands.sweep:sweep",
 }
 
 

@@ -108,9 +108,15 @@ def run_replay(
     dump_at: float | None = None,
     dump_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    origin_ns: int | None = None,
+    end_ns: int | None = None,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
-    `report` when given). Raises ConfigError, TraceError or ReplayError on bad input."""
+    `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
+
+    `origin_ns`/`end_ns`: the trace time of the first and the latest packet when `trace` is a
+    part of a larger trace (a shard, see shard.py): schedule times and verdict times count
+    from the origin, and actions past the end happen at the end, as in the whole trace."""
     paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
              "dump-flows": dump_path}
     outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
@@ -153,7 +159,9 @@ def run_replay(
         # for pcapng, whose interfaces may differ: docs/replay.md)
         linktype = first.linktype if first is not None else (
             reader.pcap_header.linktype if reader.pcap_header else 1)
-        run = _Run(cfg, pnic, first.ts_ns if first is not None else 0, linktype)
+        origin = origin_ns if origin_ns is not None else (
+            first.ts_ns if first is not None else 0)
+        run = _Run(cfg, pnic, origin, linktype)
         stack.callback(run.host.close)
         if out is not None:
             try:
@@ -168,7 +176,18 @@ def run_replay(
             stack.enter_context(bar[0])
         fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_path, bar)
         run.host.finish()
+        latest = run.last_ts
+        if end_ns is not None:
+            run.last_ts = max(run.last_ts, end_ns)
         for t, action in schedule[len(fired):]:  # past the end of the trace
+            at = run.first_ts + round(t * NS)
+            if end_ns is not None and at <= end_ns:
+                # past this part's end but not the whole trace's: it happens as there
+                now = max(at, latest)
+                _act(run, action, dump_path, now)
+                fired.append({"action": action, "at": t, "time": (now - run.first_ts) / NS,
+                              "before_index": None})
+                continue
             entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS,
                      "before_index": None}
             if action == "dump":
@@ -206,6 +225,15 @@ def run_replay(
         except OSError as e:
             raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
     return result
+
+
+def _act(run: _Run, action: str, dump_path: str | os.PathLike[str] | None, now: int) -> None:
+    if action == "dump":
+        run.dump(dump_path, now)
+    elif action == "withdraw":
+        run.host.withdraw_pnic(now)
+    else:
+        run.host.crash_pnic(now)
 
 
 def _progress(enabled: bool, size: int, name: str) -> tuple[Progress, Any] | None:
