@@ -106,7 +106,7 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
         from distributed import Client, LocalCluster
 
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
+                               dashboard_address=":0", silence_logs=40)
         client = Client(cluster)
         return Executor("dask-local", n, time.perf_counter() - started,
                         cluster.scheduler_address, _client=client, _cluster=cluster)

@@ -52,12 +52,11 @@ from flowshift.tiers._pnic_parse import (
     N_FIELDS,
     parse_frame,
 )
-from flowshift.tiers.pnic_engine import _compile_classifier
+from flowshift.tiers.pnic_engine import _compile_classifier, _words
 
 BATCH = 65536
 FRAGMENTS_MAX = 1 << 16  # datagrams whose first fragment's shard is remembered
 _PORTED = (6, 17)  # TCP, UDP: the outside port is part of the key
-_M64 = (1 << 64) - 1
 _V6_EXT = {0: "hop", 43: "routing", 60: "dest", 51: "ah"}  # skipped when looking for 44
 _V6_FRAGMENT = 44
 
@@ -99,14 +98,6 @@ def _assign(buf, offset, caplen, wire_len, linktype, inside, public, n, out):  #
         if proto != 6 and proto != 17:
             port = 0
         out[i] = _mix(hi, lo, port, proto, n)
-
-
-def _words(addr: bytes) -> tuple[int, int]:
-    """An address as the kernel's two big-endian 64-bit words (IPv4 in the low bits of hi)."""
-    v = int.from_bytes(addr, "big")
-    if len(addr) == 4:
-        return v, 0
-    return v >> 64, v & _M64
 
 
 def _signed(v: int) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 from flowshift.cluster import Executor, open_executor
 from flowshift.config import HostConfig, load_config, parse_config, to_dict
 from flowshift.replay import ReplayError, _check_options, _check_outputs, run_replay
+from flowshift.report import NS
 from flowshift.shard import split_trace
 from flowshift.shard_merge import merge_dumps, merge_packets, merge_reports, merge_verdicts
 
@@ -144,8 +145,8 @@ def run_sharded(
         "format": split.format,
         "linktypes": sorted({lt for r in reports for lt in r["trace"]["linktypes"]}),
         "packets": n_in,
-        "first_ts": first / 1e9 if first is not None else None,
-        "duration": (last - first) / 1e9 if first is not None and last is not None else 0.0,
+        "first_ts": first / NS if first is not None else None,
+        "duration": (last - first) / NS if first is not None and last is not None else 0.0,
         "problem": split.problem,
     }
     result["options"] = {
@@ -172,7 +173,7 @@ def run_sharded(
         "split_seconds": round(split.seconds, 6),
         "replay_seconds": round(replayed, 6),
         "merge_seconds": round(merging, 6),
-        **SEMANTICS,
+        "semantics": SEMANTICS,
     }
     result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",
                                             "schedule", "timing")} for r in reports]
