@@ -49,9 +49,6 @@ class Vary:
     values: tuple[Any, ...]
 
 
-OPTION_KEYS = ("trace", "offload", "crash_at", "withdraw_at")
-
-
 def parse_value(text: str) -> Any:
     """A value as TOML reads it (42, 1.5, true, "x"), else the bare text."""
     try:
@@ -151,7 +148,18 @@ def measures(report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_sweep(
+@dataclass
+class SweepPlan:
+    """A checked grid: every point's config validated, the output directory usable."""
+
+    out: Path
+    dims: list[Vary]
+    points: list[dict[str, Any]]
+    runs: list[tuple[str, dict[str, Any], dict[str, Any]]]  # run_point's arguments
+    source: str
+
+
+def plan_sweep(
     traces: list[str | os.PathLike[str]],
     config: HostConfig,
     varies: list[Vary],
@@ -160,12 +168,10 @@ def run_sweep(
     offloads: list[str] | None = None,
     crash_at: list[float] | None = None,
     withdraw_at: list[float] | None = None,
-    executor: Executor,
-    progress: bool = True,
     source: str = "<config>",
-) -> list[dict[str, Any]]:
-    """Run the grid; write sweep.csv, sweep.json and the plots into out_dir, all or nothing.
-    Every point's config is checked before any replay runs."""
+) -> SweepPlan:
+    """The grid over traces × varied values × policies × schedules, checked before any run:
+    a bad key or value raises the config loader's ConfigError (or SweepError)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SweepError(f"--out-dir {out_dir}: exists and is not an empty directory")
@@ -179,32 +185,57 @@ def run_sweep(
         if values:
             dims.append(Vary(name, tuple(values)))
     points = grid(dims)
-    plans = []
+    runs = []
     for point in points:
-        values = {k: point[k] for k in keys}
-        cfg = configure(base, values, source)  # a ConfigError names the key path
+        cfg = configure(base, {k: point[k] for k in keys}, source)
         options = {"offload": point.get("offload"), "crash_at": point.get("crash_at"),
                    "withdraw_at": point.get("withdraw_at")}
-        plans.append((point["trace"], to_dict(cfg), options))
+        runs.append((point["trace"], to_dict(cfg), options))
+    return SweepPlan(out, dims, points, runs, source)
+
+
+def execute(plan: SweepPlan, executor: Executor, progress: bool = True
+            ) -> list[dict[str, Any]]:
+    """Run a plan's points on the executor; write sweep.csv, sweep.json and the plots into
+    its directory, all or nothing. The rows, in grid order."""
     started = time.perf_counter()
-    futures = [executor.submit(run_point, *plan) for plan in plans]
+    futures = [executor.submit(run_point, *run) for run in plan.runs]
     where = {id(f): i for i, f in enumerate(futures)}
     rows: list[dict[str, Any] | None] = [None] * len(futures)
     bar = _progress(progress, len(futures))
     try:
         for f in executor.as_completed(futures):
             i = where[id(f)]
-            rows[i] = {**{d.key: points[i][d.key] for d in dims}, **f.result()}
+            rows[i] = {**{d.key: plan.points[i][d.key] for d in plan.dims}, **f.result()}
             if bar is not None:
                 bar[0].update(bar[1], advance=1)
     finally:
         if bar is not None:
             bar[0].stop()
     table = [r for r in rows if r is not None]
-    _write(out, table, [d.key for d in dims], {
-        "config": source, "varied": {d.key: list(d.values) for d in dims},
+    _write(plan.out, table, [d.key for d in plan.dims], {
+        "config": plan.source, "varied": {d.key: list(d.values) for d in plan.dims},
         "executor": executor.describe(), "wall_seconds": round(time.perf_counter() - started, 6)})
     return table
+
+
+def run_sweep(
+    traces: list[str | os.PathLike[str]],
+    config: HostConfig,
+    varies: list[Vary],
+    out_dir: str | os.PathLike[str],
+    *,
+    offloads: list[str] | None = None,
+    crash_at: list[float] | None = None,
+    withdraw_at: list[float] | None = None,
+    executor: Executor,
+    progress: bool = True,
+    source: str = "<config>",
+) -> list[dict[str, Any]]:
+    """plan_sweep, then execute."""
+    plan = plan_sweep(traces, config, varies, out_dir, offloads=offloads, crash_at=crash_at,
+                      withdraw_at=withdraw_at, source=source)
+    return execute(plan, executor, progress)
 
 
 def _progress(enabled: bool, total: int) -> tuple[Any, Any] | None:
@@ -295,5 +326,5 @@ def _short(v: Any) -> str:
     return os.path.basename(text) if "/" in text else text[:24]
 
 
-__all__ = ["OPTION_KEYS", "ConfigError", "SweepError", "Vary", "configure", "parse_vary",
-           "run_sweep", "set_key"]
+__all__ = ["ConfigError", "SweepError", "SweepPlan", "Vary", "configure", "execute",
+           "parse_vary", "plan_sweep", "run_sweep", "set_key"]

@@ -17,7 +17,7 @@ from flowshift.config import ConfigError, load_config
 from flowshift.offload import POLICIES
 from flowshift.packet.pcap import TraceError
 from flowshift.replay import ReplayError
-from flowshift.sweep import SweepError, Vary, parse_vary, run_sweep
+from flowshift.sweep import SweepError, Vary, execute, parse_vary, plan_sweep
 
 
 def _floats(name: str, text: str | None) -> list[float] | None:
@@ -66,11 +66,11 @@ def sweep(traces: tuple[Path, ...], config: Path, varies: tuple[str, ...],
     withdrawals = _floats("--withdraw-at", withdraw_at)
     try:
         parsed: list[Vary] = [parse_vary(v) for v in varies]
-        cfg = load_config(config)
+        plan = plan_sweep(list(traces), load_config(config), parsed, out_dir,
+                          offloads=policies, crash_at=crashes, withdraw_at=withdrawals,
+                          source=str(config))
         with open_executor(workers, scheduler, executor) as ex:
-            rows = run_sweep(list(traces), cfg, parsed, out_dir, offloads=policies,
-                             crash_at=crashes, withdraw_at=withdrawals, executor=ex,
-                             progress=not quiet, source=str(config))
+            rows = execute(plan, ex, progress=not quiet)
     except (ConfigError, TraceError, ReplayError, SweepError, ClusterError) as e:
         raise fail(str(e)) from None
     if not quiet:
