@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from flowshift import cluster
 from flowshift.cli import main
+from flowshift.commands.demo import build_trace, demo_config_text
 from flowshift.config import HostConfig, load_config, parse_config, to_dict
 from flowshift.packet.batch import read_batches
 from flowshift.packet.build import icmp_error_frame, tcp_frame, udp_frame
@@ -319,6 +320,41 @@ def test_pnic_capacity_is_split_per_shard(tmp_path: Path, pool: Any) -> None:
     assert rows_of(tmp_path / "b.csv") == independent(tmp_path, trace, cfg, 2)
 
 
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HostConfig]:
+    """The demo's host and a small demo trace (two machines, NAT, LB, a SYN flood)."""
+    path = tmp_path_factory.mktemp("demo") / "demo.pcap"
+    cfg = parse_config(__import__("tomllib").loads(demo_config_text()), "demo.toml")
+    build_trace(path, cfg, 0.03)
+    return path, cfg
+
+
+def test_demo_trace_is_exact_with_machines_on_the_vnic_and_plots(
+        tmp_path: Path, pool: Any, demo: tuple[Path, HostConfig]) -> None:
+    trace, cfg = demo
+    data = to_dict(cfg)
+    for m in data["machine"]:
+        m["start"] = "vnic"
+    cfg = parse_config(data)
+    a, b = both(tmp_path, trace, cfg, pool, dump_at=2.0, withdraw_at=9.0)
+    for ext in ("pcap", "csv", "txt"):
+        assert same_file(tmp_path, ext), ext
+    assert_same_counters(a, b)
+    assert b["offloads"]["to_pnic"] > 0 and b["events"]["withdraw"] == 1
+    run_sharded(trace, cfg, workers=2, pool=pool, plot=tmp_path / "p.png", progress=False)
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_trace_as_shipped_differs_only_in_the_handoff_tier(
+        tmp_path: Path, pool: Any, demo: tuple[Path, HostConfig]) -> None:
+    trace, cfg = demo
+    both(tmp_path, trace, cfg, pool, dump_at=5.0)
+    assert same_file(tmp_path, "pcap") and same_file(tmp_path, "txt")
+    for x, y in zip(rows_of(tmp_path / "a.csv"), rows_of(tmp_path / "b.csv"), strict=True):
+        if x != y:
+            assert (x[5], y[5]) == ("vnic", "machine") and x[:5] == y[:5]
+
+
 # -- the command line and the cluster ---------------------------------------------------------
 
 
@@ -331,8 +367,10 @@ def test_cli_workers_and_errors(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sharding"]["cluster"]["kind"] == "processes"
     assert report["packets"]["in"] == 22479
-    bad = runner.invoke(main, [*args, "--workers", "2", "--plot", str(tmp_path / "p.png")])
+    bad = runner.invoke(main, [*args, "--workers", "2", "--plot", str(tmp_path / "p.xyz")])
     assert bad.exit_code == 2 and "--plot" in bad.output
+    bad = runner.invoke(main, [*args, "--workers", "2", "--shard-dir", str(tmp_path / "no")])
+    assert bad.exit_code == 2 and "--shard-dir" in bad.output
 
 
 def test_scheduler_without_dask_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,26 +381,16 @@ def test_scheduler_without_dask_says_what_to_install(monkeypatch: pytest.MonkeyP
         assert ex.kind == "processes"
 
 
-@pytest.fixture(scope="module")
-def dask_cluster() -> Any:
-    distributed = pytest.importorskip("distributed")
-    local = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                     dashboard_address=":0", silence_logs=40)
-    try:
-        yield local
-    finally:
-        local.close()
-
-
-def test_dask_local_cluster_and_existing_scheduler(tmp_path: Path, dask_cluster: Any) -> None:
+def test_dask_local_cluster_and_existing_scheduler(tmp_path: Path) -> None:
+    """--workers on a LocalCluster of 2 worker processes, and --scheduler on its address."""
+    pytest.importorskip("distributed")
     cfg = with_start(REAL / "lb-gateway.toml", "vnic")
     serial = run_replay(TRACE, cfg, verdicts=tmp_path / "a.csv", progress=False)
-    result = run_sharded(TRACE, cfg, scheduler=dask_cluster.scheduler_address,
-                         verdicts=tmp_path / "b.csv", progress=False)
+    with cluster.open_executor(2, kind="dask") as local:
+        assert local.kind == "dask-local" and local.startup_seconds > 0
+        result = run_sharded(TRACE, cfg, scheduler=local.address, verdicts=tmp_path / "b.csv",
+                             progress=False)
     assert same_file(tmp_path, "csv")
     assert result["packets"] == serial["packets"]
     info = result["sharding"]["cluster"]
     assert info["kind"] == "dask" and info["workers"] == 2 and info["startup_seconds"] >= 0
-    with cluster.open_executor(2, kind="dask") as ex:
-        assert ex.kind == "dask-local" and ex.startup_seconds > 0
-        assert ex.submit(sum, [1, 2]).result() == 3

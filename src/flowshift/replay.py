@@ -110,13 +110,15 @@ def run_replay(
     progress: bool = True,
     origin_ns: int | None = None,
     end_ns: int | None = None,
+    plot_data: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
     `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
 
     `origin_ns`/`end_ns`: the trace time of the first and the latest packet when `trace` is a
     part of a larger trace (a shard, see shard.py): schedule times and verdict times count
-    from the origin, and actions past the end happen at the end, as in the whole trace."""
+    from the origin, and actions past the end happen at the end, as in the whole trace.
+    `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts."""
     paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
              "dump-flows": dump_path}
     outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
@@ -217,6 +219,14 @@ def run_replay(
             write_plot(plot, run.tally, run.host.stats, result)
         except OSError as e:
             raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+    if plot_data is not None:
+        from json import dumps
+
+        Path(plot_data).write_text(dumps({
+            "bin_ns": run.tally.bin_ns,
+            "rate": [[b, tier, n] for (b, tier), n in run.tally.rate.items()],
+            "occupancy": run.host.stats.occupancy,
+            "events": [[t, kind] for t, kind, _ in run.host.stats.events]}), encoding="utf-8")
     if report is not None:
         from json import dumps
 

@@ -9,6 +9,7 @@ one of its j-th row with an `out_index`. The merge walks the input order once.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from flowshift.packet.batch import read_batches
 from flowshift.packet.pcap import PcapWriter
-from flowshift.report import TIERS
+from flowshift.report import TIERS, Tally
 
 CHUNK = 65536  # output packets gathered from the shards at a time
 
@@ -244,3 +245,43 @@ def merge_schedule(reports: list[dict[str, Any]], global_index: list[np.ndarray]
         merged.append(out)
     return merged
 
+
+
+class PlotStats:
+    """What the plot reads of a host's stats, for the whole of a sharded run."""
+
+    def __init__(self, occupancy: list[tuple[int, int]], events: list[tuple[int, str, str]]
+                 ) -> None:
+        self.occupancy = occupancy
+        self.events = events
+
+
+def merge_plot_data(parts: list[Path]) -> tuple[Tally, PlotStats]:
+    """The shards' plot inputs as one: rate bins widened to the widest shard's (all count
+    from the same origin, so the bins line up), occupancy reports summed as step functions,
+    per-flow events together and host events once."""
+    data = [json.loads(p.read_text(encoding="utf-8")) for p in parts]
+    tally = Tally(bin_ns=max(d["bin_ns"] for d in data))
+    for d in data:
+        shift = tally.bin_ns // d["bin_ns"]
+        for b, tier, n in d["rate"]:
+            k = (b // shift, tier)
+            tally.rate[k] = tally.rate.get(k, 0) + n
+    times = np.unique(np.array([t for d in data for t, _ in d["occupancy"]], np.int64))
+    total = np.zeros(len(times), np.int64)
+    for d in data:
+        occ = np.array(d["occupancy"], np.int64).reshape(-1, 2)
+        if len(occ):
+            at = np.searchsorted(occ[:, 0], times, side="right") - 1
+            total += np.where(at >= 0, occ[np.maximum(at, 0), 1], 0)
+    host_seen: set[tuple[int, str]] = set()
+    events: list[tuple[int, str, str]] = []
+    for d in data:
+        for t, kind in d["events"]:
+            if kind in HOST_EVENTS:
+                if (t, kind) in host_seen:
+                    continue
+                host_seen.add((t, kind))
+            events.append((t, kind, ""))
+    events.sort(key=lambda e: e[0])
+    return tally, PlotStats(list(zip(times.tolist(), total.tolist(), strict=True)), events)

@@ -19,7 +19,13 @@ from flowshift.config import HostConfig, load_config, parse_config, to_dict
 from flowshift.replay import ReplayError, _check_options, _check_outputs, run_replay
 from flowshift.report import NS
 from flowshift.shard import split_trace
-from flowshift.shard_merge import merge_dumps, merge_packets, merge_reports, merge_verdicts
+from flowshift.shard_merge import (
+    merge_dumps,
+    merge_packets,
+    merge_plot_data,
+    merge_reports,
+    merge_verdicts,
+)
 
 # What sharding changes, stated in every sharded report (docs/scale.md).
 SEMANTICS = {
@@ -82,8 +88,11 @@ def run_sharded(
     _check_options(offload, pnic, capacity, times, outputs.get("dump-flows"))
     _check_outputs(trace, {k: outputs.get(k) for k in paths})
     if plot is not None:
-        raise ReplayError("--plot is not available with --workers/--scheduler; replay with "
-                          "--workers 1 for the plot")
+        from flowshift.plot import FORMATS, plot_format  # matplotlib only when a plot is asked
+
+        if plot_format(plot) not in FORMATS:
+            raise ReplayError(f"--plot {plot}: unknown image format (use one of "
+                              f"{', '.join('.' + f for f in FORMATS)})")
     if shard_dir is not None and not Path(shard_dir).is_dir():
         raise ReplayError(f"--shard-dir {shard_dir}: not a directory")
     cfg = config if isinstance(config, HostConfig) else load_config(config)
@@ -113,6 +122,7 @@ def run_sharded(
                 "dump_at": dump_at,
                 "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
                 "origin_ns": split.first_ts, "end_ns": split.last_ts,
+                "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
             }
             futures.append(ex.submit(replay_shard, os.fspath(split.paths[k]), shard_cfg,
                                      options))
@@ -131,6 +141,8 @@ def run_sharded(
                               split.linktype)
         if dump_path is not None:
             merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)], Path(dump_path))
+        if plot is not None:
+            plot_inputs = merge_plot_data([work / f"shard-{k}" / "plot.json" for k in range(n)])
         merging = time.perf_counter() - merging
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -177,6 +189,13 @@ def run_sharded(
     }
     result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",
                                             "schedule", "timing")} for r in reports]
+    if plot is not None:
+        from flowshift.plot import write_plot
+
+        try:
+            write_plot(plot, *plot_inputs, result)
+        except OSError as e:
+            raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
     if report is not None:
         from json import dumps
 
