@@ -56,7 +56,7 @@ class Executor:
         if self._client is not None:
             from distributed import as_completed as dask_completed
 
-            yield from dask_completed(futures)
+            yield from dask_completed(futures)  # type: ignore[no-untyped-call]
         else:
             yield from as_completed(futures)
 
@@ -92,7 +92,7 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
         from distributed import Client
 
         try:
-            client = Client(scheduler, timeout="10s")
+            client = Client(scheduler, timeout="10s")  # type: ignore[no-untyped-call]
         except (OSError, TimeoutError) as e:
             raise ClusterError(f"--scheduler {scheduler}: cannot connect ({e})") from None
         n = len(client.scheduler_info().get("workers", {}))
@@ -105,9 +105,10 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
             raise ClusterError(f"a Dask cluster needs Dask distributed: {INSTALL}")
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)
-        client = Client(cluster)
+        cluster = LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+            silence_logs=40)
+        client = Client(cluster)  # type: ignore[no-untyped-call]
         return Executor("dask-local", n, time.perf_counter() - started,
                         cluster.scheduler_address, _client=client, _cluster=cluster)
     # fork: the workers start with flowshift imported and its kernels compiled

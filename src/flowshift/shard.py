@@ -79,7 +79,9 @@ def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
 
 
 @numba.njit(cache=True)
-def _assign(buf, offset, caplen, wire_len, linktype, inside, public, n, out):  # pragma: no cover
+def _assign(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.ndarray,
+            linktype: np.ndarray, inside: np.ndarray, public: np.ndarray, n: int,
+            out: np.ndarray) -> None:
     """out[i]: the shard of frame i, or -1 when `parse()` must decide (not a plain key)."""
     f = np.zeros(N_FIELDS, np.int64)
     for i in range(len(offset)):

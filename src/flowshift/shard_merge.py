@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flowshift.packet.batch import read_batches
+from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import PcapWriter
 from flowshift.report import TIERS, Tally
 
@@ -71,17 +71,18 @@ class _Stream:
 
     def __init__(self, path: Path) -> None:
         self.batches = read_batches(path, CHUNK)
-        self.batch = None
+        self.batch: Batch | None = None
         self.pos = 0
 
     def take(self, m: int) -> list[tuple[Any, ...]]:
         """The next m packets, as slices of batches: (ts, buf, offset, caplen, wire)."""
         pieces = []
         while m:
-            if self.batch is None or self.pos >= len(self.batch):
-                self.batch = next(self.batches)
+            b = self.batch
+            if b is None or self.pos >= len(b):
+                b = self.batch = next(self.batches)
                 self.pos = 0
-            b, a = self.batch, self.pos
+            a = self.pos
             z = min(len(b), a + m)
             lo = int(b.offset[a])
             hi = int(b.offset[z - 1]) + int(b.caplen[z - 1])

@@ -1,0 +1,144 @@
+"""Scale-out: a sharded replay and a sweep on local workers, each against its serial baseline
+measured in the same run, and the start-up time of the executors.
+
+    python bench/bench_scale.py [--flows N] [--workers N] [--workdir DIR] [--json PATH]
+
+Uses bench/offload-host.toml and the elephant-heavy gateway trace bench/bench_offload.py
+builds (generated once per work dir). Measures:
+
+- `replay --offload elephant` serial, then `--workers N` on plain processes and on a local
+  Dask cluster (started beforehand, its start-up reported apart); with the split, replay and
+  merge times of the sharded runs;
+- the same with `--out` and `--verdicts`, whose merge walks every packet;
+- a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
+  8 replays one after another in this process;
+- the start-up of each executor: a process pool's first task, a LocalCluster.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from bench_offload import CONFIG, make_trace
+from common import machine
+from flowshift.cluster import dask_available, open_executor
+from flowshift.config import load_config
+from flowshift.replay import run_replay
+from flowshift.shard_replay import run_sharded
+from flowshift.sweep import execute, parse_vary, plan_sweep, run_point
+
+SWEEP = ("pnic.capacity=64,4096", "offload.elephant_packets=8,32,128,512")
+
+
+def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
+    kw: dict[str, Any] = {"out": work / "s.pcap", "verdicts": work / "s.csv"} if outputs else {}
+    return run_replay(trace, CONFIG, offload="elephant", progress=False, **kw)
+
+
+def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[str, Any]:
+    kw: dict[str, Any] = {"out": work / "p.pcap", "verdicts": work / "p.csv"} if outputs else {}
+    return run_sharded(trace, CONFIG, workers=pool.workers, pool=pool, offload="elephant",
+                       progress=False, **kw)
+
+
+def sweep_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
+    plan = plan_sweep([trace], load_config(CONFIG), [parse_vary(v) for v in SWEEP],
+                      work / "sweep", offloads=["elephant"])
+    start = time.perf_counter()
+    for run in plan.runs:
+        run_point(*run)
+    one_by_one = time.perf_counter() - start
+    with open_executor(workers, kind="processes") as pool:
+        pool.submit(int, 0).result()  # the pool's processes exist before the clock starts
+        start = time.perf_counter()
+        execute(plan, pool, progress=False)
+        parallel = time.perf_counter() - start
+    return {"points": len(plan.runs), "one_after_another_s": one_by_one,
+            "parallel_s": parallel, "speedup": one_by_one / parallel}
+
+
+def startup(workers: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    with open_executor(workers, kind="processes") as pool:
+        pool.submit(int, 0).result()
+        out["processes_s"] = time.perf_counter() - start
+    if dask_available():
+        with open_executor(workers, kind="dask") as local:
+            out["dask_local_cluster_s"] = local.startup_seconds
+    return out
+
+
+@click.command()
+@click.option("--flows", default=1500, show_default=True, help="Flows of the generated trace.")
+@click.option("--workers", default=2, show_default=True, help="Workers of the parallel runs.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the generated trace here (reused when present).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None) -> None:
+    console = Console()
+    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trace = work / f"elephants-{flows}.pcap"
+    info_path = trace.with_suffix(".json")
+    if not trace.exists() or not info_path.exists():
+        console.print(f"generating {trace} ...")
+        info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
+    info = json.loads(info_path.read_text())
+    results: dict[str, Any] = {"machine": machine(), "trace": info, "workers": workers}
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        serial_replay(trace, False, scratch)  # warm: page cache and compiled kernels
+        for outputs in (False, True):
+            label = "report + out + verdicts" if outputs else "report only"
+            serial = serial_replay(trace, outputs, scratch)["timing"]["wall_seconds"]
+            rows.append((f"replay serial ({label})", f"{serial:.2f} s", "baseline"))
+            kinds = ["processes"] + (["dask"] if dask_available() else [])
+            for kind in kinds:
+                with open_executor(workers, kind=kind) as pool:
+                    pool.submit(int, 0).result()
+                    r = sharded_replay(trace, pool, outputs, scratch)
+                s = r["sharding"]
+                wall = r["timing"]["wall_seconds"]
+                key = f"{kind}-{'outputs' if outputs else 'report'}"
+                results[key] = {"serial_s": serial, "sharded_s": wall, "speedup": serial / wall,
+                                "split_s": s["split_seconds"], "replay_s": s["replay_seconds"],
+                                "merge_s": s["merge_seconds"], "packets": s["packets"]}
+                rows.append((f"replay --workers {workers} on {kind} ({label})",
+                             f"{wall:.2f} s", f"{serial / wall:.2f}× serial (split "
+                             f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, "
+                             f"merge {s['merge_seconds']:.2f} s)"))
+        sweep = sweep_figures(trace, workers, scratch)
+    results["sweep"] = sweep
+    rows.append((f"sweep, {sweep['points']} points, one after another",
+                 f"{sweep['one_after_another_s']:.2f} s", "baseline"))
+    rows.append((f"sweep, {sweep['points']} points on {workers} workers",
+                 f"{sweep['parallel_s']:.2f} s", f"{sweep['speedup']:.2f}× one after another"))
+    results["startup"] = startup(workers)
+    for name, seconds in results["startup"].items():
+        rows.append((f"start-up: {name.removesuffix('_s').replace('_', ' ')}",
+                     f"{seconds:.2f} s", f"{workers} workers"))
+    m = results["machine"]
+    table = Table(title=f"flowshift scale-out benchmark — {m['cpu']}, {m['cores']} cores, "
+                        f"{m['memory']}, Python {m['python']}; trace {info['packets']:,} packets")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("against")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
