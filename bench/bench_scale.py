@@ -10,6 +10,8 @@ builds (generated once per work dir). Measures:
   Dask cluster (started beforehand, its start-up reported apart); with the split, replay and
   merge times of the sharded runs;
 - the same with `--out` and `--verdicts`, whose merge walks every packet;
+- `--offload never` (every packet in software: compute-bound) on the trace's first 300,000
+  packets, serial against `--workers N`;
 - a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
   8 replays one after another in this process;
 - the start-up of each executor: a process pool's first task, a LocalCluster.
@@ -36,6 +38,7 @@ from flowshift.shard_replay import run_sharded
 from flowshift.sweep import execute, parse_vary, plan_sweep, run_point
 
 SWEEP = ("pnic.capacity=64,4096", "offload.elephant_packets=8,32,128,512")
+NEVER_PACKETS = 300_000
 
 
 def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
@@ -47,6 +50,30 @@ def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[st
     kw: dict[str, Any] = {"out": work / "p.pcap", "verdicts": work / "p.csv"} if outputs else {}
     return run_sharded(trace, CONFIG, workers=pool.workers, pool=pool, offload="elephant",
                        progress=False, **kw)
+
+
+def head(trace: Path, n: int, path: Path) -> Path:
+    """The first n packets of a trace."""
+    from flowshift.packet.batch import read_batches
+    from flowshift.packet.pcap import PcapWriter
+
+    batch = next(read_batches(trace, n))
+    with PcapWriter(path) as w:
+        w.write_batch(batch.ts_ns, batch.buf, batch.offset, batch.caplen, batch.wire_len)
+    return path
+
+
+def never_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
+    """Every packet in software (compute-bound): a head of the trace, serial against sharded."""
+    part = head(trace, NEVER_PACKETS, work / "head.pcap")
+    serial = run_replay(part, CONFIG, offload="never", progress=False)["timing"]["wall_seconds"]
+    with open_executor(workers, kind="processes") as pool:
+        pool.submit(int, 0).result()
+        r = run_sharded(part, CONFIG, workers=workers, pool=pool, offload="never",
+                        progress=False)
+    wall = r["timing"]["wall_seconds"]
+    return {"packets": NEVER_PACKETS, "serial_s": serial, "sharded_s": wall,
+            "speedup": serial / wall, "split_s": r["sharding"]["split_seconds"]}
 
 
 def sweep_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
@@ -117,6 +144,12 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
                              f"{wall:.2f} s", f"{serial / wall:.2f}× serial (split "
                              f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, "
                              f"merge {s['merge_seconds']:.2f} s)"))
+        never = never_figures(trace, workers, scratch)
+        results["never"] = never
+        rows.append((f"replay --offload never, first {NEVER_PACKETS:,} packets, serial",
+                     f"{never['serial_s']:.2f} s", "baseline"))
+        rows.append((f"the same, --workers {workers} on processes", f"{never['sharded_s']:.2f} s",
+                     f"{never['speedup']:.2f}× serial (split {never['split_s']:.2f} s)"))
         sweep = sweep_figures(trace, workers, scratch)
     results["sweep"] = sweep
     rows.append((f"sweep, {sweep['points']} points, one after another",

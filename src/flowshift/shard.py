@@ -204,7 +204,8 @@ class Split:
 
 
 def _batches(trace: str | os.PathLike[str]) -> Iterator[Batch]:
-    yield from read_batches(trace, BATCH)
+    # reuse: each batch is written out before the one after next is read
+    yield from read_batches(trace, BATCH, reuse=True)
 
 
 def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
