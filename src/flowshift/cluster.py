@@ -103,11 +103,14 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
     if kind == "dask" or (kind == "auto" and dask_available()):
         if not dask_available():
             raise ClusterError(f"a Dask cluster needs Dask distributed: {INSTALL}")
+        import dask
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(  # type: ignore[no-untyped-call]
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-            silence_logs=40)
+        # not daemonic: a replay with `--pnic process` starts the PNIC's own process
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = LocalCluster(  # type: ignore[no-untyped-call]
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                silence_logs=40)
         client = Client(cluster)  # type: ignore[no-untyped-call]
         return Executor("dask-local", n, time.perf_counter() - started,
                         cluster.scheduler_address, _client=client, _cluster=cluster)

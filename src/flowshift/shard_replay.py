@@ -6,6 +6,7 @@ differ, by design, where the host keeps state across flows.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -52,6 +53,9 @@ def shard_capacities(capacity: int, n: int) -> list[int]:
 
 def replay_shard(trace: str, config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """One shard's replay; runs on a worker. Arguments are plain data for any executor."""
+    if options.get("pnic") == "process" and multiprocessing.current_process().daemon:
+        raise ReplayError("--pnic process needs workers that may start processes: start the "
+                          "Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
     return run_replay(trace, parse_config(config, "<shard config>"), progress=False, **options)
 
 
