@@ -9,6 +9,7 @@ import csv
 import filecmp
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +395,31 @@ def test_dask_local_cluster_and_existing_scheduler(tmp_path: Path) -> None:
     assert result["packets"] == serial["packets"]
     info = result["sharding"]["cluster"]
     assert info["kind"] == "dask" and info["workers"] == 2 and info["startup_seconds"] >= 0
+
+
+TCPDUMP = REAL.parent / "tcpdump"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in TCPDUMP.glob("*.pcap*"))[::60])
+def test_tcpdump_captures_shard_like_serial(tmp_path: Path, pool: Any, name: str) -> None:
+    """Odd link types, malformed and truncated captures: the same verdicts, packets and report
+    counters, or the same one-line refusal."""
+    from flowshift.packet.pcap import TraceError
+    from flowshift.shard import ShardError
+
+    cfg = REAL / "lb-gateway.toml"
+    try:
+        a = run_replay(TCPDUMP / name, cfg, out=tmp_path / "a.pcap", verdicts=tmp_path / "a.csv",
+                       progress=False)
+    except TraceError as e:
+        with pytest.raises(TraceError, match=re.escape(str(e).split(":")[0])):
+            run_sharded(TCPDUMP / name, cfg, workers=2, pool=pool, progress=False)
+        return
+    try:
+        b = run_sharded(TCPDUMP / name, cfg, workers=2, pool=pool, out=tmp_path / "b.pcap",
+                        verdicts=tmp_path / "b.csv", progress=False)
+    except ShardError as e:
+        assert "mixes link types" in str(e) and len(a["trace"]["linktypes"]) > 1
+        return
+    assert same_file(tmp_path, "csv") and same_file(tmp_path, "pcap")
+    assert_same_counters(a, b)
