@@ -40,6 +40,7 @@ from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
 from flowshift.packet.view import Packet, ParseError
 from flowshift.services.chain import EGRESS
 from flowshift.tiers._pnic_batch import classify
+from flowshift.tiers._pnic_mem import kernel
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
@@ -65,7 +66,7 @@ class ShardError(Exception):
     """A trace that cannot be split. One line."""
 
 
-@numba.njit(cache=True)
+@kernel(inline=True)  # type: ignore[untyped-decorator]
 def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
     """splitmix64 over the endpoint words: the shard, the same in every process."""
     x = np.uint64(hi) ^ (np.uint64(lo) * np.uint64(0x9E3779B97F4A7C15))
@@ -78,12 +79,12 @@ def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
     return int(x % np.uint64(n))
 
 
-@numba.njit(cache=True)
+@kernel()  # type: ignore[untyped-decorator]
 def _assign(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.ndarray,
             linktype: np.ndarray, inside: np.ndarray, public: np.ndarray, n: int,
-            out: np.ndarray) -> None:
-    """out[i]: the shard of frame i, or -1 when `parse()` must decide (not a plain key)."""
-    f = np.zeros(N_FIELDS, np.int64)
+            out: np.ndarray, f: np.ndarray) -> None:
+    """out[i]: the shard of frame i, or -1 when `parse()` must decide (not a plain key).
+    `f`: scratch for the parser's fields (the engine's kernels allocate nothing)."""
     for i in range(len(offset)):
         if parse_frame(buf, offset[i], caplen[i], wire_len[i], linktype[i], f) != FULL:
             out[i] = -1
@@ -102,6 +103,12 @@ def _assign(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: n
         out[i] = _mix(hi, lo, port, proto, n)
 
 
+@numba.njit(cache=True)
+def _mix_py(hi: int, lo: int, port: int, proto: int, n: int) -> int:
+    """_mix, callable from Python (an inlined kernel is not)."""
+    return _mix(hi, lo, port, proto, n)  # type: ignore[no-any-return]
+
+
 def _signed(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
@@ -109,7 +116,7 @@ def _signed(v: int) -> int:
 def endpoint_shard(addr: bytes, port: int, proto: int, n: int) -> int:
     """The shard of an outside endpoint (what the kernel computes, for one packet)."""
     hi, lo = _words(addr)
-    return int(_mix(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n))
+    return int(_mix_py(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n))
 
 
 def _fragment_id(pkt: Packet) -> int:
@@ -147,7 +154,7 @@ class Sharder:
             return out
         _assign(batch.buf, batch.offset, batch.caplen.astype(np.int64),
                 batch.wire_len.astype(np.int64), batch.linktype.astype(np.int64),
-                self.inside, self.public, self.n, out)
+                self.inside, self.public, self.n, out, np.zeros(N_FIELDS, np.int64))
         for i in np.flatnonzero(out < 0).tolist():
             pkt = parse(bytearray(batch.frame(i)), int(batch.linktype[i]),
                         int(batch.wire_len[i]))
