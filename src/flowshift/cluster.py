@@ -10,11 +10,11 @@ another machine: the paths must be readable there (shared storage).
 from __future__ import annotations
 
 import multiprocessing
-import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("auto", "processes", "dask")
@@ -35,7 +35,7 @@ def dask_available() -> bool:
 
 @dataclass
 class Executor:
-    """Submit tasks, wait for them as they finish; `info` goes into reports."""
+    """Submit tasks, wait for them as they finish; `describe()` goes into reports."""
 
     kind: str  # "processes", "dask-local" or "dask"
     workers: int
@@ -44,7 +44,6 @@ class Executor:
     _pool: Any = None
     _client: Any = None
     _cluster: Any = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._client is not None:
@@ -114,15 +113,21 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
         client = Client(cluster)  # type: ignore[no-untyped-call]
         return Executor("dask-local", n, time.perf_counter() - started,
                         cluster.scheduler_address, _client=client, _cluster=cluster)
-    # fork: the workers start with flowshift imported and its kernels compiled
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
-    return Executor("processes", n, time.perf_counter() - started, _pool=pool)
+    return Executor("processes", n, time.perf_counter() - started, _pool=_process_pool(n))
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-               else (os.cpu_count() or 1))
+def _process_pool(n: int) -> ProcessPoolExecutor:
+    """Forked workers start with flowshift imported and its kernels loaded, but forking a
+    process that runs other threads (a Dask client's, say) can copy a held lock: then a fork
+    server, preloaded with the replay's modules, starts them."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["flowshift.shard_replay", "flowshift.sweep"])
+        return ProcessPoolExecutor(n, mp_context=ctx)
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
 
 
 __all__ = ["KINDS", "ClusterError", "Executor", "Future", "dask_available", "open_executor"]
