@@ -46,6 +46,26 @@ SEMANTICS = {
 }
 
 
+class _Status:
+    """What a sharded replay is doing, as a transient status line on stderr (a terminal only)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.status = console.status("") if enabled and console.is_terminal else None
+        if self.status is not None:
+            self.status.start()
+
+    def show(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
 def shard_capacities(capacity: int, n: int) -> list[int]:
     """capacity / n per shard, the remainder to the first shards: they add up to capacity."""
     return [capacity // n + (1 if k < capacity % n else 0) for k in range(n)]
@@ -106,14 +126,19 @@ def run_sharded(
     cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=total_capacity))
 
     own = pool is None
+    status = _Status(progress)
+    status.show("starting the workers")
     ex = pool if pool is not None else open_executor(workers, scheduler, executor)
     work = Path(tempfile.mkdtemp(prefix="flowshift-shards-", dir=shard_dir))
+    futures: list[Any] = []
     try:
         n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
+        status.show(f"splitting {os.path.basename(os.fspath(trace))} into {n} shards")
         split = split_trace(trace, cfg, n, work)
         caps = shard_capacities(total_capacity, n)
         base = to_dict(cfg)
-        futures = []
+        status.show(f"replaying {n} shards on {ex.kind}")
+        replayed = time.perf_counter()
         need_rows = verdicts is not None or out is not None
         for k in range(n):
             d = work / f"shard-{k}"
@@ -130,9 +155,9 @@ def run_sharded(
             }
             futures.append(ex.submit(replay_shard, os.fspath(split.paths[k]), shard_cfg,
                                      options))
-        replayed = time.perf_counter()
         reports = [f.result() for f in futures]
         replayed = time.perf_counter() - replayed
+        status.show("merging the shards")
         merging = time.perf_counter()
         index = [split.index(k) for k in range(n)]
         if need_rows:
@@ -149,9 +174,12 @@ def run_sharded(
             plot_inputs = merge_plot_data([work / f"shard-{k}" / "plot.json" for k in range(n)])
         merging = time.perf_counter() - merging
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        status.stop()
+        for f in futures:  # a failed shard: the others are of no use
+            f.cancel()
         if own:
             ex.close()
+        shutil.rmtree(work, ignore_errors=True)
     result = merge_reports(reports, index)
     wall = time.perf_counter() - started
     n_in = result["packets"]["in"]
