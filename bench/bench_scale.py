@@ -15,6 +15,11 @@ builds (generated once per work dir). Measures:
 - a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
   8 replays one after another in this process;
 - the start-up of each executor: a process pool's first task, a LocalCluster.
+
+Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
+critical path (split + slowest shard + merge; for a sweep, the busiest worker). On a machine
+shared with other work, wall-time ratios fall towards 1 or below while the processor-time
+ratio shows what an idle machine with a core per worker would approach.
 """
 
 from __future__ import annotations
@@ -43,7 +48,26 @@ NEVER_PACKETS = 300_000
 
 def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
     kw: dict[str, Any] = {"out": work / "s.pcap", "verdicts": work / "s.csv"} if outputs else {}
-    return run_replay(trace, CONFIG, offload="elephant", progress=False, **kw)
+    cpu = time.process_time()
+    report = run_replay(trace, CONFIG, offload="elephant", progress=False, **kw)
+    report["timing"]["cpu_seconds"] = time.process_time() - cpu
+    return report
+
+
+def critical_cpu(report: dict[str, Any]) -> float:
+    """Processor seconds on a sharded run's critical path: the split, the slowest shard, the
+    merge. On an idle machine with a core per worker, the wall time tends to this."""
+    s = report["sharding"]
+    return (s["split_cpu_seconds"] + s["merge_cpu_seconds"]
+            + max(r["timing"]["cpu_seconds"] for r in report["shards"]))
+
+
+def makespan(seconds: list[float], workers: int) -> float:
+    """Longest worker's load when each point goes to the least loaded worker, longest first."""
+    loads = [0.0] * workers
+    for t in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += t
+    return max(loads)
 
 
 def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[str, Any]:
@@ -66,30 +90,37 @@ def head(trace: Path, n: int, path: Path) -> Path:
 def never_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
     """Every packet in software (compute-bound): a head of the trace, serial against sharded."""
     part = head(trace, NEVER_PACKETS, work / "head.pcap")
+    cpu = time.process_time()
     serial = run_replay(part, CONFIG, offload="never", progress=False)["timing"]["wall_seconds"]
+    serial_cpu = time.process_time() - cpu
     with open_executor(workers, kind="processes") as pool:
         pool.submit(int, 0).result()
         r = run_sharded(part, CONFIG, workers=workers, pool=pool, offload="never",
                         progress=False)
     wall = r["timing"]["wall_seconds"]
+    path = critical_cpu(r)
     return {"packets": NEVER_PACKETS, "serial_s": serial, "sharded_s": wall,
-            "speedup": serial / wall, "split_s": r["sharding"]["split_seconds"]}
+            "speedup": serial / wall, "split_s": r["sharding"]["split_seconds"],
+            "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
+            "idle_speedup_estimate": serial_cpu / path}
 
 
 def sweep_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
     plan = plan_sweep([trace], load_config(CONFIG), [parse_vary(v) for v in SWEEP],
                       work / "sweep", offloads=["elephant"])
     start = time.perf_counter()
-    for run in plan.runs:
-        run_point(*run)
+    cpu = [run_point(*run)["cpu_seconds"] for run in plan.runs]
     one_by_one = time.perf_counter() - start
     with open_executor(workers, kind="processes") as pool:
         pool.submit(int, 0).result()  # the pool's processes exist before the clock starts
         start = time.perf_counter()
-        execute(plan, pool, progress=False)
+        rows = execute(plan, pool, progress=False)
         parallel = time.perf_counter() - start
+    span = makespan([r["cpu_seconds"] for r in rows], workers)
     return {"points": len(plan.runs), "one_after_another_s": one_by_one,
-            "parallel_s": parallel, "speedup": one_by_one / parallel}
+            "parallel_s": parallel, "speedup": one_by_one / parallel,
+            "one_after_another_cpu_s": sum(cpu), "parallel_makespan_cpu_s": span,
+            "idle_speedup_estimate": sum(cpu) / span}
 
 
 def startup(workers: int) -> dict[str, Any]:
@@ -127,8 +158,10 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
         serial_replay(trace, False, scratch)  # warm: page cache and compiled kernels
         for outputs in (False, True):
             label = "report + out + verdicts" if outputs else "report only"
-            serial = serial_replay(trace, outputs, scratch)["timing"]["wall_seconds"]
-            rows.append((f"replay serial ({label})", f"{serial:.2f} s", "baseline"))
+            timing = serial_replay(trace, outputs, scratch)["timing"]
+            serial, serial_cpu = timing["wall_seconds"], timing["cpu_seconds"]
+            rows.append((f"replay serial ({label})", f"{serial:.2f} s",
+                         f"baseline; {serial_cpu:.2f} s processor time"))
             kinds = ["processes"] + (["dask"] if dask_available() else [])
             for kind in kinds:
                 with open_executor(workers, kind=kind) as pool:
@@ -137,25 +170,34 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
                 s = r["sharding"]
                 wall = r["timing"]["wall_seconds"]
                 key = f"{kind}-{'outputs' if outputs else 'report'}"
+                path = critical_cpu(r)
                 results[key] = {"serial_s": serial, "sharded_s": wall, "speedup": serial / wall,
                                 "split_s": s["split_seconds"], "replay_s": s["replay_seconds"],
-                                "merge_s": s["merge_seconds"], "packets": s["packets"]}
+                                "merge_s": s["merge_seconds"], "packets": s["packets"],
+                                "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
+                                "idle_speedup_estimate": serial_cpu / path}
                 rows.append((f"replay --workers {workers} on {kind} ({label})",
                              f"{wall:.2f} s", f"{serial / wall:.2f}× serial (split "
                              f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, "
-                             f"merge {s['merge_seconds']:.2f} s)"))
+                             f"merge {s['merge_seconds']:.2f} s); processor time on the "
+                             f"critical path {path:.2f} s: {serial_cpu / path:.2f}× serial's"))
         never = never_figures(trace, workers, scratch)
         results["never"] = never
         rows.append((f"replay --offload never, first {NEVER_PACKETS:,} packets, serial",
                      f"{never['serial_s']:.2f} s", "baseline"))
         rows.append((f"the same, --workers {workers} on processes", f"{never['sharded_s']:.2f} s",
-                     f"{never['speedup']:.2f}× serial (split {never['split_s']:.2f} s)"))
+                     f"{never['speedup']:.2f}× serial (split {never['split_s']:.2f} s); "
+                     f"processor time on the critical path: "
+                     f"{never['idle_speedup_estimate']:.2f}× serial's"))
         sweep = sweep_figures(trace, workers, scratch)
     results["sweep"] = sweep
     rows.append((f"sweep, {sweep['points']} points, one after another",
                  f"{sweep['one_after_another_s']:.2f} s", "baseline"))
     rows.append((f"sweep, {sweep['points']} points on {workers} workers",
-                 f"{sweep['parallel_s']:.2f} s", f"{sweep['speedup']:.2f}× one after another"))
+                 f"{sweep['parallel_s']:.2f} s", f"{sweep['speedup']:.2f}× one after another; "
+                 f"processor time: {sweep['idle_speedup_estimate']:.2f}× (busiest worker's "
+                 f"{sweep['parallel_makespan_cpu_s']:.1f} s of "
+                 f"{sweep['one_after_another_cpu_s']:.1f} s)"))
     results["startup"] = startup(workers)
     for name, seconds in results["startup"].items():
         rows.append((f"start-up: {name.removesuffix('_s').replace('_', ' ')}",

@@ -76,7 +76,11 @@ def replay_shard(trace: str, config: dict[str, Any], options: dict[str, Any]) ->
     if options.get("pnic") == "process" and multiprocessing.current_process().daemon:
         raise ReplayError("--pnic process needs workers that may start processes: start the "
                           "Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
-    return run_replay(trace, parse_config(config, "<shard config>"), progress=False, **options)
+    cpu = time.process_time()
+    report = run_replay(trace, parse_config(config, "<shard config>"), progress=False,
+                        **options)
+    report["timing"]["cpu_seconds"] = round(time.process_time() - cpu, 6)
+    return report
 
 
 def run_sharded(
@@ -134,7 +138,9 @@ def run_sharded(
     try:
         n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
         status.show(f"splitting {os.path.basename(os.fspath(trace))} into {n} shards")
+        cpu = time.process_time()
         split = split_trace(trace, cfg, n, work)
+        split_cpu = time.process_time() - cpu
         caps = shard_capacities(total_capacity, n)
         base = to_dict(cfg)
         status.show(f"replaying {n} shards on {ex.kind}")
@@ -159,6 +165,7 @@ def run_sharded(
         replayed = time.perf_counter() - replayed
         status.show("merging the shards")
         merging = time.perf_counter()
+        cpu = time.process_time()
         index = [split.index(k) for k in range(n)]
         if need_rows:
             leaving = merge_verdicts(split.shard, [work / f"shard-{k}" / "verdicts.csv"
@@ -173,6 +180,7 @@ def run_sharded(
         if plot is not None:
             plot_inputs = merge_plot_data([work / f"shard-{k}" / "plot.json" for k in range(n)])
         merging = time.perf_counter() - merging
+        merge_cpu = time.process_time() - cpu
     finally:
         status.stop()
         for f in futures:  # a failed shard: the others are of no use
@@ -217,6 +225,9 @@ def run_sharded(
         "split_seconds": round(split.seconds, 6),
         "replay_seconds": round(replayed, 6),
         "merge_seconds": round(merging, 6),
+        # processor time of the serial parts (the shards' own is in shards[k].timing)
+        "split_cpu_seconds": round(split_cpu, 6),
+        "merge_cpu_seconds": round(merge_cpu, 6),
         "semantics": SEMANTICS,
     }
     result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",

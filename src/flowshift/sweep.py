@@ -31,10 +31,6 @@ from flowshift.verdict import RefuseReason, ReturnReason
 _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)")
 REFUSED = tuple(r.label for r in RefuseReason)
 RETURNED = tuple(r.label for r in ReturnReason)
-# measures of a run, in table order after the varied values (docs/scale.md)
-MEASURES = ("packets", "pnic_share_packets", "pnic_share_bytes", "software_packets_saved",
-            "offloads", "refused", "returned", "peak_first_cache", "peak_second_cache",
-            "held_packets", "dropped", "wall_seconds")
 PLOTTED = ("pnic_share_packets", "pnic_share_bytes", "offloads", "refused", "returned",
            "peak_second_cache", "held_packets", "wall_seconds")
 
@@ -117,8 +113,9 @@ def grid(varies: list[Vary]) -> list[dict[str, Any]]:
 
 def run_point(trace: str, config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """One replay of the grid, on a worker: its measures (a table row without the keys)."""
+    cpu = time.process_time()
     report = run_replay(trace, parse_config(config, "<sweep point>"), progress=False, **options)
-    return measures(report)
+    return {**measures(report), "cpu_seconds": round(time.process_time() - cpu, 6)}
 
 
 def measures(report: dict[str, Any]) -> dict[str, Any]:
