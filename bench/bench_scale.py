@@ -14,7 +14,8 @@ builds (generated once per work dir). Measures:
   compute-bound), serial against `--workers N`;
 - a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
   8 replays one after another in this process;
-- the start-up of each executor: a process pool's first task, a LocalCluster.
+- the start-up of each executor: opening it and a first small sharded replay (workers load
+  flowshift and its compiled kernels); the measured runs after it find the workers warm.
 
 Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
 critical path (split + slowest shard + merge; for a sweep, the busiest worker). On a machine
@@ -56,6 +57,28 @@ def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
     return report
 
 
+LABELS = {False: "report only", True: "report + out + verdicts"}
+
+
+def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str, str, str]],
+                label: str) -> dict[str, Any]:
+    s = r["sharding"]
+    wall, serial_s, serial_cpu = r["timing"]["wall_seconds"], serial["wall_seconds"], serial[
+        "cpu_seconds"]
+    path = critical_cpu(r)
+    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (split "
+                 f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, merge "
+                 f"{s['merge_seconds']:.2f} s); processor time on the critical path "
+                 f"{path:.2f} s: {serial_cpu / path:.2f}× serial's"))
+    return {"serial_s": serial_s, "sharded_s": wall, "speedup": serial_s / wall,
+            "split_s": s["split_seconds"], "split_cpu_s": s["split_cpu_seconds"],
+            "replay_s": s["replay_seconds"], "merge_s": s["merge_seconds"],
+            "merge_cpu_s": s["merge_cpu_seconds"], "packets": s["packets"],
+            "shard_cpu_s": [x["timing"]["cpu_seconds"] for x in r["shards"]],
+            "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
+            "idle_speedup_estimate": serial_cpu / path}
+
+
 def critical_cpu(report: dict[str, Any]) -> float:
     """Processor seconds on a sharded run's critical path: the split, the slowest shard, the
     merge. On an idle machine with a core per worker, the wall time tends to this."""
@@ -78,6 +101,17 @@ def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[st
                        progress=False, **kw)
 
 
+def head(trace: Path, n: int, path: Path) -> Path:
+    """The first n packets of a trace."""
+    from flowshift.packet.batch import read_batches
+    from flowshift.packet.pcap import PcapWriter
+
+    batch = next(read_batches(trace, n))
+    with PcapWriter(path) as w:
+        w.write_batch(batch.ts_ns, batch.buf, batch.offset, batch.caplen, batch.wire_len)
+    return path
+
+
 def mice_trace(work: Path) -> tuple[Path, dict[str, Any]]:
     """Many short connections and no elephants: a replay that is mostly software work."""
     path = work / f"mice-{MICE_FLOWS}.pcap"
@@ -90,16 +124,14 @@ def mice_trace(work: Path) -> tuple[Path, dict[str, Any]]:
     return path, json.loads(info_path.read_text())
 
 
-def mice_figures(work: Path, workers: int) -> dict[str, Any]:
+def mice_figures(work: Path, pool: Any) -> dict[str, Any]:
     """The compute-bound case: serial against sharded on the mice trace."""
     part, info = mice_trace(work)
     run_replay(part, CONFIG, progress=False)  # warm
     cpu = time.process_time()
     serial = run_replay(part, CONFIG, progress=False)["timing"]["wall_seconds"]
     serial_cpu = time.process_time() - cpu
-    with open_executor(workers, kind="processes") as pool:
-        pool.submit(int, 0).result()
-        r = run_sharded(part, CONFIG, workers=workers, pool=pool, progress=False)
+    r = run_sharded(part, CONFIG, workers=pool.workers, pool=pool, progress=False)
     wall = r["timing"]["wall_seconds"]
     path = critical_cpu(r)
     return {**info, "serial_s": serial, "sharded_s": wall, "speedup": serial / wall,
@@ -108,19 +140,17 @@ def mice_figures(work: Path, workers: int) -> dict[str, Any]:
             "idle_speedup_estimate": serial_cpu / path}
 
 
-def sweep_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
+def sweep_figures(trace: Path, pool: Any, work: Path) -> dict[str, Any]:
     plan = plan_sweep([trace], load_config(CONFIG), [parse_vary(v) for v in SWEEP],
                       work / "sweep", offloads=["elephant"])
     start = time.perf_counter()
     cpu = [run_point(*run)["cpu_seconds"] for run in plan.runs]
     one_by_one = time.perf_counter() - start
-    with open_executor(workers, kind="processes") as pool:
-        pool.submit(int, 0).result()  # the pool's processes exist before the clock starts
-        start = time.perf_counter()
-        rows = execute(plan, pool, progress=False)
-        parallel = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = execute(plan, pool, progress=False)
+    parallel = time.perf_counter() - start
     # each point costs what it cost alone: the schedule's bound on an idle machine
-    span = makespan(cpu, workers)
+    span = makespan(cpu, pool.workers)
     assert len(rows) == len(cpu)
     return {"points": len(plan.runs), "one_after_another_s": one_by_one,
             "parallel_s": parallel, "speedup": one_by_one / parallel,
@@ -128,16 +158,13 @@ def sweep_figures(trace: Path, workers: int, work: Path) -> dict[str, Any]:
             "idle_speedup_estimate": sum(cpu) / span}
 
 
-def startup(workers: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def started(kind: str, workers: int, tiny: Path) -> tuple[Any, float]:
+    """An executor and its cold start: opening it, then a first small sharded replay (the
+    workers load flowshift and its compiled kernels). Later runs find them warm."""
     start = time.perf_counter()
-    with open_executor(workers, kind="processes") as pool:
-        pool.submit(int, 0).result()
-        out["processes_s"] = time.perf_counter() - start
-    if dask_available():
-        with open_executor(workers, kind="dask") as local:
-            out["dask_local_cluster_s"] = local.startup_seconds
-    return out
+    pool = open_executor(workers, kind=kind)
+    run_sharded(tiny, CONFIG, workers=workers, pool=pool, progress=False)
+    return pool, time.perf_counter() - start
 
 
 @click.command()
@@ -158,56 +185,49 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
     info = json.loads(info_path.read_text())
     results: dict[str, Any] = {"machine": machine(), "trace": info, "workers": workers}
     rows: list[tuple[str, str, str]] = []
+    results["startup"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
+        tiny = head(trace, 2000, scratch / "tiny.pcap")
         serial_replay(trace, False, scratch)  # warm: page cache and compiled kernels
-        for outputs in (False, True):
-            label = "report + out + verdicts" if outputs else "report only"
-            timing = serial_replay(trace, outputs, scratch)["timing"]
-            serial, serial_cpu = timing["wall_seconds"], timing["cpu_seconds"]
-            rows.append((f"replay serial ({label})", f"{serial:.2f} s",
-                         f"baseline; {serial_cpu:.2f} s processor time"))
-            kinds = ["processes"] + (["dask"] if dask_available() else [])
-            for kind in kinds:
-                with open_executor(workers, kind=kind) as pool:
-                    pool.submit(int, 0).result()
-                    r = sharded_replay(trace, pool, outputs, scratch)
-                s = r["sharding"]
-                wall = r["timing"]["wall_seconds"]
-                key = f"{kind}-{'outputs' if outputs else 'report'}"
-                path = critical_cpu(r)
-                results[key] = {"serial_s": serial, "sharded_s": wall, "speedup": serial / wall,
-                                "split_s": s["split_seconds"], "replay_s": s["replay_seconds"],
-                                "merge_s": s["merge_seconds"], "packets": s["packets"],
-                                "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
-                                "idle_speedup_estimate": serial_cpu / path}
-                rows.append((f"replay --workers {workers} on {kind} ({label})",
-                             f"{wall:.2f} s", f"{serial / wall:.2f}× serial (split "
-                             f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, "
-                             f"merge {s['merge_seconds']:.2f} s); processor time on the "
-                             f"critical path {path:.2f} s: {serial_cpu / path:.2f}× serial's"))
-        mice = mice_figures(work, workers)
-        results["mice"] = mice
-        rows.append((f"replay, mice trace ({mice['packets']:,} packets, {MICE_FLOWS:,} flows), "
-                     "serial", f"{mice['serial_s']:.2f} s",
-                     f"baseline; {mice['serial_cpu_s']:.2f} s processor time"))
-        rows.append((f"the same, --workers {workers} on processes", f"{mice['sharded_s']:.2f} s",
-                     f"{mice['speedup']:.2f}× serial (split {mice['split_s']:.2f} s); "
-                     f"processor time on the critical path: "
-                     f"{mice['idle_speedup_estimate']:.2f}× serial's"))
-        sweep = sweep_figures(trace, workers, scratch)
-    results["sweep"] = sweep
-    rows.append((f"sweep, {sweep['points']} points, one after another",
-                 f"{sweep['one_after_another_s']:.2f} s", "baseline"))
-    rows.append((f"sweep, {sweep['points']} points on {workers} workers",
-                 f"{sweep['parallel_s']:.2f} s", f"{sweep['speedup']:.2f}× one after another; "
-                 f"processor time: {sweep['idle_speedup_estimate']:.2f}× (busiest worker's "
-                 f"{sweep['parallel_makespan_cpu_s']:.1f} s of "
-                 f"{sweep['one_after_another_cpu_s']:.1f} s)"))
-    results["startup"] = startup(workers)
-    for name, seconds in results["startup"].items():
-        rows.append((f"start-up: {name.removesuffix('_s').replace('_', ' ')}",
-                     f"{seconds:.2f} s", f"{workers} workers"))
+        serial = {out: serial_replay(trace, out, scratch)["timing"] for out in (False, True)}
+        for out, timing in serial.items():
+            rows.append((f"replay serial ({LABELS[out]})", f"{timing['wall_seconds']:.2f} s",
+                         f"baseline; {timing['cpu_seconds']:.2f} s processor time"))
+        # plain processes first: forked from this single-threaded process, they start warm
+        for kind in ["processes"] + (["dask"] if dask_available() else []):
+            pool, cold = started(kind, workers, tiny)
+            results["startup"][kind] = cold
+            try:
+                for out, timing in serial.items():
+                    r = sharded_replay(trace, pool, out, scratch)
+                    results[f"{kind}-{'outputs' if out else 'report'}"] = sharded_row(
+                        r, timing, rows, f"replay --workers {workers} on {kind} "
+                                         f"({LABELS[out]})")
+                if kind == "processes":
+                    results["mice"] = mice = mice_figures(work, pool)
+                    rows.append((f"replay, mice trace ({mice['packets']:,} packets, "
+                                 f"{MICE_FLOWS:,} flows), serial", f"{mice['serial_s']:.2f} s",
+                                 f"baseline; {mice['serial_cpu_s']:.2f} s processor time"))
+                    rows.append((f"the same, --workers {workers} on processes",
+                                 f"{mice['sharded_s']:.2f} s",
+                                 f"{mice['speedup']:.2f}× serial (split "
+                                 f"{mice['split_s']:.2f} s); processor time on the critical "
+                                 f"path: {mice['idle_speedup_estimate']:.2f}× serial's"))
+                    results["sweep"] = sweep = sweep_figures(trace, pool, scratch)
+                    rows.append((f"sweep, {sweep['points']} points, one after another",
+                                 f"{sweep['one_after_another_s']:.2f} s", "baseline"))
+                    rows.append((f"sweep, {sweep['points']} points on {workers} workers",
+                                 f"{sweep['parallel_s']:.2f} s",
+                                 f"{sweep['speedup']:.2f}× one after another; processor time: "
+                                 f"{sweep['idle_speedup_estimate']:.2f}× (busiest worker's "
+                                 f"{sweep['parallel_makespan_cpu_s']:.1f} s of "
+                                 f"{sweep['one_after_another_cpu_s']:.1f} s)"))
+            finally:
+                pool.close()
+    for kind, seconds in results["startup"].items():
+        rows.append((f"start-up: {kind}, to a first small replay", f"{seconds:.2f} s",
+                     f"{workers} workers"))
     m = results["machine"]
     table = Table(title=f"flowshift scale-out benchmark — {m['cpu']}, {m['cores']} cores, "
                         f"{m['memory']}, Python {m['python']}; trace {info['packets']:,} packets")
