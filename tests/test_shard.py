@@ -356,6 +356,20 @@ def test_demo_trace_as_shipped_differs_only_in_the_handoff_tier(
             assert (x[5], y[5]) == ("vnic", "machine") and x[:5] == y[:5]
 
 
+def test_timers_run_on_each_shards_clock(tmp_path: Path, pool: Any,
+                                        demo: tuple[Path, HostConfig]) -> None:
+    """Idle returns and reports: the sharded run is N independent hosts, each on its clock."""
+    trace, cfg = demo
+    data = to_dict(cfg)
+    for m in data["machine"]:
+        m["start"] = "vnic"
+    data["offload"].update(policy="always", idle_timeout=0.2, report_interval=0.05)
+    cfg = parse_config(data)
+    _, b = both(tmp_path, trace, cfg, pool)
+    assert b["offloads"]["returned"].get("idle", 0) > 0
+    assert rows_of(tmp_path / "b.csv") == independent(tmp_path, trace, cfg, 2)
+
+
 # -- the command line and the cluster ---------------------------------------------------------
 
 
