@@ -33,6 +33,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the report is built from the replay's counters by the replay: it sits below it
     "report": ("flowshift.report", "flowshift.plot"),
     "replay": ("flowshift.replay", "flowshift.output", "flowshift.gen", "flowshift.gen_gateway"),
+    # scale-out: shards of one replay, sweeps of many, on processes or a Dask cluster
+    "scale": ("flowshift.shard", "flowshift.shard_merge", "flowshift.shard_replay",
+              "flowshift.sweep", "flowshift.cluster"),
     # Linux itself: the config as nftables, a Linux router checked against the replay
     "linux": ("flowshift.nft", "flowshift.linux"),
     # the live runtime: namespaces, the VNIC daemon, the eBPF datapath

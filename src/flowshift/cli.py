@@ -19,6 +19,7 @@ COMMANDS = {
     "nft": "flowshift.commands.nft:nft_cmd",
     "verify": "flowshift.commands.verify:verify_cmd",
     "live": "flowshift.commands.live:live",
+    "sweep": "flowshift.commands.sweep:sweep",
 }
 
 

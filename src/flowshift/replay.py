@@ -122,18 +122,27 @@ def run_replay(
     dump_at: float | None = None,
     dump_path: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    origin_ns: int | None = None,
+    end_ns: int | None = None,
+    plot_data: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
     `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
 
     Every output is written under a temporary name beside it and renamed into place only
     when the whole replay completed (output.py): after any failure or an interrupt, the
-    previous run's files are as they were."""
+    previous run's files are as they were.
+
+    `origin_ns`/`end_ns`: the trace time of the first and the latest packet when `trace` is a
+    part of a larger trace (a shard, see shard.py): schedule times and verdict times count
+    from the origin, and actions past the end happen at the end, as in the whole trace.
+    `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts."""
     with AtomicOutputs() as files:
         return _replay(trace, config, files, out=out, verdicts=verdicts, report=report,
                        plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
                        capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
-                       dump_at=dump_at, dump_path=dump_path, progress=progress)
+                       dump_at=dump_at, dump_path=dump_path, progress=progress,
+                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data)
 
 
 def _replay(
@@ -154,6 +163,9 @@ def _replay(
     dump_at: float | None,
     dump_path: str | os.PathLike[str] | None,
     progress: bool,
+    origin_ns: int | None,
+    end_ns: int | None,
+    plot_data: str | os.PathLike[str] | None,
 ) -> dict[str, Any]:
     paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
              "dump-flows": dump_path}
@@ -199,7 +211,9 @@ def _replay(
         # for pcapng, whose interfaces may differ: docs/replay.md)
         linktype = first.linktype if first is not None else (
             reader.pcap_header.linktype if reader.pcap_header else 1)
-        run = _Run(cfg, pnic, first.ts_ns if first is not None else 0, linktype)
+        origin = origin_ns if origin_ns is not None else (
+            first.ts_ns if first is not None else 0)
+        run = _Run(cfg, pnic, origin, linktype)
         stack.callback(run.host.close)
         if out is not None:
             try:
@@ -215,7 +229,18 @@ def _replay(
         dump_temp = temps.get("dump-flows")
         fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_temp, bar)
         run.host.finish()
+        latest = run.last_ts
+        if end_ns is not None:
+            run.last_ts = max(run.last_ts, end_ns)
         for t, action in schedule[len(fired):]:  # past the end of the trace
+            at = run.first_ts + round(t * NS_PER_S)
+            if end_ns is not None and at <= end_ns:
+                # past this part's end but not the whole trace's: it happens as there
+                now = max(at, latest)
+                _act(run, action, dump_temp, now)
+                fired.append({"action": action, "at": t, "time": (now - run.first_ts) / NS_PER_S,
+                              "before_index": None})
+                continue
             entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS_PER_S,
                      "before_index": None}
             if action == "dump":
@@ -245,6 +270,14 @@ def _replay(
             write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
         except OSError as e:
             raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+    if plot_data is not None:
+        from json import dumps
+
+        Path(plot_data).write_text(dumps({
+            "bin_ns": run.tally.bin_ns,
+            "rate": [[b, tier, n] for (b, tier), n in run.tally.rate.items()],
+            "occupancy": run.host.stats.occupancy,
+            "events": [[t, kind] for t, kind, _ in run.host.stats.events]}), encoding="utf-8")
     if report is not None:
         from json import dumps
 
@@ -253,6 +286,15 @@ def _replay(
         except OSError as e:
             raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
     return result
+
+
+def _act(run: _Run, action: str, dump_path: str | os.PathLike[str] | None, now: int) -> None:
+    if action == "dump":
+        run.dump(dump_path, now)
+    elif action == "withdraw":
+        run.host.withdraw_pnic(now)
+    else:
+        run.host.crash_pnic(now)
 
 
 def _progress(enabled: bool, size: int, name: str) -> tuple[Progress, Any] | None:

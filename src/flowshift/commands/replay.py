@@ -12,11 +12,13 @@ from typing import Any
 import click
 from rich.console import Console
 
+from flowshift.cluster import KINDS, ClusterError
 from flowshift.config import ConfigError
 from flowshift.offload import POLICIES
 from flowshift.packet.pcap import TraceError
 from flowshift.replay import PNIC_MODES, ReplayError, run_replay
 from flowshift.report import summary_table
+from flowshift.shard import ShardError
 
 SECONDS = click.FloatRange(min=0, max=1e9)
 SCHEDULE_FLAGS = {"crash": "--pnic-crash-at", "withdraw": "--pnic-withdraw-at",
@@ -73,12 +75,23 @@ def fail(message: str) -> click.exceptions.Exit:
 @click.option("--dump-flows", type=click.Path(dir_okay=False, path_type=Path),
               metavar="FLOWS.txt", help="Where the flow dump goes, conntrack -L style.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--workers", type=click.IntRange(min=1), metavar="N",
+              help="Split the trace by outside endpoint over N worker processes "
+                   "(docs/scale.md).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Split the trace over the workers of this Dask scheduler (docs/scale.md).")
+@click.option("--executor", type=click.Choice(KINDS), default="auto", show_default=True,
+              help="Workers as plain processes or a local Dask cluster (auto: Dask when "
+                   "installed).")
+@click.option("--shard-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where shard traces go while they replay (shared storage for a cluster).")
 def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
            report: Path | None, plot: Path | None, plot_window: str | None,
            offload: str | None, pnic: str,
            pnic_capacity: int | None, pnic_crash_at: float | None,
            pnic_withdraw_at: float | None, dump_flows_at: float | None,
-           dump_flows: Path | None, quiet: bool) -> None:
+           dump_flows: Path | None, quiet: bool, workers: int | None, scheduler: str | None,
+           executor: str, shard_dir: Path | None) -> None:
     """Replay TRACE (pcap or pcapng) through the host that HOST.toml describes.
 
     Prints a summary; the files asked for are written as the trace goes. T is in seconds
@@ -96,14 +109,20 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
             raise click.BadParameter(str(e), param_hint="--plot-window") from None
     if offload != "never":
         warm_engine(None if quiet else Console())
+    options: dict[str, Any] = dict(
+        out=out, verdicts=verdicts, report=report, plot=plot, plot_window=window,
+        offload=offload, pnic=pnic, capacity=pnic_capacity, crash_at=pnic_crash_at,
+        withdraw_at=pnic_withdraw_at, dump_at=dump_flows_at, dump_path=dump_flows,
+        progress=not quiet)
     try:
-        result = run_replay(
-            trace, config, out=out, verdicts=verdicts, report=report, plot=plot,
-            plot_window=window,
-            offload=offload, pnic=pnic, capacity=pnic_capacity, crash_at=pnic_crash_at,
-            withdraw_at=pnic_withdraw_at, dump_at=dump_flows_at, dump_path=dump_flows,
-            progress=not quiet)
-    except (ConfigError, TraceError, ReplayError) as e:
+        if (workers or 1) > 1 or scheduler is not None:
+            from flowshift.shard_replay import run_sharded
+
+            result = run_sharded(trace, config, workers=workers, scheduler=scheduler,
+                                 executor=executor, shard_dir=shard_dir, **options)
+        else:
+            result = run_replay(trace, config, **options)
+    except (ConfigError, TraceError, ReplayError, ClusterError, ShardError) as e:
         raise fail(str(e)) from None
     if not quiet:
         Console().print(summary_table(result))

@@ -1,0 +1,245 @@
+"""Scale-out: a sharded replay and a sweep on local workers, each against its serial baseline
+measured in the same run, and the start-up time of the executors.
+
+    python bench/bench_scale.py [--flows N] [--workers N] [--workdir DIR] [--json PATH]
+
+Uses bench/offload-host.toml and the elephant-heavy gateway trace bench/bench_offload.py
+builds (generated once per work dir). Measures:
+
+- `replay --offload elephant` serial, then `--workers N` on plain processes and on a local
+  Dask cluster (started beforehand, its start-up reported apart); with the split, replay and
+  merge times of the sharded runs;
+- the same with `--out` and `--verdicts`, whose merge walks every packet;
+- a generated trace of 12,000 short connections and no elephant (mostly software work:
+  compute-bound), serial against `--workers N`;
+- a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
+  8 replays one after another in this process;
+- the start-up of each executor: opening it and a first small sharded replay (workers load
+  flowshift and its compiled kernels); the measured runs after it find the workers warm.
+
+Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
+critical path (split + slowest shard + merge; for a sweep, the busiest worker). On a machine
+shared with other work, wall-time ratios fall towards 1 or below while the processor-time
+ratio shows what an idle machine with a core per worker would approach (for a sweep: the
+points' processor times, alone, scheduled longest first on the workers).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from bench_offload import CONFIG, make_trace
+from common import machine
+from flowshift.cluster import dask_available, open_executor
+from flowshift.config import load_config
+from flowshift.gen import TraceSpec, generate
+from flowshift.replay import run_replay
+from flowshift.shard_replay import run_sharded
+from flowshift.sweep import execute, parse_vary, plan_sweep, run_point
+
+SWEEP = ("pnic.capacity=64,4096", "offload.elephant_packets=8,32,128,512")
+MICE_FLOWS = 12_000
+
+
+def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
+    kw: dict[str, Any] = {"out": work / "s.pcap", "verdicts": work / "s.csv"} if outputs else {}
+    cpu = time.process_time()
+    report = run_replay(trace, CONFIG, offload="elephant", progress=False, **kw)
+    report["timing"]["cpu_seconds"] = time.process_time() - cpu
+    return report
+
+
+LABELS = {False: "report only", True: "report + out + verdicts"}
+
+
+def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str, str, str]],
+                label: str) -> dict[str, Any]:
+    s = r["sharding"]
+    wall, serial_s, serial_cpu = r["timing"]["wall_seconds"], serial["wall_seconds"], serial[
+        "cpu_seconds"]
+    path = critical_cpu(r)
+    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (split "
+                 f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, merge "
+                 f"{s['merge_seconds']:.2f} s); processor time on the critical path "
+                 f"{path:.2f} s: {serial_cpu / path:.2f}× serial's"))
+    return {"serial_s": serial_s, "sharded_s": wall, "speedup": serial_s / wall,
+            "split_s": s["split_seconds"], "split_cpu_s": s["split_cpu_seconds"],
+            "replay_s": s["replay_seconds"], "merge_s": s["merge_seconds"],
+            "merge_cpu_s": s["merge_cpu_seconds"], "packets": s["packets"],
+            "shard_cpu_s": [x["timing"]["cpu_seconds"] for x in r["shards"]],
+            "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
+            "idle_speedup_estimate": serial_cpu / path}
+
+
+def critical_cpu(report: dict[str, Any]) -> float:
+    """Processor seconds on a sharded run's critical path: the split, the slowest shard, the
+    merge. On an idle machine with a core per worker, the wall time tends to this."""
+    s = report["sharding"]
+    return (s["split_cpu_seconds"] + s["merge_cpu_seconds"]
+            + max(r["timing"]["cpu_seconds"] for r in report["shards"]))
+
+
+def makespan(seconds: list[float], workers: int) -> float:
+    """Longest worker's load when each point goes to the least loaded worker, longest first."""
+    loads = [0.0] * workers
+    for t in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += t
+    return max(loads)
+
+
+def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[str, Any]:
+    kw: dict[str, Any] = {"out": work / "p.pcap", "verdicts": work / "p.csv"} if outputs else {}
+    return run_sharded(trace, CONFIG, workers=pool.workers, pool=pool, offload="elephant",
+                       progress=False, **kw)
+
+
+def head(trace: Path, n: int, path: Path) -> Path:
+    """The first n packets of a trace."""
+    from flowshift.packet.batch import read_batches
+    from flowshift.packet.pcap import PcapWriter
+
+    batch = next(read_batches(trace, n))
+    with PcapWriter(path) as w:
+        w.write_batch(batch.ts_ns, batch.buf, batch.offset, batch.caplen, batch.wire_len)
+    return path
+
+
+def mice_trace(work: Path) -> tuple[Path, dict[str, Any]]:
+    """Many short connections and no elephants: a replay that is mostly software work."""
+    path = work / f"mice-{MICE_FLOWS}.pcap"
+    info_path = path.with_suffix(".json")
+    if not path.exists() or not info_path.exists():
+        s = generate(TraceSpec(flows=MICE_FLOWS, duration_s=60, seed=12, elephants=0,
+                               elephant_share=0.5, udp_share=0.15, icmp_share=0.02,
+                               gateway=load_config(CONFIG)), path)
+        info_path.write_text(json.dumps({"packets": s.packets, "flows": s.flows}))
+    return path, json.loads(info_path.read_text())
+
+
+def mice_figures(work: Path, pool: Any) -> dict[str, Any]:
+    """The compute-bound case: serial against sharded on the mice trace."""
+    part, info = mice_trace(work)
+    run_replay(part, CONFIG, progress=False)  # warm
+    cpu = time.process_time()
+    serial = run_replay(part, CONFIG, progress=False)["timing"]["wall_seconds"]
+    serial_cpu = time.process_time() - cpu
+    r = run_sharded(part, CONFIG, workers=pool.workers, pool=pool, progress=False)
+    wall = r["timing"]["wall_seconds"]
+    path = critical_cpu(r)
+    return {**info, "serial_s": serial, "sharded_s": wall, "speedup": serial / wall,
+            "split_s": r["sharding"]["split_seconds"], "shard_packets": r["sharding"]["packets"],
+            "serial_cpu_s": serial_cpu, "critical_path_cpu_s": path,
+            "idle_speedup_estimate": serial_cpu / path}
+
+
+def sweep_figures(trace: Path, pool: Any, work: Path) -> dict[str, Any]:
+    plan = plan_sweep([trace], load_config(CONFIG), [parse_vary(v) for v in SWEEP],
+                      work / "sweep", offloads=["elephant"])
+    start = time.perf_counter()
+    cpu = [run_point(*run)["cpu_seconds"] for run in plan.runs]
+    one_by_one = time.perf_counter() - start
+    start = time.perf_counter()
+    rows = execute(plan, pool, progress=False)
+    parallel = time.perf_counter() - start
+    # each point costs what it cost alone: the schedule's bound on an idle machine
+    span = makespan(cpu, pool.workers)
+    assert len(rows) == len(cpu)
+    return {"points": len(plan.runs), "one_after_another_s": one_by_one,
+            "parallel_s": parallel, "speedup": one_by_one / parallel,
+            "one_after_another_cpu_s": sum(cpu), "parallel_makespan_cpu_s": span,
+            "idle_speedup_estimate": sum(cpu) / span}
+
+
+def started(kind: str, workers: int, tiny: Path) -> tuple[Any, float]:
+    """An executor and its cold start: opening it, then a first small sharded replay (the
+    workers load flowshift and its compiled kernels). Later runs find them warm."""
+    start = time.perf_counter()
+    pool = open_executor(workers, kind=kind)
+    run_sharded(tiny, CONFIG, workers=workers, pool=pool, progress=False)
+    return pool, time.perf_counter() - start
+
+
+@click.command()
+@click.option("--flows", default=1500, show_default=True, help="Flows of the generated trace.")
+@click.option("--workers", default=2, show_default=True, help="Workers of the parallel runs.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the generated trace here (reused when present).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None) -> None:
+    console = Console()
+    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trace = work / f"elephants-{flows}.pcap"
+    info_path = trace.with_suffix(".json")
+    if not trace.exists() or not info_path.exists():
+        console.print(f"generating {trace} ...")
+        info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
+    info = json.loads(info_path.read_text())
+    results: dict[str, Any] = {"machine": machine(), "trace": info, "workers": workers}
+    rows: list[tuple[str, str, str]] = []
+    results["startup"] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        tiny = head(trace, 2000, scratch / "tiny.pcap")
+        serial_replay(trace, False, scratch)  # warm: page cache and compiled kernels
+        serial = {out: serial_replay(trace, out, scratch)["timing"] for out in (False, True)}
+        for out, timing in serial.items():
+            rows.append((f"replay serial ({LABELS[out]})", f"{timing['wall_seconds']:.2f} s",
+                         f"baseline; {timing['cpu_seconds']:.2f} s processor time"))
+        # plain processes first: forked from this single-threaded process, they start warm
+        for kind in ["processes"] + (["dask"] if dask_available() else []):
+            pool, cold = started(kind, workers, tiny)
+            results["startup"][kind] = cold
+            try:
+                for out, timing in serial.items():
+                    r = sharded_replay(trace, pool, out, scratch)
+                    results[f"{kind}-{'outputs' if out else 'report'}"] = sharded_row(
+                        r, timing, rows, f"replay --workers {workers} on {kind} "
+                                         f"({LABELS[out]})")
+                if kind == "processes":
+                    results["mice"] = mice = mice_figures(work, pool)
+                    rows.append((f"replay, mice trace ({mice['packets']:,} packets, "
+                                 f"{MICE_FLOWS:,} flows), serial", f"{mice['serial_s']:.2f} s",
+                                 f"baseline; {mice['serial_cpu_s']:.2f} s processor time"))
+                    rows.append((f"the same, --workers {workers} on processes",
+                                 f"{mice['sharded_s']:.2f} s",
+                                 f"{mice['speedup']:.2f}× serial (split "
+                                 f"{mice['split_s']:.2f} s); processor time on the critical "
+                                 f"path: {mice['idle_speedup_estimate']:.2f}× serial's"))
+                    results["sweep"] = sweep = sweep_figures(trace, pool, scratch)
+                    rows.append((f"sweep, {sweep['points']} points, one after another",
+                                 f"{sweep['one_after_another_s']:.2f} s", "baseline"))
+                    rows.append((f"sweep, {sweep['points']} points on {workers} workers",
+                                 f"{sweep['parallel_s']:.2f} s",
+                                 f"{sweep['speedup']:.2f}× one after another; processor time: "
+                                 f"{sweep['idle_speedup_estimate']:.2f}× (busiest worker's "
+                                 f"{sweep['parallel_makespan_cpu_s']:.1f} s of "
+                                 f"{sweep['one_after_another_cpu_s']:.1f} s)"))
+            finally:
+                pool.close()
+    for kind, seconds in results["startup"].items():
+        rows.append((f"start-up: {kind}, to a first small replay", f"{seconds:.2f} s",
+                     f"{workers} workers"))
+    m = results["machine"]
+    table = Table(title=f"flowshift scale-out benchmark — {m['cpu']}, {m['cores']} cores, "
+                        f"{m['memory']}, Python {m['python']}; trace {info['packets']:,} packets")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("against")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

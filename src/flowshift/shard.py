@@ -1,0 +1,262 @@
+"""Splitting a trace into shards that replay independently: by the flow's outside endpoint.
+
+A packet's shard is a hash of its flow's outside endpoint: the destination of an egress packet,
+the source of an ingress one (machine and direction as the host classifies them), with the
+transport protocol and, for TCP and UDP, the outside port. Every packet of a flow has the same
+outside endpoint, and two flows can only collide on a NAT tuple (Linux's nf_nat_used_tuple:
+the same reply tuple) when they share it, so a flow and every flow it could collide with land
+in one shard. NAT never moves the outside port (SNAT moves the inside source, DNAT and the LB
+the inside destination); ICMP echo identifiers do move, so ICMP hashes the address alone.
+
+- An ICMP error follows the flow it quotes: the quoted datagram's outside endpoint (its
+  destination when the error comes in, its source when it goes out).
+- A non-first fragment follows the first fragment of its datagram (the same source,
+  destination, protocol and identification); one whose first fragment was not seen before it
+  hashes the outside address with port 0.
+- Packets of no machine, unparsed ones and non-IP frames go to shard 0: their verdicts depend
+  on no state.
+
+The common packets (a key the compiled PNIC parser reads whole) are hashed by a compiled
+kernel over each batch, with the engine's own parser and classifier; the rest (ICMP errors,
+fragments, IPv6 extension headers, parse errors) go through `parse()` and `Classifier`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from flowshift.config import HostConfig
+from flowshift.flow import EGRESS
+from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.parse import parse
+from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
+from flowshift.packet.view import Packet, ParseError
+from flowshift.tiers._pnic_batch import classify
+from flowshift.tiers._pnic_mem import kernel
+from flowshift.tiers._pnic_parse import (
+    F_DPORT,
+    F_DST_HI,
+    F_DST_LO,
+    F_PROTO,
+    F_SPORT,
+    F_SRC_HI,
+    F_SRC_LO,
+    FULL,
+    N_FIELDS,
+    parse_frame,
+)
+from flowshift.tiers.classify import Classifier
+from flowshift.tiers.pnic_engine import _compile_classifier, _words
+
+BATCH = 65536
+FRAGMENTS_MAX = 1 << 16  # datagrams whose first fragment's shard is remembered
+_PORTED = (6, 17)  # TCP, UDP: the outside port is part of the key
+_V6_EXT = {0: "hop", 43: "routing", 60: "dest", 51: "ah"}  # skipped when looking for 44
+_V6_FRAGMENT = 44
+
+
+class ShardError(Exception):
+    """A trace that cannot be split. One line."""
+
+
+@kernel(inline=True)
+def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
+    """splitmix64 over the endpoint words: the shard, the same in every process."""
+    x = np.uint64(hi) ^ (np.uint64(lo) * np.uint64(0x9E3779B97F4A7C15))
+    x ^= np.uint64((port << 8) | proto) * np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return int(x % np.uint64(n))
+
+
+@kernel()
+def _assign(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.ndarray,
+            linktype: np.ndarray, inside: np.ndarray, public: np.ndarray, n: int,
+            out: np.ndarray, f: np.ndarray) -> None:
+    """out[i]: the shard of frame i, or -1 when `parse()` must decide (not a plain key).
+    `f`: scratch for the parser's fields (the engine's kernels allocate nothing)."""
+    for i in range(len(offset)):
+        if parse_frame(buf, offset[i], caplen[i], wire_len[i], linktype[i], f) != FULL:
+            out[i] = -1
+            continue
+        m, d = classify(f, inside, public)
+        if m < 0:
+            out[i] = 0
+            continue
+        proto = f[F_PROTO]
+        if d == 0:  # egress: the destination is outside
+            hi, lo, port = f[F_DST_HI], f[F_DST_LO], f[F_DPORT]
+        else:
+            hi, lo, port = f[F_SRC_HI], f[F_SRC_LO], f[F_SPORT]
+        if proto != 6 and proto != 17:
+            port = 0
+        out[i] = _mix(hi, lo, port, proto, n)
+
+
+@numba.njit(cache=True)
+def _mix_py(hi: int, lo: int, port: int, proto: int, n: int) -> int:
+    """_mix, callable from Python (an inlined kernel is not)."""
+    return _mix(hi, lo, port, proto, n)  # type: ignore[no-any-return]
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >> 63 else v
+
+
+def endpoint_shard(addr: bytes, port: int, proto: int, n: int) -> int:
+    """The shard of an outside endpoint (what the kernel computes, for one packet)."""
+    hi, lo = _words(addr)
+    return int(_mix_py(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n))
+
+
+def _fragment_id(pkt: Packet) -> int:
+    """The identification of a fragment: IPv4's 16 bits, IPv6's fragment header's 32."""
+    data, l3 = pkt.data, pkt.l3
+    if pkt.family == 4:
+        return int.from_bytes(data[l3 + 4:l3 + 6], "big")
+    nxt, i = data[l3 + 6], l3 + 40
+    while nxt != _V6_FRAGMENT and nxt in _V6_EXT and i + 8 <= len(data):
+        step = (data[i + 1] + 2) * 4 if nxt == 51 else (data[i + 1] + 1) * 8
+        nxt, i = data[i], i + step
+    if nxt != _V6_FRAGMENT or i + 8 > len(data):
+        return -1
+    return int.from_bytes(data[i + 4:i + 8], "big")
+
+
+class Sharder:
+    """The shard of every frame, batch by batch, in input order (fragments need the order)."""
+
+    def __init__(self, config: HostConfig, n: int) -> None:
+        if n < 1:
+            raise ValueError(f"shards must be at least 1, not {n}")
+        self.n = n
+        self.classifier = Classifier(config.machines)
+        inside, public = _compile_classifier(self.classifier)
+        # the kernel wants 2-D arrays even when a config has no public addresses
+        self.inside = inside.reshape(-1, 6)
+        self.public = public.reshape(-1, 4)
+        self.fragments: dict[tuple[int, bytes, bytes, int, int], int] = {}
+
+    def assign(self, batch: Batch) -> np.ndarray:
+        out = np.empty(len(batch), np.int32)
+        if self.n == 1:
+            out[:] = 0
+            return out
+        _assign(batch.buf, batch.offset, batch.caplen.astype(np.int64),
+                batch.wire_len.astype(np.int64), batch.linktype.astype(np.int64),
+                self.inside, self.public, self.n, out, np.zeros(N_FIELDS, np.int64))
+        for i in np.flatnonzero(out < 0).tolist():
+            pkt = parse(bytearray(batch.frame(i)), int(batch.linktype[i]),
+                        int(batch.wire_len[i]))
+            out[i] = self.packet_shard(pkt)
+        return out
+
+    def packet_shard(self, pkt: Packet) -> int:
+        """The slow path: one parsed packet."""
+        if pkt.error not in (ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL):
+            return 0
+        m, direction = self.classifier.classify(pkt)
+        if m < 0:
+            return 0
+        egress = direction == EGRESS
+        inner = pkt.inner
+        if inner is not None:
+            # the quoted datagram went the other way: its outside end is the other address
+            if inner.error != ParseError.OK and inner.family == 0:
+                return 0
+            if egress:
+                return endpoint_shard(inner.src, inner.sport, inner.proto, self.n)
+            return endpoint_shard(inner.dst, inner.dport, inner.proto, self.n)
+        addr, port = (pkt.dst, pkt.dport) if egress else (pkt.src, pkt.sport)
+        if not pkt.frag:
+            return endpoint_shard(addr, port, pkt.proto, self.n)
+        key = (pkt.family, pkt.src, pkt.dst, pkt.proto, _fragment_id(pkt))
+        if pkt.frag_offset == 0:  # the first fragment carries the ports
+            shard = endpoint_shard(addr, port, pkt.proto, self.n)
+            if len(self.fragments) >= FRAGMENTS_MAX:
+                self.fragments.clear()
+            self.fragments[key] = shard
+            return shard
+        hit = self.fragments.get(key)
+        return hit if hit is not None else endpoint_shard(addr, 0, pkt.proto, self.n)
+
+
+@dataclass
+class Split:
+    """A trace split into shard traces, and where each input packet went."""
+
+    paths: list[Path]
+    shard: np.ndarray  # int32 per input packet: its shard
+    format: str
+    linktype: int
+    first_ts: int | None  # ns, the whole trace's first packet
+    last_ts: int | None  # ns, its latest packet
+    problem: str | None
+    seconds: float = 0.0
+    counts: list[int] = field(default_factory=list)
+
+    def index(self, k: int) -> np.ndarray:
+        """The input positions of shard k's packets, in its order."""
+        return np.flatnonzero(self.shard == k)
+
+
+def _batches(trace: str | os.PathLike[str]) -> Iterator[Batch]:
+    # reuse: each batch is written out before the one after next is read
+    yield from read_batches(trace, BATCH, reuse=True)
+
+
+def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
+                workdir: str | os.PathLike[str]) -> Split:
+    """Write shard k's packets to workdir/shard-k.pcap (timestamps and lengths kept)."""
+    import time
+
+    started = time.perf_counter()
+    with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
+        fmt = reader.format
+        first = next(iter(reader), None)
+        linktype = first.linktype if first is not None else (
+            reader.pcap_header.linktype if reader.pcap_header else 1)
+    sharder = Sharder(config, n)
+    paths = [Path(workdir) / f"shard-{k}.pcap" for k in range(n)]
+    parts: list[np.ndarray] = []
+    first_ts = last_ts = None
+    problem = None
+    with ExitStack() as stack:
+        writers = [stack.enter_context(PcapWriter(p, linktype=linktype)) for p in paths]
+        for batch in _batches(trace):
+            problem = batch.problem
+            if not len(batch):
+                continue
+            if np.any(batch.linktype != linktype):
+                raise ShardError(f"{os.fspath(trace)}: the trace mixes link types; a sharded "
+                                 "replay needs one (split it by interface first)")
+            if first_ts is None:
+                first_ts = int(batch.ts_ns[0])
+            top = int(batch.ts_ns.max())
+            last_ts = top if last_ts is None else max(last_ts, top)
+            shard = sharder.assign(batch)
+            parts.append(shard)
+            for k, w in enumerate(writers):
+                sel = np.flatnonzero(shard == k)
+                if len(sel):
+                    w.write_batch(batch.ts_ns[sel], batch.buf, batch.offset[sel],
+                                  batch.caplen[sel], batch.wire_len[sel])
+    shard_of = np.concatenate(parts) if parts else np.empty(0, np.int32)
+    if first_ts is not None and last_ts is not None:
+        last_ts = max(last_ts, first_ts)
+    return Split(paths, shard_of, fmt, linktype, first_ts, last_ts, problem,
+                 time.perf_counter() - started,
+                 np.bincount(shard_of, minlength=n).tolist())
+
+
+__all__ = ["ShardError", "Sharder", "Split", "TraceError", "endpoint_shard", "split_trace"]
