@@ -64,7 +64,8 @@ class Host:
             proc.kill()
             pytest.fail(f"{args[0]} in {where} not ready within {WAIT} s")
         line = proc.stdout.readline()
-        assert line and json.loads(line) == {"ready": True}, proc.stderr.read() if not line else line
+        assert line, proc.stderr.read()
+        assert json.loads(line) == {"ready": True}, line
         return proc
 
     def run(self, where: str, *args: str) -> Any:
