@@ -123,13 +123,17 @@ def status(as_json: bool) -> None:
 
 @live.command("handoff")
 @click.argument("machine")
-def handoff(machine: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def handoff(machine: str, as_json: bool) -> None:
     """Hand MACHINE's chain and flows from its Linux namespace over to its VNIC."""
     reply = _ask(_names(), ctl.HandoffRequest(machine), timeout=60.0)
     if isinstance(reply, ctl.Failed):
         _fail(LiveError(reply.error))
         return
     assert isinstance(reply, ctl.HandoffDone)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return
     click.echo(f"handoff of {reply.machine}: {reply.flows} flows now at tier vnic "
                f"({reply.seconds * 1000:.1f} ms), {reply.flushed} flushed from the guest"
                + (f", LB slots {reply.lb_state}" if reply.lb_state else ""))

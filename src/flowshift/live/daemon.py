@@ -255,7 +255,8 @@ class Daemon:
         log.info("handoff of %s: %d flows in %.3f s, %d flushed from the guest", name,
                  done.flows, done.seconds, done.flushed)
         return ctl.HandoffDone(name, done.flows, done.flushed, done.lb_state,
-                               round(done.seconds, 6))
+                               round(done.seconds, 6),
+                               {k: round(v, 6) for k, v in done.phases.items()})
 
     def flows(self) -> ctl.Flows:
         now = time.monotonic_ns()

@@ -13,10 +13,8 @@ import json
 import socket
 import subprocess
 from collections.abc import Iterable
-from typing import Any
 
 from pyroute2 import netns  # type: ignore[import-untyped]
-from pyroute2.conntrack import NFCTAttrTuple  # type: ignore[import-untyped]
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket  # type: ignore[import-untyped]
 
 from flowshift.live.ctimport import CtEntry, from_nfct
@@ -146,33 +144,14 @@ class Conntrack:
                     out.append(ct)
         return out
 
-    def delete(self, entries: Iterable[CtEntry]) -> int:
-        """Delete these conntracks (by original tuple); those already gone are skipped."""
-        n = 0
-        for ct in entries:
-            s = self.socks[0 if ct.family == 4 else 1]
-            t = _attr_tuple(ct)
-            try:
-                s.entry("del", tuple_orig=t)
-                n += 1
-            except Exception as err:  # ENOENT: it expired meanwhile
-                if getattr(err, "code", None) != 2:
-                    raise
-        return n
+    def flush(self) -> None:
+        """Delete every conntrack of the namespace, IPv4 and IPv6, one request each."""
+        for s in self.socks:
+            s.flush()
 
     def close(self) -> None:
         for s in self.socks:
             s.close()
-
-
-def _attr_tuple(ct: CtEntry) -> Any:
-    fam = socket.AF_INET if ct.family == 4 else socket.AF_INET6
-    src, dst, sport, dport = ct.original
-    if ct.proto in (1, 58):
-        return NFCTAttrTuple(family=fam, saddr=src, daddr=dst, proto=ct.proto, icmp_id=sport,
-                             icmp_type=8 if ct.proto == 1 else 128, icmp_code=0)
-    return NFCTAttrTuple(family=fam, saddr=src, daddr=dst, proto=ct.proto, sport=sport,
-                         dport=dport)
 
 
 __all__ = ["Conntrack", "apply", "lb_slots", "ruleset", "withdraw"]
