@@ -34,7 +34,7 @@ from flowshift.live.engine import (
     flow_line,
     parse_config,
 )
-from flowshift.live.names import LiveError, Names
+from flowshift.live.names import Names
 from flowshift.live.pipeline import Pipeline, Wiring, mac_bytes
 from flowshift.live.source import AfPacketPorts, PacketSource
 from flowshift.live.state import LiveState, load_path
@@ -232,7 +232,7 @@ class Daemon:
             try:
                 wanted = any(self.policy.wants(f)
                              for f in self._guest_flows(m, time.monotonic_ns()))
-            except OSError as err:
+            except Exception as err:  # a netlink error: look again at the next tick
                 log.warning("conntrack of %s: %s", self.pipeline.names[m], err)
                 continue
             if wanted:
@@ -248,8 +248,8 @@ class Daemon:
             return ctl.Failed(f"machine {name!r} is at tier {p.tier(m)}: nothing to hand over")
         try:
             done = handoff.run(self.config, m, self.names.machine(name), self.guests[m], p)
-        except (LiveError, OSError, ValueError) as err:
-            log.warning("handoff of %s failed: %s", name, err)
+        except Exception as err:  # netlink, nft, a bad entry: the guest keeps its flows
+            log.exception("handoff of %s failed", name)
             return ctl.Failed(f"handoff of {name} failed: {err}")
         self.guests.pop(m).close()
         log.info("handoff of %s: %d flows in %.3f s, %d flushed from the guest", name,
