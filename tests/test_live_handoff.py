@@ -9,6 +9,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flowshift.config import load_config
 from flowshift.entry import Service, Status, Tier
 from flowshift.live import handoff
@@ -178,3 +181,31 @@ def test_the_vnic_owns_the_handed_flows_and_translates_where_the_guest_stopped()
     # past the drain, a machine sending from its public address is nobody's: dropped
     spoof = _ack("203.0.113.1", "198.51.100.2", 21000, 5001, 1300)
     assert p.frame(GW, spoof, NOW + 10 * SECOND) == -1
+
+
+_ports = st.integers(0, 65535)
+_v4 = st.ip_addresses(v=4).map(str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(orig=st.tuples(_v4, _v4, _ports, _ports), reply=st.tuples(_v4, _v4, _ports, _ports),
+       status=st.integers(0, 0xFFFF), proto=st.sampled_from([6, 17]),
+       state=st.integers(0, 9), wscale=st.tuples(st.integers(0, 255), st.integers(0, 255)),
+       flags=st.tuples(st.integers(0, 255), st.integers(0, 255)),
+       timeout=st.integers(0, 1 << 31), counts=st.tuples(*[st.integers(0, 1 << 40)] * 4))
+def test_any_conntrack_converts_to_an_entry_the_layout_keeps(orig, reply, status, proto, state,
+                                                            wscale, flags, timeout, counts):
+    ct = CtEntry(4, proto, orig, reply, status, timeout, state, wscale, flags,
+                 counts[:2], counts[2:])
+    flow = to_flow(ct, GW, CHAIN, NOW)
+    r = flow.reply_key
+    assert (r.src, r.dst, r.sport, r.dport) == (a(reply[0]), a(reply[1]), reply[2], reply[3])
+    mirrored = (orig[0], orig[1], orig[2], orig[3]) == (reply[1], reply[0], reply[3], reply[2])
+    assert bool(flow.status & Status.NAT) is not mirrored
+    assert bool(flow.status & Status.ASSURED) is bool(status & IPS_ASSURED)
+    assert type(flow).from_bytes(flow.to_bytes()) == flow
+    if proto == 6:
+        assert flow.tcp is not None and flow.tcp.state == state
+        for d, scale in zip(flow.tcp.seen, wscale, strict=True):
+            assert d.scale == min(scale, ct_tcp.TCP_MAX_WSCALE) and d.maxwin == 0
+            assert d.flags & ct_tcp.TCP_FLAG_BE_LIBERAL
