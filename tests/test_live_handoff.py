@@ -104,16 +104,15 @@ def test_an_icmp_echo_conntrack_keys_by_identifier():
 
 
 class Nla:
-    """A stand-in for pyroute2's nested netlink attributes: get_attr by name."""
+    """A stand-in for pyroute2's decoded netlink messages and nested attributes: `["attrs"]` is
+    the list of (name, value) pairs; other keys are header fields (`nfgen_family`)."""
 
-    def __init__(self, **attrs: Any) -> None:
+    def __init__(self, header: dict[str, Any] | None = None, **attrs: Any) -> None:
+        self.header = header or {}
         self.attrs = attrs
 
-    def get_attr(self, name: str) -> Any:
-        return self.attrs.get(name)
-
     def __getitem__(self, name: str) -> Any:
-        return self.attrs[name]
+        return list(self.attrs.items()) if name == "attrs" else self.header[name]
 
 
 def _tuple(src: str, dst: str, proto: int, sport: int, dport: int) -> Nla:
@@ -124,7 +123,7 @@ def _tuple(src: str, dst: str, proto: int, sport: int, dport: int) -> Nla:
 
 def test_a_ctnetlink_message_reads_into_the_entry_conntrack_l_shows():
     msg = Nla(
-        nfgen_family=socket.AF_INET,
+        {"nfgen_family": socket.AF_INET},
         CTA_TUPLE_ORIG=_tuple("10.0.0.1", "198.51.100.2", 6, 40000, 5001),
         CTA_TUPLE_REPLY=_tuple("198.51.100.2", "203.0.113.1", 6, 5001, 21000),
         CTA_STATUS=SNAT_TCP.status, CTA_TIMEOUT=431999,
@@ -136,7 +135,8 @@ def test_a_ctnetlink_message_reads_into_the_entry_conntrack_l_shows():
         CTA_COUNTERS_ORIG=Nla(CTA_COUNTERS_PACKETS=72, CTA_COUNTERS_BYTES=103752),
         CTA_COUNTERS_REPLY=Nla(CTA_COUNTERS_PACKETS=32, CTA_COUNTERS_BYTES=1672))
     assert from_nfct(msg) == SNAT_TCP
-    gre = Nla(nfgen_family=socket.AF_INET, CTA_TUPLE_ORIG=_tuple("10.0.0.1", "1.2.3.4", 47, 0, 0))
+    gre = Nla({"nfgen_family": socket.AF_INET},
+              CTA_TUPLE_ORIG=_tuple("10.0.0.1", "1.2.3.4", 47, 0, 0))
     assert from_nfct(gre) is None  # no flow entry holds it: the VNIC never sees one
 
 
