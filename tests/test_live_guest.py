@@ -204,3 +204,15 @@ def test_the_policy_hands_the_machine_over_at_its_first_elephant(tmp_path: Path)
         go(sender)
         sent, got = finish(sender), finish(sink)
         assert got["bytes"] == MB and got["sha256"] == sent["sha256"]
+
+
+def test_round_robin_goes_on_at_the_vnic_where_the_guest_left_it(guest: Host):
+    track(guest, guest.start("inside:lb", "names", "10.2.0.11:8080,10.2.0.12:8080", "3"))
+    first = guest.run("wire", "fetch", "198.51.100.10", "80", "1")["answers"]
+    assert first == ["10.2.0.11:8080"]  # the guest's numgen: slot 0
+    assert set(guest.flows("lb").values()) == {"machine"}
+    done = guest.json("handoff", "lb")
+    assert done["lb_state"] == [1] and done["flows"] >= 1
+    # the VNIC's cycle continues at slot 1, then wraps
+    answers = guest.run("wire", "fetch", "198.51.100.10", "80", "2")["answers"]
+    assert answers == ["10.2.0.12:8080", "10.2.0.11:8080"]
