@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,3 +210,23 @@ def test_any_conntrack_converts_to_an_entry_the_layout_keeps(orig, reply, status
         for d, scale in zip(flow.tcp.seen, wscale, strict=True):
             assert d.scale == min(scale, ct_tcp.TCP_MAX_WSCALE) and d.maxwin == 0
             assert d.flags & ct_tcp.TCP_FLAG_BE_LIBERAL
+
+
+class FailingConntrack:
+    def dump(self) -> list[CtEntry]:
+        raise OSError("ctnetlink: no buffer space")
+
+    def flush(self) -> None:
+        raise AssertionError("nothing was handed: nothing to flush")
+
+
+def test_a_handoff_that_fails_puts_the_ruleset_back_and_leaves_the_guest_owner(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(handoff.guest, "lb_slots", lambda cfg, m, ns: [])
+    monkeypatch.setattr(handoff.guest, "withdraw", lambda cfg, m, ns: calls.append("withdraw"))
+    monkeypatch.setattr(handoff.guest, "apply", lambda cfg, m, ns: calls.append("apply") or [])
+    p = _pipeline()
+    with pytest.raises(OSError, match="no buffer space"):
+        handoff.run(load_config(GUEST), GW, "fs-m-gw-x", FailingConntrack(), p)  # type: ignore[arg-type]
+    assert calls == ["withdraw", "apply"]
+    assert p.tier(GW) == "machine" and p.first_cache() == 0
