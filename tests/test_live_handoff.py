@@ -230,3 +230,16 @@ def test_a_handoff_that_fails_puts_the_ruleset_back_and_leaves_the_guest_owner(m
         handoff.run(load_config(GUEST), GW, "fs-m-gw-x", FailingConntrack(), p)  # type: ignore[arg-type]
     assert calls == ["withdraw", "apply"]
     assert p.tier(GW) == "machine" and p.first_cache() == 0
+
+
+def test_a_guest_passes_only_frames_from_its_own_addresses():
+    p = _pipeline()
+    ours = _ack("10.0.0.1", "198.51.100.2", 40000, 5001, 1)  # not translated: no rule for it
+    assert p.frame(GW, ours, NOW) == UP
+    spoof = _ack("10.2.0.11", "198.51.100.2", 8080, 5001, 1)  # the lb machine's backend
+    assert p.frame(GW, spoof, NOW) == -1
+    foreign = _ack("192.0.2.7", "198.51.100.2", 1, 5001, 1)
+    assert p.frame(GW, foreign, NOW) == -1
+    v = p.counters.verdicts()
+    assert v[("lb", "egress", "drop", "wrong-port")] == 1
+    assert v[("", "", "bypass", "no-machine")] == 1

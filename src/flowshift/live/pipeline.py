@@ -119,10 +119,16 @@ class Pipeline:
             self._count(-1, -1, verdict, PARSE_BASE + err, -1)
             return -1
         uplink = self.wiring.uplink
-        if 0 <= port < uplink and (self.machine_tier[port] or (
-                now < self.drain_until[port] and self._judged_by_guest(port, pkt))):
-            return self._pass(port, EGRESS, data, uplink)
         m, direction = self.classifier.classify(pkt)
+        if 0 <= port < uplink:
+            if self.machine_tier[port]:
+                # the guest judged it: pass it if its source is the machine's (inside, or a
+                # public address the guest translated to); the rest is dropped as below
+                if (m == port and direction == EGRESS) or self.classifier.public.get(
+                        pkt.src, -1) == port:
+                    return self._pass(port, EGRESS, data, uplink)
+            elif now < self.drain_until[port] and self._judged_by_guest(port, pkt):
+                return self._pass(port, EGRESS, data, uplink)
         if m < 0:
             self._count(-1, -1, _BYPASS, _NO_MACHINE, -1)
             return -1
