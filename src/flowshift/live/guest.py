@@ -41,10 +41,11 @@ def ruleset(cfg: HostConfig, m: int) -> str:
     return render(cfg, [m], {m: Ports(MACHINE_SIDE, WIRE_SIDE)}).text
 
 
-def _nft(ns: str, script: str, *args: str) -> str:
+def _nft(ns: str, args: list[str], script: str = "") -> str:
+    """Run nft inside the namespace (setns in the child before exec); its stdout."""
     try:
         done = subprocess.run(
-            ["nft", *args, "-f", "-"], input=script, text=True, capture_output=True,
+            ["nft", *args], input=script, text=True, capture_output=True,
             timeout=NFT_TIMEOUT, preexec_fn=lambda: netns.setns(ns, flags=0))
     except FileNotFoundError:
         raise LiveError("nft not found: install nftables") from None
@@ -58,14 +59,12 @@ def apply(cfg: HostConfig, m: int, ns: str) -> list[str]:
     """Load machine m's ruleset into its namespace and set the router's sysctls (the ruleset
     first: it loads conntrack, whose sysctls exist only then). Returns the sysctls a namespace
     may not set (skipped)."""
-    _nft(ns, ruleset(cfg, m))
+    _nft(ns, ["-f", "-"], ruleset(cfg, m))
     values = dict(ROUTER_SYSCTLS)
-    for line in sysctl_lines(cfg, [m]):
+    for line in sysctl_lines(cfg, [m]):  # forwarding, conntrack as flowshift models it
         if not line.startswith("#"):
             name, _, value = line.partition(" = ")
-            values.setdefault(name, value)
-            if name.startswith("net.netfilter."):
-                values[name] = value
+            values[name] = value
     values["net.netfilter.nf_conntrack_acct"] = "1"
     return _sysctls(ns, values.items())
 
@@ -92,7 +91,7 @@ def lb_slots(cfg: HostConfig, m: int, ns: str) -> list[int]:
     machine = cfg.machines[m]
     if not machine.lb or "lb" not in machine.services:
         return []
-    listing = json.loads(_list(ns, table_name(machine)))
+    listing = json.loads(_nft(ns, ["-j", "list", "table", "inet", table_name(machine)]))
     drawn: dict[str, int] = {}
     for item in listing.get("nftables", []):
         rule = item.get("rule")
@@ -109,22 +108,10 @@ def lb_slots(cfg: HostConfig, m: int, ns: str) -> list[int]:
     return slots
 
 
-def _list(ns: str, table: str) -> str:
-    try:
-        done = subprocess.run(
-            ["nft", "-j", "list", "table", "inet", table], text=True, capture_output=True,
-            timeout=NFT_TIMEOUT, preexec_fn=lambda: netns.setns(ns, flags=0))
-    except FileNotFoundError:
-        raise LiveError("nft not found: install nftables") from None
-    if done.returncode != 0:
-        raise LiveError(f"nft in {ns}: {done.stderr.strip()}")
-    return done.stdout
-
-
 def withdraw(cfg: HostConfig, m: int, ns: str) -> None:
     """Remove machine m's table in one nft transaction. When nft returns, no packet is inside
     the old hooks any more (the kernel waits for them when it unregisters a hook)."""
-    _nft(ns, f"delete table inet {table_name(cfg.machines[m])}\n")
+    _nft(ns, ["delete", "table", "inet", table_name(cfg.machines[m])])
 
 
 class Conntrack:
