@@ -96,7 +96,7 @@ class HandoffDone(msgspec.Struct, tag=True):
     flows: int  # entries the VNIC imported
     flushed: int  # of them deleted from the guest's conntrack table afterwards
     lb_state: list[int]
-    seconds: float  # the daemon's time from the first step to the import
+    seconds: float  # the daemon's time from the first step to the flush (it forwarded nothing)
     phases: dict[str, float] = {}  # seconds per step: withdraw, dump, import, flush
 
 

@@ -38,7 +38,7 @@ class Result:
     flows: int
     flushed: int  # entries deleted from the guest's table
     lb_state: list[int]
-    seconds: float  # from the first step to the import: the VNIC forwarded nothing meanwhile
+    seconds: float  # from the first step to the flush: the VNIC forwarded nothing meanwhile
     phases: dict[str, float]  # seconds of each step: withdraw (with the LB read), dump,
     # import (convert, frame, decode, import), flush
 
@@ -100,7 +100,7 @@ def run(cfg: HostConfig, m: int, ns: str, conntrack: guest.Conntrack,
     conntrack.flush()
     t4 = time.monotonic()
     phases = {"withdraw": t1 - t0, "dump": t2 - t1, "import": t3 - t2, "flush": t4 - t3}
-    return Result(n, len(entries), lb_state, t3 - t0, phases)
+    return Result(n, len(entries), lb_state, t4 - t0, phases)
 
 
 __all__ = ["Result", "flows_of", "machine_message", "run", "vnic_receive"]
