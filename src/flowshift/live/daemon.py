@@ -41,6 +41,7 @@ from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
 
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired flows
+RETRY_HANDOFF = 10.0  # seconds before the policy tries again a handoff that failed
 TICK = 1.0  # seconds between reads of the sockets' drop counters and checks of the state file
 SECOND = 1_000_000_000
 log = logging.getLogger("flowshift.live.daemon")
@@ -64,6 +65,7 @@ class Daemon:
         self.sel = selectors.DefaultSelector()
         self.policy = OffloadPolicy(self.config.offload, self.config.pnic)
         self.guests: dict[int, guest.Conntrack] = {}  # machine-tier machines' ctnetlink
+        self.retry_at: dict[int, float] = {}  # machine -> when the policy may try again
 
     def port_rows(self) -> list[ctl.PortRow]:
         """Per port: frames lost to a full receive buffer, frames the kernel would not send
@@ -229,6 +231,8 @@ class Daemon:
         if self.policy.name == "never":
             return
         for m in list(self.guests):
+            if time.monotonic() < self.retry_at.get(m, 0.0):
+                continue
             try:
                 wanted = any(self.policy.wants(f)
                              for f in self._guest_flows(m, time.monotonic_ns()))
@@ -237,7 +241,8 @@ class Daemon:
                 continue
             if wanted:
                 log.info("policy %s: %s hands over", self.policy.name, self.pipeline.names[m])
-                self.handoff(self.pipeline.names[m])
+                if isinstance(self.handoff(self.pipeline.names[m]), ctl.Failed):
+                    self.retry_at[m] = time.monotonic() + RETRY_HANDOFF
 
     def handoff(self, name: str) -> ctl.Reply:
         p = self.pipeline
