@@ -12,6 +12,13 @@ socket is made), read one JSON line from each and bound every wait with a timeou
 - fetch ADDR PORT COUNT: COUNT sequential connections; print the answers, or the error.
 - probe ADDR PORT TIMEOUT: one connection attempt; print {"connected": bool, "error": text}.
 - inject IFNAME HEX: send one raw frame out of the interface; print {"sent": n}.
+- halfsend ADDR PORT NBYTES: as send, but after the first half it prints {"ready": true} and
+  waits for a line on stdin before it sends the rest (a handoff happens in between).
+- udpecho ADDR PORT: echo every datagram back until one says b"end"; print {"received": n,
+  "sha256": h} of the distinct datagrams in sequence order.
+- udpstream ADDR PORT COUNT: COUNT numbered datagrams, each sent until its echo came back
+  (resent every 0.2 s); after half of them print {"ready": true} and wait for a line on stdin;
+  print {"sha256": h, "resent": n}.
 - capture IFNAME in|out PORT: record the TCP segments with data to or from PORT that the
   interface receives (in) or sends (out), until a FIN has passed and the link is quiet; print
   {"segments": [[seq, length], ...], "dropped": frames the capture itself lost}.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import select
 import selectors
 import socket
 import struct
@@ -157,8 +165,79 @@ def inject(ifname: str, hexframe: str) -> None:
         out({"sent": s.send(bytes.fromhex(hexframe))})
 
 
+def _wait_stdin() -> None:
+    ready, _, _ = select.select([sys.stdin], [], [], TIMEOUT)
+    if not ready or not sys.stdin.readline():
+        raise SystemExit("no go on stdin")
+
+
+def halfsend(addr: str, port: str, nbytes: str) -> None:
+    data = random.Random(int(port)).randbytes(int(nbytes))
+    half = len(data) // 2
+    with socket.create_connection((addr, int(port)), timeout=TIMEOUT) as s:
+        s.sendall(data[:half])
+        out({"ready": True})
+        _wait_stdin()
+        s.sendall(data[half:])
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(1024):
+            answer += chunk
+    out({"sha256": hashlib.sha256(data).hexdigest(), "answer": answer.decode()})
+
+
+def _datagram(i: int) -> bytes:
+    return struct.pack("!I", i) + random.Random(i).randbytes(500)
+
+
+def udpecho(addr: str, port: str) -> None:
+    with socket.socket(family(addr), socket.SOCK_DGRAM) as s:
+        s.bind((addr, int(port)))
+        s.settimeout(TIMEOUT)
+        out({"ready": True})
+        got: dict[int, bytes] = {}
+        while True:
+            data, peer = s.recvfrom(2048)
+            s.sendto(data, peer)
+            if data == b"end":
+                break
+            got[struct.unpack_from("!I", data)[0]] = data
+    h = hashlib.sha256()
+    for i in sorted(got):
+        h.update(got[i])
+    out({"received": len(got), "sha256": h.hexdigest(), "peer": list(peer[:2])})
+
+
+def udpstream(addr: str, port: str, count: str) -> None:
+    n, resent = int(count), 0
+    h = hashlib.sha256()
+    deadline = time.monotonic() + TIMEOUT
+    with socket.socket(family(addr), socket.SOCK_DGRAM) as s:
+        s.connect((addr, int(port)))
+        s.settimeout(0.2)
+        for i in [*range(n), -1]:
+            if i == n // 2:
+                out({"ready": True})
+                _wait_stdin()
+            data = b"end" if i < 0 else _datagram(i)
+            while time.monotonic() < deadline:
+                s.send(data)
+                try:
+                    if s.recv(2048) == data:
+                        break
+                except TimeoutError:
+                    pass
+                resent += 1
+            else:
+                raise SystemExit(f"datagram {i}: no echo")
+            if i >= 0:
+                h.update(data)
+    out({"sha256": h.hexdigest(), "resent": resent})
+
+
 ROLES = {"sink": sink, "send": send, "names": names, "fetch": fetch, "probe": probe,
-         "capture": capture, "inject": inject}
+         "capture": capture, "inject": inject, "halfsend": halfsend, "udpecho": udpecho,
+         "udpstream": udpstream}
 
 if __name__ == "__main__":
     netns.setns(sys.argv[1], flags=0)

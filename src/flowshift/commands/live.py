@@ -1,7 +1,7 @@
 """`flowshift live`: a real host on Linux, its machines in network namespaces, its VNIC a daemon.
 
 `up HOST.toml` builds the host and starts the VNIC daemon, `down` removes everything `up` made,
-`status` and `flows` ask the daemon. See docs/live.md.
+`status`, `flows` and `handoff` ask the daemon. See docs/live.md.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def _names() -> Names:
         raise  # unreachable: _fail exits
 
 
-def _ask(names: Names, request: ctl.Request) -> ctl.Reply:
+def _ask(names: Names, request: ctl.Request, timeout: float = 5.0) -> ctl.Reply:
     try:
         state = st.load(names)
         if not lifecycle.daemon_running(state.pid, names):
             raise LiveError(f"the VNIC daemon (pid {state.pid}) is not running: "
                             "`flowshift live down` cleans up")
-        return ctl.request(names.control, request)
+        return ctl.request(names.control, request, timeout)
     except (LiveError, ctl.ControlError) as err:
         _fail(err)
         raise
@@ -108,6 +108,10 @@ def status(as_json: bool) -> None:
         click.echo(f"metrics: {reply.metrics}")
     click.echo(f"first cache: {reply.first_cache} entries, {reply.swept} swept")
     for machine, n in reply.flows.items():
+        tier = reply.tiers.get(machine, "vnic")
+        if tier == "machine":
+            click.echo(f"  {machine}: tier machine (its chain runs in Linux in its namespace)")
+            continue
         click.echo(f"  {machine}: {n} flows, {reply.flows_created.get(machine, 0)} created")
     for t in reply.traffic:
         click.echo(f"  {t.tier} {t.machine} {t.direction}: {t.packets} packets, "
@@ -115,6 +119,24 @@ def status(as_json: bool) -> None:
     for v in reply.verdicts:
         who = f"{v.machine} {v.direction}" if v.machine else "(no machine)"
         click.echo(f"  {who}: {v.verdict} {v.reason}: {v.packets}")
+
+
+@live.command("handoff")
+@click.argument("machine")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def handoff(machine: str, as_json: bool) -> None:
+    """Hand MACHINE's chain and flows from its Linux namespace over to its VNIC."""
+    reply = _ask(_names(), ctl.HandoffRequest(machine), timeout=60.0)
+    if isinstance(reply, ctl.Failed):
+        _fail(LiveError(reply.error))
+        return
+    assert isinstance(reply, ctl.HandoffDone)
+    if as_json:
+        click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        return
+    click.echo(f"handoff of {reply.machine}: {reply.flows} flows now at tier vnic "
+               f"({reply.seconds * 1000:.1f} ms), {reply.flushed} flushed from the guest"
+               + (f", LB slots {reply.lb_state}" if reply.lb_state else ""))
 
 
 @live.command("flows")

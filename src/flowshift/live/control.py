@@ -25,7 +25,13 @@ class FlowsRequest(msgspec.Struct, tag=True):
     pass
 
 
-Request = StatusRequest | FlowsRequest
+class HandoffRequest(msgspec.Struct, tag=True):
+    """Hand a machine-tier machine's chain and flows over to the VNIC (`live handoff`)."""
+
+    machine: str
+
+
+Request = StatusRequest | FlowsRequest | HandoffRequest
 
 
 class TrafficRow(msgspec.Struct):
@@ -63,6 +69,7 @@ class Status(msgspec.Struct, tag=True):
     flows_created: dict[str, int]
     first_cache: int  # entries in the VNIC's flow tables
     swept: int  # expired flows freed so far
+    tiers: dict[str, str] = {}  # machine -> the tier running its chain (machine or vnic)
 
 
 class FlowRow(msgspec.Struct):
@@ -84,7 +91,22 @@ class Flows(msgspec.Struct, tag=True):
     flows: list[FlowRow]
 
 
-Reply = Status | Flows
+class HandoffDone(msgspec.Struct, tag=True):
+    machine: str
+    flows: int  # entries the VNIC imported
+    flushed: int  # of them deleted from the guest's conntrack table afterwards
+    lb_state: list[int]
+    seconds: float  # the daemon's time from the first step to the flush (it forwarded nothing)
+    phases: dict[str, float] = {}  # seconds per step: withdraw, dump, import, flush
+
+
+class Failed(msgspec.Struct, tag=True):
+    """The request was refused or failed: one line."""
+
+    error: str
+
+
+Reply = Status | Flows | HandoffDone | Failed
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

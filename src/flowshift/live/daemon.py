@@ -2,7 +2,9 @@
 
 One thread runs the event loop (selectors): frames from the packet source go through the
 pipeline and out of their port; control connections are answered; expired flows are swept on a
-timer. SIGTERM and SIGINT end the loop cleanly (a wakeup fd makes select return at once). The
+timer; machine-tier machines are watched for the offload policy, and handed over to the VNIC
+when it wants one of their flows or when `live handoff` asks. SIGTERM and SIGINT end the loop
+cleanly (a wakeup fd makes select return at once). The
 Prometheus endpoint, if asked for, is served by prometheus_client's thread from the root
 network namespace; everything else runs in fs-host.
 """
@@ -22,8 +24,16 @@ from pyroute2 import netns  # type: ignore[import-untyped]
 
 from flowshift.flow import format_addr
 from flowshift.live import control as ctl
-from flowshift.live import metrics
-from flowshift.live.engine import FlowView, Tier, flow_dump, flow_line, parse_config
+from flowshift.live import guest, handoff, metrics
+from flowshift.live.engine import (
+    Flow,
+    FlowView,
+    OffloadPolicy,
+    Tier,
+    flow_dump,
+    flow_line,
+    parse_config,
+)
 from flowshift.live.names import Names
 from flowshift.live.pipeline import Pipeline, Wiring, mac_bytes
 from flowshift.live.source import AfPacketPorts, PacketSource
@@ -31,6 +41,7 @@ from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
 
 SWEEP_INTERVAL = 10.0  # seconds between sweeps of expired flows
+RETRY_HANDOFF = 10.0  # seconds before the policy tries again a handoff that failed
 TICK = 1.0  # seconds between reads of the sockets' drop counters and checks of the state file
 SECOND = 1_000_000_000
 log = logging.getLogger("flowshift.live.daemon")
@@ -52,6 +63,9 @@ class Daemon:
         self.stopping = False
         self.ports: AfPacketPorts | None = None
         self.sel = selectors.DefaultSelector()
+        self.policy = OffloadPolicy(self.config.offload, self.config.pnic)
+        self.guests: dict[int, guest.Conntrack] = {}  # machine-tier machines' ctnetlink
+        self.retry_at: dict[int, float] = {}  # machine -> when the policy may try again
 
     def port_rows(self) -> list[ctl.PortRow]:
         """Per port: frames lost to a full receive buffer, frames the kernel would not send
@@ -67,6 +81,9 @@ class Daemon:
         if self.state.metrics_port:
             metrics.serve(self.pipeline, self.port_rows, self.state.metrics_port)
         netns.setns(self.names.host, flags=0)
+        for m, machine in enumerate(self.config.machines):
+            if self.pipeline.machine_tier[m]:
+                self.guests[m] = guest.Conntrack(self.names.machine(machine.name))
         self.ports = AfPacketPorts(self.port_names)
         # the packet source: the ports themselves until the PNIC datapath punts to a device
         self.source: PacketSource = self.ports
@@ -124,6 +141,7 @@ class Daemon:
                 if not self.names.state.exists():  # `down` ran without stopping us (an `up`
                     log.info("state file gone")    # killed before it recorded our pid)
                     break
+                self._watch_guests()
             if time.monotonic() >= next_sweep:
                 self.swept += pipeline.sweep(time.monotonic_ns())
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -131,6 +149,8 @@ class Daemon:
     def close(self) -> None:
         if self.ports is not None:
             self.ports.close()
+        for ct in self.guests.values():
+            ct.close()
         self.names.control.unlink(missing_ok=True)
         log.info("stopped")
 
@@ -176,6 +196,8 @@ class Daemon:
     def _answer(self, req: ctl.Request) -> ctl.Reply:
         if isinstance(req, ctl.FlowsRequest):
             return self.flows()
+        if isinstance(req, ctl.HandoffRequest):
+            return self.handoff(req.machine)
         if self.ports is not None:
             self.ports.count_drops()
         return self.status()
@@ -195,13 +217,60 @@ class Daemon:
             flows={name: sum(1 for f in chain.flows if f.expires > now)
                    for name, chain in zip(p.names, p.chains, strict=True)},
             flows_created=dict(sorted(c.flows_created.items())),
-            first_cache=p.first_cache(), swept=self.swept)
+            first_cache=p.first_cache(), swept=self.swept,
+            tiers={name: p.tier(m) for m, name in enumerate(p.names)})
+
+    # -- the machine tier ----------------------------------------------------------------------
+
+    def _guest_flows(self, m: int, now: int) -> list[Flow]:
+        return handoff.flows_of(self.config, m, self.guests[m].dump(), now, Tier.MACHINE)
+
+    def _watch_guests(self) -> None:
+        """The offload policy on the guests' flows, as the replay's machine tier: a machine hands
+        over at the first flow the policy wants (policy "never": never)."""
+        if self.policy.name == "never":
+            return
+        for m in list(self.guests):
+            if time.monotonic() < self.retry_at.get(m, 0.0):
+                continue
+            try:
+                wanted = any(self.policy.wants(f)
+                             for f in self._guest_flows(m, time.monotonic_ns()))
+            except Exception as err:  # a netlink error: look again at the next tick
+                log.warning("conntrack of %s: %s", self.pipeline.names[m], err)
+                continue
+            if wanted:
+                log.info("policy %s: %s hands over", self.policy.name, self.pipeline.names[m])
+                if isinstance(self.handoff(self.pipeline.names[m]), ctl.Failed):
+                    self.retry_at[m] = time.monotonic() + RETRY_HANDOFF
+
+    def handoff(self, name: str) -> ctl.Reply:
+        p = self.pipeline
+        if name not in p.names:
+            return ctl.Failed(f"no machine named {name!r} (machines: {', '.join(p.names)})")
+        m = p.names.index(name)
+        if m not in self.guests:
+            return ctl.Failed(f"machine {name!r} is at tier {p.tier(m)}: nothing to hand over")
+        try:
+            done = handoff.run(self.config, m, self.names.machine(name), self.guests[m], p)
+        except Exception as err:  # netlink, nft, a bad entry: the guest keeps its flows
+            log.exception("handoff of %s failed", name)
+            return ctl.Failed(f"handoff of {name} failed: {err}")
+        self.guests.pop(m).close()
+        log.info("handoff of %s: %d flows in %.3f s, %d flushed from the guest", name,
+                 done.flows, done.seconds, done.flushed)
+        return ctl.HandoffDone(name, done.flows, done.flushed, done.lb_state,
+                               round(done.seconds, 6),
+                               {k: round(v, 6) for k, v in done.phases.items()})
 
     def flows(self) -> ctl.Flows:
         now = time.monotonic_ns()
         views = [FlowView(flow.copy(), name, Tier(flow.owner).name.lower())
                  for name, chain in zip(self.pipeline.names, self.pipeline.chains, strict=True)
                  for flow in chain.flows if flow.expires > now]
+        for m in self.guests:  # machine tier: the guest's own conntrack table
+            views += [FlowView(f, self.pipeline.names[m], "machine")
+                      for f in self._guest_flows(m, now)]
         rows = []
         for v in views:
             f = v.flow

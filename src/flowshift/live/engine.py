@@ -5,8 +5,10 @@ classifier as the replay host and the same `Chain`. Nothing here adds behaviour.
 """
 
 from flowshift.config import ConfigError, HostConfig, load_config, parse_config, to_dict
-from flowshift.entry import Tier
+from flowshift.entry import Flow, Tier, chain_bits
 from flowshift.host import Classifier, FlowView
+from flowshift.nft import Ports, render, sysctl_lines, table_name
+from flowshift.offload import OffloadPolicy
 from flowshift.packet.parse import parse
 from flowshift.report import flow_dump, flow_line
 from flowshift.services.chain import EGRESS, INGRESS, Chain
@@ -17,13 +19,20 @@ __all__ = [
     "Chain",
     "Classifier",
     "ConfigError",
+    "Flow",
     "FlowView",
     "HostConfig",
+    "OffloadPolicy",
+    "Ports",
     "Tier",
+    "chain_bits",
     "flow_dump",
     "flow_line",
     "load_config",
     "parse",
     "parse_config",
+    "render",
+    "sysctl_lines",
+    "table_name",
     "to_dict",
 ]

@@ -1,6 +1,7 @@
 """`live up` and `live down`: build the host and start its daemon; stop it and remove all.
 
-`up` takes the one-host lock (the state file), records each namespace before creating it, starts
+`up` takes the one-host lock (the state file), records each namespace before creating it, loads
+the ruleset of each machine that starts at tier machine into its namespace, starts
 the daemon detached and returns when the daemon answers on its control socket. Any failure
 removes what was made. `down` reads the state file, so it works after a crash of `up` or of the
 daemon: it stops the daemon (SIGTERM, then SIGKILL after a bounded wait) if it is still ours,
@@ -17,8 +18,8 @@ import time
 from pathlib import Path
 
 from flowshift.live import control as ctl
+from flowshift.live import guest, topology
 from flowshift.live import state as st
-from flowshift.live import topology
 from flowshift.live.engine import load_config, to_dict
 from flowshift.live.names import LiveError, Names
 
@@ -42,6 +43,9 @@ def up(config_path: str, names: Names, *, metrics_port: int = 0,
 
         state.ports, state.uplink = topology.build(plan, record)
         st.save(names, state)
+        for m, machine in enumerate(plan.machines):
+            if machine.inside:  # the machine tier: the guest router runs the chain in Linux
+                guest.apply(cfg, m, machine.netns)
         proc = _spawn(names)
         state.pid = proc.pid
         st.save(names, state)

@@ -53,8 +53,10 @@ class PipelineCollector(Collector):
         yield created
         flows = GaugeMetricFamily(f"{PREFIX}_flows", "Flow entries held, by owner tier",
                                   labels=("machine", "tier"))
-        for name, chain in zip(self.pipeline.names, self.pipeline.chains, strict=True):
-            flows.add_metric([name, "vnic"], len(chain.flows))
+        for m, (name, chain) in enumerate(zip(self.pipeline.names, self.pipeline.chains,
+                                              strict=True)):
+            if not self.pipeline.machine_tier[m]:  # the guest's flows are in its own kernel
+                flows.add_metric([name, "vnic"], len(chain.flows))
         yield flows
         yield GaugeMetricFamily(f"{PREFIX}_first_cache_entries",
                                 "Flow entries in the VNIC's first cache",

@@ -24,6 +24,10 @@ PEER_IF = "eth0"  # the other end, in the machine's namespace or in fs-wire
 # neighbour entry for fs-host's port, so no ARP or ND ever has to reach the daemon.
 GATEWAY4 = "169.254.0.1"
 GATEWAY6 = "fe80::1"
+# The guest router's next hop towards the machine's addresses (in fs-i-<machine>), likewise
+INSIDE4 = "169.254.0.2"
+INSIDE6 = "fe80::2"
+INSIDE_IF = "inside"  # the guest router's port towards fs-i-<machine>
 
 _SUFFIX_RE = re.compile(r"[a-z0-9]{1,8}")
 
@@ -56,6 +60,10 @@ class Names:
 
     def machine(self, name: str) -> str:
         return self._ns(f"fs-m-{name}")
+
+    def inside(self, name: str) -> str:
+        """The namespace behind a machine-tier machine's router: its addresses live there."""
+        return self._ns(f"fs-i-{name}")
 
     @property
     def run_dir(self) -> Path:

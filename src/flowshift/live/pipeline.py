@@ -1,8 +1,10 @@
 """The live VNIC's per-frame path: parse, classify, run the machine's chain, address the frame.
 
 No sockets here: a frame comes in with the port it arrived on, and leaves (rewritten in place)
-with the port to send it out of, or is dropped and counted. Every machine's chain runs in the
-VNIC (tier `vnic`) from the first packet: the live host has no machine tier yet.
+with the port to send it out of, or is dropped and counted. A machine with `start = "vnic"` has
+its chain run here (tier `vnic`) from the first packet. A machine with `start = "machine"` runs
+its chain in Linux in its own namespace (live/guest.py): until its handoff, the VNIC passes its
+frames untouched (tier `machine`); `take_over` makes the VNIC the owner with the guest's flows.
 
 Steering, as the replay host's classifier: a frame whose source is inside a machine's networks
 is that machine's egress and leaves by the uplink towards the wire; one whose destination is a
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flowshift.live.engine import EGRESS, Chain, Classifier, HostConfig, Tier, parse
-from flowshift.packet.view import LINKTYPE_ETHERNET, ParseError
+from flowshift.live.engine import EGRESS, Chain, Classifier, Flow, HostConfig, Tier, parse
+from flowshift.packet.view import LINKTYPE_ETHERNET, Packet, ParseError
 from flowshift.results import PARSE_BASE, reason_label
 from flowshift.verdict import Reason, Verdict
 
@@ -33,7 +35,10 @@ _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 _FORWARD, _DROP = int(Verdict.FORWARD), int(Verdict.DROP)
 _BYPASS, _UNPARSED = int(Verdict.BYPASS), int(Verdict.UNPARSED)
 _NO_MACHINE = int(Reason.NO_MACHINE)
-_VNIC = int(Tier.VNIC)
+_VNIC, _MACHINE = int(Tier.VNIC), int(Tier.MACHINE)
+# After a handoff, frames the guest translated before its ruleset went may still be queued
+# for the daemon: for this long they are recognised (by their reply-direction tuple) and passed
+DRAIN_NS = 2_000_000_000
 
 
 def mac_bytes(text: str) -> bytes:
@@ -93,6 +98,9 @@ class Pipeline:
     def __init__(self, config: HostConfig, wiring: Wiring) -> None:
         self.names = [m.name for m in config.machines]
         self.chains = [Chain(m, i, Tier.VNIC) for i, m in enumerate(config.machines)]
+        # machines whose chain runs in their own namespace (Linux): their frames pass untouched
+        self.machine_tier = [m.start == "machine" for m in config.machines]
+        self.drain_until = [0] * len(config.machines)  # ns: end of each handoff's drain
         self.classifier = Classifier(config.machines)
         self.wiring = wiring
         self.counters = Counters(self.names)
@@ -110,11 +118,22 @@ class Pipeline:
             verdict = _BYPASS if err in _BYPASS_PARSE else _UNPARSED
             self._count(-1, -1, verdict, PARSE_BASE + err, -1)
             return -1
+        uplink = self.wiring.uplink
         m, direction = self.classifier.classify(pkt)
+        if 0 <= port < uplink:
+            if self.machine_tier[port]:
+                # the guest judged it: pass it if its source is the machine's (inside, or a
+                # public address the guest translated to); the rest is dropped as below
+                if (m == port and direction == EGRESS) or self.classifier.public.get(
+                        pkt.src, -1) == port:
+                    return self._pass(port, EGRESS, data, uplink)
+            elif now < self.drain_until[port] and self._judged_by_guest(port, pkt):
+                return self._pass(port, EGRESS, data, uplink)
         if m < 0:
             self._count(-1, -1, _BYPASS, _NO_MACHINE, -1)
             return -1
-        uplink = self.wiring.uplink
+        if self.machine_tier[m] and port in (uplink, UNKNOWN_PORT) and direction != EGRESS:
+            return self._pass(m, direction, data, m)
         if port != UNKNOWN_PORT and port != (m if direction == EGRESS else uplink):
             self._count(m, direction, _DROP, _WRONG_PORT, -1)
             return -1
@@ -136,6 +155,42 @@ class Pipeline:
         out = uplink if direction == EGRESS else m
         data[0:12] = self._eth[out]
         return out
+
+    def _pass(self, m: int, direction: int, data: bytearray, out: int) -> int:
+        """A frame of a flow the guest owns: forwarded untouched, counted as tier machine."""
+        key = (_MACHINE, m, direction)
+        row = self.counters.raw_traffic.get(key)
+        if row is None:
+            row = self.counters.raw_traffic[key] = [0, 0]
+        row[0] += 1
+        row[1] += len(data)
+        data[0:12] = self._eth[out]
+        return out
+
+    def _judged_by_guest(self, m: int, pkt: Packet) -> bool:
+        """An egress frame the guest translated before its ruleset went: its own tuple is no
+        flow's, its reverse is a translated flow's reply tuple."""
+        key = pkt.key(m)
+        flows = self.chains[m].flows
+        if flows.get(key) is not None:
+            return False
+        hit = flows.get(key.reversed())
+        return hit is not None and hit[1] == 1 and hit[0].key != hit[0].xlat
+
+    def take_over(self, m: int, chain: Chain, flows: list[Flow], lb_state: list[int],
+                  now: int) -> None:
+        """The handoff's VNIC side: machine m's chain (built from the config that crossed the
+        channel) owns its flows from now on."""
+        if chain.lb is not None:
+            chain.lb.restore(lb_state)
+        for flow in flows:
+            chain.import_flow(flow)
+        self.chains[m] = chain
+        self.machine_tier[m] = False
+        self.drain_until[m] = now + DRAIN_NS
+
+    def tier(self, m: int) -> str:
+        return "machine" if self.machine_tier[m] else "vnic"
 
     def _count(self, m: int, direction: int, verdict: int, reason: int, rule: int) -> None:
         key = (m, direction, verdict, reason, rule)

@@ -22,7 +22,18 @@ from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
 
 from flowshift.live.engine import ConfigError, HostConfig
-from flowshift.live.names import GATEWAY4, GATEWAY6, PEER_IF, UPLINK, LiveError, Names, port_name
+from flowshift.live.names import (
+    GATEWAY4,
+    GATEWAY6,
+    INSIDE4,
+    INSIDE6,
+    INSIDE_IF,
+    PEER_IF,
+    UPLINK,
+    LiveError,
+    Names,
+    port_name,
+)
 from flowshift.live.state import PortState
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -60,7 +71,8 @@ class MachinePlan:
     name: str
     netns: str
     port: str
-    addresses: tuple[Interface, ...]  # on its eth0
+    addresses: tuple[Interface, ...]  # on its eth0, or on fs-i-<machine>'s for a guest router
+    inside: str = ""  # machine tier (start = "machine"): the namespace behind the guest router
 
 
 @dataclass(frozen=True)
@@ -99,7 +111,9 @@ def plan(cfg: HostConfig, names: Names, source: str) -> Plan:
             iface = ipaddress.ip_interface(f"{ip}/{net.prefixlen if net else ip.max_prefixlen}")
             if all(a.ip != iface.ip for a in addrs):
                 addrs.append(iface)
-        machines.append(MachinePlan(m.name, names.machine(m.name), port, tuple(addrs)))
+        inside_ns = names.inside(m.name) if m.start == "machine" else ""
+        machines.append(MachinePlan(m.name, names.machine(m.name), port, tuple(addrs),
+                                    inside_ns))
     peers = []
     for i, raw in enumerate(cfg.live.peers):
         ip = ipaddress.ip_address(raw)
@@ -119,7 +133,8 @@ def build(p: Plan, record: Callable[[str], None]) -> tuple[list[PortState], Port
     """Create everything; `record(netns)` is called before each namespace is created, so a
     failure part way leaves a record that `teardown` removes. Returns (ports, uplink)."""
     spaces = ((p.host, HOST_SYSCTLS), (p.wire, END_SYSCTLS),
-              *((m.netns, END_SYSCTLS) for m in p.machines))
+              *((m.netns, END_SYSCTLS) for m in p.machines),
+              *((m.inside, END_SYSCTLS) for m in p.machines if m.inside))
     existing = set(netns.listnetns())
     for ns, _ in spaces:
         if ns in existing:  # not ours: never recorded, so never removed
@@ -139,14 +154,26 @@ def build(p: Plan, record: Callable[[str], None]) -> tuple[list[PortState], Port
     offloads_off(p.wire, [PEER_IF])
     for m in p.machines:
         offloads_off(m.netns, [PEER_IF])
+        if m.inside:
+            with IPRoute(netns=m.netns) as ipr:
+                ipr.link("add", ifname=INSIDE_IF, kind="veth",
+                         peer={"ifname": PEER_IF, "net_ns_fd": m.inside})
+            offloads_off(m.netns, [INSIDE_IF])
+            offloads_off(m.inside, [PEER_IF])
     with IPRoute(netns=p.host) as host:
         macs = {name: _up(host, name) for name in (UPLINK, *(m.port for m in p.machines))}
     ports = []
+    default = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
     for m in p.machines:
         with IPRoute(netns=m.netns) as ipr:
             _up(ipr, "lo")
-            mac = _end(ipr, m.addresses, macs[m.port], [ipaddress.ip_network("0.0.0.0/0"),
-                                                        ipaddress.ip_network("::/0")])
+            mac = _end(ipr, () if m.inside else m.addresses, macs[m.port], default)
+            if m.inside:
+                router_mac = _up(ipr, INSIDE_IF)
+                with IPRoute(netns=m.inside) as inner:
+                    _up(inner, "lo")
+                    inside_mac = _end(inner, m.addresses, router_mac, default)
+                _inside_routes(ipr, m.addresses, inside_mac)
         ports.append(PortState(ifname=m.port, mac=macs[m.port], peer_mac=mac, machine=m.name))
     with IPRoute(netns=p.wire) as ipr:
         _up(ipr, "lo")
@@ -171,6 +198,20 @@ def _end(ipr: IPRoute, addrs: Iterable[Interface], gw_mac: str,
         else:
             ipr.route("add", dst=str(net), gateway=GATEWAY6, oif=idx, family=AF_INET6)
     return mac
+
+
+def _inside_routes(ipr: IPRoute, addrs: Iterable[Interface], mac: str) -> None:
+    """The guest router's routes to the machine's networks and addresses: through a link-local
+    next hop on `inside` whose MAC is fs-i-<machine>'s eth0 (permanent: no ARP, no ND)."""
+    idx = ipr.link_lookup(ifname=INSIDE_IF)[0]
+    ipr.neigh("add", dst=INSIDE4, lladdr=mac, ifindex=idx, state=NUD_PERMANENT)
+    ipr.neigh("add", dst=INSIDE6, lladdr=mac, ifindex=idx, state=NUD_PERMANENT, family=AF_INET6)
+    nets = {a.network for a in addrs}
+    for net in sorted(nets, key=str):
+        if net.version == 4:
+            ipr.route("add", dst=str(net), gateway=INSIDE4, oif=idx, flags=RTNH_F_ONLINK)
+        else:
+            ipr.route("add", dst=str(net), gateway=INSIDE6, oif=idx, family=AF_INET6)
 
 
 def _up(ipr: IPRoute, ifname: str) -> str:
