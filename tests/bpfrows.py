@@ -18,7 +18,6 @@ from flowshift.host import Classifier
 from flowshift.live.datapath import Datapath, Hold, Port, Result
 from flowshift.packet.parse import parse
 from flowshift.packet.view import ParseError
-from flowshift.tiers._pnic_batch import classify
 from flowshift.tiers._pnic_parse import F_FLAGS, F_PROTO, FAIL, FULL, N_FIELDS, parse_frame
 from flowshift.tiers.pnic_engine import PnicEngine
 from flowshift.verdict import PuntReason
@@ -47,9 +46,9 @@ def _punt_reason(engine: PnicEngine, frame: bytes, linktype: int, ts: int, entry
     buf = np.frombuffer(frame, np.uint8).copy()
     status = parse_frame(buf, 0, len(frame), len(frame), linktype, f)
     if not returned:
-        if status == FAIL or classify(f, engine._inside, engine._public)[0] < 0:
+        if status == FAIL:
             return PuntReason.UNSUPPORTED
-        return PuntReason.MISS
+        return PuntReason.MISS  # no machine's, or no entry
     assert entry is not None
     expires = int.from_bytes(entry[164:172], "little", signed=True)
     if status != FULL:

@@ -159,7 +159,7 @@ int pnic_ingress(struct __sk_buff *skb)
 	__u32 direction;
 	int m = classify(cfg, pp, &direction);
 	if (m < 0)
-		return punt(skb, cfg, PUNT_UNSUPPORTED);
+		return punt(skb, cfg, PUNT_MISS); /* no machine's: no entry can be its, as the engine */
 
 	struct flow_key key = {
 		.family = pp->family, .proto = pp->proto, .zone = m, .sport = pp->sport, .dport = pp->dport,

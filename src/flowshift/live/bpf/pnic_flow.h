@@ -239,22 +239,22 @@ static __always_inline void st16(struct __sk_buff *skb, __u32 at, __u32 value, i
 }
 
 /* rewrite._adjust for several fields at once (see docs/pnic-engine.md) */
-static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms, int udp4,
-				   int direct)
+static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms, int udp,
+				   int v4, int direct)
 {
 	__u8 w[2];
 	if (LOAD(skb, at, w, 2))
 		return;
 	__u32 csum = rd16(w);
-	if (udp4 && csum == 0)
+	if (udp && v4 && csum == 0)
 		return; /* UDP over IPv4 sent without a checksum stays so */
 	__u64 t = (~csum & 0xFFFF) + terms;
 	for (int k = 0; k < 4; k++)
 		if (t >> 16)
 			t = (t & 0xFFFF) + (t >> 16);
 	__u32 value = ~t & 0xFFFF;
-	if (value == 0 && udp4)
-		value = 0xFFFF;
+	if (value == 0 && udp)
+		value = 0xFFFF; /* a computed zero is sent as all ones (RFC 768; RFC 8200 for IPv6) */
 	st16(skb, at, value, direct);
 }
 
@@ -347,7 +347,7 @@ FS_GLOBAL int fs_translate(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
 	if (cur_dport != dport)
 		port_terms += set_port(skb, p->echo ? l4 + 4 : l4 + 2, cur_dport, dport, direct);
 	if (p->family == 4 && addr_terms)
-		adjust(skb, l3 + 10, addr_terms, 0, direct);
+		adjust(skb, l3 + 10, addr_terms, 0, 1, direct);
 	if (p->partial) {
 		if (addr_terms)
 			adjust_partial(skb, p->proto == 6 ? l4 + 16 : l4 + 6, addr_terms, direct);
@@ -357,7 +357,7 @@ FS_GLOBAL int fs_translate(struct __sk_buff *skb, struct flow_entry *e, __u32 d,
 		port_terms += addr_terms;
 	if (port_terms) {
 		__u32 at = p->proto == 6 ? l4 + 16 : p->proto == 17 ? l4 + 6 : l4 + 2;
-		adjust(skb, at, port_terms, p->proto == 17 && p->family == 4, direct);
+		adjust(skb, at, port_terms, p->proto == 17, p->family == 4, direct);
 	}
 	return 0;
 }
