@@ -193,12 +193,11 @@ def test_real_captures_every_schedule(real_runs, data):
     _check(never, got, kind == "crash")
 
 
-def _tcpdump_sample() -> list[Path]:
+def _tcpdump_captures() -> list[Path]:
     d = CORPUS / "tcpdump"
     if not d.is_dir():
         return []
-    files = sorted(p for p in d.iterdir() if p.suffix in (".pcap", ".pcapng"))
-    return files[::60]  # a spread sample, the same every run
+    return sorted(p for p in d.iterdir() if p.suffix in (".pcap", ".pcapng"))
 
 
 ALLOW_ALL = {"pnic": {"capacity": 8},
@@ -208,19 +207,25 @@ ALLOW_ALL = {"pnic": {"capacity": 8},
                           "firewall": {"default": "allow", "rule": []}}]}
 
 
-@pytest.mark.parametrize("path", _tcpdump_sample(), ids=lambda p: p.name)
-def test_tcpdump_sample_both_formats(tmp_path, path):
-    from flowshift.packet.pcap import TraceError
-
+@pytest.mark.skipif(not _tcpdump_captures(), reason="shared/corpus/tcpdump not present")
+def test_every_tcpdump_capture_both_formats_every_schedule(tmp_path):
+    """All of tcpdump's captures (malformed ones included), as they are and converted to
+    pcapng: the never-offload run's verdicts and bytes under every offload schedule, the PNIC
+    going away and a dump half way through."""
     cfg = parse_config(ALLOW_ALL, "test")
-    try:
+    checked = 0
+    for path in _tcpdump_captures():
         ng = pcap_to_pcapng(path, tmp_path / "t.pcapng")
-    except TraceError:
-        pytest.skip("not a readable trace (the corpus holds broken files on purpose)")
-    for trace in (path, ng):
-        never = run(trace, cfg, policy="never", rows=64)
-        _check(never, run(trace, cfg, policy="always", rows=64), False)
-        _check(never, run(trace, cfg, policy="always"), False)
+        for trace in (path, ng):
+            never = run(trace, cfg, policy="never", rows=64)
+            half = len(never.results) // 2
+            for kw in ({"rows": 64}, {}, {"rows": 64, "withdraw_at": half},
+                       {"rows": 64, "crash_at": half}):
+                _check(never, run(trace, cfg, policy="always", **kw), "crash_at" in kw)
+            dumped = run(trace, cfg, policy="never", rows=64, dump_at=half)
+            _check(dumped, run(trace, cfg, policy="always", rows=64, dump_at=half), False)
+            checked += 1
+    assert checked == 2 * len(_tcpdump_captures())
 
 
 # -- the PNIC in its own process, twenty times ------------------------------------------------
