@@ -13,6 +13,7 @@ Retired fields become `reservedN`; never reorder.
 
 from __future__ import annotations
 
+import builtins
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
@@ -114,8 +115,11 @@ ENTRY_SIZE = ENTRY_DTYPE.itemsize
 def field_offsets(record: str = "") -> dict[str, int]:
     """Byte offset of each field of the entry, or of its sub-record `record` (e.g. "seen0"):
     what a compiled mirror of the layout reads and writes."""
-    dtype = ENTRY_DTYPE if not record else ENTRY_DTYPE.fields[record][0]  # type: ignore[index]
-    return {name: int(spec[1]) for name, spec in dtype.fields.items()}
+    dtype = ENTRY_DTYPE[record] if record else ENTRY_DTYPE
+    fields = dtype.fields
+    if fields is None:
+        raise ValueError(f"entry field {record!r} is not a sub-record")
+    return {name: int(spec[1]) for name, spec in fields.items()}
 
 
 # The same layout as a struct format: packing all fields at once is ~20x faster than setting
@@ -165,7 +169,7 @@ class Flow:
     def reply_key(self) -> FlowKey:
         return self.xlat.reversed()
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self) -> builtins.bytes:  # builtins: the field `bytes` shadows the type here
         """Export as one ENTRY_DTYPE record."""
         k, x, t = self.key, self.xlat, self.tcp
         if t is None:
@@ -185,7 +189,7 @@ class Flow:
             *self.packets, *self.bytes)
 
     @classmethod
-    def from_bytes(cls, raw: bytes | memoryview) -> Flow:
+    def from_bytes(cls, raw: builtins.bytes | memoryview) -> Flow:
         """Import one ENTRY_DTYPE record: the exact inverse of to_bytes."""
         v = _STRUCT.unpack(raw)
         fam, proto, zone = v[0], v[1], v[2]
@@ -204,9 +208,10 @@ class Flow:
                    created=v[40], last_seen=v[41], expires=v[42], stream_ts=v[43],
                    packets=[v[44], v[45]], bytes=[v[46], v[47]])
 
-    def to_record(self) -> np.ndarray:
-        """Export as a 0-d ENTRY_DTYPE array."""
-        return np.frombuffer(self.to_bytes(), dtype=ENTRY_DTYPE)[0]
+    def to_record(self) -> np.void:
+        """Export as one ENTRY_DTYPE record (a structured scalar)."""
+        record: np.void = np.frombuffer(self.to_bytes(), dtype=ENTRY_DTYPE)[0]  # one item
+        return record
 
     @classmethod
     def from_record(cls, record: np.ndarray | np.void) -> Flow:

@@ -139,7 +139,7 @@ class Host:
             self._finish(index, now, -1, -1, Verdict.BYPASS, Reason.NO_MACHINE, -1, -1, pkt,
                          wire_len)
             return
-        item = Pending(index, now, pkt, m, direction, None)  # type: ignore[arg-type]
+        item = Pending(index, now, pkt, m, direction, None)
         machine = self.machines[m]
         if machine is None:
             self.vnic.steer(item)
@@ -237,11 +237,13 @@ class Host:
     def handoff(self, m: int, now: int) -> None:
         """The machine hands its config and every flow entry to its VNIC (one message)."""
         machine = self.machines[m]
-        assert machine is not None
+        if machine is None:
+            raise RuntimeError(f"machine {self.names[m]!r} was already handed to its VNIC")
         machine_end, vnic_end = ch.pair()
         machine_end.send(machine.handoff())
         msg = vnic_end.receive()
-        assert isinstance(msg, ch.Handoff)
+        if not isinstance(msg, ch.Handoff):
+            raise RuntimeError(f"handoff of machine {self.names[m]!r} arrived as {msg!r}")
         self.stats.offloads_to_vnic += self.vnic.adopt(msg)
         self.machines[m] = None
         self.stats.events.append((now, "handoff", self.names[m]))

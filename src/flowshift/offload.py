@@ -60,8 +60,18 @@ class OffloadPolicy:
 
 
 class Held(Protocol):
-    index: int  # the packet's input index
-    fkey: FlowKey  # the original key of its flow
+    # read-only members, so that an item whose key is always known fits too
+    @property
+    def index(self) -> int: ...  # the packet's input index
+
+    @property
+    def fkey(self) -> FlowKey | None: ...  # the original key of its flow: known when queued
+
+
+def _flow_of(item: Held) -> FlowKey:
+    if item.fkey is None:
+        raise ValueError(f"packet {item.index} queued before its flow is known")
+    return item.fkey
 
 
 P = TypeVar("P", bound=Held)
@@ -115,8 +125,9 @@ class HandoffQueue(Generic[P]):
     # -- packets at the PNIC -----------------------------------------------------------------
 
     def sent(self, item: P) -> None:
+        fkey = _flow_of(item)
         self.inflight[item.index] = item
-        self._inflight_per_flow[item.fkey] = self._inflight_per_flow.get(item.fkey, 0) + 1
+        self._inflight_per_flow[fkey] = self._inflight_per_flow.get(fkey, 0) + 1
 
     def returned(self, index: int) -> tuple[P, bool] | None:
         """The packet `index` back from the PNIC, and whether it was its flow's last in flight
@@ -124,11 +135,12 @@ class HandoffQueue(Generic[P]):
         item = self.inflight.pop(index, None)
         if item is None:
             return None
-        left = self._inflight_per_flow[item.fkey] - 1
+        fkey = _flow_of(item)
+        left = self._inflight_per_flow[fkey] - 1
         if left:
-            self._inflight_per_flow[item.fkey] = left
+            self._inflight_per_flow[fkey] = left
         else:
-            del self._inflight_per_flow[item.fkey]
+            del self._inflight_per_flow[fkey]
         return item, not left
 
     def in_flight(self, fkey: FlowKey) -> bool:
@@ -137,7 +149,7 @@ class HandoffQueue(Generic[P]):
     # -- held packets ------------------------------------------------------------------------
 
     def hold(self, item: P) -> None:
-        self.held.setdefault(item.fkey, deque()).append(item)
+        self.held.setdefault(_flow_of(item), deque()).append(item)
         self.held_total += 1
 
     def is_held(self, fkey: FlowKey) -> bool:

@@ -101,7 +101,7 @@ class BatchResults:
     @property
     def leaving(self) -> np.ndarray:
         """Mask of the packets that leave the host (forwarded or passed on unchanged)."""
-        return (self.verdict == Verdict.FORWARD) | (self.verdict == Verdict.BYPASS)
+        return np.isin(self.verdict, (Verdict.FORWARD, Verdict.BYPASS))
 
 
 class Results:

@@ -210,7 +210,7 @@ def _set_addr(pkt: Packet, view: Packet, addr: bytes, dst: bool) -> None:
     addr = bytes(addr)
     v4 = view.family == 4
     off = l3 + (16 if dst else 12) if v4 else l3 + (24 if dst else 8)
-    changes = [_write(data, off, addr)]
+    changes: list[Change | None] = [_write(data, off, addr)]
     diff = change_sum(old, addr)  # summed once for both checksums
     if v4:
         changes.append(_adjust(data, l3 + IPV4_CHECKSUM_AT, diff, False, True))

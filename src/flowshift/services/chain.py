@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flowshift.config import LbPool, MachineConfig
+from flowshift.config import FirewallConfig, LbPool, MachineConfig
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.packet.view import Packet
@@ -68,6 +68,8 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
     proto = flow.key.proto
     if proto == PROTO_TCP:
         tcp = flow.tcp
+        if tcp is None:  # a TCP flow is built with its TcpConn (Chain, Flow.from_bytes)
+            raise ValueError(f"TCP flow without TCP state: {flow.key}")
         res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0)
         action = res.action
         if action == _TCP_REOPEN:
@@ -102,6 +104,13 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
     return Outcome(_FORWARD, _ESTABLISHED, -1, flow, fdir)
 
 
+def _firewall(machine: MachineConfig) -> FirewallConfig:
+    if machine.firewall is None:
+        raise ValueError(f"machine {machine.name!r}: services lists 'firewall' but there is "
+                         "no firewall section")
+    return machine.firewall
+
+
 class Chain:
     """A machine's chain: its config, its flows, and the per-packet pipeline."""
 
@@ -110,7 +119,7 @@ class Chain:
         self.index = index  # the machine's index: the zone of its flow keys
         self.tier = tier
         self.services = chain_bits(machine.services)
-        self.rules = RuleSet(machine.firewall) if self.services & Service.FIREWALL else None
+        self.rules = RuleSet(_firewall(machine)) if self.services & Service.FIREWALL else None
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
         self.flows = FlowTable()
@@ -148,7 +157,7 @@ class Chain:
             # flowshift does not reassemble (Linux defragments before conntrack)
             return Outcome(Verdict.DROP, Reason.FRAGMENT)
         if pkt.inner is not None:
-            return self._related(pkt, direction, now)
+            return self._related(pkt, pkt.inner, direction, now)
         key = _new_key(FlowKey, (pkt.family, pkt.proto, self.index, pkt.src, pkt.dst, pkt.sport,
                                  pkt.dport))  # pkt.key(self.index)
         hit = self.lookup(key, now)
@@ -167,7 +176,8 @@ class Chain:
         self._picked = None
         out = self._decide_new(pkt, key, direction, now)
         if self._picked is not None:
-            assert self.lb is not None
+            if self.lb is None:  # only the load balancer picks a pool
+                raise RuntimeError("a pool was picked in a chain without a load balancer")
             self.lb.advance(self._picked)
         return out
 
@@ -203,16 +213,17 @@ class Chain:
         if not allowed:
             return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
         if direction == EGRESS and self.nat is not None:
-            xlat = self.nat.snat(key, lambda k: self.in_use(k, now))
-            if xlat is None:
+            snat = self.nat.snat(key, lambda k: self.in_use(k, now))
+            if snat is None:
                 return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)
+            xlat = snat
         elif xlat != key and self.in_use(xlat.reversed(), now):
             return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)  # DNAT tuple clash
         flow = Flow(key=key, xlat=xlat, machine=self.index, chain=self.services, tcp=tcp,
                     status=_NAT if xlat != key else 0, rule=rule, backend=backend,
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
-        if proto == PROTO_TCP:
+        if tcp is not None:  # set above for, and only for, TCP
             res = ct_tcp.tcp_packet(tcp, 0, pkt, False)
             if res.action != ct_tcp.TcpAction.ACCEPT or res.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
@@ -244,10 +255,9 @@ class Chain:
             return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
         return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
 
-    def _related(self, pkt: Packet, direction: int, now: int) -> Outcome:
-        """An ICMP error: RELATED to the flow its embedded header belongs to, if any."""
-        inner = pkt.inner
-        assert inner is not None
+    def _related(self, pkt: Packet, inner: Packet, direction: int, now: int) -> Outcome:
+        """An ICMP error (`inner`: the datagram it quotes): RELATED to the flow its embedded
+        header belongs to, if any."""
         if inner.error == 0 and inner.l4 >= 0:
             # the embedded datagram travelled the other way: its reverse is a key of the flow
             hit = self.lookup(inner.key(self.index).reversed(), now)

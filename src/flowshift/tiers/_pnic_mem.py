@@ -94,16 +94,19 @@ def kernel(*, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
     otherwise costs two atomic reference-count updates, several dozen per packet, more than the
     packet's own work; the kernels allocate nothing, so they need none. `inline`: inline at
     every call site."""
-    jit = numba.njit(cache=True, _nrt=False, inline="always" if inline else "never")
+    # numba's stubs list only the public options; `_nrt` is a real (private) one
+    jit = numba.njit(cache=True, _nrt=False,  # type: ignore[call-overload]
+                     inline="always" if inline else "never")
 
     def decorate(fn: Callable[..., Any]) -> Any:
         # numba picks a function's cache directory when it is decorated: point it at ours for
-        # that moment only, so that other numba users in the process keep theirs
-        saved = numba.config.CACHE_DIR
-        numba.config.CACHE_DIR = cache_dir()
+        # that moment only, so that other numba users in the process keep theirs.
+        # numba.config sets CACHE_DIR at run time (from NUMBA_CACHE_DIR): its stubs lack it
+        saved = numba.config.CACHE_DIR  # type: ignore[attr-defined]
+        numba.config.CACHE_DIR = cache_dir()  # type: ignore[attr-defined]
         try:
             return jit(fn)
         finally:
-            numba.config.CACHE_DIR = saved
+            numba.config.CACHE_DIR = saved  # type: ignore[attr-defined]
 
     return decorate

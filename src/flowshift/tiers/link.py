@@ -83,8 +83,8 @@ class InlineLink:
         for msg in out:
             self.pnic_end.send(msg)
         returned = []
-        while (msg := self.vnic_end.receive()) is not None:
-            returned.append(msg)
+        while (back := self.vnic_end.receive()) is not None:
+            returned.append(back)
         return returned
 
     @property
@@ -114,7 +114,7 @@ class Ring:
                      mmap.mmap(-1, out_bytes))
         self.frames = np.frombuffer(self.maps[0], np.uint8)
         self.inputs = np.frombuffer(self.maps[1], np.int64).reshape(_INPUTS, RING_ROWS)
-        self.outputs = {}
+        self.outputs: dict[str, np.ndarray] = {}
         at = 0
         for name, dtype in _OUTPUTS:
             self.outputs[name] = np.frombuffer(self.maps[2], dtype, RING_ROWS, at)

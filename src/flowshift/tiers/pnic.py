@@ -15,14 +15,14 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import MachineConfig
-from flowshift.entry import ENTRY_DTYPE, Tier
+from flowshift.entry import Tier, field_offsets
 from flowshift.flow import FlowKey
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import RETURN_REASONS, PnicEngine
 from flowshift.verdict import PuntReason, RefuseReason, ReturnReason
 
 PUNT = -1
-_OWNER = ENTRY_DTYPE.fields["owner"][1]  # the entry's owner byte
+_OWNER = field_offsets()["owner"]  # the entry's owner byte
 
 
 class Pnic:

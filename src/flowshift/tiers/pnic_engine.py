@@ -106,7 +106,7 @@ class PnicEngine:
 
     # -- the cache ---------------------------------------------------------------------------
 
-    def insert(self, entry: bytes) -> int:
+    def insert(self, entry: bytes | bytearray) -> int:
         """Add an entry; its slot, or -1 when the cache is full or a key is already present."""
         if len(entry) != ENTRY_SIZE:
             raise ValueError(f"a flow entry has {ENTRY_SIZE} bytes, not {len(entry)}")
@@ -138,7 +138,7 @@ class PnicEngine:
 
     def get(self, slot: int) -> bytes:
         self._slot_state(slot)
-        return self._rows[slot].tobytes()
+        return bytes(self._rows[slot])
 
     def find(self, key: FlowKey) -> tuple[int, int] | None:
         """(slot, direction) of a live entry with this key."""
@@ -166,7 +166,7 @@ class PnicEngine:
         return state
 
     def _release(self, slot: int) -> bytes:
-        raw = self._rows[slot].tobytes()
+        raw = bytes(self._rows[slot])
         self._rows[slot] = 0
         self._state[slot] = _FREE
         self._free.append(slot)

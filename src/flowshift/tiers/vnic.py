@@ -81,7 +81,7 @@ class Pending:
     pkt: Packet
     machine: int
     direction: int
-    fkey: FlowKey  # the original key of its flow (None until known)
+    fkey: FlowKey | None  # the original key of its flow (None until known)
 
 
 # (packet, verdict, reason, rule, tier, rewritten): the host records a packet's result
@@ -530,7 +530,7 @@ class Vnic:
                 if data:
                     item.pkt.data[:] = data
                 self.record(item, verdict, reason, -1, _PNIC, True)
-            if last:
+            if last and fkey is not None:  # always: sent() required its key
                 hit = chain.flows.get(fkey)
                 if hit is not None and hit[0].owner != _PNIC:
                     self._release(fkey)
