@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -25,7 +26,19 @@ class FlowsRequest(msgspec.Struct, tag=True):
     pass
 
 
-Request = StatusRequest | FlowsRequest
+class OffloadRequest(msgspec.Struct, tag=True):
+    flow: str = ""  # a flow's original tuple (pnic.flow_text); "" for every flow
+
+
+class ReturnRequest(msgspec.Struct, tag=True):
+    flow: str = ""
+
+
+class PnicRequest(msgspec.Struct, tag=True):
+    action: str  # withdraw | crash | restore
+
+
+Request = StatusRequest | FlowsRequest | OffloadRequest | ReturnRequest | PnicRequest
 
 
 class TrafficRow(msgspec.Struct):
@@ -63,6 +76,7 @@ class Status(msgspec.Struct, tag=True):
     flows_created: dict[str, int]
     first_cache: int  # entries in the VNIC's flow tables
     swept: int  # expired flows freed so far
+    pnic: dict[str, Any] = {}  # the PNIC datapath's state and counters ({} without one)
 
 
 class FlowRow(msgspec.Struct):
@@ -77,6 +91,7 @@ class FlowRow(msgspec.Struct):
     tcp_state: str  # "" when not TCP
     expires_in_s: int
     line: str  # the conntrack-style line of `live flows`
+    flow: str = ""  # the original tuple as `live offload` / `live return` take it
 
 
 class Flows(msgspec.Struct, tag=True):
@@ -84,7 +99,15 @@ class Flows(msgspec.Struct, tag=True):
     flows: list[FlowRow]
 
 
-Reply = Status | Flows
+class Done(msgspec.Struct, tag=True):
+    """The answer to an offload, return or PNIC drill."""
+
+    ok: bool
+    count: int  # flows moved
+    text: str  # one line for the user; notes on flows not moved
+
+
+Reply = Status | Flows | Done
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

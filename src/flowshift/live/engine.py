@@ -5,8 +5,10 @@ classifier as the replay host and the same `Chain`. Nothing here adds behaviour.
 """
 
 from flowshift.config import ConfigError, HostConfig, load_config, parse_config, to_dict
-from flowshift.entry import Tier
-from flowshift.host import Classifier, FlowView
+from flowshift.entry import Flow, Tier
+from flowshift.flow import FlowKey
+from flowshift.host import Classifier, FlowView, resume
+from flowshift.offload import OffloadPolicy, established
 from flowshift.packet.parse import parse
 from flowshift.report import flow_dump, flow_line
 from flowshift.services.chain import EGRESS, INGRESS, Chain
@@ -17,13 +19,18 @@ __all__ = [
     "Chain",
     "Classifier",
     "ConfigError",
+    "Flow",
+    "FlowKey",
     "FlowView",
     "HostConfig",
+    "OffloadPolicy",
     "Tier",
+    "established",
     "flow_dump",
     "flow_line",
     "load_config",
     "parse",
     "parse_config",
+    "resume",
     "to_dict",
 ]
