@@ -164,9 +164,13 @@ class PnicVnic:
         self.backoff: dict[FlowKey, int] = {}
         self.candidates: dict[FlowKey, tuple[Flow, int]] = {}
         self.holding: FlowKey | None = None
-        # frames of the held flow, processed but not yet sent: while they wait, its sender
-        # runs out of window and stops, so the punts in flight drain and the release succeeds
+        # frames of the held flow in its lighter direction (a bulk transfer's ACKs), processed
+        # but not sent until the release: without ACKs its sender runs out of window and
+        # stops, so the punts in flight drain and the release succeeds; the heavy direction
+        # goes out at once, so nothing the fast path carries later can overtake it
         self.deferred: list[tuple[int, bytearray]] = []
+        self.hold_dir = -1  # the flow direction whose frames wait: the one with fewer bytes
+        self.last_fdir = -1
         self.draining = False
         self.reason = 0  # the punt tag of the frame being processed
         self.last: Flow | None = None
@@ -217,9 +221,9 @@ class PnicVnic:
             self.pipeline.count_error()
             return
         if out >= 0:
-            if self.holding is not None and self.last is not None and \
-                    self.last.key == self.holding:
-                self.deferred.append((out, data))  # sent once the handoff is over
+            if self.last is not None and self.last.key == self.holding and \
+                    self.last_fdir == self.hold_dir:
+                self.deferred.append((out, data))  # sent once the flow is released
             else:
                 self.ports.send(out, data)
         if reason == PuntReason.HELD and self.last is not None:
@@ -229,7 +233,7 @@ class PnicVnic:
     def seen(self, out: Outcome, direction: int) -> None:
         """After a chain ran a packet: remember its flow, and whether the policy wants it."""
         flow = out.flow
-        self.last = flow
+        self.last, self.last_fdir = flow, out.direction
         if flow is None or flow.owner != Tier.VNIC or flow.key == self.holding:
             return
         if not self.policy.wants(flow):
@@ -295,6 +299,7 @@ class PnicVnic:
         kb = key_bytes(flow.key)
         chain = self.pipeline.chains[flow.key.zone]
         self.holding = flow.key
+        self.hold_dir = 0 if flow.bytes[0] < flow.bytes[1] else 1
         released = False
         try:
             for attempt in range(RELEASE_TRIES):
