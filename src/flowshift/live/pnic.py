@@ -175,6 +175,7 @@ class PnicVnic:
         self.reason = 0  # the punt tag of the frame being processed
         self.last: Flow | None = None
         self.snapshot: dict[str, object] = {}
+        self.reports = 0  # reports read from the map so far
         self.next_report = time.monotonic_ns() + self.report_ns
         pipeline.chains = [PnicChain(c, self) for c in pipeline.chains]
         assert state.uplink is not None
@@ -373,6 +374,8 @@ class PnicVnic:
             self._carried(o, flow)
         total = flow.packets[0] + flow.packets[1]
         self.backoff[flow.key] = 2 * total + 1
+        log.info("return %s: %s (last seen %.3f s ago)", flow_text(flow.key), reason.label,
+                 (now - flow.last_seen) / SECOND)
         r = self.stats.returned
         r[reason.label] = r.get(reason.label, 0) + 1
 
@@ -384,6 +387,8 @@ class PnicVnic:
             return
         self.next_report = now + self.report_ns
         self.report(now)
+        self.reports += 1
+        self._take_snapshot()
 
     def report(self, now: int) -> None:
         """Refresh the shadows from the map; take back idle and expired flows."""
@@ -400,7 +405,6 @@ class PnicVnic:
                 self.take_back(s, now, ReturnReason.EXPIRED)
             elif now - f.last_seen >= self.idle_ns:
                 self.take_back(s, now, ReturnReason.IDLE)
-        self._take_snapshot()
 
     def _take_snapshot(self) -> None:
         """What status and metrics read (the metrics thread reads only this)."""
@@ -416,6 +420,7 @@ class PnicVnic:
         s = self.stats
         self.snapshot = {
             "mode": self.mode,
+            "reports": self.reports,
             "entries": len(self.owned),
             "capacity": self.capacity,
             "offloads": s.offloads,
