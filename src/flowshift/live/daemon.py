@@ -190,6 +190,8 @@ class Daemon:
             conn.close()
 
     def _answer(self, req: ctl.Request) -> ctl.Reply:
+        if self.pnic is not None and isinstance(req, ctl.StatusRequest | ctl.FlowsRequest):
+            self.pnic.refresh()  # the PNIC's flows and counters as of now
         if isinstance(req, ctl.FlowsRequest):
             return self.flows()
         if isinstance(req, ctl.OffloadRequest | ctl.ReturnRequest | ctl.PnicRequest):

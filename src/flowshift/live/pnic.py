@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import select
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from flowshift.live.datapath import Datapath, Mode, Port, key_bytes
 from flowshift.live.engine import (
@@ -33,7 +35,7 @@ from flowshift.live.engine import (
     resume,
 )
 from flowshift.live.pipeline import DIRECTIONS, UNKNOWN_PORT, Pipeline, mac_bytes
-from flowshift.live.punt import PUNT_IF, PuntSource
+from flowshift.live.punt import MARK, PUNT_IF, PuntSource
 from flowshift.live.source import AfPacketPorts
 from flowshift.live.state import LiveState
 from flowshift.services.chain import Outcome
@@ -44,11 +46,17 @@ SECOND = 1_000_000_000
 RELEASE_TRIES = 64  # handoff attempts (each after handling the punts in flight) before giving up
 DRAIN_LIMIT = 8192  # punts handled in one drain: a flood elsewhere must not stall a handoff
 QUIET = 0.0005  # seconds without a punt that end a drain (punts still in a CPU's backlog)
+MARK_WAIT = 0.05  # seconds a drain waits for its marker frame
 GRACE = 0.002  # seconds for packets already on the fast path to finish (withdraw)
 _RETURN_OF_PUNT = {PuntReason.LIFE: ReturnReason.CLOSED, PuntReason.EXPIRED: ReturnReason.EXPIRED,
                    PuntReason.UNSUPPORTED: ReturnReason.UNSUPPORTED}
 PIN_FILES = ("fs_flows", "fs_replies", "fs_holds", "fs_config", "fs_ports", "fs_punts",
              "pnic_ingress", "hold_ctl")
+
+
+def _current_cpu() -> int:
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[36])  # field 39 of stat(5), "processor"
 
 
 def datapath_name(host_ns: str) -> str:
@@ -158,6 +166,8 @@ class PnicVnic:
         self.idle_ns = int(config.offload.idle_timeout * SECOND)
         self.report_ns = max(1, int(config.offload.report_interval * SECOND))
         self.stats = PnicStats()
+        # one CPU: a marker sent behind our frames then follows them through one backlog
+        os.sched_setaffinity(0, {_current_cpu()})
         self.healthy = True
         self.mode = "fast"
         self.owned: dict[FlowKey, _Offloaded] = {}
@@ -176,6 +186,7 @@ class PnicVnic:
         self.last: Flow | None = None
         self.snapshot: dict[str, object] = {}
         self.reports = 0  # reports read from the map so far
+        self.marked = 0  # the last marker frame read back from the punt device
         self.next_report = time.monotonic_ns() + self.report_ns
         pipeline.chains = [PnicChain(c, self) for c in pipeline.chains]
         assert state.uplink is not None
@@ -211,6 +222,9 @@ class PnicVnic:
             self._offer_candidates()
 
     def frame(self, reason: int, data: bytearray) -> None:
+        if reason == MARK:
+            self.marked = int.from_bytes(data[len(data) - 39:len(data) - 31], "big")
+            return
         self.reason, self.last = reason, None
         label = PuntReason(reason).label if reason in PuntReason._value2member_map_ else "none"
         rec = self.stats.received
@@ -244,20 +258,28 @@ class PnicVnic:
         odir = direction if out.direction == 0 else 1 - direction
         self.candidates[flow.key] = (flow, odir)
 
-    def drain(self, quiet: float = 0.0) -> None:
-        """Handle every punt queued now; with `quiet`, until the device has been quiet that
-        long (punts still in another CPU's backlog). Bounded by DRAIN_LIMIT."""
+    def drain(self, quiet: bool) -> None:
+        """Handle every punt queued on this CPU's path: up to a marker frame sent now, which
+        also comes back only once every frame sent before it on this CPU's backlog (the
+        frames just forwarded in software) has been delivered; with `quiet`, then until the
+        device is quiet for QUIET (punts still in another CPU's backlog). Bounded by
+        DRAIN_LIMIT frames and MARK_WAIT seconds."""
         self.draining = True
+        mark = self.source.mark()
+        deadline = time.monotonic() + MARK_WAIT
         try:
             n = 0
-            while n < DRAIN_LIMIT:
+            while n < DRAIN_LIMIT and time.monotonic() < deadline:
                 got = 0
                 for reason, data in self.source.receive():
                     self.frame(reason, data)
                     got += 1
                 n += got
-                if not got and (not quiet or not select.select([self.source], [], [], quiet)[0]):
-                    return
+                if self.marked >= mark and (not quiet or not got):
+                    if not quiet or not select.select([self.source], [], [], QUIET)[0]:
+                        return
+                elif not got:
+                    select.select([self.source], [], [], QUIET)
         finally:
             self.draining = False
 
@@ -305,9 +327,9 @@ class PnicVnic:
         try:
             for attempt in range(RELEASE_TRIES):
                 # every punt of the flow queued before the insert (MISS) or since (HELD) runs
-                # here, in arrival order, on the first cache's state; the first time until the
-                # device is quiet, for MISS punts still on their way from before the insert
-                self.drain(QUIET if attempt == 0 else 0.0)
+                # here, in arrival order, on the first cache's state; and what software sent
+                # of it has arrived before the fast path may send more
+                self.drain(quiet=attempt == 0)
                 hit = chain.flows.get(flow.key)
                 if hit is None or hit[0] is not flow:
                     break  # it ended (or reopened) while held: nothing to hand over
@@ -387,6 +409,12 @@ class PnicVnic:
             return
         self.next_report = now + self.report_ns
         self.report(now)
+        self.reports += 1
+        self._take_snapshot()
+
+    def refresh(self) -> None:
+        """A report now (before `live status` and `live flows` answer)."""
+        self.report(time.monotonic_ns())
         self.reports += 1
         self._take_snapshot()
 

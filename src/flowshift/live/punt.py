@@ -26,6 +26,9 @@ TP_STATUS_VLAN_VALID = 0x10
 _AUX = struct.Struct("=IIIHHHH")  # struct tpacket_auxdata
 _ANC = socket.CMSG_SPACE(_AUX.size)
 BURST = 64
+MARK = -1  # the reason yielded for our own marker frame
+MARK_TYPE = 0x88B5  # IEEE local experimental EtherType: never a machine's frame
+_MARK_HEAD = b"\xff" * 6 + b"\x02\0\0\0\0\x01" + MARK_TYPE.to_bytes(2, "big") + b"fs-mark"
 
 
 def make_pair(host_ns: str) -> None:
@@ -57,6 +60,16 @@ class PuntSource:
             s.close()
             raise
         self.sock = s
+        # the marker goes in at fs-punt, so it reaches us behind every punt already queued
+        self.tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.tx.bind((PUNT_IF, 0))
+        self.marks = 0
+
+    def mark(self) -> int:
+        """Send a marker through the punt pair; its number (receive yields it as MARK)."""
+        self.marks += 1
+        self.tx.send(_MARK_HEAD + self.marks.to_bytes(8, "big") + b"\0" * 31)
+        return self.marks
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -69,6 +82,9 @@ class PuntSource:
                 data, anc, _, _ = recvmsg(MAX_FRAME, _ANC)
             except BlockingIOError:
                 return
+            if data.startswith(_MARK_HEAD):
+                yield MARK, bytearray(data)
+                continue
             reason = 0
             for level, kind, raw in anc:
                 if level == SOL_PACKET and kind == PACKET_AUXDATA:
@@ -84,3 +100,4 @@ class PuntSource:
 
     def close(self) -> None:
         self.sock.close()
+        self.tx.close()
