@@ -119,6 +119,15 @@ def status(as_json: bool) -> None:
     for v in reply.verdicts:
         who = f"{v.machine} {v.direction}" if v.machine else "(no machine)"
         click.echo(f"  {who}: {v.verdict} {v.reason}: {v.packets}")
+    p = reply.pnic
+    if p:
+        click.echo(f"PNIC {p['mode']}: {p['entries']}/{p['capacity']} entries, "
+                   f"{p['offloads']} offloads, fast path {p['forwarded']} packets")
+        for machine, direction, n, b in p["traffic"]:
+            click.echo(f"  pnic {machine} {direction}: {n} packets, {b} bytes")
+        for what in ("refused", "returned", "punts"):
+            counts = ", ".join(f"{k} {n}" for k, n in sorted(p[what].items())) or "none"
+            click.echo(f"  {what}: {counts}")
 
 
 @live.command("flows")

@@ -67,7 +67,7 @@ class PortRow(msgspec.Struct):
 class Status(msgspec.Struct, tag=True):
     pid: int
     uptime_s: float
-    source: str  # the packet source: "af_packet" on the ports today
+    source: str  # the packet source: "punt" (the PNIC's punt device) or "af_packet" (ports)
     ports: list[PortRow]
     metrics: str  # the Prometheus endpoint's URL, "" when off
     traffic: list[TrafficRow]

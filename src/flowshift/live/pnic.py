@@ -89,7 +89,10 @@ def parse_flow_text(text: str) -> tuple[int, bytes, int, bytes, int]:
     def end(s: str) -> tuple[bytes, int]:
         addr, _, port = s.rpartition(":")
         try:
-            return ipaddress.ip_address(addr.strip("[]")).packed, int(port)
+            number = int(port)
+            if not 0 <= number <= 65535:
+                raise ValueError(port)
+            return ipaddress.ip_address(addr.strip("[]")).packed, number
         except ValueError:
             raise ValueError(f"flow {text!r}: {s!r} is not ADDRESS:PORT") from None
 
@@ -348,7 +351,7 @@ class PnicVnic:
         if not released:
             # the flow stays at the VNIC; punts of it still in flight are plain misses now
             self.dp.remove(kb)
-            self.drain()
+            self.drain(quiet=False)
             self._refused(flow, RefuseReason.UNHEALTHY)
             return RefuseReason.UNHEALTHY.label
         flow.owner = Tier.PNIC
