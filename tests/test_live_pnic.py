@@ -89,14 +89,16 @@ def start_on(host: LiveHost, cpu: int, ns: str, *args: str) -> subprocess.Popen[
 class Stepper:
     """A transfer from gw to the wire in steps, each released by the test."""
 
-    def __init__(self, host: LiveHost, nbytes: int, steps: int, cpu: int | None = None) -> None:
+    def __init__(self, host: LiveHost, nbytes: int, steps: int, cpu: int | None = None,
+                 addr: str = "198.51.100.2") -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(NSRUN), host.names.machine("gw"), "steps", "198.51.100.2",
+            [sys.executable, str(NSRUN), host.names.machine("gw"), "steps", addr,
              "5001", str(nbytes), str(steps)], preexec_fn=on_cpu(cpu),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         first = self.line()
         assert first["ready"]
-        self.flow = f"tcp 10.0.0.1:{first['sport']} > 198.51.100.2:5001"
+        self.flow = (f"tcp 10.0.0.1:{first['sport']} > {addr}:5001" if ":" not in addr else
+                     f"tcp [fd00::1]:{first['sport']} > [{addr}]:5001")
 
     def line(self) -> Any:
         assert self.proc.stdout is not None
@@ -326,3 +328,36 @@ def test_down_after_sigkill_of_the_daemon_removes_the_pins(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert not pins.exists()
     assert not ours(host.names)
+
+
+def test_a_full_cache_makes_room_and_idle_flows_come_back(tmp_path: Path):
+    """Capacity 1: a second elephant finds the cache full; it moves down once the first has
+    come back, to make room (`room`: the first sat idle for the second's whole life) or idle
+    (`idle`: which of the two depends on when the first's last segment passed); once idle for
+    idle_timeout it comes back too. Both transfers arrive whole."""
+    cfg = config(tmp_path, policy="elephant", idle_timeout=2.0, report_interval=0.1)
+    cfg.write_text(cfg.read_text().replace("[offload]", "[pnic]\ncapacity = 1\n\n[offload]"))
+    for host in host_up(secrets.token_hex(4), cfg):
+        room_and_idle(host)
+
+
+def room_and_idle(host: LiveHost) -> None:
+    sink_a = host.start("wire", "sink", "198.51.100.2", "5001")
+    sink_b = host.start("wire", "sink", "2001:db8::2", "5001")
+    a = Stepper(host, 2 << 20, 2)
+    a.step()
+    wait_for("a on the PNIC", lambda: tier_of(host, a.flow) == "pnic")
+    b = Stepper(host, 4 << 20, 2, addr="2001:db8::2")
+    b.step()
+    wait_for("b on the PNIC", lambda: tier_of(host, b.flow) == "pnic")
+    assert tier_of(host, a.flow) == "vnic"
+    back = pnic(host)["returned"]
+    assert back.get("room", 0) + back.get("idle", 0) >= 1
+    wait_for("b back, idle", lambda: tier_of(host, b.flow) == "vnic")
+    back = pnic(host)["returned"]
+    assert back.get("room", 0) + back.get("idle", 0) == 2
+    assert tier_of(host, b.flow) == "vnic"
+    for sender, sink in ((a, sink_a), (b, sink_b)):
+        sender.step()
+        sent = sender.finish()
+        assert finish(sink)["sha256"] == sent["sha256"]
