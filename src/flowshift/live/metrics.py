@@ -63,8 +63,11 @@ class PipelineCollector(Collector):
         yield created
         flows = GaugeMetricFamily(f"{PREFIX}_flows", "Flow entries held, by owner tier",
                                   labels=("machine", "tier"))
+        owned = snap.get("owned", {})  # PNIC flows: their shadows are in the chains' tables
         for name, chain in zip(self.pipeline.names, self.pipeline.chains, strict=True):
-            flows.add_metric([name, "vnic"], len(chain.flows))
+            flows.add_metric([name, "vnic"], len(chain.flows) - owned.get(name, 0))
+            if snap:
+                flows.add_metric([name, "pnic"], owned.get(name, 0))
         yield flows
         yield GaugeMetricFamily(f"{PREFIX}_first_cache_entries",
                                 "Flow entries in the VNIC's first cache",

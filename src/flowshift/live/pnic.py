@@ -453,6 +453,8 @@ class PnicVnic:
             "mode": self.mode,
             "reports": self.reports,
             "entries": len(self.owned),
+            "owned": {name: sum(1 for k in self.owned if k.zone == m)
+                      for m, name in enumerate(names)},
             "capacity": self.capacity,
             "offloads": s.offloads,
             "refused": dict(s.refused),
