@@ -278,7 +278,7 @@ def test_metrics_export_the_pnic(elephant: LiveHost):
         assert name in text, name
     assert 'flowshift_live_punts_total{reason="miss"}' in text
     assert 'flowshift_live_flows{machine="gw",tier="pnic"}' in text
-    assert 'flowshift_live_packets_total{tier="pnic",machine="gw",direction="egress"}' in text
+    assert 'flowshift_live_packets_total{direction="egress",machine="gw",tier="pnic"}' in text
 
 
 def test_offload_and_return_commands_name_a_flow_or_all(tmp_path: Path):
