@@ -102,6 +102,8 @@ def ublast(addr: str, port: int, flows: int, packets: int) -> None:
             except TimeoutError:
                 continue
         socks.append(s)
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()  # the bench lets the host settle (offloads done) first
     payload = b"\0" * 18  # a 64-byte frame
     start = time.monotonic()
     for i in range(packets):
@@ -110,31 +112,42 @@ def ublast(addr: str, port: int, flows: int, packets: int) -> None:
     print(json.dumps({"sent": packets, "seconds": time.monotonic() - start}), flush=True)
 
 
-def udp_run(client_ns: str, server_ns: str, flows: int, packets: int) -> float:
-    """Datagrams per second the sink received."""
+def udp_run(client_ns: str, server_ns: str, flows: int, packets: int,
+            settled: Callable[[], bool] = lambda: True) -> float:
+    """Datagrams per second the sink received (in steady state: the blast starts once every
+    flow is established and `settled` says so)."""
     me = [sys.executable, str(Path(__file__).resolve())]
     sink = subprocess.Popen([*me, "--role", "usink", "--ns", server_ns], stdout=subprocess.PIPE,
                             text=True)
     assert sink.stdout is not None
     assert json.loads(sink.stdout.readline()) == {"ready": True}
-    subprocess.run([*me, "--role", "ublast", "--ns", client_ns, "--udp-flows", str(flows),
-                    "--udp-packets", str(packets)], check=True, timeout=TIMEOUT,
-                   capture_output=True)
+    blast = subprocess.Popen([*me, "--role", "ublast", "--ns", client_ns, "--udp-flows",
+                              str(flows), "--udp-packets", str(packets)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert blast.stdout is not None and blast.stdin is not None
+    assert json.loads(blast.stdout.readline()) == {"ready": True}
+    deadline = time.monotonic() + 30
+    while not settled() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blast.stdin.write("\n")
+    blast.stdin.flush()
+    blast.communicate(timeout=TIMEOUT)
     got = json.loads(sink.communicate(timeout=TIMEOUT)[0].splitlines()[-1])
     return float(got["count"] / got["seconds"]) if got["seconds"] else 0.0
 
 
 # -- the paths -------------------------------------------------------------------------------
 
-def live_host(tmp: Path, policy: str, *args: str) -> Callable[[Callable[[str, str], Any]], Any]:
-    def run(body: Callable[[str, str], Any]) -> Any:
+def live_host(tmp: Path, policy: str, *args: str
+              ) -> Callable[[Callable[[str, str, dict[str, str]], Any]], Any]:
+    def run(body: Callable[[str, str, dict[str, str]], Any]) -> Any:
         suffix = "b" + secrets.token_hex(3)
         names = Names(suffix)
         env = {**os.environ, "FLOWSHIFT_LIVE_SUFFIX": suffix}
         try:
             subprocess.run([*CLI, "up", str(host_config(tmp, policy)), *args], env=env,
                            check=True, timeout=TIMEOUT, stdout=subprocess.DEVNULL)
-            out = body(names.machine("gw"), names.wire)
+            out = body(names.machine("gw"), names.wire, env)
             st = json.loads(subprocess.run([*CLI, "status", "--json"], env=env, check=True,
                                            capture_output=True, text=True).stdout)
             if st["pnic"]:
@@ -146,9 +159,9 @@ def live_host(tmp: Path, policy: str, *args: str) -> Callable[[Callable[[str, st
     return run
 
 
-def linux_router(tmp: Path) -> Callable[[Callable[[str, str], Any]], Any]:
+def linux_router(tmp: Path) -> Callable[[Callable[[str, str, dict[str, str]], Any]], Any]:
     """machine ─ Linux router (nftables: the gw machine's firewall, SNAT, conntrack) ─ wire."""
-    def run(body: Callable[[str, str], Any]) -> Any:
+    def run(body: Callable[[str, str, dict[str, str]], Any]) -> Any:
         cfg = load_config(str(host_config(tmp, "never")))
         gw = next(i for i, m in enumerate(cfg.machines) if m.name == "gw")
         routes = lr.Routes([*cfg.machines[gw].addresses,
@@ -171,8 +184,17 @@ def linux_router(tmp: Path) -> Callable[[Callable[[str, str], Any]], Any]:
                               ifindex=idx, state=NUD_PERMANENT)
                     ipr.route("add", dst="0.0.0.0/0", gateway="169.254.9.1", oif=idx,
                               flags=RTNH_F_ONLINK)
-            return body(mns, wns)
+            return body(mns, wns, {})
     return run
+
+
+def offloaded(env: dict[str, str]) -> int:
+    """Flows on the live host's PNIC now (0 without one)."""
+    if not env:
+        return 0
+    st = json.loads(subprocess.run([*CLI, "status", "--json"], env=env, check=True,
+                                   capture_output=True, text=True).stdout)
+    return int(st["pnic"]["entries"]) if st["pnic"] else 1 << 30
 
 
 @click.command()
@@ -205,15 +227,16 @@ def main(mib: int, runs: int, udp_flows: int, udp_packets: int, json_path: str |
         for name, path in tcp_paths:
             # the VNIC path is slow: a smaller transfer keeps the run short
             n = nbytes if "VNIC" not in name else min(nbytes, 32 << 20)
-            secs = path(lambda m, w, n=n: [transfer(m, w, "198.51.100.2", n)
-                                           for _ in range(runs)])
+            secs = path(lambda m, w, env, n=n: [transfer(m, w, "198.51.100.2", n)
+                                                for _ in range(runs)])
             med = statistics.median(secs)
             result[name] = {"bytes": n, "seconds": secs, "MB/s": n / med / 1e6}
             print(f"TCP {name:30} {n / med / 1e6:8.1f} MB/s  (median of {runs}, "
                   f"{n >> 20} MiB: {', '.join(f'{s:.3f}' for s in secs)} s)", flush=True)
         for name, path in (("UDP, kept at the VNIC", live_host(tmp, "never", "--no-pnic")),
                            ("UDP, offloaded to the PNIC", live_host(tmp, "always"))):
-            pps = path(lambda m, w: udp_run(m, w, udp_flows, udp_packets))
+            pps = path(lambda m, w, env: udp_run(m, w, udp_flows, udp_packets,
+                                                 lambda: offloaded(env) >= udp_flows))
             result[name] = {"flows": udp_flows, "packets": udp_packets, "received/s": pps}
             print(f"{name:34} {pps:10.0f} datagrams/s received ({udp_flows} flows, "
                   f"{udp_packets} sent, 64-byte frames)", flush=True)

@@ -355,6 +355,7 @@ class PnicVnic:
             self._refused(flow, RefuseReason.UNHEALTHY)
             return RefuseReason.UNHEALTHY.label
         flow.owner = Tier.PNIC
+        log.debug("offload %s", flow_text(flow.key))
         self.owned[flow.key] = _Offloaded(flow, odir, (flow.packets[0], flow.packets[1]),
                                           (flow.bytes[0], flow.bytes[1]))
         self.stats.offloads += 1
