@@ -111,7 +111,8 @@ def _up(suffix: str, *args: str) -> Iterator[LiveHost]:
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveHost]:
     port = free_port()
-    for host in _up(secrets.token_hex(4), "--metrics-port", str(port)):
+    # the VNIC daemon alone (tests/test_live_pnic.py runs the host with its PNIC)
+    for host in _up(secrets.token_hex(4), "--metrics-port", str(port), "--no-pnic"):
         host.metrics_port = port  # type: ignore[attr-defined]
         yield host
 

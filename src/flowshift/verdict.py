@@ -72,6 +72,7 @@ class ReturnReason(IntEnum):
     WITHDRAW = 5  # graceful PNIC withdrawal: the exact entry came back
     CRASH = 6  # the PNIC died: resumed from the last report
     UNSUPPORTED = 7  # a packet of a shape the PNIC does not run
+    REQUESTED = 8  # an operator asked for it (`flowshift live return`)
 
     @property
     def label(self) -> str:

@@ -7,6 +7,9 @@ socket is made), read one JSON line from each and bound every wait with a timeou
   print {"ready": true} once listening, then {"peer": [addr, port], "bytes": n, "sha256": h}.
 - send ADDR PORT NBYTES: connect, send NBYTES of seeded pseudo-random data, read the answer,
   print {"sha256": sent, "answer": received, "seconds": s}.
+- steps ADDR PORT NBYTES STEPS: connect and print {"ready": true, "sport": local port}; then
+  STEPS times: send the next NBYTES/STEPS bytes of the same data, print {"step": i} and wait
+  for a line on stdin; then as `send`.
 - names ADDR:PORT[,ADDR:PORT...] COUNT: on each endpoint, answer every connection with the
   endpoint's text and close; exit after COUNT connections in all.
 - fetch ADDR PORT COUNT: COUNT sequential connections; print the answers, or the error.
@@ -77,6 +80,26 @@ def send(addr: str, port: str, nbytes: str) -> None:
     with socket.create_connection((addr, int(port)), timeout=TIMEOUT) as s:
         start = time.monotonic()
         s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(1024):
+            answer += chunk
+        seconds = time.monotonic() - start
+    out({"sha256": hashlib.sha256(data).hexdigest(), "answer": answer.decode(),
+         "seconds": seconds})
+
+
+def steps(addr: str, port: str, nbytes: str, count: str) -> None:
+    data = random.Random(7).randbytes(int(nbytes))
+    n = int(count)
+    with socket.create_connection((addr, int(port)), timeout=TIMEOUT) as s:
+        out({"ready": True, "sport": s.getsockname()[1]})
+        sys.stdin.readline()
+        start = time.monotonic()
+        for i in range(n):
+            s.sendall(data[len(data) * i // n:len(data) * (i + 1) // n])
+            out({"step": i})
+            sys.stdin.readline()
         s.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := s.recv(1024):
@@ -235,9 +258,9 @@ def udpstream(addr: str, port: str, count: str) -> None:
     out({"sha256": h.hexdigest(), "resent": resent})
 
 
-ROLES = {"sink": sink, "send": send, "names": names, "fetch": fetch, "probe": probe,
-         "capture": capture, "inject": inject, "halfsend": halfsend, "udpecho": udpecho,
-         "udpstream": udpstream}
+ROLES = {"sink": sink, "send": send, "steps": steps, "names": names, "fetch": fetch,
+         "probe": probe, "capture": capture, "inject": inject, "halfsend": halfsend,
+         "udpecho": udpecho, "udpstream": udpstream}
 
 if __name__ == "__main__":
     netns.setns(sys.argv[1], flags=0)

@@ -57,13 +57,17 @@ def live() -> None:
               help="Serve Prometheus metrics on 127.0.0.1:PORT (root namespace). Default: off.")
 @click.option("--timeout", type=click.FloatRange(0.1, 600), default=60.0, show_default=True,
               help="Seconds to wait for the daemon to answer.")
-def up(config: str, metrics_port: int | None, timeout: float) -> None:
+@click.option("--pnic/--no-pnic", default=True, show_default=True,
+              help="Attach the eBPF PNIC datapath to the host's ports (--no-pnic: the VNIC "
+                   "daemon alone).")
+def up(config: str, metrics_port: int | None, timeout: float, pnic: bool) -> None:
     """Build the host of CONFIG and start its VNIC daemon; return when it is ready."""
     names = _names()
     if os.geteuid() != 0:
         _fail(LiveError("flowshift live up needs root (network namespaces)"))
     try:
-        state = lifecycle.up(config, names, metrics_port=metrics_port or 0, timeout=timeout)
+        state = lifecycle.up(config, names, metrics_port=metrics_port or 0, timeout=timeout,
+                             pnic=pnic)
     except ConfigError as err:
         _fail(err, 2)
         return
@@ -75,7 +79,7 @@ def up(config: str, metrics_port: int | None, timeout: float) -> None:
         return
     machines = ", ".join(p.machine for p in state.ports)
     click.echo(f"live host up: {names.host}, {names.wire}, machines {machines}; "
-               f"VNIC daemon pid {state.pid}")
+               f"VNIC daemon pid {state.pid}" + ("; PNIC attached" if state.pnic else ""))
 
 
 @live.command("down")
@@ -119,6 +123,15 @@ def status(as_json: bool) -> None:
     for v in reply.verdicts:
         who = f"{v.machine} {v.direction}" if v.machine else "(no machine)"
         click.echo(f"  {who}: {v.verdict} {v.reason}: {v.packets}")
+    p = reply.pnic
+    if p:
+        click.echo(f"PNIC {p['mode']}: {p['entries']}/{p['capacity']} entries, "
+                   f"{p['offloads']} offloads, fast path {p['forwarded']} packets")
+        for machine, direction, n, b in p["traffic"]:
+            click.echo(f"  pnic {machine} {direction}: {n} packets, {b} bytes")
+        for what in ("refused", "returned", "punts"):
+            counts = ", ".join(f"{k} {n}" for k, n in sorted(p[what].items())) or "none"
+            click.echo(f"  {what}: {counts}")
 
 
 @live.command("handoff")
@@ -150,3 +163,41 @@ def flows(as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(reply.text, nl=False)
+
+
+def _done(reply: ctl.Reply) -> None:
+    assert isinstance(reply, ctl.Done)
+    if not reply.ok:
+        _fail(LiveError(reply.text))
+    click.echo(reply.text)
+
+
+def _flow_arg(flow: tuple[str, ...], every: bool) -> str:
+    if every == bool(flow):
+        _fail(LiveError("name one FLOW ('tcp SRC:PORT > DST:PORT', as `live flows --json` "
+                        "gives it) or --all"), 2)
+    return " ".join(flow)
+
+
+@live.command("offload")
+@click.argument("flow", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every established flow at the VNIC.")
+def offload(flow: tuple[str, ...], every: bool) -> None:
+    """Move FLOW (e.g. tcp 10.0.0.1:40000 > 198.51.100.2:5001) to the PNIC now."""
+    _done(_ask(_names(), ctl.OffloadRequest(_flow_arg(flow, every))))
+
+
+@live.command("return")
+@click.argument("flow", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every flow the PNIC holds.")
+def return_(flow: tuple[str, ...], every: bool) -> None:
+    """Take FLOW's exact entry back from the PNIC to the VNIC."""
+    _done(_ask(_names(), ctl.ReturnRequest(_flow_arg(flow, every))))
+
+
+@live.command("pnic")
+@click.argument("action", type=click.Choice(["withdraw", "crash", "restore"]))
+def pnic(action: str) -> None:
+    """Failure drills: withdraw (entries back exact, punt-all), crash (the map lost, flows
+    resumed from the last report, punt-all), restore (the fast path again)."""
+    _done(_ask(_names(), ctl.PnicRequest(action)))

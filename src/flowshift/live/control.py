@@ -10,6 +10,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -31,7 +32,20 @@ class HandoffRequest(msgspec.Struct, tag=True):
     machine: str
 
 
-Request = StatusRequest | FlowsRequest | HandoffRequest
+class OffloadRequest(msgspec.Struct, tag=True):
+    flow: str = ""  # a flow's original tuple (pnic.flow_text); "" for every flow
+
+
+class ReturnRequest(msgspec.Struct, tag=True):
+    flow: str = ""
+
+
+class PnicRequest(msgspec.Struct, tag=True):
+    action: str  # withdraw | crash | restore
+
+
+Request = (StatusRequest | FlowsRequest | HandoffRequest | OffloadRequest | ReturnRequest
+           | PnicRequest)
 
 
 class TrafficRow(msgspec.Struct):
@@ -60,7 +74,7 @@ class PortRow(msgspec.Struct):
 class Status(msgspec.Struct, tag=True):
     pid: int
     uptime_s: float
-    source: str  # the packet source: "af_packet" on the ports today
+    source: str  # the packet source: "punt" (the PNIC's punt device) or "af_packet" (ports)
     ports: list[PortRow]
     metrics: str  # the Prometheus endpoint's URL, "" when off
     traffic: list[TrafficRow]
@@ -70,6 +84,7 @@ class Status(msgspec.Struct, tag=True):
     first_cache: int  # entries in the VNIC's flow tables
     swept: int  # expired flows freed so far
     tiers: dict[str, str] = {}  # machine -> the tier running its chain (machine or vnic)
+    pnic: dict[str, Any] = {}  # the PNIC datapath's state and counters ({} without one)
 
 
 class FlowRow(msgspec.Struct):
@@ -84,6 +99,7 @@ class FlowRow(msgspec.Struct):
     tcp_state: str  # "" when not TCP
     expires_in_s: int
     line: str  # the conntrack-style line of `live flows`
+    flow: str = ""  # the original tuple as `live offload` / `live return` take it
 
 
 class Flows(msgspec.Struct, tag=True):
@@ -106,7 +122,16 @@ class Failed(msgspec.Struct, tag=True):
     error: str
 
 
-Reply = Status | Flows | HandoffDone | Failed
+
+class Done(msgspec.Struct, tag=True):
+    """The answer to an offload, return or PNIC drill."""
+
+    ok: bool
+    count: int  # flows moved
+    text: str  # one line for the user; notes on flows not moved
+
+
+Reply = Status | Flows | HandoffDone | Failed | Done
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -36,6 +36,7 @@ from flowshift.live.engine import (
 )
 from flowshift.live.names import Names
 from flowshift.live.pipeline import Pipeline, Wiring, mac_bytes
+from flowshift.live.pnic import PnicVnic, flow_text
 from flowshift.live.source import AfPacketPorts, PacketSource
 from flowshift.live.state import LiveState, load_path
 from flowshift.services.conntrack_tcp import TcpState
@@ -62,6 +63,7 @@ class Daemon:
         self.swept = 0
         self.stopping = False
         self.ports: AfPacketPorts | None = None
+        self.pnic: PnicVnic | None = None  # the eBPF datapath, when `up` attached one
         self.sel = selectors.DefaultSelector()
         self.policy = OffloadPolicy(self.config.offload, self.config.pnic)
         self.guests: dict[int, guest.Conntrack] = {}  # machine-tier machines' ctnetlink
@@ -79,12 +81,19 @@ class Daemon:
     def open(self) -> None:
         """Metrics (root namespace), then fs-host: the ports and the control socket."""
         if self.state.metrics_port:
-            metrics.serve(self.pipeline, self.port_rows, self.state.metrics_port)
+            metrics.serve(self.pipeline, self.port_rows, self.state.metrics_port,
+                          lambda: self.pnic.snapshot if self.pnic is not None else {})
         netns.setns(self.names.host, flags=0)
         for m, machine in enumerate(self.config.machines):
             if self.pipeline.machine_tier[m]:
                 self.guests[m] = guest.Conntrack(self.names.machine(machine.name))
-        self.ports = AfPacketPorts(self.port_names)
+        if self.state.pnic:  # the ports only transmit; the punt device is the source
+            self.ports = AfPacketPorts(self.port_names, receive=False)
+            self.pnic = PnicVnic(self.state, self.config, self.pipeline, self.ports,
+                                 self.names.host)
+            self.sel.register(self.pnic.source.sock, selectors.EVENT_READ, ("punt", None))
+        else:
+            self.ports = AfPacketPorts(self.port_names)
         # the packet source: the ports themselves until the PNIC datapath punts to a device
         self.source: PacketSource = self.ports
         for i, s in enumerate(self.source.sockets()):
@@ -129,12 +138,17 @@ class Daemon:
                             continue
                         if out >= 0:
                             send(out, data)
+                elif kind == "punt":
+                    assert self.pnic is not None
+                    self.pnic.on_punts()
                 elif kind == "listen":
                     self._accept()
                 elif kind == "conn":
                     self._on_control(key.fileobj, index)  # type: ignore[arg-type]
                 else:
                     self.wake_r.recv(64)
+            if self.pnic is not None:
+                self.pnic.tick()
             if time.monotonic() >= next_tick:
                 ports.count_drops()
                 next_tick = time.monotonic() + TICK
@@ -147,6 +161,8 @@ class Daemon:
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
 
     def close(self) -> None:
+        if self.pnic is not None:
+            self.pnic.close()
         if self.ports is not None:
             self.ports.close()
         for ct in self.guests.values():
@@ -194,10 +210,14 @@ class Daemon:
             conn.close()
 
     def _answer(self, req: ctl.Request) -> ctl.Reply:
+        if self.pnic is not None and isinstance(req, ctl.StatusRequest | ctl.FlowsRequest):
+            self.pnic.refresh()  # the PNIC's flows and counters as of now
         if isinstance(req, ctl.FlowsRequest):
             return self.flows()
         if isinstance(req, ctl.HandoffRequest):
             return self.handoff(req.machine)
+        if isinstance(req, ctl.OffloadRequest | ctl.ReturnRequest | ctl.PnicRequest):
+            return self._pnic_answer(req)
         if self.ports is not None:
             self.ports.count_drops()
         return self.status()
@@ -209,7 +229,7 @@ class Daemon:
         port = self.state.metrics_port
         return ctl.Status(
             pid=os.getpid(), uptime_s=round(time.monotonic() - self.started, 3),
-            source="af_packet", ports=self.port_rows(),
+            source="punt" if self.pnic is not None else "af_packet", ports=self.port_rows(),
             metrics=f"http://127.0.0.1:{port}/metrics" if port else "",
             traffic=[ctl.TrafficRow(t, m, d, n, b) for (t, m, d), (n, b) in
                      sorted(c.traffic().items())],
@@ -218,7 +238,8 @@ class Daemon:
                    for name, chain in zip(p.names, p.chains, strict=True)},
             flows_created=dict(sorted(c.flows_created.items())),
             first_cache=p.first_cache(), swept=self.swept,
-            tiers={name: p.tier(m) for m, name in enumerate(p.names)})
+            tiers={name: p.tier(m) for m, name in enumerate(p.names)},
+            pnic=self.pnic.snapshot if self.pnic is not None else {})
 
     # -- the machine tier ----------------------------------------------------------------------
 
@@ -263,6 +284,33 @@ class Daemon:
                                round(done.seconds, 6),
                                {k: round(v, 6) for k, v in done.phases.items()})
 
+    def _pnic_answer(self, req: ctl.OffloadRequest | ctl.ReturnRequest | ctl.PnicRequest
+                     ) -> ctl.Done:
+        pnic = self.pnic
+        if pnic is None:
+            return ctl.Done(False, 0, "no PNIC: the live host is up with --no-pnic")
+        try:
+            if isinstance(req, ctl.OffloadRequest):
+                n, notes = pnic.offload_cmd(req.flow)
+                return ctl.Done(bool(n) or not notes, n,
+                                "; ".join([f"offloaded {n} flow(s)", *notes]))
+            if isinstance(req, ctl.ReturnRequest):
+                n = pnic.return_cmd(req.flow)
+                return ctl.Done(True, n, f"returned {n} flow(s)")
+            if req.action == "withdraw":
+                n = pnic.withdraw()
+                return ctl.Done(True, n, f"PNIC withdrawn: {n} flow(s) back, punt-all")
+            if req.action == "crash":
+                n = pnic.crash()
+                return ctl.Done(True, n, f"PNIC crashed: {n} flow(s) resumed from the last "
+                                "report, punt-all")
+            if req.action == "restore":
+                pnic.restore()
+                return ctl.Done(True, 0, "PNIC restored: fast path on")
+            return ctl.Done(False, 0, f"unknown PNIC action {req.action!r}")
+        except ValueError as err:
+            return ctl.Done(False, 0, str(err))
+
     def flows(self) -> ctl.Flows:
         now = time.monotonic_ns()
         views = [FlowView(flow.copy(), name, Tier(flow.owner).name.lower())
@@ -281,7 +329,8 @@ class Daemon:
                 reply=(format_addr(r.src), format_addr(r.dst), r.sport, r.dport),
                 packets=(f.packets[0], f.packets[1]), bytes=(f.bytes[0], f.bytes[1]),
                 tcp_state=TcpState(f.tcp.state).name if f.tcp is not None else "",
-                expires_in_s=max(0, (f.expires - now) // SECOND), line=flow_line(v, now)))
+                expires_in_s=max(0, (f.expires - now) // SECOND), line=flow_line(v, now),
+                flow=flow_text(k)))
         rows.sort(key=lambda r: (r.machine, r.line))
         return ctl.Flows(text=flow_dump(views, now), flows=rows)
 

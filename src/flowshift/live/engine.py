@@ -6,12 +6,15 @@ classifier as the replay host and the same `Chain`. Nothing here adds behaviour.
 
 from flowshift.config import ConfigError, HostConfig, load_config, parse_config, to_dict
 from flowshift.entry import Flow, Tier, chain_bits
-from flowshift.host import Classifier, FlowView
+from flowshift.flow import FlowKey
 from flowshift.nft import Ports, render, sysctl_lines, table_name
-from flowshift.offload import OffloadPolicy
+from flowshift.offload import OffloadPolicy, established
 from flowshift.packet.parse import parse
 from flowshift.report import flow_dump, flow_line
 from flowshift.services.chain import EGRESS, INGRESS, Chain
+from flowshift.stats import FlowView
+from flowshift.tiers.classify import Classifier
+from flowshift.tiers.vnic import resume
 
 __all__ = [
     "EGRESS",
@@ -20,18 +23,21 @@ __all__ = [
     "Classifier",
     "ConfigError",
     "Flow",
+    "FlowKey",
     "FlowView",
     "HostConfig",
     "OffloadPolicy",
     "Ports",
     "Tier",
     "chain_bits",
+    "established",
     "flow_dump",
     "flow_line",
     "load_config",
     "parse",
     "parse_config",
     "render",
+    "resume",
     "sysctl_lines",
     "table_name",
     "to_dict",

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from flowshift.live import control as ctl
-from flowshift.live import guest, topology
+from flowshift.live import guest, pnic_setup, topology
 from flowshift.live import state as st
 from flowshift.live.engine import load_config, to_dict
 from flowshift.live.names import LiveError, Names
@@ -29,9 +29,11 @@ POLL = 0.05
 
 
 def up(config_path: str, names: Names, *, metrics_port: int = 0,
-       timeout: float = 30.0) -> st.LiveState:
+       timeout: float = 30.0, pnic: bool = True) -> st.LiveState:
     cfg = load_config(config_path)
     plan = topology.plan(cfg, names, config_path)
+    if pnic:
+        pnic_setup.build()  # compile errors before anything is made
     state = st.LiveState(version=st.VERSION, suffix=names.suffix,
                          config_path=os.path.abspath(config_path), config=to_dict(cfg),
                          metrics_port=metrics_port)
@@ -46,6 +48,10 @@ def up(config_path: str, names: Names, *, metrics_port: int = 0,
         for m, machine in enumerate(plan.machines):
             if machine.inside:  # the machine tier: the guest router runs the chain in Linux
                 guest.apply(cfg, m, machine.netns)
+        if pnic:
+            state.pnic, state.pins = True, str(pnic_setup.pin_dir(names.host))
+            st.save(names, state)  # before the daemon pins anything
+            pnic_setup.make_pair(names.host)
         proc = _spawn(names)
         state.pid = proc.pid
         st.save(names, state)
@@ -125,6 +131,8 @@ def _stop_daemon(pid: int, names: Names) -> None:
 
 def _remove(names: Names, state: st.LiveState) -> list[str]:
     _stop_daemon(state.pid, names)
+    if state.pins:  # a daemon killed before its datapath's close left them
+        pnic_setup.unpin(Path(state.pins))
     removed = topology.teardown(reversed(state.netns))
     st.remove(names)
     return removed

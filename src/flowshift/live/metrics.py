@@ -5,12 +5,16 @@ The event loop only bumps integers in dicts; this collector copies them when Pro
 The endpoint listens on 127.0.0.1 of the root network namespace: the daemon opens it before it
 enters fs-host, and the socket stays where it was made.
 
-Punts by reason are not exported yet: there is no PNIC datapath to punt.
+With the PNIC attached, its figures come from the daemon's last report of the datapath
+(`PnicVnic.snapshot`, taken every report interval): tier `pnic` traffic from the entries'
+counters, offloads, refusals and returns by reason, second-cache occupancy, HELD punts handled,
+and the datapath's per-CPU punt counters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,9 +27,11 @@ PREFIX = "flowshift_live"
 
 
 class PipelineCollector(Collector):
-    def __init__(self, pipeline: Pipeline, ports: Callable[[], list[PortRow]]) -> None:
+    def __init__(self, pipeline: Pipeline, ports: Callable[[], list[PortRow]],
+                 pnic: Callable[[], dict[str, Any]] = dict) -> None:
         self.pipeline = pipeline
         self.ports = ports
+        self.pnic = pnic
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         c = self.pipeline.counters
@@ -37,6 +43,10 @@ class PipelineCollector(Collector):
         for (tier, machine, direction), (n, b) in traffic.items():
             packets.add_metric([tier, machine, direction], n)
             nbytes.add_metric([tier, machine, direction], b)
+        snap = self.pnic()
+        for machine, direction, n, b in snap.get("traffic", []):
+            packets.add_metric(["pnic", machine, direction], n)
+            nbytes.add_metric(["pnic", machine, direction], b)
         yield packets
         yield nbytes
         verdicts = CounterMetricFamily(
@@ -53,10 +63,14 @@ class PipelineCollector(Collector):
         yield created
         flows = GaugeMetricFamily(f"{PREFIX}_flows", "Flow entries held, by owner tier",
                                   labels=("machine", "tier"))
+        owned = snap.get("owned", {})  # PNIC flows: their shadows are in the chains' tables
         for m, (name, chain) in enumerate(zip(self.pipeline.names, self.pipeline.chains,
                                               strict=True)):
-            if not self.pipeline.machine_tier[m]:  # the guest's flows are in its own kernel
-                flows.add_metric([name, "vnic"], len(chain.flows))
+            if self.pipeline.machine_tier[m]:  # the guest's flows are in its own kernel
+                continue
+            flows.add_metric([name, "vnic"], len(chain.flows) - owned.get(name, 0))
+            if snap:
+                flows.add_metric([name, "pnic"], owned.get(name, 0))
         yield flows
         yield GaugeMetricFamily(f"{PREFIX}_first_cache_entries",
                                 "Flow entries in the VNIC's first cache",
@@ -70,10 +84,32 @@ class PipelineCollector(Collector):
             tx.add_metric([row.ifname], row.tx_errors)
         yield rx
         yield tx
+        if snap:
+            yield from _pnic_metrics(snap)
 
 
-def serve(pipeline: Pipeline, ports: Callable[[], list[PortRow]], port: int) -> None:
+def _pnic_metrics(snap: dict[str, Any]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    yield CounterMetricFamily(f"{PREFIX}_offloads", "Flows moved to the PNIC",
+                              value=snap["offloads"])
+    for name, key, text in (("refusals", "refused", "Offers the VNIC did not make or the "
+                             "PNIC refused, by reason"),
+                            ("returns", "returned", "Flows taken back from the PNIC, by reason"),
+                            ("punts", "punts", "Packets the datapath punted, by reason")):
+        fam = CounterMetricFamily(f"{PREFIX}_{name}", text, labels=("reason",))
+        for reason, n in sorted(snap[key].items()):
+            fam.add_metric([reason], n)
+        yield fam
+    yield CounterMetricFamily(f"{PREFIX}_pnic_forwarded", "Packets the fast path processed",
+                              value=snap["forwarded"])
+    yield CounterMetricFamily(f"{PREFIX}_held_handled", "Packets of held flows (handoffs in "
+                              "progress) handled in software", value=snap["held_handled"])
+    yield GaugeMetricFamily(f"{PREFIX}_second_cache_entries", "Flow entries in the PNIC's "
+                            "second cache", value=snap["entries"])
+
+
+def serve(pipeline: Pipeline, ports: Callable[[], list[PortRow]], port: int,
+          pnic: Callable[[], dict[str, Any]] = dict) -> None:
     """Start the endpoint on 127.0.0.1:port (in the caller's network namespace)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PipelineCollector(pipeline, ports))
+    registry.register(PipelineCollector(pipeline, ports, pnic))
     start_http_server(port, addr="127.0.0.1", registry=registry)

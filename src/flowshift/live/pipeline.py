@@ -203,7 +203,7 @@ class Pipeline:
 
     def sweep(self, now: int) -> int:
         """Free expired flows; how many."""
-        return sum(len(chain.flows.sweep(now)) for chain in self.chains)
+        return sum(len(chain.flows.sweep(now, keep=Tier.PNIC)) for chain in self.chains)
 
     def first_cache(self) -> int:
         """Flow entries the VNIC holds (expired ones until the next sweep)."""

@@ -40,6 +40,8 @@ class LiveState(msgspec.Struct):
     pid: int = 0  # the daemon's
     metrics_port: int = 0  # 0: no metrics endpoint
     ready: bool = False
+    pnic: bool = False  # the eBPF datapath is attached (the daemon loads it)
+    pins: str = ""  # its pin directory under /sys/fs/bpf, removed by `down`
 
 
 def create(names: Names, state: LiveState) -> None:
