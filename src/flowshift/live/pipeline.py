@@ -120,15 +120,21 @@ class Pipeline:
             return -1
         uplink = self.wiring.uplink
         m, direction = self.classifier.classify(pkt)
-        if 0 <= port < uplink:
-            if self.machine_tier[port]:
+        came = port
+        if port == UNKNOWN_PORT:
+            # the PNIC's punts do not say where they came in: a frame with a machine's own or
+            # public source came from that machine's port (steering is by address alone)
+            came = m if m >= 0 and direction == EGRESS else self.classifier.public.get(
+                pkt.src, UNKNOWN_PORT)
+        if 0 <= came < uplink:
+            if self.machine_tier[came]:
                 # the guest judged it: pass it if its source is the machine's (inside, or a
                 # public address the guest translated to); the rest is dropped as below
-                if (m == port and direction == EGRESS) or self.classifier.public.get(
-                        pkt.src, -1) == port:
-                    return self._pass(port, EGRESS, data, uplink)
-            elif now < self.drain_until[port] and self._judged_by_guest(port, pkt):
-                return self._pass(port, EGRESS, data, uplink)
+                if (m == came and direction == EGRESS) or self.classifier.public.get(
+                        pkt.src, -1) == came:
+                    return self._pass(came, EGRESS, data, uplink)
+            elif now < self.drain_until[came] and self._judged_by_guest(came, pkt):
+                return self._pass(came, EGRESS, data, uplink)
         if m < 0:
             self._count(-1, -1, _BYPASS, _NO_MACHINE, -1)
             return -1
