@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowshift.config import LbPool, MachineConfig
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.packet.view import Packet
@@ -63,12 +64,14 @@ _tcp_packet = ct_tcp.tcp_packet
 _new_key = tuple.__new__  # FlowKey(...) without NamedTuple's Python-level __new__
 
 
-def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None:
-    """A packet of a tracked flow. None: the flow must be destroyed and the packet is new."""
+def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int,
+                 knobs: Knobs = DEFAULT_KNOBS) -> Outcome | None:
+    """A packet of a tracked flow. None: the flow must be destroyed and the packet is new.
+    knobs: the sysctls of the chain's conntrack table."""
     proto = flow.key.proto
     if proto == PROTO_TCP:
         tcp = flow.tcp
-        res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0)
+        res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0, knobs)
         action = res.action
         if action == _TCP_REOPEN:
             return None
@@ -88,11 +91,11 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
         elif res.timeout_ns > 0:
             flow.expires = now + res.timeout_ns
     elif proto == PROTO_UDP:
-        udp_update(flow, fdir, now)
+        udp_update(flow, fdir, now, knobs)
         if fdir:
             flow.status |= _SEEN_REPLY
     else:
-        (icmp_update if proto in _ECHO_REQUESTS else generic_update)(flow, fdir, now)
+        (icmp_update if proto in _ECHO_REQUESTS else generic_update)(flow, fdir, now, knobs)
         if fdir:
             flow.status |= _SEEN_REPLY
     flow.packets[fdir] += 1
@@ -114,6 +117,7 @@ class Chain:
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
         self.flows = FlowTable()
+        self.knobs = machine.conntrack.knobs()  # the sysctls of this machine's conntrack table
         self._picked: LbPool | None = None  # a pool whose pick the decision under way took
 
     # -- lookups (a subclass may resolve flows whose state lives on another tier) ------------
@@ -154,7 +158,7 @@ class Chain:
         hit = self.lookup(key, now)
         if hit is not None:
             flow, fdir = hit
-            out = process_flow(pkt, flow, fdir, now)
+            out = process_flow(pkt, flow, fdir, now, self.knobs)
             if out is not None:
                 return out
             self.flows.remove(flow)  # TCP reopen: the old conntrack is gone, start anew
@@ -176,7 +180,7 @@ class Chain:
         tcp = None
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
-            if not ct_tcp.tcp_new(tcp, pkt):
+            if not ct_tcp.tcp_new(tcp, pkt, self.knobs):
                 return Outcome(Verdict.DROP, Reason.INVALID)
         elif proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
                                           or pkt.icmp_type != _ECHO_REQUESTS[proto]):
@@ -213,16 +217,16 @@ class Chain:
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
         if proto == PROTO_TCP:
-            res = ct_tcp.tcp_packet(tcp, 0, pkt, False)
+            res = ct_tcp.tcp_packet(tcp, 0, pkt, False, self.knobs)
             if res.action != ct_tcp.TcpAction.ACCEPT or res.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
             flow.expires = now + res.timeout_ns
         elif proto == PROTO_UDP:
-            udp_update(flow, 0, now)
+            udp_update(flow, 0, now, self.knobs)
         elif proto in _ECHO_REQUESTS:
-            icmp_update(flow, 0, now)
+            icmp_update(flow, 0, now, self.knobs)
         else:
-            generic_update(flow, 0, now)
+            generic_update(flow, 0, now, self.knobs)
         flow.packets[0] = 1
         flow.bytes[0] = pkt.ip_total
         self.flows.add(flow)

@@ -6,7 +6,7 @@ looks it up (lazy), and a periodic sweep (`sweep`, driven by the host on trace t
 memory of flows nobody looked up again, without changing any result.
 TCP tracking lives in conntrack_tcp.py. Any other protocol is tracked as Linux's generic
 tracker does (nf_conntrack_proto_generic): by addresses and protocol, every packet refreshing
-a 600 s timeout.
+a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]` table).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
+    DEFAULT_KNOBS,
     GENERIC_TIMEOUT,
     ICMP_TIMEOUT,
     SECOND,
     UDP_STREAM_AFTER,
     UDP_TIMEOUT_REPLIED,
     UDP_TIMEOUT_UNREPLIED,
+    Knobs,
 )
 from flowshift.entry import Flow, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
@@ -35,36 +37,39 @@ _SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds en
 _ASSURED = int(Status.ASSURED)
 
 
-def udp_update(flow: Flow, direction: int, now: int) -> None:
+def udp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
     """Linux nf_conntrack_udp_packet: the timeout and ASSURED for one packet of a tracked flow."""
     if flow.status & _SEEN_REPLY:
-        timeout = UDP_TIMEOUT_UNREPLIED
+        timeout = knobs.udp_timeout
         if now > flow.stream_ts:
-            timeout = UDP_TIMEOUT_REPLIED
+            timeout = knobs.udp_timeout_stream
             flow.status |= _ASSURED
         flow.expires = now + timeout
     else:
-        flow.expires = now + UDP_TIMEOUT_UNREPLIED
+        flow.expires = now + knobs.udp_timeout
 
 
-def icmp_update(flow: Flow, direction: int, now: int) -> None:
-    """Linux nf_conntrack_icmp_packet: every packet refreshes the timeout."""
-    flow.expires = now + ICMP_TIMEOUT
+def icmp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
+    """Linux nf_conntrack_icmp_packet / icmpv6: every packet refreshes the timeout."""
+    flow.expires = now + (knobs.icmp_timeout if flow.key.proto == PROTO_ICMP
+                          else knobs.icmpv6_timeout)
 
 
-def generic_update(flow: Flow, direction: int, now: int) -> None:
+def generic_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
     """Linux nf_conntrack_generic: every packet refreshes the timeout."""
-    flow.expires = now + GENERIC_TIMEOUT
+    flow.expires = now + knobs.generic_timeout
 
 
-def generic_timeout(flow: Flow) -> int:
+def generic_timeout(flow: Flow, knobs: Knobs = DEFAULT_KNOBS) -> int:
     """The timeout a packet of this non-TCP flow would give it now."""
     proto = flow.key.proto
     if proto == PROTO_UDP:
-        return UDP_TIMEOUT_REPLIED if flow.status & _SEEN_REPLY else UDP_TIMEOUT_UNREPLIED
-    if proto in (PROTO_ICMP, PROTO_ICMPV6):
-        return ICMP_TIMEOUT
-    return GENERIC_TIMEOUT
+        return knobs.udp_timeout_stream if flow.status & _SEEN_REPLY else knobs.udp_timeout
+    if proto == PROTO_ICMP:
+        return knobs.icmp_timeout
+    if proto == PROTO_ICMPV6:
+        return knobs.icmpv6_timeout
+    return knobs.generic_timeout
 
 
 class FlowTable:

@@ -116,13 +116,14 @@ def punt_reason(mem, e, f, full, now):
 
 @kernel()
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
-                  returned, machine, direction, mem, state, keys, vals, inside, public, f,
-                  punts):
+                  returned, machine, direction, mem, state, keys, vals, inside, public, knobs,
+                  f, punts):
     """Run the selected packets of a batch; (packets processed, entries returned).
 
     buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
-    f: N_FIELDS int64, the parser's field vector (kernels allocate nothing); punts: counts by
-    PuntReason code, incremented.
+    knobs: int64 rows, one per machine (zone), of conntrack_types.Knobs.row(); f: N_FIELDS
+    int64, the parser's field vector (kernels allocate nothing); punts: counts by PuntReason
+    code, incremented.
     """
     processed = 0
     gone = 0
@@ -170,7 +171,7 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
             punts[why] += 1
             gone += 1
             continue
-        v, r = process_flow(mem, e, hit & 1, buf, s, f, now)
+        v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
         verdict[i] = v
         reason[i] = r
         machine[i] = m

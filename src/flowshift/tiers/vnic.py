@@ -32,18 +32,14 @@ from dataclasses import dataclass
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
-from flowshift.services.conntrack import (
-    GENERIC_TIMEOUT,
-    ICMP_TIMEOUT,
-    UDP_TIMEOUT_UNREPLIED,
-    generic_timeout,
-)
+from flowshift.services.conntrack import generic_timeout
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
@@ -54,10 +50,6 @@ _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = 1 << 63
-# No packet the PNIC processes gives its entry less life than this: a sync finds nothing
-# expired before the earliest known expiry or this long after the earliest packet since.
-MIN_TIMEOUT = min(t for t in (*ct_tcp.TCP_TIMEOUTS_NS, UDP_TIMEOUT_UNREPLIED, ICMP_TIMEOUT,
-                              GENERIC_TIMEOUT) if t > 0)
 
 
 class VnicChain(Chain):
@@ -96,6 +88,10 @@ class Vnic:
                  batch: int = 256) -> None:
         self.names = [m.name for m in config.machines]
         self.capacity = config.pnic.capacity
+        # No packet the PNIC processes gives its entry less life than this (the shortest
+        # timeout of any machine's conntrack table): a sync finds nothing expired before the
+        # earliest known expiry or this long after the earliest packet since.
+        self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in config.machines)
         self.chains: list[VnicChain | None] = [None] * len(config.machines)
         self.link = link
         self.policy = policy
@@ -257,7 +253,7 @@ class Vnic:
                                   [p.pkt.linktype for p in b], [p.pkt.wire_len for p in b]))
         self.packets_seq += 1
         self.packets_sent[self.packets_seq] = [p.index for p in b]
-        self.lower_floor(min(p.ts for p in b) + MIN_TIMEOUT)
+        self.lower_floor(min(p.ts for p in b) + self.min_timeout)
         self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, self.packets_seq))
         self.synced_at = -1
 
@@ -419,7 +415,7 @@ class Vnic:
         elif isinstance(msg, ch.Synced):
             if msg.next_expiry >= 0:
                 self.lower_floor(msg.next_expiry)
-            self.lower_floor(at + MIN_TIMEOUT)
+            self.lower_floor(at + self.min_timeout)
         elif not isinstance(msg, ch.Entries):
             self._reject("unexpected")
 
@@ -582,7 +578,8 @@ class Vnic:
         self.link.close()
         owned, self.pnic_owned = self.pnic_owned, {}
         for flow in owned.values():
-            resume(flow, now)
+            chain = self.chains[flow.machine]
+            resume(flow, now, chain.knobs if chain is not None else DEFAULT_KNOBS)
             flow.owner = _VNIC
             self.pnic_flows -= 1
             self.stats.count(self.stats.returned, ReturnReason.CRASH.label)
@@ -637,13 +634,14 @@ def _expires(raw: bytes) -> int:
     return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
 
 
-def resume(flow: Flow, now: int) -> None:
-    """After a PNIC crash: continue from the last report, re-learning TCP windows loosely."""
+def resume(flow: Flow, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
+    """After a PNIC crash: continue from the last report, re-learning TCP windows loosely;
+    timeouts are those of the machine's conntrack table (`knobs`)."""
     if flow.tcp is not None:
         ct_tcp.relearn(flow.tcp)
-        timeout = ct_tcp.TCP_TIMEOUTS_NS[flow.tcp.state]
+        timeout = knobs.tcp_timeouts[flow.tcp.state]
     else:
-        timeout = generic_timeout(flow)
+        timeout = generic_timeout(flow, knobs)
     flow.expires = max(flow.expires, now + timeout)
 
 
