@@ -132,7 +132,7 @@ def _conntrack(at: _At, raw: object, base: ConntrackConfig) -> ConntrackConfig:
     """A [conntrack] table: the keys it sets over `base` (sysctl values: booleans may be
     written 0 / 1, timeouts are whole seconds >= 1)."""
     t = _table(at, raw, (), tuple(_CT_FIELDS))
-    values: dict[str, bool | int] = {}
+    values: dict[str, Any] = {}
     for key, value in t.items():
         a = at.key(key)
         if _CT_FIELDS[key] in (bool, "bool"):
