@@ -42,6 +42,7 @@ SHORT = {"tcp_timeout_established": 1, "tcp_timeout_syn_sent": 1, "tcp_timeout_s
 HOSTS = {"firewall": parse_config(FIREWALL_HOST, "test"),
          "gateway": parse_config(GATEWAY_HOST, "test"),
          "gateway-short": parse_config({**GATEWAY_HOST, "conntrack": SHORT}, "test"),
+         "gateway-small": parse_config({**GATEWAY_HOST, "conntrack": {"max": 6}}, "test"),
          "firewall-strict": parse_config(  # per machine: no mid-stream pickup, liberal windows
              {**FIREWALL_HOST, "machine": [
                  {**m, "conntrack": {"tcp_loose": False, "tcp_be_liberal": True,

@@ -85,6 +85,10 @@ NF_CT_TCP_BE_LIBERAL = False  # net.netfilter.nf_conntrack_tcp_be_liberal = 0
 NF_CT_TCP_LOOSE = True  # nf_conntrack_tcp_loose = 1: pick up connections mid-stream
 NF_CT_TCP_MAX_RETRANS = 3  # nf_conntrack_tcp_max_retrans
 NF_CT_TCP_IGNORE_INVALID_RST = False  # nf_conntrack_tcp_ignore_invalid_rst = 0
+# nf_conntrack_max: Linux sizes it from the machine's memory; 0 (which Linux also reads as no
+# limit) keeps flowshift's table unbounded unless a config sets it
+NF_CT_MAX = 0
+NF_CT_EVICTION_RANGE = 8  # hash buckets Linux's early_drop scans from the new entry's
 
 TCP_MAX_WSCALE = 14  # RFC 7323 cap Linux applies to the window scale option
 MAXACKWINCONST = 66000  # floor of the lower bound for acceptable ACKs
@@ -140,6 +144,7 @@ class Knobs:
     tcp_be_liberal: bool = NF_CT_TCP_BE_LIBERAL
     tcp_max_retrans: int = NF_CT_TCP_MAX_RETRANS
     tcp_ignore_invalid_rst: bool = NF_CT_TCP_IGNORE_INVALID_RST
+    max: int = NF_CT_MAX  # entries the table holds at most (0: no limit); not in row()
 
     def row(self) -> tuple[int, ...]:
         """The knobs as the PNIC kernels read them: one int64 row, K_* indexes."""

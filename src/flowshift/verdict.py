@@ -35,6 +35,7 @@ class Reason(IntEnum):
     NOT_IP = 11  # bypass: not an IP packet
     FRAGMENT = 12  # non-first IP fragment: passed untracked
     MALFORMED = 13  # unparsed: see the parse reason
+    TABLE_FULL = 14  # the conntrack table is at its `max` and no entry could be early-dropped
 
     @property
     def label(self) -> str:

@@ -25,6 +25,7 @@ from flowshift.config.model import (
     DIRECTIONS,
     MAX_CAPACITY,
     MAX_COUNT,
+    MAX_CT_MAX,
     MAX_CT_RETRANS,
     MAX_CT_SECONDS,
     MAX_SECONDS,
@@ -143,6 +144,8 @@ def _conntrack(at: _At, raw: object, base: ConntrackConfig) -> ConntrackConfig:
             values[key] = value
         elif key == "tcp_max_retrans":
             values[key] = _int(a, value, 0, MAX_CT_RETRANS)
+        elif key == "max":
+            values[key] = _int(a, value, 0, MAX_CT_MAX)
         else:
             values[key] = _int(a, value, 1, MAX_CT_SECONDS)
     return replace(base, **values)

@@ -87,6 +87,7 @@ _T = ct.TCP_TIMEOUTS_NS
 _S = ct.TcpState
 MAX_CT_SECONDS = (1 << 31) - 1  # sysctl timeouts are C ints of seconds
 MAX_CT_RETRANS = 255  # Linux compares with a u8 counter
+MAX_CT_MAX = (1 << 31) - 1  # nf_conntrack_max is a C int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,7 @@ class ConntrackConfig:
     """Linux's net.netfilter.nf_conntrack_<key> sysctls, timeouts in whole seconds; defaults
     are Linux's (conntrack_types)."""
 
+    max: int = ct.NF_CT_MAX  # 0: no limit
     tcp_loose: bool = ct.NF_CT_TCP_LOOSE
     tcp_be_liberal: bool = ct.NF_CT_TCP_BE_LIBERAL
     tcp_max_retrans: int = ct.NF_CT_TCP_MAX_RETRANS
@@ -133,6 +135,7 @@ class ConntrackConfig:
             tcp_be_liberal=self.tcp_be_liberal,
             tcp_max_retrans=self.tcp_max_retrans,
             tcp_ignore_invalid_rst=self.tcp_ignore_invalid_rst,
+            max=self.max,
         )
 
 

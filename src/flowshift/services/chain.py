@@ -10,6 +10,7 @@ A tier runs a `Chain` built from the machine's config; flows move between chains
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flowshift.config import LbPool, MachineConfig
@@ -116,8 +117,13 @@ class Chain:
         self.rules = RuleSet(machine.firewall) if self.services & Service.FIREWALL else None
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
-        self.flows = FlowTable()
         self.knobs = machine.conntrack.knobs()  # the sysctls of this machine's conntrack table
+        # a bounded table hashes its flows into `max` buckets (Linux's early_drop scans them)
+        self.flows = FlowTable(self.knobs.max)
+        # flows whose packets or entry are on their way between tiers: never early-dropped
+        # (the VNIC sets it), and what to forget of a flow the table drops
+        self.spare: Callable[[FlowKey], bool] | None = None
+        self.dropped: Callable[[Flow], None] | None = None
         self._picked: LbPool | None = None  # a pool whose pick the decision under way took
 
     # -- lookups (a subclass may resolve flows whose state lives on another tier) ------------
@@ -175,9 +181,36 @@ class Chain:
             self.lb.advance(self._picked)
         return out
 
+    def at_limit(self) -> bool:
+        """Is the table full (nf_conntrack_max)? A new flow then needs room first."""
+        cap = self.knobs.max
+        return cap > 0 and len(self.flows) >= cap
+
+    def _room(self, key: FlowKey, now: int) -> bool:
+        """Room for one more conntrack, as Linux's __nf_conntrack_alloc at nf_conntrack_max:
+        expired entries are gone first (flowshift counts live entries only), then early_drop
+        evicts the entries that are not assured from the first of the buckets it scans that
+        has any. Assured flows, and flows of another tier, are never touched."""
+        if not self.at_limit():
+            return True
+        gone = self.flows.sweep(now, keep=Tier.PNIC, spare=self.spare)
+        if not self.at_limit():
+            dropped: list[Flow] = []
+        else:
+            dropped = self.flows.early_drop(key, int(self.tier), self.spare)
+        if self.dropped is not None:
+            for flow in (*gone, *dropped):
+                self.dropped(flow)
+        return not self.at_limit()
+
     def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
         tcp = None
+        if not (proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
+                                             or pkt.icmp_type != _ECHO_REQUESTS[proto])) \
+                and not self._room(key, now):
+            # Linux allocates the conntrack before any rule sees the packet
+            return Outcome(Verdict.DROP, Reason.TABLE_FULL)
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
             if not ct_tcp.tcp_new(tcp, pkt, self.knobs):

@@ -11,12 +11,14 @@ a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]`
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
     DEFAULT_KNOBS,
     GENERIC_TIMEOUT,
     ICMP_TIMEOUT,
+    NF_CT_EVICTION_RANGE,
     SECOND,
     UDP_STREAM_AFTER,
     UDP_TIMEOUT_REPLIED,
@@ -72,14 +74,28 @@ def generic_timeout(flow: Flow, knobs: Knobs = DEFAULT_KNOBS) -> int:
     return knobs.generic_timeout
 
 
-class FlowTable:
-    """Flows of one chain, by both of their keys."""
+def bucket_of(key: FlowKey, buckets: int) -> int:
+    """The hash bucket of one tuple in a bounded table: a fixed hash (CRC-32 of the tuple),
+    so that early drop picks the same entries in every run, whatever PYTHONHASHSEED is."""
+    head = bytes((key.family, key.proto)) + key.zone.to_bytes(4, "big")
+    ports = key.sport.to_bytes(2, "big") + key.dport.to_bytes(2, "big")
+    return zlib.crc32(head + key.src + key.dst + ports) % buckets
 
-    def __init__(self) -> None:
+
+class FlowTable:
+    """Flows of one chain, by both of their keys.
+
+    A bounded table (`buckets` > 0, Linux's nf_conntrack_max) also keeps each flow in the hash
+    buckets of both its tuples, as Linux's table does, for `early_drop`.
+    """
+
+    def __init__(self, buckets: int = 0) -> None:
         self._by_key: dict[FlowKey, tuple[Flow, int]] = {}
         # The flow and direction of a key, live or not (callers check `expires`). The dict's
         # own method: every packet looks its flow up.
         self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
+        self.buckets = buckets
+        self._bucket: dict[int, list[Flow]] = {}  # bucket -> its flows, oldest first
 
     def __len__(self) -> int:
         return len(self._by_key) // 2
@@ -89,15 +105,36 @@ class FlowTable:
             if direction == 0:
                 yield flow
 
+    def _homes(self, flow: Flow) -> set[int]:
+        return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
+
     def add(self, flow: Flow) -> None:
+        old = self._by_key.get(flow.key)
+        if old is not None and old[0] is not flow:
+            self.remove(old[0])  # an entry that replaces its flow's older copy
+        elif old is not None:
+            return
         self._by_key[flow.key] = (flow, 0)
         self._by_key[flow.reply_key] = (flow, 1)
+        if self.buckets:
+            for b in self._homes(flow):
+                self._bucket.setdefault(b, []).append(flow)
 
     def remove(self, flow: Flow) -> None:
         for key in (flow.key, flow.reply_key):
             hit = self._by_key.get(key)
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
+        if self.buckets:
+            for b in self._homes(flow):
+                chain = self._bucket.get(b)
+                if chain is not None:
+                    for i, other in enumerate(chain):
+                        if other is flow:
+                            del chain[i]
+                            break
+                    if not chain:
+                        del self._bucket[b]
 
     def sweep(self, now: int, keep: int = -1,
               spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
@@ -113,3 +150,20 @@ class FlowTable:
         for flow in gone:
             self.remove(flow)
         return gone
+
+    def early_drop(self, key: FlowKey, owner: int,
+                   spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
+        """Linux early_drop for a new entry with tuple `key` in a full table: scan the
+        NF_CT_EVICTION_RANGE buckets from the key's on, and in the first that holds any flow
+        that is not assured, remove every such flow; the flows removed (none: the table stays
+        full). Only flows of tier `owner` that `spare` does not protect are candidates."""
+        home = bucket_of(key, self.buckets)
+        for i in range(NF_CT_EVICTION_RANGE):
+            chain = self._bucket.get((home + i) % self.buckets, [])
+            drop = [flow for flow in chain if not flow.status & _ASSURED
+                    and flow.owner == owner and (spare is None or not spare(flow.key))]
+            for flow in drop:
+                self.remove(flow)
+            if drop:
+                return drop
+        return []

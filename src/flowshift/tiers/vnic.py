@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
-from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.offload import HandoffQueue, OffloadPolicy
@@ -47,6 +47,7 @@ from flowshift.verdict import RefuseReason, ReturnReason, Verdict
 
 _OK = ParseError.OK
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
+_ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = 1 << 63
@@ -127,6 +128,8 @@ class Vnic:
         m = msg.machine
         cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
         chain = VnicChain(cfg, m)
+        chain.spare = self.queue.pending
+        chain.dropped = self._forget
         if chain.lb is not None:
             chain.lb.restore(msg.lb_state)
         for raw in msg.entries:
@@ -167,11 +170,19 @@ class Vnic:
         if flow is not None and flow.owner == _VNIC and self.policy.wants(flow):
             self.consider(item.machine, flow.key, item.ts)
 
+    def _forget(self, flow: Flow) -> None:
+        """A flow the chain's table dropped (expired, or early-dropped to make room)."""
+        self.backoff.pop(flow.key, None)
+
     def _reaches_pnic(self, item: Pending, chain: Chain) -> bool:
         """Can deciding this packet look at a flow the PNIC owns (other than its own)?"""
         if not self.pnic_flows:
             return False
         pkt = item.pkt
+        if chain.at_limit() and (  # a new flow in a full table: it counts the PNIC's flows
+                item.fkey is None or (pkt.proto == PROTO_TCP and pkt.flags & TCP_SYN)
+                or _gone(chain, item.fkey, item.ts)):
+            return True
         if pkt.inner is not None:  # an ICMP error: related to any flow
             return True
         if chain.nat is None and chain.lb is None:  # no tuple clash to check
@@ -195,6 +206,8 @@ class Vnic:
         if hit is None or self.queue.in_transit(fkey):
             return
         flow = hit[0]
+        if chain.knobs.max and not flow.status & _ASSURED:
+            return  # a full table may early-drop it: only assured flows leave for the PNIC
         total = flow.packets[0] + flow.packets[1]
         if total < self.backoff.get(fkey, 0):
             return
@@ -628,6 +641,12 @@ class Vnic:
 _FIELDS = ENTRY_DTYPE.fields
 assert _FIELDS is not None
 _EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
+
+
+def _gone(chain: Chain, key: FlowKey, now: int) -> bool:
+    """Has the VNIC-owned flow of `key` expired (its next packet starts a new flow)?"""
+    hit = chain.flows.get(key)
+    return hit is not None and hit[0].owner == _VNIC and hit[0].expires <= now
 
 
 def _expires(raw: bytes) -> int:
