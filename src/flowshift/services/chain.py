@@ -17,7 +17,7 @@ from flowshift.config import LbPool, MachineConfig
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
-from flowshift.packet.view import Packet
+from flowshift.packet.view import TCP_ACK, TCP_SYN, Packet
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.conntrack import (
     ICMP_ECHO_REQUEST,
@@ -62,6 +62,8 @@ _TCP_REOPEN = ct_tcp.TcpAction.REOPEN
 _TCP_INVALID = ct_tcp.TcpAction.INVALID
 _TCP_IGNORE = ct_tcp.TcpAction.IGNORE
 _tcp_packet = ct_tcp.tcp_packet
+_TIME_WAIT = int(ct_tcp.TcpState.TIME_WAIT)
+_SYN, _SYN_ACK = TCP_SYN, TCP_SYN | TCP_ACK
 _new_key = tuple.__new__  # FlowKey(...) without NamedTuple's Python-level __new__
 
 
@@ -240,7 +242,11 @@ class Chain:
         if not allowed:
             return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
         if direction == EGRESS and self.nat is not None:
-            xlat = self.nat.snat(key, lambda k: self.in_use(k, now))
+            evict = None
+            if tcp is not None and pkt.flags & _SYN_ACK == _SYN:  # the conntrack: SYN_SENT
+                new_end = tcp.seen[0].end
+                evict = lambda k: self._evict_closing(k, new_end, now)  # noqa: E731
+            xlat = self.nat.snat(key, lambda k: self.in_use(k, now), evict)
             if xlat is None:
                 return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)
         elif xlat != key and self.in_use(xlat.reversed(), now):
@@ -266,6 +272,25 @@ class Chain:
         translate(pkt, flow, 0)
         return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule,
                        flow, 0, created=True)
+
+    def _evict_closing(self, reply_key: FlowKey, new_end: int, now: int) -> bool:
+        """Linux nf_nat_used_tuple_harder for a new SYN (original end `new_end`): the flow
+        holding `reply_key` as its reply tuple is evicted when it is a SNAT'd TCP flow in
+        TIME_WAIT or later (CLOSE, SYN_SENT2: Linux's state order) whose original direction
+        the new SYN has passed; True: the tuple is free now."""
+        hit = self.lookup(reply_key, now)
+        if hit is None:
+            return True
+        flow, fdir = hit
+        tcp = flow.tcp
+        if (fdir != 1 or tcp is None or tcp.state < _TIME_WAIT or flow.owner != self.tier
+                or flow.xlat.src == flow.key.src
+                or not ct_tcp.seq_after(new_end, tcp.seen[0].end)):
+            return False
+        self.flows.remove(flow)
+        if self.dropped is not None:
+            self.dropped(flow)
+        return True
 
     def _decide(self, direction: int, tuple_: FlowKey, icmp_type: int) -> tuple[bool, int]:
         if self.rules is None:

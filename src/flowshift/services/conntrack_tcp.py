@@ -72,7 +72,8 @@ __all__ = [  # the tracker, and the conntrack types its users have always taken 
     "TCP_FLAG_SACK_PERM", "TCP_FLAG_SIMULTANEOUS_OPEN", "TCP_FLAG_WINDOW_SCALE", "TCP_MAX_WSCALE",
     "TCP_NONE_SET", "TCP_RST_SET", "TCP_SYNACK_SET", "TCP_SYN_SET", "TCP_TIMEOUTS_NS",
     "TIMEOUT_DESTROY", "TIMEOUT_RETRANS_NS", "TIMEOUT_UNACK_NS", "TIMEOUT_UNCHANGED", "TcpAction",
-    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "tcp_new",
+    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "seq_after",
+    "tcp_new",
     "tcp_packet", "tcp_valid_flags",
 ]
 
@@ -166,6 +167,11 @@ def _before(a: int, b: int) -> bool:
 
 def _after(a: int, b: int) -> bool:
     return ((b - a) & M32) >= 0x80000000
+
+
+def seq_after(a: int, b: int) -> bool:
+    """Linux after(a, b) on u32 sequence numbers (NAT's reuse of a closing tuple uses it)."""
+    return _after(a & M32, b & M32)
 
 
 def tcp_valid_flags(flags: int) -> bool:
