@@ -35,8 +35,6 @@ MISSING = {
        for f in ("v4", "v6") for p in ("fill", "over-bound", "after-expiry")},
     **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"
        for f in ("v4", "v6") for p in ("within", "expired")},
-    **{("ttl", f"{f}-{p}"): "forwarding = router: TTL / hop limit 1 dropped, ttl-exceeded"
-       for f in ("v4", "v6") for p in ("udp-ttl1", "ping-ttl1")},
 }
 
 

@@ -23,7 +23,7 @@ import pytest
 from flowshift import conntrack_types as ct
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from flowshift.packet import parse, rewrite, view
+from flowshift.packet import parse, rewrite, route, view
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.tiers import _pnic_batch as kb
 from flowshift.tiers import _pnic_cache as kc
@@ -84,6 +84,8 @@ FACTS = {
     (kf, "FLAG_CHALLENGE_ACK"): ct.TCP_FLAG_CHALLENGE_ACK,
     (kf, "FLAG_SIMULTANEOUS_OPEN"): ct.TCP_FLAG_SIMULTANEOUS_OPEN,
     (kf, "MAXACKWINCONST"): ct.MAXACKWINCONST,
+    (kf, "TTL_EXCEEDED"): Reason.TTL_EXCEEDED, (kf, "TTL_AT_IPV4"): route.TTL_AT_IPV4,
+    (kf, "HOP_LIMIT_AT_IPV6"): route.HOP_LIMIT_AT_IPV6,
     **{(kf, name): getattr(ct, name) for name in (
         "K_TCP", "K_RETRANS", "K_UNACK", "K_UDP", "K_UDP_STREAM", "K_ICMP", "K_ICMPV6",
         "K_MAX_RETRANS", "K_BE_LIBERAL")},

@@ -33,10 +33,10 @@ from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
-from flowshift.services.chain import Chain, process_flow
+from flowshift.services.chain import Chain, forward_hop, process_flow
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir
 from flowshift.tiers.pnic_engine import PnicEngine
-from flowshift.verdict import PuntReason
+from flowshift.verdict import PuntReason, Reason
 from hosttools import GATEWAY_HOST, REAL
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
@@ -96,7 +96,7 @@ def _arrays(frames: list[tuple[int, bytes, int, int]]):
 
 def run_both(engine: PnicEngine, ref: Reference, classifier: Classifier,
              frames: list[tuple[int, bytes, int, int]], tally: Tally,
-             knobs: Sequence[Knobs] = ()) -> None:
+             knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
     """One batch through the engine, then packet by packet through the reference; compare.
     knobs: each machine's conntrack table, as the engine was given them (default: Linux's)."""
     buf, offset, caplen, wire, linktype, ts = _arrays(frames)
@@ -147,6 +147,8 @@ def run_both(engine: PnicEngine, ref: Reference, classifier: Classifier,
         out = process_flow(pkt, flow, fdir, now,
                            knobs[flow.machine] if knobs else DEFAULT_KNOBS)
         assert out is not None
+        if routing and routing[flow.machine]:
+            out = forward_hop(pkt, out)
         assert (int(verdict[i]), int(reason[i])) == (int(out.verdict), int(out.reason)), i
         assert out_bytes == bytes(pkt.data), f"packet {i}: rewritten bytes differ"
         if n == 1:  # else the engine's entry is already past later packets of the batch
@@ -166,6 +168,7 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
     classifier = Classifier(cfg.machines)
     chains = [Chain(m, i) for i, m in enumerate(cfg.machines)]
     knobs = [chain.knobs for chain in chains]
+    routing = [chain.router for chain in chains]
     rng = random.Random(seed)
     marks = [len(frames) * k // (checkpoints + 1) for k in range(1, checkpoints + 2)]
     tally = Tally()
@@ -180,7 +183,7 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
                 chains[m].process(pkt, direction, now)
         pos = mark
         now = frames[mark][0]
-        engine = PnicEngine(4096, classifier, knobs)
+        engine = PnicEngine(4096, classifier, knobs, routing)
         ref = Reference()
         for chain in chains:
             for flow in chain.flows:
@@ -191,7 +194,8 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
         i = mark
         while i < stop:
             size = rng.choice([1, 7, 64, 1000])
-            run_both(engine, ref, classifier, frames[i:min(i + size, stop)], tally, knobs)
+            run_both(engine, ref, classifier, frames[i:min(i + size, stop)], tally, knobs,
+                     routing)
             i += size
     return tally
 
@@ -227,7 +231,10 @@ SHORT = {"tcp_timeout_established": 3, "tcp_timeout_unacknowledged": 2,
 @pytest.mark.parametrize("conntrack", [SHORT, {**SHORT, "tcp_be_liberal": True}],
                          ids=["short", "short-liberal"])
 def test_generated_gateway_trace_with_tuned_conntrack_matches_reference(tmp_path, conntrack):
-    cfg = parse_config({**GATEWAY_HOST, "conntrack": conntrack}, "gateway")
+    """Non-default sysctls, on a routing machine (TTL decremented on the PNIC too)."""
+    host = {**GATEWAY_HOST, "conntrack": conntrack,
+            "machine": [{**m, "forwarding": "router"} for m in GATEWAY_HOST["machine"]]}
+    cfg = parse_config(host, "gateway")
     path = tmp_path / "gw.pcap"
     generate(TraceSpec(flows=150, duration_s=8.0, seed=5, elephants=3, ipv6_share=0.3,
                        icmp_share=0.05, udp_share=0.2, attack="out-of-window",
@@ -428,6 +435,41 @@ def test_tuned_timeouts_expire_pnic_entries_as_the_reference_does():
     run_both(engine, ref, classifier, [(4 * S, seg, 1, len(seg)), (4 * S, dgram, 1, len(dgram))],
              tally, knobs)
     assert tally.returned["expired"] == 2
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_a_routing_machine_checks_and_decrements_the_ttl_on_the_pnic(router):
+    """forwarding = "router": TTL / hop limit 1 or 0 dropped (ttl-exceeded), 2 and more
+    forwarded one lower with the IPv4 header checksum updated, as the reference does."""
+    machines = [{**m, "forwarding": "router" if router else "bridge"} for m in LAB["machine"]]
+    cfg = parse_config({"machine": machines}, "lab")
+    classifier = Classifier(cfg.machines)
+    engine = PnicEngine(4, classifier, routing=[router])
+    ref = Reference()
+    conn = TcpConn(seen=(TcpDir(1000, 70000, 65535, 5000, 0, 0x22),
+                         TcpDir(5000, 66000, 65535, 1000, 0, 0x22)),
+                   state=3, last_index=3, last_win=65535, seen_reply=True)
+    key = FlowKey(4, PROTO_TCP, 0, _CLIENT4, _SERVER4, 40000, 443)
+    flow = Flow(key=key, xlat=key._replace(src=_PUBLIC4), machine=0, chain=8, tcp=conn,
+                status=Status.SEEN_REPLY | Status.ASSURED | Status.NAT, expires=1000 * S)
+    ref.add(engine.insert(flow.to_bytes()), flow.copy())
+    frames = [(S + ttl, tcp_frame(src=_CLIENT4, dst=_SERVER4, sport=40000, dport=443,
+                                  seq=1000, ack=5000, flags=TCP_ACK, window=65535, ttl=ttl),
+               1, 54) for ttl in (0, 1, 2, 64, 255)]
+    tally = Tally()
+    buf, offset, caplen, wire, linktype, ts = _arrays(frames)
+    verdict = np.zeros(len(frames), np.int8)
+    reason = np.zeros(len(frames), np.int16)
+    engine.process(buf.copy(), offset, caplen, wire, linktype, ts, np.ones(len(frames), bool),
+                   verdict, reason, np.zeros(len(frames), np.int64))
+    want = [Reason.TTL_EXCEEDED] * 2 + [Reason.ESTABLISHED] * 3 if router \
+        else [Reason.ESTABLISHED] * 5
+    assert [Reason(int(r)) for r in reason] == want
+    engine = PnicEngine(4, classifier, routing=[router])
+    ref = Reference()
+    ref.add(engine.insert(flow.to_bytes()), flow.copy())
+    run_both(engine, ref, classifier, frames, tally, routing=[router])
+    assert tally.processed == 5
 
 
 def test_tcp_header_cut_by_snaplen_is_punted():

@@ -41,7 +41,9 @@ SHORT = {"tcp_timeout_established": 1, "tcp_timeout_syn_sent": 1, "tcp_timeout_s
          "udp_timeout_stream": 2, "icmp_timeout": 1, "icmpv6_timeout": 1, "generic_timeout": 1}
 HOSTS = {"firewall": parse_config(FIREWALL_HOST, "test"),
          "gateway": parse_config(GATEWAY_HOST, "test"),
-         "gateway-short": parse_config({**GATEWAY_HOST, "conntrack": SHORT}, "test"),
+         "gateway-short": parse_config(  # and a routing machine: TTL decremented on every tier
+             {**GATEWAY_HOST, "conntrack": SHORT, "machine": [
+                 {**m, "forwarding": "router"} for m in GATEWAY_HOST["machine"]]}, "test"),
          "gateway-small": parse_config({**GATEWAY_HOST, "conntrack": {"max": 6}}, "test"),
          "firewall-strict": parse_config(  # per machine: no mid-stream pickup, liberal windows
              {**FIREWALL_HOST, "machine": [

@@ -36,6 +36,7 @@ class Reason(IntEnum):
     FRAGMENT = 12  # non-first IP fragment: passed untracked
     MALFORMED = 13  # unparsed: see the parse reason
     TABLE_FULL = 14  # the conntrack table is at its `max` and no entry could be early-dropped
+    TTL_EXCEEDED = 15  # a routing machine got a packet with TTL / hop limit 1 or 0
 
     @property
     def label(self) -> str:

@@ -67,6 +67,7 @@ def _machine_dict(m: MachineConfig, host: ConntrackConfig) -> dict[str, Any]:
         "public": [_addr_text(a) for a in m.public],
         "services": list(m.services),
         "start": m.start,
+        "forwarding": m.forwarding,
     }
     if m.firewall is not None:
         out["firewall"] = {

@@ -23,6 +23,7 @@ from typing import Any
 from flowshift.config.model import (
     ACTIONS,
     DIRECTIONS,
+    FORWARDINGS,
     MAX_CAPACITY,
     MAX_COUNT,
     MAX_CT_MAX,
@@ -70,6 +71,7 @@ _PNIC = PnicConfig()
 _OFFLOAD = OffloadConfig()
 _FIREWALL_DEFAULT = "allow" if FirewallConfig().default_allow else "drop"
 _MACHINE_START = fields_default(MachineConfig, "start")
+_MACHINE_FORWARDING = fields_default(MachineConfig, "forwarding")
 _POOL_SCHEDULER = fields_default(LbPool, "scheduler")
 _BACKEND_WEIGHT = fields_default(Backend, "weight")
 _RULE_PROTO = next(k for k, v in PROTOCOLS.items() if v == fields_default(Rule, "proto"))
@@ -202,7 +204,7 @@ def _offload(at: _At, raw: object) -> OffloadConfig:
 def _machine(at: _At, raw: object, conntrack: ConntrackConfig) -> MachineConfig:
     t = _table(
         at, raw, ("name", "addresses", "services"),
-        ("public", "start", "firewall", "nat", "lb", "conntrack"),
+        ("public", "start", "forwarding", "firewall", "nat", "lb", "conntrack"),
     )
     name = _str(at.key("name"), t["name"])
     if not NAME_RE.fullmatch(name):
@@ -234,6 +236,8 @@ def _machine(at: _At, raw: object, conntrack: ConntrackConfig) -> MachineConfig:
         public=public,
         services=services,
         start=_choice(at.key("start"), t.get("start", _MACHINE_START), STARTS, "start tier"),
+        forwarding=_choice(at.key("forwarding"), t.get("forwarding", _MACHINE_FORWARDING),
+                           FORWARDINGS, "forwarding"),
         firewall=firewall,
         nat=nat,
         lb=lb,

@@ -32,6 +32,7 @@ SERVICES = ("firewall", "nat", "lb", "count")  # chain order
 SECTION_SERVICES = ("firewall", "nat", "lb")  # services configured by a section of their own
 POLICIES = ("never", "always", "elephant")
 STARTS = ("machine", "vnic")
+FORWARDINGS = ("bridge", "router")  # how a machine forwards: TTL untouched, or routed
 SCHEDULERS = ("maglev", "round-robin")  # how an LB pool picks the backend of a new flow
 ACTIONS = ("allow", "drop")
 DIRECTIONS: dict[str, int | None] = {"egress": EGRESS, "ingress": INGRESS, "any": None}
@@ -202,6 +203,7 @@ class MachineConfig:
     public: tuple[bytes, ...] = ()  # wire side: addresses it answers for (NAT, VIPs)
     services: tuple[str, ...]  # chain order
     start: str = "machine"  # tier where new flows start: machine | vnic
+    forwarding: str = "bridge"  # bridge: TTL untouched | router: TTL / hop limit decremented
     firewall: FirewallConfig | None = None
     nat: NatConfig | None = None
     lb: tuple[LbPool, ...] = ()

@@ -17,6 +17,7 @@ from flowshift.config import LbPool, MachineConfig
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.packet.route import decrement_ttl
 from flowshift.packet.view import TCP_ACK, TCP_SYN, Packet
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.conntrack import (
@@ -34,7 +35,7 @@ from flowshift.services.rules import EGRESS, INGRESS, RuleSet
 from flowshift.services.xlat import translate, translate_related
 from flowshift.verdict import Reason, Verdict
 
-__all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "process_flow"]
+__all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "forward_hop", "process_flow"]
 
 
 @dataclass(slots=True)
@@ -108,6 +109,26 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int,
     return Outcome(_FORWARD, _ESTABLISHED, -1, flow, fdir)
 
 
+# Decided before a router's ip_forward (prerouting: conntrack allocation, defragmentation,
+# DNAT/LB): the TTL check never sees these packets
+_PREROUTING = frozenset({Reason.TABLE_FULL, Reason.NO_BACKEND, Reason.FRAGMENT})
+
+
+def forward_hop(pkt: Packet, out: Outcome) -> Outcome:
+    """A routing machine's ip_forward on a decided packet: one that arrives with TTL / hop
+    limit 1 or 0 is dropped (ttl-exceeded) whatever the forward hook would have decided (the
+    flow it belongs to was updated by conntrack already, as Linux's prerouting does); a
+    forwarded one leaves with its TTL / hop limit one lower."""
+    if pkt.ttl <= 1:
+        if out.reason in _PREROUTING:
+            return out
+        return Outcome(_DROP, Reason.TTL_EXCEEDED, -1, None if out.created else out.flow,
+                       out.direction)
+    if out.verdict == _FORWARD:
+        decrement_ttl(pkt)
+    return out
+
+
 class Chain:
     """A machine's chain: its config, its flows, and the per-packet pipeline."""
 
@@ -120,6 +141,7 @@ class Chain:
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
         self.knobs = machine.conntrack.knobs()  # the sysctls of this machine's conntrack table
+        self.router = machine.forwarding == "router"  # ip_forward's TTL check and decrement
         # a bounded table hashes its flows into `max` buckets (Linux's early_drop scans them)
         self.flows = FlowTable(self.knobs.max)
         # flows whose packets or entry are on their way between tiers: never early-dropped
@@ -154,6 +176,15 @@ class Chain:
 
     def process(self, pkt: Packet, direction: int, now: int) -> Outcome:
         """Run one parsed IP packet of this machine (`direction`: EGRESS or INGRESS)."""
+        out = self._process(pkt, direction, now)
+        if not self.router:
+            return out
+        hop = forward_hop(pkt, out)
+        if hop is not out and out.created and out.flow is not None:
+            self.flows.remove(out.flow)  # Linux: the unconfirmed conntrack dies with it
+        return hop
+
+    def _process(self, pkt: Packet, direction: int, now: int) -> Outcome:
         if not self.services:
             return Outcome(Verdict.FORWARD, Reason.NONE)
         if pkt.frag_offset:

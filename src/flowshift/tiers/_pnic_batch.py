@@ -18,6 +18,7 @@ from flowshift.tiers._pnic_flow import (
     N_STATES,
     PROTO_TCP,
     TCP_LIFE,
+    forward_hop,
     process_flow,
 )
 from flowshift.tiers._pnic_index import E_PROTO, E_SIZE, head_word, index_remove, lookup
@@ -117,11 +118,12 @@ def punt_reason(mem, e, f, full, now):
 @kernel()
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
                   returned, machine, direction, mem, state, keys, vals, inside, public, knobs,
-                  f, punts):
+                  routing, f, punts):
     """Run the selected packets of a batch; (packets processed, entries returned).
 
     buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
-    knobs: int64 rows, one per machine (zone), of conntrack_types.Knobs.row(); f: N_FIELDS
+    knobs: int64 rows, one per machine (zone), of conntrack_types.Knobs.row(); routing: int8,
+    one per machine, 1 for a routing machine (its TTL is checked and decremented); f: N_FIELDS
     int64, the parser's field vector (kernels allocate nothing); punts: counts by PuntReason
     code, incremented.
     """
@@ -172,6 +174,8 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
             gone += 1
             continue
         v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
+        if routing[m]:
+            v, r = forward_hop(buf, s, f, v, r)
         verdict[i] = v
         reason[i] = r
         machine[i] = m

@@ -19,7 +19,7 @@ from numba.extending import register_jitable
 
 from flowshift import conntrack_types as ct
 from flowshift import entry, flow
-from flowshift.packet import checksum, rewrite, view
+from flowshift.packet import checksum, rewrite, route, view
 from flowshift.services.conntrack_tcp import TCP_CONNTRACKS
 from flowshift.tiers._pnic_index import (
     E_DPORT,
@@ -85,6 +85,9 @@ FORWARD = int(Verdict.FORWARD)
 DROP = int(Verdict.DROP)
 ESTABLISHED = int(Reason.ESTABLISHED)
 INVALID = int(Reason.INVALID)
+TTL_EXCEEDED = int(Reason.TTL_EXCEEDED)
+TTL_AT_IPV4 = route.TTL_AT_IPV4
+HOP_LIMIT_AT_IPV6 = route.HOP_LIMIT_AT_IPV6
 
 SEEN_REPLY = int(ct.Status.SEEN_REPLY)
 ASSURED = int(ct.Status.ASSURED)
@@ -497,3 +500,23 @@ def process_flow(mem, e, d, b, s, f, now, kn, z):
     st64(mem, e + E_LAST_SEEN, now)
     translate(mem, e, d, b, s, f)
     return FORWARD, ESTABLISHED
+
+
+@kernel()
+def forward_hop(b, s, f, v, r):
+    """chain.forward_hop for a routing machine, after process_flow gave (v, r): TTL / hop
+    limit 1 or 0 dropped (ttl-exceeded), else a forwarded frame's one lower (IPv4: with the
+    RFC 1624 update of the header checksum for the word TTL, protocol)."""
+    l3 = s + f[F_L3]
+    v4 = f[F_FAMILY] == 4
+    at = l3 + (TTL_AT_IPV4 if v4 else HOP_LIMIT_AT_IPV6)
+    ttl = numba.int64(b[at])
+    if ttl <= 1:
+        return DROP, TTL_EXCEEDED
+    if v == FORWARD:
+        b[at] = ttl - 1
+        if v4:
+            old = (ttl << 8) | numba.int64(b[at + 1])
+            change = (~old & 0xFFFF) + (old - 0x100)
+            st_be16(b, l3 + CSUM_AT_IPV4, _update_sum(be16(b, l3 + CSUM_AT_IPV4), change))
+    return v, r

@@ -32,7 +32,8 @@ class Pnic:
                  idle_timeout_ns: int, report_interval_ns: int) -> None:
         self.capacity = capacity
         self.engine = PnicEngine(max(capacity, 1), Classifier(machines),
-                                 [m.conntrack.knobs() for m in machines])
+                                 [m.conntrack.knobs() for m in machines],
+                                 [m.forwarding == "router" for m in machines])
         self.idle_timeout = idle_timeout_ns
         self.report_interval = report_interval_ns
         self.zones = len(machines)

@@ -98,7 +98,7 @@ class PnicEngine:
     """The second cache and its compiled data path."""
 
     def __init__(self, capacity: int, classifier: Classifier | None,
-                 knobs: Sequence[Knobs] = ()) -> None:
+                 knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
@@ -113,6 +113,9 @@ class PnicEngine:
         self._live = 0
         self._inside, self._public = _compile_classifier(classifier)
         self._knobs = _knob_table(classifier, knobs)
+        # per machine: 1 routes (forwarding = "router": TTL checked and decremented)
+        self._routing = np.zeros(len(self._knobs), np.int8)
+        self._routing[:len(routing)] = np.array(routing, np.int8)[:len(self._knobs)]
         self._punts = np.zeros(max(PuntReason) + 1, np.int64)  # by PuntReason code
 
     def __len__(self) -> int:
@@ -232,7 +235,7 @@ class PnicEngine:
                                    outs["reason"], outs["returned"], outs["machine"],
                                    outs["direction"], self._mem, self._state, self._keys,
                                    self._vals, self._inside, self._public, self._knobs,
-                                   np.zeros(N_FIELDS, np.int64), self._punts)
+                                   self._routing, np.zeros(N_FIELDS, np.int64), self._punts)
         if work is not buf:
             buf[:] = work
         for name, a in outs.items():  # results computed in a copy go back to the caller's

@@ -828,7 +828,8 @@ def host_toml(case: Case) -> str:
     lines += [
               "[[machine]]", 'name = "gw"', 'addresses = ["10.9.0.0/24", "fd00:9::/64"]',
               f'public = ["{RO4}", "{RO6}"]', 'services = ["firewall", "nat", "count"]',
-              'start = "vnic"', "", "[machine.firewall]", 'default = "drop"', "",
+              'start = "vnic"', 'forwarding = "router"', "", "[machine.firewall]",
+              'default = "drop"', "",
               "[[machine.firewall.rule]]", 'action = "allow"', 'direction = "egress"',
               'proto = "any"']
     for source, to, ports, why in snat:
