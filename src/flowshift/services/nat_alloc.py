@@ -66,8 +66,9 @@ def allocate(
 
     `rewrite_src` picks SNAT (new source address/port) or DNAT (new destination); `ports`
     is an inclusive (low, high) range for the port or ICMP identifier, None for "any".
-    `evict(reply_key)`: evict the flow holding a taken reply key if it may be (True: the
-    tuple is free now); asked for the last HARDER_THRESH candidates of each round only.
+    `evict(reply_key)`: True when the reply key is free, or its holder may be evicted and
+    was (Linux's one lookup for the last HARDER_THRESH candidates of each round, instead of
+    `in_use`).
     """
     if len(addrs.first) != len(original.src):
         raise ValueError(
@@ -98,9 +99,10 @@ def allocate(
         offset = _offset(candidate, rewrite_src, round_no)
         for i in range(attempts):
             key = _with_port(candidate, rewrite_src, low + (offset + i) % size)
-            if free(key):
-                return key
-            if evict is not None and attempts - i <= HARDER_THRESH and evict(key.reversed()):
+            if evict is not None and attempts - i <= HARDER_THRESH:
+                if evict(key.reversed()):  # one lookup: free, or its holder evicted
+                    return key
+            elif free(key):
                 return key
         if attempts >= size or attempts < MIN_ROUND:
             return None
