@@ -121,6 +121,8 @@ def disagreements(case: LinuxCase, results: list[PacketResult]) -> list[str]:
             out.append(f"{where}: ours {got}, Linux {want}")
         elif mine.family == 4 and ones_sum(mine.data[mine.l3:mine.l3 + 20]) != 0xFFFF:
             out.append(f"{where}: bad IPv4 header checksum")
+        elif mine.ttl != theirs.ttl:  # every case's machine routes, as the Linux router does
+            out.append(f"{where}: TTL / hop limit {mine.ttl}, Linux {theirs.ttl}")
         elif comparable_bytes(mine) != comparable_bytes(theirs):
             out.append(f"{where}: bytes differ from Linux's output #{row['output_index']}")
     return out

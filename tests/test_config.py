@@ -308,7 +308,7 @@ ERRORS = [
     (fw('action = "allow"\nsrc = 10'), "machine[0].firewall.rule[0].src", ["expected a string"]),
     # unknown and missing keys
     (f"colour = 1\n{M}services = []", "colour",
-     ["unknown key", "allowed: live, machine, offload, pnic"]),
+     ["unknown key", "allowed: conntrack, live, machine, offload, pnic"]),
     (
         fw('action = "allow"\nprot = "tcp"'),
         "machine[0].firewall.rule[0].prot",

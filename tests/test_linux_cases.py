@@ -35,17 +35,6 @@ MISSING = {
        for f in ("v4", "v6") for p in ("fill", "over-bound", "after-expiry")},
     **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"
        for f in ("v4", "v6") for p in ("within", "expired")},
-    ("ct-timeout", "v4-reply-late"): "tunable conntrack timeouts (nf_conntrack_udp_timeout = 2)",
-    ("ct-timeout", "v6-reply-late"): "tunable conntrack timeouts (nf_conntrack_udp_timeout = 2)",
-    ("ct-tcp", "idle-server-first"): (
-        "tunable conntrack timeouts (nf_conntrack_tcp_timeout_established = 2)"),
-    **{("ct-tcp-strict", p): "tunable conntrack: tcp_timeout_established = 2, tcp_loose = 0"
-       for p in ("idle-client-first", "idle-server-first")},
-    ("nat-ports", "tcp-syn-ahead"): (
-        "NAT reuse of a tuple held by a TIME_WAIT entry whose sequence the new SYN has passed "
-        "(nf_nat_used_tuple_harder)"),
-    **{("ttl", f"{f}-{p}"): "forwarding = router: TTL / hop limit 1 dropped, ttl-exceeded"
-       for f in ("v4", "v6") for p in ("udp-ttl1", "ping-ttl1")},
 }
 
 

@@ -216,3 +216,37 @@ def test_round_robin_goes_on_at_the_vnic_where_the_guest_left_it(guest: Host):
     # the VNIC's cycle continues at slot 1, then wraps
     answers = guest.run("wire", "fetch", "198.51.100.10", "80", "2")["answers"]
     assert answers == ["10.2.0.12:8080", "10.2.0.11:8080"]
+
+
+def test_flows_move_from_the_guest_to_the_vnic_to_the_pnic_mid_stream(guest: Host):
+    """The whole hierarchy on real connections: the guest's Linux ruleset holds them, the
+    machine hands them to its VNIC, the VNIC hands them to the eBPF PNIC, and every byte
+    arrives."""
+    transfers = [("198.51.100.2", "5001", 8 * MB), ("2001:db8::2", "5003", 4 * MB)]
+    sinks = [track(guest, guest.start("wire", "sink", a, p)) for a, p, _ in transfers]
+    echo = track(guest, guest.start("wire", "udpecho", "198.51.100.2", "5010"))
+    senders = [track(guest, guest.start("inside:gw", "halfsend", a, p, str(n)))
+               for a, p, n in transfers]
+    stream = track(guest, guest.start("inside:gw", "udpstream", "198.51.100.2", "5010", "400"))
+    before = guest.flows("gw")
+    assert len(before) >= 3 and set(before.values()) == {"machine"}
+    assert guest.cli("handoff", "gw").returncode == 0
+    assert {guest.flows("gw").get(k) for k in before} == {"vnic"}
+    moved = guest.cli("offload", "--all")
+    assert moved.returncode == 0, moved.stderr
+    after = guest.flows("gw")
+    for key in before:
+        assert after.get(key) == "pnic", (key, after, moved.stdout)
+    for proc in (*senders, stream):
+        go(proc)
+    for (_, _, n), sink, sender in zip(transfers, sinks, senders, strict=True):
+        sent, got = finish(sender), finish(sink)
+        assert got["bytes"] == n and got["sha256"] == sent["sha256"] == sent["answer"]
+    streamed, echoed = finish(stream), finish(echo)
+    assert echoed["received"] == 400 and echoed["sha256"] == streamed["sha256"]
+    status = guest.json("status")
+    traffic = {(t["tier"], t["direction"]): t["packets"]
+               for t in status["traffic"] if t["machine"] == "gw"}
+    assert traffic[("machine", "egress")] > 0 and traffic[("machine", "ingress")] > 0
+    pnic = {(m, d): n for m, d, n, _ in status["pnic"]["traffic"] if m == "gw"}
+    assert pnic[("gw", "egress")] > 0 and pnic[("gw", "ingress")] > 0, status["pnic"]

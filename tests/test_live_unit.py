@@ -4,6 +4,7 @@ control framing, the [live] config table."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,16 @@ def test_plan_refuses_a_peer_that_is_a_machine_address():
     raw = {"machine": [{"name": "m", "addresses": ["198.51.100.0/24"], "services": []}]}
     with pytest.raises(ConfigError, match=r"h\.toml: live\.peers\[0\]: peer 198\.51\.100\.2 "):
         plan(parse_config(raw), Names(), "h.toml")  # the default peers count too
+
+
+@pytest.mark.parametrize(("extra", "where"), [
+    ({"conntrack": {"udp_timeout": 2}}, "machine[0].conntrack"),
+    ({"forwarding": "router"}, "machine[0].forwarding"),
+])
+def test_plan_refuses_what_the_ebpf_datapath_does_not_run(extra, where):
+    raw = {"machine": [{"name": "m", "addresses": ["10.0.0.0/24"], "services": [], **extra}]}
+    with pytest.raises(ConfigError, match=rf"h\.toml: {re.escape(where)}: flowshift live"):
+        plan(parse_config(raw), Names(), "h.toml")
 
 
 @pytest.mark.parametrize("live, where, words", [

@@ -326,3 +326,28 @@ def test_live_flows_never_share_a_reply_tuple(ops, ports, addrs):
         replies = [t.reversed() for t in live.values()]
         assert len(set(replies)) == len(replies)
         assert not set(replies) & set(live)
+
+
+def test_eviction_is_asked_for_the_last_candidates_of_each_round_only():
+    """nf_nat_used_tuple_harder: only when 32 or fewer candidates are left in a round."""
+    asked: list[int] = []
+
+    def evict(reply: FlowKey) -> bool:
+        asked.append(reply.dport)
+        return False
+
+    got = allocate(CLIENT_A, rewrite_src=True, addrs=AddressRange.from_str("192.0.2.1"),
+                   ports=None, in_use=lambda _k: True, evict=evict)
+    assert got is None
+    assert len(asked) == 32 + 32 + 32 + 16 + 8  # the tails of the 128, 64, 32, 16, 8 rounds
+
+
+def test_an_evicted_holder_gives_its_tuple_to_the_new_flow():
+    held = key("192.0.2.1", "198.51.100.7", 40010, 443)
+    got = allocate(CLIENT_A, rewrite_src=True, addrs=AddressRange.from_str("192.0.2.1"),
+                   ports=(40010, 40010), in_use=lambda k: k == held.reversed(),
+                   evict=lambda reply: True)  # the holder of 40010 may go
+    assert got == held
+    assert allocate(CLIENT_A, rewrite_src=True, addrs=AddressRange.from_str("192.0.2.1"),
+                    ports=(40010, 40010), in_use=lambda k: k == held.reversed(),
+                    evict=lambda _reply: False) is None

@@ -42,7 +42,8 @@ def test_rows_are_named_once_and_cover_every_outcome() -> None:
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_reference_gives_the_row(row: Row) -> None:
-    out = packets.run_reference(row.entry_before, row.frame, row.linktype, row.wire_len, row.ts)
+    out = packets.run_reference(row.entry_before, row.frame, row.linktype, row.wire_len, row.ts,
+                                packets.knobs_of(row.conntrack))
     assert (out.verdict, out.reason, out.returned) == (row.verdict, row.reason, row.returned)
     assert out.frame_after == row.frame_after
     assert out.entry_after == row.entry_after
@@ -50,7 +51,7 @@ def test_reference_gives_the_row(row: Row) -> None:
 
 def run_engine(row: Row) -> packets.Outcome:
     """One row through a fresh compiled engine holding the row's entry."""
-    engine = PnicEngine(4, packets.CLASSIFIER)
+    engine = PnicEngine(4, packets.CLASSIFIER, [packets.knobs_of(row.conntrack)])
     slot = -1
     if row.entry_before is not None:
         slot = engine.insert(row.entry_before)
@@ -94,7 +95,8 @@ def test_compiled_engine_gives_the_row(row: Row) -> None:
 @pytest.mark.parametrize("row", [r for r in ROWS if r.returned],
                          ids=[r.name for r in ROWS if r.returned])
 def test_the_pnic_returns_the_entry_with_the_engines_reason(row: Row) -> None:
-    machines = parse_config({"machine": packets.MACHINES}, "fixtures").machines
+    machines = parse_config({"machine": packets.MACHINES, "conntrack": row.conntrack},
+                            "fixtures").machines
     pnic = Pnic(4, machines, idle_timeout_ns=10**12, report_interval_ns=10**12)
     assert row.entry_before is not None and pnic.engine.insert(row.entry_before) >= 0
     out: list[ch.Msg] = []

@@ -23,7 +23,7 @@ import pytest
 from flowshift import conntrack_types as ct
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
-from flowshift.packet import parse, rewrite, view
+from flowshift.packet import parse, rewrite, route, view
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.tiers import _pnic_batch as kb
 from flowshift.tiers import _pnic_cache as kc
@@ -83,13 +83,12 @@ FACTS = {
     (kf, "FLAG_MAXACK_SET"): ct.TCP_FLAG_MAXACK_SET,
     (kf, "FLAG_CHALLENGE_ACK"): ct.TCP_FLAG_CHALLENGE_ACK,
     (kf, "FLAG_SIMULTANEOUS_OPEN"): ct.TCP_FLAG_SIMULTANEOUS_OPEN,
-    (kf, "MAX_RETRANS"): ct.NF_CT_TCP_MAX_RETRANS,
     (kf, "MAXACKWINCONST"): ct.MAXACKWINCONST,
-    (kf, "TIMEOUT_RETRANS"): ct.TIMEOUT_RETRANS_NS,
-    (kf, "TIMEOUT_UNACK"): ct.TIMEOUT_UNACK_NS,
-    (kf, "UDP_TIMEOUT_UNREPLIED"): ct.UDP_TIMEOUT_UNREPLIED,
-    (kf, "UDP_TIMEOUT_REPLIED"): ct.UDP_TIMEOUT_REPLIED,
-    (kf, "ICMP_TIMEOUT"): ct.ICMP_TIMEOUT,
+    (kf, "TTL_EXCEEDED"): Reason.TTL_EXCEEDED, (kf, "TTL_AT_IPV4"): route.TTL_AT_IPV4,
+    (kf, "HOP_LIMIT_AT_IPV6"): route.HOP_LIMIT_AT_IPV6,
+    **{(kf, name): getattr(ct, name) for name in (
+        "K_TCP", "K_RETRANS", "K_UNACK", "K_UDP", "K_UDP_STREAM", "K_ICMP", "K_ICMPV6",
+        "K_MAX_RETRANS", "K_BE_LIBERAL")},
     (kf, "CSUM_AT_TCP"): rewrite.L4_CHECKSUM_AT[PROTO_TCP],
     (kf, "CSUM_AT_UDP"): rewrite.L4_CHECKSUM_AT[PROTO_UDP],
     (kf, "CSUM_AT_ICMP"): rewrite.L4_CHECKSUM_AT[PROTO_ICMP],
@@ -137,19 +136,25 @@ def test_every_fact_equals_its_source() -> None:
     assert not drifted
 
 
-def test_tables_equal_the_state_table_and_timeouts() -> None:
+def test_tables_equal_the_state_table_and_the_knob_rows() -> None:
     for d in (ct.ORIGINAL, ct.REPLY):
         assert tuple(kf.ACK_ROWS[d]) == ct_tcp.TCP_CONNTRACKS[d][ct.TCP_ACK_SET]
-    assert tuple(kf.TIMEOUTS) == ct.TCP_TIMEOUTS_NS
-    assert kf.ACK_ROWS.dtype == kf.TIMEOUTS.dtype == np.int64
-    assert not ct.NF_CT_TCP_BE_LIBERAL  # the kernels implement the Linux default only
+    assert kf.ACK_ROWS.dtype == np.int64
+    row = ct.DEFAULT_KNOBS.row()  # the timeouts the kernels read come from Knobs.row()
+    assert row[ct.K_TCP:ct.K_TCP + ct.N_TCP_STATES] == ct.TCP_TIMEOUTS_NS
+    assert (row[ct.K_RETRANS], row[ct.K_UNACK]) == (ct.TIMEOUT_RETRANS_NS, ct.TIMEOUT_UNACK_NS)
+    assert row[ct.K_UDP] == ct.UDP_TIMEOUT_UNREPLIED
+    assert row[ct.K_UDP_STREAM] == ct.UDP_TIMEOUT_REPLIED
+    assert (row[ct.K_ICMP], row[ct.K_ICMPV6]) == (ct.ICMP_TIMEOUT, ct.ICMPV6_TIMEOUT)
+    assert row[ct.K_MAX_RETRANS] == ct.NF_CT_TCP_MAX_RETRANS
+    assert row[ct.K_BE_LIBERAL] == int(ct.NF_CT_TCP_BE_LIBERAL)
 
 
 @pytest.mark.parametrize("module", [kb, kf, ki, kp], ids=lambda m: m.__name__)
 def test_every_kernel_constant_is_checked(module: types.ModuleType) -> None:
     """A new constant in a kernel module must be added to the checks above (or to OWN)."""
     checked = set(ENTRY_OFFSETS.get(module, {})) | {n for m, n in FACTS if m is module}
-    checked |= OWN.get(module, set()) | ({"ACK_ROWS", "TIMEOUTS"} if module is kf else set())
+    checked |= OWN.get(module, set()) | ({"ACK_ROWS"} if module is kf else set())
     tree = ast.parse(inspect.getsource(module))
     assigned = {t.id for node in tree.body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowshift.config import load_config, parse_config
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.gen import TraceSpec, generate, parse_networks
@@ -31,10 +33,10 @@ from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
-from flowshift.services.chain import Chain, process_flow
+from flowshift.services.chain import Chain, forward_hop, process_flow
 from flowshift.services.conntrack_tcp import TcpConn, TcpDir
 from flowshift.tiers.pnic_engine import PnicEngine
-from flowshift.verdict import PuntReason
+from flowshift.verdict import PuntReason, Reason
 from hosttools import GATEWAY_HOST, REAL
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")
@@ -93,8 +95,10 @@ def _arrays(frames: list[tuple[int, bytes, int, int]]):
 
 
 def run_both(engine: PnicEngine, ref: Reference, classifier: Classifier,
-             frames: list[tuple[int, bytes, int, int]], tally: Tally) -> None:
-    """One batch through the engine, then packet by packet through the reference; compare."""
+             frames: list[tuple[int, bytes, int, int]], tally: Tally,
+             knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
+    """One batch through the engine, then packet by packet through the reference; compare.
+    knobs: each machine's conntrack table, as the engine was given them (default: Linux's)."""
     buf, offset, caplen, wire, linktype, ts = _arrays(frames)
     n = len(frames)
     verdict = np.zeros(n, np.int8)
@@ -140,8 +144,11 @@ def run_both(engine: PnicEngine, ref: Reference, classifier: Classifier,
         flow = ref.flows[slot]
         assert flow.expires > now and not (flow.key.proto == PROTO_TCP and pkt.flags & _LIFE)
         assert not _returned_anyway(pkt)
-        out = process_flow(pkt, flow, fdir, now)
+        out = process_flow(pkt, flow, fdir, now,
+                           knobs[flow.machine] if knobs else DEFAULT_KNOBS)
         assert out is not None
+        if routing and routing[flow.machine]:
+            out = forward_hop(pkt, out)
         assert (int(verdict[i]), int(reason[i])) == (int(out.verdict), int(out.reason)), i
         assert out_bytes == bytes(pkt.data), f"packet {i}: rewritten bytes differ"
         if n == 1:  # else the engine's entry is already past later packets of the batch
@@ -160,6 +167,8 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
         frames = [(f.ts_ns, bytes(f.data), f.linktype, f.wire_len) for f in reader]
     classifier = Classifier(cfg.machines)
     chains = [Chain(m, i) for i, m in enumerate(cfg.machines)]
+    knobs = [chain.knobs for chain in chains]
+    routing = [chain.router for chain in chains]
     rng = random.Random(seed)
     marks = [len(frames) * k // (checkpoints + 1) for k in range(1, checkpoints + 2)]
     tally = Tally()
@@ -174,7 +183,7 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
                 chains[m].process(pkt, direction, now)
         pos = mark
         now = frames[mark][0]
-        engine = PnicEngine(4096, classifier)
+        engine = PnicEngine(4096, classifier, knobs, routing)
         ref = Reference()
         for chain in chains:
             for flow in chain.flows:
@@ -185,7 +194,8 @@ def differential(path, cfg, *, checkpoints: int, seed: int) -> Tally:
         i = mark
         while i < stop:
             size = rng.choice([1, 7, 64, 1000])
-            run_both(engine, ref, classifier, frames[i:min(i + size, stop)], tally)
+            run_both(engine, ref, classifier, frames[i:min(i + size, stop)], tally, knobs,
+                     routing)
             i += size
     return tally
 
@@ -209,6 +219,31 @@ def test_generated_gateway_trace_matches_reference(tmp_path, attack):
              path)
     tally = differential(path, cfg, checkpoints=3, seed=2)
     assert tally.processed > 500
+
+
+# Linux sysctls far from their defaults: flows expire within the trace, retransmissions cap
+# early, and (liberal) out-of-window segments pass
+SHORT = {"tcp_timeout_established": 3, "tcp_timeout_unacknowledged": 2,
+         "tcp_timeout_max_retrans": 2, "tcp_max_retrans": 1, "udp_timeout": 1,
+         "udp_timeout_stream": 2, "icmp_timeout": 1, "icmpv6_timeout": 2}
+
+
+@pytest.mark.parametrize("conntrack", [SHORT, {**SHORT, "tcp_be_liberal": True}],
+                         ids=["short", "short-liberal"])
+def test_generated_gateway_trace_with_tuned_conntrack_matches_reference(tmp_path, conntrack):
+    """Non-default sysctls, on a routing machine (TTL decremented on the PNIC too)."""
+    host = {**GATEWAY_HOST, "conntrack": conntrack,
+            "machine": [{**m, "forwarding": "router"} for m in GATEWAY_HOST["machine"]]}
+    cfg = parse_config(host, "gateway")
+    path = tmp_path / "gw.pcap"
+    generate(TraceSpec(flows=150, duration_s=8.0, seed=5, elephants=3, ipv6_share=0.3,
+                       icmp_share=0.05, udp_share=0.2, attack="out-of-window",
+                       clients=parse_networks("10.0.0.0/24,fd00::/64"),
+                       servers=parse_networks("198.51.100.0/24,2001:db8::/64"), gateway=cfg),
+             path)
+    tally = differential(path, cfg, checkpoints=3, seed=2)
+    assert tally.processed > 300
+
 
 
 def test_generated_firewall_trace_with_vlans_matches_reference(tmp_path):
@@ -323,8 +358,16 @@ def _packet(draw, flow: Flow):
 @given(data=st.data())
 def test_window_tracking_edge_cases(data):
     flows = data.draw(st.lists(_flow(), min_size=1, max_size=3))
-    classifier = Classifier(parse_config(LAB, "lab").machines)
-    engine = PnicEngine(4, classifier)
+    table = data.draw(st.one_of(st.just({}), st.fixed_dictionaries({}, optional={
+        "tcp_be_liberal": st.booleans(), "tcp_max_retrans": st.integers(0, 4),
+        "tcp_timeout_established": st.integers(1, 10), "tcp_timeout_unacknowledged":
+        st.integers(1, 10), "tcp_timeout_max_retrans": st.integers(1, 10),
+        "tcp_timeout_time_wait": st.integers(1, 10), "udp_timeout": st.integers(1, 10),
+        "udp_timeout_stream": st.integers(1, 10), "icmp_timeout": st.integers(1, 10),
+        "icmpv6_timeout": st.integers(1, 10)})))
+    classifier = Classifier(parse_config({**LAB, "conntrack": table}, "lab").machines)
+    knobs = [parse_config({**LAB, "conntrack": table}, "lab").machines[0].conntrack.knobs()]
+    engine = PnicEngine(4, classifier, knobs)
     ref = Reference()
     for flow in flows:
         slot = engine.insert(flow.to_bytes())
@@ -337,7 +380,7 @@ def test_window_tracking_edge_cases(data):
             break
         packets.append(data.draw(_packet(ref.flows[slot].copy())))
     packets.sort(key=lambda p: p[0])
-    run_both(engine, ref, classifier, packets, Tally())
+    run_both(engine, ref, classifier, packets, Tally(), knobs)
 
 
 def test_retransmissions_raise_the_counter_and_cap_the_timeout():
@@ -360,6 +403,73 @@ def test_retransmissions_raise_the_counter_and_cap_the_timeout():
     assert tally.processed == 5
     entry = Flow.from_bytes(engine.get(0))
     assert entry.tcp is not None and entry.tcp.retrans >= ct_tcp.NF_CT_TCP_MAX_RETRANS
+
+
+def test_tuned_timeouts_expire_pnic_entries_as_the_reference_does():
+    """With tcp_timeout_established = 3 and udp_timeout_stream = 2, a packet sets the entry's
+    expiry from the machine's table, and the next packet after it is punted as expired."""
+    cfg = parse_config({**LAB, "conntrack": SHORT}, "lab")
+    knobs = [cfg.machines[0].conntrack.knobs()]
+    tcp_key = FlowKey(4, PROTO_TCP, 0, _CLIENT4, _SERVER4, 40000, 443)
+    conn = TcpConn(seen=(TcpDir(1000, 70000, 65535, 5000, 0, 0x22),
+                         TcpDir(5000, 66000, 65535, 1000, 0, 0x22)),
+                   state=3, last_index=3, last_win=65535, seen_reply=True)
+    udp_key = FlowKey(4, PROTO_UDP, 0, _CLIENT4, _SERVER4, 40001, 53)
+    flows = [Flow(key=tcp_key, xlat=tcp_key, machine=0, chain=8, tcp=conn,
+                  status=Status.SEEN_REPLY | Status.ASSURED, expires=1000 * S),
+             Flow(key=udp_key, xlat=udp_key, machine=0, chain=8,
+                  status=Status.SEEN_REPLY | Status.ASSURED, expires=1000 * S)]
+    classifier = Classifier(cfg.machines)
+    engine = PnicEngine(2, classifier, knobs)
+    ref = Reference()
+    for flow in flows:
+        ref.add(engine.insert(flow.to_bytes()), flow.copy())
+    seg = tcp_frame(src=_CLIENT4, dst=_SERVER4, sport=40000, dport=443, seq=1000, ack=5000,
+                    flags=TCP_ACK, window=65535, payload_len=0)
+    dgram = udp_frame(src=_CLIENT4, dst=_SERVER4, sport=40001, dport=53, payload=b"x")
+    tally = Tally()
+    run_both(engine, ref, classifier, [(S, seg, 1, len(seg)), (S, dgram, 1, len(dgram))],
+             tally, knobs)
+    assert [Flow.from_bytes(engine.get(slot)).expires for slot in sorted(ref.flows)] == \
+        [4 * S, 3 * S]
+    run_both(engine, ref, classifier, [(4 * S, seg, 1, len(seg)), (4 * S, dgram, 1, len(dgram))],
+             tally, knobs)
+    assert tally.returned["expired"] == 2
+
+
+@pytest.mark.parametrize("router", [False, True])
+def test_a_routing_machine_checks_and_decrements_the_ttl_on_the_pnic(router):
+    """forwarding = "router": TTL / hop limit 1 or 0 dropped (ttl-exceeded), 2 and more
+    forwarded one lower with the IPv4 header checksum updated, as the reference does."""
+    machines = [{**m, "forwarding": "router" if router else "bridge"} for m in LAB["machine"]]
+    cfg = parse_config({"machine": machines}, "lab")
+    classifier = Classifier(cfg.machines)
+    engine = PnicEngine(4, classifier, routing=[router])
+    ref = Reference()
+    conn = TcpConn(seen=(TcpDir(1000, 70000, 65535, 5000, 0, 0x22),
+                         TcpDir(5000, 66000, 65535, 1000, 0, 0x22)),
+                   state=3, last_index=3, last_win=65535, seen_reply=True)
+    key = FlowKey(4, PROTO_TCP, 0, _CLIENT4, _SERVER4, 40000, 443)
+    flow = Flow(key=key, xlat=key._replace(src=_PUBLIC4), machine=0, chain=8, tcp=conn,
+                status=Status.SEEN_REPLY | Status.ASSURED | Status.NAT, expires=1000 * S)
+    ref.add(engine.insert(flow.to_bytes()), flow.copy())
+    frames = [(S + ttl, tcp_frame(src=_CLIENT4, dst=_SERVER4, sport=40000, dport=443,
+                                  seq=1000, ack=5000, flags=TCP_ACK, window=65535, ttl=ttl),
+               1, 54) for ttl in (0, 1, 2, 64, 255)]
+    tally = Tally()
+    buf, offset, caplen, wire, linktype, ts = _arrays(frames)
+    verdict = np.zeros(len(frames), np.int8)
+    reason = np.zeros(len(frames), np.int16)
+    engine.process(buf.copy(), offset, caplen, wire, linktype, ts, np.ones(len(frames), bool),
+                   verdict, reason, np.zeros(len(frames), np.int64))
+    want = [Reason.TTL_EXCEEDED] * 2 + [Reason.ESTABLISHED] * 3 if router \
+        else [Reason.ESTABLISHED] * 5
+    assert [Reason(int(r)) for r in reason] == want
+    engine = PnicEngine(4, classifier, routing=[router])
+    ref = Reference()
+    ref.add(engine.insert(flow.to_bytes()), flow.copy())
+    run_both(engine, ref, classifier, frames, tally, routing=[router])
+    assert tally.processed == 5
 
 
 def test_tcp_header_cut_by_snaplen_is_punted():

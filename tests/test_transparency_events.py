@@ -33,8 +33,23 @@ from tracetools import (
 )
 
 MS = S // 1000
+# Linux sysctls far from their defaults: flows expire within the trace's gaps and steps
+SHORT = {"tcp_timeout_established": 1, "tcp_timeout_syn_sent": 1, "tcp_timeout_syn_recv": 1,
+         "tcp_timeout_fin_wait": 1, "tcp_timeout_close_wait": 1, "tcp_timeout_last_ack": 1,
+         "tcp_timeout_time_wait": 1, "tcp_timeout_close": 1, "tcp_timeout_unacknowledged": 1,
+         "tcp_timeout_max_retrans": 1, "tcp_max_retrans": 1, "udp_timeout": 1,
+         "udp_timeout_stream": 2, "icmp_timeout": 1, "icmpv6_timeout": 1, "generic_timeout": 1}
 HOSTS = {"firewall": parse_config(FIREWALL_HOST, "test"),
-         "gateway": parse_config(GATEWAY_HOST, "test")}
+         "gateway": parse_config(GATEWAY_HOST, "test"),
+         "gateway-short": parse_config(  # and a routing machine: TTL decremented on every tier
+             {**GATEWAY_HOST, "conntrack": SHORT, "machine": [
+                 {**m, "forwarding": "router"} for m in GATEWAY_HOST["machine"]]}, "test"),
+         "gateway-small": parse_config({**GATEWAY_HOST, "conntrack": {"max": 6}}, "test"),
+         "firewall-strict": parse_config(  # per machine: no mid-stream pickup, liberal windows
+             {**FIREWALL_HOST, "machine": [
+                 {**m, "conntrack": {"tcp_loose": False, "tcp_be_liberal": True,
+                                     "tcp_timeout_established": 3}}
+                 for m in FIREWALL_HOST["machine"]]}, "test")}
 
 
 def _episode(rng: random.Random, kind: str, t0: int, port: int) -> list[tuple[int, bytes]]:
@@ -71,7 +86,7 @@ def traces(draw: st.DrawFn) -> tuple[list[tuple[int, bytes]], list[bool]]:
     t = S
     trace: list[tuple[int, bytes]] = []
     for n, kind in enumerate(episodes):
-        gap = draw(st.sampled_from([0, 3 * MS, 2 * S, 200 * S, 800 * S]))  # > every timeout
+        gap = draw(st.sampled_from([0, 3 * MS, 1500 * MS, 2 * S, 200 * S, 800 * S]))
         t += gap
         trace += _episode(rng, kind, t, 20000 + n)
     trace.sort(key=lambda p: p[0])

@@ -80,11 +80,15 @@ TCP_FLAG_MAXACK_SET = 0x20  # TcpDir.maxack holds a value
 TCP_FLAG_CHALLENGE_ACK = 0x40  # IP_CT_EXP_CHALLENGE_ACK: an RFC 5961 challenge ACK may come
 TCP_FLAG_SIMULTANEOUS_OPEN = 0x80  # IP_CT_TCP_SIMULTANEOUS_OPEN
 
-# Linux sysctl knobs, fixed to their defaults
+# Linux sysctl knobs: their defaults (a config's `[conntrack]` table changes them: Knobs)
 NF_CT_TCP_BE_LIBERAL = False  # net.netfilter.nf_conntrack_tcp_be_liberal = 0
 NF_CT_TCP_LOOSE = True  # nf_conntrack_tcp_loose = 1: pick up connections mid-stream
 NF_CT_TCP_MAX_RETRANS = 3  # nf_conntrack_tcp_max_retrans
 NF_CT_TCP_IGNORE_INVALID_RST = False  # nf_conntrack_tcp_ignore_invalid_rst = 0
+# nf_conntrack_max: Linux sizes it from the machine's memory; 0 (which Linux also reads as no
+# limit) keeps flowshift's table unbounded unless a config sets it
+NF_CT_MAX = 0
+NF_CT_EVICTION_RANGE = 8  # hash buckets Linux's early_drop scans from the new entry's
 
 TCP_MAX_WSCALE = 14  # RFC 7323 cap Linux applies to the window scale option
 MAXACKWINCONST = 66000  # floor of the lower bound for acceptable ACKs
@@ -114,7 +118,64 @@ UDP_TIMEOUT_UNREPLIED = 30 * SECOND
 UDP_TIMEOUT_REPLIED = 120 * SECOND  # a stream: still active 2 s after the first packet
 UDP_STREAM_AFTER = 2 * SECOND
 ICMP_TIMEOUT = 30 * SECOND
+ICMPV6_TIMEOUT = 30 * SECOND
 GENERIC_TIMEOUT = 600 * SECOND  # nf_conntrack_generic_timeout: other protocols
+
+
+# -- the knobs of one conntrack table (a machine's `[conntrack]`, resolved) -------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Knobs:
+    """The net.netfilter.nf_conntrack_* sysctls a tracker follows; timeouts in ns.
+
+    Defaults are Linux's (the constants above). `tcp_timeouts` is indexed by TcpState; only the
+    states Linux has a sysctl for change (NONE and SYN_SENT2 keep their built-in values).
+    """
+
+    tcp_timeouts: tuple[int, ...] = TCP_TIMEOUTS_NS
+    tcp_timeout_max_retrans: int = TIMEOUT_RETRANS_NS
+    tcp_timeout_unacknowledged: int = TIMEOUT_UNACK_NS
+    udp_timeout: int = UDP_TIMEOUT_UNREPLIED
+    udp_timeout_stream: int = UDP_TIMEOUT_REPLIED
+    icmp_timeout: int = ICMP_TIMEOUT
+    icmpv6_timeout: int = ICMPV6_TIMEOUT
+    generic_timeout: int = GENERIC_TIMEOUT
+    tcp_loose: bool = NF_CT_TCP_LOOSE
+    tcp_be_liberal: bool = NF_CT_TCP_BE_LIBERAL
+    tcp_max_retrans: int = NF_CT_TCP_MAX_RETRANS
+    tcp_ignore_invalid_rst: bool = NF_CT_TCP_IGNORE_INVALID_RST
+    max: int = NF_CT_MAX  # entries the table holds at most (0: no limit); not in row()
+
+    def row(self) -> tuple[int, ...]:
+        """The knobs as the PNIC kernels read them: one int64 row, K_* indexes."""
+        return (*self.tcp_timeouts, self.tcp_timeout_max_retrans,
+                self.tcp_timeout_unacknowledged, self.udp_timeout, self.udp_timeout_stream,
+                self.icmp_timeout, self.icmpv6_timeout, self.generic_timeout,
+                self.tcp_max_retrans, int(self.tcp_be_liberal))
+
+    def min_timeout(self) -> int:
+        """The shortest life any packet can give a flow (bounds the PNIC's next expiry)."""
+        return min(t for t in (*self.tcp_timeouts, self.tcp_timeout_max_retrans,
+                               self.tcp_timeout_unacknowledged, self.udp_timeout,
+                               self.udp_timeout_stream, self.icmp_timeout, self.icmpv6_timeout,
+                               self.generic_timeout) if t > 0)
+
+
+DEFAULT_KNOBS = Knobs()
+
+# Knobs.row() indexes (K_TCP + state: the timeout of a TCP state)
+K_TCP = 0
+K_RETRANS = K_TCP + N_TCP_STATES
+K_UNACK = K_RETRANS + 1
+K_UDP = K_UNACK + 1
+K_UDP_STREAM = K_UDP + 1
+K_ICMP = K_UDP_STREAM + 1
+K_ICMPV6 = K_ICMP + 1
+K_GENERIC = K_ICMPV6 + 1
+K_MAX_RETRANS = K_GENERIC + 1
+K_BE_LIBERAL = K_MAX_RETRANS + 1
+N_KNOBS = K_BE_LIBERAL + 1
+assert len(DEFAULT_KNOBS.row()) == N_KNOBS
 
 
 # -- the TCP part of a conntrack ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
-from flowshift.tiers.vnic import MIN_TIMEOUT, Pending, Vnic
+from flowshift.tiers.vnic import Pending, Vnic
 from flowshift.verdict import Reason, Verdict
 
 SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
@@ -204,7 +204,7 @@ class Host:
             return rows
         vnic.defer(returned, int(clock[lo]))
         vnic.synced_at = -1
-        vnic.lower_floor(int(clock[lo]) + MIN_TIMEOUT)
+        vnic.lower_floor(int(clock[lo]) + vnic.min_timeout)
         done = select & (res.verdict != PENDING)
         res.tier[done] = Tier.PNIC
         self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))

@@ -29,7 +29,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-from flowshift.config import Backend, HostConfig, LbPool, MachineConfig, Rule, SnatRule
+from flowshift.config import (
+    Backend,
+    ConntrackConfig,
+    HostConfig,
+    LbPool,
+    MachineConfig,
+    Rule,
+    SnatRule,
+)
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP
 from flowshift.services.rules import EGRESS, INGRESS
 
@@ -127,7 +135,10 @@ def sysctl_lines(cfg: HostConfig, machines: Sequence[int] | None = None) -> list
     if any("count" in cfg.machines[i].services for i in indices):
         values["net.netfilter.nf_conntrack_acct"] = 1  # per-flow packet and byte counters
     notes: list[str] = []
-    for key, value in _conntrack_items(getattr(cfg, "conntrack", None)):
+    section = getattr(cfg, "conntrack", None)
+    if machines is not None and len(indices) == 1:  # one machine's router: its own table
+        section = getattr(cfg.machines[indices[0]], "conntrack", section)
+    for key, value in _conntrack_items(section):
         name = CONNTRACK_SYSCTLS.get(key)
         if name is None:
             notes.append(f"# conntrack.{key}: no Linux sysctl")
@@ -145,7 +156,10 @@ def sysctl_lines(cfg: HostConfig, machines: Sequence[int] | None = None) -> list
 def _conntrack_items(section: object) -> Iterator[tuple[str, Any]]:
     if section is None:
         return
-    if is_dataclass(section) and not isinstance(section, type):
+    if isinstance(section, ConntrackConfig):  # the keys that differ from Linux's defaults
+        yield from ((f.name, getattr(section, f.name)) for f in fields(section)
+                    if getattr(section, f.name) != f.default)
+    elif is_dataclass(section) and not isinstance(section, type):
         yield from ((f.name, getattr(section, f.name)) for f in fields(section))
     elif isinstance(section, dict):
         yield from section.items()

@@ -35,6 +35,8 @@ class Reason(IntEnum):
     NOT_IP = 11  # bypass: not an IP packet
     FRAGMENT = 12  # non-first IP fragment: passed untracked
     MALFORMED = 13  # unparsed: see the parse reason
+    TABLE_FULL = 14  # the conntrack table is at its `max` and no entry could be early-dropped
+    TTL_EXCEEDED = 15  # a routing machine got a packet with TTL / hop limit 1 or 0
 
     @property
     def label(self) -> str:

@@ -7,6 +7,7 @@ reads the dict back to an equal config (tests/test_config.py, and the config fuz
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import fields
 from typing import Any
 
 import tomli_w
@@ -14,6 +15,7 @@ import tomli_w
 from flowshift.config.model import (
     DIRECTIONS,
     PROTOCOLS,
+    ConntrackConfig,
     DnatRule,
     HostConfig,
     LbPool,
@@ -41,9 +43,16 @@ def to_dict(cfg: HostConfig) -> dict[str, Any]:
             "idle_timeout": cfg.offload.idle_timeout,
             "report_interval": cfg.offload.report_interval,
         },
-        "machine": [_machine_dict(m) for m in cfg.machines],
+        "conntrack": _conntrack_dict(cfg.conntrack),
+        "machine": [_machine_dict(m, cfg.conntrack) for m in cfg.machines],
         "live": {"peers": [_addr_text(a) for a in cfg.live.peers]},
     }
+
+
+def _conntrack_dict(ct: ConntrackConfig, base: ConntrackConfig | None = None) -> dict[str, Any]:
+    """Every key (base None), or the keys that differ from `base` (a machine's overrides)."""
+    return {f.name: getattr(ct, f.name) for f in fields(ct)
+            if base is None or getattr(ct, f.name) != getattr(base, f.name)}
 
 
 def to_toml(cfg: HostConfig) -> str:
@@ -51,13 +60,14 @@ def to_toml(cfg: HostConfig) -> str:
     return tomli_w.dumps(to_dict(cfg))
 
 
-def _machine_dict(m: MachineConfig) -> dict[str, Any]:
+def _machine_dict(m: MachineConfig, host: ConntrackConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": m.name,
         "addresses": [str(n) for n in m.addresses],
         "public": [_addr_text(a) for a in m.public],
         "services": list(m.services),
         "start": m.start,
+        "forwarding": m.forwarding,
     }
     if m.firewall is not None:
         out["firewall"] = {
@@ -71,6 +81,8 @@ def _machine_dict(m: MachineConfig) -> dict[str, Any]:
         }
     if m.lb:
         out["lb"] = [_pool_dict(p) for p in m.lb]
+    if m.conntrack != host:
+        out["conntrack"] = _conntrack_dict(m.conntrack, host)
     return out
 
 

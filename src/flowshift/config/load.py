@@ -16,15 +16,19 @@ import os
 import re
 import tomllib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from flowshift.config.model import (
     ACTIONS,
     DIRECTIONS,
+    FORWARDINGS,
     MAX_CAPACITY,
     MAX_COUNT,
+    MAX_CT_MAX,
+    MAX_CT_RETRANS,
+    MAX_CT_SECONDS,
     MAX_SECONDS,
     MAX_WEIGHT,
     NAME_RE,
@@ -37,6 +41,7 @@ from flowshift.config.model import (
     STARTS,
     Backend,
     ConfigError,
+    ConntrackConfig,
     DnatRule,
     FirewallConfig,
     HostConfig,
@@ -66,6 +71,7 @@ _PNIC = PnicConfig()
 _OFFLOAD = OffloadConfig()
 _FIREWALL_DEFAULT = "allow" if FirewallConfig().default_allow else "drop"
 _MACHINE_START = fields_default(MachineConfig, "start")
+_MACHINE_FORWARDING = fields_default(MachineConfig, "forwarding")
 _POOL_SCHEDULER = fields_default(LbPool, "scheduler")
 _BACKEND_WEIGHT = fields_default(Backend, "weight")
 _RULE_PROTO = next(k for k, v in PROTOCOLS.items() if v == fields_default(Rule, "proto"))
@@ -110,14 +116,41 @@ def _toml_where(message: str) -> tuple[str, str]:
 def parse_config(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     """Validate a decoded config (TOML or JSON); `source` names it in errors."""
     at = _At(source)
-    t = _table(at, data, ("machine",), ("pnic", "offload", "live"))
+    t = _table(at, data, ("machine",), ("pnic", "offload", "live", "conntrack"))
     pnic = _pnic(at.key("pnic"), t.get("pnic", {}))
     offload = _offload(at.key("offload"), t.get("offload", {}))
+    conntrack = _conntrack(at.key("conntrack"), t.get("conntrack", {}), ConntrackConfig())
     items = _items(at.key("machine"), t["machine"], "[[machine]]", "needs at least one machine")
-    machines = tuple(_machine(a, v) for a, v in items)
+    machines = tuple(_machine(a, v, conntrack) for a, v in items)
     _check_machines(at, machines)
     live = _live(at.key("live"), t.get("live", {}))
-    return HostConfig(pnic=pnic, offload=offload, machines=machines, live=live)
+    return HostConfig(pnic=pnic, offload=offload, machines=machines, live=live,
+                      conntrack=conntrack)
+
+
+_CT_FIELDS = {f.name: f.type for f in fields(ConntrackConfig)}
+
+
+def _conntrack(at: _At, raw: object, base: ConntrackConfig) -> ConntrackConfig:
+    """A [conntrack] table: the keys it sets over `base` (sysctl values: booleans may be
+    written 0 / 1, timeouts are whole seconds >= 1)."""
+    t = _table(at, raw, (), tuple(_CT_FIELDS))
+    values: dict[str, Any] = {}
+    for key, value in t.items():
+        a = at.key(key)
+        if _CT_FIELDS[key] in (bool, "bool"):
+            if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+                value = bool(value)
+            if not isinstance(value, bool):
+                raise a.error(f"expected true / false (or 0 / 1), got {_kind(value)}")
+            values[key] = value
+        elif key == "tcp_max_retrans":
+            values[key] = _int(a, value, 0, MAX_CT_RETRANS)
+        elif key == "max":
+            values[key] = _int(a, value, 0, MAX_CT_MAX)
+        else:
+            values[key] = _int(a, value, 1, MAX_CT_SECONDS)
+    return replace(base, **values)
 
 
 def _live(at: _At, raw: object) -> LiveConfig:
@@ -168,9 +201,10 @@ def _offload(at: _At, raw: object) -> OffloadConfig:
     )
 
 
-def _machine(at: _At, raw: object) -> MachineConfig:
+def _machine(at: _At, raw: object, conntrack: ConntrackConfig) -> MachineConfig:
     t = _table(
-        at, raw, ("name", "addresses", "services"), ("public", "start", "firewall", "nat", "lb")
+        at, raw, ("name", "addresses", "services"),
+        ("public", "start", "forwarding", "firewall", "nat", "lb", "conntrack"),
     )
     name = _str(at.key("name"), t["name"])
     if not NAME_RE.fullmatch(name):
@@ -202,9 +236,12 @@ def _machine(at: _At, raw: object) -> MachineConfig:
         public=public,
         services=services,
         start=_choice(at.key("start"), t.get("start", _MACHINE_START), STARTS, "start tier"),
+        forwarding=_choice(at.key("forwarding"), t.get("forwarding", _MACHINE_FORWARDING),
+                           FORWARDINGS, "forwarding"),
         firewall=firewall,
         nat=nat,
         lb=lb,
+        conntrack=_conntrack(at.key("conntrack"), t.get("conntrack", {}), conntrack),
     )
     _check_wire_side(at, machine)
     return machine

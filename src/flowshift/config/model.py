@@ -14,6 +14,7 @@ import re
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
+from flowshift import conntrack_types as ct
 from flowshift.flow import (
     EGRESS,
     INGRESS,
@@ -31,6 +32,7 @@ SERVICES = ("firewall", "nat", "lb", "count")  # chain order
 SECTION_SERVICES = ("firewall", "nat", "lb")  # services configured by a section of their own
 POLICIES = ("never", "always", "elephant")
 STARTS = ("machine", "vnic")
+FORWARDINGS = ("bridge", "router")  # how a machine forwards: TTL untouched, or routed
 SCHEDULERS = ("maglev", "round-robin")  # how an LB pool picks the backend of a new flow
 ACTIONS = ("allow", "drop")
 DIRECTIONS: dict[str, int | None] = {"egress": EGRESS, "ingress": INGRESS, "any": None}
@@ -66,6 +68,76 @@ class OffloadConfig:
     elephant_bytes: int = 65536
     idle_timeout: float = 30.0  # seconds of trace time before an idle PNIC flow returns
     report_interval: float = 1.0  # seconds between PNIC state reports to the VNIC
+
+
+def _s(ns: int) -> int:
+    return ns // ct.SECOND
+
+
+_TCP_TIMEOUT_STATES = {  # tcp_timeout_<name> -> the TcpState it sets (Linux's sysctl table)
+    "syn_sent": ct.TcpState.SYN_SENT,
+    "syn_recv": ct.TcpState.SYN_RECV,
+    "established": ct.TcpState.ESTABLISHED,
+    "fin_wait": ct.TcpState.FIN_WAIT,
+    "close_wait": ct.TcpState.CLOSE_WAIT,
+    "last_ack": ct.TcpState.LAST_ACK,
+    "time_wait": ct.TcpState.TIME_WAIT,
+    "close": ct.TcpState.CLOSE,
+}
+_T = ct.TCP_TIMEOUTS_NS
+_S = ct.TcpState
+MAX_CT_SECONDS = (1 << 31) - 1  # sysctl timeouts are C ints of seconds
+MAX_CT_RETRANS = 255  # Linux compares with a u8 counter
+MAX_CT_MAX = (1 << 31) - 1  # nf_conntrack_max is a C int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConntrackConfig:
+    """Linux's net.netfilter.nf_conntrack_<key> sysctls, timeouts in whole seconds; defaults
+    are Linux's (conntrack_types)."""
+
+    max: int = ct.NF_CT_MAX  # 0: no limit
+    tcp_loose: bool = ct.NF_CT_TCP_LOOSE
+    tcp_be_liberal: bool = ct.NF_CT_TCP_BE_LIBERAL
+    tcp_max_retrans: int = ct.NF_CT_TCP_MAX_RETRANS
+    tcp_ignore_invalid_rst: bool = ct.NF_CT_TCP_IGNORE_INVALID_RST
+    tcp_timeout_syn_sent: int = _s(_T[_S.SYN_SENT])
+    tcp_timeout_syn_recv: int = _s(_T[_S.SYN_RECV])
+    tcp_timeout_established: int = _s(_T[_S.ESTABLISHED])
+    tcp_timeout_fin_wait: int = _s(_T[_S.FIN_WAIT])
+    tcp_timeout_close_wait: int = _s(_T[_S.CLOSE_WAIT])
+    tcp_timeout_last_ack: int = _s(_T[_S.LAST_ACK])
+    tcp_timeout_time_wait: int = _s(_T[_S.TIME_WAIT])
+    tcp_timeout_close: int = _s(_T[_S.CLOSE])
+    tcp_timeout_max_retrans: int = _s(ct.TIMEOUT_RETRANS_NS)
+    tcp_timeout_unacknowledged: int = _s(ct.TIMEOUT_UNACK_NS)
+    udp_timeout: int = _s(ct.UDP_TIMEOUT_UNREPLIED)
+    udp_timeout_stream: int = _s(ct.UDP_TIMEOUT_REPLIED)
+    icmp_timeout: int = _s(ct.ICMP_TIMEOUT)
+    icmpv6_timeout: int = _s(ct.ICMPV6_TIMEOUT)
+    generic_timeout: int = _s(ct.GENERIC_TIMEOUT)
+
+    def knobs(self) -> ct.Knobs:
+        """The table as the trackers use it (timeouts in ns)."""
+        sec = ct.SECOND
+        tcp = list(ct.TCP_TIMEOUTS_NS)
+        for name, state in _TCP_TIMEOUT_STATES.items():
+            tcp[state] = getattr(self, f"tcp_timeout_{name}") * sec
+        return ct.Knobs(
+            tcp_timeouts=tuple(tcp),
+            tcp_timeout_max_retrans=self.tcp_timeout_max_retrans * sec,
+            tcp_timeout_unacknowledged=self.tcp_timeout_unacknowledged * sec,
+            udp_timeout=self.udp_timeout * sec,
+            udp_timeout_stream=self.udp_timeout_stream * sec,
+            icmp_timeout=self.icmp_timeout * sec,
+            icmpv6_timeout=self.icmpv6_timeout * sec,
+            generic_timeout=self.generic_timeout * sec,
+            tcp_loose=self.tcp_loose,
+            tcp_be_liberal=self.tcp_be_liberal,
+            tcp_max_retrans=self.tcp_max_retrans,
+            tcp_ignore_invalid_rst=self.tcp_ignore_invalid_rst,
+            max=self.max,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,9 +203,12 @@ class MachineConfig:
     public: tuple[bytes, ...] = ()  # wire side: addresses it answers for (NAT, VIPs)
     services: tuple[str, ...]  # chain order
     start: str = "machine"  # tier where new flows start: machine | vnic
+    forwarding: str = "bridge"  # bridge: TTL untouched | router: TTL / hop limit decremented
     firewall: FirewallConfig | None = None
     nat: NatConfig | None = None
     lb: tuple[LbPool, ...] = ()
+    # the host's [conntrack] with this machine's [machine.conntrack] keys over it
+    conntrack: ConntrackConfig = ConntrackConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +224,7 @@ class HostConfig:
     offload: OffloadConfig = OffloadConfig()
     machines: tuple[MachineConfig, ...]
     live: LiveConfig = LiveConfig()
+    conntrack: ConntrackConfig = ConntrackConfig()  # the host's table; machines hold theirs
 
 
 class ConfigError(ValueError):

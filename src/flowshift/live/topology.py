@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute, netns  # type: ignore[import-untyped]
 from pyroute2.ethtool import Ethtool  # type: ignore[import-untyped]
 
+from flowshift.config import ConntrackConfig, MachineConfig, fields_default
 from flowshift.live.engine import ConfigError, HostConfig
 from flowshift.live.names import (
     GATEWAY4,
@@ -102,6 +103,13 @@ def plan(cfg: HostConfig, names: Names, source: str) -> Plan:
             raise ConfigError(source, f"machine[{j}].name", f"{m.name!r} and {ports[port]!r} "
                               f"would share the live port name {port}: rename one")
         ports[port] = m.name
+        # the eBPF datapath runs Linux's default conntrack sysctls and bridges
+        if m.conntrack != ConntrackConfig():
+            raise ConfigError(source, f"machine[{j}].conntrack",
+                              "flowshift live runs Linux's default conntrack settings only")
+        if m.forwarding != fields_default(MachineConfig, "forwarding"):
+            raise ConfigError(source, f"machine[{j}].forwarding",
+                              f"flowshift live does not run forwarding = {m.forwarding!r}")
         addrs = [first_host(n) for n in m.addresses]
         inside = [b.addr for pool in m.lb for b in pool.backends]
         inside += [rule.to_addr for rule in (m.nat.dnat if m.nat else ())]

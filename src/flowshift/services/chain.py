@@ -10,12 +10,15 @@ A tier runs a `Chain` built from the machine's config; flows move between chains
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flowshift.config import FirewallConfig, LbPool, MachineConfig
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
-from flowshift.packet.view import Packet
+from flowshift.packet.route import decrement_ttl
+from flowshift.packet.view import TCP_ACK, TCP_SYN, Packet
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.conntrack import (
     ICMP_ECHO_REQUEST,
@@ -32,7 +35,7 @@ from flowshift.services.rules import EGRESS, INGRESS, RuleSet
 from flowshift.services.xlat import translate, translate_related
 from flowshift.verdict import Reason, Verdict
 
-__all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "process_flow"]
+__all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "forward_hop", "process_flow"]
 
 
 @dataclass(slots=True)
@@ -60,17 +63,21 @@ _TCP_REOPEN = ct_tcp.TcpAction.REOPEN
 _TCP_INVALID = ct_tcp.TcpAction.INVALID
 _TCP_IGNORE = ct_tcp.TcpAction.IGNORE
 _tcp_packet = ct_tcp.tcp_packet
+_TIME_WAIT = int(ct_tcp.TcpState.TIME_WAIT)
+_SYN, _SYN_ACK = TCP_SYN, TCP_SYN | TCP_ACK
 _new_key = tuple.__new__  # FlowKey(...) without NamedTuple's Python-level __new__
 
 
-def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None:
-    """A packet of a tracked flow. None: the flow must be destroyed and the packet is new."""
+def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int,
+                 knobs: Knobs = DEFAULT_KNOBS) -> Outcome | None:
+    """A packet of a tracked flow. None: the flow must be destroyed and the packet is new.
+    knobs: the sysctls of the chain's conntrack table."""
     proto = flow.key.proto
     if proto == PROTO_TCP:
         tcp = flow.tcp
         if tcp is None:  # a TCP flow is built with its TcpConn (Chain, Flow.from_bytes)
             raise ValueError(f"TCP flow without TCP state: {flow.key}")
-        res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0)
+        res = _tcp_packet(tcp, fdir, pkt, flow.status & _ASSURED != 0, knobs)
         action = res.action
         if action == _TCP_REOPEN:
             return None
@@ -90,11 +97,11 @@ def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int) -> Outcome | None
         elif res.timeout_ns > 0:
             flow.expires = now + res.timeout_ns
     elif proto == PROTO_UDP:
-        udp_update(flow, fdir, now)
+        udp_update(flow, fdir, now, knobs)
         if fdir:
             flow.status |= _SEEN_REPLY
     else:
-        (icmp_update if proto in _ECHO_REQUESTS else generic_update)(flow, fdir, now)
+        (icmp_update if proto in _ECHO_REQUESTS else generic_update)(flow, fdir, now, knobs)
         if fdir:
             flow.status |= _SEEN_REPLY
     flow.packets[fdir] += 1
@@ -111,6 +118,26 @@ def _firewall(machine: MachineConfig) -> FirewallConfig:
     return machine.firewall
 
 
+# Decided before a router's ip_forward (prerouting: conntrack allocation, defragmentation,
+# DNAT/LB): the TTL check never sees these packets
+_PREROUTING = frozenset({Reason.TABLE_FULL, Reason.NO_BACKEND, Reason.FRAGMENT})
+
+
+def forward_hop(pkt: Packet, out: Outcome) -> Outcome:
+    """A routing machine's ip_forward on a decided packet: one that arrives with TTL / hop
+    limit 1 or 0 is dropped (ttl-exceeded) whatever the forward hook would have decided (the
+    flow it belongs to was updated by conntrack already, as Linux's prerouting does); a
+    forwarded one leaves with its TTL / hop limit one lower."""
+    if pkt.ttl <= 1:
+        if out.reason in _PREROUTING:
+            return out
+        return Outcome(_DROP, Reason.TTL_EXCEEDED, -1, None if out.created else out.flow,
+                       out.direction)
+    if out.verdict == _FORWARD:
+        decrement_ttl(pkt)
+    return out
+
+
 class Chain:
     """A machine's chain: its config, its flows, and the per-packet pipeline."""
 
@@ -122,7 +149,14 @@ class Chain:
         self.rules = RuleSet(_firewall(machine)) if self.services & Service.FIREWALL else None
         self.nat = Nat(machine.nat) if self.services & Service.NAT else None
         self.lb = LoadBalancer(machine.lb) if self.services & Service.LB else None
-        self.flows = FlowTable()
+        self.knobs = machine.conntrack.knobs()  # the sysctls of this machine's conntrack table
+        self.router = machine.forwarding == "router"  # ip_forward's TTL check and decrement
+        # a bounded table hashes its flows into `max` buckets (Linux's early_drop scans them)
+        self.flows = FlowTable(self.knobs.max)
+        # flows whose packets or entry are on their way between tiers: never early-dropped
+        # (the VNIC sets it), and what to forget of a flow the table drops
+        self.spare: Callable[[FlowKey], bool] | None = None
+        self.dropped: Callable[[Flow], None] | None = None
         self._picked: LbPool | None = None  # a pool whose pick the decision under way took
 
     # -- lookups (a subclass may resolve flows whose state lives on another tier) ------------
@@ -151,6 +185,15 @@ class Chain:
 
     def process(self, pkt: Packet, direction: int, now: int) -> Outcome:
         """Run one parsed IP packet of this machine (`direction`: EGRESS or INGRESS)."""
+        out = self._process(pkt, direction, now)
+        if not self.router:
+            return out
+        hop = forward_hop(pkt, out)
+        if hop is not out and out.created and out.flow is not None:
+            self.flows.remove(out.flow)  # Linux: the unconfirmed conntrack dies with it
+        return hop
+
+    def _process(self, pkt: Packet, direction: int, now: int) -> Outcome:
         if not self.services:
             return Outcome(Verdict.FORWARD, Reason.NONE)
         if pkt.frag_offset:
@@ -163,7 +206,7 @@ class Chain:
         hit = self.lookup(key, now)
         if hit is not None:
             flow, fdir = hit
-            out = process_flow(pkt, flow, fdir, now)
+            out = process_flow(pkt, flow, fdir, now, self.knobs)
             if out is not None:
                 return out
             self.flows.remove(flow)  # TCP reopen: the old conntrack is gone, start anew
@@ -181,12 +224,39 @@ class Chain:
             self.lb.advance(self._picked)
         return out
 
+    def at_limit(self) -> bool:
+        """Is the table full (nf_conntrack_max)? A new flow then needs room first."""
+        cap = self.knobs.max
+        return cap > 0 and len(self.flows) >= cap
+
+    def _room(self, key: FlowKey, now: int) -> bool:
+        """Room for one more conntrack, as Linux's __nf_conntrack_alloc at nf_conntrack_max:
+        expired entries are gone first (flowshift counts live entries only), then early_drop
+        evicts the entries that are not assured from the first of the buckets it scans that
+        has any. Assured flows, and flows of another tier, are never touched."""
+        if not self.at_limit():
+            return True
+        gone = self.flows.sweep(now, keep=Tier.PNIC, spare=self.spare)
+        if not self.at_limit():
+            dropped: list[Flow] = []
+        else:
+            dropped = self.flows.early_drop(key, int(self.tier), self.spare)
+        if self.dropped is not None:
+            for flow in (*gone, *dropped):
+                self.dropped(flow)
+        return not self.at_limit()
+
     def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
         tcp = None
+        if not (proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
+                                             or pkt.icmp_type != _ECHO_REQUESTS[proto])) \
+                and not self._room(key, now):
+            # Linux allocates the conntrack before any rule sees the packet
+            return Outcome(Verdict.DROP, Reason.TABLE_FULL)
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
-            if not ct_tcp.tcp_new(tcp, pkt):
+            if not ct_tcp.tcp_new(tcp, pkt, self.knobs):
                 return Outcome(Verdict.DROP, Reason.INVALID)
         elif proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
                                           or pkt.icmp_type != _ECHO_REQUESTS[proto]):
@@ -213,7 +283,11 @@ class Chain:
         if not allowed:
             return Outcome(Verdict.DROP, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule)
         if direction == EGRESS and self.nat is not None:
-            snat = self.nat.snat(key, lambda k: self.in_use(k, now))
+            evict = None
+            if tcp is not None and pkt.flags & _SYN_ACK == _SYN:  # the conntrack: SYN_SENT
+                new_end = tcp.seen[0].end
+                evict = lambda k: self._evict_closing(k, new_end, now)  # noqa: E731
+            snat = self.nat.snat(key, lambda k: self.in_use(k, now), evict)
             if snat is None:
                 return Outcome(Verdict.DROP, Reason.NAT_EXHAUSTED)
             xlat = snat
@@ -224,22 +298,41 @@ class Chain:
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
         if tcp is not None:  # set above for, and only for, TCP
-            res = ct_tcp.tcp_packet(tcp, 0, pkt, False)
+            res = ct_tcp.tcp_packet(tcp, 0, pkt, False, self.knobs)
             if res.action != ct_tcp.TcpAction.ACCEPT or res.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
             flow.expires = now + res.timeout_ns
         elif proto == PROTO_UDP:
-            udp_update(flow, 0, now)
+            udp_update(flow, 0, now, self.knobs)
         elif proto in _ECHO_REQUESTS:
-            icmp_update(flow, 0, now)
+            icmp_update(flow, 0, now, self.knobs)
         else:
-            generic_update(flow, 0, now)
+            generic_update(flow, 0, now, self.knobs)
         flow.packets[0] = 1
         flow.bytes[0] = pkt.ip_total
         self.flows.add(flow)
         translate(pkt, flow, 0)
         return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule,
                        flow, 0, created=True)
+
+    def _evict_closing(self, reply_key: FlowKey, new_end: int, now: int) -> bool:
+        """Linux nf_nat_used_tuple_harder for a new SYN (original end `new_end`): the flow
+        holding `reply_key` as its reply tuple is evicted when it is a SNAT'd TCP flow in
+        TIME_WAIT or later (CLOSE, SYN_SENT2: Linux's state order) whose original direction
+        the new SYN has passed; True: the tuple is free now."""
+        hit = self.lookup(reply_key, now)
+        if hit is None:
+            return True
+        flow, fdir = hit
+        tcp = flow.tcp
+        if (fdir != 1 or tcp is None or tcp.state < _TIME_WAIT or flow.owner != self.tier
+                or flow.xlat.src == flow.key.src
+                or not ct_tcp.seq_after(new_end, tcp.seen[0].end)):
+            return False
+        self.flows.remove(flow)
+        if self.dropped is not None:
+            self.dropped(flow)
+        return True
 
     def _decide(self, direction: int, tuple_: FlowKey, icmp_type: int) -> tuple[bool, int]:
         if self.rules is None:

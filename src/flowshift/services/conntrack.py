@@ -6,20 +6,24 @@ looks it up (lazy), and a periodic sweep (`sweep`, driven by the host on trace t
 memory of flows nobody looked up again, without changing any result.
 TCP tracking lives in conntrack_tcp.py. Any other protocol is tracked as Linux's generic
 tracker does (nf_conntrack_proto_generic): by addresses and protocol, every packet refreshing
-a 600 s timeout.
+a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]` table).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterator
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
+    DEFAULT_KNOBS,
     GENERIC_TIMEOUT,
     ICMP_TIMEOUT,
+    NF_CT_EVICTION_RANGE,
     SECOND,
     UDP_STREAM_AFTER,
     UDP_TIMEOUT_REPLIED,
     UDP_TIMEOUT_UNREPLIED,
+    Knobs,
 )
 from flowshift.entry import Flow, Status
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
@@ -35,46 +39,63 @@ _SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds en
 _ASSURED = int(Status.ASSURED)
 
 
-def udp_update(flow: Flow, direction: int, now: int) -> None:
+def udp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
     """Linux nf_conntrack_udp_packet: the timeout and ASSURED for one packet of a tracked flow."""
     if flow.status & _SEEN_REPLY:
-        timeout = UDP_TIMEOUT_UNREPLIED
+        timeout = knobs.udp_timeout
         if now > flow.stream_ts:
-            timeout = UDP_TIMEOUT_REPLIED
+            timeout = knobs.udp_timeout_stream
             flow.status |= _ASSURED
         flow.expires = now + timeout
     else:
-        flow.expires = now + UDP_TIMEOUT_UNREPLIED
+        flow.expires = now + knobs.udp_timeout
 
 
-def icmp_update(flow: Flow, direction: int, now: int) -> None:
-    """Linux nf_conntrack_icmp_packet: every packet refreshes the timeout."""
-    flow.expires = now + ICMP_TIMEOUT
+def icmp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
+    """Linux nf_conntrack_icmp_packet / icmpv6: every packet refreshes the timeout."""
+    flow.expires = now + (knobs.icmp_timeout if flow.key.proto == PROTO_ICMP
+                          else knobs.icmpv6_timeout)
 
 
-def generic_update(flow: Flow, direction: int, now: int) -> None:
+def generic_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
     """Linux nf_conntrack_generic: every packet refreshes the timeout."""
-    flow.expires = now + GENERIC_TIMEOUT
+    flow.expires = now + knobs.generic_timeout
 
 
-def generic_timeout(flow: Flow) -> int:
+def generic_timeout(flow: Flow, knobs: Knobs = DEFAULT_KNOBS) -> int:
     """The timeout a packet of this non-TCP flow would give it now."""
     proto = flow.key.proto
     if proto == PROTO_UDP:
-        return UDP_TIMEOUT_REPLIED if flow.status & _SEEN_REPLY else UDP_TIMEOUT_UNREPLIED
-    if proto in (PROTO_ICMP, PROTO_ICMPV6):
-        return ICMP_TIMEOUT
-    return GENERIC_TIMEOUT
+        return knobs.udp_timeout_stream if flow.status & _SEEN_REPLY else knobs.udp_timeout
+    if proto == PROTO_ICMP:
+        return knobs.icmp_timeout
+    if proto == PROTO_ICMPV6:
+        return knobs.icmpv6_timeout
+    return knobs.generic_timeout
+
+
+def bucket_of(key: FlowKey, buckets: int) -> int:
+    """The hash bucket of one tuple in a bounded table: a fixed hash (CRC-32 of the tuple),
+    so that early drop picks the same entries in every run, whatever PYTHONHASHSEED is."""
+    head = bytes((key.family, key.proto)) + key.zone.to_bytes(4, "big")
+    ports = key.sport.to_bytes(2, "big") + key.dport.to_bytes(2, "big")
+    return zlib.crc32(head + key.src + key.dst + ports) % buckets
 
 
 class FlowTable:
-    """Flows of one chain, by both of their keys."""
+    """Flows of one chain, by both of their keys.
 
-    def __init__(self) -> None:
+    A bounded table (`buckets` > 0, Linux's nf_conntrack_max) also keeps each flow in the hash
+    buckets of both its tuples, as Linux's table does, for `early_drop`.
+    """
+
+    def __init__(self, buckets: int = 0) -> None:
         self._by_key: dict[FlowKey, tuple[Flow, int]] = {}
         # The flow and direction of a key, live or not (callers check `expires`). The dict's
         # own method: every packet looks its flow up.
         self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
+        self.buckets = buckets
+        self._bucket: dict[int, list[Flow]] = {}  # bucket -> its flows, oldest first
 
     def __len__(self) -> int:
         return len(self._by_key) // 2
@@ -84,15 +105,36 @@ class FlowTable:
             if direction == 0:
                 yield flow
 
+    def _homes(self, flow: Flow) -> set[int]:
+        return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
+
     def add(self, flow: Flow) -> None:
+        old = self._by_key.get(flow.key)
+        if old is not None and old[0] is not flow:
+            self.remove(old[0])  # an entry that replaces its flow's older copy
+        elif old is not None:
+            return
         self._by_key[flow.key] = (flow, 0)
         self._by_key[flow.reply_key] = (flow, 1)
+        if self.buckets:
+            for b in self._homes(flow):
+                self._bucket.setdefault(b, []).append(flow)
 
     def remove(self, flow: Flow) -> None:
         for key in (flow.key, flow.reply_key):
             hit = self._by_key.get(key)
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
+        if self.buckets:
+            for b in self._homes(flow):
+                chain = self._bucket.get(b)
+                if chain is not None:
+                    for i, other in enumerate(chain):
+                        if other is flow:
+                            del chain[i]
+                            break
+                    if not chain:
+                        del self._bucket[b]
 
     def sweep(self, now: int, keep: int = -1,
               spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
@@ -108,3 +150,20 @@ class FlowTable:
         for flow in gone:
             self.remove(flow)
         return gone
+
+    def early_drop(self, key: FlowKey, owner: int,
+                   spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
+        """Linux early_drop for a new entry with tuple `key` in a full table: scan the
+        NF_CT_EVICTION_RANGE buckets from the key's on, and in the first that holds any flow
+        that is not assured, remove every such flow; the flows removed (none: the table stays
+        full). Only flows of tier `owner` that `spare` does not protect are candidates."""
+        home = bucket_of(key, self.buckets)
+        for i in range(NF_CT_EVICTION_RANGE):
+            chain = self._bucket.get((home + i) % self.buckets, [])
+            drop = [flow for flow in chain if not flow.status & _ASSURED
+                    and flow.owner == owner and (spare is None or not spare(flow.key))]
+            for flow in drop:
+                self.remove(flow)
+            if drop:
+                return drop
+        return []

@@ -6,9 +6,10 @@ The reference statement of how the firewall follows a TCP connection: the state 
 mirrors it bit for bit, so state is plain integers, sequence numbers are u32 with explicit
 masks and the control flow follows Linux's step by step.
 
-Knobs are fixed to the Linux defaults (see the `NF_CT_TCP_*` constants). Left out because they
-do not apply to a packet model: checksums (verified by the parser's caller), helpers and
-expectations, sequence adjustment (seqadj), SYN proxy, per-conntrack timeout policies.
+The sysctl knobs come as a `Knobs` (Linux's defaults unless a `[conntrack]` table sets them).
+Left out because they do not apply to a packet model: checksums (verified by the parser's
+caller), helpers and expectations, sequence adjustment (seqadj), SYN proxy, per-conntrack
+timeout policies.
 
 Use:
 - a packet with no conntrack: `tcp_new(conn, pkt)`; if True, run the same packet through
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flowshift.conntrack_types import (
+    DEFAULT_KNOBS,
     MAXACKWINCONST,
     NF_CT_TCP_BE_LIBERAL,
     NF_CT_TCP_IGNORE_INVALID_RST,
@@ -46,6 +48,7 @@ from flowshift.conntrack_types import (
     TCP_TIMEOUTS_NS,
     TIMEOUT_RETRANS_NS,
     TIMEOUT_UNACK_NS,
+    Knobs,
     TcpAction,
     TcpConn,
     TcpDir,
@@ -69,7 +72,8 @@ __all__ = [  # the tracker, and the conntrack types its users have always taken 
     "TCP_FLAG_SACK_PERM", "TCP_FLAG_SIMULTANEOUS_OPEN", "TCP_FLAG_WINDOW_SCALE", "TCP_MAX_WSCALE",
     "TCP_NONE_SET", "TCP_RST_SET", "TCP_SYNACK_SET", "TCP_SYN_SET", "TCP_TIMEOUTS_NS",
     "TIMEOUT_DESTROY", "TIMEOUT_RETRANS_NS", "TIMEOUT_UNACK_NS", "TIMEOUT_UNCHANGED", "TcpAction",
-    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "tcp_new",
+    "TcpConn", "TcpDir", "TcpResult", "TcpState", "conntrack_index", "relearn", "seq_after",
+    "tcp_new",
     "tcp_packet", "tcp_valid_flags",
 ]
 
@@ -165,6 +169,11 @@ def _after(a: int, b: int) -> bool:
     return ((b - a) & M32) >= 0x80000000
 
 
+def seq_after(a: int, b: int) -> bool:
+    """Linux after(a, b) on u32 sequence numbers (NAT's reuse of a closing tuple uses it)."""
+    return _after(a & M32, b & M32)
+
+
 def tcp_valid_flags(flags: int) -> bool:
     """Linux tcp_error's table of acceptable SYN/ACK/FIN/RST/URG combinations."""
     return (flags & _CHECKED_FLAGS) in _VALID_FLAGS
@@ -256,15 +265,18 @@ def _max_ack_window(sender: TcpDir) -> int:
     return sender.maxwin if sender.maxwin > MAXACKWINCONST else MAXACKWINCONST
 
 
-def _lenient(sender: TcpDir, action: TcpAction) -> TcpAction:
-    """A failed window check: ACCEPT for a liberal sender, else the given outcome."""
-    if sender.flags & TCP_FLAG_BE_LIBERAL or NF_CT_TCP_BE_LIBERAL:
+def _lenient(sender: TcpDir, action: TcpAction, liberal: bool) -> TcpAction:
+    """A failed window check: ACCEPT for a liberal sender (or tcp_be_liberal), else the given
+    outcome."""
+    if sender.flags & TCP_FLAG_BE_LIBERAL or liberal:
         return _ACCEPT
     return action
 
 
-def _in_window(conn: TcpConn, direction: int, index: int, pkt: Packet) -> TcpAction:
-    """Linux tcp_in_window: check the segment against both directions' windows, then learn."""
+def _in_window(conn: TcpConn, direction: int, index: int, pkt: Packet,
+               liberal: bool) -> TcpAction:
+    """Linux tcp_in_window: check the segment against both directions' windows, then learn.
+    liberal: nf_conntrack_tcp_be_liberal."""
     sender = conn.seen[direction]
     receiver = conn.seen[1 - direction]
     flags = pkt.flags
@@ -324,14 +336,14 @@ def _in_window(conn: TcpConn, direction: int, index: int, pkt: Packet) -> TcpAct
             # A sender exceeding the window slightly: remember the data so its ACK passes III
             sender.end = end
             sender.flags |= TCP_FLAG_DATA_UNACKNOWLEDGED
-            return _lenient(sender, _IGNORE)
-        return _lenient(sender, _INVALID)
+            return _lenient(sender, _IGNORE, liberal)
+        return _lenient(sender, _INVALID, liberal)
     if not _before(sack, (receiver.end + 1) & M32):
-        return _lenient(sender, _INVALID)  # III: acknowledges data never seen
+        return _lenient(sender, _INVALID, liberal)  # III: acknowledges data never seen
     if receiver.maxwin != 0 and not _after(end, (sender.end - receiver.maxwin - 1) & M32):
-        return _lenient(sender, _IGNORE)  # II: retransmission of acknowledged data
+        return _lenient(sender, _IGNORE, liberal)  # II: retransmission of acknowledged data
     if not _after(sack, (receiver.end - _max_ack_window(sender) - 1) & M32):
-        return _lenient(sender, _IGNORE)  # IV: very old ACK
+        return _lenient(sender, _IGNORE, liberal)  # IV: very old ACK
 
     if not flags & TCP_SYN:
         win = (win << sender.scale) & M32  # windows in SYNs are never scaled
@@ -376,13 +388,14 @@ def _in_window(conn: TcpConn, direction: int, index: int, pkt: Packet) -> TcpAct
     return _ACCEPT
 
 
-def _shrink_on_invalid(conn: TcpConn, direction: int, index: int, assured: bool) -> int:
+def _shrink_on_invalid(conn: TcpConn, direction: int, index: int, assured: bool,
+                       unack: int) -> int:
     """An out-of-window FIN/RST answering the other side's FIN/RST caps an assured
     conntrack's remaining time at TIMEOUT_UNACK (Linux nf_tcp_handle_invalid)."""
     if not assured or index not in (TCP_RST_SET, TCP_FIN_SET):
         return TIMEOUT_UNCHANGED
     if conn.last_dir != direction and conn.last_index in (TCP_FIN_SET, TCP_RST_SET):
-        return TIMEOUT_UNACK_NS
+        return unack
     conn.last_index = index
     conn.last_dir = direction
     return TIMEOUT_UNCHANGED
@@ -427,7 +440,7 @@ _RST_TRUSTED = 3  # skip the window checks
 
 
 def _rst_disposition(
-    conn: TcpConn, direction: int, pkt: Packet, old_state: int, assured: bool
+    conn: TcpConn, direction: int, pkt: Packet, old_state: int, assured: bool, knobs: Knobs
 ) -> int:
     if old_state in (_FW, _LA, _TW, _CL, _CW):
         return _RST_TRUSTED  # closing: the tuple may be reused already, the data is stale
@@ -439,7 +452,7 @@ def _rst_disposition(
         established = old_state == _ES and assured
         if seq == 0 and not established:
             return _RST_CHECK  # likely answers a SYN we let through
-        if _before(seq, peer.maxack) and not NF_CT_TCP_IGNORE_INVALID_RST:
+        if _before(seq, peer.maxack) and not knobs.tcp_ignore_invalid_rst:
             return _RST_INVALID
         if not established or seq == peer.maxack:
             return _RST_CHECK
@@ -461,17 +474,20 @@ def _rst_disposition(
     return outcome
 
 
-def _timeout(conn: TcpConn, index: int, new_state: int) -> int:
-    state_timeout = TCP_TIMEOUTS_NS[new_state]
-    if conn.retrans >= NF_CT_TCP_MAX_RETRANS and state_timeout > TIMEOUT_RETRANS_NS:
-        return TIMEOUT_RETRANS_NS
+def _timeout(conn: TcpConn, index: int, new_state: int, knobs: Knobs) -> int:
+    timeouts = knobs.tcp_timeouts
+    retrans = knobs.tcp_timeout_max_retrans
+    unack = knobs.tcp_timeout_unacknowledged
+    state_timeout = timeouts[new_state]
+    if conn.retrans >= knobs.tcp_max_retrans and state_timeout > retrans:
+        return retrans
     if index == TCP_RST_SET:
-        return TCP_TIMEOUTS_NS[_CL]
+        return timeouts[_CL]
     unacked = (conn.seen[0].flags | conn.seen[1].flags) & TCP_FLAG_DATA_UNACKNOWLEDGED
-    if unacked and state_timeout > TIMEOUT_UNACK_NS:
-        return TIMEOUT_UNACK_NS
-    if conn.last_win == 0 and state_timeout > TIMEOUT_RETRANS_NS:
-        return TIMEOUT_RETRANS_NS
+    if unacked and state_timeout > unack:
+        return unack
+    if conn.last_win == 0 and state_timeout > retrans:
+        return retrans
     return state_timeout
 
 
@@ -495,11 +511,12 @@ def _forget_last(conn: TcpConn) -> None:
     conn.last_wscale = 0
 
 
-def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
+def tcp_new(conn: TcpConn, pkt: Packet, knobs: Knobs = DEFAULT_KNOBS) -> bool:
     """May pkt create a conntrack? If so, initialise conn from it (Linux tcp_new).
 
     A SYN starts a tracked handshake; an ACK-class packet picks up a connection mid-stream
-    (nf_conntrack_tcp_loose=1) with liberal window checks in both directions. conn's state
+    (with knobs.tcp_loose, nf_conntrack_tcp_loose=1) with liberal window checks in both
+    directions. conn's state
     stays NONE: run the same packet through tcp_packet(conn, 0, pkt, False) next.
     """
     flags = pkt.flags & 0xFF
@@ -508,7 +525,7 @@ def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
     new_state = TCP_CONNTRACKS[0][conntrack_index(flags)][_NO]
     if new_state >= STATE_INVALID:
         return False
-    if new_state != _SS and not NF_CT_TCP_LOOSE:
+    if new_state != _SS and not knobs.tcp_loose:
         return False
     conn.seen = fresh_dirs()
     conn.state = _NO
@@ -529,11 +546,12 @@ def tcp_new(conn: TcpConn, pkt: Packet) -> bool:
     return True
 
 
-def tcp_packet(conn: TcpConn, direction: int, pkt: Packet, assured: bool) -> TcpResult:
+def tcp_packet(conn: TcpConn, direction: int, pkt: Packet, assured: bool,
+               knobs: Knobs = DEFAULT_KNOBS) -> TcpResult:
     """Track one packet of a conntrack (Linux nf_conntrack_tcp_packet).
 
     direction: 0 original, 1 reply. assured: the conntrack's ASSURED status before this
-    packet. conn is updated in place; REOPEN leaves it as it was.
+    packet. conn is updated in place; REOPEN leaves it as it was. knobs: the table's sysctls.
     """
     flags = pkt.flags & 0xFF
     if not tcp_valid_flags(flags):
@@ -584,7 +602,7 @@ def tcp_packet(conn: TcpConn, direction: int, pkt: Packet, assured: bool) -> Tcp
         if direction == 1 and index == TCP_ACK_SET and conn.last_flags & TCP_FLAG_SIMULTANEOUS_OPEN:
             new_state = _ES
     elif new_state == _CL and index == TCP_RST_SET:
-        disposition = _rst_disposition(conn, direction, pkt, old_state, assured)
+        disposition = _rst_disposition(conn, direction, pkt, old_state, assured, knobs)
         if disposition == _RST_INVALID:
             return TcpResult(_INVALID, TIMEOUT_UNCHANGED, assured)
         if disposition == _RST_KEEP_STATE:
@@ -592,11 +610,12 @@ def tcp_packet(conn: TcpConn, direction: int, pkt: Packet, assured: bool) -> Tcp
         check_window = disposition != _RST_TRUSTED
 
     if check_window:
-        action = _in_window(conn, direction, index, pkt)
+        action = _in_window(conn, direction, index, pkt, knobs.tcp_be_liberal)
         if action == _IGNORE:
             return _done(conn, direction, _IGNORE, TIMEOUT_UNCHANGED, assured)
         if action == _INVALID:
-            cap = _shrink_on_invalid(conn, direction, index, assured)
+            cap = _shrink_on_invalid(conn, direction, index, assured,
+                                     knobs.tcp_timeout_unacknowledged)
             return TcpResult(_INVALID, cap, assured)
 
     conn.last_index = index
@@ -605,14 +624,14 @@ def tcp_packet(conn: TcpConn, direction: int, pkt: Packet, assured: bool) -> Tcp
     if old_state != new_state and new_state == _FW:
         conn.seen[direction].flags |= TCP_FLAG_CLOSE_INIT
 
-    timeout = _timeout(conn, index, new_state)
+    timeout = _timeout(conn, index, new_state, knobs)
     if not conn.seen_reply:
         if flags & TCP_RST:
             return TcpResult(_ACCEPT, TIMEOUT_DESTROY, assured)  # only answer: RST
         if index == TCP_SYN_SET and old_state == _SS:
             timeout = TIMEOUT_UNCHANGED  # SYN retransmissions must not keep the entry alive
-        elif new_state == _ES and timeout > TIMEOUT_UNACK_NS:
-            timeout = TIMEOUT_UNACK_NS  # picked up mid-stream, no answer yet
+        elif new_state == _ES and timeout > knobs.tcp_timeout_unacknowledged:
+            timeout = knobs.tcp_timeout_unacknowledged  # picked up mid-stream, no answer yet
     elif not assured and old_state in (_SR, _ES) and new_state == _ES:
         assured = True  # an ACK completing the handshake, or answering a picked-up flow
     return _done(conn, direction, _ACCEPT, timeout, assured)

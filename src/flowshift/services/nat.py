@@ -20,13 +20,15 @@ class Nat:
         self.dnat_rules = {(r.proto, r.match_addr, r.match_port): r
                            for r in (config.dnat if config else ())}
 
-    def snat(self, key: FlowKey, in_use: Callable[[FlowKey], bool]) -> FlowKey | None:
-        """The translated original tuple of a new egress flow; None: no free tuple."""
+    def snat(self, key: FlowKey, in_use: Callable[[FlowKey], bool],
+             evict: Callable[[FlowKey], bool] | None = None) -> FlowKey | None:
+        """The translated original tuple of a new egress flow; None: no free tuple. `evict`:
+        see nat_alloc.allocate (a closing flow's tuple reused by a new SYN)."""
         src = ipaddress.ip_address(key.src)
         for rule in self.snat_rules:
             if rule.source.version == src.version and src in rule.source:
                 return allocate(key, rewrite_src=True, addrs=rule.to, ports=rule.ports,
-                                in_use=in_use)
+                                in_use=in_use, evict=evict)
         return key
 
     def dnat(self, key: FlowKey, xlat: FlowKey) -> FlowKey:

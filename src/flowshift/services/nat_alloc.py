@@ -15,11 +15,16 @@ source (SNAT, masquerade) or the destination (DNAT) of the original direction.
    1024-65535) and DNAT never moves the port. ICMP echo flows move their identifier, which
    is both "ports" of the key (see flow.py), even for DNAT, as Linux does.
 
+   In the last NF_NAT_HARDER_THRESH (32) candidates of a round, a taken tuple may still be
+   had (nf_nat_used_tuple_harder): `evict(reply_key)` is asked whether the flow holding it
+   can be evicted (Linux: a SNAT'd TCP conntrack in TIME_WAIT or CLOSE whose original
+   sequence the new SYN has passed); the caller passes it for a new TCP SYN only.
+
 Deliberate differences from Linux, so that replays are reproducible: offsets are hashes of
 the tuple and the round, not random numbers (DNAT's first round starts at offset 0 as in
-Linux); there is no table of existing source mappings (find_appropriate_src) and no
-eviction of TIME_WAIT entries (nf_nat_used_tuple_harder); a tuple that stays taken gives
-None where Linux would let the new flow clash at confirmation and drop its packet.
+Linux); there is no table of existing source mappings (find_appropriate_src); a tuple that
+stays taken gives None where Linux would let the new flow clash at confirmation and drop
+its packet.
 
 `in_use(reply_key)` answers Linux's nf_nat_used_tuple: is the REPLY key of a candidate,
 the reversed translated key, already held by another flow?
@@ -43,6 +48,7 @@ MOVABLE_PROTOS = PORT_PROTOS | ICMP_PROTOS  # those with a port or identifier to
 
 MAX_ATTEMPTS = 128  # Linux NF_NAT_MAX_ATTEMPTS: candidates in the first round of a search
 MIN_ROUND = 16  # rounds halve in size; no round follows one smaller than this
+HARDER_THRESH = MAX_ATTEMPTS // 4  # Linux NF_NAT_HARDER_THRESH: the last candidates of a round
 
 __all__ = ["AddressRange", "allocate"]
 
@@ -54,11 +60,15 @@ def allocate(
     addrs: AddressRange,
     ports: tuple[int, int] | None,
     in_use: Callable[[FlowKey], bool],
+    evict: Callable[[FlowKey], bool] | None = None,
 ) -> FlowKey | None:
     """The translated original-direction tuple of a new flow, or None if none is free.
 
     `rewrite_src` picks SNAT (new source address/port) or DNAT (new destination); `ports`
     is an inclusive (low, high) range for the port or ICMP identifier, None for "any".
+    `evict(reply_key)`: True when the reply key is free, or its holder may be evicted and
+    was (Linux's one lookup for the last HARDER_THRESH candidates of each round, instead of
+    `in_use`).
     """
     if len(addrs.first) != len(original.src):
         raise ValueError(
@@ -89,7 +99,10 @@ def allocate(
         offset = _offset(candidate, rewrite_src, round_no)
         for i in range(attempts):
             key = _with_port(candidate, rewrite_src, low + (offset + i) % size)
-            if free(key):
+            if evict is not None and attempts - i <= HARDER_THRESH:
+                if evict(key.reversed()):  # one lookup: free, or its holder evicted
+                    return key
+            elif free(key):
                 return key
         if attempts >= size or attempts < MIN_ROUND:
             return None

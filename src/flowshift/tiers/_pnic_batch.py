@@ -18,6 +18,7 @@ from flowshift.tiers._pnic_flow import (
     N_STATES,
     PROTO_TCP,
     TCP_LIFE,
+    forward_hop,
     process_flow,
 )
 from flowshift.tiers._pnic_index import E_PROTO, E_SIZE, head_word, index_remove, lookup
@@ -116,13 +117,15 @@ def punt_reason(mem, e, f, full, now):
 
 @kernel()
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
-                  returned, machine, direction, mem, state, keys, vals, inside, public, f,
-                  punts):
+                  returned, machine, direction, mem, state, keys, vals, inside, public, knobs,
+                  routing, f, punts):
     """Run the selected packets of a batch; (packets processed, entries returned).
 
     buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
-    f: N_FIELDS int64, the parser's field vector (kernels allocate nothing); punts: counts by
-    PuntReason code, incremented.
+    knobs: int64 rows, one per machine (zone), of conntrack_types.Knobs.row(); routing: int8,
+    one per machine, 1 for a routing machine (its TTL is checked and decremented); f: N_FIELDS
+    int64, the parser's field vector (kernels allocate nothing); punts: counts by PuntReason
+    code, incremented.
     """
     processed = 0
     gone = 0
@@ -170,7 +173,9 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
             punts[why] += 1
             gone += 1
             continue
-        v, r = process_flow(mem, e, hit & 1, buf, s, f, now)
+        v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
+        if routing[m]:
+            v, r = forward_hop(buf, s, f, v, r)
         verdict[i] = v
         reason[i] = r
         machine[i] = m

@@ -33,6 +33,7 @@ SOURCES = (
     "packet/checksum.py",
     "packet/parse.py",
     "packet/rewrite.py",
+    "packet/route.py",
     "packet/view.py",
     "services/__init__.py",
     "services/conntrack_tcp.py",

@@ -19,7 +19,7 @@ from numba.extending import register_jitable
 
 from flowshift import conntrack_types as ct
 from flowshift import entry, flow
-from flowshift.packet import checksum, rewrite, view
+from flowshift.packet import checksum, rewrite, route, view
 from flowshift.services.conntrack_tcp import TCP_CONNTRACKS
 from flowshift.tiers._pnic_index import (
     E_DPORT,
@@ -85,6 +85,9 @@ FORWARD = int(Verdict.FORWARD)
 DROP = int(Verdict.DROP)
 ESTABLISHED = int(Reason.ESTABLISHED)
 INVALID = int(Reason.INVALID)
+TTL_EXCEEDED = int(Reason.TTL_EXCEEDED)
+TTL_AT_IPV4 = route.TTL_AT_IPV4
+HOP_LIMIT_AT_IPV6 = route.HOP_LIMIT_AT_IPV6
 
 SEEN_REPLY = int(ct.Status.SEEN_REPLY)
 ASSURED = int(ct.Status.ASSURED)
@@ -118,19 +121,21 @@ FLAG_MAXACK_SET = ct.TCP_FLAG_MAXACK_SET
 FLAG_CHALLENGE_ACK = ct.TCP_FLAG_CHALLENGE_ACK
 FLAG_SIMULTANEOUS_OPEN = ct.TCP_FLAG_SIMULTANEOUS_OPEN
 
-MAX_RETRANS = ct.NF_CT_TCP_MAX_RETRANS
 MAXACKWINCONST = ct.MAXACKWINCONST
-TIMEOUT_RETRANS = ct.TIMEOUT_RETRANS_NS
-TIMEOUT_UNACK = ct.TIMEOUT_UNACK_NS
-UDP_TIMEOUT_UNREPLIED = ct.UDP_TIMEOUT_UNREPLIED
-UDP_TIMEOUT_REPLIED = ct.UDP_TIMEOUT_REPLIED
-ICMP_TIMEOUT = ct.ICMP_TIMEOUT
+# The knobs of the flow's conntrack table: row `z` (the zone, the machine) of the `kn` array
+# the engine passes (conntrack_types.Knobs.row), so one compiled kernel serves every setting
+K_TCP = ct.K_TCP
+K_RETRANS = ct.K_RETRANS
+K_UNACK = ct.K_UNACK
+K_UDP = ct.K_UDP
+K_UDP_STREAM = ct.K_UDP_STREAM
+K_ICMP = ct.K_ICMP
+K_ICMPV6 = ct.K_ICMPV6
+K_MAX_RETRANS = ct.K_MAX_RETRANS
+K_BE_LIBERAL = ct.K_BE_LIBERAL
 
-# The ACK row of the state table per direction, and the timeout of each state
+# The ACK row of the state table per direction
 ACK_ROWS = np.array([TCP_CONNTRACKS[d][ACK_SET] for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
-TIMEOUTS = np.array(ct.TCP_TIMEOUTS_NS, np.int64)
-if ct.NF_CT_TCP_BE_LIBERAL:  # the kernels implement the Linux default only
-    raise ImportError("the PNIC kernels assume nf_conntrack_tcp_be_liberal = 0")
 
 
 @kernel(inline=True)
@@ -151,8 +156,8 @@ def _scaled(win, scale):
 # -- TCP conntrack ------------------------------------------------------------------------------
 
 @kernel(inline=True)
-def _lenient(mem, e, sender, action):
-    if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL:
+def _lenient(mem, e, sender, action, liberal):
+    if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL or liberal:
         return ACCEPT
     return action
 
@@ -175,8 +180,9 @@ def _max_ack_window(mem, e, sender):
 
 
 @kernel()
-def tcp_in_window(mem, e, d, b, s, f):
-    """conntrack_tcp._in_window for a segment with ACK and without SYN, FIN, RST."""
+def tcp_in_window(mem, e, d, b, s, f, liberal):
+    """conntrack_tcp._in_window for a segment with ACK and without SYN, FIN, RST; liberal:
+    nf_conntrack_tcp_be_liberal."""
     sender = E_SEEN + SEEN_SIZE * d
     receiver = E_SEEN + SEEN_SIZE * (1 - d)
     seq = f[F_SEQ]
@@ -214,14 +220,14 @@ def tcp_in_window(mem, e, d, b, s, f):
         if in_recv_win and ack_ok and overshot <= r_maxwin and _before(sack, (r_end + 1) & M32):
             st32(mem, e + sender + D_END, end)
             mem[e + sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
-            return _lenient(mem, e, sender, IGNORE)
-        return _lenient(mem, e, sender, A_INVALID)
+            return _lenient(mem, e, sender, IGNORE, liberal)
+        return _lenient(mem, e, sender, A_INVALID, liberal)
     if not _before(sack, (r_end + 1) & M32):
-        return _lenient(mem, e, sender, A_INVALID)  # III: acknowledges data never seen
+        return _lenient(mem, e, sender, A_INVALID, liberal)  # III: acknowledges data never seen
     if r_maxwin != 0 and not _after(end, (s_end - r_maxwin - 1) & M32):
-        return _lenient(mem, e, sender, IGNORE)  # II: retransmission of acknowledged data
+        return _lenient(mem, e, sender, IGNORE, liberal)  # II: retransmission of acknowledged data
     if not _after(sack, (r_end - _max_ack_window(mem, e, sender) - 1) & M32):
-        return _lenient(mem, e, sender, IGNORE)  # IV: very old ACK
+        return _lenient(mem, e, sender, IGNORE, liberal)  # IV: very old ACK
 
     win = _scaled(win, mem[e + sender + D_SCALE])
     swin = (win + sack - ack) & M32
@@ -262,16 +268,18 @@ def tcp_in_window(mem, e, d, b, s, f):
 
 
 @kernel()
-def _tcp_timeout(mem, e, new_state):
-    state_timeout = TIMEOUTS[new_state]
-    if mem[e + E_RETRANS] >= MAX_RETRANS and state_timeout > TIMEOUT_RETRANS:
-        return TIMEOUT_RETRANS
+def _tcp_timeout(mem, e, new_state, kn, z):
+    state_timeout = kn[z, K_TCP + new_state]
+    retrans = kn[z, K_RETRANS]
+    unack = kn[z, K_UNACK]
+    if mem[e + E_RETRANS] >= kn[z, K_MAX_RETRANS] and state_timeout > retrans:
+        return retrans
     flags = mem[e + E_SEEN + D_FLAGS] | mem[e + E_SEEN + SEEN_SIZE + D_FLAGS]
     unacked = flags & FLAG_DATA_UNACKNOWLEDGED
-    if unacked and state_timeout > TIMEOUT_UNACK:
-        return TIMEOUT_UNACK
-    if ld32(mem, e + E_LAST_WIN) == 0 and state_timeout > TIMEOUT_RETRANS:
-        return TIMEOUT_RETRANS
+    if unacked and state_timeout > unack:
+        return unack
+    if ld32(mem, e + E_LAST_WIN) == 0 and state_timeout > retrans:
+        return retrans
     return state_timeout
 
 
@@ -284,8 +292,9 @@ def _ignored(mem, e, d):
 
 
 @kernel()
-def tcp_track(mem, e, d, b, s, f):
-    """conntrack_tcp.tcp_packet for a segment without SYN, FIN, RST: (action, timeout_ns).
+def tcp_track(mem, e, d, b, s, f, kn, z):
+    """conntrack_tcp.tcp_packet for a segment without SYN, FIN, RST: (action, timeout_ns);
+    kn[z]: the knobs of the flow's conntrack table.
 
     The status byte's SEEN_REPLY bit is the conntrack's seen_reply (entry.Flow keeps them so).
     """
@@ -315,7 +324,7 @@ def tcp_track(mem, e, d, b, s, f):
     elif new_state == S_SYN_RECV and d == 1 and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN:
         new_state = S_ESTABLISHED
 
-    action = tcp_in_window(mem, e, d, b, s, f)
+    action = tcp_in_window(mem, e, d, b, s, f, kn[z, K_BE_LIBERAL] != 0)
     if action == IGNORE:
         return _ignored(mem, e, d)
     if action == A_INVALID:
@@ -324,10 +333,10 @@ def tcp_track(mem, e, d, b, s, f):
     mem[e + E_LAST_INDEX] = ACK_SET
     mem[e + E_LAST_DIR] = d
     mem[e + E_TCP_STATE] = new_state
-    timeout = _tcp_timeout(mem, e, new_state)
+    timeout = _tcp_timeout(mem, e, new_state, kn, z)
     if not mem[e + E_STATUS] & SEEN_REPLY:
-        if new_state == S_ESTABLISHED and timeout > TIMEOUT_UNACK:
-            timeout = TIMEOUT_UNACK  # picked up mid-stream, no answer yet
+        if new_state == S_ESTABLISHED and timeout > kn[z, K_UNACK]:
+            timeout = kn[z, K_UNACK]  # picked up mid-stream, no answer yet
     elif (not mem[e + E_STATUS] & ASSURED and new_state == S_ESTABLISHED
           and old_state in (S_SYN_RECV, S_ESTABLISHED)):
         mem[e + E_STATUS] |= ASSURED
@@ -458,11 +467,12 @@ def translate(mem, e, d, b, s, f):
 # -- the chain for one packet -------------------------------------------------------------------
 
 @kernel()
-def process_flow(mem, e, d, b, s, f, now):
-    """chain.process_flow for a packet the engine processes: (verdict, reason)."""
+def process_flow(mem, e, d, b, s, f, now, kn, z):
+    """chain.process_flow for a packet the engine processes: (verdict, reason). kn[z]: the
+    knobs of the flow's conntrack table (z: its zone)."""
     proto = mem[e + E_PROTO]
     if proto == PROTO_TCP:
-        action, timeout = tcp_track(mem, e, d, b, s, f)
+        action, timeout = tcp_track(mem, e, d, b, s, f, kn, z)
         if action == A_INVALID:
             return DROP, INVALID
         if action == IGNORE:
@@ -472,17 +482,17 @@ def process_flow(mem, e, d, b, s, f, now):
     elif proto == PROTO_UDP:
         status = mem[e + E_STATUS]
         if status & SEEN_REPLY:
-            timeout = UDP_TIMEOUT_UNREPLIED
+            timeout = kn[z, K_UDP]
             if now > ld64(mem, e + E_STREAM_TS):
-                timeout = UDP_TIMEOUT_REPLIED
+                timeout = kn[z, K_UDP_STREAM]
                 mem[e + E_STATUS] |= ASSURED
             st64(mem, e + E_EXPIRES, now + timeout)
         else:
-            st64(mem, e + E_EXPIRES, now + UDP_TIMEOUT_UNREPLIED)
+            st64(mem, e + E_EXPIRES, now + kn[z, K_UDP])
         if d:
             mem[e + E_STATUS] |= SEEN_REPLY
     else:
-        st64(mem, e + E_EXPIRES, now + ICMP_TIMEOUT)
+        st64(mem, e + E_EXPIRES, now + kn[z, K_ICMPV6 if proto == PROTO_ICMPV6 else K_ICMP])
         if d:
             mem[e + E_STATUS] |= SEEN_REPLY
     st64(mem, e + E_PACKETS + 8 * d, ld64(mem, e + E_PACKETS + 8 * d) + 1)
@@ -490,3 +500,23 @@ def process_flow(mem, e, d, b, s, f, now):
     st64(mem, e + E_LAST_SEEN, now)
     translate(mem, e, d, b, s, f)
     return FORWARD, ESTABLISHED
+
+
+@kernel()
+def forward_hop(b, s, f, v, r):
+    """chain.forward_hop for a routing machine, after process_flow gave (v, r): TTL / hop
+    limit 1 or 0 dropped (ttl-exceeded), else a forwarded frame's one lower (IPv4: with the
+    RFC 1624 update of the header checksum for the word TTL, protocol)."""
+    l3 = s + f[F_L3]
+    v4 = f[F_FAMILY] == 4
+    at = l3 + (TTL_AT_IPV4 if v4 else HOP_LIMIT_AT_IPV6)
+    ttl = numba.int64(b[at])
+    if ttl <= 1:
+        return DROP, TTL_EXCEEDED
+    if v == FORWARD:
+        b[at] = ttl - 1
+        if v4:
+            old = (ttl << 8) | numba.int64(b[at + 1])
+            change = (~old & 0xFFFF) + (old - 0x100)
+            st_be16(b, l3 + CSUM_AT_IPV4, _update_sum(be16(b, l3 + CSUM_AT_IPV4), change))
+    return v, r

@@ -7,6 +7,8 @@ bytes, and its load balancer's round-robin positions. After that the VNIC runs t
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from flowshift import channel as ch
 from flowshift.config import HostConfig, to_dict
 from flowshift.entry import Tier
@@ -25,7 +27,10 @@ class Machine:
     def handoff(self) -> ch.Handoff:
         """The message that hands this machine's config and flow entries to its VNIC."""
         chain = self.chain
-        return ch.Handoff(self.index, to_dict(self._host_config)["machine"][self.index],
+        config = to_dict(self._host_config)["machine"][self.index]
+        # the machine's whole conntrack table: the VNIC reads the machine without the host's
+        config["conntrack"] = asdict(chain.config.conntrack)
+        return ch.Handoff(self.index, config,
                           [f.to_bytes() for f in chain.export_flows()],
                           chain.lb.state() if chain.lb is not None else [])
 

@@ -31,7 +31,9 @@ class Pnic:
     def __init__(self, capacity: int, machines: tuple[MachineConfig, ...], *,
                  idle_timeout_ns: int, report_interval_ns: int) -> None:
         self.capacity = capacity
-        self.engine = PnicEngine(max(capacity, 1), Classifier(machines))
+        self.engine = PnicEngine(max(capacity, 1), Classifier(machines),
+                                 [m.conntrack.knobs() for m in machines],
+                                 [m.forwarding == "router" for m in machines])
         self.idle_timeout = idle_timeout_ns
         self.report_interval = report_interval_ns
         self.zones = len(machines)

@@ -12,10 +12,12 @@ docs/pnic-engine.md describes the pipeline and what is punted.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from flowshift.conntrack_types import DEFAULT_KNOBS, N_KNOBS, Knobs
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
 from flowshift.flow import FlowKey
 from flowshift.packet.view import TCP_ACK
@@ -73,6 +75,17 @@ def _compile_classifier(classifier: Classifier | None) -> tuple[np.ndarray, np.n
     return _int64(inside, 6), _int64(public, 4)
 
 
+def _knob_table(classifier: Classifier | None, knobs: Sequence[Knobs]) -> np.ndarray:
+    """The conntrack knobs of each machine (zone) as int64 rows for the kernel: `knobs[i]`
+    for machine i, Linux's defaults for a machine not given."""
+    zones = len(knobs)
+    if classifier is not None:
+        zones = max([zones, *(m + 1 for *_, m in classifier.inside),
+                     *(m + 1 for m in classifier.public.values())])
+    rows = [(knobs[i] if i < len(knobs) else DEFAULT_KNOBS).row() for i in range(max(zones, 1))]
+    return np.array(rows, np.int64).reshape(-1, N_KNOBS)
+
+
 def _arg(a: np.ndarray, dtype: type) -> np.ndarray:
     """a as a writable contiguous array of dtype (one compiled type), copied only when it is
     not one already."""
@@ -84,7 +97,8 @@ def _arg(a: np.ndarray, dtype: type) -> np.ndarray:
 class PnicEngine:
     """The second cache and its compiled data path."""
 
-    def __init__(self, capacity: int, classifier: Classifier | None) -> None:
+    def __init__(self, capacity: int, classifier: Classifier | None,
+                 knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
@@ -98,6 +112,10 @@ class PnicEngine:
         self._free = list(range(capacity - 1, -1, -1))
         self._live = 0
         self._inside, self._public = _compile_classifier(classifier)
+        self._knobs = _knob_table(classifier, knobs)
+        # per machine: 1 routes (forwarding = "router": TTL checked and decremented)
+        self._routing = np.zeros(len(self._knobs), np.int8)
+        self._routing[:len(routing)] = np.array(routing, np.int8)[:len(self._knobs)]
         self._punts = np.zeros(max(PuntReason) + 1, np.int64)  # by PuntReason code
 
     def __len__(self) -> int:
@@ -216,8 +234,8 @@ class PnicEngine:
                                    args["linktype"], args["ts"], chosen, outs["verdict"],
                                    outs["reason"], outs["returned"], outs["machine"],
                                    outs["direction"], self._mem, self._state, self._keys,
-                                   self._vals, self._inside, self._public,
-                                   np.zeros(N_FIELDS, np.int64), self._punts)
+                                   self._vals, self._inside, self._public, self._knobs,
+                                   self._routing, np.zeros(N_FIELDS, np.int64), self._punts)
         if work is not buf:
             buf[:] = work
         for name, a in outs.items():  # results computed in a copy go back to the caller's

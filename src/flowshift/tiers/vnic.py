@@ -32,18 +32,14 @@ from dataclasses import dataclass
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
+from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
-from flowshift.services.conntrack import (
-    GENERIC_TIMEOUT,
-    ICMP_TIMEOUT,
-    UDP_TIMEOUT_UNREPLIED,
-    generic_timeout,
-)
+from flowshift.services.conntrack import generic_timeout
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
@@ -51,13 +47,10 @@ from flowshift.verdict import RefuseReason, ReturnReason, Verdict
 
 _OK = ParseError.OK
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
+_ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = 1 << 63
-# No packet the PNIC processes gives its entry less life than this: a sync finds nothing
-# expired before the earliest known expiry or this long after the earliest packet since.
-MIN_TIMEOUT = min(t for t in (*ct_tcp.TCP_TIMEOUTS_NS, UDP_TIMEOUT_UNREPLIED, ICMP_TIMEOUT,
-                              GENERIC_TIMEOUT) if t > 0)
 
 
 class VnicChain(Chain):
@@ -96,6 +89,10 @@ class Vnic:
                  batch: int = 256) -> None:
         self.names = [m.name for m in config.machines]
         self.capacity = config.pnic.capacity
+        # No packet the PNIC processes gives its entry less life than this (the shortest
+        # timeout of any machine's conntrack table): a sync finds nothing expired before the
+        # earliest known expiry or this long after the earliest packet since.
+        self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in config.machines)
         self.chains: list[VnicChain | None] = [None] * len(config.machines)
         self.link = link
         self.policy = policy
@@ -131,6 +128,8 @@ class Vnic:
         m = msg.machine
         cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
         chain = VnicChain(cfg, m)
+        chain.spare = self.queue.pending
+        chain.dropped = self._forget
         if chain.lb is not None:
             chain.lb.restore(msg.lb_state)
         for raw in msg.entries:
@@ -171,11 +170,19 @@ class Vnic:
         if flow is not None and flow.owner == _VNIC and self.policy.wants(flow):
             self.consider(item.machine, flow.key, item.ts)
 
+    def _forget(self, flow: Flow) -> None:
+        """A flow the chain's table dropped (expired, or early-dropped to make room)."""
+        self.backoff.pop(flow.key, None)
+
     def _reaches_pnic(self, item: Pending, chain: Chain) -> bool:
         """Can deciding this packet look at a flow the PNIC owns (other than its own)?"""
         if not self.pnic_flows:
             return False
         pkt = item.pkt
+        if chain.at_limit() and (  # a new flow in a full table: it counts the PNIC's flows
+                item.fkey is None or (pkt.proto == PROTO_TCP and pkt.flags & TCP_SYN)
+                or _gone(chain, item.fkey, item.ts)):
+            return True
         if pkt.inner is not None:  # an ICMP error: related to any flow
             return True
         if chain.nat is None and chain.lb is None:  # no tuple clash to check
@@ -199,6 +206,8 @@ class Vnic:
         if hit is None or self.queue.in_transit(fkey):
             return
         flow = hit[0]
+        if chain.knobs.max and not flow.status & _ASSURED:
+            return  # a full table may early-drop it: only assured flows leave for the PNIC
         total = flow.packets[0] + flow.packets[1]
         if total < self.backoff.get(fkey, 0):
             return
@@ -257,7 +266,7 @@ class Vnic:
                                   [p.pkt.linktype for p in b], [p.pkt.wire_len for p in b]))
         self.packets_seq += 1
         self.packets_sent[self.packets_seq] = [p.index for p in b]
-        self.lower_floor(min(p.ts for p in b) + MIN_TIMEOUT)
+        self.lower_floor(min(p.ts for p in b) + self.min_timeout)
         self.outstanding.append((b[-1].ts + self.latency, _KIND_PACKETS, self.packets_seq))
         self.synced_at = -1
 
@@ -419,7 +428,7 @@ class Vnic:
         elif isinstance(msg, ch.Synced):
             if msg.next_expiry >= 0:
                 self.lower_floor(msg.next_expiry)
-            self.lower_floor(at + MIN_TIMEOUT)
+            self.lower_floor(at + self.min_timeout)
         elif not isinstance(msg, ch.Entries):
             self._reject("unexpected")
 
@@ -582,7 +591,8 @@ class Vnic:
         self.link.close()
         owned, self.pnic_owned = self.pnic_owned, {}
         for flow in owned.values():
-            resume(flow, now)
+            chain = self.chains[flow.machine]
+            resume(flow, now, chain.knobs if chain is not None else DEFAULT_KNOBS)
             flow.owner = _VNIC
             self.pnic_flows -= 1
             self.stats.count(self.stats.returned, ReturnReason.CRASH.label)
@@ -633,17 +643,24 @@ assert _FIELDS is not None
 _EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
 
 
+def _gone(chain: Chain, key: FlowKey, now: int) -> bool:
+    """Has the VNIC-owned flow of `key` expired (its next packet starts a new flow)?"""
+    hit = chain.flows.get(key)
+    return hit is not None and hit[0].owner == _VNIC and hit[0].expires <= now
+
+
 def _expires(raw: bytes) -> int:
     return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
 
 
-def resume(flow: Flow, now: int) -> None:
-    """After a PNIC crash: continue from the last report, re-learning TCP windows loosely."""
+def resume(flow: Flow, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
+    """After a PNIC crash: continue from the last report, re-learning TCP windows loosely;
+    timeouts are those of the machine's conntrack table (`knobs`)."""
     if flow.tcp is not None:
         ct_tcp.relearn(flow.tcp)
-        timeout = ct_tcp.TCP_TIMEOUTS_NS[flow.tcp.state]
+        timeout = knobs.tcp_timeouts[flow.tcp.state]
     else:
-        timeout = generic_timeout(flow)
+        timeout = generic_timeout(flow, knobs)
     flow.expires = max(flow.expires, now + timeout)
 
 

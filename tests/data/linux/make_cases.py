@@ -47,8 +47,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from flowshift.config import ConntrackConfig
 
 HERE = Path(__file__).resolve().parent
 PID = os.getpid()
@@ -797,6 +799,10 @@ CASES = {c.name: c for c in (
 )}
 
 
+CT_SYSCTL = "net.netfilter.nf_conntrack_"
+CT_KEYS = {f.name for f in fields(ConntrackConfig)}  # the [conntrack] keys: sysctl names
+
+
 def host_toml(case: Case) -> str:
     """The router's policy as a flowshift host config: the inside is the machine."""
     snat = []
@@ -810,13 +816,20 @@ def host_toml(case: Case) -> str:
         "# The same policy as the router's nftables ruleset (case.json): the inside may open",
         "# anything, replies pass, everything else is dropped; SNAT to the outside address.",
     ]
-    if case.sysctls:
+    keyed = {k.removeprefix(CT_SYSCTL): v for k, v in case.sysctls.items()
+             if k.removeprefix(CT_SYSCTL) in CT_KEYS}
+    others = {k: v for k, v in case.sysctls.items() if k.removeprefix(CT_SYSCTL) not in keyed}
+    if others:
         lines.append("# Router sysctls flowshift has no key for yet: " + ", ".join(
-            f"{k}={v}" for k, v in case.sysctls.items()))
-    lines += ["", "[pnic]", "capacity = 64", "", "[offload]", 'policy = "never"', "",
+            f"{k}={v}" for k, v in others.items()))
+    lines += ["", "[pnic]", "capacity = 64", "", "[offload]", 'policy = "never"', ""]
+    if keyed:  # the router's conntrack sysctls, as the [conntrack] table names them
+        lines += ["[conntrack]", *(f"{k} = {v}" for k, v in keyed.items()), ""]
+    lines += [
               "[[machine]]", 'name = "gw"', 'addresses = ["10.9.0.0/24", "fd00:9::/64"]',
               f'public = ["{RO4}", "{RO6}"]', 'services = ["firewall", "nat", "count"]',
-              'start = "vnic"', "", "[machine.firewall]", 'default = "drop"', "",
+              'start = "vnic"', 'forwarding = "router"', "", "[machine.firewall]",
+              'default = "drop"', "",
               "[[machine.firewall.rule]]", 'action = "allow"', 'direction = "egress"',
               'proto = "any"']
     for source, to, ports, why in snat:
