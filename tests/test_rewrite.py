@@ -245,6 +245,34 @@ def test_udp6_checksum_zero_is_sent_as_ffff():
     assert verify_checksums(parse(bytes(buf), 101)) is True
 
 
+def test_udp6_checksum_zero_on_input_is_left_alone_by_every_path():
+    """Linux's NAT updates a UDP checksum only when it is not 0 (udp_manip_pkt), over IPv6 as
+    over IPv4: the step-by-step setters and the planned rewrite agree, even when the change
+    sums to nothing (an address moved between two ones'-complement forms of the same sum)."""
+    base = Spec(6, "udp", V6A, V6B, 1000, 53, payload=b"\x55")
+    whole = bytearray(frame(base)[0])
+    whole[46:48] = b"\0\0"
+    zero = bytes(16)
+    ones = bytes.fromhex("ffff" + "00" * 14)  # the same ones'-complement sum as all zeros
+    for new in (((V6A, V6B, 4000, 53)), ((zero, V6B, 1000, 53))):
+        steps = parse(bytearray(whole), 101)
+        if new[2] != 1000:
+            rewrite.set_sport(steps, new[2])
+        if new[0] != V6A:
+            rewrite.set_src(steps, new[0])
+        planned = parse(bytearray(whole), 101)
+        plan = rewrite.plan_outer(6, 17, (V6A, V6B, 1000, 53), new)
+        assert rewrite.rewrite_outer(planned, plan) is True
+        assert steps.data[46:48] == planned.data[46:48] == b"\0\0"
+        assert steps.data == planned.data
+    moved = parse(bytearray(whole), 101)
+    moved.data[8:24] = zero
+    moved = parse(bytes(moved.data), 101)
+    steps = parse(bytearray(moved.data), 101)
+    rewrite.set_src(steps, ones)
+    assert steps.data[46:48] == b"\0\0"
+
+
 def test_udp6_outer_rewrite_sends_zero_as_ffff():
     base, target = _udp6_landing_on_zero()
     whole = frame(base)[0]

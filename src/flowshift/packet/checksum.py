@@ -77,11 +77,13 @@ def update_sum(csum: int, change: int) -> int:
 def update_transport(csum: int, change: int, udp: bool, v4: bool) -> int:
     """`update_sum` of a transport checksum field, with UDP's rules for zero.
 
-    UDP over IPv4 with checksum 0 was sent without one (RFC 768) and keeps 0. A UDP checksum
-    that comes out as 0 is sent as 0xFFFF, over IPv4 (RFC 768) and IPv6 (RFC 8200 §8.1, where
-    0 is not allowed). TCP and ICMP keep whatever the update gives.
+    A UDP checksum of 0 is left alone, as Linux's NAT does (`udp_manip_pkt` updates only a
+    non-zero one): over IPv4 the datagram was sent without a checksum (RFC 768); over IPv6 the
+    datagram is invalid (RFC 8200 §8.1) and stays so. A UDP checksum that comes out as 0 is
+    sent as 0xFFFF, over both. TCP and ICMP keep whatever the update gives. `v4` is kept for
+    the callers' symmetry with the rules above; both families follow them alike.
     """
-    if udp and v4 and csum == 0:
+    if udp and csum == 0:
         return 0
     value = update_sum(csum, change)
     if udp and value == 0:

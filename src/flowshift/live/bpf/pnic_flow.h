@@ -246,8 +246,8 @@ static __always_inline void adjust(struct __sk_buff *skb, __u32 at, __u64 terms,
 	if (LOAD(skb, at, w, 2))
 		return;
 	__u32 csum = rd16(w);
-	if (udp && v4 && csum == 0)
-		return; /* UDP over IPv4 sent without a checksum stays so */
+	if (udp && csum == 0)
+		return; /* a UDP checksum of 0 is left alone, as Linux's NAT does (both families) */
 	__u64 t = (~csum & 0xFFFF) + terms;
 	for (int k = 0; k < 4; k++)
 		if (t >> 16)
