@@ -165,13 +165,18 @@ def _batched(host: Host, trace: Path, rows: int, withdraw_at: int | None,
                 host.crash_pnic(int(b.ts_ns[lo]))
             res = BatchResults.over(index + lo, b.buf.copy(), b.offset[lo:hi], b.caplen[lo:hi],
                                     b.wire_len[lo:hi], b.linktype[lo:hi], b.ts_ns[lo:hi])
-            host.process_batch(res)
-            leaving = res.leaving
-            for i in range(len(res)):
-                results.append(PacketResult(
-                    res.index0 + i, int(res.ts[i]), "", "", Verdict(int(res.verdict[i])),
-                    reason_label(int(res.reason[i]), int(res.rule[i])), "",
-                    res.frame(i) if leaving[i] else None, int(res.wire_len[i])))
+            _collect(host.process_batch(res), results)
         index += len(b)
     host.finish()
+    _collect(host.ready(), results)
     return results
+
+
+def _collect(batches: list[BatchResults], results: list[PacketResult]) -> None:
+    for res in batches:
+        leaving = res.leaving
+        for i in range(len(res)):
+            results.append(PacketResult(
+                res.index0 + i, int(res.ts[i]), "", "", Verdict(int(res.verdict[i])),
+                reason_label(int(res.reason[i]), int(res.rule[i])), "",
+                res.frame(i) if leaving[i] else None, int(res.wire_len[i])))

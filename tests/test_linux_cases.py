@@ -21,21 +21,7 @@ from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PacketResult
 from linuxcases import CASES, FILES, LINUX, LinuxCase, disagreements, five_tuple, load, packet
 
-DEFRAG = "IP reassembly as nf_defrag (flowshift drops non-first fragments: reason fragment)"
-MISSING = {
-    **{("frag-order", p): DEFRAG for p in ("v4-udp", "v6-udp", "v4-ping", "v6-ping")},
-    **{("frag-reversed", p): DEFRAG
-       for p in ("v4-udp-reversed", "v6-udp-reversed", "v4-udp-shuffled")},
-    **{("frag-overlap", f"{f}-{p}"): DEFRAG
-       for f in ("v4", "v6") for p in ("duplicate", "overlap", "overlap-resent")},
-    **{("frag-geometry", p): DEFRAG
-       for p in ("v4-early-end", "v4-mixed-headers", "v6-early-end", "v6-mixed-headers",
-                 "v6-misaligned")},
-    **{("frag-memory", f"{f}-{p}"): DEFRAG + " with a fragment memory bound"
-       for f in ("v4", "v6") for p in ("fill", "over-bound", "after-expiry")},
-    **{("frag-expire", f"{f}-{p}"): DEFRAG + " with ipfrag_time / frag6_timeout = 2 s"
-       for f in ("v4", "v6") for p in ("within", "expired")},
-}
+MISSING: dict[tuple[str, str], str] = {}
 
 
 def parts(name: str) -> list[str]:

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from flowshift.config import load_config, parse_config
 from flowshift.packet.build import ip_frame, udp_frame
+from flowshift.packet.defrag import refragment
 from flowshift.verdict import Verdict
 from hosttools import CORPUS, FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
 from tracetools import (
@@ -58,6 +59,21 @@ def _episode(rng: random.Random, kind: str, t0: int, port: int) -> list[tuple[in
         q = udp_frame(src=CLIENT, dst=SERVER, sport=port, dport=53, payload=b"q")
         a = udp_frame(src=SERVER, dst=CLIENT, sport=53, dport=port, payload=b"a" * 40)
         return [(t0, q), (t0 + rng.randint(1, 50) * MS, a)]
+    if kind == "fragmented":  # UDP whose big datagrams come in fragments, in any order
+        frames = []
+        for i in range(rng.randint(1, 6)):
+            there = i % 2 == 0
+            dgram = udp_frame(src=CLIENT if there else SERVER, dst=SERVER if there else CLIENT,
+                              sport=port if there else 4000, dport=4000 if there else port,
+                              payload=bytes([i]) * rng.choice([40, 1400, 3000]), ip_id=i + 1,
+                              df=False)
+            pieces = [dgram[:14] + f for f in refragment(dgram[14:], rng.choice([576, 1500]))]
+            if rng.random() < 0.3:
+                rng.shuffle(pieces)
+            frames += pieces
+        if rng.random() < 0.2:
+            frames.pop(rng.randrange(len(frames)))  # a datagram that never completes
+        return [(t0 + i * rng.choice([0, MS]), f) for i, f in enumerate(frames)]
     if kind == "igmp":
         return [(t0, ip_frame(src=CLIENT, dst=bytes([224, 0, 0, 251]), proto=2,
                               l4=bytes([0x16, 0, 0, 0, 224, 0, 0, 251])))]
@@ -76,7 +92,7 @@ def _episode(rng: random.Random, kind: str, t0: int, port: int) -> list[tuple[in
     return out  # "open": never closes
 
 
-KINDS = ("dns", "elephant", "open", "close_across_gap", "igmp")
+KINDS = ("dns", "elephant", "open", "close_across_gap", "igmp", "fragmented")
 
 
 @st.composite

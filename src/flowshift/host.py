@@ -22,6 +22,8 @@ from flowshift.config import HostConfig
 from flowshift.entry import Tier
 from flowshift.flow import NS_PER_S
 from flowshift.offload import OffloadPolicy
+from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
+from flowshift.packet.fragrows import fragment_rows
 from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
@@ -32,6 +34,11 @@ from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.vnic import Pending, Vnic
 from flowshift.verdict import Reason, Verdict
+
+FragKey = tuple[int, int, bytes, bytes, int, int]
+# a fragment reassembly dropped -> its verdict's reason
+FRAG_REASONS = {o: Reason[f"FRAG_{o.name}"] for o in DefragOutcome
+                if f"FRAG_{o.name}" in Reason.__members__}
 
 SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
 REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
@@ -67,6 +74,20 @@ class Host:
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1
         self.out = Results(self.names)
+        # IP reassembly per machine, in trace time (packet/defrag.py): the queues, the
+        # fragments held in them by offset, and the datagrams being decided (by a negative
+        # stand-in index) with their fragments
+        # (Linux bounds IPv4's and IPv6's fragment memory apart)
+        self.defrag = {
+            (i, family): Defrag(m.conntrack.ipfrag_time * NS_PER_S,
+                                m.conntrack.ipfrag_high_thresh if family == 4
+                                else m.conntrack.frag6_high_thresh,
+                                m.conntrack.frag6_timeout * NS_PER_S)
+            for i, m in enumerate(config.machines) for family in (4, 6)}
+        self.reassembles = [bool(m.services) for m in config.machines]  # conntrack runs
+        self.held: dict[FragKey, dict[int, Pending]] = {}
+        self.datagrams: dict[int, tuple[dict[int, Pending], Reassembled]] = {}
+        self.datagram_id = -1
         for i, m in enumerate(config.machines):
             if m.start == "vnic":
                 self.handoff(i, 0)
@@ -118,6 +139,9 @@ class Host:
                 for machine in self.machines:
                     if machine is not None:
                         machine.chain.flows.sweep(t)
+                for defrag in self.defrag.values():
+                    if defrag.expire(t):
+                        self._drop_gone(defrag)
                 vnic.sweep(t)
                 self.next_sweep = t + SWEEP_INTERVAL
         self.next_timer = min(self.next_tick, self.next_sweep)
@@ -140,6 +164,58 @@ class Host:
                          wire_len)
             return
         item = Pending(index, now, pkt, m, direction, None)
+        if pkt.frag and self.reassembles[m]:
+            whole = self._fragment(item)
+            if whole is not None:
+                self._route(whole, now)
+            return
+        self._route(item, now)
+
+    def _fragment(self, item: Pending) -> Pending | None:
+        """A fragment into its machine's reassembly queue (nf_defrag, before conntrack): held
+        until its datagram completes, then the datagram goes on as one packet."""
+        pkt = item.pkt
+        defrag = self.defrag[item.machine, pkt.family]
+        ip = bytes(pkt.data[pkt.l3:])
+        info = fragment_info(ip, item.machine)
+        if info is None:  # too short to say where it sits: as before reassembly
+            return item
+        r = defrag.push(ip, item.ts, item.machine)
+        self._drop_gone(defrag, info.key)  # push expired queues first
+        if isinstance(r, Reassembled):
+            held = self.held.pop(info.key, {})
+            held[info.offset] = item
+            first = held[0].pkt
+            link = bytes(first.data[:first.l3])
+            whole = parse(bytearray(link + r.datagram), first.linktype,
+                          len(link) + len(r.datagram))
+            self.datagram_id -= 1
+            self.datagrams[self.datagram_id] = (held, r)
+            return Pending(self.datagram_id, item.ts, whole, item.machine, item.direction, None)
+        outcome = defrag.last
+        if outcome is DefragOutcome.QUEUED:
+            self.held.setdefault(info.key, {})[info.offset] = item
+            return None
+        reason = FRAG_REASONS[outcome]
+        self._drop(item, reason)
+        if info.key not in defrag:  # the fragment took its queue with it
+            for h in self.held.pop(info.key, {}).values():
+                self._drop(h, reason)
+        return None
+
+    def _drop_gone(self, defrag: Defrag, but: FragKey | None = None) -> None:
+        """Held fragments whose queue is gone (expired; `but` is being decided): dropped."""
+        mine = [k for k in self.held if k != but and self.defrag.get((k[1], k[0])) is defrag]
+        for key in [k for k in mine if k not in defrag]:
+            for h in self.held.pop(key).values():
+                self._drop(h, Reason.FRAG_EXPIRED)
+
+    def _drop(self, item: Pending, reason: Reason) -> None:
+        self._finish(item.index, item.ts, item.machine, item.direction, Verdict.DROP, reason,
+                     -1, -1, None, item.pkt.wire_len)
+
+    def _route(self, item: Pending, now: int) -> None:
+        m, pkt, direction = item.machine, item.pkt, item.direction
         machine = self.machines[m]
         if machine is None:
             self.vnic.steer(item)
@@ -150,10 +226,13 @@ class Host:
             self.handoff(m, now)
             self.vnic.consider(m, out.flow.key, now)
 
-    def process_batch(self, res: BatchResults) -> BatchResults:
-        """Decide every packet of a batch; its arrays are filled and its buffer rewritten.
+    def process_batch(self, res: BatchResults) -> list[BatchResults]:
+        """Decide the packets of a batch; its arrays are filled and its buffer rewritten.
+        Returns the batches now decided, in input order: this one, earlier ones, or none.
 
-        The batch is settled before this returns: nothing of it stays held or in flight."""
+        Nothing of the batch stays in flight; only IP fragments held until their datagram
+        completes (or expires) leave it undecided, and it waits for them (`finish` ends
+        every wait)."""
         self.vnic.settle(max(self.clock, 0))
         self.out.current = res
         try:
@@ -164,11 +243,18 @@ class Host:
             offset, caplen = res.offset.tolist(), res.caplen.tolist()
             wire_len, linktype, ts = res.wire_len.tolist(), res.linktype.tolist(), res.ts.tolist()
             pos, n = 0, len(res)
+            frags = fragment_rows(res.buf, res.offset, res.caplen, res.linktype,
+                                  res.wire_len) if any(self.reassembles) else np.zeros(0, int)
             while pos < n:
                 self.advance(ts[pos])  # the timers up to this segment fire first
                 end = int(np.searchsorted(clock, self.next_timer, "left")) if (
                     self.next_timer >= 0) else n
                 end = max(end, pos + 1)
+                # a fragment is a segment of its own: the datagram it may complete changes
+                # its flow's entry before the PNIC decides the rows after it
+                f = int(np.searchsorted(frags, pos))
+                if f < len(frags):
+                    end = pos + 1 if frags[f] == pos else min(end, int(frags[f]))
                 rows = self._pnic_first(res, clock, pos, end)
                 at = 0
                 while at < len(rows):
@@ -186,7 +272,15 @@ class Host:
         finally:
             self.out.current = None
             res.flush()
-        return res
+        if self.out.open or (res.verdict == PENDING).any():
+            self.out.hold(res)
+        else:
+            return [res]
+        return self.out.ready()
+
+    def ready(self) -> list[BatchResults]:
+        """Batches decided since (after `finish`: every one left)."""
+        return self.out.ready()
 
     def _pnic_first(self, res: BatchResults, clock: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """The undecided rows lo..hi through the PNIC's data path first; the rows it left to
@@ -215,8 +309,32 @@ class Host:
 
     def _record(self, item: Pending, verdict: int, reason: int, rule: int, tier: int,
                 rewritten: bool) -> None:
+        if item.index < -1:  # a reassembled datagram: its verdict is every fragment's
+            self._datagram(item, verdict, reason, rule, tier)
+            return
         self._finish(item.index, item.ts, item.machine, item.direction, verdict, reason, rule,
                      tier, item.pkt if verdict == _FWD else None, item.pkt.wire_len, rewritten)
+
+    def _datagram(self, item: Pending, verdict: int, reason: int, rule: int, tier: int) -> None:
+        """Forwarded: the translated datagram cut again at the boundaries it came in with,
+        each piece with its own fragment's link header (Linux keeps the IPv4 id; its new IPv6
+        id is random, the received one stands in for it)."""
+        held, r = self.datagrams.pop(item.index)
+        if verdict != _FWD:
+            for h in held.values():
+                self._finish(h.index, h.ts, h.machine, h.direction, verdict, reason, rule, tier,
+                             None, h.pkt.wire_len)
+            return
+        whole = bytes(item.pkt.data[item.pkt.l3:])
+        pieces = split(whole, r.pieces, None if whole[0] >> 4 == 4 else r.ident)
+        for (offset, _), piece in zip(r.pieces, pieces, strict=True):
+            h = held[offset]
+            data = bytearray(bytes(h.pkt.data[:h.pkt.l3]) + piece)
+            if tier >= 0:
+                self.stats.tier_packets[TIER_NAMES[tier]] += 1
+                self.stats.tier_bytes[TIER_NAMES[tier]] += len(data)
+            self.out.put(h.index, h.ts, h.machine, h.direction, verdict, reason, rule, tier,
+                         data, len(data), True)
 
     def _finish(self, index: int, ts: int, machine: int, direction: int, verdict: int,
                 reason: int, rule: int, tier: int, pkt: Packet | None, wire_len: int,
@@ -259,12 +377,20 @@ class Host:
     def finish(self) -> None:
         """End of input: every packet decided, the counters complete."""
         self.vnic.settle(max(self.clock, 0))
+        self._drop_held()
         rejected = dict(self.vnic.link.rejected)
         for reason, n in [*self.vnic.rejected.items(), *self.vnic.pnic_rejected().items()]:
             rejected[reason] = rejected.get(reason, 0) + n
         self.stats.rejected_messages = rejected
         self.stats.events.sort(key=lambda e: e[0])  # stable: same-time events keep their order
         self.vnic.peaks()
+
+    def _drop_held(self) -> None:
+        """End of input: fragments still held never saw their datagram complete."""
+        for held in self.held.values():
+            for h in held.values():
+                self._drop(h, Reason.FRAG_EXPIRED)
+        self.held.clear()
 
     def close(self) -> None:
         self.vnic.link.close()

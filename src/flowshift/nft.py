@@ -66,8 +66,9 @@ CONNTRACK_SYSCTLS = {
         "tcp_timeout_syn_recv", "tcp_timeout_established", "tcp_timeout_fin_wait",
         "tcp_timeout_close_wait", "tcp_timeout_last_ack", "tcp_timeout_time_wait",
         "tcp_timeout_close", "tcp_timeout_max_retrans", "tcp_timeout_unacknowledged",
+        "frag6_timeout", "frag6_high_thresh",
     )
-}
+} | {name: f"net.ipv4.{name}" for name in ("ipfrag_time", "ipfrag_high_thresh")}
 
 
 class RenderError(ValueError):

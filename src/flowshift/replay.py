@@ -229,6 +229,8 @@ def _replay(
         dump_temp = temps.get("dump-flows")
         fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_temp, bar)
         run.host.finish()
+        for done in run.host.ready():  # batches that waited for fragments to the end
+            run.drain(done)
         latest = run.last_ts
         if end_ns is not None:
             run.last_ts = max(run.last_ts, end_ns)
@@ -367,8 +369,8 @@ class _Run:
                 res = BatchResults.over(self.n, batch.buf, batch.offset[start:stop],
                                         batch.caplen[start:stop], batch.wire_len[start:stop],
                                         batch.linktype[start:stop], batch.ts_ns[start:stop])
-                host.process_batch(res)
-                self.drain(res)
+                for done in host.process_batch(res):  # a batch waits for held fragments
+                    self.drain(done)
                 latest = max(latest, int(res.ts.max()))
                 self.n += stop - start
                 start = stop

@@ -111,6 +111,8 @@ class Results:
     def __init__(self, names: list[str]) -> None:
         self.names = names  # machine names by index
         self.current: BatchResults | None = None
+        # batches decided but for fragments held for their datagram, in input order
+        self.open: list[BatchResults] = []
         self.done: dict[int, PacketResult] = {}
         self.next_out = 0
 
@@ -124,11 +126,33 @@ class Results:
             cur.set(index - cur.index0, verdict, reason, rule, tier, machine, direction,
                     data if rewritten else None)
             return
+        for b in self.open:
+            if 0 <= index - b.index0 < len(b):
+                b.set(index - b.index0, verdict, reason, rule, tier, machine, direction,
+                      data if rewritten else None)
+                return
         self.done[index] = PacketResult(
             index, ts, self.names[machine] if machine >= 0 else "",
             DIRECTION_LABELS[direction] if direction >= 0 else "", Verdict(verdict),
             reason_label(reason, rule), TIER_LABELS[tier] if tier >= 0 else "",
             bytes(data) if data is not None else None, wire_len)
+
+    def hold(self, res: BatchResults) -> None:
+        """`res` has rows still undecided: it waits (with its own copy of the arrays, which
+        the reader may recycle)."""
+        for name in ("buf", "offset", "caplen", "wire_len", "linktype", "ts"):
+            setattr(res, name, getattr(res, name).copy())
+        self.open.append(res)
+
+    def ready(self) -> list[BatchResults]:
+        """The waiting batches now decided, from the first on, in input order."""
+        out = []
+        while self.open:
+            self.open[0].flush()
+            if (self.open[0].verdict == PENDING).any():
+                break
+            out.append(self.open.pop(0))
+        return out
 
     def take(self) -> Iterator[PacketResult]:
         done = self.done

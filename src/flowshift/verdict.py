@@ -37,6 +37,14 @@ class Reason(IntEnum):
     MALFORMED = 13  # unparsed: see the parse reason
     TABLE_FULL = 14  # the conntrack table is at its `max` and no entry could be early-dropped
     TTL_EXCEEDED = 15  # a routing machine got a packet with TTL / hop limit 1 or 0
+    # IP fragments dropped by reassembly (packet/defrag.py, as nf_defrag): the fragment, or
+    # every held fragment of its datagram
+    FRAG_DUPLICATE = 16  # lies within fragments already held: this fragment only
+    FRAG_OVERLAP = 17  # overlaps held fragments: the whole datagram
+    FRAG_EXPIRED = 18  # datagram incomplete when its time was up (or at the end of input)
+    FRAG_TOO_BIG = 19  # datagram over 65535 bytes
+    FRAG_MEMORY = 20  # fragment memory over its bound: this fragment only
+    FRAG_INVALID = 21  # bad fragment geometry or an ECN mix
 
     @property
     def label(self) -> str:

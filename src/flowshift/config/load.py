@@ -146,7 +146,7 @@ def _conntrack(at: _At, raw: object, base: ConntrackConfig) -> ConntrackConfig:
             values[key] = value
         elif key == "tcp_max_retrans":
             values[key] = _int(a, value, 0, MAX_CT_RETRANS)
-        elif key == "max":
+        elif key == "max" or key.endswith("_high_thresh"):
             values[key] = _int(a, value, 0, MAX_CT_MAX)
         else:
             values[key] = _int(a, value, 1, MAX_CT_SECONDS)

@@ -24,6 +24,7 @@ from flowshift.flow import (
     PROTO_UDP,
     AddressRange,
 )
+from flowshift.packet import defrag
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRanges = tuple[tuple[int, int], ...]
@@ -116,6 +117,12 @@ class ConntrackConfig:
     icmp_timeout: int = _s(ct.ICMP_TIMEOUT)
     icmpv6_timeout: int = _s(ct.ICMPV6_TIMEOUT)
     generic_timeout: int = _s(ct.GENERIC_TIMEOUT)
+    # reassembly before conntrack (nf_defrag): net.ipv4.ipfrag_time / ipfrag_high_thresh and
+    # net.netfilter.nf_conntrack_frag6_timeout / frag6_high_thresh (seconds, bytes)
+    ipfrag_time: int = _s(defrag.IPFRAG_TIME_NS)
+    ipfrag_high_thresh: int = defrag.IPFRAG_HIGH_THRESH
+    frag6_timeout: int = _s(defrag.FRAG6_TIMEOUT_NS)
+    frag6_high_thresh: int = defrag.IPFRAG_HIGH_THRESH
 
     def knobs(self) -> ct.Knobs:
         """The table as the trackers use it (timeouts in ns)."""

@@ -803,6 +803,11 @@ CT_SYSCTL = "net.netfilter.nf_conntrack_"
 CT_KEYS = {f.name for f in fields(ConntrackConfig)}  # the [conntrack] keys: sysctl names
 
 
+def _ct_key(sysctl: str) -> str:
+    """The [conntrack] key of a sysctl (ipfrag_* are net.ipv4's)."""
+    return sysctl.removeprefix(CT_SYSCTL).removeprefix("net.ipv4.")
+
+
 def host_toml(case: Case) -> str:
     """The router's policy as a flowshift host config: the inside is the machine."""
     snat = []
@@ -816,9 +821,8 @@ def host_toml(case: Case) -> str:
         "# The same policy as the router's nftables ruleset (case.json): the inside may open",
         "# anything, replies pass, everything else is dropped; SNAT to the outside address.",
     ]
-    keyed = {k.removeprefix(CT_SYSCTL): v for k, v in case.sysctls.items()
-             if k.removeprefix(CT_SYSCTL) in CT_KEYS}
-    others = {k: v for k, v in case.sysctls.items() if k.removeprefix(CT_SYSCTL) not in keyed}
+    keyed = {_ct_key(k): v for k, v in case.sysctls.items() if _ct_key(k) in CT_KEYS}
+    others = {k: v for k, v in case.sysctls.items() if _ct_key(k) not in keyed}
     if others:
         lines.append("# Router sysctls flowshift has no key for yet: " + ", ".join(
             f"{k}={v}" for k, v in others.items()))
