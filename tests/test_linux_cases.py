@@ -19,6 +19,7 @@ import pytest
 from flowshift.flow import PROTO_TCP
 from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PacketResult
+from hosttools import run
 from linuxcases import CASES, FILES, LINUX, LinuxCase, disagreements, five_tuple, load, packet
 
 MISSING: dict[tuple[str, str], str] = {}
@@ -134,3 +135,14 @@ def test_replay_agrees_with_linux(name: str, part: str) -> None:
     rows = {i for i, r in enumerate(case.rows) if r["part"] == part}
     wrong = [d for d in disagreements(case, results) if int(d[1:].split(" ")[0]) in rows]
     assert not wrong, f"{len(wrong)} disagreements, first: " + "; ".join(wrong[:4])
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_offloaded_replay_agrees_with_linux_as_the_software_one(name: str) -> None:
+    """Every case again with every established flow offloaded, a batch at a time (each batch
+    meets the PNIC first): it agrees with Linux on every packet, as the software replay."""
+    case: LinuxCase = load(name)
+    offloaded = run(case.path / "replay_input.pcap", case.config, policy="always", rows=64)
+    assert offloaded.host.stats.offloads_to_pnic > 0
+    assert disagreements(case, offloaded.results) == []
+

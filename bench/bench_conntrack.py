@@ -1,0 +1,122 @@
+"""Linux's conntrack limits under attack: a SYN flood's peak memory with `max` against without
+a limit, and the cost of a SYN that finds the SNAT port range full against one that finds a
+port free. Each pair runs in this one invocation, each case in a fresh process (peak RSS).
+
+    python bench/bench_conntrack.py [--syns N] [--max M] [--refused K]
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+from typing import Any
+
+import click
+
+from common import machine
+from flowshift.config import parse_config
+from flowshift.host import Host
+from flowshift.packet.build import tcp_frame
+from flowshift.packet.view import LINKTYPE_ETHERNET, TCP_SYN
+
+WEB = bytes([198, 51, 100, 7])
+
+
+def _host(max_flows: int, ports: str) -> Host:
+    cfg: dict[str, Any] = {
+        "offload": {"policy": "never"},
+        "machine": [{"name": "gw", "addresses": ["10.0.0.0/8"], "public": ["192.0.2.1"],
+                     "services": ["firewall", "nat"],
+                     "firewall": {"default": "allow", "rule": []},
+                     "nat": {"snat": [{"source": "10.0.0.0/8", "to": "192.0.2.1",
+                                       "ports": ports}]}}]}
+    if max_flows:
+        cfg["conntrack"] = {"max": max_flows}
+    return Host(parse_config(cfg, "bench"))
+
+
+def _syn(i: int) -> bytes:
+    src = bytes([10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
+    return tcp_frame(src=src, dst=WEB, sport=1024 + i % 60000, dport=80, seq=i,
+                           ack=0, flags=TCP_SYN, window=65535)
+
+
+def _flood(args: tuple[int, int]) -> dict[str, float]:
+    """A flood of `syns` spoofed SYNs, 10 µs apart, through a SNAT gateway."""
+    syns, max_flows = args
+    host = _host(max_flows, "1024-65535")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    for i in range(syns):
+        data = _syn(i)
+        host.process(i, 10_000 * i, data, LINKTYPE_ETHERNET, len(data))
+        for _ in host.results():
+            pass
+    host.finish()
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    chains = [m.chain for m in host.machines if m is not None]
+    chains += [c for c in host.vnic.chains if c is not None]
+    flows = sum(len(c.flows) for c in chains)
+    host.close()
+    return {"seconds": seconds, "peak_mib": (peak - base) / 1024, "flows": flows}
+
+
+def _refused(args: tuple[int, bool]) -> dict[str, float]:
+    """µs per SYN through SNAT: a range of 8 ports all taken (each SYN searches the bounded
+    candidate set and is refused), or a wide range where each SYN keeps its own port."""
+    count, full = args
+    host = _host(0, "40000-40007" if full else "1024-65535")
+    for i in range(8 if full else 0):  # the range's ports, held by flows of their own
+        data = _syn(i)
+        host.process(i, i, data, LINKTYPE_ETHERNET, len(data))
+    for _ in host.results():
+        pass
+    started = time.perf_counter()
+    for k in range(count):
+        data = _syn(1_000_000 + k)
+        host.process(100 + k, 1000 + k, data, LINKTYPE_ETHERNET, len(data))
+        for _ in host.results():
+            pass
+    return {"us_per_syn": (time.perf_counter() - started) / count * 1e6}
+
+
+def _in_fresh_process(fn: Any, args: Any) -> Any:
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, (args,))
+
+
+@click.command()
+@click.option("--syns", default=1_000_000, show_default=True, help="SYNs of the flood.")
+@click.option("--max", "max_flows", default=65536, show_default=True,
+              help="conntrack max of the bounded run.")
+@click.option("--refused", default=2000, show_default=True,
+              help="SYNs timed against a full and a free port range.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def main(syns: int, max_flows: int, refused: int, json_path: str | None) -> None:
+    result: dict[str, Any] = {"machine": machine()}
+    result["flood_unbounded"] = _in_fresh_process(_flood, (syns, 0))
+    result["flood_bounded"] = _in_fresh_process(_flood, (syns, max_flows))
+    result["syn_port_free"] = _in_fresh_process(_refused, (refused, False))
+    result["syn_range_full"] = _in_fresh_process(_refused, (refused, True))
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python {m['python']}")
+    u, b = result["flood_unbounded"], result["flood_bounded"]
+    print(f"{syns:,} spoofed SYNs, no limit:   {u['peak_mib']:8.1f} MiB peak, "
+          f"{u['flows']:,} flows at the end, {u['seconds']:.1f} s")
+    print(f"{syns:,} spoofed SYNs, max {max_flows:,}: {b['peak_mib']:8.1f} MiB peak, "
+          f"{b['flows']:,} flows at the end, {b['seconds']:.1f} s "
+          f"({u['peak_mib'] / max(b['peak_mib'], 1e-9):.1f}x less memory)")
+    f, r = result["syn_port_free"], result["syn_range_full"]
+    print(f"SYN with a free SNAT port:      {f['us_per_syn']:8.1f} us (baseline)")
+    print(f"SYN refused, port range full:   {r['us_per_syn']:8.1f} us "
+          f"({r['us_per_syn'] / f['us_per_syn']:.1f}x)")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
