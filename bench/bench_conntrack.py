@@ -21,36 +21,50 @@ from flowshift.host import Host
 from flowshift.packet.build import tcp_frame
 from flowshift.packet.view import LINKTYPE_ETHERNET, TCP_SYN
 
-WEB = bytes([198, 51, 100, 7])
+WEB = bytes([198, 51, 100, 7])  # the web server (a machine address)
 
 
-def _host(max_flows: int, ports: str) -> Host:
-    cfg: dict[str, Any] = {
+def _gateway(ports: str) -> Host:
+    """A SNAT gateway: the machine's 10/8 behind 192.0.2.1, ports from `ports`."""
+    return Host(parse_config({
         "offload": {"policy": "never"},
         "machine": [{"name": "gw", "addresses": ["10.0.0.0/8"], "public": ["192.0.2.1"],
                      "services": ["firewall", "nat"],
                      "firewall": {"default": "allow", "rule": []},
                      "nat": {"snat": [{"source": "10.0.0.0/8", "to": "192.0.2.1",
-                                       "ports": ports}]}}]}
+                                       "ports": ports}]}}]}, "bench"))
+
+
+def _server(max_flows: int) -> Host:
+    """A web server's stateful firewall: new connections to port 80 allowed in."""
+    cfg: dict[str, Any] = {
+        "offload": {"policy": "never"},
+        "machine": [{"name": "web", "addresses": [f"{WEB[0]}.{WEB[1]}.{WEB[2]}.0/24"],
+                     "services": ["firewall"],
+                     "firewall": {"default": "drop", "rule": [
+                         {"action": "allow", "direction": "ingress", "proto": "tcp",
+                          "dst_port": [80]}]}}]}
     if max_flows:
         cfg["conntrack"] = {"max": max_flows}
     return Host(parse_config(cfg, "bench"))
 
 
-def _syn(i: int) -> bytes:
-    src = bytes([10, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
-    return tcp_frame(src=src, dst=WEB, sport=1024 + i % 60000, dport=80, seq=i,
-                           ack=0, flags=TCP_SYN, window=65535)
+def _syn(i: int, inside: bool) -> bytes:
+    """SYN number i: from the machine's network out (inside) or from a spoofed source in."""
+    src = bytes([10 if inside else 100, (i >> 16) & 0xFF, (i >> 8) & 0xFF, i & 0xFF])
+    dst = bytes([203, 0, 113, 9]) if inside else WEB
+    return tcp_frame(src=src, dst=dst, sport=1024 + i % 60000, dport=80, seq=i,
+                     ack=0, flags=TCP_SYN, window=65535)
 
 
 def _flood(args: tuple[int, int]) -> dict[str, float]:
-    """A flood of `syns` spoofed SYNs, 10 µs apart, through a SNAT gateway."""
+    """A flood of `syns` spoofed SYNs, 10 µs apart, at a web server's stateful firewall."""
     syns, max_flows = args
-    host = _host(max_flows, "1024-65535")
+    host = _server(max_flows)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     for i in range(syns):
-        data = _syn(i)
+        data = _syn(i, False)
         host.process(i, 10_000 * i, data, LINKTYPE_ETHERNET, len(data))
         for _ in host.results():
             pass
@@ -68,15 +82,15 @@ def _refused(args: tuple[int, bool]) -> dict[str, float]:
     """µs per SYN through SNAT: a range of 8 ports all taken (each SYN searches the bounded
     candidate set and is refused), or a wide range where each SYN keeps its own port."""
     count, full = args
-    host = _host(0, "40000-40007" if full else "1024-65535")
+    host = _gateway("40000-40007" if full else "1024-65535")
     for i in range(8 if full else 0):  # the range's ports, held by flows of their own
-        data = _syn(i)
+        data = _syn(i, True)
         host.process(i, i, data, LINKTYPE_ETHERNET, len(data))
     for _ in host.results():
         pass
     started = time.perf_counter()
     for k in range(count):
-        data = _syn(1_000_000 + k)
+        data = _syn(1_000_000 + k, True)
         host.process(100 + k, 1000 + k, data, LINKTYPE_ETHERNET, len(data))
         for _ in host.results():
             pass
