@@ -105,6 +105,38 @@ def _temporaries(files: AtomicOutputs, outputs: dict[str, str]) -> dict[str, str
     return temps
 
 
+def check_request(
+    trace: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None,
+    verdicts: str | os.PathLike[str] | None,
+    report: str | os.PathLike[str] | None,
+    plot: str | os.PathLike[str] | None,
+    dump_path: str | os.PathLike[str] | None,
+    offload: str | None,
+    pnic: str,
+    capacity: int | None,
+    crash_at: float | None,
+    withdraw_at: float | None,
+    dump_at: float | None,
+) -> dict[str, str]:
+    """Check a replay's options and outputs before anything runs (ReplayError, one line);
+    the outputs asked for, by flag."""
+    paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
+             "dump-flows": dump_path}
+    outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
+    times = {"pnic-crash-at": crash_at, "pnic-withdraw-at": withdraw_at, "dump-flows-at": dump_at}
+    _check_options(offload, pnic, capacity, times, outputs.get("dump-flows"))
+    _check_outputs(trace, {k: outputs.get(k) for k in paths})
+    if plot is not None:
+        from flowshift.plot import FORMATS, plot_format  # matplotlib only when a plot is asked
+
+        if plot_format(plot) not in FORMATS:
+            raise ReplayError(f"--plot {plot}: unknown image format (use one of "
+                              f"{', '.join('.' + f for f in FORMATS)})")
+    return outputs
+
+
 def run_replay(
     trace: str | os.PathLike[str],
     config: HostConfig | str | os.PathLike[str],
@@ -167,18 +199,10 @@ def _replay(
     end_ns: int | None,
     plot_data: str | os.PathLike[str] | None,
 ) -> dict[str, Any]:
-    paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
-             "dump-flows": dump_path}
-    outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
-    times = {"pnic-crash-at": crash_at, "pnic-withdraw-at": withdraw_at, "dump-flows-at": dump_at}
-    _check_options(offload, pnic, capacity, times, outputs.get("dump-flows"))
-    _check_outputs(trace, {k: outputs.get(k) for k in paths})
-    if plot is not None:
-        from flowshift.plot import FORMATS, plot_format  # matplotlib only when a plot is asked
-
-        if plot_format(plot) not in FORMATS:
-            raise ReplayError(f"--plot {plot}: unknown image format (use one of "
-                              f"{', '.join('.' + f for f in FORMATS)})")
+    outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
+                            dump_path=dump_path, offload=offload, pnic=pnic,
+                            capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                            dump_at=dump_at)
     options = {
         "trace": os.fspath(trace),
         "config": None if isinstance(config, HostConfig) else os.fspath(config),

@@ -21,9 +21,8 @@ from flowshift.flow import NS_PER_S as NS
 from flowshift.output import AtomicOutputs
 from flowshift.replay import (
     ReplayError,
-    _check_options,
-    _check_outputs,
     _temporaries,
+    check_request,
     run_replay,
 )
 from flowshift.shard import split_trace
@@ -151,18 +150,10 @@ def _run_sharded(
     pool: Executor | None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    paths = {"out": out, "verdicts": verdicts, "report": report, "plot": plot,
-             "dump-flows": dump_path}
-    outputs = {k: os.fspath(v) for k, v in paths.items() if v is not None}
-    times = {"pnic-crash-at": crash_at, "pnic-withdraw-at": withdraw_at, "dump-flows-at": dump_at}
-    _check_options(offload, pnic, capacity, times, outputs.get("dump-flows"))
-    _check_outputs(trace, {k: outputs.get(k) for k in paths})
-    if plot is not None:
-        from flowshift.plot import FORMATS, plot_format  # matplotlib only when a plot is asked
-
-        if plot_format(plot) not in FORMATS:
-            raise ReplayError(f"--plot {plot}: unknown image format (use one of "
-                              f"{', '.join('.' + f for f in FORMATS)})")
+    outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
+                            dump_path=dump_path, offload=offload, pnic=pnic,
+                            capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                            dump_at=dump_at)
     if shard_dir is not None and not Path(shard_dir).is_dir():
         raise ReplayError(f"--shard-dir {shard_dir}: not a directory")
     cfg = config if isinstance(config, HostConfig) else load_config(config)
