@@ -135,11 +135,35 @@ def second_cache_bytes(cfg: HostConfig) -> float:
     return engine_bytes(PnicEngine(capacity, Classifier(cfg.machines))) / capacity
 
 
-def replay(trace: Path, offload: str) -> float:
+def replay(trace: Path, offload: str, engine: str = "compiled") -> tuple[float, dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        report = run_replay(trace, CONFIG, offload=offload, progress=False,
+        report = run_replay(trace, CONFIG, offload=offload, progress=False, engine=engine,
                             report=Path(tmp) / "r.json")
     return float(report["timing"]["packets_per_second"]), report
+
+
+def short_connections(work: Path, cfg: HostConfig, flows: int, seconds: float
+                      ) -> dict[str, Any]:
+    """A trace of short connections only: elephant offload against never, both engines; new
+    connections per second through the slow path."""
+    trace = work / f"short-{flows}.pcap"
+    info_path = trace.with_suffix(".json")
+    if not trace.exists() or not info_path.exists():
+        s = generate(TraceSpec(flows=flows, duration_s=seconds, seed=13, udp_share=0.0,
+                               icmp_share=0.0, gateway=cfg), trace)
+        info_path.write_text(json.dumps({"packets": s.packets, "flows": s.flows}))
+    info = json.loads(info_path.read_text())
+    out: dict[str, Any] = {"trace": info}
+    for name, offload, engine in (("never", "never", "compiled"),
+                                  ("elephant", "elephant", "compiled"),
+                                  ("never_reference", "never", "reference")):
+        pps, report = replay(trace, offload, engine)
+        out[name] = {"packets_per_second": pps,
+                     "connections_per_second": pps * info["flows"] / info["packets"],
+                     "tiers": report["tiers"]}
+    out["elephant_vs_never"] = out["elephant"]["packets_per_second"] / out["never"][
+        "packets_per_second"]
+    return out
 
 
 def offloads_per_second(n: int) -> float:
@@ -211,11 +235,15 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
     ref_pps, chain = reference_engine(cfg, sample)
     results["reference_engine_pps"] = ref_pps
     results["pnic_engine"] = pnic_engine(cfg, trace, chain, len(sample))
+    ref_never_pps, _ = replay(trace, "never", "reference")
     never_pps, _ = replay(trace, "never")
     eleph_pps, eleph = replay(trace, "elephant")
     results["replay"] = {
-        "never_pps": never_pps, "elephant_pps": eleph_pps, "ratio": eleph_pps / never_pps,
-        "elephant_tiers": eleph["tiers"], "elephant_offloads": eleph["offloads"]}
+        "never_reference_pps": ref_never_pps, "never_pps": never_pps, "elephant_pps": eleph_pps,
+        "ratio": eleph_pps / never_pps, "elephant_tiers": eleph["tiers"],
+        "elephant_offloads": eleph["offloads"]}
+    results["short"] = short_connections(work, cfg, 500, 10.0)
+    results["connections"] = short_connections(work, cfg, 20_000, 20.0)
     results["offloads_per_second"] = offloads_per_second(100_000)
     child = subprocess.run([sys.executable, __file__, "--memory-only", "--million",
                             str(million)], capture_output=True, text=True, check=True)
@@ -239,9 +267,25 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
     table.add_row("PNIC engine alone", f"{pe['packets_per_second']:,.0f} pkt/s",
                   f"{pe['packets_per_second'] / ref_pps:,.1f}× reference engine")
     table.add_row("reference engine alone", f"{ref_pps:,.0f} pkt/s", "baseline")
-    table.add_row("replay --offload never", f"{never_pps:,.0f} pkt/s", "baseline")
+    table.add_row("replay --offload never --engine reference", f"{ref_never_pps:,.0f} pkt/s",
+                  "baseline")
+    table.add_row("replay --offload never", f"{never_pps:,.0f} pkt/s",
+                  f"{never_pps / ref_never_pps:,.1f}× reference")
     table.add_row("replay --offload elephant", f"{eleph_pps:,.0f} pkt/s",
                   f"{rp['ratio']:,.1f}× never")
+    sh = results["short"]
+    never, ref = sh["never"]["packets_per_second"], sh["never_reference"]["packets_per_second"]
+    table.add_row(f"short connections ({sh['trace']['flows']:,} flows, "
+                  f"{sh['trace']['packets']:,} packets), never", f"{never:,.0f} pkt/s",
+                  f"{never / ref:,.1f}× reference")
+    table.add_row("short connections, elephant",
+                  f"{sh['elephant']['packets_per_second']:,.0f} pkt/s",
+                  f"{sh['elephant_vs_never']:,.2f}× never")
+    co = results["connections"]
+    cps = co["never"]["connections_per_second"]
+    table.add_row(f"new connections through the slow path ({co['trace']['flows']:,})",
+                  f"{cps:,.0f} /s",
+                  f"{cps / co['never_reference']['connections_per_second']:,.1f}× reference")
     table.add_row("offloads through the channel", f"{results['offloads_per_second']:,.0f} /s",
                   "")
     table.add_row("bytes per entry, second cache",

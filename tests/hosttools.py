@@ -13,7 +13,7 @@ from flowshift.host import Host
 from flowshift.offload import OffloadPolicy, established
 from flowshift.packet.batch import read_batches
 from flowshift.packet.pcap import open_trace
-from flowshift.results import BatchResults, PacketResult, reason_label
+from flowshift.results import TIER_LABELS, BatchResults, PacketResult, reason_label
 from flowshift.verdict import Verdict
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
@@ -102,7 +102,7 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         random_seed: int | None = None, p: float = 0.3, latency: int = 0, batch: int = 256,
         pnic: str = "inline", capacity: int | None = None, withdraw_at: int | None = None,
         crash_at: int | None = None, rows: int | None = None,
-        dump_at: int | None = None) -> Run:
+        dump_at: int | None = None, engine: str = "compiled") -> Run:
     """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away,
     dump_at one before which the flows are dumped (Run.dumps).
 
@@ -110,7 +110,7 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
     Host.process_batch (the PNIC sees each batch first); None: packet by packet.
     """
     host = Host(config, policy=policy, capacity=capacity, pnic=pnic, latency=latency,
-                batch=batch)
+                batch=batch, engine=engine)
     if random_seed is not None:
         host.policy = RandomPolicy(host.policy, random_seed, p)
     results: list[PacketResult] = []
@@ -178,5 +178,6 @@ def _collect(batches: list[BatchResults], results: list[PacketResult]) -> None:
         for i in range(len(res)):
             results.append(PacketResult(
                 res.index0 + i, int(res.ts[i]), "", "", Verdict(int(res.verdict[i])),
-                reason_label(int(res.reason[i]), int(res.rule[i])), "",
+                reason_label(int(res.reason[i]), int(res.rule[i])),
+                TIER_LABELS[int(res.tier[i])] if res.tier[i] >= 0 else "",
                 res.frame(i) if leaving[i] else None, int(res.wire_len[i])))

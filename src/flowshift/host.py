@@ -19,7 +19,7 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig
-from flowshift.entry import Tier
+from flowshift.entry import Flow, Tier
 from flowshift.flow import NS_PER_S
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
@@ -30,6 +30,7 @@ from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, R
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
+from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.vnic import Pending, Vnic
@@ -47,12 +48,19 @@ _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 
 
+ENGINES = ("compiled", "reference")
+
+
 class Host:
     def __init__(self, config: HostConfig, *, policy: str | None = None,
                  capacity: int | None = None, pnic: str = "inline", latency: int = 0,
-                 batch: int = 256) -> None:
+                 batch: int = 256, engine: str = "compiled") -> None:
         """`latency`: trace time (ns) before the PNIC's answer to a message takes effect;
-        `batch`: packets the VNIC sends the PNIC in one message at most."""
+        `batch`: packets the VNIC sends the PNIC in one message at most; `engine`: how the
+        software tiers run established flows in a batch, "compiled" (their fast path,
+        tiers/fastpath.py) or "reference" (every packet in Python)."""
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         if policy is not None:
             config = replace(config, offload=replace(config.offload, policy=policy))
         if capacity is not None:
@@ -61,15 +69,20 @@ class Host:
         self.names = [m.name for m in config.machines]
         self.classifier = Classifier(config.machines)
         self.stats = HostStats()
+        self.fastpath = Fastpath(config, self.classifier) if engine == "compiled" else None
         self.machines: list[Machine | None] = [Machine(config, i)
                                                for i in range(len(config.machines))]
+        if self.fastpath is not None:
+            for machine in self.machines:
+                if machine is not None:
+                    machine.chain.flows.use_cache(self.fastpath)
         self.report_interval = max(int(config.offload.report_interval * NS_PER_S), 1)
         link: PnicLink = (ProcessLink if pnic == "process" else InlineLink)(
             config.pnic.capacity, config.machines,
             idle_timeout_ns=int(config.offload.idle_timeout * NS_PER_S),
             report_interval_ns=self.report_interval)
         self.vnic = Vnic(config, link, OffloadPolicy(config.offload, config.pnic), self.stats,
-                         self._record, latency=latency, batch=batch)
+                         self._record, latency=latency, batch=batch, fastpath=self.fastpath)
         self.policy = self.vnic.policy
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1
@@ -100,6 +113,8 @@ class Host:
     def policy(self, policy: OffloadPolicy) -> None:
         self.vnic.policy = policy
         self.offloading = policy.name != "never"  # checked per packet: a plain bool
+        if self.fastpath is not None:
+            self.fastpath.set_policy(policy)
 
     # -- time --------------------------------------------------------------------------------
 
@@ -222,9 +237,21 @@ class Host:
             return
         out: Outcome = machine.chain.process(pkt, direction, now)
         self.vnic.outcome(item, out, Tier.MACHINE)
-        if self.offloading and out.flow is not None and self.policy.wants(out.flow):
+        if out.flow is not None:
+            self._after(m, machine, out.flow, now)
+
+    def _after(self, m: int, machine: Machine, flow: Flow, now: int) -> None:
+        """After a machine decided a packet of `flow`: hand the chain to the VNIC if the
+        offload policy wants the flow, else let the flow run on the fast path."""
+        if self.offloading and self.policy.wants(flow):
             self.handoff(m, now)
-            self.vnic.consider(m, out.flow.key, now)
+            self.vnic.consider(m, flow.key, now)
+            return
+        fp = self.fastpath
+        if fp is not None and fp.on and fp.cacheable(flow, Tier.MACHINE) \
+                and flow.expires > now and machine.chain.flows.holds(flow):
+            fp.cache(flow, machine.chain.flows, 0 if self.offloading else -1,
+                     machine.chain.knobs.max > 0)
 
     def process_batch(self, res: BatchResults) -> list[BatchResults]:
         """Decide the packets of a batch; its arrays are filled and its buffer rewritten.
@@ -235,6 +262,9 @@ class Host:
         every wait)."""
         self.vnic.settle(max(self.clock, 0))
         self.out.current = res
+        fp = self.fastpath
+        if fp is not None:
+            fp.on = True
         try:
             clock = np.maximum.accumulate(res.ts)  # each packet's trace time: never back
             if self.clock > 0:
@@ -256,20 +286,35 @@ class Host:
                 if f < len(frags):
                     end = pos + 1 if frags[f] == pos else min(end, int(frags[f]))
                 rows = self._pnic_first(res, clock, pos, end)
+                # a fragment's segment is Python's: its datagram is reassembled there
+                fast = fp is not None and not (f < len(frags) and frags[f] == pos)
                 at = 0
                 while at < len(rows):
-                    i = int(rows[at])
-                    at += 1
                     offloads = self.stats.offloads_to_pnic
-                    start = offset[i]
-                    self.process(res.index0 + i, ts[i], buf[start:start + caplen[i]],
-                                 linktype[i], wire_len[i])
+                    why = STOP_SOFTWARE
+                    if fast and fp is not None and fp.live:
+                        at, why = fp.run(res, clock, rows, at, self.vnic.next_due())
+                    if why == STOP_OFFER:
+                        self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
+                    elif why == STOP_TIME:
+                        self.advance(int(clock[rows[at]]))  # what is due takes effect first
+                    elif at < len(rows):
+                        i = int(rows[at])
+                        at += 1
+                        start = offset[i]
+                        if fast:  # the clock as packet-by-packet, past the rows run compiled
+                            self.advance(int(clock[i]))
+                        self.process(res.index0 + i, ts[i], buf[start:start + caplen[i]],
+                                     linktype[i], wire_len[i])
                     if self.stats.offloads_to_pnic != offloads and len(rows) - at >= REPASS_MIN:
                         # a flow just moved down: its later packets here are the PNIC's
                         rows, at = self._pnic_first(res, clock, int(rows[at]), end), 0
                 pos = end
             self.vnic.settle(self.clock)
         finally:
+            if fp is not None:
+                fp.on = False
+                self._count_fast()
             self.out.current = None
             res.flush()
         if self.out.open or (res.verdict == PENDING).any():
@@ -277,6 +322,30 @@ class Host:
         else:
             return [res]
         return self.out.ready()
+
+    def _offer(self, i: int, now: int) -> None:
+        """Row i ran on the fast path and now the offload policy wants its flow: what the
+        tier that owns it does after deciding a packet (the flow comes back to Python)."""
+        fp = self.fastpath
+        assert fp is not None
+        self.advance(now)  # nothing is due: the fast path stops before any due time
+        flow = fp.take(i)
+        m = flow.machine
+        machine = self.machines[m]
+        if machine is not None:
+            self._after(m, machine, flow, now)
+        else:
+            self.vnic.after(m, flow, now)
+
+    def _count_fast(self) -> None:
+        """The packets the fast path ran, at the tier that owns their flow."""
+        fp = self.fastpath
+        assert fp is not None
+        for tier, (packets, size) in enumerate(fp.counts.tolist()):
+            if packets:
+                self.stats.tier_packets[TIER_NAMES[tier]] += packets
+                self.stats.tier_bytes[TIER_NAMES[tier]] += size
+        fp.counts[:] = 0
 
     def ready(self) -> list[BatchResults]:
         """Batches decided since (after `finish`: every one left)."""

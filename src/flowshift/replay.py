@@ -157,6 +157,7 @@ def run_replay(
     origin_ns: int | None = None,
     end_ns: int | None = None,
     plot_data: str | os.PathLike[str] | None = None,
+    engine: str = "compiled",
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
     `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
@@ -168,13 +169,15 @@ def run_replay(
     `origin_ns`/`end_ns`: the trace time of the first and the latest packet when `trace` is a
     part of a larger trace (a shard, see shard.py): schedule times and verdict times count
     from the origin, and actions past the end happen at the end, as in the whole trace.
-    `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts."""
+    `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts.
+    `engine`: "compiled" (established flows of the software tiers run on their compiled fast
+    path) or "reference" (every software packet in Python); the results are identical."""
     with AtomicOutputs() as files:
         return _replay(trace, config, files, out=out, verdicts=verdicts, report=report,
                        plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
                        capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
                        dump_at=dump_at, dump_path=dump_path, progress=progress,
-                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data)
+                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data, engine=engine)
 
 
 def _replay(
@@ -198,6 +201,7 @@ def _replay(
     origin_ns: int | None,
     end_ns: int | None,
     plot_data: str | os.PathLike[str] | None,
+    engine: str = "compiled",
 ) -> dict[str, Any]:
     outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
                             dump_path=dump_path, offload=offload, pnic=pnic,
@@ -211,7 +215,7 @@ def _replay(
         "plot_window": list(plot_window) if plot_window is not None else None,
         "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
         "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
-        "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
+        "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), "engine": engine,
     }
     cfg = config if isinstance(config, HostConfig) else load_config(config)
     if offload is not None:
@@ -237,7 +241,7 @@ def _replay(
             reader.pcap_header.linktype if reader.pcap_header else 1)
         origin = origin_ns if origin_ns is not None else (
             first.ts_ns if first is not None else 0)
-        run = _Run(cfg, pnic, origin, linktype)
+        run = _Run(cfg, pnic, origin, linktype, engine)
         stack.callback(run.host.close)
         if out is not None:
             try:
@@ -338,8 +342,9 @@ def _progress(enabled: bool, size: int, name: str) -> tuple[Progress, Any] | Non
 class _Run:
     """The state of one replay loop: the host, the writers and the counters."""
 
-    def __init__(self, cfg: HostConfig, pnic: str, first_ts: int, linktype: int) -> None:
-        self.host = Host(cfg, pnic=pnic)
+    def __init__(self, cfg: HostConfig, pnic: str, first_ts: int, linktype: int,
+                 engine: str = "compiled") -> None:
+        self.host = Host(cfg, pnic=pnic, engine=engine)
         self.names = [m.name for m in cfg.machines]
         self.first_ts = first_ts
         self.last_ts = first_ts

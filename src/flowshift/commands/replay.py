@@ -14,6 +14,7 @@ from rich.console import Console
 
 from flowshift.cluster import KINDS, ClusterError
 from flowshift.config import ConfigError
+from flowshift.host import ENGINES
 from flowshift.offload import POLICIES
 from flowshift.packet.pcap import TraceError
 from flowshift.replay import PNIC_MODES, ReplayError, run_replay
@@ -26,16 +27,20 @@ SCHEDULE_FLAGS = {"crash": "--pnic-crash-at", "withdraw": "--pnic-withdraw-at",
 
 
 def warm_engine(console: Console | None) -> float:
-    """Compile the PNIC engine (first run; later runs load it from the cache) before the replay
-    starts, as a step of its own: the replay's time and packets/s leave it out. The seconds."""
-    from flowshift.tiers import pnic_engine
+    """Compile the compiled engine's kernels, the PNIC's and the software fast path's (first
+    run; later runs load them from the cache) before the replay starts, as a step of its own:
+    the replay's time and packets/s leave it out. The seconds."""
+    from flowshift.tiers import fastpath, pnic_engine
+
+    def both() -> float:
+        return pnic_engine.warm() + fastpath.warm()
 
     if console is None:
-        return pnic_engine.warm()
-    with console.status("compiling the PNIC engine (first run only)…", spinner="dots"):
-        seconds = pnic_engine.warm()
-    done = "compiled" if pnic_engine.compilations() else "loaded"
-    console.print(f"PNIC engine {done} in {seconds:.2f} s (not counted in the replay's time)")
+        return both()
+    with console.status("compiling the engine (first run only)…", spinner="dots"):
+        seconds = both()
+    done = "compiled" if pnic_engine.compilations() + fastpath.compilations() else "loaded"
+    console.print(f"engine {done} in {seconds:.2f} s (not counted in the replay's time)")
     return seconds
 
 
@@ -74,6 +79,9 @@ def fail(message: str) -> click.exceptions.Exit:
               help="Dump every flow T seconds after the first packet (with --dump-flows).")
 @click.option("--dump-flows", type=click.Path(dir_okay=False, path_type=Path),
               metavar="FLOWS.txt", help="Where the flow dump goes, conntrack -L style.")
+@click.option("--engine", type=click.Choice(ENGINES), default="compiled", show_default=True,
+              help="How software runs established flows: compiled (the fast path) or "
+                   "reference (every packet in Python). The results are identical.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Split the trace by outside endpoint over N worker processes "
@@ -90,7 +98,8 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
            offload: str | None, pnic: str,
            pnic_capacity: int | None, pnic_crash_at: float | None,
            pnic_withdraw_at: float | None, dump_flows_at: float | None,
-           dump_flows: Path | None, quiet: bool, workers: int | None, scheduler: str | None,
+           dump_flows: Path | None, engine: str, quiet: bool, workers: int | None,
+           scheduler: str | None,
            executor: str, shard_dir: Path | None) -> None:
     """Replay TRACE (pcap or pcapng) through the host that HOST.toml describes.
 
@@ -107,7 +116,11 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
             window = parse_window(plot_window)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--plot-window") from None
-    if offload != "never":
+    sharded = (workers or 1) > 1 or scheduler is not None
+    if sharded and engine != "compiled":
+        raise click.UsageError("--engine reference runs one process: leave out --workers and "
+                               "--scheduler")
+    if offload != "never" or engine == "compiled":
         warm_engine(None if quiet else Console())
     options: dict[str, Any] = dict(
         out=out, verdicts=verdicts, report=report, plot=plot, plot_window=window,
@@ -115,13 +128,13 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
         withdraw_at=pnic_withdraw_at, dump_at=dump_flows_at, dump_path=dump_flows,
         progress=not quiet)
     try:
-        if (workers or 1) > 1 or scheduler is not None:
+        if sharded:
             from flowshift.shard_replay import run_sharded
 
             result = run_sharded(trace, config, workers=workers, scheduler=scheduler,
                                  executor=executor, shard_dir=shard_dir, **options)
         else:
-            result = run_replay(trace, config, **options)
+            result = run_replay(trace, config, engine=engine, **options)
     except (ConfigError, TraceError, ReplayError, ClusterError, ShardError) as e:
         raise fail(str(e)) from None
     if not quiet:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
     DEFAULT_KNOBS,
@@ -82,34 +83,78 @@ def bucket_of(key: FlowKey, buckets: int) -> int:
     return zlib.crc32(head + key.src + key.dst + ports) % buckets
 
 
+class Cache(Protocol):
+    """Where flows of a table may live as entries instead of `Flow`s (tiers/fastpath.py)."""
+
+    def find(self, key: FlowKey, table: FlowTable) -> tuple[Flow, int] | None:
+        """The flow of `key` held for `table`, back in the table as a `Flow`."""
+
+    def pull_all(self, table: FlowTable) -> None:
+        """Every flow held for `table` back in it."""
+
+    def expire(self, now: int) -> None:
+        """Every flow held that expired by `now` back in its table."""
+
+
 class FlowTable:
     """Flows of one chain, by both of their keys.
 
     A bounded table (`buckets` > 0, Linux's nf_conntrack_max) also keeps each flow in the hash
-    buckets of both its tuples, as Linux's table does, for `early_drop`.
+    buckets of both its tuples, as Linux's table does, for `early_drop`. With a `cache`, some
+    flows (`cached` of them) live there as entries, not here: every read here finds them
+    there and takes them back first.
     """
 
     def __init__(self, buckets: int = 0) -> None:
         self._by_key: dict[FlowKey, tuple[Flow, int]] = {}
         # The flow and direction of a key, live or not (callers check `expires`). The dict's
-        # own method: every packet looks its flow up.
+        # own method while nothing is cached: every packet looks its flow up.
         self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
+        self.cache: Cache | None = None
+        self.cached = 0
         self.buckets = buckets
         self._bucket: dict[int, list[Flow]] = {}  # bucket -> its flows, oldest first
 
     def __len__(self) -> int:
-        return len(self._by_key) // 2
+        return len(self._by_key) // 2 + self.cached
+
+    def use_cache(self, cache: Cache) -> None:
+        """Let flows of this table live in `cache` (which `detach`es and `attach`es them)."""
+        self.cache = cache
+        self.get = self._get_or_find
+
+    def _get_or_find(self, key: FlowKey) -> tuple[Flow, int] | None:
+        hit = self._by_key.get(key)
+        if hit is None and self.cached and self.cache is not None:
+            return self.cache.find(key, self)
+        return hit
 
     def __iter__(self) -> Iterator[Flow]:
-        for flow, direction in self._by_key.values():
+        if self.cached and self.cache is not None:
+            self.cache.pull_all(self)
+        for flow, direction in list(self._by_key.values()):
             if direction == 0:
                 yield flow
+
+    def detach(self, flow: Flow) -> None:
+        """The cache takes the flow: it leaves the table but still counts."""
+        self.remove(flow)
+        self.cached += 1
+
+    def attach(self, flow: Flow) -> None:
+        """The cache gives a flow back (none of its keys is here: it was detached)."""
+        self.cached -= 1
+        self._by_key[flow.key] = (flow, 0)
+        self._by_key[flow.reply_key] = (flow, 1)
+        if self.buckets:
+            for b in self._homes(flow):
+                self._bucket.setdefault(b, []).append(flow)
 
     def _homes(self, flow: Flow) -> set[int]:
         return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
 
     def add(self, flow: Flow) -> None:
-        old = self._by_key.get(flow.key)
+        old = self.get(flow.key)
         if old is not None and old[0] is not flow:
             self.remove(old[0])  # an entry that replaces its flow's older copy
         elif old is not None:
@@ -119,6 +164,11 @@ class FlowTable:
         if self.buckets:
             for b in self._homes(flow):
                 self._bucket.setdefault(b, []).append(flow)
+
+    def holds(self, flow: Flow) -> bool:
+        """Is this very flow in the table (not dropped, not replaced)?"""
+        hit = self._by_key.get(flow.key)
+        return hit is not None and hit[0] is flow
 
     def remove(self, flow: Flow) -> None:
         for key in (flow.key, flow.reply_key):
@@ -144,6 +194,8 @@ class FlowTable:
         A scan of the whole table: no per-flow timer state, so a million flows cost nothing
         between sweeps.
         """
+        if self.cache is not None:
+            self.cache.expire(now)  # a cached flow's expiry is the cache's: expired ones back
         gone = [flow for flow, direction in self._by_key.values()
                 if direction == 0 and flow.expires <= now and flow.owner != keep
                 and (spare is None or not spare(flow.key))]
@@ -160,6 +212,7 @@ class FlowTable:
         home = bucket_of(key, self.buckets)
         for i in range(NF_CT_EVICTION_RANGE):
             chain = self._bucket.get((home + i) % self.buckets, [])
+            # (a bounded table caches only assured flows, never candidates: none is missed)
             drop = [flow for flow in chain if not flow.status & _ASSURED
                     and flow.owner == owner and (spare is None or not spare(flow.key))]
             for flow in drop:

@@ -38,6 +38,7 @@ SOURCES = (
     "services/__init__.py",
     "services/conntrack_tcp.py",
     "tiers/__init__.py",
+    "tiers/_fastpath_batch.py",
     "tiers/_pnic_batch.py",
     "tiers/_pnic_cache.py",
     "tiers/_pnic_flow.py",

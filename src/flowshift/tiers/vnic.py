@@ -41,6 +41,7 @@ from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
 from flowshift.services.conntrack import generic_timeout
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.tiers.fastpath import Fastpath
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
 from flowshift.verdict import RefuseReason, ReturnReason, Verdict
@@ -50,7 +51,7 @@ _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
-_NEVER = 1 << 63
+_NEVER = (1 << 63) - 1  # an int64: the fast path compares times with it
 
 
 class VnicChain(Chain):
@@ -86,8 +87,9 @@ class Vnic:
 
     def __init__(self, config: HostConfig, link: PnicLink, policy: OffloadPolicy,
                  stats: HostStats, record: Record, *, latency: int = 0,
-                 batch: int = 256) -> None:
+                 batch: int = 256, fastpath: Fastpath | None = None) -> None:
         self.names = [m.name for m in config.machines]
+        self.fastpath = fastpath  # where the VNIC's established flows run compiled
         self.capacity = config.pnic.capacity
         # No packet the PNIC processes gives its entry less life than this (the shortest
         # timeout of any machine's conntrack table): a sync finds nothing expired before the
@@ -130,6 +132,8 @@ class Vnic:
         chain = VnicChain(cfg, m)
         chain.spare = self.queue.pending
         chain.dropped = self._forget
+        if self.fastpath is not None:
+            chain.flows.use_cache(self.fastpath)
         if chain.lb is not None:
             chain.lb.restore(msg.lb_state)
         for raw in msg.entries:
@@ -166,9 +170,21 @@ class Vnic:
             self.sync(item.ts)
         out = chain.process(item.pkt, item.direction, item.ts)
         self.outcome(item, out, _VNIC)
-        flow = out.flow
-        if flow is not None and flow.owner == _VNIC and self.policy.wants(flow):
-            self.consider(item.machine, flow.key, item.ts)
+        if out.flow is not None:
+            self.after(item.machine, out.flow, item.ts)
+
+    def after(self, machine: int, flow: Flow, now: int) -> None:
+        """After the VNIC decided a packet of `flow`: offer it if the policy wants it, else
+        let it run on the fast path."""
+        if flow.owner == _VNIC and self.policy.wants(flow):
+            self.consider(machine, flow.key, now)
+        fp = self.fastpath
+        chain = self.chains[machine]
+        if fp is not None and fp.on and chain is not None and fp.cacheable(flow, _VNIC) \
+                and flow.expires > now and chain.flows.holds(flow) \
+                and not self.queue.pending(flow.key):
+            offer_at = -1 if self.policy.name == "never" else self.backoff.get(flow.key, 0)
+            fp.cache(flow, chain.flows, offer_at, chain.knobs.max > 0)
 
     def _forget(self, flow: Flow) -> None:
         """A flow the chain's table dropped (expired, or early-dropped to make room)."""
@@ -280,6 +296,17 @@ class Vnic:
         self.synced_at = -1
 
     # -- time --------------------------------------------------------------------------------
+
+    def next_due(self) -> int:
+        """The trace time of the first answer (or batch of packets) due; _NEVER: none."""
+        t = _NEVER
+        if self.outstanding:
+            t = self.outstanding[0][0]
+        if self.deferred:
+            t = min(t, self.deferred[0][0])
+        if self.batch:
+            t = min(t, self.batch[0].ts + self.latency)
+        return t
 
     def due(self, until: int) -> bool:
         """Is anything to apply by trace time `until`?"""

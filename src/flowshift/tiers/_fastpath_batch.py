@@ -1,0 +1,177 @@
+"""The software tiers' fast path over a batch, compiled: the PNIC pipeline's sibling.
+
+The machine and VNIC tiers keep the established flows they own in a table of entries
+(tiers/fastpath.py), and run their packets with the PNIC's own kernels: parse, classify, look
+up, then the chain exactly as services/chain.py `process_flow` does. Unlike the PNIC's pass,
+which may run ahead of software over a whole segment, this one runs the rows in input order
+and stops at the first row software must see, so that every Python decision happens exactly
+where it would in a run that never left Python:
+
+- STOP_SOFTWARE: the row is not ours (a miss, a shape the kernels do not run, a flow of no
+  machine): software decides it;
+- STOP_PUNT: a hit that software must decide (SYN/FIN/RST, expired, unsupported): its entry
+  leaves the table (`returned`) and software decides the row with it;
+- STOP_TIME: the row lies at or after `stop_time`, when something else is due first (an
+  answer of the PNIC): software takes the clock there;
+- STOP_OFFER: the row was processed, and now the offload policy wants its flow (established,
+  past the thresholds, past the VNIC's back-off for it): software considers the offer.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from flowshift.entry import field_offsets
+from flowshift.tiers._pnic_batch import classify, punt_reason
+from flowshift.tiers._pnic_flow import (
+    ASSURED,
+    E_BYTES,
+    E_EXPIRES,
+    E_PACKETS,
+    E_STATUS,
+    E_TCP_STATE,
+    PROTO_TCP,
+    S_ESTABLISHED,
+    SEEN_REPLY,
+    forward_hop,
+    process_flow,
+)
+from flowshift.tiers._pnic_index import (
+    E_PROTO,
+    E_SIZE,
+    head_word,
+    index_insert,
+    index_remove,
+    lookup,
+)
+from flowshift.tiers._pnic_mem import kernel, ld16, ld64
+from flowshift.tiers._pnic_parse import (
+    F_DPORT,
+    F_DST_HI,
+    F_DST_LO,
+    F_FAMILY,
+    F_PROTO,
+    F_SPORT,
+    F_SRC_HI,
+    F_SRC_LO,
+    FAIL,
+    FULL,
+    parse_frame,
+)
+
+E_OWNER = field_offsets()["owner"]
+LIVE = 1
+RETURNED = 2
+DONE = 0
+STOP_SOFTWARE = 1
+STOP_PUNT = 2
+STOP_TIME = 3
+STOP_OFFER = 4
+# policy[0]: what the offload policy takes (offload.POLICIES order)
+POLICY_NEVER = 0
+POLICY_ALWAYS = 1
+POLICY_ELEPHANT = 2
+POLICY_ASK = 3  # a policy only Python can evaluate: ask after every established packet
+
+
+@kernel(inline=True)
+def _wanted(mem, e, policy):
+    """offload.OffloadPolicy.wants for the entry at mem[e] (a protocol the PNIC runs)."""
+    kind = policy[0]
+    if kind == POLICY_NEVER:
+        return False
+    if mem[e + E_PROTO] == PROTO_TCP:
+        if mem[e + E_TCP_STATE] != S_ESTABLISHED:
+            return False
+    elif not ld16(mem, e + E_STATUS) & SEEN_REPLY:
+        return False
+    if kind != POLICY_ELEPHANT:  # always, or ask Python
+        return True
+    packets = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
+    size = ld64(mem, e + E_BYTES) + ld64(mem, e + E_BYTES + 8)
+    return packets >= policy[1] or size >= policy[2]
+
+
+@kernel()
+def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
+             reason, returned, machine, direction, tier, mem, state, keys, vals, inside, public,
+             knobs, routing, bounded, offer_at, policy, f, counts):
+    """Run rows[start:] in order until one stops the pass: (position in rows, why).
+
+    STOP_OFFER returns the position after the processed row; every other stop the row's own.
+    returned[i]: the slot of the row that stopped the pass with STOP_PUNT or STOP_OFFER.
+    counts: per tier, packets and wire bytes processed (incremented). offer_at: per slot, the
+    packet count below which an offer would be refused (the VNIC's back-off). bounded: per
+    machine, 1 when its table has a limit (then only assured flows are offered, as
+    Vnic.consider does).
+    """
+    for j in range(start, len(rows)):
+        i = rows[j]
+        now = clock[i]
+        if now >= stop_time:
+            return j, STOP_TIME
+        s = offset[i]
+        status = parse_frame(buf, s, numba.int64(caplen[i]), numba.int64(wire_len[i]),
+                             numba.int64(linktype[i]), f)
+        if status == FAIL:
+            return j, STOP_SOFTWARE
+        m, d = classify(f, inside, public)
+        if m < 0:
+            return j, STOP_SOFTWARE
+        hit = lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
+                     f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+        if hit < 0:
+            return j, STOP_SOFTWARE
+        slot = hit >> 1
+        e = slot * E_SIZE
+        if punt_reason(mem, e, f, status == FULL, now):
+            index_remove(mem, slot, keys, vals)
+            state[slot] = RETURNED
+            returned[i] = slot
+            return j, STOP_PUNT
+        v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
+        if routing[m]:
+            v, r = forward_hop(buf, s, f, v, r)
+        owner = mem[e + E_OWNER]
+        verdict[i] = v
+        reason[i] = r
+        machine[i] = m
+        direction[i] = d
+        tier[i] = owner
+        counts[owner, 0] += 1
+        counts[owner, 1] += wire_len[i]
+        if _wanted(mem, e, policy) and (
+                not bounded[m] or ld16(mem, e + E_STATUS) & ASSURED):
+            total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
+            if total >= offer_at[slot]:
+                returned[i] = slot
+                return j + 1, STOP_OFFER
+    return len(rows), DONE
+
+
+@kernel()
+def expired_slots(mem, state, now, out):
+    """Live slots whose entry has expired by `now`, into out; how many, and the earliest
+    expiry of those still live (-1: none)."""
+    n = 0
+    earliest = np.int64(-1)
+    for slot in range(len(state)):
+        if state[slot] != LIVE:
+            continue
+        t = ld64(mem, slot * E_SIZE + E_EXPIRES)
+        if t <= now:
+            out[n] = slot
+            n += 1
+        elif earliest < 0 or t < earliest:
+            earliest = t
+    return n, earliest
+
+
+@kernel()
+def reindex(mem, state, keys, vals):
+    """Index every live slot into an empty index (a table that grew); False if one clashed."""
+    for slot in range(len(state)):
+        if state[slot] == LIVE and not index_insert(mem, slot, keys, vals):
+            return False
+    return True

@@ -1,0 +1,256 @@
+"""The software tiers' fast path: their established flows in the entry layout, run compiled.
+
+Open vSwitch splits its datapath cache from its slow path; flowshift's software tiers do the
+same. A flow the machine or the VNIC owns is *cached* once it is established: its state moves
+from its Python `Flow` into a row of this table (ENTRY_DTYPE, the PNIC's layout, indexed by
+both keys), and its packets run through the PNIC's compiled kernels (tiers/_fastpath_batch.py)
+in input order. Python still decides everything else: first packets, rules, NAT ports and
+backends, SYN/FIN/RST, expiry, offers and handoffs. A cached flow's `Flow` is stale: whoever
+reads it first takes the state back (`pull`, done by `FlowTable` on every lookup), and the flow
+is cached again after its next Python decision. The tier a packet is counted at does not change:
+a cached flow's packets are the work of the tier that owns it.
+
+The table grows by doubling; it holds flows of every machine (the zone tells them apart) and
+of both software tiers (the entry's owner byte tells which).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flowshift.conntrack_types import Status
+from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers import _fastpath_batch as kb
+from flowshift.tiers import _pnic_index as ki
+from flowshift.tiers._pnic_parse import N_FIELDS
+from flowshift.tiers.pnic_engine import _arg, _compile_classifier, _knob_table
+
+if TYPE_CHECKING:
+    from flowshift.config import HostConfig
+    from flowshift.offload import OffloadPolicy
+    from flowshift.results import BatchResults
+    from flowshift.services.conntrack import FlowTable
+    from flowshift.tiers.classify import Classifier
+
+_CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
+_ESTABLISHED = int(TcpState.ESTABLISHED)
+_ASSURED = int(Status.ASSURED)
+_FREE = 0
+_M64 = (1 << 64) - 1
+_NEVER = np.iinfo(np.int64).max
+_POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
+             "elephant": kb.POLICY_ELEPHANT}
+
+DONE, STOP_SOFTWARE, STOP_PUNT = kb.DONE, kb.STOP_SOFTWARE, kb.STOP_PUNT
+STOP_TIME, STOP_OFFER = kb.STOP_TIME, kb.STOP_OFFER
+
+
+def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
+    """A flow key as the index keeps it: five int64 words (tiers/_pnic_index.py)."""
+    src = int.from_bytes(key.src.ljust(16, b"\0"), "big")
+    dst = int.from_bytes(key.dst.ljust(16, b"\0"), "big")
+    head = key.family | key.proto << 8 | key.zone << 16 | key.sport << 32 | key.dport << 48
+    w = (head, src >> 64, src & _M64, dst >> 64, dst & _M64)
+    return tuple(v - (1 << 64) if v >> 63 else v for v in w)  # type: ignore[return-value]
+
+
+class Fastpath:
+    """The cached flows of a host's software tiers and their compiled data path."""
+
+    def __init__(self, config: HostConfig, classifier: Classifier, capacity: int = 1024) -> None:
+        machines = config.machines
+        self._inside, self._public = _compile_classifier(classifier)
+        self._knobs = _knob_table(classifier, [m.conntrack.knobs() for m in machines])
+        zones = len(self._knobs)
+        self._routing = np.zeros(zones, np.int8)
+        self._bounded = np.zeros(zones, np.int8)
+        for i, m in enumerate(machines):
+            self._routing[i] = m.forwarding == "router"
+            self._bounded[i] = m.conntrack.knobs().max > 0
+        self.policy = np.zeros(3, np.int64)  # set_policy: never until the host says
+        self._f = np.zeros(N_FIELDS, np.int64)
+        self.counts = np.zeros((len(Tier), 2), np.int64)  # per tier: packets, wire bytes
+        self.live = 0
+        self.ran = 0  # packets run here so far
+        self.on = False  # the host is deciding a batch: flows decided in Python may be cached
+        self.floor = _NEVER  # no cached entry expires before this
+        # no packet the kernels run gives its entry less life than this
+        self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in machines)
+        self._returned = np.empty(0, np.int64)
+        self._allocate(capacity)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries = np.zeros(capacity, ENTRY_DTYPE)
+        self._mem = self.entries.view(np.uint8)
+        self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
+        size = ki.table_size(capacity)
+        self._keys = np.zeros((size, 5), np.int64)
+        self._vals = np.full(size, ki.EMPTY, np.int64)
+        self._state = np.zeros(capacity, np.int8)
+        self._offer_at = np.zeros(capacity, np.int64)
+        self._free = list(range(capacity - 1, -1, -1))
+        self.tables: list[FlowTable | None] = [None] * capacity  # whose flow each row is
+
+    def _grow(self) -> None:
+        old = (self.entries, self._state, self._offer_at, self.tables)
+        n = self.capacity
+        self._allocate(2 * n)
+        self.entries[:n] = old[0]
+        self._state[:n] = old[1]
+        self._offer_at[:n] = old[2]
+        self.tables[:n] = old[3]
+        self._free = list(range(2 * n - 1, n - 1, -1))
+        if not kb.reindex(self._mem, self._state, self._keys, self._vals):
+            raise RuntimeError("the fast path's table lost an entry while growing")
+
+    # -- flows in and out --------------------------------------------------------------------
+
+    def cacheable(self, flow: Flow, tier: int) -> bool:
+        """May this flow's state move into the table now? Established TCP, or a UDP / ICMP
+        echo flow, owned by the tier deciding it."""
+        if flow.owner != tier or flow.key.proto not in _CACHED_PROTOCOLS:
+            return False
+        tcp = flow.tcp
+        return tcp is None or tcp.state == _ESTABLISHED
+
+    def cache(self, flow: Flow, table: FlowTable, offer_at: int, bounded: bool) -> None:
+        """Move the flow from its table into this one: its packets run compiled from now on,
+        and the `Flow` is no more (the table finds it here, as a new `Flow`, when asked).
+        offer_at: the packet count below which an offer of it would be refused (-1: it is never
+        offered); bounded: its table has a limit (only an assured flow then, as early drop
+        must read the flows it may drop)."""
+        if bounded and not flow.status & _ASSURED:
+            return
+        if not self._free:
+            self._grow()
+        slot = self._free[-1]
+        self._rows[slot] = np.frombuffer(flow.to_bytes(), np.uint8)
+        if not ki.index_insert(self._mem, slot, self._keys, self._vals):
+            self._rows[slot] = 0
+            return
+        self._free.pop()
+        self._state[slot] = kb.LIVE
+        self._offer_at[slot] = _NEVER if offer_at < 0 else offer_at
+        self.tables[slot] = table
+        table.detach(flow)
+        self.live += 1
+        self.floor = min(self.floor, flow.expires)
+
+    def pull(self, slot: int) -> Flow:
+        """The flow of a row back into its table as a `Flow`; it runs in Python again."""
+        table = self.tables[slot]
+        if table is None:
+            raise KeyError(f"row {slot} of the fast path holds no flow")
+        flow = Flow.from_bytes(self._rows[slot].tobytes())
+        if self._state[slot] == kb.LIVE:
+            ki.index_remove(self._mem, slot, self._keys, self._vals)
+        self._state[slot] = _FREE
+        self._rows[slot] = 0
+        self.tables[slot] = None
+        self._free.append(slot)
+        self.live -= 1
+        table.attach(flow)
+        return flow
+
+    def find(self, key: FlowKey, table: FlowTable) -> tuple[Flow, int] | None:
+        """The flow of `key` if this table holds it for `table`: pulled, with the key's
+        direction."""
+        hit = ki.lookup(self._keys, self._vals, *key_words(key))
+        if hit < 0 or self.tables[hit >> 1] is not table:
+            return None
+        return self.pull(hit >> 1), hit & 1
+
+    def pull_all(self, table: FlowTable) -> None:
+        """Every flow of `table` back into it (to list or hand over all of them)."""
+        for slot in [s for s, t in enumerate(self.tables) if t is table]:
+            self.pull(slot)
+
+    def take(self, i: int) -> Flow:
+        """The flow of batch row i, which stopped the last pass (STOP_PUNT, STOP_OFFER): back
+        in its table, for software to continue."""
+        return self.pull(int(self._returned[i]))
+
+    def set_policy(self, policy: OffloadPolicy) -> None:
+        """The offload policy whose offers stop a pass (STOP_OFFER); one the kernel does not
+        know stops it after every packet of an established flow, for Python to ask."""
+        kind = _POLICIES.get(policy.name, kb.POLICY_ASK)
+        self.policy = np.array([kind, policy.packets, policy.bytes], np.int64)
+
+    def expire(self, now: int) -> None:
+        """Cached flows expired by `now` go back to their tables, where the sweep finds them."""
+        if now < self.floor or not self.live:
+            return
+        out = np.empty(self.capacity, np.int64)
+        n, earliest = kb.expired_slots(self._mem, self._state, now, out)
+        for slot in out[:n].tolist():
+            self.pull(slot)
+        self.floor = _NEVER if earliest < 0 else int(earliest)
+
+    # -- the data path -----------------------------------------------------------------------
+
+    def run(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, start: int,
+            stop_time: int) -> tuple[int, int]:
+        """rows[start:] of the batch in order, until one stops the pass: (position, why)."""
+        if not self.live:
+            return start, STOP_SOFTWARE
+        if len(self._returned) < len(res):
+            self._returned = np.empty(len(res), np.int64)
+        returned = self._returned  # the kernel sets only the punted row's
+        at, why = kb.run_rows(
+            res.buf, _arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
+            clock, rows, start, stop_time, res.verdict, res.reason, returned, res.machine,
+            res.direction, res.tier, self._mem, self._state, self._keys, self._vals,
+            self._inside, self._public, self._knobs, self._routing, self._bounded,
+            self._offer_at, self.policy, self._f, self.counts)
+        self.ran += at - start
+        if start < at:  # no packet it ran gives its entry less life than now
+            self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout)
+        if why == STOP_PUNT:
+            self.pull(int(returned[rows[at]]))
+        return int(at), int(why)
+
+
+def compilations() -> int:
+    """How many times this process compiled the fast path's kernel (0: it came from the
+    cache)."""
+    return sum(kb.run_rows.stats.cache_misses.values())
+
+
+def warm() -> float:
+    """Compile the fast path's kernels, or load them from the cache; the seconds it took (see
+    pnic_engine.warm)."""
+    from flowshift.config import parse_config
+    from flowshift.packet.build import tcp_frame
+    from flowshift.packet.view import TCP_ACK
+    from flowshift.results import BatchResults
+    from flowshift.services.conntrack import FlowTable
+    from flowshift.tiers.classify import Classifier
+
+    started = time.perf_counter()
+    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
+                                     "services": ["count"]}]}, "fast path warm-up")
+    fp = Fastpath(cfg, Classifier(cfg.machines), capacity=1)
+    table = FlowTable()
+    table.use_cache(fp)
+    for sport in (1, 3):  # two flows: the table grows
+        key = FlowKey(4, PROTO_TCP, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x01\x02", sport, 2)
+        flow = Flow(key=key, xlat=key, machine=0, chain=0, tcp=TcpConn(), expires=1 << 40)
+        assert flow.tcp is not None
+        flow.tcp.state = TcpState.ESTABLISHED
+        table.add(flow)
+        fp.cache(flow, table, -1, bounded=False)
+    frame = np.frombuffer(tcp_frame(src=key.src, dst=key.dst, sport=3, dport=2, seq=1, ack=1,
+                                    flags=TCP_ACK, window=1), np.uint8).copy()
+    n = len(frame)
+    res = BatchResults.over(0, frame, np.zeros(1, np.int64), np.full(1, n, np.uint32),
+                            np.full(1, n, np.uint32), np.ones(1, np.uint16),
+                            np.zeros(1, np.int64))
+    fp.run(res, res.ts, np.zeros(1, np.int64), 0, _NEVER)
+    fp.expire(1 << 41)
+    return time.perf_counter() - started

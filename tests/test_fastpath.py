@@ -1,0 +1,196 @@
+"""The software tiers' compiled fast path against the reference engine, bit for bit.
+
+`--engine reference` runs every software packet in Python; the default runs the established
+flows of the machine and VNIC tiers through the PNIC's kernels (tiers/fastpath.py). Every
+packet's verdict, reason, bytes and tier, every counter, event and peak of the host must be
+the same, under every offload schedule, batch size, latency and transport, and the fast path
+must really have run (else these tests would prove nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowshift.config import load_config, parse_config
+from flowshift.entry import Flow, Status, Tier
+from flowshift.flow import FlowKey
+from flowshift.gen import TraceSpec, generate, parse_networks
+from flowshift.services.conntrack import FlowTable
+from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers.classify import Classifier
+from flowshift.tiers.fastpath import Fastpath
+from hosttools import FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
+
+CLIENTS = parse_networks("10.0.0.0/24,fd00::/64")
+SERVERS = parse_networks("198.51.100.0/24,2001:db8::/64")
+
+
+def _stats(r: Run) -> dict[str, object]:
+    return dataclasses.asdict(r.host.stats)
+
+
+def _results(r: Run) -> list[tuple[object, ...]]:
+    return [(x.index, int(x.verdict), x.reason, x.tier, x.data) for x in r.results]
+
+
+def assert_same(trace: Path, cfg, **kw) -> Run:
+    """The trace through both engines: identical; the compiled run's fast path did work."""
+    ref = run(trace, cfg, engine="reference", **kw)
+    fast = run(trace, cfg, engine="compiled", **kw)
+    assert _results(fast) == _results(ref)
+    assert _stats(fast) == _stats(ref)
+    assert fast.dumps == ref.dumps
+    return fast
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    return parse_config(GATEWAY_HOST, "gateway test")
+
+
+@pytest.fixture(scope="module")
+def gateway_trace(gateway, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fast") / "gw.pcap"
+    generate(TraceSpec(flows=300, duration_s=20.0, seed=5, elephants=4, ipv6_share=0.3,
+                       icmp_share=0.05, udp_share=0.2, clients=CLIENTS, servers=SERVERS,
+                       gateway=gateway), path)
+    return path
+
+
+def _ran_compiled(r: Run) -> None:
+    fp = r.host.fastpath
+    assert fp is not None
+    assert fp.ran > 0, "the fast path ran no packet: the comparison proved nothing"
+
+
+@pytest.mark.parametrize("policy", ["never", "elephant", "always"])
+@pytest.mark.parametrize("rows", [1, 97, 4096])
+def test_gateway_trace_is_the_same_on_both_engines(gateway, gateway_trace, policy, rows):
+    fast = assert_same(gateway_trace, gateway, policy=policy, rows=rows)
+    if policy == "never" and rows > 1:
+        _ran_compiled(fast)
+
+
+@pytest.mark.parametrize("kw", [
+    {"latency": 3_000_000}, {"pnic": "process"}, {"capacity": 2}, {"random_seed": 7},
+    {"withdraw_at": 5000}, {"crash_at": 5000}, {"dump_at": 4000},
+    {"withdraw_at": 2000, "crash_at": 9000, "latency": 1_000_000},
+], ids=str)
+def test_schedules_and_transports_are_the_same_on_both_engines(gateway, gateway_trace, kw):
+    assert_same(gateway_trace, gateway, policy="elephant", rows=512, **kw)
+
+
+@pytest.mark.parametrize("policy", ["never", "elephant"])
+def test_real_capture_is_the_same_on_both_engines(policy):
+    cfg = load_config(REAL / "lb-gateway.toml")
+    fast = assert_same(REAL / "replay_input.pcap", cfg, policy=policy, rows=1024)
+    if policy == "never":
+        _ran_compiled(fast)
+
+
+@pytest.mark.parametrize("conntrack", [
+    {"max": 40}, {"tcp_timeout_established": 3, "udp_timeout_stream": 2, "udp_timeout": 1},
+    {"tcp_be_liberal": 1, "tcp_max_retrans": 1},
+], ids=str)
+def test_tuned_and_bounded_tables_are_the_same_on_both_engines(tmp_path, conntrack):
+    host = {**GATEWAY_HOST, "conntrack": conntrack}
+    cfg = parse_config(host, "tuned gateway")
+    path = tmp_path / "t.pcap"
+    generate(TraceSpec(flows=200, duration_s=30.0, seed=9, elephants=3, udp_share=0.3,
+                       clients=CLIENTS, servers=SERVERS, gateway=cfg), path)
+    for policy in ("never", "elephant"):
+        assert_same(path, cfg, policy=policy, rows=256)
+
+
+def test_a_routing_machine_is_the_same_on_both_engines(tmp_path):
+    machine = {**GATEWAY_HOST["machine"][0], "forwarding": "router"}
+    cfg = parse_config({**GATEWAY_HOST, "machine": [machine]}, "router")
+    path = tmp_path / "r.pcap"
+    generate(TraceSpec(flows=100, duration_s=10.0, seed=2, elephants=2, clients=CLIENTS,
+                       servers=SERVERS, gateway=cfg), path)
+    _ran_compiled(assert_same(path, cfg, policy="never", rows=256))
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), rows=st.sampled_from([1, 7, 64, 1000]),
+       policy=st.sampled_from(["never", "elephant", "always"]),
+       attack=st.sampled_from(["none", "syn-flood", "out-of-window"]),
+       gap=st.booleans())
+def test_any_generated_trace_is_the_same_on_both_engines(tmp_path_factory, seed, rows, policy,
+                                                         attack, gap):
+    cfg = parse_config(GATEWAY_HOST, "gateway")
+    path = tmp_path_factory.mktemp("h") / "t.pcap"
+    # gap: flows spread over 10 minutes, past the UDP and unreplied timeouts
+    generate(TraceSpec(flows=60, duration_s=600.0 if gap else 5.0, seed=seed, elephants=2,
+                       ipv6_share=0.3, icmp_share=0.05, udp_share=0.3, attack=attack,
+                       clients=CLIENTS, servers=SERVERS, gateway=cfg), path)
+    assert_same(path, cfg, policy=policy, rows=rows)
+
+
+# -- the table itself ---------------------------------------------------------------------------
+
+def _fastpath() -> Fastpath:
+    cfg = parse_config(FIREWALL_HOST, "firewall")
+    return Fastpath(cfg, Classifier(cfg.machines), capacity=2)
+
+
+def _flow(n: int) -> Flow:
+    key = FlowKey(4, 6, 0, b"\x0a\x00\x00\x01", b"\xc6\x33\x64\x01", 1000 + n, 80)
+    tcp = TcpConn()
+    tcp.state = TcpState.ESTABLISHED
+    return Flow(key=key, xlat=key, machine=0, chain=1, tcp=tcp, expires=10**12 + n,
+                owner=Tier.MACHINE, packets=[n, n], bytes=[40 * n, 40 * n])
+
+
+def test_a_cached_flow_comes_back_exact_and_the_table_grows():
+    fp = _fastpath()
+    table = FlowTable()
+    table.use_cache(fp)
+    flows = [_flow(n) for n in range(9)]  # more than the capacity: the table doubles
+    exact = [f.to_bytes() for f in flows]
+    for f in flows:
+        table.add(f)
+        assert fp.cacheable(f, Tier.MACHINE)
+        fp.cache(f, table, -1, bounded=False)
+    assert fp.live == 9 and fp.capacity >= 9 and len(table) == 9 and table.cached == 9
+    for f, raw in zip(flows, exact, strict=True):
+        hit = table.get(f.reply_key)  # a lookup finds it in the fast path, as a new Flow
+        assert hit is not None and hit[1] == 1 and hit[0] is not f
+        assert hit[0].to_bytes() == raw
+        assert table.get(f.key) == (hit[0], 0)
+    assert fp.live == 0 and table.cached == 0 and len(table) == 9
+
+
+def test_expired_cached_flows_are_swept_and_live_ones_stay():
+    fp = _fastpath()
+    table = FlowTable()
+    table.use_cache(fp)
+    old, young = _flow(1), _flow(2)
+    old.expires, young.expires = 100, 10**12
+    for f in (old, young):
+        table.add(f)
+        fp.cache(f, table, -1, bounded=False)
+    assert [f.key for f in table.sweep(200)] == [old.key]
+    assert len(table) == 1 and table.cached == 1  # the live one is still cached
+    assert [f.key for f in table] == [young.key] and table.cached == 0
+
+
+def test_a_bounded_table_caches_only_assured_flows():
+    fp = _fastpath()
+    table = FlowTable(buckets=8)
+    table.use_cache(fp)
+    f = _flow(1)
+    table.add(f)
+    fp.cache(f, table, -1, bounded=True)
+    assert table.cached == 0 and fp.live == 0
+    f.status |= Status.ASSURED
+    fp.cache(f, table, -1, bounded=True)
+    assert table.cached == 1 and fp.live == 1
+    assert table.early_drop(f.key, int(Tier.MACHINE)) == []  # an assured flow stays
+    assert table.get(f.key) is not None and table.cached == 0
