@@ -94,7 +94,9 @@ class Fastpath:
         self._vals = np.full(size, ki.EMPTY, np.int64)
         self._state = np.zeros(capacity, np.int8)
         self._offer_at = np.zeros(capacity, np.int64)
-        self._free = list(range(capacity - 1, -1, -1))
+        # free rows as a stack in an array: a list of a million ints would cost 36 MB
+        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
+        self._nfree = capacity
         self.tables: list[FlowTable | None] = [None] * capacity  # whose flow each row is
 
     def _grow(self) -> None:
@@ -105,7 +107,8 @@ class Fastpath:
         self._state[:n] = old[1]
         self._offer_at[:n] = old[2]
         self.tables[:n] = old[3]
-        self._free = list(range(2 * n - 1, n - 1, -1))
+        self._free[:n] = np.arange(2 * n - 1, n - 1, -1)
+        self._nfree = n
         if not kb.reindex(self._mem, self._state, self._keys, self._vals):
             raise RuntimeError("the fast path's table lost an entry while growing")
 
@@ -127,14 +130,14 @@ class Fastpath:
         must read the flows it may drop)."""
         if bounded and not flow.status & _ASSURED:
             return
-        if not self._free:
+        if not self._nfree:
             self._grow()
-        slot = self._free[-1]
+        slot = int(self._free[self._nfree - 1])
         self._rows[slot] = np.frombuffer(flow.to_bytes(), np.uint8)
         if not ki.index_insert(self._mem, slot, self._keys, self._vals):
             self._rows[slot] = 0
             return
-        self._free.pop()
+        self._nfree -= 1
         self._state[slot] = kb.LIVE
         self._offer_at[slot] = _NEVER if offer_at < 0 else offer_at
         self.tables[slot] = table
@@ -153,7 +156,8 @@ class Fastpath:
         self._state[slot] = _FREE
         self._rows[slot] = 0
         self.tables[slot] = None
-        self._free.append(slot)
+        self._free[self._nfree] = slot
+        self._nfree += 1
         self.live -= 1
         table.attach(flow)
         return flow
