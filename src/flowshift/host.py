@@ -288,12 +288,14 @@ class Host:
                 rows = self._pnic_first(res, clock, pos, end)
                 # a fragment's segment is Python's: its datagram is reassembled there
                 fast = fp is not None and not (f < len(frags) and frags[f] == pos)
-                at = 0
+                at = ahead = 0
                 while at < len(rows):
                     offloads = self.stats.offloads_to_pnic
                     why = STOP_SOFTWARE
-                    if fast and fp is not None and fp.live:
-                        at, why = fp.run(res, clock, rows, at, self.vnic.next_due())
+                    if ahead:  # rows the fast path saw it would stop at: straight to Python
+                        ahead -= 1
+                    elif fast and fp is not None and fp.live:
+                        at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
                     if why == STOP_OFFER:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
                     elif why == STOP_TIME:
@@ -308,7 +310,7 @@ class Host:
                                      linktype[i], wire_len[i])
                     if self.stats.offloads_to_pnic != offloads and len(rows) - at >= REPASS_MIN:
                         # a flow just moved down: its later packets here are the PNIC's
-                        rows, at = self._pnic_first(res, clock, int(rows[at]), end), 0
+                        rows, at, ahead = self._pnic_first(res, clock, int(rows[at]), end), 0, 0
                 pos = end
             self.vnic.settle(self.clock)
         finally:

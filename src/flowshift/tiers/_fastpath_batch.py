@@ -57,6 +57,7 @@ from flowshift.tiers._pnic_parse import (
     F_SRC_LO,
     FAIL,
     FULL,
+    N_FIELDS,
     parse_frame,
 )
 
@@ -93,14 +94,58 @@ def _wanted(mem, e, policy):
     return packets >= policy[1] or size >= policy[2]
 
 
+F_MACHINE = N_FIELDS  # where _find leaves the machine and direction (f has room)
+F_DIRECTION = N_FIELDS + 1
+
+
+@kernel()
+def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f):
+    """Parse and look up row i: (slot * 2 + direction) << 2 | parse status, or -1 when it
+    is not a hit of this table (not parsed for a lookup, no machine, a miss)."""
+    status = parse_frame(buf, offset[i], numba.int64(caplen[i]), numba.int64(wire_len[i]),
+                         numba.int64(linktype[i]), f)
+    if status == FAIL:
+        return -1
+    m, d = classify(f, inside, public)
+    if m < 0:
+        return -1
+    f[F_MACHINE] = m
+    f[F_DIRECTION] = d
+    hit = lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
+                 f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+    if hit < 0:
+        return -1
+    return (hit << 2) | status
+
+
+@kernel()
+def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, keys,
+                 vals, inside, public, f):
+    """How many rows after rows[j] are not hits of the table as it stands (before the first
+    hit or the first row at or after stop_time): software can take them without asking the
+    fast path again. A row that becomes a hit meanwhile (its flow cached by the rows before
+    it) is still decided right, in Python."""
+    n = 0
+    for k in range(j + 1, len(rows)):
+        i = rows[k]
+        if clock[i] >= stop_time:
+            break
+        if _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f) >= 0:
+            break
+        n += 1
+    return n
+
+
 @kernel()
 def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
              reason, returned, machine, direction, tier, mem, state, keys, vals, inside, public,
              knobs, routing, bounded, offer_at, policy, f, counts):
-    """Run rows[start:] in order until one stops the pass: (position in rows, why).
+    """Run rows[start:] in order until one stops the pass: (position in rows, why, ahead).
 
     STOP_OFFER returns the position after the processed row; every other stop the row's own.
     returned[i]: the slot of the row that stopped the pass with STOP_PUNT or STOP_OFFER.
+    ahead: after STOP_SOFTWARE, how many rows after it software may take too (misses_after).
+    f: the parser's fields and two more.
     counts: per tier, packets and wire bytes processed (incremented). offer_at: per slot, the
     packet count below which an offer would be refused (the VNIC's back-off). bounded: per
     machine, 1 when its table has a limit (then only assured flows are offered, as
@@ -110,26 +155,24 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         i = rows[j]
         now = clock[i]
         if now >= stop_time:
-            return j, STOP_TIME
-        s = offset[i]
-        status = parse_frame(buf, s, numba.int64(caplen[i]), numba.int64(wire_len[i]),
-                             numba.int64(linktype[i]), f)
-        if status == FAIL:
-            return j, STOP_SOFTWARE
-        m, d = classify(f, inside, public)
-        if m < 0:
-            return j, STOP_SOFTWARE
-        hit = lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
-                     f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+            return j, STOP_TIME, 0
+        hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
         if hit < 0:
-            return j, STOP_SOFTWARE
+            return j, STOP_SOFTWARE, misses_after(buf, offset, caplen, wire_len, linktype,
+                                                  clock, rows, j, stop_time, keys, vals, inside,
+                                                  public, f)
+        status = hit & 3
+        hit >>= 2
+        m = f[F_MACHINE]
+        d = f[F_DIRECTION]
+        s = offset[i]
         slot = hit >> 1
         e = slot * E_SIZE
         if punt_reason(mem, e, f, status == FULL, now):
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot
-            return j, STOP_PUNT
+            return j, STOP_PUNT, 0
         v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
         if routing[m]:
             v, r = forward_hop(buf, s, f, v, r)
@@ -146,8 +189,8 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
             total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
             if total >= offer_at[slot]:
                 returned[i] = slot
-                return j + 1, STOP_OFFER
-    return len(rows), DONE
+                return j + 1, STOP_OFFER, 0
+    return len(rows), DONE, 0
 
 
 @kernel()

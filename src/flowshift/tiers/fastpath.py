@@ -73,7 +73,7 @@ class Fastpath:
             self._routing[i] = m.forwarding == "router"
             self._bounded[i] = m.conntrack.knobs().max > 0
         self.policy = np.zeros(3, np.int64)  # set_policy: never until the host says
-        self._f = np.zeros(N_FIELDS, np.int64)
+        self._f = np.zeros(N_FIELDS + 2, np.int64)  # the parser's fields, machine, direction
         self.counts = np.zeros((len(Tier), 2), np.int64)  # per tier: packets, wire bytes
         self.live = 0
         self.ran = 0  # packets run here so far
@@ -199,14 +199,15 @@ class Fastpath:
     # -- the data path -----------------------------------------------------------------------
 
     def run(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, start: int,
-            stop_time: int) -> tuple[int, int]:
-        """rows[start:] of the batch in order, until one stops the pass: (position, why)."""
+            stop_time: int) -> tuple[int, int, int]:
+        """rows[start:] of the batch in order, until one stops the pass: (position, why,
+        rows after a STOP_SOFTWARE row that software may take too)."""
         if not self.live:
-            return start, STOP_SOFTWARE
+            return start, STOP_SOFTWARE, 0
         if len(self._returned) < len(res):
             self._returned = np.empty(len(res), np.int64)
         returned = self._returned  # the kernel sets only the punted row's
-        at, why = kb.run_rows(
+        at, why, ahead = kb.run_rows(
             res.buf, _arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, returned, res.machine,
             res.direction, res.tier, self._mem, self._state, self._keys, self._vals,
@@ -217,7 +218,7 @@ class Fastpath:
             self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout)
         if why == STOP_PUNT:
             self.pull(int(returned[rows[at]]))
-        return int(at), int(why)
+        return int(at), int(why), int(ahead)
 
 
 def compilations() -> int:
