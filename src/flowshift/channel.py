@@ -15,7 +15,9 @@ from collections import deque
 from typing import Any
 
 import msgspec
-import numpy as np
+
+from flowshift.conntrack_types import TcpState
+from flowshift.entry import ENTRY_SIZE, field_offsets
 
 log = logging.getLogger("flowshift.channel")
 
@@ -155,6 +157,13 @@ class BatchDone(Msg):
 Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Query | Ack
            | Refuse | Return | Results | Report | Synced | Entries | Done | Health | BatchDone)
 
+_F = field_offsets()
+_E_FAMILY, _E_PROTO, _E_ZONE = _F["family"], _F["proto"], _F["zone"]
+_E_MACHINE, _E_TCP_STATE = _F["machine"], _F["tcp_state"]
+_E_ADDRESSES = (_F["src"], _F["dst"], _F["xsrc"], _F["xdst"])
+_ZERO12 = bytes(12)
+_TCP_STATES = len(TcpState)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 
@@ -165,20 +174,16 @@ _decoder = msgspec.msgpack.Decoder(Message)
 
 def entry_problem(raw: bytes, zones: int) -> str | None:
     """Why `raw` cannot be a flow entry of a host with `zones` machines (None: it can)."""
-    from flowshift.entry import ENTRY_DTYPE
-    from flowshift.services.conntrack_tcp import TcpState
-
-    if len(raw) != ENTRY_DTYPE.itemsize:
+    if len(raw) != ENTRY_SIZE:
         return "bad-entry"
-    e = np.frombuffer(raw, ENTRY_DTYPE)[0]
-    if int(e["family"]) not in (4, 6) or int(e["tcp_state"]) >= len(TcpState):
+    family, proto, state = raw[_E_FAMILY], raw[_E_PROTO], raw[_E_TCP_STATE]
+    if family not in (4, 6) or state >= _TCP_STATES or (proto == 6 and state == 0):
         return "bad-entry"
-    if int(e["proto"]) == 6 and int(e["tcp_state"]) == 0:
-        return "bad-entry"
-    if not 0 <= int(e["zone"]) < zones or int(e["machine"]) != int(e["zone"]):
+    zone = int.from_bytes(raw[_E_ZONE:_E_ZONE + 2], "little")
+    if not 0 <= zone < zones or int.from_bytes(raw[_E_MACHINE:_E_MACHINE + 2], "little") != zone:
         return "unknown-zone"
-    if int(e["family"]) == 4 and (any(e["src"][4:]) or any(e["dst"][4:])
-                                  or any(e["xsrc"][4:]) or any(e["xdst"][4:])):
+    # an IPv4 address is its 4 bytes and 12 zero bytes
+    if family == 4 and any(raw[at + 4:at + 16] != _ZERO12 for at in _E_ADDRESSES):
         return "bad-entry"
     return None
 
