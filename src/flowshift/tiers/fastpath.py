@@ -85,13 +85,14 @@ class Fastpath:
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
+        self._allocate_rows(capacity)
+        self._allocate_index()
+
+    def _allocate_rows(self, capacity: int) -> None:
         self.capacity = capacity
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)
         self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
-        size = ki.table_size(capacity)
-        self._keys = np.zeros((size, 5), np.int64)
-        self._vals = np.full(size, ki.EMPTY, np.int64)
         self._state = np.zeros(capacity, np.int8)
         self._offer_at = np.zeros(capacity, np.int64)
         # free rows as a stack in an array: a list of a million ints would cost 36 MB
@@ -99,16 +100,26 @@ class Fastpath:
         self._nfree = capacity
         self.tables: list[FlowTable | None] = [None] * capacity  # whose flow each row is
 
+    def _allocate_index(self) -> None:
+        size = ki.table_size(self.capacity)
+        self._keys = np.zeros((size, 5), np.int64)
+        self._vals = np.full(size, ki.EMPTY, np.int64)
+
     def _grow(self) -> None:
+        """Double the table. The old index goes first and the new one comes last, so that
+        at most the old rows, the new rows and one index are in memory at once."""
         old = (self.entries, self._state, self._offer_at, self.tables)
+        del self._keys, self._vals
         n = self.capacity
-        self._allocate(2 * n)
+        self._allocate_rows(2 * n)
         self.entries[:n] = old[0]
         self._state[:n] = old[1]
         self._offer_at[:n] = old[2]
         self.tables[:n] = old[3]
+        del old
         self._free[:n] = np.arange(2 * n - 1, n - 1, -1)
         self._nfree = n
+        self._allocate_index()
         if not kb.reindex(self._mem, self._state, self._keys, self._vals):
             raise RuntimeError("the fast path's table lost an entry while growing")
 
