@@ -144,11 +144,7 @@ class FlowTable:
     def attach(self, flow: Flow) -> None:
         """The cache gives a flow back (none of its keys is here: it was detached)."""
         self.cached -= 1
-        self._by_key[flow.key] = (flow, 0)
-        self._by_key[flow.reply_key] = (flow, 1)
-        if self.buckets:
-            for b in self._homes(flow):
-                self._bucket.setdefault(b, []).append(flow)
+        self._insert(flow)
 
     def _homes(self, flow: Flow) -> set[int]:
         return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
@@ -159,6 +155,9 @@ class FlowTable:
             self.remove(old[0])  # an entry that replaces its flow's older copy
         elif old is not None:
             return
+        self._insert(flow)
+
+    def _insert(self, flow: Flow) -> None:
         self._by_key[flow.key] = (flow, 0)
         self._by_key[flow.reply_key] = (flow, 1)
         if self.buckets:
