@@ -30,7 +30,7 @@ from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, R
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
+from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.vnic import Pending, Vnic
@@ -42,7 +42,7 @@ FRAG_REASONS = {o: Reason[f"FRAG_{o.name}"] for o in DefragOutcome
                 if f"FRAG_{o.name}" in Reason.__members__}
 
 SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
-REPASS_MIN = 256  # undecided rows worth another pass through the PNIC after an offload
+REPASS_MIN = 16  # undecided rows worth another pass through the PNIC after an offload
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
@@ -298,9 +298,7 @@ class Host:
                         at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
                     if why == STOP_OFFER:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
-                    elif why == STOP_TIME:
-                        self.advance(int(clock[rows[at]]))  # what is due takes effect first
-                    elif at < len(rows):
+                    elif at < len(rows):  # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
                         at += 1
                         start = offset[i]
@@ -362,19 +360,23 @@ class Host:
         if not (vnic.alive and vnic.healthy and vnic.pnic_owned) or not len(rows):
             return rows
         vnic.drain()  # the PNIC is quiet: nothing of ours in flight
-        select = np.zeros(len(res), np.bool_)
-        select[rows] = True
-        returned = vnic.link.run_batch(res, select, clock)
+        # the rows lo..hi only, as views of the batch: a pass costs what is left of it
+        part = BatchResults(res.index0 + lo, res.buf, *(a[lo:hi] for a in (
+            res.offset, res.caplen, res.wire_len, res.linktype, res.ts, res.verdict, res.reason,
+            res.rule, res.tier, res.machine, res.direction)))
+        select = np.zeros(hi - lo, np.bool_)
+        select[rows - lo] = True
+        returned = vnic.link.run_batch(part, select, clock[lo:hi])
         if returned is None:
             return rows
         vnic.defer(returned, int(clock[lo]))
         vnic.synced_at = -1
         vnic.lower_floor(int(clock[lo]) + vnic.min_timeout)
-        done = select & (res.verdict != PENDING)
-        res.tier[done] = Tier.PNIC
+        done = select & (part.verdict != PENDING)
+        part.tier[done] = Tier.PNIC
         self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))
-        self.stats.tier_bytes[Tier.PNIC.label] += int(res.wire_len[done].sum())
-        return np.flatnonzero(select & ~done)
+        self.stats.tier_bytes[Tier.PNIC.label] += int(part.wire_len[done].sum())
+        return lo + np.flatnonzero(select & ~done)
 
     # -- results -----------------------------------------------------------------------------
 
