@@ -50,13 +50,13 @@ _SIGN = np.int64(-9223372036854775808)
 AHEAD = 8  # frames between a prefetch and the frame's turn
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _ule(a, b):
     """a <= b for int64 words read as unsigned."""
     return (a ^ _SIGN) <= (b ^ _SIGN)
 
 
-@kernel()
+@kernel(private=True)
 def _inside(family, hi, lo, inside):
     """Classifier._inside: the first machine whose range holds the address, or -1.
 
