@@ -6,6 +6,7 @@ bad config or a file that is not a trace exit with status 2 and one line on stde
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,20 @@ SCHEDULE_FLAGS = {"crash": "--pnic-crash-at", "withdraw": "--pnic-withdraw-at",
                   "dump": "--dump-flows-at"}
 
 
-def warm_engine(console: Console | None) -> float:
+def warm_engine(console: Console | None, ahead: subprocess.Popen[bytes] | None = None) -> float:
     """Compile the PNIC engine (first run; later runs load it from the cache) before the replay
-    starts, as a step of its own: the replay's time and packets/s leave it out. The seconds."""
+    starts, as a step of its own: the replay's time and packets/s leave it out. `ahead`: the
+    process compiling it already (_pnic_cache.compiling_ahead), waited for. The seconds."""
     from flowshift.tiers import pnic_engine
 
     if console is None:
-        return pnic_engine.warm()
+        return pnic_engine.warm(ahead)
     with console.status("compiling the PNIC engine (first run only)…", spinner="dots"):
-        seconds = pnic_engine.warm()
-    done = "compiled" if pnic_engine.compilations() else "loaded"
+        seconds = pnic_engine.warm(ahead)
+    if ahead is not None:
+        done = "compiled in the background, ready"
+    else:
+        done = "compiled" if pnic_engine.compilations() else "loaded"
     console.print(f"PNIC engine {done} in {seconds:.2f} s (not counted in the replay's time)")
     return seconds
 

@@ -347,24 +347,23 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
 
 # -- rewrite ------------------------------------------------------------------------------------
 
-@kernel(private=True)
-def _ones_sum(a, i, n):
-    """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF."""
-    v = np.int64(0)
-    for k in range(0, n, 2):
-        v += be16(a, i + k)
-    if v == 0:
-        return 0
-    r = v % 0xFFFF
-    return r if r else 0xFFFF
-
-
 # The RFC 1624 update and UDP's zero rules: their one statement, compiled where the kernels
 # call it (numba compiles a registered function, and its calls of another, in the caller)
-register_jitable(checksum.fold)
+_fold = register_jitable(checksum.fold)
 _change_of = register_jitable(checksum.change_of)
 _update_sum = register_jitable(checksum.update_sum)
 _update_transport = register_jitable(checksum.update_transport)
+
+
+@kernel(private=True)
+def _ones_sum(a, i, n):
+    """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF.
+    Folded with end-around carries rather than taken modulo 0xFFFF: the same value (the
+    residue, with 0xFFFF for a non-zero multiple), without a division."""
+    v = np.int64(0)
+    for k in range(0, n, 2):
+        v += be16(a, i + k)
+    return _fold(v)
 
 CSUM_AT_TCP = rewrite.L4_CHECKSUM_AT[PROTO_TCP]
 CSUM_AT_UDP = rewrite.L4_CHECKSUM_AT[PROTO_UDP]

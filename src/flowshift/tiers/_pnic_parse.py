@@ -194,7 +194,9 @@ def _jumbo_payload_length(b, s, i, limit):
     """The Jumbo Payload option of the hop-by-hop header at i (RFC 2675), or 0."""
     if i + 8 > limit:
         return 0
-    end = min(i + ((numba.int64(b[s + i + 1]) + 1) << 3), limit)
+    end = i + ((numba.int64(b[s + i + 1]) + 1) << 3)
+    if end > limit:  # not min(): one numba function less to compile
+        end = limit
     i += 2
     while i + 1 < end:
         kind = b[s + i]
