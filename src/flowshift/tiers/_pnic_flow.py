@@ -360,10 +360,11 @@ def _ones_sum(a, i, n):
     """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF.
     Folded with end-around carries rather than taken modulo 0xFFFF: the same value (the
     residue, with 0xFFFF for a non-zero multiple), without a division."""
-    v = np.int64(0)
+    v = 0
     for k in range(0, n, 2):
         v += be16(a, i + k)
     return _fold(v)
+
 
 CSUM_AT_TCP = rewrite.L4_CHECKSUM_AT[PROTO_TCP]
 CSUM_AT_UDP = rewrite.L4_CHECKSUM_AT[PROTO_UDP]
