@@ -84,8 +84,9 @@ def cache_dir() -> str:
     return _DIR
 
 
-# Written into the cache directory once every kernel a run needs is in it (pnic_engine.warm)
-READY = "flowshift-pnic-ready"
+# Written into the cache directory once every kernel a run needs is in it (pnic_engine.warm),
+# named by the digest too: a NUMBA_CACHE_DIR set by the user may serve several versions
+READY = "flowshift-pnic-ready-"
 # Filling the cache takes about 7 CPU-seconds; a compilation still running after this long
 # is given up, and the waiting process compiles for itself
 AHEAD_TIMEOUT_S = 600.0
@@ -93,11 +94,11 @@ AHEAD_TIMEOUT_S = 600.0
 
 def ready() -> bool:
     """Are the compiled kernels in the cache (as far as this process can tell)?"""
-    return (Path(cache_dir()) / READY).exists()
+    return (Path(cache_dir()) / (READY + fingerprint())).exists()
 
 
 def mark_ready() -> None:
-    path = Path(cache_dir()) / READY
+    path = Path(cache_dir()) / (READY + fingerprint())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
@@ -108,19 +109,18 @@ def mark_ready() -> None:
 def compile_ahead() -> subprocess.Popen[bytes] | None:
     """Start filling the cache in another process, unless it is filled already (None).
 
-    The process runs `pnic_engine.warm()` with this package and this cache directory; its
-    output is discarded: should it fail, `warm` compiles in the waiting process and any error
-    shows there."""
+    The process runs `pnic_engine.warm()` of this very package (its directory put in front of
+    the path only while `flowshift` itself is imported), with this interpreter, environment
+    and cache directory; its output is discarded: should it fail, `warm` compiles in the
+    waiting process and any error shows there."""
     if ready():
         return None
-    env = dict(os.environ)
-    env["NUMBA_CACHE_DIR"] = cache_dir()
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(_PACKAGE.parent), env.get("PYTHONPATH")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-c", "from flowshift.tiers.pnic_engine import warm; warm()"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    code = (f"import sys; sys.path.insert(0, {str(_PACKAGE.parent)!r}); import flowshift; "
+            "del sys.path[0]; from flowshift.tiers.pnic_engine import warm; warm()")
+    return subprocess.Popen([sys.executable, "-c", code],
+                            env=os.environ | {"NUMBA_CACHE_DIR": cache_dir()},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
 @contextmanager
