@@ -87,7 +87,7 @@ def cache_dir() -> str:
 # Written into the cache directory once every kernel a run needs is in it (pnic_engine.warm),
 # named by the digest too: a NUMBA_CACHE_DIR set by the user may serve several versions
 READY = "flowshift-pnic-ready-"
-# Filling the cache takes about 7 CPU-seconds; a compilation still running after this long
+# Filling the cache takes about 6 CPU-seconds; a compilation still running after this long
 # is given up, and the waiting process compiles for itself
 AHEAD_TIMEOUT_S = 600.0
 
