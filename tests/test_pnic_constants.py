@@ -116,7 +116,7 @@ FACTS = {
 
 # constants that are the kernels' own (layouts of their own arrays, not facts of the reference)
 OWN = {
-    kb: {"PUNT", "LIVE", "RETURNED", "AHEAD"},
+    kb: {"PUNT", "LIVE", "RETURNED", "AHEAD", "OUTSIDE"},
     kf: {"M32"},
     ki: {"EMPTY", "_GOLDEN"},
     kp: {"FAIL", "KEY_ONLY", "FULL", "N_FIELDS"},

@@ -573,6 +573,37 @@ def test_bad_input_is_named():
                        np.ones(1, bool), one.copy(), one.copy(), one.copy())
 
 
+@pytest.mark.parametrize("bad_offset", [-1, 100])
+def test_a_frame_outside_the_buffer_stops_the_batch_before_any_packet(bad_offset):
+    """The kernel's loads are unchecked: every selected frame is checked first, so a bad one
+    late in the batch leaves the earlier ones, the frames and the cache untouched."""
+    key = FlowKey(4, PROTO_TCP, 0, bytes((10, 0, 0, 1)), bytes((10, 0, 0, 2)), 1000, 80)
+    engine = PnicEngine(1, Classifier(()))
+    slot = engine.insert(Flow(key=key, xlat=key, machine=0, chain=0).to_bytes())
+    before = engine.get(slot)
+    frame = tcp_frame(src=key.src, dst=key.dst, sport=1000, dport=80, seq=1, ack=1,
+                      flags=TCP_ACK, window=100)
+    buf = np.frombuffer(frame * 2, np.uint8).copy()
+    pristine = buf.copy()
+    n = len(frame)
+    offset = np.array([0, n, bad_offset], np.int64)
+    lengths = np.full(3, n, np.uint32)
+    verdict = np.full(3, 7, np.int8)
+    with pytest.raises(ValueError, match="outside buf"):
+        engine.process(buf, offset, lengths, lengths, np.ones(3, np.uint16),
+                       np.zeros(3, np.int64), np.ones(3, bool), verdict,
+                       np.zeros(3, np.int16), np.zeros(3, np.int64))
+    assert verdict.tolist() == [7, 7, 7]
+    assert np.array_equal(buf, pristine)
+    assert engine.get(slot) == before
+    assert engine.punt_counts() == {r: 0 for r in PuntReason}
+    # unselected, the same frame is no concern
+    done = engine.process(buf, offset, lengths, lengths, np.ones(3, np.uint16),
+                          np.zeros(3, np.int64), np.array([1, 1, 0], bool), verdict,
+                          np.zeros(3, np.int16), np.zeros(3, np.int64))
+    assert verdict.tolist()[2] == 7 and done + sum(engine.punt_counts().values()) == 2
+
+
 def test_argument_types_and_a_strided_buffer_give_the_same_results():
     """process() runs one compiled kernel for every caller: other integer types and a frame
     buffer that is a strided view (worked on in a copy, written back) change nothing."""

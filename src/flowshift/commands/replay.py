@@ -6,6 +6,7 @@ bad config or a file that is not a trace exit with status 2 and one line on stde
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,21 @@ SCHEDULE_FLAGS = {"crash": "--pnic-crash-at", "withdraw": "--pnic-withdraw-at",
                   "dump": "--dump-flows-at"}
 
 
-def warm_engine(console: Console | None) -> float:
+def warm_engine(console: Console | None, ahead: subprocess.Popen[bytes] | None = None) -> float:
     """Compile the compiled engine's kernels, the PNIC's and the software fast path's (first
     run; later runs load them from the cache) before the replay starts, as a step of its own:
-    the replay's time and packets/s leave it out. The seconds."""
+    the replay's time and packets/s leave it out. `ahead`: the process compiling them already
+    (_pnic_cache.compiling_ahead), waited for. The seconds."""
     from flowshift.tiers import fastpath, pnic_engine
 
-    def both() -> float:
-        return pnic_engine.warm() + fastpath.warm()
-
     if console is None:
-        return both()
+        return fastpath.warm_all(ahead)
     with console.status("compiling the engine (first run only)…", spinner="dots"):
-        seconds = both()
-    done = "compiled" if pnic_engine.compilations() + fastpath.compilations() else "loaded"
+        seconds = fastpath.warm_all(ahead)
+    if ahead is not None:
+        done = "compiled in the background, ready"
+    else:
+        done = "compiled" if pnic_engine.compilations() + fastpath.compilations() else "loaded"
     console.print(f"engine {done} in {seconds:.2f} s (not counted in the replay's time)")
     return seconds
 

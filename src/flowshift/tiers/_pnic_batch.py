@@ -48,15 +48,16 @@ LIVE = 1
 RETURNED = 2
 _SIGN = np.int64(-9223372036854775808)
 AHEAD = 8  # frames between a prefetch and the frame's turn
+OUTSIDE = -1  # process_batch: a selected frame lies outside buf
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _ule(a, b):
     """a <= b for int64 words read as unsigned."""
     return (a ^ _SIGN) <= (b ^ _SIGN)
 
 
-@kernel()
+@kernel(private=True)
 def _inside(family, hi, lo, inside):
     """Classifier._inside: the first machine whose range holds the address, or -1.
 
@@ -119,7 +120,8 @@ def punt_reason(mem, e, f, full, now):
 def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, reason,
                   returned, machine, direction, mem, state, keys, vals, inside, public, knobs,
                   routing, f, punts):
-    """Run the selected packets of a batch; (packets processed, entries returned).
+    """Run the selected packets of a batch; (packets processed, entries returned), or
+    (OUTSIDE, 0) with nothing touched when a selected frame does not lie inside buf.
 
     buf must be contiguous (the loads of _pnic_mem); mem is the cache's bytes, E_SIZE per slot;
     knobs: int64 rows, one per machine (zone), of conntrack_types.Knobs.row(); routing: int8,
@@ -127,9 +129,13 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
     int64, the parser's field vector (kernels allocate nothing); punts: counts by PuntReason
     code, incremented.
     """
+    n = len(select)
+    size = len(buf)
+    for i in range(n):  # the loads are unchecked: every frame first
+        if select[i] and (offset[i] < 0 or offset[i] + caplen[i] > size):
+            return OUTSIDE, 0
     processed = 0
     gone = 0
-    n = len(select)
     for i in range(n):
         if i + AHEAD < n:
             # the headers of a later frame: a trace's frames are far apart, beyond the

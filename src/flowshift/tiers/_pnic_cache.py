@@ -7,15 +7,23 @@ types) would leave stale machine code behind. So the kernels cache in a user dir
 `$XDG_CACHE_HOME/flowshift/numba` (default `~/.cache/flowshift/numba`), in a subdirectory named
 by a digest of flowshift's version and of every source file the kernels are compiled from:
 any change to any of them compiles afresh. `NUMBA_CACHE_DIR`, when the user sets it, wins.
+
+The first run can fill the cache ahead, in another process on another core, while it does other
+work (`compiling_ahead`: the demo generates its trace meanwhile); `fastpath.warm_all` then waits
+for it and loads the kernels. This module does not import numba, so that the other process
+starts at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
-
-import numba
 
 from flowshift import __version__
 
@@ -50,7 +58,7 @@ SOURCES = (
 
 def fingerprint() -> str:
     """A digest of the version, numba's version and the kernels' sources."""
-    h = hashlib.sha256(f"{__version__} {numba.__version__}".encode())
+    h = hashlib.sha256(f"{__version__} {version('numba')}".encode())
     for name in SOURCES:
         h.update(name.encode())
         try:
@@ -75,3 +83,57 @@ def cache_dir() -> str:
         user = os.environ.get("NUMBA_CACHE_DIR")
         _DIR = user if user else os.fspath(cache_root() / fingerprint())
     return _DIR
+
+
+# Written into the cache directory once every kernel a run needs is in it (fastpath.warm_all),
+# named by the digest too: a NUMBA_CACHE_DIR set by the user may serve several versions
+READY = "flowshift-pnic-ready-"
+# Filling the cache takes about 6 CPU-seconds; a compilation still running after this long
+# is given up, and the waiting process compiles for itself
+AHEAD_TIMEOUT_S = 600.0
+
+
+def ready() -> bool:
+    """Are the compiled kernels in the cache (as far as this process can tell)?"""
+    return (Path(cache_dir()) / (READY + fingerprint())).exists()
+
+
+def mark_ready() -> None:
+    path = Path(cache_dir()) / (READY + fingerprint())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:  # a hint only: without it, a later run compiles ahead for nothing
+        pass
+
+
+def compile_ahead() -> subprocess.Popen[bytes] | None:
+    """Start filling the cache in another process, unless it is filled already (None).
+
+    The process runs `fastpath.warm_all()` of this very package (its directory put in front of
+    the path only while `flowshift` itself is imported), with this interpreter, environment
+    and cache directory; its output is discarded: should it fail, `warm` compiles in the
+    waiting process and any error shows there."""
+    if ready():
+        return None
+    code = (f"import sys; sys.path.insert(0, {str(_PACKAGE.parent)!r}); import flowshift; "
+            "del sys.path[0]; from flowshift.tiers.fastpath import warm_all; warm_all()")
+    return subprocess.Popen([sys.executable, "-c", code],
+                            env=os.environ | {"NUMBA_CACHE_DIR": cache_dir()},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def compiling_ahead() -> Iterator[subprocess.Popen[bytes] | None]:
+    """`compile_ahead()` for the body of the with statement: pass what it yields to
+    `fastpath.warm_all`. A compilation still running when the body ends (an error before the
+    warm step) is stopped; numba writes each cache file whole (a temporary file renamed), so
+    a stopped one leaves nothing half-written."""
+    job = compile_ahead()
+    try:
+        yield job
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.wait()

@@ -138,31 +138,31 @@ K_BE_LIBERAL = ct.K_BE_LIBERAL
 ACK_ROWS = np.array([TCP_CONNTRACKS[d][ACK_SET] for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _before(a, b):
     return ((a - b) & M32) >= 0x80000000
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _after(a, b):
     return ((b - a) & M32) >= 0x80000000
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _scaled(win, scale):
     return 0 if scale >= 32 else (win << scale) & M32
 
 
 # -- TCP conntrack ------------------------------------------------------------------------------
 
-@kernel(inline=True)
+@kernel(private=True)
 def _lenient(mem, e, sender, action, liberal):
     if mem[e + sender + D_FLAGS] & FLAG_BE_LIBERAL or liberal:
         return ACCEPT
     return action
 
 
-@kernel()
+@kernel(private=True)
 def _highest_sack(b, s, f, ack):
     sack = ack
     at = f[F_SACK_AT]
@@ -173,7 +173,7 @@ def _highest_sack(b, s, f, ack):
     return sack
 
 
-@kernel()
+@kernel(private=True)
 def _max_ack_window(mem, e, sender):
     maxwin = ld32(mem, e + sender + D_MAXWIN)
     return maxwin if maxwin > MAXACKWINCONST else MAXACKWINCONST
@@ -267,7 +267,7 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     return ACCEPT
 
 
-@kernel()
+@kernel(private=True)
 def _tcp_timeout(mem, e, new_state, kn, z):
     state_timeout = kn[z, K_TCP + new_state]
     retrans = kn[z, K_RETRANS]
@@ -283,7 +283,7 @@ def _tcp_timeout(mem, e, new_state, kn, z):
     return state_timeout
 
 
-@kernel()
+@kernel(private=True)
 def _ignored(mem, e, d):
     """conntrack_tcp._done for IGNORE: a reply packet the tracker passes marks SEEN_REPLY."""
     if d == 1:
@@ -347,24 +347,24 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
 
 # -- rewrite ------------------------------------------------------------------------------------
 
-@kernel()
-def _ones_sum(a, i, n):
-    """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF."""
-    v = np.int64(0)
-    for k in range(0, n, 2):
-        v += be16(a, i + k)
-    if v == 0:
-        return 0
-    r = v % 0xFFFF
-    return r if r else 0xFFFF
-
-
 # The RFC 1624 update and UDP's zero rules: their one statement, compiled where the kernels
 # call it (numba compiles a registered function, and its calls of another, in the caller)
-register_jitable(checksum.fold)
+_fold = register_jitable(checksum.fold)
 _change_of = register_jitable(checksum.change_of)
 _update_sum = register_jitable(checksum.update_sum)
 _update_transport = register_jitable(checksum.update_transport)
+
+
+@kernel(private=True)
+def _ones_sum(a, i, n):
+    """checksum.ones_sum of n (even) bytes at a[i]: 0 only for all zero bytes, else 1..0xFFFF.
+    Folded with end-around carries rather than taken modulo 0xFFFF: the same value (the
+    residue, with 0xFFFF for a non-zero multiple), without a division."""
+    v = 0
+    for k in range(0, n, 2):
+        v += be16(a, i + k)
+    return _fold(v)
+
 
 CSUM_AT_TCP = rewrite.L4_CHECKSUM_AT[PROTO_TCP]
 CSUM_AT_UDP = rewrite.L4_CHECKSUM_AT[PROTO_UDP]
@@ -374,7 +374,7 @@ if rewrite.L4_CHECKSUM_AT[PROTO_ICMPV6] != CSUM_AT_ICMP:
 CSUM_AT_IPV4 = rewrite.IPV4_CHECKSUM_AT
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _adjust(b, at, terms, udp, v4):
     """rewrite._adjust for several fields at once: the checksum at b[at] moved by `terms`, the
     sum of ~old + new over the changed fields. One update by the sum equals the updates one
@@ -383,7 +383,7 @@ def _adjust(b, at, terms, udp, v4):
     st_be16(b, at, _update_transport(be16(b, at), terms, udp, v4))
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _l4_checksum_at(l4, proto):
     if proto == PROTO_TCP:
         return l4 + CSUM_AT_TCP
@@ -392,7 +392,7 @@ def _l4_checksum_at(l4, proto):
     return l4 + CSUM_AT_ICMP  # ICMP, ICMPv6
 
 
-@kernel()
+@kernel(private=True)
 def _same_addr(a, i, mem, j, n):
     """Are the n-byte (4 or 16) addresses at a[i] and mem[j] equal?"""
     if n == 4:
@@ -400,7 +400,7 @@ def _same_addr(a, i, mem, j, n):
     return ld64(a, i) == ld64(mem, j) and ld64(a, i + 8) == ld64(mem, j + 8)
 
 
-@kernel()
+@kernel(private=True)
 def _set_addr(b, at, mem, j, n):
     """rewrite._set_addr without the checksums: write the address, return its ~old + new."""
     old_sum = _ones_sum(b, at, n)
@@ -413,7 +413,7 @@ def _set_addr(b, at, mem, j, n):
     return _change_of(old_sum, new_sum)
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _set_port(b, at, port):
     old = be16(b, at)
     st_be16(b, at, port)

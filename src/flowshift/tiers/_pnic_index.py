@@ -38,7 +38,7 @@ EMPTY = -1
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 
 
-@kernel(inline=True)
+@kernel()
 def addr_words(mem, i, family):
     """A 16-byte address field as two big-endian words (IPv4: only its 4 bytes count)."""
     if family == 4:
@@ -46,12 +46,12 @@ def addr_words(mem, i, family):
     return be64(mem, i), be64(mem, i + 8)
 
 
-@kernel(inline=True)
+@kernel()
 def head_word(family, proto, zone, sport, dport):
     return family | (proto << 8) | (zone << 16) | (sport << 32) | (dport << 48)
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _key(mem, e, src, dst, sport, dport):
     """The key of the entry at mem[e] with these address fields and ports."""
     family = numba.int64(mem[e + E_FAMILY])
@@ -74,7 +74,7 @@ def entry_reply_key(mem, e):
     return _key(mem, e, E_XDST, E_XSRC, E_XDPORT, E_XSPORT)
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _home(w0, w1, w2, w3, w4, mask):
     h = np.int64(0)
     for w in (w0, w1, w2, w3, w4):
@@ -83,7 +83,7 @@ def _home(w0, w1, w2, w3, w4, mask):
     return h & mask
 
 
-@kernel(inline=True)
+@kernel(private=True)
 def _same(keys, j, w0, w1, w2, w3, w4):
     return (keys[j, 0] == w0 and keys[j, 1] == w1 and keys[j, 2] == w2 and keys[j, 3] == w3
             and keys[j, 4] == w4)
@@ -101,7 +101,7 @@ def lookup(keys, vals, w0, w1, w2, w3, w4):
     return EMPTY
 
 
-@kernel()
+@kernel(private=True)
 def _put(keys, vals, key, value):
     mask = len(vals) - 1
     j = _home(key[0], key[1], key[2], key[3], key[4], mask)
@@ -112,7 +112,7 @@ def _put(keys, vals, key, value):
     vals[j] = value
 
 
-@kernel()
+@kernel(private=True)
 def _delete(keys, vals, key):
     mask = len(vals) - 1
     i = _home(key[0], key[1], key[2], key[3], key[4], mask)

@@ -88,15 +88,23 @@ def prefetch(typingctx, arr, i):
     return types.void(arr, types.intp), codegen
 
 
-def kernel(*, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
+def kernel(*, inline: bool = True, private: bool = False) -> Callable[[Callable[..., Any]], Any]:
     """numba.njit for the engine's kernels: cached (in _pnic_cache.cache_dir()), and without
     reference counting (numba's `_nrt` option). Every array argument of a compiled call
     otherwise costs two atomic reference-count updates, several dozen per packet, more than the
-    packet's own work; the kernels allocate nothing, so they need none. `inline`: inline at
-    every call site."""
+    packet's own work; the kernels allocate nothing, so they need none.
+
+    `inline`: LLVM inlines the function into every kernel that calls it (numba's `forceinline`,
+    LLVM's `alwaysinline`), so that `process_batch` compiles to one function without calls. A
+    call between numba functions passes each array as seven words and goes through numba's
+    calling convention (status, exception and result pointers): with a dozen such calls per
+    packet, half of the engine's time. numba's own `inline="always"` inlines its IR instead and
+    types the callee again at every call site: slower to compile, and no faster.
+    `private`: called from other kernels only, never from Python: numba builds no CPython or C
+    wrapper for it (a seventh of the compilation)."""
     # numba's stubs list only the public options; `_nrt` is a real (private) one
-    jit = numba.njit(cache=True, _nrt=False,  # type: ignore[call-overload]
-                     inline="always" if inline else "never")
+    jit = numba.njit(cache=True, _nrt=False, forceinline=inline,  # type: ignore[call-overload]
+                     no_cpython_wrapper=private, no_cfunc_wrapper=private)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         # numba picks a function's cache directory when it is decorated: point it at ours for

@@ -140,7 +140,7 @@ def parse_frame(b, s, n, wire, linktype, f):
     return FAIL
 
 
-@kernel()
+@kernel(private=True)
 def _ipv4_options_ok(b, s, i, end):
     while i < end:
         kind = b[s + i]
@@ -158,7 +158,7 @@ def _ipv4_options_ok(b, s, i, end):
     return True
 
 
-@kernel()
+@kernel(private=True)
 def _ipv4(b, s, off, limit, room, f):
     if limit - off < 20:
         return FAIL
@@ -189,12 +189,14 @@ def _ipv4(b, s, off, limit, room, f):
     return status
 
 
-@kernel()
+@kernel(private=True)
 def _jumbo_payload_length(b, s, i, limit):
     """The Jumbo Payload option of the hop-by-hop header at i (RFC 2675), or 0."""
     if i + 8 > limit:
         return 0
-    end = min(i + ((numba.int64(b[s + i + 1]) + 1) << 3), limit)
+    end = i + ((numba.int64(b[s + i + 1]) + 1) << 3)
+    if end > limit:  # not min(): one numba function less to compile
+        end = limit
     i += 2
     while i + 1 < end:
         kind = b[s + i]
@@ -208,7 +210,7 @@ def _jumbo_payload_length(b, s, i, limit):
     return 0
 
 
-@kernel()
+@kernel(private=True)
 def _ipv6(b, s, off, limit, room, f):
     if limit - off < 40:
         return FAIL
@@ -262,7 +264,7 @@ def _ipv6(b, s, off, limit, room, f):
     return status
 
 
-@kernel()
+@kernel(private=True)
 def _transport(b, s, proto, off, limit, f):
     f[F_SACK_AT] = -1
     f[F_SACK_N] = 0
@@ -276,7 +278,7 @@ def _transport(b, s, proto, off, limit, f):
     return FAIL  # a protocol flowshift does not track
 
 
-@kernel()
+@kernel(private=True)
 def _tcp(b, s, off, limit, f):
     seglen = f[F_L4LEN]
     if seglen < 20 or limit - off < 20:
@@ -299,7 +301,7 @@ def _tcp(b, s, off, limit, f):
     return FULL
 
 
-@kernel()
+@kernel(private=True)
 def _tcp_options(b, s, i, end, limit, f):
     """Validate the options like parse._tcp_options; note where the last SACK option is."""
     stop = end if end < limit else limit
@@ -337,7 +339,7 @@ def _tcp_options(b, s, i, end, limit, f):
     return True
 
 
-@kernel()
+@kernel(private=True)
 def _udp(b, s, off, limit, f):
     seglen = f[F_L4LEN]
     if seglen < 8 or limit - off < 8:
@@ -353,7 +355,7 @@ def _udp(b, s, off, limit, f):
     return FULL
 
 
-@kernel()
+@kernel(private=True)
 def _icmp(b, s, proto, off, limit, f):
     if f[F_L4LEN] < 8 or limit - off < 8:
         return FAIL

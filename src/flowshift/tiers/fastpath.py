@@ -16,6 +16,7 @@ of both software tiers (the entry's owner byte tells which).
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowK
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers import _pnic_index as ki
+from flowshift.tiers import pnic_engine
+from flowshift.tiers._pnic_cache import mark_ready
 from flowshift.tiers._pnic_parse import N_FIELDS
 from flowshift.tiers.pnic_engine import _arg, _compile_classifier, _knob_table
 
@@ -270,3 +273,11 @@ def warm() -> float:
     fp.run(res, res.ts, np.zeros(1, np.int64), 0, _NEVER)
     fp.expire(1 << 41)
     return time.perf_counter() - started
+
+
+def warm_all(ahead: subprocess.Popen[bytes] | None = None) -> float:
+    """Every kernel a replay runs, the PNIC's and the fast path's, compiled or loaded; then
+    the cache is marked ready (_pnic_cache). `ahead`: as pnic_engine.warm. The seconds."""
+    seconds = pnic_engine.warm(ahead) + warm()
+    mark_ready()
+    return seconds

@@ -11,6 +11,7 @@ docs/pnic-engine.md describes the pipeline and what is punted.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -22,7 +23,8 @@ from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
 from flowshift.flow import FlowKey
 from flowshift.packet.view import TCP_ACK
 from flowshift.tiers import _pnic_index as ki
-from flowshift.tiers._pnic_batch import LIVE, RETURNED, process_batch
+from flowshift.tiers._pnic_batch import LIVE, OUTSIDE, RETURNED, process_batch
+from flowshift.tiers._pnic_cache import AHEAD_TIMEOUT_S
 from flowshift.tiers._pnic_parse import N_FIELDS
 from flowshift.verdict import PuntReason, ReturnReason
 
@@ -223,10 +225,6 @@ class PnicEngine:
             if a.dtype.kind != "i" or not a.flags.writeable:
                 raise ValueError(f"{name} must be a writable signed integer array")
         chosen = _arg(select.astype(np.bool_, copy=False), np.bool_)
-        start = offset[chosen].astype(np.int64)
-        if len(start) and (start.min() < 0
-                           or (start + caplen[chosen].astype(np.int64)).max() > len(buf)):
-            raise ValueError("a selected frame lies outside buf")
         args = {name: _arg(given[name], dtype) for name, dtype in _IN.items()}
         outs = {name: _arg(given[name], dtype) for name, dtype in _OUT.items()}
         work = np.ascontiguousarray(buf)
@@ -236,6 +234,8 @@ class PnicEngine:
                                    outs["direction"], self._mem, self._state, self._keys,
                                    self._vals, self._inside, self._public, self._knobs,
                                    self._routing, np.zeros(N_FIELDS, np.int64), self._punts)
+        if done == OUTSIDE:
+            raise ValueError("a selected frame lies outside buf")
         if work is not buf:
             buf[:] = work
         for name, a in outs.items():  # results computed in a copy go back to the caller's
@@ -250,13 +250,21 @@ def compilations() -> int:
     return sum(process_batch.stats.cache_misses.values())
 
 
-def warm() -> float:
+def warm(ahead: subprocess.Popen[bytes] | None = None) -> float:
     """Compile every kernel the engine runs, or load it from the cache (tiers/_pnic_cache.py);
     the seconds it took. Call it before timing a run: else the first batch compiles inside it
-    (a first run compiles for tens of seconds, later runs load in a fraction of one)."""
+    (a first run compiles for several seconds, later runs load in a fraction of one).
+    `ahead`: the process of `_pnic_cache.compiling_ahead` filling the cache, waited for first
+    (bounded; should it fail or time out, this process compiles)."""
     from flowshift.packet.build import tcp_frame  # for this one frame only
 
     started = time.perf_counter()
+    if ahead is not None:
+        try:
+            ahead.wait(timeout=AHEAD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            ahead.kill()
+            ahead.wait()
     engine = PnicEngine(1, None)
     key = FlowKey(4, 6, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2)
     slot = engine.insert(Flow(key=key, xlat=key, machine=0, chain=0).to_bytes())
