@@ -398,7 +398,7 @@ class _Run:
                 latest = max(latest, int(res.ts.max()))
                 self.n += stop - start
                 start = stop
-            done_bytes += len(batch.buf) + 16 * n
+            done_bytes += int(batch.caplen.sum(dtype=np.int64)) + 16 * n
             if bar is not None:
                 bar[0].update(bar[1], completed=done_bytes, packets=self.n)
         self.last_ts = latest

@@ -1,9 +1,11 @@
 """Batches of frames as numpy arrays, the input of the vectorized (PNIC) engines.
 
-Classic pcap is decoded in bulk: large chunks of the file are walked by a small compiled loop
-that reads the record headers and copies the frames back to back into one buffer. pcapng goes
-through the per-frame reader (packet/pcap.py). Either way a trace that breaks off ends with its
-`problem` on the last batch, exactly as the per-frame reader reports it.
+Classic pcap is decoded in bulk: a batch's records are read in one piece into the batch's
+buffer and stay there (each frame at its `offset`, the record headers between them), and a
+small compiled loop walks the record headers into the batch's arrays; no frame is copied after
+the kernel's read. pcapng goes through the per-frame reader (packet/pcap.py), whose frames
+lie back to back. Either way a trace that breaks off
+ends with its `problem` on the last batch, exactly as the per-frame reader reports it.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numba
 import numpy as np
 
-from flowshift.packet._records import _copy_bytes, pack_records
+from flowshift.packet._records import pack_records
 from flowshift.packet.pcap import (
     Frame,
     PcapHeader,
-    TraceError,
     TraceReader,
     corrupt_record_problem,
     open_trace,
@@ -28,7 +30,7 @@ from flowshift.packet.pcap import (
 
 __all__ = ["Batch", "pack_records", "read_batches"]
 
-CHUNK = 1 << 22  # bytes read at a time by the bulk decoder
+CHUNK = 1 << 20  # bytes read at a time: walked while they are still in the cache
 
 
 @dataclass(slots=True)
@@ -38,7 +40,7 @@ class Batch:
     wire_len: np.ndarray  # uint32[n]: bytes on the wire (>= caplen)
     linktype: np.ndarray  # uint16[n]
     offset: np.ndarray  # int64[n]: start of each frame in buf
-    buf: np.ndarray  # uint8: the frames back to back
+    buf: np.ndarray  # uint8, writable: holds the frames, each at its offset
     problem: str | None = None  # set on the last batch when the trace broke off
 
     def __len__(self) -> int:
@@ -55,7 +57,7 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
 
     `reuse`: a batch's arrays are recycled for the batch after the next one, so a consumer
     that is done with each batch before it takes the one after next saves the cost of fresh
-    memory (page faults: about a third of a second per GB here). Classic pcap only.
+    memory. Classic pcap only. Writing into a batch's buffer never reaches the file.
     Raises TraceError, before the first batch, when the file is not a trace.
     """
     if batch_size < 1:
@@ -63,8 +65,8 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
     reader = open_trace(path)
     if reader.pcap_header is None:
         return _frame_batches(reader, batch_size)
-    reader.close()
-    return _pcap_batches(reader.path, reader.pcap_header, batch_size, reuse)
+    file, head = reader.detach()
+    return _pcap_batches(file, head, reader.pcap_header, batch_size, reuse)
 
 
 def _frame_batches(reader: TraceReader, batch_size: int) -> Iterator[Batch]:
@@ -140,126 +142,84 @@ def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     return n, pos, FULL
 
 
-@numba.njit(cache=True)
-def _gather(chunk, src, caplen, out, out_pos):
-    """Copy frames chunk[src[i]:src[i]+caplen[i]] back to back into out from out_pos on."""
-    for i in range(len(src)):
-        _copy_bytes(out, out_pos, chunk, src[i], caplen[i])
-        out_pos += caplen[i]
-    return out_pos
+class _Columns:
+    """The arrays of one batch: the per-packet columns and the buffer its records are read
+    into, recycled for a later batch when asked."""
 
-
-class _BatchBuilder:
-    """One batch being filled from successive chunks."""
-
-    ts: np.ndarray
-    caplen: np.ndarray
-    wire: np.ndarray
-    src: np.ndarray
-    offset: np.ndarray
-    buf: np.ndarray
-
-    def __init__(self, size: int, linktype: int, recycled: _BatchBuilder | None = None) -> None:
-        if recycled is not None and len(recycled.ts) == size:
-            self.ts, self.caplen, self.wire = recycled.ts, recycled.caplen, recycled.wire
-            self.src, self.offset, self.buf = recycled.src, recycled.offset, recycled.buf
+    def __init__(self, size: int, room: int, recycled: _Columns | None = None) -> None:
+        if recycled is not None:
+            self.ts, self.caplen, self.wire, self.src = (
+                recycled.ts, recycled.caplen, recycled.wire, recycled.src)
+            self.buf = recycled.buf if len(recycled.buf) >= room else _room(room)
         else:
             self.ts = np.empty(size, np.int64)
             self.caplen = np.empty(size, np.uint32)
             self.wire = np.empty(size, np.uint32)
             self.src = np.empty(size, np.int64)
-            self.offset = np.empty(size, np.int64)
-            self.buf = np.empty(0, np.uint8)
-        self.linktype = linktype
-        self.n = 0
-        self.buf_len = 0
+            self.buf = _room(room)
 
-    def take(self, chunk: np.ndarray, start: int, stop: int) -> None:
-        """Slots start..stop were decoded from `chunk`: copy their frames out of it."""
-        caplen = self.caplen[start:stop]
-        self.offset[start:stop] = self.buf_len
-        self.offset[start + 1 : stop] += np.cumsum(caplen[:-1], dtype=np.int64)
-        need = self.buf_len + int(caplen.sum(dtype=np.int64))
-        if need > len(self.buf):
-            # room for the whole batch at the mean frame size so far; pages never written to
-            # are never touched, so a generous guess costs address space, not memory
-            mean = need / stop
-            grown = np.empty(
-                max(need, int(mean * len(self.ts) * 1.25), 2 * len(self.buf)), np.uint8
-            )
-            grown[: self.buf_len] = self.buf[: self.buf_len]
-            self.buf = grown
-        self.buf_len = _gather(chunk, self.src[start:stop], caplen, self.buf, self.buf_len)
-        self.n = stop
 
-    def batch(self, problem: str | None = None) -> Batch:
-        n = self.n
-        return Batch(
-            ts_ns=self.ts[:n],
-            caplen=self.caplen[:n],
-            wire_len=self.wire[:n],
-            linktype=np.full(n, self.linktype, np.uint16),
-            offset=self.offset[:n],
-            buf=self.buf[: self.buf_len],
-            problem=problem,
-        )
+def _room(room: int) -> np.ndarray:
+    """A buffer for `room` bytes and half as much again, so that it can be recycled for a
+    batch a little larger than this one."""
+    return np.empty(room + room // 2, np.uint8)
 
 
 def _caplen_at(chunk: np.ndarray, pos: int, big: bool) -> int:
     return int.from_bytes(chunk[pos + 8 : pos + 12].tobytes(), "big" if big else "little")
 
 
-def _pcap_batches(path: str, header: PcapHeader, batch_size: int,
+def _pcap_batches(file: BinaryIO, head: bytes, header: PcapHeader, batch_size: int,
                   reuse: bool = False) -> Iterator[Batch]:
+    """Classic pcap: the file is read a chunk at a time straight into the batch's buffer, each
+    chunk walked while it is still in the cache, and the frames stay where they were read,
+    record headers and all: no frame is copied after the kernel's read. `head`: the file's
+    first bytes, already read (the file is positioned after them)."""
     frac_ns = 1 if header.nanosecond else 1000
     limit = header.record_limit
     big = header.big_endian
-    try:
-        file = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise TraceError(f"cannot open trace: {path} ({e.strerror})") from None
+    lt = header.linktype
+    base = 24  # file offset of the batch's buffer
+    got = len(head) - 24  # bytes in the buffer
+    room = max(CHUNK, got)  # a batch's buffer: grows to what a whole batch has needed
+    cols = _Columns(batch_size, room)
+    spare: _Columns | None = None  # the arrays before the last, to recycle
+    cols.buf[:got] = np.frombuffer(head, np.uint8, offset=24)
+    eof = False
     with file:
-        file.seek(24)
-        chunk = np.empty(CHUNK, np.uint8)  # reused: frames are copied out of it
-        base = 24  # file offset of chunk[0]
-        pos = filled = 0  # chunk[pos:filled] is read but not yet decoded
-        builder = _BatchBuilder(batch_size, header.linktype)
-        spare: _BatchBuilder | None = None  # the builder before the last, to recycle
-        problem = None
         while True:
-            # keep the unfinished record at the front, grow for a record longer than a chunk
-            left = filled - pos
-            need = 16 + (_caplen_at(chunk, pos, big) if left >= 16 else 0)
-            if need > len(chunk) and need <= 16 + limit:
-                chunk = np.concatenate([chunk[pos:filled], np.empty(need - left, np.uint8)])
-            else:
-                chunk[:left] = chunk[pos:filled]
-            base += pos
-            pos = 0
-            got = file.readinto(chunk.data[left:])
-            filled = left + got
+            n = end = 0
             while True:
-                start = builder.n
-                n, pos, why = _walk(
-                    chunk[:filled], pos, big, frac_ns, limit, start,
-                    builder.ts, builder.caplen, builder.wire, builder.src,
-                )  # fmt: skip
-                if n > start:
-                    builder.take(chunk, start, n)
-                if why != FULL:
+                n, end, why = _walk(cols.buf[:got], end, big, frac_ns, limit, n,
+                                    cols.ts, cols.caplen, cols.wire, cols.src)
+                if why != MORE or eof:
                     break
-                yield builder.batch()
-                spare, builder = (builder if reuse else None), _BatchBuilder(
-                    batch_size, header.linktype, spare)
+                if got + CHUNK > len(cols.buf):
+                    # room for as many records as a batch holds, at the mean size so far
+                    room = max(2 * room, end // max(n, 1) * len(cols.ts) * 5 // 4)
+                    grown = _room(room)
+                    grown[:got] = cols.buf[:got]
+                    cols.buf = grown
+                more = file.readinto(cols.buf.data[got : got + CHUNK])
+                eof = not more
+                got += more
+            problem = None
             if why == CORRUPT:
-                caplen = _caplen_at(chunk, pos, big)
-                problem = corrupt_record_problem(base + pos, caplen, header.snaplen)
-                break
-            if not got:  # end of file
-                left = filled - pos
-                if left:
-                    need = 16 + (_caplen_at(chunk, pos, big) if left >= 16 else 0)
-                    problem = truncated_record_problem(base + pos, need, left)
-                break
-        if builder.n or problem:
-            yield builder.batch(problem)
+                problem = corrupt_record_problem(base + end, _caplen_at(cols.buf, end, big),
+                                                 header.snaplen)
+            elif why == MORE and end < got:  # the file ends inside a record
+                left = got - end
+                need = 16 + (_caplen_at(cols.buf, end, big) if left >= 16 else 0)
+                problem = truncated_record_problem(base + end, need, left)
+            if n or problem:
+                yield Batch(ts_ns=cols.ts[:n], caplen=cols.caplen[:n], wire_len=cols.wire[:n],
+                            linktype=np.full(n, lt, np.uint16), offset=cols.src[:n],
+                            buf=cols.buf[:end], problem=problem)
+            if why != FULL:
+                return
+            room = max(room, got)  # the next batch's: at least what this one needed
+            spare, cols, last = (cols if reuse else None), _Columns(batch_size, room, spare), cols
+            # what was read past the batch's last record begins the next batch
+            got -= end
+            cols.buf[:got] = last.buf[end : end + got]
+            base += end

@@ -208,6 +208,13 @@ class TraceReader:
     def close(self) -> None:
         self._file.close()
 
+    def detach(self) -> tuple[BinaryIO, bytes]:
+        """Hand the open file over to another reader (the batch reader), with the bytes read
+        from its start so far (the file is positioned after them); this reader is done."""
+        file, head = self._file, self._head
+        self._frames = iter(())
+        return file, head
+
     def _read(self, n: int) -> bytes:
         try:
             return self._file.read(n)
