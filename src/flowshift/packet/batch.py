@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from io import BufferedReader
 
 import numba
 import numpy as np
@@ -146,6 +146,12 @@ class _Columns:
     """The arrays of one batch: the per-packet columns and the buffer its records are read
     into, recycled for a later batch when asked."""
 
+    ts: np.ndarray
+    caplen: np.ndarray
+    wire: np.ndarray
+    src: np.ndarray
+    buf: np.ndarray
+
     def __init__(self, size: int, room: int, recycled: _Columns | None = None) -> None:
         if recycled is not None:
             self.ts, self.caplen, self.wire, self.src = (
@@ -169,7 +175,7 @@ def _caplen_at(chunk: np.ndarray, pos: int, big: bool) -> int:
     return int.from_bytes(chunk[pos + 8 : pos + 12].tobytes(), "big" if big else "little")
 
 
-def _pcap_batches(file: BinaryIO, head: bytes, header: PcapHeader, batch_size: int,
+def _pcap_batches(file: BufferedReader, head: bytes, header: PcapHeader, batch_size: int,
                   reuse: bool = False) -> Iterator[Batch]:
     """Classic pcap: the file is read a chunk at a time straight into the batch's buffer, each
     chunk walked while it is still in the cache, and the frames stay where they were read,

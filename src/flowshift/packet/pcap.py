@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal, NamedTuple
@@ -149,7 +150,7 @@ class TraceReader:
         self.position = 0
         self.pcap_header: PcapHeader | None = None  # classic pcap only
         try:
-            self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+            self._file: BufferedReader = open(path, "rb")  # noqa: SIM115 - closed by close()
             self.size = os.fstat(self._file.fileno()).st_size
         except OSError as e:
             raise TraceError(f"cannot open trace: {self.path} ({e.strerror})") from None
@@ -208,7 +209,7 @@ class TraceReader:
     def close(self) -> None:
         self._file.close()
 
-    def detach(self) -> tuple[BinaryIO, bytes]:
+    def detach(self) -> tuple[BufferedReader, bytes]:
         """Hand the open file over to another reader (the batch reader), with the bytes read
         from its start so far (the file is positioned after them); this reader is done."""
         file, head = self._file, self._head
@@ -439,6 +440,7 @@ class PcapWriter:
         self.snaplen = snaplen
         self._file: BinaryIO = open(path, "wb", buffering=CHUNK)  # noqa: SIM115 - closed by close()
         self._record = struct.Struct("<IIII").pack
+        self._out = np.empty(0, np.uint8)  # write_batch's records, reused
         self._file.write(struct.pack("<IHHiIII", PCAP_NSEC_MAGIC, 2, 4, 0, 0, snaplen, linktype))
 
     def write(self, ts_ns: int, data: bytes, wire_len: int | None = None) -> None:
@@ -453,7 +455,8 @@ class PcapWriter:
 
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
-        """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]."""
+        """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]. The
+        records are packed into one buffer, kept for the next batch, and written in one call."""
         from flowshift.packet._records import pack_records  # numba: only when batches are used
 
         if not len(offset):
@@ -462,9 +465,12 @@ class PcapWriter:
             raise ValueError("a timestamp does not fit a pcap record")
         cap = np.minimum(caplen, self.snaplen).astype(np.int64)
         wire = np.maximum(wire_len.astype(np.int64), cap)
-        out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
-        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
-        self._file.write(out.data[:n])
+        size = int(cap.sum()) + 16 * len(cap)
+        if len(self._out) < size:  # fresh pages cost more than packing: grow, never shrink
+            self._out = np.empty(size + size // 4, np.uint8)
+        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64),
+                         self._out)
+        self._file.write(self._out.data[:n])
 
     def close(self) -> None:
         self._file.close()
