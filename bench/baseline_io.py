@@ -1,16 +1,17 @@
-"""The trace I/O of flowshift 0.x before memory-mapped reading, frozen as the baseline of
-bench/bench_trace_io.py: classic pcap read in 4 MiB chunks with every frame copied into the
-batch's buffer (packet/batch.py as it was), pcap records packed into a fresh buffer per batch
-(PcapWriter.write_batch as it was), and the verdicts file formatted a line at a time in Python
-(replay._Run.drain as it was). Not part of the package; kept only to be measured against.
+"""flowshift's trace I/O as it was before it was taken off the replay's critical path, frozen
+as the baseline of bench/bench_trace_io.py: classic pcap read in 4 MiB chunks with every frame
+copied again into the batch's buffer (packet/batch.py as it was), pcap records packed into a
+fresh buffer per batch (PcapWriter.write_batch as it was), and the verdicts file formatted a
+line at a time in Python (replay._Run.drain as it was). Not part of the package; kept only to
+be measured against.
 """
-
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -263,3 +264,38 @@ def _pcap_batches(path: str, header: PcapHeader, batch_size: int,
                 break
         if builder.n or problem:
             yield builder.batch(problem)
+
+
+# -- the writers -----------------------------------------------------------------------------
+
+
+def write_batch(self: Any, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
+                caplen: np.ndarray, wire_len: np.ndarray) -> None:
+    """PcapWriter.write_batch as it was: a fresh buffer for every batch's records."""
+    if not len(offset):
+        return
+    if ts_ns.min() < 0 or ts_ns.max() // 1_000_000_000 > 0xFFFFFFFF:
+        raise ValueError("a timestamp does not fit a pcap record")
+    cap = np.minimum(caplen, self.snaplen).astype(np.int64)
+    wire = np.maximum(wire_len.astype(np.int64), cap)
+    out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
+    n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
+    self._file.write(out.data[:n])
+
+
+def rows_text(index0: int, ts: np.ndarray, first_ts: int, middle: np.ndarray,
+              middles: list[bytes], out_index: np.ndarray) -> bytes:
+    """The verdict rows as the replay formatted them: a Python f-string per packet."""
+    texts = [m.decode() for m in middles]
+    lines = []
+    for i, (m, t, o) in enumerate(zip(middle.tolist(), ts.tolist(), out_index.tolist(),
+                                      strict=True)):
+        lines.append(f"{index0 + i},{seconds_text(t - first_ts)}{texts[m]}"
+                     f"{o if o >= 0 else ''}\n")
+    return "".join(lines).encode()
+
+
+def seconds_text(delta_ns: int) -> str:
+    sign = "-" if delta_ns < 0 else ""
+    s, ns = divmod(abs(delta_ns), 1_000_000_000)
+    return f"{sign}{s}.{ns:09d}"

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from flowshift.packet import batch as batch_mod
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import Frame, PcapWriter, TraceError, open_trace
+from test_pcap import block, epb, frame_bytes, idb, shb, spb
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 TCPDUMP = CORPUS / "tcpdump"
@@ -215,3 +216,73 @@ def test_corpus_batches_equal_per_frame_reading() -> None:
     for path in paths:
         assert_same_as_per_frame(path, 64)
     assert len(paths) >= 800
+
+
+# -- pcapng: the compiled walk against the frame reader ------------------------------------
+
+NG_BLOCKS = st.one_of(
+    st.builds(lambda big: ("shb", big), st.booleans()),
+    st.builds(lambda lt, snap, res, off: ("idb", lt, snap, res, off),
+              st.sampled_from([1, 101, 113]), st.sampled_from([0, 40, 65535]),
+              st.one_of(st.none(), st.sampled_from([0, 3, 6, 9, 12, 0x80 | 20, 0x80 | 100])),
+              st.one_of(st.none(), st.integers(-(1 << 40), 1 << 40),
+                        st.sampled_from([-(1 << 63), (1 << 63) - 1]))),
+    st.builds(lambda i, units, data, extra: ("epb", i, units, data, extra), st.integers(0, 2),
+              st.one_of(st.integers(0, 1 << 53), st.integers(0, (1 << 64) - 1)),
+              st.binary(max_size=70), st.integers(0, 3)),
+    st.builds(lambda data, extra: ("spb", data, extra), st.binary(max_size=70),
+              st.integers(0, 3)),
+    st.builds(lambda data: ("other", data), st.binary(max_size=12).map(
+        lambda b: b + b"\0" * (-len(b) % 4))),
+)
+
+
+def pcapng_bytes(blocks: list[tuple], big0: bool) -> bytes:
+    out = [shb(big0)]
+    big = big0
+    for b in blocks:
+        if b[0] == "shb":
+            big = b[1]
+            out.append(shb(big))
+        elif b[0] == "idb":
+            out.append(idb(b[1], b[2], b[3], b[4], big=big))
+        elif b[0] == "epb":
+            out.append(epb(b[1], b[2], b[3], len(b[3]) + b[4], big=big))
+        elif b[0] == "spb":
+            out.append(spb(b[1], len(b[1]) + b[2], big=big))
+        else:
+            out.append(block(0x0BAD, b[1], big))
+    return b"".join(out)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(blocks=st.lists(NG_BLOCKS, max_size=14), big=st.booleans(), cut=st.integers(0, 40),
+       tail=st.binary(max_size=24), chunk=st.sampled_from([32, 100, 1 << 20]),
+       batch_size=st.sampled_from([1, 3, 64]))
+def test_pcapng_batches_agree_with_per_frame_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: list[tuple], big: bool, cut: int,
+    tail: bytes, chunk: int, batch_size: int
+) -> None:
+    """Sections of either byte order, interfaces of every resolution and offset (beyond
+    int64 too), every packet block kind, unknown blocks, a cut or garbage at the end, read a
+    chunk at a time of several sizes."""
+    data = pcapng_bytes(blocks, big)
+    data = data[: max(28, len(data) - cut)] + tail if cut else data
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(data)
+    monkeypatch.setattr(batch_mod, "CHUNK", chunk)
+    assert_same_as_per_frame(path, batch_size)
+
+
+def test_pcapng_batches_stop_at_a_timestamp_beyond_int64(tmp_path: Path) -> None:
+    # 2^-100 s units and an offset near the int64 end: computed exactly, refused past it
+    ok = epb(0, (1 << 64) - 1, frame_bytes(1))
+    data = shb() + idb(1, tsresol=0x80 | 100, tsoffset=9_000_000_000) + ok + ok
+    data += idb(1, tsresol=0, tsoffset=9_300_000_000) + epb(1, 1, frame_bytes(2)) + ok
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(data)
+    batches = assert_same_as_per_frame(path, 2)
+    assert sum(len(b) for b in batches) == 2
+    assert batches[-1].problem is not None and "beyond int64" in batches[-1].problem
