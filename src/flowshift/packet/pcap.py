@@ -392,7 +392,8 @@ class TraceReader:
                     self.problem = block_problem(BlockProblem.CAPLEN, base + pos, caplen)
                     return
                 iface = ifaces[if_id]
-                ts = interface_timestamp(iface, (ts_hi << 32) | ts_lo)
+                # interface_timestamp, inlined: this is the hot loop
+                ts = ((ts_hi << 32) | ts_lo) * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
                 if not TS_MIN_NS <= ts <= TS_MAX_NS:
                     self.problem = timestamp_problem(base + pos, ts)
                     return
