@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowshift.packet import batch as batch_mod
+from flowshift.packet import pcap as pcap_mod
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import Frame, PcapWriter, TraceError, open_trace
 from test_pcap import block, epb, frame_bytes, idb, shb, spb
@@ -286,3 +287,16 @@ def test_pcapng_batches_stop_at_a_timestamp_beyond_int64(tmp_path: Path) -> None
     batches = assert_same_as_per_frame(path, 2)
     assert sum(len(b) for b in batches) == 2
     assert batches[-1].problem is not None and "beyond int64" in batches[-1].problem
+
+
+def test_a_first_record_far_above_the_mean_does_not_size_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_mod, "CHUNK", 4096)
+    monkeypatch.setattr(pcap_mod, "CHUNK", 4096)
+    big = (1, 0, b"\x01" * 200_000, 200_000)  # a 200 kB record, then 10,000 small ones
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap([big] + [(2, i, b"\x02" * 60, 60) for i in range(10_000)],
+                                  big=False, nano=False))
+    (batch,) = assert_same_as_per_frame(path)
+    assert batch.buf.base is not None and batch.buf.base.nbytes < 4 << 20

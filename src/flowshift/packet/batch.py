@@ -1,11 +1,12 @@
 """Batches of frames as numpy arrays, the input of the vectorized (PNIC) engines.
 
-Classic pcap is decoded in bulk: a batch's records are read in one piece into the batch's
-buffer and stay there (each frame at its `offset`, the record headers between them), and a
-small compiled loop walks the record headers into the batch's arrays; no frame is copied after
-the kernel's read. pcapng goes through the per-frame reader (packet/pcap.py), whose frames
-lie back to back. Either way a trace that breaks off
-ends with its `problem` on the last batch, exactly as the per-frame reader reports it.
+The file is read a chunk at a time straight into the batch's buffer, and a small compiled loop
+walks each chunk while it is in the cache: the record headers of classic pcap, the blocks of
+pcapng (interface descriptions, and timestamps beyond int64 arithmetic, come back to Python).
+The frames stay where they were read, each at its `offset`, the record headers or block
+framing between them: no frame is copied after the kernel's read. A trace that breaks off
+ends with its `problem` on the last batch, exactly as the per-frame reader (packet/pcap.py)
+reports it. docs/traces.md tells the whole of it.
 """
 
 from __future__ import annotations
@@ -213,8 +214,10 @@ class _Stream:
             return False
         cols = self.cols
         if self.got + CHUNK > len(cols.buf):
-            # room for as many records as a batch holds, at the mean size so far
-            self.room = max(2 * self.room, end // max(n, 1) * len(cols.ts) * 5 // 4)
+            # room for as many records as a batch holds, at the mean size so far (at most
+            # eight times as much at once: a first record may be far above the mean)
+            guess = end // max(n, 1) * len(cols.ts) * 5 // 4
+            self.room = max(2 * self.room, min(guess, 8 * self.room))
             grown = _room(self.room)
             grown[: self.got] = cols.buf[: self.got]
             cols.buf = grown
