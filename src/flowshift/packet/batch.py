@@ -74,7 +74,7 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
 
     `reuse`: a batch's arrays are recycled for the batch after the next one, so a consumer
     that is done with each batch before it takes the one after next saves the cost of fresh
-    memory. Classic pcap only. Writing into a batch's buffer never reaches the file.
+    memory. Writing into a batch's buffer never reaches the file.
     Raises TraceError, before the first batch, when the file is not a trace.
     """
     if batch_size < 1:
