@@ -32,9 +32,7 @@ from flowshift.packet.pcap import (
     TS_MAX_NS,
     TS_MIN_NS,
     BlockProblem,
-    Frame,
     PcapHeader,
-    TraceReader,
     _Interface,
     _interface,
     block_problem,
@@ -84,34 +82,6 @@ def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
     if reader.pcap_header is None:
         return _pcapng_batches(file, head, batch_size, reuse)
     return _pcap_batches(file, head, reader.pcap_header, batch_size, reuse)
-
-
-def _frame_batches(reader: TraceReader, batch_size: int) -> Iterator[Batch]:
-    with reader:
-        frames: list[Frame] = []
-        for frame in reader:
-            frames.append(frame)
-            if len(frames) == batch_size:
-                yield _batch_of(frames)
-                frames = []
-        if frames or reader.problem:
-            yield _batch_of(frames, reader.problem)
-
-
-def _batch_of(frames: list[Frame], problem: str | None = None) -> Batch:
-    caplen = np.fromiter((len(f.data) for f in frames), np.uint32, len(frames))
-    offset = np.zeros(len(frames), np.int64)
-    np.cumsum(caplen[:-1], out=offset[1:])
-    return Batch(
-        ts_ns=np.fromiter((f.ts_ns for f in frames), np.int64, len(frames)),
-        caplen=caplen,
-        wire_len=np.fromiter((f.wire_len for f in frames), np.uint32, len(frames)),
-        linktype=np.fromiter((f.linktype for f in frames), np.uint16, len(frames)),
-        offset=offset,
-        # writable: the host rewrites packets in place (NAT, the PNIC's data path)
-        buf=np.frombuffer(bytearray(b"".join(f.data for f in frames)), np.uint8),
-        problem=problem,
-    )
 
 
 # walk() stops for one of these reasons
