@@ -314,10 +314,16 @@ def _walk_ng(chunk, pos, big, n, ts, caplen, wire, src, lt, ifaces, n_if, last_t
             lo = _u32(chunk, body + 8, big)
             w = max(_u32(chunk, body + 16, big), cap)
             mul = ifaces[if_id, IF_MUL]
+            div = ifaces[if_id, IF_DIV]
             off = ifaces[if_id, IF_OFFSET]
+            # units * mul // div, as q * mul + r * mul // div (units = q * div + r): exact,
+            # and within int64 even for binary resolutions (mul 10^9, div 2^n)
             units = (hi << 32) | lo
-            if (not ifaces[if_id, IF_INT64] or hi >> 31 or units > INT64_MAX // mul
-                    or (off > 0 and units * mul // ifaces[if_id, IF_DIV] > INT64_MAX - off)):
+            q = units // div
+            exact = (ifaces[if_id, IF_INT64] and not hi >> 31 and div <= INT64_MAX // mul
+                     and q < INT64_MAX // mul)
+            t = q * mul + units % div * mul // div if exact else 0
+            if not exact or (off > 0 and t > INT64_MAX - off):
                 info[0] = if_id
                 info[1] = hi
                 info[2] = lo
@@ -325,7 +331,7 @@ def _walk_ng(chunk, pos, big, n, ts, caplen, wire, src, lt, ifaces, n_if, last_t
                 info[4] = w
                 info[5] = blen
                 return n, pos, EXACT_TS, big, n_if, last_ts
-            last_ts = units * mul // ifaces[if_id, IF_DIV] + off
+            last_ts = t + off
             ts[n] = last_ts
             caplen[n] = cap
             wire[n] = w
