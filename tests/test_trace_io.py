@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from flowshift._verdict_rows import rows_text
 from flowshift.packet.pcap import PcapWriter
-from flowshift.replay import seconds_text
+from flowshift.replay import run_replay, seconds_text
+from test_pcap import epb, idb, shb
 
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 
@@ -78,3 +79,22 @@ def test_batches_write_what_single_frames_write(tmp_path_factory: object, sizes:
                 one.write(int(ts[i]), frames[i], int(wire[i]))
             bulk.write_batch(ts[sel], buf, offset[sel], caplen[sel], wire[sel])
     assert (tmp / "bulk.pcap").read_bytes() == (tmp / "one.pcap").read_bytes()
+
+
+def test_verdict_rows_of_times_beyond_int64_apart_are_formatted_in_python(
+        tmp_path: Path) -> None:
+    """Two interfaces 12e18 ns apart (more than int64 holds): the rows still say each time
+    exactly, through the Python fallback."""
+    early, late = -6_000_000_000, 6_000_000_000  # seconds, as pcapng tsoffsets
+    arp = b"\xff" * 6 + b"\x02" * 6 + b"\x08\x06" + bytes(46)  # not IP: passed on as is
+    trace = tmp_path / "t.pcapng"
+    trace.write_bytes(shb() + idb(1, tsoffset=early) + idb(1, tsoffset=late)
+                      + epb(0, 5, arp) + epb(1, 7, arp) + epb(0, 9, arp))
+    rows = tmp_path / "v.csv"
+    root = Path(__file__).resolve().parents[1]
+    run_replay(trace, root / "examples" / "nat-gateway.toml", verdicts=rows, progress=False)
+    times = [line.split(",")[1] for line in rows.read_text().splitlines()[1:]]
+    first = early * 10**9 + 5_000
+    assert times == [seconds_text(t - first) for t in
+                     (first, late * 10**9 + 7_000, early * 10**9 + 9_000)]
+    assert times[1] == "12000000000.000002000"
