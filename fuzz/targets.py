@@ -8,8 +8,8 @@ long campaign) and under pytest without it (tests/test_fuzz.py, seeds plus rando
 - `parse`: the reference parser (packet/parse.py) against the PNIC engine's compiled parse
   kernel (tiers/_pnic_parse.py): both refuse, or both find the same headers, protocol, ports
   and flags; and the kernel reads nothing outside the captured bytes.
-- `trace`: the per-frame trace reader (pcap and pcapng) against the batch reader: the same
-  frames and the same problem; only `TraceError` escapes, and only when opening.
+- `trace`: the per-frame trace reader (pcap and pcapng) against the batch reader (compiled for
+  both): the same frames and the same problem; only `TraceError` escapes, and only when opening.
 - `channel`: the channel decoder; only `ChannelError` escapes, and what decodes encodes back
   to a frame that decodes to the same message.
 - `entry`: flow entry bytes -> Flow -> bytes keeps every byte the layout gives a meaning.
@@ -33,7 +33,8 @@ from flowshift import channel
 from flowshift.config import ConfigError, parse_config, to_dict
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
 from flowshift.packet import batch as _batch_module
-from flowshift.packet.batch import _batch_of, read_batches
+from flowshift.packet import pcap as _pcap_module
+from flowshift.packet.batch import read_batches
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import TraceError, open_trace
 from flowshift.packet.view import ParseError
@@ -112,16 +113,17 @@ atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 # small chunks for the bulk pcap decoder: records straddle chunk ends and outgrow a chunk, the
 # paths a 4 MiB chunk reaches only with large traces (and a fresh 4 MiB buffer per input
 # would cost more than the decoding)
-FUZZ_CHUNK = 1024
+FUZZ_CHUNK = 64  # bytes read at a time by both readers: records and blocks cross reads
 
 
 def fuzz_trace(data: bytes) -> None:
-    chunk = _batch_module.CHUNK
-    _batch_module.CHUNK = FUZZ_CHUNK  # for this input only: the module is shared with tests
+    chunks = _batch_module.CHUNK, _pcap_module.CHUNK
+    # for this input only: the modules are shared with tests
+    _batch_module.CHUNK = _pcap_module.CHUNK = FUZZ_CHUNK
     try:
         _fuzz_trace(data)
     finally:
-        _batch_module.CHUNK = chunk
+        _batch_module.CHUNK, _pcap_module.CHUNK = chunks
 
 
 def _fuzz_trace(data: bytes) -> None:
@@ -140,14 +142,7 @@ def _fuzz_trace(data: bytes) -> None:
     frames = [(f.ts_ns, f.data, f.wire_len, f.linktype) for f in frame_objs]
     batched: list[tuple[int, bytes, int, int]] = []
     batch_problem = None
-    # pcapng batches come from the frame reader itself: build them from the frames read above
-    # (the same conversion, without reading the file a second time); classic pcap has a
-    # decoder of its own, which must agree
-    batches = (
-        read_batches(_TRACE, batch_size=16)
-        if reader.format == "pcap"
-        else iter([_batch_of(list(frame_objs), problem)])
-    )
+    batches = read_batches(_TRACE, batch_size=16)
     for batch in batches:
         batched += [(int(batch.ts_ns[i]), batch.frame(i), int(batch.wire_len[i]),
                      int(batch.linktype[i])) for i in range(len(batch))]

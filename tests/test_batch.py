@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -13,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowshift.packet import batch as batch_mod
+from flowshift.packet import pcap as pcap_mod
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import Frame, PcapWriter, TraceError, open_trace
+from test_pcap import block, epb, frame_bytes, idb, shb, spb
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 TCPDUMP = CORPUS / "tcpdump"
@@ -34,11 +37,12 @@ def frames_of(batches: list[Batch]) -> list[Frame]:
         assert b.ts_ns.dtype == np.int64 and b.caplen.dtype == np.uint32
         assert b.wire_len.dtype == np.uint32 and b.linktype.dtype == np.uint16
         assert b.offset.dtype == np.int64 and b.buf.dtype == np.uint8
-        # frames lie back to back in buf
-        assert len(b.buf) == int(b.caplen.sum())
-        assert (
-            b.offset.tolist() == np.concatenate([[0], np.cumsum(b.caplen)[:-1]]).tolist()[: len(b)]
-        )
+        # frames lie in buf in order, none over another (with record headers between them
+        # when buf maps the file)
+        end = b.offset + b.caplen
+        assert (b.offset >= 0).all() and (end <= len(b.buf)).all()
+        assert (b.offset[1:] >= end[:-1]).all()
+        assert b.buf.flags.writeable
         out += [
             Frame(int(b.ts_ns[i]), b.frame(i), int(b.wire_len[i]), int(b.linktype[i]))
             for i in range(len(b))
@@ -122,6 +126,33 @@ def test_problem_on_the_last_batch(
     assert sum(len(b) for b in batches) == 4
 
 
+def test_rewriting_a_batch_leaves_the_trace_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "t.pcap"
+    data = classic_pcap(records(50), big=False, nano=True)
+    path.write_bytes(data)
+    batches = list(read_batches(path, 7))
+    for b in batches:
+        for i in range(len(b)):  # every frame's bytes overwritten, as a NAT rewrite would
+            b.buf[b.offset[i] : b.offset[i] + b.caplen[i]] = 0xEE
+    assert all(b.frame(i) == b"\xee" * int(b.caplen[i]) for b in batches for i in range(len(b)))
+    assert path.read_bytes() == data
+    assert frames_of(list(read_batches(path, 7))) == per_frame(path)[0]
+
+
+def test_a_pipe_reads_like_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap(records(30), big=True, nano=False))
+    frames, problem = per_frame(path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["cp", str(path), str(fifo)])
+    try:
+        batches = list(read_batches(fifo, 8))
+    finally:
+        writer.wait(timeout=30)
+    assert frames_of(batches) == frames and problem is None
+
+
 def test_problem_before_any_frame_comes_in_an_empty_batch(tmp_path: Path) -> None:
     path = tmp_path / "cut.pcap"
     path.write_bytes(classic_pcap([], big=True, nano=False) + b"\0" * 9)
@@ -186,3 +217,86 @@ def test_corpus_batches_equal_per_frame_reading() -> None:
     for path in paths:
         assert_same_as_per_frame(path, 64)
     assert len(paths) >= 800
+
+
+# -- pcapng: the compiled walk against the frame reader ------------------------------------
+
+NG_BLOCKS = st.one_of(
+    st.builds(lambda big: ("shb", big), st.booleans()),
+    st.builds(lambda lt, snap, res, off: ("idb", lt, snap, res, off),
+              st.sampled_from([1, 101, 113]), st.sampled_from([0, 40, 65535]),
+              st.one_of(st.none(), st.sampled_from([0, 3, 6, 9, 12, 0x80 | 20, 0x80 | 100])),
+              st.one_of(st.none(), st.integers(-(1 << 40), 1 << 40),
+                        st.sampled_from([-(1 << 63), (1 << 63) - 1]))),
+    st.builds(lambda i, units, data, extra: ("epb", i, units, data, extra), st.integers(0, 2),
+              st.one_of(st.integers(0, 1 << 53), st.integers(0, (1 << 64) - 1)),
+              st.binary(max_size=70), st.integers(0, 3)),
+    st.builds(lambda data, extra: ("spb", data, extra), st.binary(max_size=70),
+              st.integers(0, 3)),
+    st.builds(lambda data: ("other", data), st.binary(max_size=12).map(
+        lambda b: b + b"\0" * (-len(b) % 4))),
+)
+
+
+def pcapng_bytes(blocks: list[tuple], big0: bool) -> bytes:
+    out = [shb(big0)]
+    big = big0
+    for b in blocks:
+        if b[0] == "shb":
+            big = b[1]
+            out.append(shb(big))
+        elif b[0] == "idb":
+            out.append(idb(b[1], b[2], b[3], b[4], big=big))
+        elif b[0] == "epb":
+            out.append(epb(b[1], b[2], b[3], len(b[3]) + b[4], big=big))
+        elif b[0] == "spb":
+            out.append(spb(b[1], len(b[1]) + b[2], big=big))
+        else:
+            out.append(block(0x0BAD, b[1], big))
+    return b"".join(out)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(blocks=st.lists(NG_BLOCKS, max_size=14), big=st.booleans(), cut=st.integers(0, 40),
+       tail=st.binary(max_size=24), chunk=st.sampled_from([32, 100, 1 << 20]),
+       batch_size=st.sampled_from([1, 3, 64]))
+def test_pcapng_batches_agree_with_per_frame_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: list[tuple], big: bool, cut: int,
+    tail: bytes, chunk: int, batch_size: int
+) -> None:
+    """Sections of either byte order, interfaces of every resolution and offset (beyond
+    int64 too), every packet block kind, unknown blocks, a cut or garbage at the end, read a
+    chunk at a time of several sizes."""
+    data = pcapng_bytes(blocks, big)
+    data = data[: max(28, len(data) - cut)] + tail if cut else data
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(data)
+    monkeypatch.setattr(batch_mod, "CHUNK", chunk)
+    assert_same_as_per_frame(path, batch_size)
+
+
+def test_pcapng_batches_stop_at_a_timestamp_beyond_int64(tmp_path: Path) -> None:
+    # 2^-100 s units and an offset near the int64 end: computed exactly, refused past it
+    ok = epb(0, (1 << 64) - 1, frame_bytes(1))
+    data = shb() + idb(1, tsresol=0x80 | 100, tsoffset=9_000_000_000) + ok + ok
+    data += idb(1, tsresol=0, tsoffset=9_300_000_000) + epb(1, 1, frame_bytes(2)) + ok
+    path = tmp_path / "t.pcapng"
+    path.write_bytes(data)
+    batches = assert_same_as_per_frame(path, 2)
+    assert sum(len(b) for b in batches) == 2
+    assert batches[-1].problem is not None and "beyond int64" in batches[-1].problem
+
+
+def test_a_first_record_far_above_the_mean_does_not_size_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_mod, "CHUNK", 4096)
+    monkeypatch.setattr(pcap_mod, "CHUNK", 4096)
+    big = (1, 0, b"\x01" * 200_000, 200_000)  # a 200 kB record, then 10,000 small ones
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap([big] + [(2, i, b"\x02" * 60, 60) for i in range(10_000)],
+                                  big=False, nano=False))
+    (batch,) = assert_same_as_per_frame(path)
+    assert batch.buf.base is not None and batch.buf.base.nbytes < 4 << 20

@@ -32,7 +32,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "host": ("flowshift.host",),
     # the report is built from the replay's counters by the replay: it sits below it
     "report": ("flowshift.report", "flowshift.plot"),
-    "replay": ("flowshift.replay", "flowshift.output", "flowshift.gen", "flowshift.gen_gateway"),
+    "replay": ("flowshift.replay", "flowshift._verdict_rows", "flowshift.output", "flowshift.gen",
+               "flowshift.gen_gateway"),
     # scale-out: shards of one replay, sweeps of many, on processes or a Dask cluster
     "scale": ("flowshift.shard", "flowshift.shard_merge", "flowshift.shard_replay",
               "flowshift.sweep", "flowshift.cluster"),

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from flowshift import __version__
+from flowshift._verdict_rows import rows_text
 from flowshift.config import HostConfig, load_config, to_dict
 from flowshift.flow import NS_PER_S
 from flowshift.host import Host
@@ -89,7 +90,7 @@ def _check_options(offload: str | None, pnic: str, capacity: int | None,
 
 def _opener(path: str | os.PathLike[str], flag: str) -> Any:
     try:
-        return open(path, "w", newline="", encoding="utf-8")
+        return open(path, "wb")
     except OSError as e:
         raise ReplayError(f"--{flag} {path}: cannot write ({e.strerror})") from None
 
@@ -250,7 +251,7 @@ def _replay(
                 raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
         if verdicts is not None:
             run.rows = stack.enter_context(_opener(temps["verdicts"], "verdicts"))
-            run.rows.write(",".join(VERDICTS_HEADER) + "\n")
+            run.rows.write((",".join(VERDICTS_HEADER) + "\n").encode())
         bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
         if bar is not None:
             stack.enter_context(bar[0])
@@ -403,7 +404,7 @@ class _Run:
                 latest = max(latest, int(res.ts.max()))
                 self.n += stop - start
                 start = stop
-            done_bytes += len(batch.buf) + 16 * n
+            done_bytes += int(batch.caplen.sum(dtype=np.int64)) + 16 * n
             if bar is not None:
                 bar[0].update(bar[1], completed=done_bytes, packets=self.n)
         self.last_ts = latest
@@ -446,17 +447,26 @@ class _Run:
             except ValueError as e:
                 raise ReplayError(f"--out: {e}") from None
         if self.rows is not None:
-            out_index = np.cumsum(leaving) - 1 + out_base
-            label = self._label
-            first = self.first_ts
-            lines = []
-            for i, (code, ts, gone) in enumerate(zip(codes.tolist(), res.ts.tolist(),
-                                                     leaving.tolist(), strict=True)):
-                verdict, reason, tier, machine, direction = label(code)
-                lines.append(f"{res.index0 + i},{seconds_text(ts - first)},{machine},"
-                             f"{direction},{LABELS[verdict]},{reason},{tier},"
-                             f"{out_index[i] if gone else ''}\n")
-            self.rows.write("".join(lines))
+            out_index = np.where(leaving, np.cumsum(leaving) - 1 + out_base, -1)
+            middles = [self._middle(code) for code in uniq.tolist()]
+            text = rows_text(res.index0, res.ts, self.first_ts, inverse, middles, out_index)
+            self.rows.write(text if text is not None else
+                            self._rows_in_python(res, inverse, middles, out_index))
+
+    def _middle(self, code: int) -> bytes:
+        """A verdict row's fields after the time, up to the out_index, commas around them."""
+        verdict, reason, tier, machine, direction = self._label(code)
+        return f",{machine},{direction},{LABELS[verdict]},{reason},{tier},".encode()
+
+    def _rows_in_python(self, res: BatchResults, middle: np.ndarray, middles: list[bytes],
+                        out_index: np.ndarray) -> bytes:
+        """The rows of a batch whose times are too far apart for the compiled loop."""
+        first = self.first_ts
+        return b"".join(
+            b"%d,%s%s%s\n" % (res.index0 + i, seconds_text(ts - first).encode(), middles[m],
+                              b"%d" % o if o >= 0 else b"")
+            for i, (ts, m, o) in enumerate(zip(res.ts.tolist(), middle.tolist(),
+                                               out_index.tolist(), strict=True)))
 
     def _rates(self, res: BatchResults) -> None:
         """Packets per (time bin, tier) for the plot."""

@@ -14,6 +14,8 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import IntEnum
+from io import BufferedReader
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal, NamedTuple
@@ -127,6 +129,59 @@ def truncated_record_problem(offset: int, need: int, left: int) -> str:
     return f"truncated record at byte {offset}: header says {need - 16} bytes, {left - 16} left"
 
 
+class BlockProblem(IntEnum):
+    """What ends a pcapng trace at a block, with up to two numbers (`a`, `b`) that say more.
+    Both readers (this one and the compiled batch reader) report by code; the text is made
+    once, by `block_problem`."""
+
+    HEADER_CUT = 1  # a: bytes left
+    BAD_BOM = 2  # a: the byte-order magic read
+    BAD_LENGTH = 3  # a: block length
+    CUT = 4  # a: block length, b: bytes left
+    BAD_TRAILER = 5  # a: trailing length, b: leading length
+    PACKET_SHORT = 6  # a: block length
+    NO_INTERFACE = 7  # a: interface id, b: interfaces described in the section
+    CAPLEN = 8  # a: captured length
+    SPB_NO_INTERFACE = 9
+    SPB_SHORT = 10
+    IDB_SHORT = 11  # a: block length
+
+
+def block_problem(kind: int, offset: int, a: int = 0, b: int = 0) -> str:
+    """The one line a pcapng problem gets; `offset`: the block's byte offset in the file."""
+    match BlockProblem(kind):
+        case BlockProblem.HEADER_CUT:
+            return f"truncated block header at byte {offset}: {a} bytes left"
+        case BlockProblem.BAD_BOM:
+            return f"corrupt section header block at byte {offset}: byte-order magic 0x{a:08x}"
+        case BlockProblem.BAD_LENGTH:
+            return f"corrupt block at byte {offset}: block length {a}"
+        case BlockProblem.CUT:
+            return f"truncated block at byte {offset}: header says {a} bytes, {b} left"
+        case BlockProblem.BAD_TRAILER:
+            return (f"corrupt block at byte {offset}: trailing length {a} "
+                    f"differs from leading length {b}")
+        case BlockProblem.PACKET_SHORT:
+            return f"corrupt packet block at byte {offset}: {a} bytes long"
+        case BlockProblem.NO_INTERFACE:
+            return (f"corrupt packet block at byte {offset}: interface {a} "
+                    f"not described ({b} in this section)")
+        case BlockProblem.CAPLEN:
+            return f"corrupt packet block at byte {offset}: captured length {a} exceeds the block"
+        case BlockProblem.SPB_NO_INTERFACE:
+            return (f"corrupt simple packet block at byte {offset}: "
+                    "no interface described before it")
+        case BlockProblem.SPB_SHORT:
+            return f"corrupt simple packet block at byte {offset}: too short"
+        case BlockProblem.IDB_SHORT:
+            return f"corrupt interface description block at byte {offset}: {a} bytes long"
+
+
+def interface_timestamp(iface: _Interface, units: int) -> int:
+    """A packet block's timestamp in nanoseconds, exactly (Python integers)."""
+    return units * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
+
+
 @dataclass(slots=True)
 class _Interface:
     """What a pcapng interface description block says about the packets that name it."""
@@ -149,7 +204,7 @@ class TraceReader:
         self.position = 0
         self.pcap_header: PcapHeader | None = None  # classic pcap only
         try:
-            self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+            self._file: BufferedReader = open(path, "rb")  # noqa: SIM115 - closed by close()
             self.size = os.fstat(self._file.fileno()).st_size
         except OSError as e:
             raise TraceError(f"cannot open trace: {self.path} ({e.strerror})") from None
@@ -207,6 +262,13 @@ class TraceReader:
 
     def close(self) -> None:
         self._file.close()
+
+    def detach(self) -> tuple[BufferedReader, bytes]:
+        """Hand the open file over to another reader (the batch reader), with the bytes read
+        from its start so far (the file is positioned after them); this reader is done."""
+        file, head = self._file, self._head
+        self._frames = iter(())
+        return file, head
 
     def _read(self, n: int) -> bytes:
         try:
@@ -288,63 +350,50 @@ class TraceReader:
                 buf, base, pos, n = self._refill(buf, base, pos, 12)
                 if n < 12:
                     if n and self.problem is None:
-                        self.problem = f"truncated block header at byte {base}: {n} bytes left"
+                        self.problem = block_problem(BlockProblem.HEADER_CUT, base, n)
                     return
             btype = u32(buf, pos)[0]
             if btype == PCAPNG_SHB:  # a new section: its own byte order and interfaces
                 bom = _U32[False](buf, pos + 8)[0]
                 if bom not in (PCAPNG_BOM, PCAPNG_BOM_SWAPPED):
-                    self.problem = (
-                        f"corrupt section header block at byte {base + pos}: "
-                        f"byte-order magic 0x{bom:08x}"
-                    )
+                    self.problem = block_problem(BlockProblem.BAD_BOM, base + pos, bom)
                     return
                 big = bom == PCAPNG_BOM_SWAPPED
                 u32, epb = _U32[big], _EPB[big]
                 ifaces = []
             blen = u32(buf, pos + 4)[0]
             if blen < 12 or blen % 4 or blen > MAX_RECORD or (btype == PCAPNG_SHB and blen < 28):
-                self.problem = f"corrupt block at byte {base + pos}: block length {blen}"
+                self.problem = block_problem(BlockProblem.BAD_LENGTH, base + pos, blen)
                 return
             if n - pos < blen:
                 buf, base, pos, n = self._refill(buf, base, pos, blen)
                 if n < blen:
                     if self.problem is None:
-                        self.problem = (
-                            f"truncated block at byte {base}: header says {blen} bytes, {n} left"
-                        )
+                        self.problem = block_problem(BlockProblem.CUT, base, blen, n)
                     return
             trailer = u32(buf, pos + blen - 4)[0]
             if trailer != blen:
-                self.problem = (
-                    f"corrupt block at byte {base + pos}: trailing length {trailer} "
-                    f"differs from leading length {blen}"
-                )
+                self.problem = block_problem(BlockProblem.BAD_TRAILER, base + pos, trailer, blen)
                 return
             body = pos + 8
             body_len = blen - 12
             if btype in (BLOCK_EPB, BLOCK_OPB):
                 if body_len < 20:
-                    self.problem = f"corrupt packet block at byte {base + pos}: {blen} bytes long"
+                    self.problem = block_problem(BlockProblem.PACKET_SHORT, base + pos, blen)
                     return
                 if_id, ts_hi, ts_lo, caplen, wire = epb(buf, body)
                 if btype == BLOCK_OPB:  # 16-bit interface id, then a 16-bit drop count
                     if_id = if_id >> 16 if big else if_id & 0xFFFF
                 if if_id >= len(ifaces):
-                    self.problem = (
-                        f"corrupt packet block at byte {base + pos}: interface {if_id} "
-                        f"not described ({len(ifaces)} in this section)"
-                    )
+                    self.problem = block_problem(BlockProblem.NO_INTERFACE, base + pos, if_id,
+                                                 len(ifaces))
                     return
                 if caplen > body_len - 20:
-                    self.problem = (
-                        f"corrupt packet block at byte {base + pos}: captured length {caplen} "
-                        f"exceeds the block"
-                    )
+                    self.problem = block_problem(BlockProblem.CAPLEN, base + pos, caplen)
                     return
                 iface = ifaces[if_id]
-                units = (ts_hi << 32) | ts_lo
-                ts = units * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
+                # interface_timestamp, inlined: this is the hot loop
+                ts = ((ts_hi << 32) | ts_lo) * iface.ts_mul // iface.ts_div + iface.ts_offset_ns
                 if not TS_MIN_NS <= ts <= TS_MAX_NS:
                     self.problem = timestamp_problem(base + pos, ts)
                     return
@@ -358,9 +407,9 @@ class TraceReader:
                 )
             elif btype == BLOCK_SPB:
                 if not ifaces or body_len < 4:
-                    self.problem = f"corrupt simple packet block at byte {base + pos}: " + (
-                        "no interface described before it" if not ifaces else "too short"
-                    )
+                    self.problem = block_problem(
+                        BlockProblem.SPB_SHORT if ifaces else BlockProblem.SPB_NO_INTERFACE,
+                        base + pos)
                     return
                 wire = u32(buf, body)[0]
                 # the spec's rule: captured = min(original length, interface 0's snaplen)
@@ -371,10 +420,7 @@ class TraceReader:
                 yield Frame(last_ts, buf[body + 4 : body + 4 + caplen], wire, ifaces[0].linktype)
             elif btype == BLOCK_IDB:
                 if body_len < 8:
-                    self.problem = (
-                        f"corrupt interface description block at byte {base + pos}: "
-                        f"{blen} bytes long"
-                    )
+                    self.problem = block_problem(BlockProblem.IDB_SHORT, base + pos, blen)
                     return
                 iface = _interface(buf, body, body_len, big)
                 ifaces.append(iface)
@@ -432,6 +478,7 @@ class PcapWriter:
         self.snaplen = snaplen
         self._file: BinaryIO = open(path, "wb", buffering=CHUNK)  # noqa: SIM115 - closed by close()
         self._record = struct.Struct("<IIII").pack
+        self._out = np.empty(0, np.uint8)  # write_batch's records, reused
         self._file.write(struct.pack("<IHHiIII", PCAP_NSEC_MAGIC, 2, 4, 0, 0, snaplen, linktype))
 
     def write(self, ts_ns: int, data: bytes, wire_len: int | None = None) -> None:
@@ -446,7 +493,8 @@ class PcapWriter:
 
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
-        """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]."""
+        """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]. The
+        records are packed into one buffer, kept for the next batch, and written in one call."""
         from flowshift.packet._records import pack_records  # numba: only when batches are used
 
         if not len(offset):
@@ -455,9 +503,12 @@ class PcapWriter:
             raise ValueError("a timestamp does not fit a pcap record")
         cap = np.minimum(caplen, self.snaplen).astype(np.int64)
         wire = np.maximum(wire_len.astype(np.int64), cap)
-        out = np.empty(int(cap.sum()) + 16 * len(cap), np.uint8)
-        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64), out)
-        self._file.write(out.data[:n])
+        size = int(cap.sum()) + 16 * len(cap)
+        if len(self._out) < size:  # fresh pages cost more than packing: grow, never shrink
+            self._out = np.empty(size + size // 4, np.uint8)
+        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64),
+                         self._out)
+        self._file.write(self._out.data[:n])
 
     def close(self) -> None:
         self._file.close()
