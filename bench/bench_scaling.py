@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,10 @@ MARGIN = 1.15  # an estimate from a smaller point, with room for what it did not
 POLL_S = 0.2
 WARM_FLOWS = 64  # the child's warm-up trace: enough packets per flow to offload elephants
 WARM_PACKETS = WARM_FLOWS * 40
-COLUMNS = ("flows", "packets", "offload", "status", "note", "seconds", "packets_per_second",
-           "ns_per_packet", "base_rss_bytes", "peak_rss_bytes", "extra_bytes", "bytes_per_flow",
-           "pnic_share", "forwarded", "dropped")
+COLUMNS = ("flows", "packets", "series", "offload", "status", "note", "seconds",
+           "packets_per_second", "ns_per_packet", "cpu_seconds", "cpu_ns_per_packet",
+           "base_rss_bytes", "peak_rss_bytes", "extra_bytes", "bytes_per_flow",
+           "marginal_bytes_per_flow", "pnic_share", "forwarded", "dropped")
 
 
 def counts(text: str) -> list[int]:
@@ -143,18 +145,18 @@ def run_child(trace: Path, flows: int, offload: str, config: Path, capacity: int
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         started = time.monotonic()
-        stopped = None
-        while proc.poll() is None:
-            if time.monotonic() - started > timeout:
-                stopped = {"status": "timed out", "note": f"still running after {timeout:g} s"}
-            elif status_kib(proc.pid, "VmRSS") > max_bytes:
-                stopped = {"status": "stopped",
-                           "note": f"resident memory passed {max_bytes / GIB:.1f} GiB"}
-            if stopped:
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - started > timeout:
+                    return {"status": "timed out", "note": f"still running after {timeout:g} s"}
+                if status_kib(proc.pid, "VmRSS") > max_bytes:
+                    return {"status": "stopped",
+                            "note": f"resident memory passed {max_bytes / GIB:.1f} GiB"}
+                time.sleep(POLL_S)
+        finally:  # stopped by a guard, or this run interrupted: the replay goes too
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-                return stopped
-            time.sleep(POLL_S)
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
@@ -215,35 +217,54 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in pts) / sxx
 
 
+def series_of(r: dict[str, Any]) -> str:
+    return str(r.get("series") or f"{r['packets']:,} packets")
+
+
+def marginal(results: list[dict[str, Any]], r: dict[str, Any]) -> float | None:
+    """Bytes each flow added between the series' previous point (fewer flows) and `r`."""
+    prev = [q for q in results if q["status"] == "ok" and q["offload"] == r["offload"]
+            and series_of(q) == series_of(r) and q["flows"] < r["flows"]]
+    if not prev:
+        return None
+    q = max(prev, key=lambda q: q["flows"])
+    return float(r["extra_bytes"] - q["extra_bytes"]) / float(r["flows"] - q["flows"])
+
+
 def write_plot(path: Path, results: list[dict[str, Any]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5.6))
     ok = [r for r in results if r["status"] == "ok"]
-    series = sorted({(r["offload"], r["packets"]) for r in ok})
-    for offload, packets in series:
-        pts = sorted((r["flows"], r) for r in ok
-                     if r["offload"] == offload and r["packets"] == packets)
+    for offload, series in sorted({(r["offload"], series_of(r)) for r in ok}):
+        pts = sorted(((r["flows"], r) for r in ok
+                      if r["offload"] == offload and series_of(r) == series), key=lambda e: e[0])
         xs = [f for f, _ in pts]
         style = "-o" if offload == "never" else "--s"
-        for ax, key in ((ax_t, "ns_per_packet"), (ax_m, "bytes_per_flow")):
-            ys = [r[key] for _, r in pts]
+        color = None
+        for ax, key in ((ax_t, "cpu_ns_per_packet"), (ax_m, "bytes_per_flow")):
+            ys = [r.get(key, r["ns_per_packet"]) for _, r in pts]
             s = slope(list(zip(xs, ys, strict=True)))
-            label = f"{offload}, {packets:,.0f} packets" + (f" (slope {s:+.2f})" if s is not None
-                                                              else "")
-            ax.plot(xs, ys, style, label=label)
-    for ax, ylabel in ((ax_t, "ns per packet"), (ax_m, "peak memory per flow (bytes)")):
+            label = f"{offload}, {series}" + (f" (slope {s:+.2f})" if s is not None else "")
+            (line,) = ax.plot(xs, ys, style, label=label, color=color)
+            color = line.get_color()
+        steps = [(f, r["marginal_bytes_per_flow"]) for f, r in pts
+                 if (r.get("marginal_bytes_per_flow") or 0) > 0]
+        if steps:
+            ax_m.plot(*zip(*steps, strict=True), ":x", color=color, alpha=0.8)
+    for ax, ylabel in ((ax_t, "CPU time per packet (ns, the replaying process)"),
+                       (ax_m, "bytes per flow: (peak − base) / flows;  ···× each further flow")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("concurrent flows")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         if ok:
-            ax.legend(fontsize=8)
-    ax_t.set_title("time per packet (flat: constant cost)")
+            ax.legend(fontsize=7)
+    ax_t.set_title("time per packet (flat: constant cost per packet)")
     ax_m.set_title("memory per flow (flat: memory linear in flows)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -266,35 +287,47 @@ def write_outputs(out_dir: Path, doc: dict[str, Any]) -> None:
 
 def table(results: list[dict[str, Any]]) -> Table:
     t = Table(title="flowshift replay scaling")
-    for name in ("flows", "packets", "offload", "packets/s", "ns/packet", "peak − base",
-                 "bytes/flow", "PNIC share", "status"):
+    names = ("flows", "packets", "offload", "packets/s", "ns/packet", "CPU ns/packet",
+             "peak − base", "B/flow", "B/further flow", "PNIC", "status")
+    for name in names:
         t.add_column(name, justify="left" if name in ("offload", "status") else "right")
     for r in results:
+        row = [f"{r['flows']:,}", f"{r['packets']:,}", r["offload"]]
         if r["status"] == "ok":
-            t.add_row(f"{r['flows']:,}", f"{r['packets']:,}", r["offload"],
-                      f"{r['packets_per_second']:,.0f}", f"{r['ns_per_packet']:,.0f}",
-                      f"{r['extra_bytes'] / 2**20:,.0f} MiB", f"{r['bytes_per_flow']:,.0f}",
-                      f"{r['pnic_share']:.1%}", "ok" + (f": {r['note']}" if r["note"] else ""))
+            m = r.get("marginal_bytes_per_flow")
+            row += [f"{r['packets_per_second']:,.0f}", f"{r['ns_per_packet']:,.0f}",
+                    f"{r['cpu_ns_per_packet']:,.0f}", f"{r['extra_bytes'] / 2**20:,.0f} MiB",
+                    f"{r['bytes_per_flow']:,.0f}", "" if m is None else f"{m:,.0f}",
+                    f"{r['pnic_share']:.1%}", "ok" + (f": {r['note']}" if r["note"] else "")]
         else:
-            t.add_row(f"{r['flows']:,}", f"{r['packets']:,}", r["offload"], "", "", "", "", "",
-                      f"{r['status']}: {r['note']}")
+            row += [""] * 7 + [f"{r['status']}: {r['note']}"]
+        t.add_row(*row)
     return t
 
 
 # ---------------------------------------------------------------- the grid
 
 
-def run_grid(flows: list[int], packets: list[int], offloads: list[str], config: Path,
+def points(flows: list[int], packets: list[int], per_flow: list[int]) -> list[tuple[int, int, str]]:
+    """(flows, packets, series) of the grid, by flows then packets. A series is a line of the
+    plot: a fixed number of packets, or of packets per flow."""
+    grid = [(n, p, f"{p:,} packets") for n in flows for p in packets]
+    grid += [(n, n * k, f"{k:,} packets per flow") for n in flows for k in per_flow]
+    return sorted(grid)
+
+
+def run_grid(grid: list[tuple[int, int, str]], offloads: list[str], config: Path,
              capacity: int | None, max_bytes: int, timeout: float, work: Path, keep: bool,
-             console: Console) -> list[dict[str, Any]]:
+             console: Console, save: Callable[[list[dict[str, Any]]], None]
+             ) -> list[dict[str, Any]]:
+    """Every point of the grid with every policy; `save(results)` after each replay."""
     results: list[dict[str, Any]] = []
-    grid = [(n, p) for n in flows for p in packets]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("scaling", total=len(grid) * len(offloads))
-        for n, p in grid:
-            point = {"flows": n, "packets": p}
+        for n, p, series in grid:
+            point = {"flows": n, "packets": p, "series": series}
             problem = check(n, p)
             why = {o: problem or guard(results, n, p, o, max_bytes, timeout) for o in offloads}
             trace = work / f"concurrent-{n}-{p}.pcap"
@@ -317,12 +350,16 @@ def run_grid(flows: list[int], packets: list[int], offloads: list[str], config: 
                                     **run_child(trace, n, o, config, capacity, work, timeout,
                                                 max_bytes)})
                     r = results[-1]
+                    if r["status"] == "ok":
+                        r["marginal_bytes_per_flow"] = marginal(results, r)
                     if r["status"] == "ok" and r["dropped"]:
                         r["note"] = f"{r['dropped']:,} packets dropped"
                     console.log(f"{n:,} flows × {p:,} packets, {o}: " + (
-                        f"{r['ns_per_packet']:,.0f} ns/packet, {r['bytes_per_flow']:,.0f} B/flow"
+                        f"{r['ns_per_packet']:,.0f} ns/packet ({r['cpu_ns_per_packet']:,.0f} "
+                        f"CPU), {r['bytes_per_flow']:,.0f} B/flow"
                         if r["status"] == "ok" else f"{r['status']}: {r['note']}"))
                 bar.advance(task)
+                save(results)
             if not keep:
                 trace.unlink(missing_ok=True)
     return results
@@ -331,6 +368,9 @@ def run_grid(flows: list[int], packets: list[int], offloads: list[str], config: 
 @click.command()
 @click.option("--flows", default=None, help=f"Concurrent flows per point [{FULL[0]}].")
 @click.option("--packets", default=None, help=f"Packets per point [{FULL[1]}].")
+@click.option("--per-flow", default="",
+              help="Also points of N flows × N·K packets for each K here (e.g. 4,40): lines "
+                   "whose packets per flow stay fixed as flows grow.")
 @click.option("--quick", is_flag=True, help=f"A small grid: flows {QUICK[0]}, packets {QUICK[1]}.")
 @click.option("--offload", "offloads", default="never,elephant", show_default=True,
               help="Offload policies, each replayed at every point.")
@@ -350,16 +390,22 @@ def run_grid(flows: list[int], packets: list[int], offloads: list[str], config: 
               help="scaling.json, scaling.csv and scaling.png go here.")
 @click.option("--child", type=click.Path(path_type=Path), default=None, hidden=True)
 @click.option("--child-flows", type=int, default=0, hidden=True)
-def main(flows: str | None, packets: str | None, quick: bool, offloads: str, config: Path,
-         pnic_capacity: int | None, max_memory: float, timeout: float, workdir: Path | None,
-         keep: bool, out_dir: Path, child: Path | None, child_flows: int) -> None:
+def main(flows: str | None, packets: str | None, per_flow: str, quick: bool, offloads: str,
+         config: Path, pnic_capacity: int | None, max_memory: float, timeout: float,
+         workdir: Path | None, keep: bool, out_dir: Path, child: Path | None,
+         child_flows: int) -> None:
     if child is not None:  # one replay, measured in this fresh process
         assert workdir is not None
         print(json.dumps(measure(child, child_flows, offloads, config, pnic_capacity, workdir)))
         return
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log file keeps the whole table
     grid_flows = counts(flows or (QUICK if quick else FULL)[0])
-    grid_packets = counts(packets or (QUICK if quick else FULL)[1])
+    grid_per_flow = counts(per_flow) if per_flow else []
+    grid_packets = counts(packets or (QUICK if quick else FULL)[1]) if packets or quick or \
+        not grid_per_flow else []
+    grid = points(grid_flows, grid_packets, grid_per_flow)
     policies = [o.strip() for o in offloads.split(",") if o.strip()]
     work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -367,21 +413,27 @@ def main(flows: str | None, packets: str | None, quick: bool, offloads: str, con
     console.print(f"machine: {info['cpu']}, {info['cores']} cores, {info['memory']}, "
                   f"Python {info['python']}, numba {info['numba']}, {info['system']}; "
                   f"load average {os.getloadavg()[0]:.2f}; traces in {work}")
-    load_before = os.getloadavg()
+    doc: dict[str, Any] = {
+        "machine": info, "config": config.name,
+        "options": {"flows": grid_flows, "packets": grid_packets, "per_flow": grid_per_flow,
+                    "offload": policies, "pnic_capacity": pnic_capacity,
+                    "max_memory_gib": max_memory, "timeout_s": timeout},
+        "load_average": {"before": os.getloadavg(), "after": None}, "wall_seconds": None,
+        "results": []}
     started = time.monotonic()
+
+    def save(results: list[dict[str, Any]]) -> None:  # after every replay: a stopped run keeps
+        doc.update(results=results, wall_seconds=round(time.monotonic() - started, 1))
+        doc["load_average"]["after"] = os.getloadavg()
+        write_outputs(out_dir, doc)
+
     try:
-        results = run_grid(grid_flows, grid_packets, policies, config, pnic_capacity,
-                           int(max_memory * GIB), timeout, work, keep, console)
+        results = run_grid(grid, policies, config, pnic_capacity, int(max_memory * GIB),
+                           timeout, work, keep, console, save)
     finally:
         if not keep and workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    doc = {"machine": info, "config": config.name,
-           "options": {"flows": grid_flows, "packets": grid_packets, "offload": policies,
-                       "pnic_capacity": pnic_capacity, "max_memory_gib": max_memory,
-                       "timeout_s": timeout},
-           "load_average": {"before": load_before, "after": os.getloadavg()},
-           "wall_seconds": round(time.monotonic() - started, 1), "results": results}
-    write_outputs(out_dir, doc)
+    save(results)
     console.print(table(results))
     console.print(f"written: {out_dir / 'scaling.json'}, scaling.csv, scaling.png")
 
