@@ -352,8 +352,11 @@ def run_grid(grid: list[tuple[int, int, str]], offloads: list[str], config: Path
                     r = results[-1]
                     if r["status"] == "ok":
                         r["marginal_bytes_per_flow"] = marginal(results, r)
-                    if r["status"] == "ok" and r["dropped"]:
-                        r["note"] = f"{r['dropped']:,} packets dropped"
+                    if r["status"] == "ok":  # the trace is made to be forwarded whole
+                        lost, extra_flows = p - r["forwarded"], r["flows_total"] - n
+                        r["note"] = "; ".join(
+                            ([f"{lost:,} packets not forwarded"] if lost else [])
+                            + ([f"{r['flows_total']:,} flows"] if extra_flows else []))
                     console.log(f"{n:,} flows × {p:,} packets, {o}: " + (
                         f"{r['ns_per_packet']:,.0f} ns/packet ({r['cpu_ns_per_packet']:,.0f} "
                         f"CPU), {r['bytes_per_flow']:,.0f} B/flow"
