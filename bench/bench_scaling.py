@@ -264,6 +264,10 @@ def write_plot(path: Path, results: list[dict[str, Any]], title: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         if ok:
             ax.legend(fontsize=7)
+            lo, hi = ax.get_ylim()
+            if hi < 10 * lo:  # at least a decade: a few percent must not look like a slope
+                mid = math.sqrt(lo * hi)
+                ax.set_ylim(mid / math.sqrt(10), mid * math.sqrt(10))
     ax_t.set_title("time per packet (flat: constant cost per packet)")
     ax_m.set_title("memory per flow (flat: memory linear in flows)")
     fig.suptitle(title, fontsize=10)
