@@ -1,24 +1,27 @@
 """Scaling: time per packet and memory per flow of `flowshift replay` as flows and packets grow.
 
-    python bench/bench_scaling.py [--flows 1e4,1e5,1e6,1e7] [--packets 1e6,1e7,5e7] [--quick]
-        [--offload never,elephant] [--max-memory 16] [--timeout 3600] [--workdir DIR] [--keep]
-        [--out-dir DIR]
+    python bench/bench_scaling.py [--flows 1e4,1e5,1e6,1e7] [--packets 1e6,1e7,5e7]
+        [--per-flow 4,40] [--quick] [--offload never,elephant] [--max-memory 16]
+        [--timeout 3600] [--workdir DIR] [--keep] [--out-dir DIR]
 
-Each point of the grid (concurrent flows × packets) is a trace of that many TCP flows, all
-open at once and taking turns until the packets are written (bench/scaling_trace.py), replayed
-through bench/offload-host.toml (firewall + SNAT) with each offload policy. Every replay runs
-in a process of its own that first replays a small trace (imports, compiled engine, first
-allocations), then takes its resident memory as the base, resets the peak and replays the
-point: the peak beyond the base is the memory the point's flows and packets needed.
+Each point of the grid (concurrent flows × packets, or flows × packets per flow) is a trace of
+that many TCP flows, all open at once and taking turns until the packets are written
+(bench/scaling_trace.py), replayed through bench/offload-host.toml (firewall + SNAT) with each
+offload policy. Every replay runs in a process of its own that first replays a small trace
+(imports, compiled engine, first allocations), then takes its resident memory as the base,
+resets the peak and replays the point: the peak beyond the base is the memory the point's flows
+and packets needed. Time is taken both as wall time and as the process's CPU time (the steadier
+figure on a shared machine).
 
-Guards: a point whose memory, estimated from the bytes per flow of the largest point already
+Guards: a point whose memory, estimated from what each flow added at the largest points already
 measured with the same policy, would pass --max-memory is skipped, and so is one whose time,
 estimated the same way, would pass --timeout; a replay still running at --timeout, or whose
 resident memory passes --max-memory, is stopped. Each is recorded with its reason.
 
-Writes scaling.json, scaling.csv and scaling.png (log-log: ns per packet and bytes per flow
-against concurrent flows) to --out-dir. Uses only the trace writer, `run_replay` and the
-replay's report: whatever the engines are today, this measures them.
+Writes scaling.json, scaling.csv and scaling.png (log-log: CPU ns per packet and bytes per flow
+against concurrent flows; docs/performance.md tells how to read it) to --out-dir. Uses only the
+trace writer, `run_replay` and the replay's report: whatever the engines are today, this
+measures them.
 """
 
 from __future__ import annotations
