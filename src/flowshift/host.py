@@ -361,9 +361,10 @@ class Host:
             return rows
         vnic.drain()  # the PNIC is quiet: nothing of ours in flight
         # the rows lo..hi only, as views of the batch: a pass costs what is left of it
-        part = BatchResults(res.index0 + lo, res.buf, *(a[lo:hi] for a in (
-            res.offset, res.caplen, res.wire_len, res.linktype, res.ts, res.verdict, res.reason,
-            res.rule, res.tier, res.machine, res.direction)))
+        part = BatchResults(res.index0 + lo, res.buf, res.offset[lo:hi], res.caplen[lo:hi],
+                            res.wire_len[lo:hi], res.linktype[lo:hi], res.ts[lo:hi],
+                            res.verdict[lo:hi], res.reason[lo:hi], res.rule[lo:hi],
+                            res.tier[lo:hi], res.machine[lo:hi], res.direction[lo:hi])
         select = np.zeros(hi - lo, np.bool_)
         select[rows - lo] = True
         returned = vnic.link.run_batch(part, select, clock[lo:hi])
