@@ -49,7 +49,7 @@ def test_after_warm_any_caller_runs_the_compiled_kernel() -> None:
 def test_warm_step_is_shown_and_says_whether_it_compiled() -> None:
     out = io.StringIO()
     warm_engine(Console(file=out, width=100))
-    assert "PNIC engine loaded in" in out.getvalue() or "PNIC engine compiled in" in out.getvalue()
+    assert "engine loaded in" in out.getvalue() or "engine compiled in" in out.getvalue()
     assert "not counted in the replay's time" in out.getvalue()
 
 
@@ -107,7 +107,7 @@ def test_compiling_ahead_fills_the_cache_in_another_process(tmp_path: Path) -> N
     assert out.returncode == 0, out.stderr
     where, shown, counts, again = out.stdout.strip().splitlines()
     assert where == str(copy / "flowshift" / "__init__.py")
-    assert shown.startswith("PNIC engine compiled in the background, ready in")
+    assert shown.startswith("engine compiled in the background, ready in")
     assert counts == "0 True"  # loaded here, not compiled
     assert again == "True"
     assert list((tmp_path / "flowshift" / "numba").rglob("*.nbi"))

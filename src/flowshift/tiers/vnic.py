@@ -107,6 +107,9 @@ class Vnic:
         self.alive = True  # the PNIC is there at all (a crash ends it)
         self.pnic_flows = 0  # entries the PNIC holds or is being sent
         self.pnic_owned: dict[FlowKey, Flow] = {}  # shadows of PNIC-owned flows
+        # pnic_owned by last_seen (ties in their order), built when room is needed and kept
+        # until a shadow comes, goes or changes: a full PNIC refuses many offers in a row
+        self._lru: list[Flow] | None = None
         self.backoff: dict[FlowKey, int] = {}  # flow -> packet count before the next offer
         self.batch: list[Pending] = []  # packets for the PNIC, not sent yet
         self.seq = 0
@@ -255,11 +258,9 @@ class Vnic:
 
     def _make_room(self, candidate: Flow) -> None:
         """Take back the least recently used PNIC flow if it sat idle for the candidate's life."""
-        lru = None
-        for flow in self.pnic_owned.values():
-            if not self.queue.in_transit(flow.key) and (lru is None
-                                                        or flow.last_seen < lru.last_seen):
-                lru = flow
+        if self._lru is None:
+            self._lru = sorted(self.pnic_owned.values(), key=lambda f: f.last_seen)
+        lru = next((f for f in self._lru if not self.queue.in_transit(f.key)), None)
         if lru is not None and lru.last_seen < candidate.created:
             self.seq += 1
             self.queue.start(self.seq, lru.key)
@@ -494,6 +495,7 @@ class Vnic:
             return
         hit[0].owner = _PNIC
         self.pnic_owned[fkey] = hit[0]
+        self._lru = None
         self.stats.offloads_to_pnic += 1
         self.stats.events.append((at, "offload", str(fkey)))
         self._release(fkey)
@@ -526,6 +528,7 @@ class Vnic:
             self._reject("unknown-flow")
             return
         del self.pnic_owned[fkey]
+        self._lru = None
         chain = self.chains[fkey.zone]
         assert chain is not None
         old = chain.flows.get(fkey)
@@ -578,6 +581,8 @@ class Vnic:
             return
         shadow.tcp, shadow.status = reported.tcp, reported.status
         shadow.packets, shadow.bytes = reported.packets, reported.bytes
+        if shadow.last_seen != reported.last_seen:
+            self._lru = None
         shadow.last_seen, shadow.expires = reported.last_seen, reported.expires
 
     def _release(self, fkey: FlowKey) -> None:
@@ -617,6 +622,7 @@ class Vnic:
         self.healthy = self.alive = False
         self.link.close()
         owned, self.pnic_owned = self.pnic_owned, {}
+        self._lru = None
         for flow in owned.values():
             chain = self.chains[flow.machine]
             resume(flow, now, chain.knobs if chain is not None else DEFAULT_KNOBS)
