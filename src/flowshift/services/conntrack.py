@@ -11,8 +11,10 @@ a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]`
 
 from __future__ import annotations
 
+import heapq
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
     DEFAULT_KNOBS,
@@ -25,7 +27,7 @@ from flowshift.conntrack_types import (  # the Linux defaults, shared with the P
     UDP_TIMEOUT_UNREPLIED,
     Knobs,
 )
-from flowshift.entry import Flow, Status
+from flowshift.entry import Flow, Status, Tier
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 
 __all__ = ["GENERIC_TIMEOUT", "ICMP_TIMEOUT", "SECOND", "UDP_STREAM_AFTER", "UDP_TIMEOUT_REPLIED",
@@ -37,6 +39,7 @@ ICMPV6_ECHO_REQUEST = 128
 
 _SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds enum members
 _ASSURED = int(Status.ASSURED)
+_PNIC = int(Tier.PNIC)
 
 
 def udp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
@@ -82,11 +85,27 @@ def bucket_of(key: FlowKey, buckets: int) -> int:
     return zlib.crc32(head + key.src + key.dst + ports) % buckets
 
 
+@dataclass(slots=True)
+class _Deadline:
+    """A flow of a bounded table as its deadline heap knows it."""
+
+    added: int  # add number: the table's order, and the heap's tie-break
+    due: int | None  # the expiry of its one valid heap entry (None: none, a PNIC-owned flow)
+    flow: Flow | None  # None once removed: a stale heap entry does not keep the flow alive
+
+
 class FlowTable:
     """Flows of one chain, by both of their keys.
 
     A bounded table (`buckets` > 0, Linux's nf_conntrack_max) also keeps each flow in the hash
-    buckets of both its tuples, as Linux's table does, for `early_drop`.
+    buckets of both its tuples, as Linux's table does, for `early_drop`, and a deadline heap
+    of its flows, so that the sweep a new flow at the limit runs looks only at the flows whose
+    timeout may have passed: the cost of a new flow does not grow with the table.
+
+    The heap holds each flow's expiry as last seen, never later than the flow's own: `add`
+    records it, a sweep that finds it moved on pushes it again, and whoever moves a flow's
+    expiry earlier in place, or hands a PNIC-owned flow back to software without `add`, calls
+    `touch` (the chain after each packet of a tracked flow, the VNIC after a PNIC crash).
     """
 
     def __init__(self, buckets: int = 0) -> None:
@@ -96,6 +115,10 @@ class FlowTable:
         self.get: Callable[[FlowKey], tuple[Flow, int] | None] = self._by_key.get
         self.buckets = buckets
         self._bucket: dict[int, list[Flow]] = {}  # bucket -> its flows, oldest first
+        # bounded: the heap of (expiry, add number, deadline), and each flow's deadline by id
+        self._heap: list[tuple[int, int, _Deadline]] = []
+        self._deadline: dict[int, _Deadline] = {}
+        self._adds = 0
 
     def __len__(self) -> int:
         return len(self._by_key) // 2
@@ -113,12 +136,32 @@ class FlowTable:
         if old is not None and old[0] is not flow:
             self.remove(old[0])  # an entry that replaces its flow's older copy
         elif old is not None:
+            self.touch(flow)
             return
         self._by_key[flow.key] = (flow, 0)
         self._by_key[flow.reply_key] = (flow, 1)
         if self.buckets:
             for b in self._homes(flow):
                 self._bucket.setdefault(b, []).append(flow)
+            self._adds += 1
+            d = self._deadline[id(flow)] = _Deadline(self._adds, flow.expires, flow)
+            self._push(d, flow.expires)
+
+    def touch(self, flow: Flow) -> None:
+        """`flow`'s expiry moved in place (or it is software's again): the sweep sees it."""
+        d = self._deadline.get(id(flow))
+        if d is not None and d.flow is flow and (d.due is None or flow.expires < d.due):
+            d.due = flow.expires
+            self._push(d, flow.expires)
+
+    def _push(self, d: _Deadline, due: int) -> None:
+        """The heap entry of `d` (`d.due` is `due`; its entries at other times are stale)."""
+        heap = self._heap
+        heapq.heappush(heap, (due, d.added, d))
+        if len(heap) > 2 * len(self._deadline) + 64:  # mostly stale entries: rebuild
+            heap[:] = [(e.due, e.added, e) for e in self._deadline.values()
+                       if e.due is not None]
+            heapq.heapify(heap)
 
     def remove(self, flow: Flow) -> None:
         for key in (flow.key, flow.reply_key):
@@ -126,6 +169,10 @@ class FlowTable:
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
         if self.buckets:
+            d = self._deadline.get(id(flow))
+            if d is not None and d.flow is flow:
+                del self._deadline[id(flow)]
+                d.flow = None
             for b in self._homes(flow):
                 chain = self._bucket.get(b)
                 if chain is not None:
@@ -139,14 +186,51 @@ class FlowTable:
     def sweep(self, now: int, keep: int = -1,
               spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
         """Remove flows whose timeout has passed; flows owned by tier `keep`, and flows for
-        which `spare(key)` is true (packets of theirs not decided yet), are left alone.
+        which `spare(key)` is true (packets of theirs not decided yet), are left alone. The
+        flows removed, in the order they were added.
 
-        A scan of the whole table: no per-flow timer state, so a million flows cost nothing
-        between sweeps.
+        Unbounded, or keeping flows of a tier other than the PNIC: a scan of the whole table
+        (no per-flow timer state, so a million flows cost nothing between sweeps). Bounded and
+        keeping the PNIC's flows (a sweep at the limit): only the flows the heap says are due.
         """
+        if self.buckets and keep == _PNIC:
+            return self._sweep_due(now, spare)
         gone = [flow for flow, direction in self._by_key.values()
                 if direction == 0 and flow.expires <= now and flow.owner != keep
                 and (spare is None or not spare(flow.key))]
+        for flow in gone:
+            self.remove(flow)
+        return gone
+
+    def _sweep_due(self, now: int, spare: Callable[[FlowKey], bool] | None) -> list[Flow]:
+        heap, by_key = self._heap, self._by_key
+        due: list[tuple[int, Flow]] = []
+        spared: list[tuple[_Deadline, int]] = []
+        while heap and heap[0][0] <= now:
+            expires, _, d = heapq.heappop(heap)
+            flow = d.flow
+            if flow is None or d.due != expires:
+                continue  # stale: the flow left, or has an entry at another time
+            d.due = None  # handled below: a duplicate of this entry is stale now
+            hit = by_key.get(flow.key)
+            if hit is None or hit[0] is not flow or hit[1] != 0:
+                # its key was taken over by another flow: not the table's to sweep
+                del self._deadline[id(flow)]
+                d.flow = None
+            elif flow.owner == _PNIC:
+                pass  # the PNIC's: `add` or `touch` when it comes back
+            elif flow.expires > now:
+                d.due = flow.expires
+                heapq.heappush(heap, (d.due, d.added, d))
+            elif spare is not None and spare(flow.key):
+                spared.append((d, flow.expires))
+            else:
+                due.append((d.added, flow))
+        for d, expires in spared:  # due still: looked at again by the next sweep
+            d.due = expires
+            heapq.heappush(heap, (expires, d.added, d))
+        due.sort(key=lambda a: a[0])
+        gone = [flow for _, flow in due]
         for flow in gone:
             self.remove(flow)
         return gone
