@@ -12,6 +12,7 @@ a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]`
 from __future__ import annotations
 
 import heapq
+import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -77,12 +78,28 @@ def generic_timeout(flow: Flow, knobs: Knobs = DEFAULT_KNOBS) -> int:
     return knobs.generic_timeout
 
 
+_HEAD = struct.Struct("!BBI")  # family, protocol, zone
+_PORTS = struct.Struct("!HH")
+
+
+def _bucket(family: int, proto: int, zone: int, src: bytes, dst: bytes, sport: int, dport: int,
+            buckets: int) -> int:
+    return zlib.crc32(_HEAD.pack(family, proto, zone) + src + dst
+                      + _PORTS.pack(sport, dport)) % buckets
+
+
 def bucket_of(key: FlowKey, buckets: int) -> int:
     """The hash bucket of one tuple in a bounded table: a fixed hash (CRC-32 of the tuple),
     so that early drop picks the same entries in every run, whatever PYTHONHASHSEED is."""
-    head = bytes((key.family, key.proto)) + key.zone.to_bytes(4, "big")
-    ports = key.sport.to_bytes(2, "big") + key.dport.to_bytes(2, "big")
-    return zlib.crc32(head + key.src + key.dst + ports) % buckets
+    return _bucket(*key, buckets)
+
+
+def _homes(flow: Flow, buckets: int) -> tuple[int, ...]:
+    """The buckets of both tuples of a flow (its reply tuple: the translated one reversed)."""
+    x = flow.xlat
+    one = bucket_of(flow.key, buckets)
+    two = _bucket(x.family, x.proto, x.zone, x.dst, x.src, x.dport, x.sport, buckets)
+    return (one,) if one == two else (one, two)
 
 
 @dataclass(slots=True)
@@ -92,6 +109,8 @@ class _Deadline:
     added: int  # add number: the table's order, and the heap's tie-break
     due: int | None  # the expiry of its one valid heap entry (None: none, a PNIC-owned flow)
     flow: Flow | None  # None once removed: a stale heap entry does not keep the flow alive
+    reply: FlowKey  # its reply tuple and hash buckets, as added
+    homes: tuple[int, ...]
 
 
 class FlowTable:
@@ -128,9 +147,6 @@ class FlowTable:
             if direction == 0:
                 yield flow
 
-    def _homes(self, flow: Flow) -> set[int]:
-        return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
-
     def add(self, flow: Flow) -> None:
         old = self._by_key.get(flow.key)
         if old is not None and old[0] is not flow:
@@ -138,13 +154,16 @@ class FlowTable:
         elif old is not None:
             self.touch(flow)
             return
+        reply = flow.reply_key
         self._by_key[flow.key] = (flow, 0)
-        self._by_key[flow.reply_key] = (flow, 1)
+        self._by_key[reply] = (flow, 1)
         if self.buckets:
-            for b in self._homes(flow):
+            homes = _homes(flow, self.buckets)
+            for b in homes:
                 self._bucket.setdefault(b, []).append(flow)
             self._adds += 1
-            d = self._deadline[id(flow)] = _Deadline(self._adds, flow.expires, flow)
+            d = _Deadline(self._adds, flow.expires, flow, reply, homes)
+            self._deadline[id(flow)] = d
             self._push(d, flow.expires)
 
     def touch(self, flow: Flow) -> None:
@@ -164,16 +183,18 @@ class FlowTable:
             heapq.heapify(heap)
 
     def remove(self, flow: Flow) -> None:
-        for key in (flow.key, flow.reply_key):
+        d = self._deadline.get(id(flow)) if self.buckets else None
+        if d is not None and d.flow is not flow:
+            d = None
+        for key in (flow.key, flow.reply_key if d is None else d.reply):
             hit = self._by_key.get(key)
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
         if self.buckets:
-            d = self._deadline.get(id(flow))
-            if d is not None and d.flow is flow:
+            if d is not None:
                 del self._deadline[id(flow)]
                 d.flow = None
-            for b in self._homes(flow):
+            for b in _homes(flow, self.buckets) if d is None else d.homes:
                 chain = self._bucket.get(b)
                 if chain is not None:
                     for i, other in enumerate(chain):
@@ -204,6 +225,8 @@ class FlowTable:
 
     def _sweep_due(self, now: int, spare: Callable[[FlowKey], bool] | None) -> list[Flow]:
         heap, by_key = self._heap, self._by_key
+        if not heap or heap[0][0] > now:
+            return []  # nothing due: the common case in a flood
         due: list[tuple[int, Flow]] = []
         spared: list[tuple[_Deadline, int]] = []
         while heap and heap[0][0] <= now:
@@ -214,9 +237,7 @@ class FlowTable:
             d.due = None  # handled below: a duplicate of this entry is stale now
             hit = by_key.get(flow.key)
             if hit is None or hit[0] is not flow or hit[1] != 0:
-                # its key was taken over by another flow: not the table's to sweep
-                del self._deadline[id(flow)]
-                d.flow = None
+                pass  # its key was taken over by another flow: not the table's to sweep
             elif flow.owner == _PNIC:
                 pass  # the PNIC's: `add` or `touch` when it comes back
             elif flow.expires > now:
