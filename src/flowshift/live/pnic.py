@@ -392,6 +392,7 @@ class PnicVnic:
             flow = shadow
             resume(flow, now)
             flow.owner = Tier.VNIC
+            chain.flows.touch(flow)  # software's again: a bounded table's sweep must see it
         else:
             flow = Flow.from_bytes(raw)
             chain.flows.remove(shadow)
@@ -534,6 +535,7 @@ class PnicVnic:
             flow = o.flow
             resume(flow, now)
             flow.owner = Tier.VNIC
+            self.pipeline.chains[flow.key.zone].flows.touch(flow)  # swept again
             self._carried(o, flow)
             r = self.stats.returned
             r[ReturnReason.CRASH.label] = r.get(ReturnReason.CRASH.label, 0) + 1

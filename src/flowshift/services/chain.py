@@ -208,6 +208,8 @@ class Chain:
             flow, fdir = hit
             out = process_flow(pkt, flow, fdir, now, self.knobs)
             if out is not None:
+                if self.flows.buckets:  # its expiry may have moved earlier (FIN, RST)
+                    self.flows.touch(flow)
                 return out
             self.flows.remove(flow)  # TCP reopen: the old conntrack is gone, start anew
         return self._new(pkt, key, direction, now)

@@ -11,8 +11,11 @@ a 600 s timeout. Every timeout comes from the chain's `Knobs` (its `[conntrack]`
 
 from __future__ import annotations
 
+import heapq
+import struct
 import zlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from flowshift.conntrack_types import (  # the Linux defaults, shared with the PNIC kernels
@@ -26,7 +29,7 @@ from flowshift.conntrack_types import (  # the Linux defaults, shared with the P
     UDP_TIMEOUT_UNREPLIED,
     Knobs,
 )
-from flowshift.entry import Flow, Status
+from flowshift.entry import Flow, Status, Tier
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 
 __all__ = ["GENERIC_TIMEOUT", "ICMP_TIMEOUT", "SECOND", "UDP_STREAM_AFTER", "UDP_TIMEOUT_REPLIED",
@@ -38,6 +41,7 @@ ICMPV6_ECHO_REQUEST = 128
 
 _SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds enum members
 _ASSURED = int(Status.ASSURED)
+_PNIC = int(Tier.PNIC)
 
 
 def udp_update(flow: Flow, direction: int, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
@@ -75,12 +79,39 @@ def generic_timeout(flow: Flow, knobs: Knobs = DEFAULT_KNOBS) -> int:
     return knobs.generic_timeout
 
 
+_HEAD = struct.Struct("!BBI")  # family, protocol, zone
+_PORTS = struct.Struct("!HH")
+
+
+def _bucket(family: int, proto: int, zone: int, src: bytes, dst: bytes, sport: int, dport: int,
+            buckets: int) -> int:
+    return zlib.crc32(_HEAD.pack(family, proto, zone) + src + dst
+                      + _PORTS.pack(sport, dport)) % buckets
+
+
 def bucket_of(key: FlowKey, buckets: int) -> int:
     """The hash bucket of one tuple in a bounded table: a fixed hash (CRC-32 of the tuple),
     so that early drop picks the same entries in every run, whatever PYTHONHASHSEED is."""
-    head = bytes((key.family, key.proto)) + key.zone.to_bytes(4, "big")
-    ports = key.sport.to_bytes(2, "big") + key.dport.to_bytes(2, "big")
-    return zlib.crc32(head + key.src + key.dst + ports) % buckets
+    return _bucket(*key, buckets)
+
+
+def _homes(flow: Flow, buckets: int) -> tuple[int, ...]:
+    """The buckets of both tuples of a flow (its reply tuple: the translated one reversed)."""
+    x = flow.xlat
+    one = bucket_of(flow.key, buckets)
+    two = _bucket(x.family, x.proto, x.zone, x.dst, x.src, x.dport, x.sport, buckets)
+    return (one,) if one == two else (one, two)
+
+
+@dataclass(slots=True)
+class _Deadline:
+    """A flow of a bounded table as its deadline heap knows it."""
+
+    added: int  # add number: the table's order, and the heap's tie-break
+    due: int | None  # the expiry of its one valid heap entry (None: none, a PNIC-owned flow)
+    flow: Flow | None  # None once removed: a stale heap entry does not keep the flow alive
+    reply: FlowKey  # its reply tuple and hash buckets, as added
+    homes: tuple[int, ...]
 
 
 class Cache(Protocol):
@@ -100,9 +131,18 @@ class FlowTable:
     """Flows of one chain, by both of their keys.
 
     A bounded table (`buckets` > 0, Linux's nf_conntrack_max) also keeps each flow in the hash
-    buckets of both its tuples, as Linux's table does, for `early_drop`. With a `cache`, some
-    flows (`cached` of them) live there as entries, not here: every read here finds them
-    there and takes them back first.
+    buckets of both its tuples, as Linux's table does, for `early_drop`, and a deadline heap
+    of its flows, so that the sweep a new flow at the limit runs looks only at the flows whose
+    timeout may have passed: the cost of a new flow does not grow with the table.
+
+    The heap holds each flow's expiry as last seen, never later than the flow's own: `add`
+    records it, a sweep that finds it moved on pushes it again, and whoever moves a flow's
+    expiry earlier in place, or hands a PNIC-owned flow back to software without `add`, calls
+    `touch` (the chain after each packet of a tracked flow, the VNIC after a PNIC crash).
+
+    With a `cache`, some flows (`cached` of them) live there as entries, not here: every read
+    here finds them there and takes them back first (they come back through `attach`, with
+    their expiry as it stands).
     """
 
     def __init__(self, buckets: int = 0) -> None:
@@ -114,6 +154,10 @@ class FlowTable:
         self.cached = 0
         self.buckets = buckets
         self._bucket: dict[int, list[Flow]] = {}  # bucket -> its flows, oldest first
+        # bounded: the heap of (expiry, add number, deadline), and each flow's deadline by id
+        self._heap: list[tuple[int, int, _Deadline]] = []
+        self._deadline: dict[int, _Deadline] = {}
+        self._adds = 0
 
     def __len__(self) -> int:
         return len(self._by_key) // 2 + self.cached
@@ -146,36 +190,62 @@ class FlowTable:
         self.cached -= 1
         self._insert(flow)
 
-    def _homes(self, flow: Flow) -> set[int]:
-        return {bucket_of(flow.key, self.buckets), bucket_of(flow.reply_key, self.buckets)}
+    def holds(self, flow: Flow) -> bool:
+        """Is this very flow in the table (not dropped, not replaced)?"""
+        hit = self._by_key.get(flow.key)
+        return hit is not None and hit[0] is flow
 
     def add(self, flow: Flow) -> None:
         old = self.get(flow.key)
         if old is not None and old[0] is not flow:
             self.remove(old[0])  # an entry that replaces its flow's older copy
         elif old is not None:
+            self.touch(flow)
             return
         self._insert(flow)
 
     def _insert(self, flow: Flow) -> None:
+        reply = flow.reply_key
         self._by_key[flow.key] = (flow, 0)
-        self._by_key[flow.reply_key] = (flow, 1)
+        self._by_key[reply] = (flow, 1)
         if self.buckets:
-            for b in self._homes(flow):
+            homes = _homes(flow, self.buckets)
+            for b in homes:
                 self._bucket.setdefault(b, []).append(flow)
+            self._adds += 1
+            d = _Deadline(self._adds, flow.expires, flow, reply, homes)
+            self._deadline[id(flow)] = d
+            self._push(d, flow.expires)
 
-    def holds(self, flow: Flow) -> bool:
-        """Is this very flow in the table (not dropped, not replaced)?"""
-        hit = self._by_key.get(flow.key)
-        return hit is not None and hit[0] is flow
+    def touch(self, flow: Flow) -> None:
+        """`flow`'s expiry moved in place (or it is software's again): the sweep sees it."""
+        d = self._deadline.get(id(flow))
+        if d is not None and d.flow is flow and (d.due is None or flow.expires < d.due):
+            d.due = flow.expires
+            self._push(d, flow.expires)
+
+    def _push(self, d: _Deadline, due: int) -> None:
+        """The heap entry of `d` (`d.due` is `due`; its entries at other times are stale)."""
+        heap = self._heap
+        heapq.heappush(heap, (due, d.added, d))
+        if len(heap) > 2 * len(self._deadline) + 64:  # mostly stale entries: rebuild
+            heap[:] = [(e.due, e.added, e) for e in self._deadline.values()
+                       if e.due is not None]
+            heapq.heapify(heap)
 
     def remove(self, flow: Flow) -> None:
-        for key in (flow.key, flow.reply_key):
+        d = self._deadline.get(id(flow)) if self.buckets else None
+        if d is not None and d.flow is not flow:
+            d = None
+        for key in (flow.key, flow.reply_key if d is None else d.reply):
             hit = self._by_key.get(key)
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
         if self.buckets:
-            for b in self._homes(flow):
+            if d is not None:
+                del self._deadline[id(flow)]
+                d.flow = None
+            for b in _homes(flow, self.buckets) if d is None else d.homes:
                 chain = self._bucket.get(b)
                 if chain is not None:
                     for i, other in enumerate(chain):
@@ -188,16 +258,53 @@ class FlowTable:
     def sweep(self, now: int, keep: int = -1,
               spare: Callable[[FlowKey], bool] | None = None) -> list[Flow]:
         """Remove flows whose timeout has passed; flows owned by tier `keep`, and flows for
-        which `spare(key)` is true (packets of theirs not decided yet), are left alone.
+        which `spare(key)` is true (packets of theirs not decided yet), are left alone. The
+        flows removed, in the order they were added.
 
-        A scan of the whole table: no per-flow timer state, so a million flows cost nothing
-        between sweeps.
+        Unbounded, or keeping flows of a tier other than the PNIC: a scan of the whole table
+        (no per-flow timer state, so a million flows cost nothing between sweeps). Bounded and
+        keeping the PNIC's flows (a sweep at the limit): only the flows the heap says are due.
         """
         if self.cache is not None:
             self.cache.expire(now)  # a cached flow's expiry is the cache's: expired ones back
+        if self.buckets and keep == _PNIC:
+            return self._sweep_due(now, spare)
         gone = [flow for flow, direction in self._by_key.values()
                 if direction == 0 and flow.expires <= now and flow.owner != keep
                 and (spare is None or not spare(flow.key))]
+        for flow in gone:
+            self.remove(flow)
+        return gone
+
+    def _sweep_due(self, now: int, spare: Callable[[FlowKey], bool] | None) -> list[Flow]:
+        heap, by_key = self._heap, self._by_key
+        if not heap or heap[0][0] > now:
+            return []  # nothing due: the common case in a flood
+        due: list[tuple[int, Flow]] = []
+        spared: list[tuple[_Deadline, int]] = []
+        while heap and heap[0][0] <= now:
+            expires, _, d = heapq.heappop(heap)
+            flow = d.flow
+            if flow is None or d.due != expires:
+                continue  # stale: the flow left, or has an entry at another time
+            d.due = None  # handled below: a duplicate of this entry is stale now
+            hit = by_key.get(flow.key)
+            if hit is None or hit[0] is not flow or hit[1] != 0:
+                pass  # its key was taken over by another flow: not the table's to sweep
+            elif flow.owner == _PNIC:
+                pass  # the PNIC's: `add` or `touch` when it comes back
+            elif flow.expires > now:
+                d.due = flow.expires
+                heapq.heappush(heap, (d.due, d.added, d))
+            elif spare is not None and spare(flow.key):
+                spared.append((d, flow.expires))
+            else:
+                due.append((d.added, flow))
+        for d, expires in spared:  # due still: looked at again by the next sweep
+            d.due = expires
+            heapq.heappush(heap, (expires, d.added, d))
+        due.sort(key=lambda a: a[0])
+        gone = [flow for _, flow in due]
         for flow in gone:
             self.remove(flow)
         return gone

@@ -627,6 +627,8 @@ class Vnic:
             chain = self.chains[flow.machine]
             resume(flow, now, chain.knobs if chain is not None else DEFAULT_KNOBS)
             flow.owner = _VNIC
+            if chain is not None:  # software's again: a bounded table's sweep must see it
+                chain.flows.touch(flow)
             self.pnic_flows -= 1
             self.stats.count(self.stats.returned, ReturnReason.CRASH.label)
             self.stats.events.append((now, "return", ReturnReason.CRASH.label))
