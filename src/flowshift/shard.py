@@ -24,6 +24,7 @@ fragments, IPv6 extension headers, parse errors) go through `parse()` and `Class
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,9 +35,17 @@ import numpy as np
 
 from flowshift.config import HostConfig
 from flowshift.flow import EGRESS
-from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.batch import CORRUPT, Batch, _caplen_at, _walk, read_batches
+from flowshift.packet.batch import FULL as WHOLE
 from flowshift.packet.parse import parse
-from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
+from flowshift.packet.pcap import (
+    PcapHeader,
+    PcapWriter,
+    TraceError,
+    corrupt_record_problem,
+    open_trace,
+    truncated_record_problem,
+)
 from flowshift.packet.view import Packet, ParseError
 from flowshift.tiers._pnic_batch import classify
 from flowshift.tiers._pnic_mem import kernel
@@ -56,6 +65,10 @@ from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import _compile_classifier, _words
 
 BATCH = 65536
+# a shard reading the whole trace: bytes of it per batch of the shard's packets, and bytes
+# read at a time (parsed while still in the processor's cache)
+PIECE = 1 << 25
+SIP = 1 << 20
 FRAGMENTS_MAX = 1 << 16  # datagrams whose first fragment's shard is remembered
 _PORTED = (6, 17)  # TCP, UDP: the outside port is part of the key
 _V6_EXT = {0: "hop", 43: "routing", 60: "dest", 51: "ah"}  # skipped when looking for 44
@@ -210,6 +223,174 @@ class Split:
         return np.flatnonzero(self.shard == k)
 
 
+class _Piece:
+    """A piece of a classic pcap: its bytes, and its whole records as a batch of views into
+    them with the shard of each."""
+
+    def __init__(self, size: int, slots: int, linktype: int) -> None:
+        self.buf = np.empty(size, np.uint8)
+        self.linktype = linktype
+        self._grow(slots)
+
+    def _grow(self, slots: int) -> None:
+        old = getattr(self, "ts", None)
+        arrays = [np.empty(slots, t) for t in (np.int64, np.uint32, np.uint32, np.int64,
+                                                np.int32)]
+        if old is not None:
+            for new, was in zip(arrays, (self.ts, self.caplen, self.wire, self.src,
+                                         self.shard), strict=True):
+                new[:len(was)] = was
+        self.ts, self.caplen, self.wire, self.src, self.shard = arrays
+        self.linktypes = np.full(slots, self.linktype, np.uint16)
+
+    def frames(self, lo: int, hi: int, filled: int) -> Batch:
+        return Batch(ts_ns=self.ts[lo:hi], caplen=self.caplen[lo:hi], wire_len=self.wire[lo:hi],
+                     linktype=self.linktypes[lo:hi], offset=self.src[lo:hi],
+                     buf=self.buf[:filled])
+
+
+def _pieces(trace: str | os.PathLike[str], sharder: Sharder
+            ) -> Iterator[tuple[Batch, np.ndarray]]:
+    """The frames of a trace, a piece at a time, with the shard of each. The trace's problem
+    comes on the last piece (an empty one when needed). A classic pcap is read into two
+    buffers in turn, `PIECE` bytes each, a piece's frames left where they were read (each
+    piece is recycled for the one after next, as `read_batches(reuse=True)` does); pcapng
+    comes from `read_batches`."""
+    reader = open_trace(trace)
+    header = reader.pcap_header
+    reader.close()
+    if header is None:
+        for batch in read_batches(trace, BATCH):
+            yield batch, sharder.assign(batch)
+        return
+    yield from _pcap_pieces(reader.path, header, sharder)
+
+
+def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
+                 ) -> Iterator[tuple[Batch, np.ndarray]]:
+    # the record walk of packet/batch.py (its `_walk`), each `SIP` bytes as they are read
+    frac_ns = 1 if header.nanosecond else 1000
+    limit, big = header.record_limit, header.big_endian
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise TraceError(f"cannot open trace: {path} ({e.strerror})") from None
+    pieces: list[_Piece] = []
+    problem = None
+    base = 24  # file offset of the piece's first byte
+    carry = np.empty(0, np.uint8)  # the start of a record the last piece cut
+    with file:
+        file.seek(24)
+        while problem is None:
+            if len(pieces) < 2:
+                pieces.append(_Piece(PIECE, PIECE // 512, header.linktype))
+            p = pieces[0]
+            pieces.reverse()
+            buf = p.buf
+            left = len(carry)
+            need = 16 + (_caplen_at(carry, 0, big) if left >= 16 else 0)
+            if need > len(buf) and need <= 16 + limit:  # a record longer than a piece
+                buf = p.buf = np.empty(need, np.uint8)
+            buf[:left] = carry
+            filled, pos, n = left, 0, 0
+            end = False
+            while filled < len(buf):
+                got = file.readinto(buf.data[filled:min(filled + SIP, len(buf))])
+                filled += got
+                while True:
+                    m, pos, why = _walk(buf[:filled], pos, big, frac_ns, limit, n, p.ts,
+                                        p.caplen, p.wire, p.src)
+                    if m > n:
+                        p.shard[n:m] = sharder.assign(p.frames(n, m, filled))
+                    n = m
+                    if why != WHOLE:
+                        break
+                    p._grow(2 * len(p.ts))
+                if why == CORRUPT:
+                    problem = corrupt_record_problem(base + pos, _caplen_at(buf, pos, big),
+                                                     header.snaplen)
+                    break
+                if not got:  # end of file
+                    end = True
+                    if filled > pos:
+                        need = 16 + (_caplen_at(buf, pos, big) if filled - pos >= 16 else 0)
+                        problem = truncated_record_problem(base + pos, need, filled - pos)
+                    break
+            carry = buf[pos:filled].copy()
+            base += pos
+            batch = p.frames(0, n, filled)
+            batch.problem = problem
+            if n or problem:
+                yield batch, p.shard[:n]
+            if end:
+                break
+
+
+class Part:
+    """Shard `k` of `n` read straight from the whole trace: its packets in input order, a
+    batch per piece of the trace, with the trace's `problem` on the last. No shard file is
+    written: every shard reads the whole trace and keeps its packets, so the split runs in
+    parallel, in the workers. A batch's arrays are recycled for the batch after the next
+    one, as `read_batches(reuse=True)` does.
+
+    After the batches are read: `index` (the input position of each of its packets),
+    `first_ns`/`end_ns` (the whole trace's first and latest packet), `counts` (packets per
+    shard, of all shards), and the wall and processor time the reading and picking took (not
+    counting the consumer's time between batches)."""
+
+    def __init__(self, trace: str | os.PathLike[str], config: HostConfig, k: int, n: int
+                 ) -> None:
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k} of {n}")
+        self.trace, self.k, self.n = trace, k, n
+        self.sharder = Sharder(config, n)
+        self.index = np.empty(0, np.int64)
+        self.first_ns: int | None = None
+        self.end_ns: int | None = None
+        self.counts = [0] * n
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        k, trace = self.k, self.trace
+        parts: list[np.ndarray] = []
+        counts = np.zeros(self.n, np.int64)
+        linktype: int | None = None
+        seen = 0
+        for batch, shard in _pieces(trace, self.sharder):
+            m = len(batch)
+            if m:
+                if linktype is None:
+                    linktype = int(batch.linktype[0])
+                    self.first_ns = int(batch.ts_ns[0])
+                if np.any(batch.linktype != linktype):
+                    raise ShardError(f"{os.fspath(trace)}: the trace mixes link types; a "
+                                     "sharded replay needs one (split it by interface first)")
+                top = int(batch.ts_ns.max())
+                self.end_ns = top if self.end_ns is None else max(self.end_ns, top)
+                counts += np.bincount(shard, minlength=self.n)
+            sel = np.flatnonzero(shard == k)
+            parts.append(sel + seen)
+            seen += m
+            if len(sel) or batch.problem:
+                own = Batch(ts_ns=batch.ts_ns[sel], caplen=batch.caplen[sel],
+                            wire_len=batch.wire_len[sel], linktype=batch.linktype[sel],
+                            offset=batch.offset[sel], buf=batch.buf, problem=batch.problem)
+                self._spent(wall, cpu)
+                yield own
+                wall, cpu = time.perf_counter(), time.process_time()
+        self.index = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        self.counts = counts.tolist()
+        if self.first_ns is not None and self.end_ns is not None:
+            self.end_ns = max(self.end_ns, self.first_ns)
+        self._spent(wall, cpu)
+
+    def _spent(self, wall: float, cpu: float) -> None:
+        self.seconds += time.perf_counter() - wall
+        self.cpu_seconds += time.process_time() - cpu
+
+
 def _batches(trace: str | os.PathLike[str]) -> Iterator[Batch]:
     # reuse: each batch is written out before the one after next is read
     yield from read_batches(trace, BATCH, reuse=True)
@@ -218,8 +399,6 @@ def _batches(trace: str | os.PathLike[str]) -> Iterator[Batch]:
 def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
                 workdir: str | os.PathLike[str]) -> Split:
     """Write shard k's packets to workdir/shard-k.pcap (timestamps and lengths kept)."""
-    import time
-
     started = time.perf_counter()
     with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
         fmt = reader.format
@@ -259,4 +438,4 @@ def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
                  np.bincount(shard_of, minlength=n).tolist())
 
 
-__all__ = ["ShardError", "Sharder", "Split", "TraceError", "endpoint_shard", "split_trace"]
+__all__ = ["Part", "ShardError", "Sharder", "Split", "TraceError", "endpoint_shard", "split_trace"]
