@@ -29,7 +29,7 @@ from flowshift.replay import (
     check_request,
     run_replay,
 )
-from flowshift.shard import Part
+from flowshift.shard import Part, Placement, place
 from flowshift.shard_merge import (
     merge_dumps,
     merge_packets,
@@ -41,8 +41,10 @@ from flowshift.shard_merge import (
 # What sharding changes, stated in every sharded report (docs/scale.md).
 SEMANTICS = {
     "key": "the flow's outside endpoint: egress destination, ingress source (address, "
-           "protocol, and the port for TCP/UDP); ICMP errors follow the quoted flow, "
-           "non-first fragments their first fragment; packets of no machine go to shard 0",
+           "protocol, and the port for TCP/UDP), its hash, or the shard the busiest "
+           "endpoints of a sample of the trace are placed in to balance packets; ICMP errors "
+           "follow the quoted flow, non-first fragments their first fragment; packets of no "
+           "machine go to shard 0",
     "exact": "output packets, verdicts and flow dumps equal the serial run's whenever every "
              "decision is per flow: policy never, or machines that start on the VNIC, with "
              "no PNIC refusal for room, no round-robin pool and no idle return",
@@ -81,7 +83,8 @@ def shard_capacities(capacity: int, n: int) -> list[int]:
     return [capacity // n + (1 if k < capacity % n else 0) for k in range(n)]
 
 
-def replay_part(trace: str, config: dict[str, Any], k: int, n: int, options: dict[str, Any]
+def replay_part(trace: str, config: dict[str, Any], k: int, n: int, placement: Placement,
+                options: dict[str, Any]
                 ) -> tuple[dict[str, Any], np.ndarray, list[int], int | None, int | None]:
     """Shard k of n's replay; runs on a worker, reading the whole trace. Arguments are plain
     data for any executor. Returns the report (its `timing` with the worker's `cpu_seconds`
@@ -93,7 +96,7 @@ def replay_part(trace: str, config: dict[str, Any], k: int, n: int, options: dic
                           "Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
     cpu = time.process_time()
     cfg = parse_config(config, "<shard config>")
-    part = Part(trace, cfg, k, n)
+    part = Part(trace, cfg, k, n, placement)
     report = run_replay(trace, cfg, progress=False, part=part, **options)
     timing = report["timing"]
     timing["cpu_seconds"] = round(time.process_time() - cpu, 6)
@@ -196,6 +199,7 @@ def _run_sharded(
     try:
         n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
         caps = shard_capacities(total_capacity, n)
+        placement = place(trace, cfg, n)
         base = to_dict(cfg)
         status.show(f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on "
                     f"{ex.kind}")
@@ -213,7 +217,8 @@ def _run_sharded(
                 "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
                 "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
             }
-            futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, options))
+            futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
+                                     options))
         done = [f.result() for f in futures]
         replayed = time.perf_counter() - replayed
         reports = [d[0] for d in done]
@@ -280,6 +285,7 @@ def _run_sharded(
         "shards": n,
         "packets": counts,
         "pnic_capacity": caps,
+        "placed_endpoints": len(placement),
         "cluster": ex.describe(),
         # every shard reads the whole trace and keeps its packets, at the same time: the
         # split is the slowest shard's picking, part of replay_seconds
