@@ -425,7 +425,7 @@ def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
         file.seek(24)
         while problem is None:
             if len(pieces) < 2:
-                pieces.append(_Piece(PIECE, PIECE // 512, header.linktype))
+                pieces.append(_Piece(PIECE, max(PIECE // 512, 64), header.linktype))
             p = pieces[0]
             pieces.reverse()
             buf = p.buf
@@ -447,7 +447,7 @@ def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
                     n = m
                     if why != WHOLE:
                         break
-                    p._grow(2 * len(p.ts))
+                    p._grow(max(2 * len(p.ts), 64))
                 if why == CORRUPT:
                     problem = corrupt_record_problem(base + pos, _caplen_at(buf, pos, big),
                                                      header.snaplen)
