@@ -80,7 +80,7 @@ class ShardError(Exception):
 
 
 @kernel(inline=True)
-def _key(hi: int, lo: int, port: int, proto: int) -> int:
+def _key(hi: int, lo: int, port: int, proto: int) -> np.uint64:
     """splitmix64 over the endpoint words: the endpoint's key, the same in every process."""
     x = np.uint64(hi) ^ (np.uint64(lo) * np.uint64(0x9E3779B97F4A7C15))
     x ^= np.uint64((port << 8) | proto) * np.uint64(0xBF58476D1CE4E5B9)
@@ -89,11 +89,11 @@ def _key(hi: int, lo: int, port: int, proto: int) -> int:
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
-    return x  # type: ignore[no-any-return]
+    return x
 
 
 @kernel(inline=True)
-def _place(x: int, keys: np.ndarray, shards: np.ndarray, n: int) -> int:
+def _place(x: np.uint64, keys: np.ndarray, shards: np.ndarray, n: int) -> int:
     """The shard of endpoint key x: its placement when it has one, else the key mod n."""
     for j in range(len(keys)):
         if keys[j] == x:
@@ -103,7 +103,7 @@ def _place(x: int, keys: np.ndarray, shards: np.ndarray, n: int) -> int:
 
 @kernel(inline=True)
 def _frame_key(buf: np.ndarray, s: int, caplen: int, wire: int, linktype: int,
-               inside: np.ndarray, public: np.ndarray, f: np.ndarray) -> tuple[int, int]:
+               inside: np.ndarray, public: np.ndarray, f: np.ndarray) -> tuple[int, np.uint64]:
     """(1, key) for a frame of a machine with a plain key; (0, 0): no machine's; (-1, 0):
     `parse()` must decide."""
     if parse_frame(buf, s, caplen, wire, linktype, f) != FULL:
@@ -200,7 +200,7 @@ def _resync(chunk: np.ndarray, big: bool, limit: int, frac_max: int) -> int:
         for _ in range(_SANE_RUN):
             if q + 16 > len(chunk):
                 return -1
-            cap = _u32(chunk, q + 8, big)
+            cap = int(_u32(chunk, q + 8, big))
             if (cap == 0 or cap > limit or _u32(chunk, q + 12, big) < cap
                     or _u32(chunk, q + 4, big) >= frac_max):
                 break
@@ -219,9 +219,8 @@ def _sample(trace: str | os.PathLike[str], sharder: Sharder) -> tuple[np.ndarray
     reader.close()
     frames: list[Batch] = []
     if header is None:
-        batches = read_batches(trace, SAMPLE)
-        frames = [b for b in [next(batches, None)] if b is not None]
-        batches.close()
+        head = next(iter(read_batches(trace, SAMPLE)), None)  # pcapng: the reader closes
+        frames = [head] if head is not None else []
     else:
         size = os.path.getsize(reader.path)
         frac = 1 if header.nanosecond else 1000
@@ -372,16 +371,18 @@ class _Piece:
     def __init__(self, size: int, slots: int, linktype: int) -> None:
         self.buf = np.empty(size, np.uint8)
         self.linktype = linktype
+        self.ts = np.empty(0, np.int64)
+        self.caplen = np.empty(0, np.uint32)
+        self.wire = np.empty(0, np.uint32)
+        self.src = np.empty(0, np.int64)
+        self.shard = np.empty(0, np.int32)
         self._grow(slots)
 
     def _grow(self, slots: int) -> None:
-        old = getattr(self, "ts", None)
-        arrays = [np.empty(slots, t) for t in (np.int64, np.uint32, np.uint32, np.int64,
-                                                np.int32)]
-        if old is not None:
-            for new, was in zip(arrays, (self.ts, self.caplen, self.wire, self.src,
-                                         self.shard), strict=True):
-                new[:len(was)] = was
+        was: tuple[np.ndarray, ...] = (self.ts, self.caplen, self.wire, self.src, self.shard)
+        arrays = [np.empty(slots, a.dtype) for a in was]
+        for new, old in zip(arrays, was, strict=True):
+            new[:len(old)] = old
         self.ts, self.caplen, self.wire, self.src, self.shard = arrays
         self.linktypes = np.full(slots, self.linktype, np.uint16)
 
