@@ -18,10 +18,12 @@ builds (generated once per work dir). Measures:
   flowshift and its compiled kernels); the measured runs after it find the workers warm.
 
 Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
-critical path (split + slowest shard + merge; for a sweep, the busiest worker). On a machine
-shared with other work, wall-time ratios fall towards 1 or below while the processor-time
-ratio shows what an idle machine with a core per worker would approach (for a sweep: the
-points' processor times, alone, scheduled longest first on the workers).
+critical path (the slowest shard, which reads the whole trace, + merge; for a sweep, the
+busiest worker). On a machine shared with other work, wall-time ratios fall towards 1 or
+below (Linux's autogroup gives a session one share of the processors, however many
+processes it runs) while the processor-time ratio shows what an idle machine with a core per
+worker would approach (for a sweep: the points' processor times, alone, scheduled longest
+first on the workers).
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str,
     wall, serial_s, serial_cpu = r["timing"]["wall_seconds"], serial["wall_seconds"], serial[
         "cpu_seconds"]
     path = critical_cpu(r)
-    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (split "
-                 f"{s['split_seconds']:.2f} s, shards {s['replay_seconds']:.2f} s, merge "
+    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (shards "
+                 f"{s['replay_seconds']:.2f} s, of which split {s['split_seconds']:.2f} s; merge "
                  f"{s['merge_seconds']:.2f} s); processor time on the critical path "
                  f"{path:.2f} s: {serial_cpu / path:.2f}× serial's"))
     return {"serial_s": serial_s, "sharded_s": wall, "speedup": serial_s / wall,
@@ -80,11 +82,11 @@ def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str,
 
 
 def critical_cpu(report: dict[str, Any]) -> float:
-    """Processor seconds on a sharded run's critical path: the split, the slowest shard, the
-    merge. On an idle machine with a core per worker, the wall time tends to this."""
+    """Processor seconds on a sharded run's critical path: the slowest shard (its reading of
+    the whole trace, the split, included), then the merge. On an idle machine with a core per
+    worker, the wall time tends to this."""
     s = report["sharding"]
-    return (s["split_cpu_seconds"] + s["merge_cpu_seconds"]
-            + max(r["timing"]["cpu_seconds"] for r in report["shards"]))
+    return s["merge_cpu_seconds"] + max(r["timing"]["cpu_seconds"] for r in report["shards"])
 
 
 def makespan(seconds: list[float], workers: int) -> float:
@@ -211,7 +213,7 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
                                  f"baseline; {mice['serial_cpu_s']:.2f} s processor time"))
                     rows.append((f"the same, --workers {workers} on processes",
                                  f"{mice['sharded_s']:.2f} s",
-                                 f"{mice['speedup']:.2f}× serial (split "
+                                 f"{mice['speedup']:.2f}× serial (split in each shard "
                                  f"{mice['split_s']:.2f} s); processor time on the critical "
                                  f"path: {mice['idle_speedup_estimate']:.2f}× serial's"))
                     results["sweep"] = sweep = sweep_figures(trace, pool, scratch)

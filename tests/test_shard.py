@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowshift import cluster
+from flowshift import shard as shard_module
 from flowshift.cli import main
 from flowshift.commands.demo import build_trace, demo_config_text
 from flowshift.config import HostConfig, load_config, parse_config, to_dict
@@ -28,7 +29,7 @@ from flowshift.packet.checksum import checksum
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import PcapWriter
 from flowshift.replay import run_replay
-from flowshift.shard import Sharder, split_trace
+from flowshift.shard import Part, Sharder, place, split_trace
 from flowshift.shard_replay import run_sharded, shard_capacities
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
@@ -217,7 +218,7 @@ def test_real_capture_never_offloading_is_exact_with_maglev(tmp_path: Path, pool
 def independent(tmp: Path, trace: Path, cfg: HostConfig, n: int, **kw: Any) -> list[list[str]]:
     """The stated semantics spelled out: each shard replayed alone, with its own capacity and
     pools, then put back in input order."""
-    split = split_trace(trace, cfg, n, tmp)
+    split = split_trace(trace, cfg, n, tmp, place(trace, cfg, n))
     caps = shard_capacities(cfg.pnic.capacity, n)
     per_shard = []
     for k in range(n):
@@ -369,6 +370,145 @@ def test_timers_run_on_each_shards_clock(tmp_path: Path, pool: Any,
     _, b = both(tmp_path, trace, cfg, pool)
     assert b["offloads"]["returned"].get("idle", 0) > 0
     assert rows_of(tmp_path / "b.csv") == independent(tmp_path, trace, cfg, 2)
+
+
+# -- every shard reading the whole trace ------------------------------------------------------
+
+
+def own_frames(part: Part) -> list[tuple[int, int, bytes]]:
+    """The packets a Part gives, copied as they come (its buffers are recycled)."""
+    out = []
+    for b in part:
+        out.extend((int(b.ts_ns[i]), int(b.wire_len[i]), b.frame(i)) for i in range(len(b)))
+    return out
+
+
+def file_frames(path: Path) -> list[tuple[int, int, bytes]]:
+    return [(int(b.ts_ns[i]), int(b.wire_len[i]), b.frame(i))
+            for b in read_batches(path) for i in range(len(b))]
+
+
+class Pieces:
+    """shard.PIECE and shard.SIP set for a while: small pieces cut records, reads cut them."""
+
+    def __init__(self, piece: int, sip: int) -> None:
+        self.sizes = piece, sip
+
+    def __enter__(self) -> None:
+        self.saved = shard_module.PIECE, shard_module.SIP
+        shard_module.PIECE, shard_module.SIP = self.sizes
+
+    def __exit__(self, *exc: object) -> None:
+        shard_module.PIECE, shard_module.SIP = self.saved
+
+
+@pytest.fixture(scope="module")
+def collisions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, HostConfig]:
+    cfg = parse_config(__import__("tomllib").loads(GATEWAY))
+    return collision_trace(tmp_path_factory.mktemp("collisions"), cfg), cfg
+
+
+@settings(max_examples=15, deadline=None)
+@given(piece=st.integers(40, 1 << 14), sip=st.integers(200, 5000), n=st.integers(1, 3),
+       cut=st.one_of(st.none(), st.integers(25, 60_000)))
+def test_a_part_holds_what_its_shard_trace_holds(
+        tmp_path_factory: pytest.TempPathFactory, collisions: tuple[Path, HostConfig],
+        piece: int, sip: int, n: int, cut: int | None) -> None:
+    """Every shard reading the whole trace, in pieces of any size and reads of any size
+    (records cut by both, records longer than a piece, a trace that breaks off anywhere), keeps
+    the packets its shard trace holds, in order, and knows where each came from."""
+    trace, cfg = collisions
+    if cut is not None:
+        data = trace.read_bytes()
+        trace = tmp_path_factory.mktemp("cut") / "cut.pcap"
+        trace.write_bytes(data[:cut])
+    split = split_trace(trace, cfg, n, tmp_path_factory.mktemp("split"))
+    problem = list(read_batches(trace))[-1].problem
+    with Pieces(piece, sip):
+        for k in range(n):
+            part = Part(trace, cfg, k, n)
+            last = None
+            got = []
+            for b in part:
+                got.extend((int(b.ts_ns[i]), int(b.wire_len[i]), b.frame(i))
+                           for i in range(len(b)))
+                last = b
+            assert got == file_frames(split.paths[k])
+            assert part.index.tolist() == split.index(k).tolist()
+            assert part.counts == split.counts
+            assert (part.first_ns, part.end_ns) == (split.first_ts, split.last_ts)
+            assert (last.problem if last is not None else None) == problem
+
+
+def test_a_corrupt_record_ends_every_part_with_the_readers_problem(
+        tmp_path: Path, collisions: tuple[Path, HostConfig]) -> None:
+    trace, cfg = collisions
+    data = bytearray(trace.read_bytes())
+    at = 24 + 16 + int.from_bytes(data[24 + 8:24 + 12], "little")  # the second record
+    data[at + 8:at + 12] = (1 << 30).to_bytes(4, "little")
+    bad = tmp_path / "bad.pcap"
+    bad.write_bytes(bytes(data))
+    problem = list(read_batches(bad))[-1].problem
+    assert problem is not None and "corrupt record" in problem
+    with Pieces(4096, 100):
+        batches = [(len(b), b.problem) for b in Part(bad, cfg, 0, 1)]
+    assert batches == [(1, problem)]
+
+
+def as_pcapng(trace: Path, path: Path) -> Path:
+    """A classic pcap's frames as pcapng: a section, one Ethernet interface (microseconds)."""
+    def block(kind: int, body: bytes) -> bytes:
+        body += bytes(-len(body) % 4)
+        size = (12 + len(body)).to_bytes(4, "little")
+        return kind.to_bytes(4, "little") + size + body + size
+
+    out = [block(0x0A0D0D0A, (0x1A2B3C4D).to_bytes(4, "little") + bytes([1, 0, 0, 0])
+                 + (2**64 - 1).to_bytes(8, "little")),
+           block(1, (1).to_bytes(2, "little") + bytes(2) + (65535).to_bytes(4, "little"))]
+    for ts, wire, frame in file_frames(trace):
+        us = ts // 1000
+        out.append(block(6, bytes(4) + (us >> 32).to_bytes(4, "little")
+                         + (us & 0xFFFFFFFF).to_bytes(4, "little")
+                         + len(frame).to_bytes(4, "little") + wire.to_bytes(4, "little")
+                         + frame))
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def test_a_part_of_a_pcapng_trace(tmp_path: Path, collisions: tuple[Path, HostConfig]) -> None:
+    trace, cfg = collisions
+    pcapng = as_pcapng(trace, tmp_path / "t.pcapng")
+    split = split_trace(pcapng, cfg, 2, tmp_path)
+    for k in range(2):
+        part = Part(pcapng, cfg, k, 2)
+        assert own_frames(part) == file_frames(split.paths[k])
+        assert part.index.tolist() == split.index(k).tolist()
+
+
+def test_small_pieces_replay_as_the_shard_trace(tmp_path: Path,
+                                                demo: tuple[Path, HostConfig]) -> None:
+    """A shard replayed from the whole trace, a small piece at a time, decides every packet as
+    the replay of its own trace file does, timers and a binding capacity included: how the
+    packets are batched changes nothing."""
+    trace, cfg = demo
+    data = to_dict(cfg)
+    for m in data["machine"]:
+        m["start"] = "vnic"
+    data["offload"].update(policy="always", idle_timeout=0.2, report_interval=0.05)
+    data["pnic"]["capacity"] = 2
+    cfg = parse_config(data)
+    placement = place(trace, cfg, 2)
+    split = split_trace(trace, cfg, 2, tmp_path, placement)
+    with Pieces(3000, 700):
+        for k in range(2):
+            a = run_replay(split.paths[k], cfg, verdicts=tmp_path / "a.csv",
+                           out=tmp_path / "a.pcap", progress=False, origin_ns=split.first_ts,
+                           end_ns=split.last_ts)
+            b = run_replay(trace, cfg, verdicts=tmp_path / "b.csv", out=tmp_path / "b.pcap",
+                           progress=False, part=Part(trace, cfg, k, 2, placement))
+            assert same_file(tmp_path, "csv") and same_file(tmp_path, "pcap")
+            assert a["offloads"] == b["offloads"] and a["packets"] == b["packets"]
+            assert b["offloads"]["to_pnic"] > 0
 
 
 # -- the command line and the cluster ---------------------------------------------------------

@@ -14,11 +14,11 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
@@ -45,6 +45,15 @@ BATCH = 65536  # packets read and decided at a time
 # PNIC changes.
 ACTIONS = ("dump", "withdraw", "crash")
 LABELS = {v: v.label for v in Verdict}
+
+
+class Part(Protocol):
+    """A part of a trace replayed alone (a shard, shard.Part): its batches, and the whole
+    trace's latest packet, known once they are read."""
+
+    end_ns: int | None
+
+    def __iter__(self) -> Iterator[Batch]: ...
 
 
 class ReplayError(Exception):
@@ -172,6 +181,7 @@ def run_replay(
     origin_ns: int | None = None,
     end_ns: int | None = None,
     plot_data: str | os.PathLike[str] | None = None,
+    part: Part | None = None,
     engine: str = "compiled",
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
@@ -185,6 +195,8 @@ def run_replay(
     part of a larger trace (a shard, see shard.py): schedule times and verdict times count
     from the origin, and actions past the end happen at the end, as in the whole trace.
     `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts.
+    `part`: replay these packets of `trace` only (its first packet is still the origin, and
+    the part's `end_ns` the end when `end_ns` is not given).
     `engine`: "compiled" (established flows of the software tiers run on their compiled fast
     path) or "reference" (every software packet in Python); the results are identical."""
     with AtomicOutputs() as files:
@@ -192,7 +204,8 @@ def run_replay(
                        plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
                        capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
                        dump_at=dump_at, dump_path=dump_path, progress=progress,
-                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data, engine=engine)
+                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data,
+                       part=part, engine=engine)
 
 
 def _replay(
@@ -216,6 +229,7 @@ def _replay(
     origin_ns: int | None,
     end_ns: int | None,
     plot_data: str | os.PathLike[str] | None,
+    part: Part | None,
     engine: str = "compiled",
 ) -> dict[str, Any]:
     outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
@@ -271,11 +285,15 @@ def _replay(
         if bar is not None:
             stack.enter_context(bar[0])
         dump_temp = temps.get("dump-flows")
-        fired = run.replay(read_batches(trace, BATCH, reuse=True), schedule, dump_temp, bar)
+        source: Iterable[Batch] = part if part is not None else read_batches(
+            trace, BATCH, reuse=True)
+        fired = run.replay(iter(source), schedule, dump_temp, bar)
         run.host.finish()
         for done in run.host.ready():  # batches that waited for fragments to the end
             run.drain(done)
         latest = run.last_ts
+        if end_ns is None and part is not None:
+            end_ns = part.end_ns
         if end_ns is not None:
             run.last_ts = max(run.last_ts, end_ns)
         for t, action in schedule[len(fired):]:  # past the end of the trace

@@ -24,6 +24,7 @@ fragments, IPv6 extension headers, parse errors) go through `parse()` and `Class
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -34,9 +35,17 @@ import numpy as np
 
 from flowshift.config import HostConfig
 from flowshift.flow import EGRESS
-from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.batch import CORRUPT, Batch, _caplen_at, _u32, _walk, read_batches
+from flowshift.packet.batch import FULL as WHOLE
 from flowshift.packet.parse import parse
-from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
+from flowshift.packet.pcap import (
+    PcapHeader,
+    PcapWriter,
+    TraceError,
+    corrupt_record_problem,
+    open_trace,
+    truncated_record_problem,
+)
 from flowshift.packet.view import Packet, ParseError
 from flowshift.tiers._pnic_batch import classify
 from flowshift.tiers._pnic_mem import kernel
@@ -56,6 +65,10 @@ from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import _compile_classifier, _words
 
 BATCH = 65536
+# a shard reading the whole trace: bytes of it per batch of the shard's packets, and bytes
+# read at a time (parsed while still in the processor's cache)
+PIECE = 1 << 25
+SIP = 1 << 20
 FRAGMENTS_MAX = 1 << 16  # datagrams whose first fragment's shard is remembered
 _PORTED = (6, 17)  # TCP, UDP: the outside port is part of the key
 _V6_EXT = {0: "hop", 43: "routing", 60: "dest", 51: "ah"}  # skipped when looking for 44
@@ -67,8 +80,8 @@ class ShardError(Exception):
 
 
 @kernel(inline=True)
-def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
-    """splitmix64 over the endpoint words: the shard, the same in every process."""
+def _key(hi: int, lo: int, port: int, proto: int) -> np.uint64:
+    """splitmix64 over the endpoint words: the endpoint's key, the same in every process."""
     x = np.uint64(hi) ^ (np.uint64(lo) * np.uint64(0x9E3779B97F4A7C15))
     x ^= np.uint64((port << 8) | proto) * np.uint64(0xBF58476D1CE4E5B9)
     x ^= x >> np.uint64(30)
@@ -76,47 +89,82 @@ def _mix(hi: int, lo: int, port: int, proto: int, n: int) -> int:
     x ^= x >> np.uint64(27)
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
+    return x
+
+
+@kernel(inline=True)
+def _place(x: np.uint64, keys: np.ndarray, shards: np.ndarray, n: int) -> int:
+    """The shard of endpoint key x: its placement when it has one, else the key mod n."""
+    for j in range(len(keys)):
+        if keys[j] == x:
+            return int(shards[j])
     return int(x % np.uint64(n))
+
+
+@kernel(inline=True)
+def _frame_key(buf: np.ndarray, s: int, caplen: int, wire: int, linktype: int,
+               inside: np.ndarray, public: np.ndarray, f: np.ndarray) -> tuple[int, np.uint64]:
+    """(1, key) for a frame of a machine with a plain key; (0, 0): no machine's; (-1, 0):
+    `parse()` must decide."""
+    if parse_frame(buf, s, caplen, wire, linktype, f) != FULL:
+        return -1, np.uint64(0)
+    m, d = classify(f, inside, public)
+    if m < 0:
+        return 0, np.uint64(0)
+    proto = f[F_PROTO]
+    if d == 0:  # egress: the destination is outside
+        hi, lo, port = f[F_DST_HI], f[F_DST_LO], f[F_DPORT]
+    else:
+        hi, lo, port = f[F_SRC_HI], f[F_SRC_LO], f[F_SPORT]
+    if proto != 6 and proto != 17:
+        port = 0
+    return 1, _key(hi, lo, port, proto)
 
 
 @kernel()
 def _assign(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.ndarray,
             linktype: np.ndarray, inside: np.ndarray, public: np.ndarray, n: int,
-            out: np.ndarray, f: np.ndarray) -> None:
+            keys: np.ndarray, shards: np.ndarray, out: np.ndarray, f: np.ndarray) -> None:
     """out[i]: the shard of frame i, or -1 when `parse()` must decide (not a plain key).
     `f`: scratch for the parser's fields (the engine's kernels allocate nothing)."""
     for i in range(len(offset)):
-        if parse_frame(buf, offset[i], caplen[i], wire_len[i], linktype[i], f) != FULL:
-            out[i] = -1
-            continue
-        m, d = classify(f, inside, public)
-        if m < 0:
-            out[i] = 0
-            continue
-        proto = f[F_PROTO]
-        if d == 0:  # egress: the destination is outside
-            hi, lo, port = f[F_DST_HI], f[F_DST_LO], f[F_DPORT]
-        else:
-            hi, lo, port = f[F_SRC_HI], f[F_SRC_LO], f[F_SPORT]
-        if proto != 6 and proto != 17:
-            port = 0
-        out[i] = _mix(hi, lo, port, proto, n)
+        status, x = _frame_key(buf, offset[i], caplen[i], wire_len[i], linktype[i], inside,
+                               public, f)
+        out[i] = _place(x, keys, shards, n) if status > 0 else status
+
+
+@kernel()
+def _keys(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.ndarray,
+          linktype: np.ndarray, inside: np.ndarray, public: np.ndarray, out: np.ndarray,
+          plain: np.ndarray, f: np.ndarray) -> None:
+    """out[i]: the endpoint key of frame i where plain[i] (a machine's frame with a plain key)."""
+    for i in range(len(offset)):
+        status, x = _frame_key(buf, offset[i], caplen[i], wire_len[i], linktype[i], inside,
+                               public, f)
+        out[i] = x
+        plain[i] = status > 0
 
 
 @numba.njit(cache=True)
-def _mix_py(hi: int, lo: int, port: int, proto: int, n: int) -> int:
-    """_mix, callable from Python (an inlined kernel is not)."""
-    return _mix(hi, lo, port, proto, n)  # type: ignore[no-any-return]
+def _place_py(hi: int, lo: int, port: int, proto: int, n: int, keys: np.ndarray,
+              shards: np.ndarray) -> int:
+    """The kernels' shard of an endpoint, callable from Python (an inlined kernel is not)."""
+    return _place(_key(hi, lo, port, proto), keys, shards, n)  # type: ignore[no-any-return]
 
 
 def _signed(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-def endpoint_shard(addr: bytes, port: int, proto: int, n: int) -> int:
+NO_PLACEMENT = (np.empty(0, np.uint64), np.empty(0, np.int32))
+
+
+def endpoint_shard(addr: bytes, port: int, proto: int, n: int,
+                   placed: tuple[np.ndarray, np.ndarray] = NO_PLACEMENT) -> int:
     """The shard of an outside endpoint (what the kernel computes, for one packet)."""
     hi, lo = _words(addr)
-    return int(_mix_py(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n))
+    return int(_place_py(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n,
+                         *placed))
 
 
 def _fragment_id(pkt: Packet) -> int:
@@ -133,13 +181,116 @@ def _fragment_id(pkt: Packet) -> int:
     return int.from_bytes(data[i + 4:i + 8], "big")
 
 
+Placement = dict[int, int]  # endpoint key -> shard: the heavy endpoints, placed by `place`
+SAMPLES = 32  # places in a classic pcap that `place` looks at
+SAMPLE_BYTES = 1 << 19  # bytes read at each
+SAMPLE = 65536  # packets of a pcapng trace's head that `place` counts
+HEAVY = 64  # endpoints placed at most
+_SANE_RUN = 16  # records in a row that must look sane where a sample starts
+
+
+@numba.njit(cache=True)
+def _resync(chunk: np.ndarray, big: bool, limit: int, frac_max: int) -> int:
+    """The first position in chunk from which `_SANE_RUN` records in a row look like pcap
+    records (lengths within the limit, the wire length at least the captured one, a
+    fraction of a second below one), or -1. Only a sample's start: a wrong guess costs
+    balance, never a result."""
+    for p in range(len(chunk)):
+        q = p
+        for _ in range(_SANE_RUN):
+            if q + 16 > len(chunk):
+                return -1
+            cap = int(_u32(chunk, q + 8, big))
+            if (cap == 0 or cap > limit or _u32(chunk, q + 12, big) < cap
+                    or _u32(chunk, q + 4, big) >= frac_max):
+                break
+            q += 16 + cap
+        else:
+            return p
+    return -1
+
+
+def _sample(trace: str | os.PathLike[str], sharder: Sharder) -> tuple[np.ndarray, int]:
+    """Endpoint keys of packets from all along a trace (the machines' with plain keys), and
+    how many packets were looked at: a classic pcap is read at `SAMPLES` evenly spread
+    places, pcapng at its head."""
+    reader = open_trace(trace)
+    header = reader.pcap_header
+    reader.close()
+    frames: list[Batch] = []
+    if header is None:
+        head = next(iter(read_batches(trace, SAMPLE)), None)  # pcapng: the reader closes
+        frames = [head] if head is not None else []
+    else:
+        size = os.path.getsize(reader.path)
+        frac = 1 if header.nanosecond else 1000
+        slots = SAMPLE_BYTES // 16
+        with open(reader.path, "rb") as f:
+            for j in range(SAMPLES):
+                at = 24 + (size - 24) * j // SAMPLES
+                chunk = np.frombuffer(os.pread(f.fileno(), SAMPLE_BYTES, at), np.uint8)
+                start = 0 if j == 0 else _resync(chunk, header.big_endian,
+                                                 header.record_limit, 10**9 // frac)
+                if start < 0:
+                    continue
+                ts, src = np.empty(slots, np.int64), np.empty(slots, np.int64)
+                caplen, wire = np.empty(slots, np.uint32), np.empty(slots, np.uint32)
+                m, _, _ = _walk(chunk, start, header.big_endian, frac, header.record_limit,
+                                0, ts, caplen, wire, src)
+                frames.append(Batch(ts[:m], caplen[:m], wire[:m],
+                                    np.full(m, header.linktype, np.uint16), src[:m], chunk))
+    keys, looked = [], 0
+    for b in frames:
+        out = np.empty(len(b), np.uint64)
+        plain = np.empty(len(b), np.bool_)
+        _keys(b.buf, b.offset, b.caplen.astype(np.int64), b.wire_len.astype(np.int64),
+              b.linktype.astype(np.int64), sharder.inside, sharder.public, out, plain,
+              np.zeros(N_FIELDS, np.int64))
+        keys.append(out[plain])
+        looked += len(b)
+    return (np.concatenate(keys) if keys else np.empty(0, np.uint64)), looked
+
+
+def place(trace: str | os.PathLike[str], config: HostConfig, n: int) -> Placement:
+    """Where the heaviest outside endpoints go, so that the shards get about as many packets
+    each: the endpoints of packets sampled along the trace counted, the `HEAVY` busiest
+    (each at least 1/(8n) of the sample) given in turn to the shard with the fewest packets
+    so far, the others' packets counted where their hash puts them. A function of the
+    endpoint, as the hash is: a flow and every flow it could collide with still share a
+    shard."""
+    if n < 2:
+        return {}
+    keys, looked = _sample(trace, Sharder(config, n))
+    if not looked:
+        return {}
+    # the order is the packets' count, then the key: the same placement on every machine
+    uniq, count = np.unique(keys, return_counts=True)
+    order = np.lexsort((uniq, -count))
+    heavy = [i for i in order[:HEAVY].tolist() if count[i] * 8 * n >= looked]
+    loads = np.bincount((np.delete(uniq, heavy) % np.uint64(n)).astype(np.int64),
+                        weights=np.delete(count, heavy), minlength=n)
+    loads[0] += looked - len(keys)  # no machine's, or parsed in Python: shard 0 mostly
+    placement: Placement = {}
+    for i in heavy:
+        k = int(np.argmin(loads))
+        placement[int(uniq[i])] = k
+        loads[k] += count[i]
+    return placement
+
+
 class Sharder:
     """The shard of every frame, batch by batch, in input order (fragments need the order)."""
 
-    def __init__(self, config: HostConfig, n: int) -> None:
+    def __init__(self, config: HostConfig, n: int, placement: Placement | None = None
+                 ) -> None:
         if n < 1:
             raise ValueError(f"shards must be at least 1, not {n}")
         self.n = n
+        pairs = sorted((placement or {}).items())
+        self.placed = (np.array([k for k, _ in pairs], np.uint64),
+                       np.array([v for _, v in pairs], np.int32))
+        if len(pairs) and not (self.placed[1].min() >= 0 and self.placed[1].max() < n):
+            raise ValueError(f"a placement names a shard outside 0..{n - 1}")
         self.classifier = Classifier(config.machines)
         inside, public = _compile_classifier(self.classifier)
         # the kernel wants 2-D arrays even when a config has no public addresses
@@ -154,7 +305,8 @@ class Sharder:
             return out
         _assign(batch.buf, batch.offset, batch.caplen.astype(np.int64),
                 batch.wire_len.astype(np.int64), batch.linktype.astype(np.int64),
-                self.inside, self.public, self.n, out, np.zeros(N_FIELDS, np.int64))
+                self.inside, self.public, self.n, *self.placed, out,
+                np.zeros(N_FIELDS, np.int64))
         for i in np.flatnonzero(out < 0).tolist():
             pkt = parse(bytearray(batch.frame(i)), int(batch.linktype[i]),
                         int(batch.wire_len[i]))
@@ -175,20 +327,22 @@ class Sharder:
             if inner.error != ParseError.OK and inner.family == 0:
                 return 0
             if egress:
-                return endpoint_shard(inner.src, inner.sport, inner.proto, self.n)
-            return endpoint_shard(inner.dst, inner.dport, inner.proto, self.n)
+                return endpoint_shard(inner.src, inner.sport, inner.proto, self.n,
+                                      self.placed)
+            return endpoint_shard(inner.dst, inner.dport, inner.proto, self.n, self.placed)
         addr, port = (pkt.dst, pkt.dport) if egress else (pkt.src, pkt.sport)
         if not pkt.frag:
-            return endpoint_shard(addr, port, pkt.proto, self.n)
+            return endpoint_shard(addr, port, pkt.proto, self.n, self.placed)
         key = (pkt.family, pkt.src, pkt.dst, pkt.proto, _fragment_id(pkt))
         if pkt.frag_offset == 0:  # the first fragment carries the ports
-            shard = endpoint_shard(addr, port, pkt.proto, self.n)
+            shard = endpoint_shard(addr, port, pkt.proto, self.n, self.placed)
             if len(self.fragments) >= FRAGMENTS_MAX:
                 self.fragments.clear()
             self.fragments[key] = shard
             return shard
         hit = self.fragments.get(key)
-        return hit if hit is not None else endpoint_shard(addr, 0, pkt.proto, self.n)
+        return hit if hit is not None else endpoint_shard(addr, 0, pkt.proto, self.n,
+                                                          self.placed)
 
 
 @dataclass
@@ -210,23 +364,191 @@ class Split:
         return np.flatnonzero(self.shard == k)
 
 
+class _Piece:
+    """A piece of a classic pcap: its bytes, and its whole records as a batch of views into
+    them with the shard of each."""
+
+    def __init__(self, size: int, slots: int, linktype: int) -> None:
+        self.buf = np.empty(size, np.uint8)
+        self.linktype = linktype
+        self.ts = np.empty(0, np.int64)
+        self.caplen = np.empty(0, np.uint32)
+        self.wire = np.empty(0, np.uint32)
+        self.src = np.empty(0, np.int64)
+        self.shard = np.empty(0, np.int32)
+        self._grow(slots)
+
+    def _grow(self, slots: int) -> None:
+        was: tuple[np.ndarray, ...] = (self.ts, self.caplen, self.wire, self.src, self.shard)
+        arrays = [np.empty(slots, a.dtype) for a in was]
+        for new, old in zip(arrays, was, strict=True):
+            new[:len(old)] = old
+        self.ts, self.caplen, self.wire, self.src, self.shard = arrays
+        self.linktypes = np.full(slots, self.linktype, np.uint16)
+
+    def frames(self, lo: int, hi: int, filled: int) -> Batch:
+        return Batch(ts_ns=self.ts[lo:hi], caplen=self.caplen[lo:hi], wire_len=self.wire[lo:hi],
+                     linktype=self.linktypes[lo:hi], offset=self.src[lo:hi],
+                     buf=self.buf[:filled])
+
+
+def _pieces(trace: str | os.PathLike[str], sharder: Sharder
+            ) -> Iterator[tuple[Batch, np.ndarray]]:
+    """The frames of a trace, a piece at a time, with the shard of each. The trace's problem
+    comes on the last piece (an empty one when needed). A classic pcap is read into two
+    buffers in turn, `PIECE` bytes each, a piece's frames left where they were read (each
+    piece is recycled for the one after next, as `read_batches(reuse=True)` does); pcapng
+    comes from `read_batches`."""
+    reader = open_trace(trace)
+    header = reader.pcap_header
+    reader.close()
+    if header is None:
+        for batch in read_batches(trace, BATCH):
+            yield batch, sharder.assign(batch)
+        return
+    yield from _pcap_pieces(reader.path, header, sharder)
+
+
+def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
+                 ) -> Iterator[tuple[Batch, np.ndarray]]:
+    # the record walk of packet/batch.py (its `_walk`), each `SIP` bytes as they are read
+    frac_ns = 1 if header.nanosecond else 1000
+    limit, big = header.record_limit, header.big_endian
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise TraceError(f"cannot open trace: {path} ({e.strerror})") from None
+    pieces: list[_Piece] = []
+    problem = None
+    base = 24  # file offset of the piece's first byte
+    carry = np.empty(0, np.uint8)  # the start of a record the last piece cut
+    with file:
+        file.seek(24)
+        while problem is None:
+            if len(pieces) < 2:
+                pieces.append(_Piece(PIECE, max(PIECE // 512, 64), header.linktype))
+            p = pieces[0]
+            pieces.reverse()
+            buf = p.buf
+            left = len(carry)
+            need = 16 + (_caplen_at(carry, 0, big) if left >= 16 else 0)
+            if need > len(buf) and need <= 16 + limit:  # a record longer than a piece
+                buf = p.buf = np.empty(need, np.uint8)
+            buf[:left] = carry
+            filled, pos, n = left, 0, 0
+            end = False
+            while filled < len(buf):
+                got = file.readinto(buf.data[filled:min(filled + SIP, len(buf))])
+                filled += got
+                while True:
+                    m, pos, why = _walk(buf[:filled], pos, big, frac_ns, limit, n, p.ts,
+                                        p.caplen, p.wire, p.src)
+                    if m > n:
+                        p.shard[n:m] = sharder.assign(p.frames(n, m, filled))
+                    n = m
+                    if why != WHOLE:
+                        break
+                    p._grow(max(2 * len(p.ts), 64))
+                if why == CORRUPT:
+                    problem = corrupt_record_problem(base + pos, _caplen_at(buf, pos, big),
+                                                     header.snaplen)
+                    break
+                if not got:  # end of file
+                    end = True
+                    if filled > pos:
+                        need = 16 + (_caplen_at(buf, pos, big) if filled - pos >= 16 else 0)
+                        problem = truncated_record_problem(base + pos, need, filled - pos)
+                    break
+            carry = buf[pos:filled].copy()
+            base += pos
+            batch = p.frames(0, n, filled)
+            batch.problem = problem
+            if n or problem:
+                yield batch, p.shard[:n]
+            if end:
+                break
+
+
+class Part:
+    """Shard `k` of `n` read straight from the whole trace: its packets in input order, a
+    batch per piece of the trace, with the trace's `problem` on the last. No shard file is
+    written: every shard reads the whole trace and keeps its packets, so the split runs in
+    parallel, in the workers. A batch's arrays are recycled for the batch after the next
+    one, as `read_batches(reuse=True)` does.
+
+    After the batches are read: `index` (the input position of each of its packets),
+    `first_ns`/`end_ns` (the whole trace's first and latest packet), `counts` (packets per
+    shard, of all shards), and the wall and processor time the reading and picking took (not
+    counting the consumer's time between batches)."""
+
+    def __init__(self, trace: str | os.PathLike[str], config: HostConfig, k: int, n: int,
+                 placement: Placement | None = None) -> None:
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k} of {n}")
+        self.trace, self.k, self.n = trace, k, n
+        self.sharder = Sharder(config, n, placement)
+        self.index = np.empty(0, np.int64)
+        self.first_ns: int | None = None
+        self.end_ns: int | None = None
+        self.counts = [0] * n
+        self.seconds = 0.0
+        self.cpu_seconds = 0.0
+
+    def __iter__(self) -> Iterator[Batch]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        k, trace = self.k, self.trace
+        parts: list[np.ndarray] = []
+        counts = np.zeros(self.n, np.int64)
+        linktype: int | None = None
+        seen = 0
+        for batch, shard in _pieces(trace, self.sharder):
+            m = len(batch)
+            if m:
+                if linktype is None:
+                    linktype = int(batch.linktype[0])
+                    self.first_ns = int(batch.ts_ns[0])
+                if np.any(batch.linktype != linktype):
+                    raise ShardError(f"{os.fspath(trace)}: the trace mixes link types; a "
+                                     "sharded replay needs one (split it by interface first)")
+                top = int(batch.ts_ns.max())
+                self.end_ns = top if self.end_ns is None else max(self.end_ns, top)
+                counts += np.bincount(shard, minlength=self.n)
+            sel = np.flatnonzero(shard == k)
+            parts.append(sel + seen)
+            seen += m
+            if len(sel) or batch.problem:
+                own = Batch(ts_ns=batch.ts_ns[sel], caplen=batch.caplen[sel],
+                            wire_len=batch.wire_len[sel], linktype=batch.linktype[sel],
+                            offset=batch.offset[sel], buf=batch.buf, problem=batch.problem)
+                self._spent(wall, cpu)
+                yield own
+                wall, cpu = time.perf_counter(), time.process_time()
+        self.index = np.concatenate(parts) if parts else np.empty(0, np.int64)
+        self.counts = counts.tolist()
+        if self.first_ns is not None and self.end_ns is not None:
+            self.end_ns = max(self.end_ns, self.first_ns)
+        self._spent(wall, cpu)
+
+    def _spent(self, wall: float, cpu: float) -> None:
+        self.seconds += time.perf_counter() - wall
+        self.cpu_seconds += time.process_time() - cpu
+
+
 def _batches(trace: str | os.PathLike[str]) -> Iterator[Batch]:
     # reuse: each batch is written out before the one after next is read
     yield from read_batches(trace, BATCH, reuse=True)
 
 
 def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
-                workdir: str | os.PathLike[str]) -> Split:
+                workdir: str | os.PathLike[str], placement: Placement | None = None) -> Split:
     """Write shard k's packets to workdir/shard-k.pcap (timestamps and lengths kept)."""
-    import time
-
     started = time.perf_counter()
     with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
         fmt = reader.format
         first = next(iter(reader), None)
         linktype = first.linktype if first is not None else (
             reader.pcap_header.linktype if reader.pcap_header else 1)
-    sharder = Sharder(config, n)
+    sharder = Sharder(config, n, placement)
     paths = [Path(workdir) / f"shard-{k}.pcap" for k in range(n)]
     parts: list[np.ndarray] = []
     first_ts = last_ts = None
@@ -259,4 +581,5 @@ def split_trace(trace: str | os.PathLike[str], config: HostConfig, n: int,
                  np.bincount(shard_of, minlength=n).tolist())
 
 
-__all__ = ["ShardError", "Sharder", "Split", "TraceError", "endpoint_shard", "split_trace"]
+__all__ = ["Part", "Placement", "ShardError", "Sharder", "Split", "TraceError", "endpoint_shard",
+           "place", "split_trace"]

@@ -1,7 +1,8 @@
-"""A replay split across workers: split by outside endpoint (shard.py), one full `run_replay`
-per shard on an executor (cluster.py), and the outputs merged back in input order
-(shard_merge.py). docs/scale.md says which results are exactly the serial ones and which
-differ, by design, where the host keeps state across flows.
+"""A replay split across workers: one full `run_replay` per shard on an executor (cluster.py),
+each reading the whole trace and keeping its packets (shard.Part: split by outside endpoint),
+and the outputs merged back in input order (shard_merge.py). docs/scale.md says which results
+are exactly the serial ones and which differ, by design, where the host keeps state across
+flows.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flowshift.cluster import Executor, open_executor
 from flowshift.config import HostConfig, load_config, parse_config, to_dict
 from flowshift.flow import NS_PER_S as NS
 from flowshift.output import AtomicOutputs
+from flowshift.packet.pcap import open_trace
 from flowshift.replay import (
     ReplayError,
     _temporaries,
     check_request,
     run_replay,
 )
-from flowshift.shard import split_trace
+from flowshift.shard import Part, Placement, place
 from flowshift.shard_merge import (
     merge_dumps,
     merge_packets,
@@ -37,8 +41,10 @@ from flowshift.shard_merge import (
 # What sharding changes, stated in every sharded report (docs/scale.md).
 SEMANTICS = {
     "key": "the flow's outside endpoint: egress destination, ingress source (address, "
-           "protocol, and the port for TCP/UDP); ICMP errors follow the quoted flow, "
-           "non-first fragments their first fragment; packets of no machine go to shard 0",
+           "protocol, and the port for TCP/UDP), its hash, or the shard the busiest "
+           "endpoints of a sample of the trace are placed in to balance packets; ICMP errors "
+           "follow the quoted flow, non-first fragments their first fragment; packets of no "
+           "machine go to shard 0",
     "exact": "output packets, verdicts and flow dumps equal the serial run's whenever every "
              "decision is per flow: policy never, or machines that start on the VNIC, with "
              "no PNIC refusal for room, no round-robin pool and no idle return",
@@ -77,16 +83,35 @@ def shard_capacities(capacity: int, n: int) -> list[int]:
     return [capacity // n + (1 if k < capacity % n else 0) for k in range(n)]
 
 
-def replay_shard(trace: str, config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """One shard's replay; runs on a worker. Arguments are plain data for any executor."""
+def replay_part(trace: str, config: dict[str, Any], k: int, n: int, placement: Placement,
+                options: dict[str, Any]
+                ) -> tuple[dict[str, Any], np.ndarray, list[int], int | None, int | None]:
+    """Shard k of n's replay; runs on a worker, reading the whole trace. Arguments are plain
+    data for any executor. Returns the report (its `timing` with the worker's `cpu_seconds`
+    and the picking's `split_seconds`/`split_cpu_seconds`), the input position of each of the
+    shard's packets, the packets of every shard, and the whole trace's first and latest
+    packet time."""
     if options.get("pnic") == "process" and multiprocessing.current_process().daemon:
         raise ReplayError("--pnic process needs workers that may start processes: start the "
                           "Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
     cpu = time.process_time()
-    report = run_replay(trace, parse_config(config, "<shard config>"), progress=False,
-                        **options)
-    report["timing"]["cpu_seconds"] = round(time.process_time() - cpu, 6)
-    return report
+    cfg = parse_config(config, "<shard config>")
+    part = Part(trace, cfg, k, n, placement)
+    report = run_replay(trace, cfg, progress=False, part=part, **options)
+    timing = report["timing"]
+    timing["cpu_seconds"] = round(time.process_time() - cpu, 6)
+    timing["split_seconds"] = round(part.seconds, 6)
+    timing["split_cpu_seconds"] = round(part.cpu_seconds, 6)
+    return report, part.index, part.counts, part.first_ns, part.end_ns
+
+
+def _out_linktype(trace: str | os.PathLike[str]) -> int:
+    """The link type of the output trace: the first frame's, as in the serial run."""
+    with open_trace(trace) as reader:
+        first = next(iter(reader), None)
+        if first is not None:
+            return first.linktype
+        return reader.pcap_header.linktype if reader.pcap_header else 1
 
 
 def run_sharded(
@@ -163,6 +188,8 @@ def _run_sharded(
     temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
     cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=total_capacity))
 
+    with open_trace(trace) as reader:  # a TraceError, here, for a file that is not a trace
+        fmt = reader.format
     own = pool is None
     status = _Status(progress)
     status.show("starting the workers")
@@ -171,13 +198,11 @@ def _run_sharded(
     futures: list[Any] = []
     try:
         n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
-        status.show(f"splitting {os.path.basename(os.fspath(trace))} into {n} shards")
-        cpu = time.process_time()
-        split = split_trace(trace, cfg, n, work)
-        split_cpu = time.process_time() - cpu
         caps = shard_capacities(total_capacity, n)
+        placement = place(trace, cfg, n)
         base = to_dict(cfg)
-        status.show(f"replaying {n} shards on {ex.kind}")
+        status.show(f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on "
+                    f"{ex.kind}")
         replayed = time.perf_counter()
         need_rows = verdicts is not None or out is not None
         for k in range(n):
@@ -190,26 +215,29 @@ def _run_sharded(
                 "pnic": pnic, "crash_at": crash_at, "withdraw_at": withdraw_at,
                 "dump_at": dump_at,
                 "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
-                "origin_ns": split.first_ts, "end_ns": split.last_ts,
                 "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
             }
-            futures.append(ex.submit(replay_shard, os.fspath(split.paths[k]), shard_cfg,
+            futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
                                      options))
-        reports = [f.result() for f in futures]
+        done = [f.result() for f in futures]
         replayed = time.perf_counter() - replayed
+        reports = [d[0] for d in done]
+        index = [d[1] for d in done]
+        counts, first, last = done[0][2], done[0][3], done[0][4]
         status.show("merging the shards")
         merging = time.perf_counter()
         cpu = time.process_time()
-        index = [split.index(k) for k in range(n)]
         if need_rows:
-            leaving = merge_verdicts(split.shard, [work / f"shard-{k}" / "verdicts.csv"
-                                                   for k in range(n)],
+            shard = np.empty(sum(counts), np.int32)
+            for k, at in enumerate(index):
+                shard[at] = k
+            leaving = merge_verdicts(shard, [work / f"shard-{k}" / "verdicts.csv"
+                                             for k in range(n)],
                                      Path(temps["verdicts"]) if verdicts is not None else None)
             if out is not None:
-                merge_packets(split.shard, leaving,
+                merge_packets(shard, leaving,
                               [work / f"shard-{k}" / "out.pcap" for k in range(n)],
-                              Path(temps["out"]),
-                              split.linktype)
+                              Path(temps["out"]), _out_linktype(trace))
         if dump_path is not None:
             merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)],
                         Path(temps["dump-flows"]))
@@ -227,15 +255,14 @@ def _run_sharded(
     result = merge_reports(reports, index)
     wall = time.perf_counter() - started
     n_in = result["packets"]["in"]
-    first, last = split.first_ts, split.last_ts
     result["trace"] = {
         "path": os.fspath(trace),
-        "format": split.format,
+        "format": fmt,
         "linktypes": sorted({lt for r in reports for lt in r["trace"]["linktypes"]}),
         "packets": n_in,
         "first_ts": first / NS if first is not None else None,
         "duration": (last - first) / NS if first is not None and last is not None else 0.0,
-        "problem": split.problem,
+        "problem": reports[0]["trace"]["problem"],
     }
     result["options"] = {
         "trace": os.fspath(trace),
@@ -253,16 +280,20 @@ def _run_sharded(
         "wall_seconds": round(wall, 6),
         "packets_per_second": round(n_in / wall, 1) if wall > 0 else 0.0,
     }
+    splits = [r["timing"] for r in reports]
     result["sharding"] = {
         "shards": n,
-        "packets": split.counts,
+        "packets": counts,
         "pnic_capacity": caps,
+        "placed_endpoints": len(placement),
         "cluster": ex.describe(),
-        "split_seconds": round(split.seconds, 6),
+        # every shard reads the whole trace and keeps its packets, at the same time: the
+        # split is the slowest shard's picking, part of replay_seconds
+        "split_seconds": max(t["split_seconds"] for t in splits),
         "replay_seconds": round(replayed, 6),
         "merge_seconds": round(merging, 6),
-        # processor time of the serial parts (the shards' own is in shards[k].timing)
-        "split_cpu_seconds": round(split_cpu, 6),
+        "split_cpu_seconds": max(t["split_cpu_seconds"] for t in splits),
+        # processor time of the serial part (the shards' own is in shards[k].timing)
         "merge_cpu_seconds": round(merge_cpu, 6),
         "semantics": SEMANTICS,
     }

@@ -94,7 +94,8 @@ def fail(message: str) -> click.exceptions.Exit:
               help="Workers as plain processes or a local Dask cluster (auto: Dask when "
                    "installed).")
 @click.option("--shard-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
-              help="Where shard traces go while they replay (shared storage for a cluster).")
+              help="Where the shards write their outputs until merged (shared storage for a "
+                   "cluster).")
 def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
            report: Path | None, plot: Path | None, plot_window: str | None,
            offload: str | None, pnic: str,
