@@ -62,7 +62,7 @@ from flowshift.tiers._pnic_parse import (
     parse_frame,
 )
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.pnic_engine import _compile_classifier, _words
+from flowshift.tiers.pnic_engine import address_words, classifier_tables
 
 BATCH = 65536
 # a shard reading the whole trace: bytes of it per batch of the shard's packets, and bytes
@@ -162,7 +162,7 @@ NO_PLACEMENT = (np.empty(0, np.uint64), np.empty(0, np.int32))
 def endpoint_shard(addr: bytes, port: int, proto: int, n: int,
                    placed: tuple[np.ndarray, np.ndarray] = NO_PLACEMENT) -> int:
     """The shard of an outside endpoint (what the kernel computes, for one packet)."""
-    hi, lo = _words(addr)
+    hi, lo = address_words(addr)
     return int(_place_py(_signed(hi), _signed(lo), port if proto in _PORTED else 0, proto, n,
                          *placed))
 
@@ -292,7 +292,7 @@ class Sharder:
         if len(pairs) and not (self.placed[1].min() >= 0 and self.placed[1].max() < n):
             raise ValueError(f"a placement names a shard outside 0..{n - 1}")
         self.classifier = Classifier(config.machines)
-        inside, public = _compile_classifier(self.classifier)
+        inside, public = classifier_tables(self.classifier)
         # the kernel wants 2-D arrays even when a config has no public addresses
         self.inside = inside.reshape(-1, 6)
         self.public = public.reshape(-1, 4)

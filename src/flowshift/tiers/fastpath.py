@@ -31,7 +31,7 @@ from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers import pnic_engine
 from flowshift.tiers._pnic_cache import mark_ready
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.tiers.pnic_engine import _arg, _compile_classifier, _knob_table
+from flowshift.tiers.pnic_engine import classifier_tables, kernel_arg, key_words, knob_table
 
 if TYPE_CHECKING:
     from flowshift.config import HostConfig
@@ -44,7 +44,6 @@ _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
 _ESTABLISHED = int(TcpState.ESTABLISHED)
 _ASSURED = int(Status.ASSURED)
 _FREE = 0
-_M64 = (1 << 64) - 1
 _NEVER = np.iinfo(np.int64).max
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
@@ -53,22 +52,13 @@ DONE, STOP_SOFTWARE, STOP_PUNT = kb.DONE, kb.STOP_SOFTWARE, kb.STOP_PUNT
 STOP_TIME, STOP_OFFER = kb.STOP_TIME, kb.STOP_OFFER
 
 
-def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
-    """A flow key as the index keeps it: five int64 words (tiers/_pnic_index.py)."""
-    src = int.from_bytes(key.src.ljust(16, b"\0"), "big")
-    dst = int.from_bytes(key.dst.ljust(16, b"\0"), "big")
-    head = key.family | key.proto << 8 | key.zone << 16 | key.sport << 32 | key.dport << 48
-    w = (head, src >> 64, src & _M64, dst >> 64, dst & _M64)
-    return tuple(v - (1 << 64) if v >> 63 else v for v in w)  # type: ignore[return-value]
-
-
 class Fastpath:
     """The cached flows of a host's software tiers and their compiled data path."""
 
     def __init__(self, config: HostConfig, classifier: Classifier, capacity: int = 1024) -> None:
         machines = config.machines
-        self._inside, self._public = _compile_classifier(classifier)
-        self._knobs = _knob_table(classifier, [m.conntrack.knobs() for m in machines])
+        self._inside, self._public = classifier_tables(classifier)
+        self._knobs = knob_table(classifier, [m.conntrack.knobs() for m in machines])
         zones = len(self._knobs)
         self._routing = np.zeros(zones, np.int8)
         self._bounded = np.zeros(zones, np.int8)
@@ -222,7 +212,7 @@ class Fastpath:
             self._returned = np.empty(len(res), np.int64)
         returned = self._returned  # the kernel sets only the punted row's
         at, why, ahead = kb.run_rows(
-            res.buf, _arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
+            res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, returned, res.machine,
             res.direction, res.tier, self._mem, self._state, self._keys, self._vals,
             self._inside, self._public, self._knobs, self._routing, self._bounded,

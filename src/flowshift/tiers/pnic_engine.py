@@ -50,7 +50,17 @@ _OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine":
         "direction": np.int8}
 
 
-def _words(addr: bytes) -> tuple[int, int]:
+def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
+    """A flow key as the index keeps it (tiers/_pnic_index.py): five words, each the int64 bit
+    pattern of its unsigned value."""
+    src_hi, src_lo = address_words(key.src)
+    dst_hi, dst_lo = address_words(key.dst)
+    head = key.family | key.proto << 8 | key.zone << 16 | key.sport << 32 | key.dport << 48
+    w = (head, src_hi, src_lo, dst_hi, dst_lo)
+    return tuple(v - (1 << 64) if v >> 63 else v for v in w)  # type: ignore[return-value]
+
+
+def address_words(addr: bytes) -> tuple[int, int]:
     """An address as two big-endian words, as the index and the parser keep it."""
     v = int.from_bytes(addr.ljust(16, b"\0"), "big")
     return v >> 64, v & _M64
@@ -62,7 +72,7 @@ def _int64(values: list[list[int]], width: int) -> np.ndarray:
     return table.view(np.int64)
 
 
-def _compile_classifier(classifier: Classifier | None) -> tuple[np.ndarray, np.ndarray]:
+def classifier_tables(classifier: Classifier | None) -> tuple[np.ndarray, np.ndarray]:
     """Classifier's ranges and public addresses as arrays for the kernel (see _pnic_batch);
     None: no machine (every packet misses)."""
     inside: list[list[int]] = []
@@ -72,12 +82,12 @@ def _compile_classifier(classifier: Classifier | None) -> tuple[np.ndarray, np.n
     for family, lo, hi, m in classifier.inside:
         inside.append([family, lo >> 64, lo & _M64, hi >> 64, hi & _M64, m])
     for addr, m in classifier.public.items():
-        hi, lo = _words(addr)
+        hi, lo = address_words(addr)
         public.append([4 if len(addr) == 4 else 6, hi, lo, m])
     return _int64(inside, 6), _int64(public, 4)
 
 
-def _knob_table(classifier: Classifier | None, knobs: Sequence[Knobs]) -> np.ndarray:
+def knob_table(classifier: Classifier | None, knobs: Sequence[Knobs]) -> np.ndarray:
     """The conntrack knobs of each machine (zone) as int64 rows for the kernel: `knobs[i]`
     for machine i, Linux's defaults for a machine not given."""
     zones = len(knobs)
@@ -88,7 +98,7 @@ def _knob_table(classifier: Classifier | None, knobs: Sequence[Knobs]) -> np.nda
     return np.array(rows, np.int64).reshape(-1, N_KNOBS)
 
 
-def _arg(a: np.ndarray, dtype: type) -> np.ndarray:
+def kernel_arg(a: np.ndarray, dtype: type) -> np.ndarray:
     """a as a writable contiguous array of dtype (one compiled type), copied only when it is
     not one already."""
     if a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable:
@@ -113,8 +123,8 @@ class PnicEngine:
         self._state = np.zeros(capacity, np.int8)  # _FREE, LIVE or RETURNED
         self._free = list(range(capacity - 1, -1, -1))
         self._live = 0
-        self._inside, self._public = _compile_classifier(classifier)
-        self._knobs = _knob_table(classifier, knobs)
+        self._inside, self._public = classifier_tables(classifier)
+        self._knobs = knob_table(classifier, knobs)
         # per machine: 1 routes (forwarding = "router": TTL checked and decremented)
         self._routing = np.zeros(len(self._knobs), np.int8)
         self._routing[:len(routing)] = np.array(routing, np.int8)[:len(self._knobs)]
@@ -162,12 +172,7 @@ class PnicEngine:
 
     def find(self, key: FlowKey) -> tuple[int, int] | None:
         """(slot, direction) of a live entry with this key."""
-        src_hi, src_lo = _words(key.src)
-        dst_hi, dst_lo = _words(key.dst)
-        head = (key.family | key.proto << 8 | key.zone << 16 | key.sport << 32
-                | key.dport << 48)
-        words = [v - (1 << 64) if v >> 63 else v for v in (head, src_hi, src_lo, dst_hi, dst_lo)]
-        hit = ki.lookup(self._keys, self._vals, *words)
+        hit = ki.lookup(self._keys, self._vals, *key_words(key))
         return None if hit < 0 else (hit >> 1, hit & 1)
 
     def used_slots(self) -> list[int]:
@@ -224,9 +229,9 @@ class PnicEngine:
             a = given[name]
             if a.dtype.kind != "i" or not a.flags.writeable:
                 raise ValueError(f"{name} must be a writable signed integer array")
-        chosen = _arg(select.astype(np.bool_, copy=False), np.bool_)
-        args = {name: _arg(given[name], dtype) for name, dtype in _IN.items()}
-        outs = {name: _arg(given[name], dtype) for name, dtype in _OUT.items()}
+        chosen = kernel_arg(select.astype(np.bool_, copy=False), np.bool_)
+        args = {name: kernel_arg(given[name], dtype) for name, dtype in _IN.items()}
+        outs = {name: kernel_arg(given[name], dtype) for name, dtype in _OUT.items()}
         work = np.ascontiguousarray(buf)
         done, gone = process_batch(work, args["offset"], args["caplen"], args["wire_len"],
                                    args["linktype"], args["ts"], chosen, outs["verdict"],
@@ -279,4 +284,5 @@ def warm(ahead: subprocess.Popen[bytes] | None = None) -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["RETURN_REASONS", "PnicEngine", "compilations", "warm"]
+__all__ = ["RETURN_REASONS", "PnicEngine", "address_words", "classifier_tables", "compilations",
+           "kernel_arg", "key_words", "knob_table", "warm"]
