@@ -5,10 +5,11 @@ same. A flow the machine or the VNIC owns is *cached* once it is established: it
 from its Python `Flow` into a row of this table (ENTRY_DTYPE, the PNIC's layout, indexed by
 both keys), and its packets run through the PNIC's compiled kernels (tiers/_fastpath_batch.py)
 in input order. Python still decides everything else: first packets, rules, NAT ports and
-backends, SYN/FIN/RST, expiry, offers and handoffs. A cached flow's `Flow` is stale: whoever
-reads it first takes the state back (`pull`, done by `FlowTable` on every lookup), and the flow
-is cached again after its next Python decision. The tier a packet is counted at does not change:
-a cached flow's packets are the work of the tier that owns it.
+backends, SYN/FIN/RST, expiry, offers and handoffs. A cached flow has no `Flow` object: its
+`FlowTable` counts it and, when asked for it (a lookup, a listing, a sweep), takes it back from
+here as a new `Flow` (`find`, `pull_all`, `expire`); the flow is cached again after its next
+Python decision. The tier a packet is counted at does not change: a cached flow's packets are
+the work of the tier that owns it.
 
 The table grows by doubling; it holds flows of every machine (the zone tells them apart) and
 of both software tiers (the entry's owner byte tells which).
