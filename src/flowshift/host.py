@@ -247,11 +247,10 @@ class Host:
             self.handoff(m, now)
             self.vnic.consider(m, flow.key, now)
             return
-        fp = self.fastpath
-        if fp is not None and fp.on and fp.cacheable(flow, Tier.MACHINE) \
-                and flow.expires > now and machine.chain.flows.holds(flow):
-            fp.cache(flow, machine.chain.flows, 0 if self.offloading else -1,
-                     machine.chain.knobs.max > 0)
+        if self.fastpath is not None:
+            chain = machine.chain
+            self.fastpath.admit(flow, chain.flows, Tier.MACHINE, now,
+                                0 if self.offloading else -1, chain.knobs.max > 0)
 
     def process_batch(self, res: BatchResults) -> list[BatchResults]:
         """Decide the packets of a batch; its arrays are filled and its buffer rewritten.

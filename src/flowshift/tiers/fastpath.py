@@ -49,8 +49,7 @@ _NEVER = np.iinfo(np.int64).max
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
-DONE, STOP_SOFTWARE, STOP_PUNT = kb.DONE, kb.STOP_SOFTWARE, kb.STOP_PUNT
-STOP_TIME, STOP_OFFER = kb.STOP_TIME, kb.STOP_OFFER
+STOP_SOFTWARE, STOP_PUNT, STOP_OFFER = kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_OFFER
 
 
 class Fastpath:
@@ -126,6 +125,13 @@ class Fastpath:
             return False
         tcp = flow.tcp
         return tcp is None or tcp.state == _ESTABLISHED
+
+    def admit(self, flow: Flow, table: FlowTable, tier: int, now: int, offer_at: int,
+              bounded: bool) -> None:
+        """After tier `tier` decided a packet of `flow` in Python: cache the flow if it may run
+        here now (a batch is being decided, it is established, live and still `table`'s)."""
+        if self.on and self.cacheable(flow, tier) and flow.expires > now and table.holds(flow):
+            self.cache(flow, table, offer_at, bounded)
 
     def cache(self, flow: Flow, table: FlowTable, offer_at: int, bounded: bool) -> None:
         """Move the flow from its table into this one: its packets run compiled from now on,

@@ -183,11 +183,9 @@ class Vnic:
             self.consider(machine, flow.key, now)
         fp = self.fastpath
         chain = self.chains[machine]
-        if fp is not None and fp.on and chain is not None and fp.cacheable(flow, _VNIC) \
-                and flow.expires > now and chain.flows.holds(flow) \
-                and not self.queue.pending(flow.key):
+        if fp is not None and fp.on and chain is not None and not self.queue.pending(flow.key):
             offer_at = -1 if self.policy.name == "never" else self.backoff.get(flow.key, 0)
-            fp.cache(flow, chain.flows, offer_at, chain.knobs.max > 0)
+            fp.admit(flow, chain.flows, _VNIC, now, offer_at, chain.knobs.max > 0)
 
     def _forget(self, flow: Flow) -> None:
         """A flow the chain's table dropped (expired, or early-dropped to make room)."""
