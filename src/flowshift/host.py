@@ -33,6 +33,7 @@ from flowshift.tiers.classify import Classifier
 from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
+from flowshift.tiers.repass import Repass
 from flowshift.tiers.vnic import Pending, Vnic
 from flowshift.verdict import Reason, Verdict
 
@@ -42,7 +43,6 @@ FRAG_REASONS = {o: Reason[f"FRAG_{o.name}"] for o in DefragOutcome
                 if f"FRAG_{o.name}" in Reason.__members__}
 
 SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
-REPASS_MIN = 16  # undecided rows worth another pass through the PNIC after an offload
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
@@ -70,6 +70,7 @@ class Host:
         self.classifier = Classifier(config.machines)
         self.stats = HostStats()
         self.fastpath = Fastpath(config, self.classifier) if engine == "compiled" else None
+        self.repass = Repass()  # which rows see the PNIC again after flows move down
         self.machines: list[Machine | None] = [Machine(config, i)
                                                for i in range(len(config.machines))]
         if self.fastpath is not None:
@@ -264,6 +265,7 @@ class Host:
         fp = self.fastpath
         if fp is not None:
             fp.on = True
+        repass = self.repass
         try:
             clock = np.maximum.accumulate(res.ts)  # each packet's trace time: never back
             if self.clock > 0:
@@ -285,11 +287,13 @@ class Host:
                 if f < len(frags):
                     end = pos + 1 if frags[f] == pos else min(end, int(frags[f]))
                 rows = self._pnic_first(res, clock, pos, end)
+                self.vnic.moved_down.clear()  # the pass saw every flow the PNIC owns
+                repass.begin()
                 # a fragment's segment is Python's: its datagram is reassembled there
                 fast = fp is not None and not (f < len(frags) and frags[f] == pos)
                 at = ahead = 0
+                moved_rows = False  # rows holds rows the PNIC decided since
                 while at < len(rows):
-                    offloads = self.stats.offloads_to_pnic
                     why = STOP_SOFTWARE
                     if ahead:  # rows the fast path saw it would stop at: straight to Python
                         ahead -= 1
@@ -300,14 +304,21 @@ class Host:
                     elif at < len(rows):  # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
                         at += 1
+                        if moved_rows and res.verdict[i] != PENDING:
+                            continue  # the PNIC's, since its flow moved down
                         start = offset[i]
                         if fast:  # the clock as packet-by-packet, past the rows run compiled
                             self.advance(int(clock[i]))
                         self.process(res.index0 + i, ts[i], buf[start:start + caplen[i]],
                                      linktype[i], wire_len[i])
-                    if self.stats.offloads_to_pnic != offloads and len(rows) - at >= REPASS_MIN:
-                        # a flow just moved down: its later packets here are the PNIC's
-                        rows, at, ahead = self._pnic_first(res, clock, int(rows[at]), end), 0, 0
+                    moved = self.vnic.moved_down
+                    if moved and at < len(rows):
+                        # flows just moved down: their later packets here are the PNIC's
+                        pick = repass.pick(res, rows, at, moved)
+                        moved.clear()
+                        if len(pick):  # rows keeps them: the fast path and Python skip them
+                            self._pnic_again(res, clock, pick)
+                            moved_rows = True
                 pos = end
             self.vnic.settle(self.clock)
         finally:
@@ -355,28 +366,52 @@ class Host:
         software, in order. The entries it hands back take effect at their packet's time."""
         res.flush()
         rows = lo + np.flatnonzero(res.verdict[lo:hi] == PENDING)
-        vnic = self.vnic
-        if not (vnic.alive and vnic.healthy and vnic.pnic_owned) or not len(rows):
+        if not self._pnic_ready(rows):
             return rows
-        vnic.drain()  # the PNIC is quiet: nothing of ours in flight
         # the rows lo..hi only, as views of the batch: a pass costs what is left of it
-        part = BatchResults(res.index0 + lo, res.buf, res.offset[lo:hi], res.caplen[lo:hi],
-                            res.wire_len[lo:hi], res.linktype[lo:hi], res.ts[lo:hi],
-                            res.verdict[lo:hi], res.reason[lo:hi], res.rule[lo:hi],
-                            res.tier[lo:hi], res.machine[lo:hi], res.direction[lo:hi])
         select = np.zeros(hi - lo, np.bool_)
         select[rows - lo] = True
-        returned = vnic.link.run_batch(part, select, clock[lo:hi])
-        if returned is None:
+        done = self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
+        return rows if done is None else lo + np.flatnonzero(select & ~done)
+
+    def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Undecided rows of flows that just moved down through the PNIC's data path, gathered
+        (the pass costs the rows it runs); those it left to software."""
+        res.flush()
+        if not self._pnic_ready(rows):
             return rows
-        vnic.defer(returned, int(clock[lo]))
+        part = res.gather(rows)
+        done = self._pnic_pass(part, np.ones(len(rows), np.bool_), clock[rows])
+        if done is None:
+            return rows
+        res.scatter(rows, part)
+        left: np.ndarray = rows[~done]
+        return left
+
+    def _pnic_ready(self, rows: np.ndarray) -> bool:
+        vnic = self.vnic
+        if not (vnic.alive and vnic.healthy and vnic.pnic_owned) or not len(rows):
+            return False
+        vnic.drain()  # the PNIC is quiet: nothing of ours in flight
+        return True
+
+    def _pnic_pass(self, part: BatchResults, select: np.ndarray, clock: np.ndarray
+                   ) -> np.ndarray | None:
+        """The selected rows of `part` through the PNIC, each at its `clock`; which rows it
+        decided (None: the transport could not take the batch, nothing ran)."""
+        vnic = self.vnic
+        returned = vnic.link.run_batch(part, select, clock)
+        if returned is None:
+            return None
+        first = int(clock[0])
+        vnic.defer(returned, first)
         vnic.synced_at = -1
-        vnic.lower_floor(int(clock[lo]) + vnic.min_timeout)
-        done = select & (part.verdict != PENDING)
+        vnic.lower_floor(first + vnic.min_timeout)
+        done: np.ndarray = select & (part.verdict != PENDING)
         part.tier[done] = Tier.PNIC
         self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))
         self.stats.tier_bytes[Tier.PNIC.label] += int(part.wire_len[done].sum())
-        return lo + np.flatnonzero(select & ~done)
+        return done
 
     # -- results -----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from flowshift.entry import field_offsets
+from flowshift.results import PENDING
 from flowshift.tiers._pnic_batch import classify, punt_reason
 from flowshift.tiers._pnic_flow import (
     ASSURED,
@@ -119,16 +120,16 @@ def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public
 
 
 @kernel()
-def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, keys,
-                 vals, inside, public, f):
+def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, verdict,
+                 keys, vals, inside, public, f):
     """How many rows after rows[j] are not hits of the table as it stands (before the first
-    hit or the first row at or after stop_time): software can take them without asking the
-    fast path again. A row that becomes a hit meanwhile (its flow cached by the rows before
-    it) is still decided right, in Python."""
+    hit, the first row decided already or the first row at or after stop_time): software can
+    take them without asking the fast path again. A row that becomes a hit meanwhile (its
+    flow cached by the rows before it) is still decided right, in Python."""
     n = 0
     for k in range(j + 1, len(rows)):
         i = rows[k]
-        if clock[i] >= stop_time:
+        if clock[i] >= stop_time or verdict[i] != PENDING:
             break
         if _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f) >= 0:
             break
@@ -153,14 +154,16 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     """
     for j in range(start, len(rows)):
         i = rows[j]
+        if verdict[i] != PENDING:  # the PNIC's already: its flow moved down after rows was cut
+            continue
         now = clock[i]
         if now >= stop_time:
             return j, STOP_TIME, 0
         hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
         if hit < 0:
             return j, STOP_SOFTWARE, misses_after(buf, offset, caplen, wire_len, linktype,
-                                                  clock, rows, j, stop_time, keys, vals, inside,
-                                                  public, f)
+                                                  clock, rows, j, stop_time, verdict, keys, vals,
+                                                  inside, public, f)
         status = hit & 3
         hit >>= 2
         m = f[F_MACHINE]
@@ -191,6 +194,44 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
                 returned[i] = slot
                 return j + 1, STOP_OFFER, 0
     return len(rows), DONE, 0
+
+
+_M1 = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: splitmix64's constants
+_M2 = np.int64(-4658895280553007687)  # 0xBF58476D1CE4E5B9
+_M3 = np.int64(-7723592293110705685)  # 0x94D049BB133111EB
+
+
+@kernel()
+def _mix(x):
+    x = (x ^ ((x >> 30) & 0x3FFFFFFFF)) * _M2  # logical shifts of the 64-bit pattern
+    x = (x ^ ((x >> 27) & 0x1FFFFFFFFF)) * _M3
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+@kernel()
+def pair_mark(proto, a_hi, a_lo, a_port, b_hi, b_lo, b_port):
+    """A number for the two endpoints of a flow and its protocol, the same in both directions;
+    never 0. Two flows may share one (a hash): it picks rows worth a look, not a flow."""
+    x = _mix(_mix(a_hi * _M1 + a_lo) + a_port)
+    y = _mix(_mix(b_hi * _M1 + b_lo) + b_port)
+    if y < x:
+        x, y = y, x
+    return _mix(_mix(x * _M1 + y) + proto) | 1
+
+
+@kernel()
+def row_marks(buf, offset, caplen, wire_len, linktype, rows, start, out, f):
+    """out[j] = pair_mark of row rows[j]'s endpoints, for j from start; 0 for a row the PNIC's
+    parser does not take (never a PNIC row)."""
+    for j in range(start, len(rows)):
+        i = rows[j]
+        status = parse_frame(buf, offset[i], numba.int64(caplen[i]), numba.int64(wire_len[i]),
+                             numba.int64(linktype[i]), f)
+        if status == FAIL:
+            out[j] = 0
+        else:
+            out[j] = pair_mark(f[F_PROTO], f[F_SRC_HI], f[F_SRC_LO], f[F_SPORT], f[F_DST_HI],
+                               f[F_DST_LO], f[F_DPORT])
 
 
 @kernel()

@@ -235,7 +235,8 @@ class Fastpath:
 def compilations() -> int:
     """How many times this process compiled the fast path's kernel (0: it came from the
     cache)."""
-    return sum(kb.run_rows.stats.cache_misses.values())
+    return sum(sum(k.stats.cache_misses.values()) for k in (kb.run_rows, kb.row_marks,
+                                                            kb.pair_mark))
 
 
 def warm() -> float:
@@ -247,6 +248,7 @@ def warm() -> float:
     from flowshift.results import BatchResults
     from flowshift.services.conntrack import FlowTable
     from flowshift.tiers.classify import Classifier
+    from flowshift.tiers.repass import Repass
 
     started = time.perf_counter()
     cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
@@ -268,6 +270,7 @@ def warm() -> float:
                             np.full(1, n, np.uint32), np.ones(1, np.uint16),
                             np.zeros(1, np.int64))
     fp.run(res, res.ts, np.zeros(1, np.int64), 0, _NEVER)
+    Repass().pick(res, np.zeros(1, np.int64), 0, [flow])  # row_marks and pair_mark
     fp.expire(1 << 41)
     return time.perf_counter() - started
 

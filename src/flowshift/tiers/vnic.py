@@ -107,6 +107,7 @@ class Vnic:
         self.alive = True  # the PNIC is there at all (a crash ends it)
         self.pnic_flows = 0  # entries the PNIC holds or is being sent
         self.pnic_owned: dict[FlowKey, Flow] = {}  # shadows of PNIC-owned flows
+        self.moved_down: list[Flow] = []  # acknowledged since the host last looked
         # pnic_owned by last_seen (ties in their order), built when room is needed and kept
         # until a shadow comes, goes or changes: a full PNIC refuses many offers in a row
         self._lru: list[Flow] | None = None
@@ -493,6 +494,7 @@ class Vnic:
             return
         hit[0].owner = _PNIC
         self.pnic_owned[fkey] = hit[0]
+        self.moved_down.append(hit[0])
         self._lru = None
         self.stats.offloads_to_pnic += 1
         self.stats.events.append((at, "offload", str(fkey)))
