@@ -300,3 +300,62 @@ def test_a_first_record_far_above_the_mean_does_not_size_the_buffer(
                                   big=False, nano=False))
     (batch,) = assert_same_as_per_frame(path)
     assert batch.buf.base is not None and batch.buf.base.nbytes < 4 << 20
+
+
+# -- reading ahead on a thread -------------------------------------------------------------
+
+
+def _reader_threads() -> list[object]:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "flowshift-read-ahead"]
+
+
+@pytest.mark.parametrize("ng", [False, True])
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
+def test_reading_ahead_gives_the_same_batches_and_keeps_the_two_last_intact(
+        tmp_path: Path, ng: bool, batch_size: int) -> None:
+    path = tmp_path / "t.pcap"
+    recs = records(60)
+    if ng:
+        path.write_bytes(shb() + idb(1) + b"".join(
+            epb(0, (s << 32 | f) & ((1 << 64) - 1), d, w) for s, f, d, w in recs))
+    else:
+        path.write_bytes(classic_pcap(recs, big=False, nano=False))
+    want = frames_of(list(read_batches(path, batch_size)))
+    got: list[Frame] = []
+    held: list[tuple[Batch, list[Frame]]] = []  # the consumer holds the last two batches
+    for b in read_batches(path, batch_size, reuse=True, ahead=True):
+        mine = frames_of([b])
+        b.buf[b.offset[:1]] ^= 0xFF  # a consumer rewrites frames in place...
+        b.buf[b.offset[:1]] ^= 0xFF  # ...and they must stay its own until it is done
+        for old, frames in held:
+            assert frames_of([old]) == frames  # not recycled while still held
+        held = [*held[-1:], (b, mine)]
+        got += mine
+    assert got == want
+    assert not _reader_threads()
+
+
+def test_closing_a_read_ahead_stops_its_thread_and_closes_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.pcap"
+    path.write_bytes(classic_pcap(records(200), big=False, nano=False))
+    batches = read_batches(path, 5, reuse=True, ahead=True)
+    first = next(batches)
+    assert len(first) == 5
+    batches.close()  # type: ignore[attr-defined]
+    assert not _reader_threads()
+    fds = os.listdir("/proc/self/fd")
+    assert not any(os.path.realpath(f"/proc/self/fd/{fd}") == str(path) for fd in fds)
+
+
+def test_a_read_ahead_raises_the_readers_error_in_the_consumer() -> None:
+    def batches() -> object:
+        yield "first"
+        raise OSError("disk gone")
+
+    ahead = batch_mod._read_ahead(batches())  # type: ignore[arg-type]
+    assert next(ahead) == "first"
+    with pytest.raises(OSError, match="disk gone"):
+        next(ahead)
+    assert not _reader_threads()

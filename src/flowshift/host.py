@@ -271,13 +271,14 @@ class Host:
             if self.clock > 0:
                 np.maximum(clock, self.clock, out=clock)
             buf = res.buf.data  # a memoryview: slices without copies
-            offset, caplen = res.offset.tolist(), res.caplen.tolist()
-            wire_len, linktype, ts = res.wire_len.tolist(), res.linktype.tolist(), res.ts.tolist()
+            # Python's rows only read these: no list of the whole batch
+            offset, caplen, wire_len, linktype, ts = (res.offset, res.caplen, res.wire_len,
+                                                      res.linktype, res.ts)
             pos, n = 0, len(res)
             frags = fragment_rows(res.buf, res.offset, res.caplen, res.linktype,
                                   res.wire_len) if any(self.reassembles) else np.zeros(0, int)
             while pos < n:
-                self.advance(ts[pos])  # the timers up to this segment fire first
+                self.advance(int(ts[pos]))  # the timers up to this segment fire first
                 end = int(np.searchsorted(clock, self.next_timer, "left")) if (
                     self.next_timer >= 0) else n
                 end = max(end, pos + 1)
@@ -306,11 +307,12 @@ class Host:
                         at += 1
                         if moved_rows and res.verdict[i] != PENDING:
                             continue  # the PNIC's, since its flow moved down
-                        start = offset[i]
+                        start = int(offset[i])
                         if fast:  # the clock as packet-by-packet, past the rows run compiled
                             self.advance(int(clock[i]))
-                        self.process(res.index0 + i, ts[i], buf[start:start + caplen[i]],
-                                     linktype[i], wire_len[i])
+                        self.process(res.index0 + i, int(ts[i]),
+                                     buf[start:start + int(caplen[i])], int(linktype[i]),
+                                     int(wire_len[i]))
                     moved = self.vnic.moved_down
                     if moved and at < len(rows):
                         # flows just moved down: their later packets here are the PNIC's

@@ -8,6 +8,7 @@ PNIC decides no row after a fragment before software has had the fragment. Ether
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from flowshift.packet.parse import parse
@@ -18,36 +19,56 @@ _NH_FRAGMENT = 44
 _RAW = (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6)
 
 
+# what _flags says of a row
+_WHOLE, _FRAGMENT, _PARSE = 0, 1, 2
+
+
+@numba.njit(cache=True, nogil=True)
+def _flags(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, linktype: np.ndarray,
+           out: np.ndarray) -> None:
+    """out[i]: _FRAGMENT for an IPv4 fragment (MF or an offset) or an IPv6 fragment header
+    right after the fixed header, _PARSE for a link type read by the parser, else _WHOLE. A
+    byte past the buffer reads as its last byte (then the row is too short to count)."""
+    top = len(buf) - 1
+    for i in range(len(offset)):
+        lt = linktype[i]
+        off = int(offset[i])
+        if lt == LINKTYPE_ETHERNET:
+            ethertype = np.int64(buf[min(off + 12, top)]) << 8 | buf[min(off + 13, top)]
+            l3 = off + 14
+            if ethertype == _ETH_VLAN:
+                ethertype = np.int64(buf[min(off + 16, top)]) << 8 | buf[min(off + 17, top)]
+                l3 = off + 18
+            v4 = ethertype == _ETH_IPV4
+            v6 = ethertype == _ETH_IPV6
+        elif lt in _RAW:
+            l3 = off
+            version = buf[min(l3, top)] >> 4
+            v4 = version == 4
+            v6 = version == 6
+        else:
+            out[i] = _PARSE
+            continue
+        room = np.int64(caplen[i]) - (l3 - off)
+        if v4 and room >= 20:
+            frag = ((np.int64(buf[min(l3 + 6, top)]) & 0x3F) << 8 | buf[min(l3 + 7, top)]) != 0
+        elif v6 and room >= 48:
+            frag = buf[min(l3 + 6, top)] == _NH_FRAGMENT
+        else:
+            frag = False
+        out[i] = _FRAGMENT if frag else _WHOLE
+
+
 def fragment_rows(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray,
                   linktype: np.ndarray, wire_len: np.ndarray) -> np.ndarray:
     """Sorted indices of the rows that hold an IPv4 fragment (MF or an offset) or an IPv6
     fragment header right after the fixed header."""
-    n = len(offset)
-    if n == 0:
+    if len(offset) == 0 or len(buf) == 0:
         return np.zeros(0, np.int64)
-    top = len(buf) - 1
-
-    def at(pos: np.ndarray) -> np.ndarray:
-        byte: np.ndarray = buf[np.minimum(pos, top)].astype(np.int64)
-        return byte
-
-    off = offset.astype(np.int64)
-    cap = caplen.astype(np.int64)
-    eth = linktype == LINKTYPE_ETHERNET
-    ethertype = at(off + 12) << 8 | at(off + 13)
-    vlan = eth & (ethertype == _ETH_VLAN)
-    ethertype = np.where(vlan, at(off + 16) << 8 | at(off + 17), ethertype)
-    l3 = off + np.where(vlan, 18, 14)
-    raw = np.isin(linktype, _RAW)
-    l3 = np.where(raw, off, l3)
-    version = at(l3) >> 4
-    v4 = np.where(raw, version == 4, eth & (ethertype == _ETH_IPV4))
-    v6 = np.where(raw, version == 6, eth & (ethertype == _ETH_IPV6))
-    room = cap - (l3 - off)
-    frag4 = v4 & (room >= 20) & (((at(l3 + 6) & 0x3F) << 8 | at(l3 + 7)) != 0)
-    frag6 = v6 & (room >= 48) & (at(l3 + 6) == _NH_FRAGMENT)
-    out = set(np.flatnonzero(frag4 | frag6).tolist())
-    for i in np.flatnonzero(~(eth | raw)).tolist():  # other link types: parsed
+    flags = np.empty(len(offset), np.int8)
+    _flags(buf, offset, caplen, linktype, flags)
+    out = set(np.flatnonzero(flags == _FRAGMENT).tolist())
+    for i in np.flatnonzero(flags == _PARSE).tolist():  # other link types: parsed
         start = int(offset[i])
         pkt = parse(bytearray(buf[start:start + int(caplen[i])].tobytes()), int(linktype[i]),
                     int(wire_len[i]))
