@@ -310,9 +310,12 @@ class Host:
                         start = int(offset[i])
                         if fast:  # the clock as packet-by-packet, past the rows run compiled
                             self.advance(int(clock[i]))
+                        cached = fp.cached if fp is not None else 0
                         self.process(res.index0 + i, int(ts[i]),
                                      buf[start:start + int(caplen[i])], int(linktype[i]),
                                      int(wire_len[i]))
+                        if ahead and fp is not None and fp.cached != cached:
+                            ahead = 0  # a row seen as a miss may be this flow's: ask again
                     moved = self.vnic.moved_down
                     if moved and at < len(rows):
                         # flows just moved down: their later packets here are the PNIC's

@@ -35,6 +35,7 @@ from flowshift.tiers._pnic_flow import (
     PROTO_TCP,
     S_ESTABLISHED,
     SEEN_REPLY,
+    TCP_LIFE_SOFTWARE,
     forward_hop,
     process_flow,
 )
@@ -171,7 +172,7 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         s = offset[i]
         slot = hit >> 1
         e = slot * E_SIZE
-        if punt_reason(mem, e, f, status == FULL, now):
+        if punt_reason(mem, e, f, status == FULL, now, TCP_LIFE_SOFTWARE):
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot

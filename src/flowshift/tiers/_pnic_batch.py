@@ -96,18 +96,19 @@ def classify(f, inside, public):
 
 
 @kernel()
-def punt_reason(mem, e, f, full, now):
+def punt_reason(mem, e, f, full, now, life):
     """Why a hit goes to software with its entry (a PuntReason code), or 0: processed here.
 
-    Expired first (software expires it exactly), then a SYN, FIN or RST (the connection's life
-    changes in software), then what the engine does not run (`full` False: a header shape
-    parsed for its key only; a TCP state byte out of range). A TCP packet's flags are parsed
-    whenever its key is.
+    Expired first (software expires it exactly), then a TCP flag of `life` (the PNIC's
+    TCP_LIFE: SYN, FIN or RST, the connection's life changes in software; the fast path's
+    TCP_LIFE_SOFTWARE: SYN or RST), then what the engine does not run (`full` False: a header
+    shape parsed for its key only; a TCP state byte out of range). A TCP packet's flags are
+    parsed whenever its key is.
     """
     if ld64(mem, e + E_EXPIRES) <= now:
         return PUNT_EXPIRED
     if mem[e + E_PROTO] == PROTO_TCP:
-        if f[F_FLAGS] & TCP_LIFE:
+        if f[F_FLAGS] & life:
             return PUNT_LIFE
         if mem[e + E_TCP_STATE] >= N_STATES:
             return PUNT_UNSUPPORTED
@@ -170,7 +171,7 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
         slot = hit >> 1
         e = slot * E_SIZE
         now = ts[i]
-        why = punt_reason(mem, e, f, status == FULL, now)
+        why = punt_reason(mem, e, f, status == FULL, now, TCP_LIFE)
         if why:
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED

@@ -94,7 +94,10 @@ ASSURED = int(ct.Status.ASSURED)
 
 M32 = 0xFFFFFFFF
 TCP_ACK = view.TCP_ACK
-TCP_LIFE = view.TCP_SYN | view.TCP_FIN | view.TCP_RST  # flags software handles
+TCP_FIN = view.TCP_FIN
+TCP_LIFE = view.TCP_SYN | view.TCP_FIN | view.TCP_RST  # flags the PNIC leaves to software
+# the software tiers' fast path runs FIN too (the PNIC hands a closing flow back instead)
+TCP_LIFE_SOFTWARE = view.TCP_SYN | view.TCP_RST
 PROTO_TCP = flow.PROTO_TCP
 PROTO_UDP = flow.PROTO_UDP
 PROTO_ICMPV6 = flow.PROTO_ICMPV6
@@ -106,18 +109,22 @@ IGNORE = int(ct.TcpAction.IGNORE)
 S_SYN_SENT = int(ct.TcpState.SYN_SENT)
 S_SYN_RECV = int(ct.TcpState.SYN_RECV)
 S_ESTABLISHED = int(ct.TcpState.ESTABLISHED)
+S_FIN_WAIT = int(ct.TcpState.FIN_WAIT)
 S_LAST_ACK = int(ct.TcpState.LAST_ACK)
 S_TIME_WAIT = int(ct.TcpState.TIME_WAIT)
 S_INVALID = ct.STATE_INVALID
 S_IGNORE = ct.STATE_IGNORE
 ACK_SET = ct.TCP_ACK_SET
 SYN_SET = ct.TCP_SYN_SET
+FIN_SET = ct.TCP_FIN_SET
+RST_SET = ct.TCP_RST_SET
 N_STATES = ct.N_TCP_STATES
 
 FLAG_SACK_PERM = ct.TCP_FLAG_SACK_PERM
 FLAG_BE_LIBERAL = ct.TCP_FLAG_BE_LIBERAL
 FLAG_DATA_UNACKNOWLEDGED = ct.TCP_FLAG_DATA_UNACKNOWLEDGED
 FLAG_MAXACK_SET = ct.TCP_FLAG_MAXACK_SET
+FLAG_CLOSE_INIT = ct.TCP_FLAG_CLOSE_INIT
 FLAG_CHALLENGE_ACK = ct.TCP_FLAG_CHALLENGE_ACK
 FLAG_SIMULTANEOUS_OPEN = ct.TCP_FLAG_SIMULTANEOUS_OPEN
 
@@ -134,8 +141,10 @@ K_ICMPV6 = ct.K_ICMPV6
 K_MAX_RETRANS = ct.K_MAX_RETRANS
 K_BE_LIBERAL = ct.K_BE_LIBERAL
 
-# The ACK row of the state table per direction
-ACK_ROWS = np.array([TCP_CONNTRACKS[d][ACK_SET] for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
+# The state table's rows the kernels run, [direction, index - FIN_SET, old state]: FIN, ACK
+ROWS = np.array([[TCP_CONNTRACKS[d][i] for i in (FIN_SET, ACK_SET)]
+                 for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
+assert ACK_SET == FIN_SET + 1
 
 
 @kernel(private=True)
@@ -181,15 +190,16 @@ def _max_ack_window(mem, e, sender):
 
 @kernel()
 def tcp_in_window(mem, e, d, b, s, f, liberal):
-    """conntrack_tcp._in_window for a segment with ACK and without SYN, FIN, RST; liberal:
-    nf_conntrack_tcp_be_liberal."""
+    """conntrack_tcp._in_window for a segment with ACK and without SYN or RST (FIN_SET or
+    ACK_SET); liberal: nf_conntrack_tcp_be_liberal."""
     sender = E_SEEN + SEEN_SIZE * d
     receiver = E_SEEN + SEEN_SIZE * (1 - d)
     seq = f[F_SEQ]
     ack = f[F_ACK]
     win_raw = f[F_WINDOW]
     win = win_raw
-    end = (seq + f[F_PAYLOAD]) & M32
+    fin = f[F_FLAGS] & TCP_FIN
+    end = (seq + f[F_PAYLOAD] + (1 if fin else 0)) & M32
     if mem[e + receiver + D_FLAGS] & FLAG_SACK_PERM:
         sack = _highest_sack(b, s, f, ack)
     else:
@@ -252,7 +262,9 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     if ack == ld32(mem, e + receiver + D_END):
         mem[e + receiver + D_FLAGS] &= ~FLAG_DATA_UNACKNOWLEDGED
 
-    # the segment is ACK_SET: count identical ones in a row (retransmissions)
+    if fin:
+        return ACCEPT
+    # an ACK_SET segment: count identical ones in a row (retransmissions)
     if (mem[e + E_LAST_DIR] == d and ld32(mem, e + E_LAST_SEQ) == seq
             and ld32(mem, e + E_LAST_ACK) == ack and ld32(mem, e + E_LAST_END) == end
             and ld32(mem, e + E_LAST_WIN) == win_raw):
@@ -293,30 +305,33 @@ def _ignored(mem, e, d):
 
 @kernel()
 def tcp_track(mem, e, d, b, s, f, kn, z):
-    """conntrack_tcp.tcp_packet for a segment without SYN, FIN, RST: (action, timeout_ns);
-    kn[z]: the knobs of the flow's conntrack table.
+    """conntrack_tcp.tcp_packet for a segment without SYN or RST: (action, timeout_ns); for
+    INVALID, timeout_ns > 0 caps the conntrack's remaining life. kn[z]: the knobs of the
+    flow's conntrack table.
 
     The status byte's SEEN_REPLY bit is the conntrack's seen_reply (entry.Flow keeps them so).
     """
     flags = f[F_FLAGS]
     if not flags & TCP_ACK:
-        return A_INVALID, -1  # no ACK, no SYN/FIN/RST: not a valid flag combination
+        return A_INVALID, -1  # a FIN or a bare segment without ACK: not a valid combination
+    index = FIN_SET if flags & TCP_FIN else ACK_SET
     old_state = numba.int64(mem[e + E_TCP_STATE])
-    new_state = ACK_ROWS[d, old_state]
+    new_state = ROWS[d, index - FIN_SET, old_state]
     if new_state == S_IGNORE:
-        # conntrack_tcp._note_ignored for an ACK_SET packet
-        mem[e + E_LAST_INDEX] = ACK_SET
+        # conntrack_tcp._note_ignored for a FIN_SET or ACK_SET packet
+        mem[e + E_LAST_INDEX] = index
         mem[e + E_LAST_DIR] = d
         st32(mem, e + E_LAST_SEQ, f[F_SEQ])
-        st32(mem, e + E_LAST_END, (f[F_SEQ] + f[F_PAYLOAD]) & M32)
+        fin = 1 if index == FIN_SET else 0
+        st32(mem, e + E_LAST_END, (f[F_SEQ] + f[F_PAYLOAD] + fin) & M32)
         st32(mem, e + E_LAST_WIN, f[F_WINDOW])
-        if old_state == S_SYN_SENT and d == 1:
+        if old_state == S_SYN_SENT and index == ACK_SET and d == 1:
             st32(mem, e + E_LAST_ACK, f[F_ACK])
         return _ignored(mem, e, d)
     if new_state == S_INVALID:
         return A_INVALID, -1
     if new_state == S_TIME_WAIT:
-        if (old_state == S_LAST_ACK and mem[e + E_LAST_DIR] != d
+        if (old_state == S_LAST_ACK and index == ACK_SET and mem[e + E_LAST_DIR] != d
                 and mem[e + E_LAST_INDEX] == SYN_SET
                 and mem[e + E_LAST_FLAGS] & FLAG_CHALLENGE_ACK):
             mem[e + E_LAST_FLAGS] &= ~FLAG_CHALLENGE_ACK
@@ -328,11 +343,21 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
     if action == IGNORE:
         return _ignored(mem, e, d)
     if action == A_INVALID:
+        if index == FIN_SET and mem[e + E_STATUS] & ASSURED:
+            # conntrack_tcp._shrink_on_invalid: an out-of-window FIN answering the other
+            # side's FIN or RST caps the doomed conntrack's life
+            last = mem[e + E_LAST_INDEX]
+            if mem[e + E_LAST_DIR] != d and last in (FIN_SET, RST_SET):
+                return A_INVALID, kn[z, K_UNACK]
+            mem[e + E_LAST_INDEX] = FIN_SET
+            mem[e + E_LAST_DIR] = d
         return A_INVALID, -1
 
-    mem[e + E_LAST_INDEX] = ACK_SET
+    mem[e + E_LAST_INDEX] = index
     mem[e + E_LAST_DIR] = d
     mem[e + E_TCP_STATE] = new_state
+    if old_state != new_state and new_state == S_FIN_WAIT:
+        mem[e + E_SEEN + SEEN_SIZE * d + D_FLAGS] |= FLAG_CLOSE_INIT
     timeout = _tcp_timeout(mem, e, new_state, kn, z)
     if not mem[e + E_STATUS] & SEEN_REPLY:
         if new_state == S_ESTABLISHED and timeout > kn[z, K_UNACK]:
@@ -474,6 +499,8 @@ def process_flow(mem, e, d, b, s, f, now, kn, z):
     if proto == PROTO_TCP:
         action, timeout = tcp_track(mem, e, d, b, s, f, kn, z)
         if action == A_INVALID:
+            if timeout > 0 and now + timeout < ld64(mem, e + E_EXPIRES):
+                st64(mem, e + E_EXPIRES, now + timeout)
             return DROP, INVALID
         if action == IGNORE:
             translate(mem, e, d, b, s, f)

@@ -42,7 +42,11 @@ if TYPE_CHECKING:
     from flowshift.tiers.classify import Classifier
 
 _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-_ESTABLISHED = int(TcpState.ESTABLISHED)
+# TCP states whose every packet but SYN and RST the kernels run (tcp_track): from the
+# handshake's answer on, through the close; a SYN_SENT flow's next packet is a SYN/ACK
+_CACHED_STATES = frozenset(int(s) for s in (
+    TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSE_WAIT,
+    TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
 _FREE = 0
 _NEVER = np.iinfo(np.int64).max
@@ -70,6 +74,7 @@ class Fastpath:
         self.counts = np.zeros((len(Tier), 2), np.int64)  # per tier: packets, wire bytes
         self.live = 0
         self.ran = 0  # packets run here so far
+        self.cached = 0  # flows moved in so far: a row that missed may hit now
         self.on = False  # the host is deciding a batch: flows decided in Python may be cached
         self.floor = _NEVER  # no cached entry expires before this
         # no packet the kernels run gives its entry less life than this
@@ -119,12 +124,12 @@ class Fastpath:
     # -- flows in and out --------------------------------------------------------------------
 
     def cacheable(self, flow: Flow, tier: int) -> bool:
-        """May this flow's state move into the table now? Established TCP, or a UDP / ICMP
-        echo flow, owned by the tier deciding it."""
+        """May this flow's state move into the table now? TCP past the SYN (_CACHED_STATES),
+        or a UDP / ICMP echo flow, owned by the tier deciding it."""
         if flow.owner != tier or flow.key.proto not in _CACHED_PROTOCOLS:
             return False
         tcp = flow.tcp
-        return tcp is None or tcp.state == _ESTABLISHED
+        return tcp is None or tcp.state in _CACHED_STATES
 
     def admit(self, flow: Flow, table: FlowTable, tier: int, now: int, offer_at: int,
               bounded: bool) -> None:
@@ -154,6 +159,7 @@ class Fastpath:
         self.tables[slot] = table
         table.detach(flow)
         self.live += 1
+        self.cached += 1
         self.floor = min(self.floor, flow.expires)
 
     def pull(self, slot: int) -> Flow:
