@@ -286,7 +286,7 @@ def _replay(
             stack.enter_context(bar[0])
         dump_temp = temps.get("dump-flows")
         source: Iterable[Batch] = part if part is not None else read_batches(
-            trace, BATCH, reuse=True, ahead=True)
+            trace, BATCH, reuse=True)
         fired = run.replay(iter(source), schedule, dump_temp, bar)
         run.host.finish()
         for done in run.host.ready():  # batches that waited for fragments to the end

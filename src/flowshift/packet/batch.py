@@ -11,15 +11,10 @@ reports it. docs/traces.md tells the whole of it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
-import threading
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BufferedReader
-from typing import Any
 
 import numba
 import numpy as np
@@ -72,81 +67,21 @@ class Batch:
 
 
 def read_batches(path: str | os.PathLike[str], batch_size: int = 65536,
-                 reuse: bool = False, ahead: bool = False) -> Iterator[Batch]:
+                 reuse: bool = False) -> Iterator[Batch]:
     """The frames of a trace in batches of `batch_size` (the last one shorter).
 
-    `reuse`: a batch's arrays are recycled for a later batch, so a consumer that is done with
-    each batch before it takes the one after next saves the cost of fresh memory. Writing
-    into a batch's buffer never reaches the file.
-    `ahead`: the next batch is read on a thread of its own while the consumer works on this
-    one (the file's reads and the walk release the interpreter), so that reading costs the
-    consumer nothing but a handover. Closing the iterator stops the thread.
+    `reuse`: a batch's arrays are recycled for the batch after the next one, so a consumer
+    that is done with each batch before it takes the one after next saves the cost of fresh
+    memory. Writing into a batch's buffer never reaches the file.
     Raises TraceError, before the first batch, when the file is not a trace.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     reader = open_trace(path)
     file, head = reader.detach()
-    # with a batch read ahead, the reader fills batch k + 1 while the consumer may still hold
-    # k and k - 1, and one more waits in the handover: arrays come round every fourth batch
-    ring = (READ_AHEAD_RING if ahead else 2) if reuse else 0
     if reader.pcap_header is None:
-        batches = _pcapng_batches(file, head, batch_size, ring)
-    else:
-        batches = _pcap_batches(file, head, reader.pcap_header, batch_size, ring)
-    return _read_ahead(batches) if ahead else batches
-
-
-READ_AHEAD_RING = 4
-_END = object()  # the reader thread's last word when the trace ends
-
-
-def _read_ahead(batches: Iterator[Batch]) -> Iterator[Batch]:
-    """`batches`, each produced on a thread while the one before it is being consumed."""
-    handover: queue.Queue[Any] = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        handover.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
-            else:
-                handover.put(_END)
-        except BaseException as e:  # raised again in the consumer
-            handover.put(e)
-        finally:
-            if stop.is_set():
-                _close(batches)
-
-    thread = threading.Thread(target=read, name="flowshift-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = handover.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put, then let the reader see the stop
-            with contextlib.suppress(queue.Empty):
-                handover.get(timeout=0.05)
-        thread.join()
-
-
-def _close(batches: Iterator[Batch]) -> None:
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
+        return _pcapng_batches(file, head, batch_size, reuse)
+    return _pcap_batches(file, head, reader.pcap_header, batch_size, reuse)
 
 
 # walk() stops for one of these reasons
@@ -172,7 +107,7 @@ def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     )
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
 def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     """Decode whole records from chunk[pos:] into slots n.. of the arrays (src: where each frame
     starts in chunk). Returns (next slot, next pos, why it stopped)."""
@@ -231,14 +166,14 @@ class _Stream:
     no frame is copied after the kernel's read."""
 
     def __init__(self, file: BufferedReader, head: bytes, start: int, batch_size: int,
-                 ring: int) -> None:
+                 reuse: bool) -> None:
         self.file = file
-        self.ring = ring  # batch k's arrays are recycled for batch k + ring (0: never)
-        self.spares: deque[_Columns] = deque()
+        self.reuse = reuse
         self.base = start  # file offset of the batch's buffer
         self.got = len(head) - start  # bytes in the buffer
         self.room = max(CHUNK, self.got)  # grows to what a whole batch has needed
         self.cols = _Columns(batch_size, self.room)
+        self.spare: _Columns | None = None  # the arrays before the last, to recycle
         self.cols.buf[: self.got] = np.frombuffer(head, np.uint8, offset=start)
         self.eof = False
 
@@ -270,10 +205,8 @@ class _Stream:
         """The batch ends at `end`: what was read past it begins the next batch's buffer."""
         self.room = max(self.room, self.got)
         last = self.cols
-        if self.ring:
-            self.spares.append(last)
-        recycled = self.spares.popleft() if self.ring and len(self.spares) >= self.ring else None
-        self.cols = _Columns(len(last.ts), self.room, recycled)
+        self.spare, self.cols = (last if self.reuse else None), _Columns(
+            len(last.ts), self.room, self.spare)
         self.got -= end
         self.cols.buf[: self.got] = last.buf[end : end + self.got]
         self.base += end
@@ -284,13 +217,13 @@ def _caplen_at(chunk: np.ndarray, pos: int, big: bool) -> int:
 
 
 def _pcap_batches(file: BufferedReader, head: bytes, header: PcapHeader, batch_size: int,
-                  ring: int = 0) -> Iterator[Batch]:
+                  reuse: bool = False) -> Iterator[Batch]:
     """Classic pcap, the record headers left in the buffer between the frames. `head`: the
     file's first bytes, already read (the file is positioned after them)."""
     frac_ns = 1 if header.nanosecond else 1000
     limit = header.record_limit
     big = header.big_endian
-    stream = _Stream(file, head, 24, batch_size, ring)
+    stream = _Stream(file, head, 24, batch_size, reuse)
     with file:
         while True:
             n = end = 0
@@ -333,7 +266,7 @@ def _stop(info, kind, a, b):
     info[2] = b
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
 def _walk_ng(chunk, pos, big, n, ts, caplen, wire, src, lt, ifaces, n_if, last_ts, info):
     """Decode whole pcapng blocks from chunk[pos:] into slots n.. of the arrays, as the frame
     reader does (packet/pcap.py). Returns (next slot, next pos, why it stopped, byte order,
@@ -442,10 +375,10 @@ def _interface_row(iface: _Interface) -> list[int]:
 
 
 def _pcapng_batches(file: BufferedReader, head: bytes, batch_size: int,
-                    ring: int = 0) -> Iterator[Batch]:
+                    reuse: bool = False) -> Iterator[Batch]:
     """pcapng, the blocks left in the buffer around the frames: the compiled walk decodes the
     packet blocks; interface descriptions and timestamps beyond int64 come back here."""
-    stream = _Stream(file, head, 0, batch_size, ring)
+    stream = _Stream(file, head, 0, batch_size, reuse)
     big = False
     ifaces: list[_Interface] = []  # of the section, as the table's rows
     table = np.zeros((8, 6), np.int64)
