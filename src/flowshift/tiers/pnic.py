@@ -39,6 +39,7 @@ class Pnic:
         self.zones = len(machines)
         self.healthy = True
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
+        self._returned = np.empty(0, np.int64)  # the engine's per-packet slot, reused
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -140,10 +141,15 @@ class Pnic:
         """The selected packets of a batch through the engine, in place: processed ones get
         their verdict, punted ones verdict PUNT and their PuntReason; the entries handed back
         become Return messages, in order, with the reason the engine gave."""
-        returned = np.full(len(offset), -1, np.int64)
+        if len(self._returned) < len(offset):
+            self._returned = np.empty(len(offset), np.int64)
+        returned = self._returned[:len(offset)]  # the engine sets it for selected packets
+        live = len(self.engine)
         self.engine.process(buf, offset, caplen, wire_len, linktype, ts, select, verdict,
                             reason, returned, machine, direction)
-        for i in np.flatnonzero(returned >= 0).tolist():
+        if len(self.engine) == live:  # none handed back: no need to look
+            return
+        for i in np.flatnonzero(select & (returned >= 0)).tolist():
             raw = self.engine.take_returned(int(returned[i]))
             out.append(ch.Return(raw, RETURN_REASONS[PuntReason(int(reason[i]))], int(ts[i])))
 
