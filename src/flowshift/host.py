@@ -265,7 +265,6 @@ class Host:
         fp = self.fastpath
         if fp is not None:
             fp.on = True
-        repass = self.repass
         try:
             clock = np.maximum.accumulate(res.ts)  # each packet's trace time: never back
             if self.clock > 0:
@@ -289,7 +288,7 @@ class Host:
                     end = pos + 1 if frags[f] == pos else min(end, int(frags[f]))
                 rows = self._pnic_first(res, clock, pos, end)
                 self.vnic.moved_down.clear()  # the pass saw every flow the PNIC owns
-                repass.begin()
+                self.repass.begin()
                 # a fragment's segment is Python's: its datagram is reassembled there
                 fast = fp is not None and not (f < len(frags) and frags[f] == pos)
                 at = ahead = 0
@@ -304,26 +303,27 @@ class Host:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
                     elif at < len(rows):  # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
-                        at += 1
                         if moved_rows and res.verdict[i] != PENDING:
+                            at += 1
                             continue  # the PNIC's, since its flow moved down
+                        # the clock as packet-by-packet, past the rows run compiled: answers
+                        # due by then may move this row's flow down, so they come first
+                        self.advance(int(clock[i]))
+                        if self.vnic.moved_down:
+                            moved_rows |= self._repass(res, clock, rows, at)
+                            if res.verdict[i] != PENDING:
+                                at += 1
+                                continue
+                        at += 1
                         start = int(offset[i])
-                        if fast:  # the clock as packet-by-packet, past the rows run compiled
-                            self.advance(int(clock[i]))
                         cached = fp.cached if fp is not None else 0
                         self.process(res.index0 + i, int(ts[i]),
                                      buf[start:start + int(caplen[i])], int(linktype[i]),
                                      int(wire_len[i]))
                         if ahead and fp is not None and fp.cached != cached:
                             ahead = 0  # a row seen as a miss may be this flow's: ask again
-                    moved = self.vnic.moved_down
-                    if moved and at < len(rows):
-                        # flows just moved down: their later packets here are the PNIC's
-                        pick = repass.pick(res, rows, at, moved)
-                        moved.clear()
-                        if len(pick):  # rows keeps them: the fast path and Python skip them
-                            self._pnic_again(res, clock, pick)
-                            moved_rows = True
+                    if self.vnic.moved_down and at < len(rows):
+                        moved_rows |= self._repass(res, clock, rows, at)
                 pos = end
             self.vnic.settle(self.clock)
         finally:
@@ -378,6 +378,17 @@ class Host:
         select[rows - lo] = True
         done = self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
         return rows if done is None else lo + np.flatnonzero(select & ~done)
+
+    def _repass(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, at: int) -> bool:
+        """Flows just moved down to the PNIC: their rows in rows[at:] meet it now (rows keeps
+        them; the fast path and Python skip what it decided). Did any?"""
+        moved = self.vnic.moved_down
+        pick = self.repass.pick(res, rows, at, moved)
+        moved.clear()
+        if not len(pick):
+            return False
+        self._pnic_again(res, clock, pick)
+        return True
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Undecided rows of flows that just moved down through the PNIC's data path, gathered
