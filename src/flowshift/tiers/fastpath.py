@@ -254,6 +254,7 @@ def warm() -> float:
     from flowshift.results import BatchResults
     from flowshift.services.conntrack import FlowTable
     from flowshift.tiers.classify import Classifier
+    from flowshift.packet.fragrows import fragment_rows
     from flowshift.tiers.repass import Repass
 
     started = time.perf_counter()
@@ -277,6 +278,7 @@ def warm() -> float:
                             np.zeros(1, np.int64))
     fp.run(res, res.ts, np.zeros(1, np.int64), 0, _NEVER)
     Repass().pick(res, np.zeros(1, np.int64), 0, [flow])  # row_marks and pair_mark
+    fragment_rows(res.buf, res.offset, res.caplen, res.linktype, res.wire_len)
     fp.expire(1 << 41)
     return time.perf_counter() - started
 
