@@ -210,7 +210,7 @@ def execute(plan: SweepPlan, executor: Executor, progress: bool = True
         if bar is not None:
             bar[0].stop()
     table = [r for r in rows if r is not None]
-    _write(plan.out, table, [d.key for d in plan.dims], {
+    _write(plan.out, table, [d.key for d in plan.dims], executor, {
         "config": plan.source, "varied": {d.key: list(d.values) for d in plan.dims},
         "executor": executor.describe(), "wall_seconds": round(time.perf_counter() - started, 6)})
     return table
@@ -255,8 +255,10 @@ def _progress(enabled: bool, total: int) -> tuple[Any, Any] | None:
     return bar, task
 
 
-def _write(out: Path, rows: list[dict[str, Any]], keys: list[str], meta: dict[str, Any]) -> None:
-    """Everything into a temporary directory beside `out`, then one rename."""
+def _write(out: Path, rows: list[dict[str, Any]], keys: list[str], executor: Executor,
+           meta: dict[str, Any]) -> None:
+    """Everything into a temporary directory beside `out`, then one rename; the figures
+    drawn on the executor's workers, one each."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         columns = list(rows[0]) if rows else keys
@@ -268,7 +270,8 @@ def _write(out: Path, rows: list[dict[str, Any]], keys: list[str], meta: dict[st
         (tmp / "sweep.csv").write_text(text.getvalue(), encoding="utf-8")
         (tmp / "sweep.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n",
                                         encoding="utf-8")
-        write_plots(tmp, rows, [k for k in keys if len({_cell(r[k]) for r in rows}) > 1])
+        write_plots(tmp, rows, [k for k in keys if len({_cell(r[k]) for r in rows}) > 1],
+                    executor)
         if out.exists():
             out.rmdir()  # empty (checked before the runs)
         os.rename(tmp, out)
@@ -281,41 +284,55 @@ def _cell(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, list | dict) else v
 
 
-def write_plots(directory: Path, rows: list[dict[str, Any]], varied: list[str]) -> list[Path]:
+def write_plots(directory: Path, rows: list[dict[str, Any]], varied: list[str],
+                executor: Executor | None = None) -> list[Path]:
     """One figure per varied key: every measure against the key's values, one line for each
-    combination of the other varied values."""
+    combination of the other varied values. With an executor, its workers draw them at once
+    (each returns the PNG's bytes: a worker need not see `directory`)."""
+    if executor is not None and len(varied) > 1:
+        futures = [executor.submit(draw_plot, rows, varied, key) for key in varied]
+        images = [f.result() for f in futures]
+    else:
+        images = [draw_plot(rows, varied, key) for key in varied]
+    written = []
+    for key, png in zip(varied, images, strict=True):
+        path = directory / f"sweep-{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
+        path.write_bytes(png)
+        written.append(path)
+    return written
+
+
+def draw_plot(rows: list[dict[str, Any]], varied: list[str], key: str) -> bytes:
+    """The figure of one varied key (see write_plots), as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for key in varied:
-        others = [k for k in varied if k != key]
-        xs = list(dict.fromkeys(_cell(r[key]) for r in rows))
-        numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
-        fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
-        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault(tuple(_cell(r[k]) for k in others), []).append(r)
-        for ax, measure in zip(axes.flat, PLOTTED, strict=True):
-            for label, members in groups.items():
-                members = sorted(members, key=lambda r: xs.index(_cell(r[key])))
-                x = [_cell(r[key]) if numeric else xs.index(_cell(r[key])) for r in members]
-                name = ", ".join(f"{k}={_short(v)}" for k, v in zip(others, label, strict=True))
-                ax.plot(x, [r[measure] for r in members], marker="o", label=name or None)
-            ax.set_title(measure.replace("_", " "))
-            ax.set_xlabel(key)
-            if not numeric:
-                ax.set_xticks(range(len(xs)), [_short(x) for x in xs], rotation=30)
-        if others and len(groups) <= 8:
-            axes.flat[0].legend(fontsize="small")
-        fig.suptitle(f"sweep over {key}")
-        path = directory / f"sweep-{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
-    return written
+    others = [k for k in varied if k != key]
+    xs = list(dict.fromkeys(_cell(r[key]) for r in rows))
+    numeric = all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(_cell(r[k]) for k in others), []).append(r)
+    for ax, measure in zip(axes.flat, PLOTTED, strict=True):
+        for label, members in groups.items():
+            members = sorted(members, key=lambda r: xs.index(_cell(r[key])))
+            x = [_cell(r[key]) if numeric else xs.index(_cell(r[key])) for r in members]
+            name = ", ".join(f"{k}={_short(v)}" for k, v in zip(others, label, strict=True))
+            ax.plot(x, [r[measure] for r in members], marker="o", label=name or None)
+        ax.set_title(measure.replace("_", " "))
+        ax.set_xlabel(key)
+        if not numeric:
+            ax.set_xticks(range(len(xs)), [_short(x) for x in xs], rotation=30)
+    if others and len(groups) <= 8:
+        axes.flat[0].legend(fontsize="small")
+    fig.suptitle(f"sweep over {key}")
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=80)
+    plt.close(fig)
+    return out.getvalue()
 
 
 def _short(v: Any) -> str:

@@ -250,11 +250,11 @@ def warm() -> float:
     pnic_engine.warm)."""
     from flowshift.config import parse_config
     from flowshift.packet.build import tcp_frame
+    from flowshift.packet.fragrows import fragment_rows
     from flowshift.packet.view import TCP_ACK
     from flowshift.results import BatchResults
     from flowshift.services.conntrack import FlowTable
     from flowshift.tiers.classify import Classifier
-    from flowshift.packet.fragrows import fragment_rows
     from flowshift.tiers.repass import Repass
 
     started = time.perf_counter()
