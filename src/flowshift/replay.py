@@ -32,6 +32,7 @@ from flowshift.host import Host
 from flowshift.offload import POLICIES
 from flowshift.output import AtomicOutputs
 from flowshift.packet.batch import Batch, read_batches
+from flowshift.packet.direct import DirectWriter
 from flowshift.packet.pcap import PcapWriter, open_trace, trace_linktype_name
 from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump
 from flowshift.results import DIRECTION_LABELS, TIER_LABELS, BatchResults, reason_label
@@ -98,9 +99,9 @@ def _check_options(offload: str | None, pnic: str, capacity: int | None,
         raise ReplayError("--dump-flows-at and --dump-flows go together")
 
 
-def _opener(path: str | os.PathLike[str], flag: str) -> Any:
+def _opener(path: str | os.PathLike[str], flag: str) -> DirectWriter:
     try:
-        return open(path, "wb")
+        return DirectWriter(path)
     except OSError as e:
         raise ReplayError(f"--{flag} {path}: cannot write ({e.strerror})") from None
 
@@ -386,7 +387,7 @@ class _Run:
         self.linktypes: set[int] = set()
         self.problem: str | None = None
         self.writer: PcapWriter | None = None
-        self.rows: Any = None  # the verdicts file
+        self.rows: DirectWriter | None = None  # the verdicts file
         self.tally = Tally()
         self.n = 0
         self.linktype_mismatch = 0

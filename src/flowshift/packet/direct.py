@@ -1,0 +1,122 @@
+"""Large sequential file I/O that bypasses the page cache (O_DIRECT) where the file system
+takes it, through buffers that are allocated once and reused.
+
+A replay's outputs (the output trace, the verdict rows, a sharded run's shard files) are
+written once, in order, and not read back by this process; through the page cache each of
+their bytes costs a fresh page of memory, and on a virtual machine whose host hands memory out
+lazily a fresh page costs more than the disk write itself (docs/scale.md has figures). Direct
+I/O moves the bytes from our buffer to the device.
+
+Direct I/O wants the buffer's address, the file offset and the length aligned (`ALIGN`, the
+largest logical block size in common use). A writer stages bytes in an aligned buffer, writes
+its whole blocks directly, keeps the remainder for the next write, and writes the last partial
+block through the page cache when it closes. Where O_DIRECT is refused (tmpfs, some network
+and FUSE file systems, any EINVAL on a write), the same bytes go through the page cache: the
+file is the same either way.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from types import TracebackType
+
+import numpy as np
+
+ALIGN = 4096
+FLUSH = 1 << 23  # staged bytes written out once this many are held
+_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def aligned_empty(size: int) -> np.ndarray:
+    """An uninitialised uint8 array of `size` bytes starting at an `ALIGN` boundary."""
+    raw = np.empty(size + ALIGN, np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + size]
+
+
+class DirectWriter:
+    """Bytes appended to a new (truncated) file, in order. `room(n)` gives a view of `n`
+    writable bytes to fill and `advance(m)` keeps the first m of them; `write(data)` does both.
+    Raises OSError as opening the file with open(path, "wb") would."""
+
+    def __init__(self, path: str | os.PathLike[str], flush: int = FLUSH) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = bool(_DIRECT)
+        try:
+            self.fd = os.open(path, flags | _DIRECT, 0o666)
+        except OSError:
+            if not _DIRECT:
+                raise
+            self.direct = False
+            self.fd = os.open(path, flags, 0o666)
+        self.flush_at = flush
+        self.buf = aligned_empty(flush + ALIGN)
+        self.fill = 0
+        self.written = 0  # bytes handed to the file so far
+
+    def room(self, n: int) -> np.ndarray:
+        """A view of the next `n` bytes of the staging buffer, grown when needed (the buffer
+        is kept: fresh pages cost more than the copies they would save)."""
+        need = self.fill + n
+        if need > len(self.buf):
+            bigger = aligned_empty(need + need // 4 + ALIGN)
+            bigger[:self.fill] = self.buf[:self.fill]
+            self.buf = bigger
+        return self.buf[self.fill:need]
+
+    def advance(self, n: int) -> None:
+        """Keep `n` bytes just filled in `room`; write out whole blocks past the threshold."""
+        self.fill += n
+        if self.fill >= self.flush_at:
+            self._flush(final=False)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.room(len(view))[:] = np.frombuffer(view, np.uint8)
+        self.advance(len(view))
+
+    def _flush(self, final: bool) -> None:
+        upto = self.fill if final or not self.direct else self.fill - self.fill % ALIGN
+        if final and self.direct and self.fill % ALIGN:
+            self._buffered()  # the last partial block: direct I/O cannot write it
+        self._put(self.buf.data[:upto])
+        self.written += upto
+        rest = self.fill - upto
+        if rest:
+            self.buf[:rest] = self.buf[upto:self.fill]
+        self.fill = rest
+
+    def _put(self, data: memoryview) -> None:
+        while len(data):
+            try:
+                n = os.write(self.fd, data)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._buffered()  # this file system's direct I/O wants more than ALIGN
+                continue
+            data = data[n:]
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+        self.direct = False
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.direct:
+                self._flush(final=False)  # the whole blocks, directly
+            self._flush(final=True)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
