@@ -72,10 +72,11 @@ class DirectWriter:
         if self.fill >= self.flush_at:
             self._flush(final=False)
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        self.room(len(view))[:] = np.frombuffer(view, np.uint8)
-        self.advance(len(view))
+    def write(self, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        raw = (data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
+               else np.frombuffer(memoryview(data).cast("B"), np.uint8))
+        self.room(len(raw))[:] = raw
+        self.advance(len(raw))
 
     def _flush(self, final: bool) -> None:
         upto = self.fill if final or not self.direct else self.fill - self.fill % ALIGN
@@ -115,6 +116,56 @@ class DirectWriter:
             self.fd = -1
 
     def __enter__(self) -> DirectWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class DirectReader:
+    """Reads ranges of a file into aligned buffers, directly where the file system takes it
+    (the bytes are read once: caching them would cost fresh pages for nothing)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        self.direct = bool(_DIRECT)
+        try:
+            self.fd = os.open(path, flags | _DIRECT)
+        except OSError:
+            if not _DIRECT:
+                raise
+            self.direct = False
+            self.fd = os.open(path, flags)
+
+    def read(self, out: np.ndarray, start: int, stop: int) -> int:
+        """Bytes start..stop of the file into `out` (aligned, at least stop - start + 2 *
+        ALIGN long); returns where byte `start` is in `out`. Raises OSError when the file
+        ends before `stop`."""
+        lo = start - start % ALIGN if self.direct else start
+        hi = -(-stop // ALIGN) * ALIGN if self.direct else stop
+        got = 0
+        while lo + got < stop:
+            try:
+                n = os.preadv(self.fd, [out.data[got:hi - lo]], lo + got)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                fcntl.fcntl(self.fd, fcntl.F_SETFL,
+                            fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+                self.direct = False
+                continue
+            if not n:
+                raise OSError(errno.EIO, f"file ends at byte {lo + got}, before {stop}")
+            got += n
+        return start - lo
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> DirectReader:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

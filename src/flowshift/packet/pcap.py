@@ -510,6 +510,14 @@ class PcapWriter:
                          self._file.room(size))
         self._file.advance(n)
 
+    def write_records(self, src: np.ndarray, pos: np.ndarray, size: np.ndarray) -> None:
+        """Copy whole records (header and frame, as this writer writes them) from `src`:
+        record i is src[pos[i]:pos[i]+size[i]]."""
+        from flowshift.packet._records import gather_records
+
+        n = gather_records(src, pos, size, self._file.room(int(size.sum())))
+        self._file.advance(n)
+
     def close(self) -> None:
         self._file.close()
 
