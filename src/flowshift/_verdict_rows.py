@@ -54,7 +54,7 @@ def _digits(out, pos, v):
     return end
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # a sharded merge formats while it copies packets
 def format_rows(index0, rel_ns, middle, table, starts, out_index, out):
     """Row i: index0 + i, rel_ns[i] as seconds with 9 decimals, table[starts[m]:starts[m+1]]
     for m = middle[i] (it brings the commas around it), out_index[i] unless negative.

@@ -28,7 +28,7 @@ from flowshift.packet.pcap import PcapWriter
 from flowshift.report import TIERS, Tally
 
 ROWS = 1 << 20  # verdict rows formatted at a time
-WINDOW = 1 << 26  # bytes of output packets gathered from the shards at a time
+WINDOW = 1 << 24  # bytes of output packets gathered from the shards at a time
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -231,12 +232,16 @@ def _run_sharded(
         cpu = time.process_time()
         if need_rows:
             rows = merge_rows(index, [work / f"shard-{k}" / "rows.bin" for k in range(n)])
-            if verdicts is not None:
-                write_verdicts(rows, first if first is not None else 0,
-                               Path(temps["verdicts"]), verdicts_header())
-            if out is not None:
-                merge_packets(rows, [work / f"shard-{k}" / "out.pcap" for k in range(n)],
-                              Path(temps["out"]), _out_linktype(trace))
+            # the rows are formatted on a thread while the packets are copied (mostly I/O)
+            with ThreadPoolExecutor(1, thread_name_prefix="flowshift-merge") as side:
+                if verdicts is not None:
+                    written = side.submit(write_verdicts, rows, first if first is not None
+                                          else 0, Path(temps["verdicts"]), verdicts_header())
+                if out is not None:
+                    merge_packets(rows, [work / f"shard-{k}" / "out.pcap" for k in range(n)],
+                                  Path(temps["out"]), _out_linktype(trace))
+                if verdicts is not None:
+                    written.result()
             del rows
         if dump_path is not None:
             merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)],

@@ -10,9 +10,13 @@ I/O moves the bytes from our buffer to the device.
 Direct I/O wants the buffer's address, the file offset and the length aligned (`ALIGN`, the
 largest logical block size in common use). A writer stages bytes in an aligned buffer, writes
 its whole blocks directly, keeps the remainder for the next write, and writes the last partial
-block through the page cache when it closes. Where O_DIRECT is refused (tmpfs, some network
-and FUSE file systems, any EINVAL on a write), the same bytes go through the page cache: the
-file is the same either way.
+block through the page cache when it closes. The writes run on a thread of the writer's own,
+one at a time, while the caller fills a second buffer: a replay computes while its last
+outputs reach the disk. Callers fill at most about `FLUSH` bytes at a time (room(n) grows the
+buffer to n), so the two buffers stay small and are touched once.
+
+Where O_DIRECT is refused (tmpfs, some network and FUSE file systems, any EINVAL on a write),
+the same bytes go through the page cache: the file is the same either way.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 import numpy as np
 
 ALIGN = 4096
-FLUSH = 1 << 23  # staged bytes written out once this many are held
+FLUSH = 1 << 24  # staged bytes written out once this many are held
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -55,6 +60,9 @@ class DirectWriter:
         self.buf = aligned_empty(flush + ALIGN)
         self.fill = 0
         self.written = 0  # bytes handed to the file so far
+        self._spare: np.ndarray | None = None  # the buffer being written, then free
+        self._pending: Future[None] | None = None  # that write
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="flowshift-write")
 
     def room(self, n: int) -> np.ndarray:
         """A view of the next `n` bytes of the staging buffer, grown when needed (the buffer
@@ -78,15 +86,30 @@ class DirectWriter:
         self.room(len(raw))[:] = raw
         self.advance(len(raw))
 
+    def _wait(self) -> None:
+        """Until the write in flight is done (its error raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
     def _flush(self, final: bool) -> None:
+        self._wait()  # also settles `direct`, which a failed write may have turned off
         upto = self.fill if final or not self.direct else self.fill - self.fill % ALIGN
-        if final and self.direct and self.fill % ALIGN:
-            self._buffered()  # the last partial block: direct I/O cannot write it
-        self._put(self.buf.data[:upto])
-        self.written += upto
+        if final:
+            if self.direct and self.fill % ALIGN:
+                self._buffered()  # the last partial block: direct I/O cannot write it
+            self._put(self.buf.data[:upto])
+            self.written += upto
+            self.fill = 0
+            return
+        old, spare = self.buf, self._spare
+        if spare is None or len(spare) < len(old):
+            spare = aligned_empty(len(old))
         rest = self.fill - upto
-        if rest:
-            self.buf[:rest] = self.buf[upto:self.fill]
+        spare[:rest] = old[upto:self.fill]
+        self._pending = self._thread.submit(self._put, old.data[:upto])
+        self.buf, self._spare = spare, old
+        self.written += upto
         self.fill = rest
 
     def _put(self, data: memoryview) -> None:
@@ -112,8 +135,12 @@ class DirectWriter:
                 self._flush(final=False)  # the whole blocks, directly
             self._flush(final=True)
         finally:
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                self._wait()
+            finally:
+                self._thread.shutdown()
+                os.close(self.fd)
+                self.fd = -1
 
     def __enter__(self) -> DirectWriter:
         return self

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from flowshift.packet.direct import DirectWriter
+from flowshift.packet.direct import FLUSH, DirectWriter
 
 CHUNK = 1 << 20  # bytes read per refill
 MAX_SNAPLEN = 262144  # libpcap's largest snapshot length for ordinary link types
@@ -505,10 +505,16 @@ class PcapWriter:
             raise ValueError("a timestamp does not fit a pcap record")
         cap = np.minimum(caplen, self.snaplen).astype(np.int64)
         wire = np.maximum(wire_len.astype(np.int64), cap)
-        size = int(cap.sum()) + 16 * len(cap)
-        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64),
-                         self._file.room(size))
-        self._file.advance(n)
+        ends = np.cumsum(cap + 16)
+        offset, ts_ns = offset.astype(np.int64), ts_ns.astype(np.int64)
+        a = 0
+        while a < len(ends):  # about FLUSH bytes at a time: the staging buffers stay small
+            done = int(ends[a - 1]) if a else 0
+            b = max(int(np.searchsorted(ends, done + FLUSH, side="right")), a + 1)
+            n = pack_records(buf, offset[a:b], cap[a:b], wire[a:b], ts_ns[a:b],
+                             self._file.room(int(ends[b - 1]) - done))
+            self._file.advance(n)
+            a = b
 
     def write_records(self, src: np.ndarray, pos: np.ndarray, size: np.ndarray) -> None:
         """Copy whole records (header and frame, as this writer writes them) from `src`:
