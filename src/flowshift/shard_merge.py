@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import pairwise
@@ -103,23 +104,36 @@ def merge_packets(rows: Rows, parts: list[Path], path: Path, linktype: int) -> i
         cuts.append(max(at, cuts[-1] + 1))
     longest = max((int(ends[b - 1] - (ends[a - 1] if a else 0)) for a, b in
                    pairwise(cuts)), default=0)
-    inbuf = aligned_empty(longest + 2 * ALIGN * len(parts))
+    # two input buffers: the next window is read (on a thread) while this one is copied
+    inbufs = [aligned_empty(longest + 2 * ALIGN * len(parts)) for _ in range(2)]
+
+    def fetch(a: int, b: int, inbuf: np.ndarray) -> np.ndarray:
+        """Read window a..b's records into `inbuf`; where each one is there."""
+        w_owner, w_src, w_size = owner[a:b], src[a:b], size[a:b]
+        pos = np.empty(b - a, np.int64)
+        base = 0
+        for k, reader in enumerate(readers):
+            mine = np.flatnonzero(w_owner == k)
+            if not len(mine):
+                continue
+            lo, hi = int(w_src[mine[0]]), int(w_src[mine[-1]] + w_size[mine[-1]])
+            skip = reader.read(inbuf[base:], lo, hi)
+            pos[mine] = w_src[mine] - lo + base + skip
+            base += -(-(skip + hi - lo) // ALIGN) * ALIGN
+        return pos
+
+    windows = list(pairwise(cuts))
     with ExitStack() as stack:
         readers = [stack.enter_context(DirectReader(p)) for p in parts]
         writer = stack.enter_context(PcapWriter(path, linktype=linktype))
-        for a, b in pairwise(cuts):
-            w_owner, w_src, w_size = owner[a:b], src[a:b], size[a:b]
-            pos = np.empty(b - a, np.int64)  # each record's place in `inbuf`
-            base = 0
-            for k, reader in enumerate(readers):
-                mine = np.flatnonzero(w_owner == k)
-                if not len(mine):
-                    continue
-                lo, hi = int(w_src[mine[0]]), int(w_src[mine[-1]] + w_size[mine[-1]])
-                skip = reader.read(inbuf[base:], lo, hi)
-                pos[mine] = w_src[mine] - lo + base + skip
-                base += -(-(skip + hi - lo) // ALIGN) * ALIGN
-            writer.write_records(inbuf, pos, w_size)
+        ahead = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="flowshift-read"))
+        coming = ahead.submit(fetch, *windows[0], inbufs[0]) if windows else None
+        for i, (a, b) in enumerate(windows):
+            assert coming is not None
+            pos = coming.result()
+            if i + 1 < len(windows):  # its buffer was copied out by the last window
+                coming = ahead.submit(fetch, *windows[i + 1], inbufs[(i + 1) % 2])
+            writer.write_records(inbufs[i % 2], pos, size[a:b])
     return len(sent)
 
 
