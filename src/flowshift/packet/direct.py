@@ -57,12 +57,16 @@ class DirectWriter:
             self.direct = False
             self.fd = os.open(path, flags, 0o666)
         self.flush_at = flush
-        self.buf = aligned_empty(flush + ALIGN)
+        self._use(aligned_empty(flush + ALIGN))
         self.fill = 0
         self.written = 0  # bytes handed to the file so far
         self._spare: np.ndarray | None = None  # the buffer being written, then free
         self._pending: Future[None] | None = None  # that write
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="flowshift-write")
+
+    def _use(self, buf: np.ndarray) -> None:
+        self.buf = buf
+        self._view = memoryview(buf).cast("B")
 
     def room(self, n: int) -> np.ndarray:
         """A view of the next `n` bytes of the staging buffer, grown when needed (the buffer
@@ -71,7 +75,7 @@ class DirectWriter:
         if need > len(self.buf):
             bigger = aligned_empty(need + need // 4 + ALIGN)
             bigger[:self.fill] = self.buf[:self.fill]
-            self.buf = bigger
+            self._use(bigger)
         return self.buf[self.fill:need]
 
     def advance(self, n: int) -> None:
@@ -81,10 +85,15 @@ class DirectWriter:
             self._flush(final=False)
 
     def write(self, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        raw = (data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
-               else np.frombuffer(memoryview(data).cast("B"), np.uint8))
-        self.room(len(raw))[:] = raw
-        self.advance(len(raw))
+        view = memoryview(data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
+                          else data).cast("B")
+        end = self.fill + len(view)
+        if end > len(self.buf):
+            self.room(len(view))
+        self._view[self.fill:end] = view  # a memoryview copy: cheap for one small frame
+        self.fill = end
+        if end >= self.flush_at:
+            self._flush(final=False)
 
     def _wait(self) -> None:
         """Until the write in flight is done (its error raised here)."""
@@ -108,7 +117,8 @@ class DirectWriter:
         rest = self.fill - upto
         spare[:rest] = old[upto:self.fill]
         self._pending = self._thread.submit(self._put, old.data[:upto])
-        self.buf, self._spare = spare, old
+        self._use(spare)
+        self._spare = old
         self.written += upto
         self.fill = rest
 

@@ -490,8 +490,7 @@ class PcapWriter:
         wire = len(data) if wire_len is None else max(wire_len, len(data))
         if len(data) > self.snaplen:
             data = data[: self.snaplen]
-        self._file.write(self._record(sec, nsec, len(data), wire))
-        self._file.write(data)
+        self._file.write(self._record(sec, nsec, len(data), wire) + data)
 
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
