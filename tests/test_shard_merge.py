@@ -100,3 +100,39 @@ def test_a_shard_whose_rows_are_short_is_an_error(tmp_path: Path) -> None:
     middles_path(path).write_text("[]")
     with pytest.raises(ValueError, match="2 rows for 3 packets"):
         merge_rows([np.arange(3)], [path])
+
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "real"
+
+
+def test_an_interrupted_merge_leaves_the_previous_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted while the packets are copied, with the rows being formatted beside: the
+    previous run's files stay as they were, and no temporary or shard file is left."""
+    from flowshift.packet.pcap import PcapWriter
+    from flowshift.shard_replay import run_sharded
+
+    out_dir, work = tmp_path / "out", tmp_path / "work"
+    out_dir.mkdir()
+    work.mkdir()
+    old = {"out.pcap": b"previous out\n", "v.csv": b"previous verdicts\n"}
+    for name, content in old.items():
+        (out_dir / name).write_bytes(content)
+    monkeypatch.setattr(shard_merge, "WINDOW", 4096)  # several windows
+    copied = []
+    real = PcapWriter.write_records
+
+    def write_records(self: PcapWriter, *args: object) -> None:
+        real(self, *args)  # type: ignore[arg-type]
+        copied.append(1)
+        if len(copied) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PcapWriter, "write_records", write_records)
+    with pytest.raises(KeyboardInterrupt):
+        run_sharded(REAL / "replay_input.pcap", REAL / "lb-gateway.toml", workers=2,
+                    executor="processes", shard_dir=work, out=out_dir / "out.pcap",
+                    verdicts=out_dir / "v.csv", progress=False)
+    assert len(copied) == 2
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == old
+    assert not list(work.iterdir())

@@ -66,7 +66,7 @@ class DirectWriter:
 
     def _use(self, buf: np.ndarray) -> None:
         self.buf = buf
-        self._view = memoryview(buf).cast("B")
+        self._view = buf.data.cast("B")
 
     def room(self, n: int) -> np.ndarray:
         """A view of the next `n` bytes of the staging buffer, grown when needed (the buffer
@@ -85,8 +85,8 @@ class DirectWriter:
             self._flush(final=False)
 
     def write(self, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        view = memoryview(data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray)
-                          else data).cast("B")
+        view = (data.reshape(-1).view(np.uint8).data if isinstance(data, np.ndarray)
+                else memoryview(data)).cast("B")
         end = self.fill + len(view)
         if end > len(self.buf):
             self.room(len(view))
