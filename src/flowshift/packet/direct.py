@@ -11,9 +11,10 @@ Direct I/O wants the buffer's address, the file offset and the length aligned (`
 largest logical block size in common use). A writer stages bytes in an aligned buffer, writes
 its whole blocks directly, keeps the remainder for the next write, and writes the last partial
 block through the page cache when it closes. The writes run on a thread of the writer's own,
-one at a time, while the caller fills a second buffer: a replay computes while its last
-outputs reach the disk. Callers fill at most about `FLUSH` bytes at a time (room(n) grows the
-buffer to n), so the two buffers stay small and are touched once.
+in order, up to `DEPTH` of them queued, while the caller fills the next buffer: a replay
+computes while its last outputs reach the disk, and a burst (a batch's packets) does not wait
+for the disk. Callers fill at most about `FLUSH` bytes at a time (room(n) grows the buffer to
+n), so the few buffers stay small and are touched once.
 
 Where O_DIRECT is refused (tmpfs, some network and FUSE file systems, any EINVAL on a write),
 the same bytes go through the page cache: the file is the same either way.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -31,6 +33,7 @@ import numpy as np
 
 ALIGN = 4096
 FLUSH = 1 << 24  # staged bytes written out once this many are held
+DEPTH = 4  # writes handed to the writer's thread and not yet done, at most
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -60,8 +63,8 @@ class DirectWriter:
         self._use(aligned_empty(flush + ALIGN))
         self.fill = 0
         self.written = 0  # bytes handed to the file so far
-        self._spare: np.ndarray | None = None  # the buffer being written, then free
-        self._pending: Future[None] | None = None  # that write
+        self._flight: deque[tuple[Future[None], np.ndarray]] = deque()  # writes, in order
+        self._free: list[np.ndarray] = []  # buffers written out, to be filled again
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="flowshift-write")
 
     def _use(self, buf: np.ndarray) -> None:
@@ -95,30 +98,35 @@ class DirectWriter:
         if end >= self.flush_at:
             self._flush(final=False)
 
+    def _retire(self) -> None:
+        """Wait for the oldest write in flight (its error raised here); free its buffer."""
+        done, buf = self._flight.popleft()
+        done.result()
+        self._free.append(buf)
+
     def _wait(self) -> None:
-        """Until the write in flight is done (its error raised here)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Until every write in flight is done."""
+        while self._flight:
+            self._retire()
 
     def _flush(self, final: bool) -> None:
-        self._wait()  # also settles `direct`, which a failed write may have turned off
-        upto = self.fill if final or not self.direct else self.fill - self.fill % ALIGN
         if final:
+            self._wait()  # also settles `direct`, which a failed write may have turned off
             if self.direct and self.fill % ALIGN:
                 self._buffered()  # the last partial block: direct I/O cannot write it
-            self._put(self.buf.data[:upto])
-            self.written += upto
+            self._put(self.buf.data[:self.fill])
+            self.written += self.fill
             self.fill = 0
             return
-        old, spare = self.buf, self._spare
-        if spare is None or len(spare) < len(old):
-            spare = aligned_empty(len(old))
+        while len(self._flight) >= DEPTH or (self._flight and self._flight[0][0].done()):
+            self._retire()
+        upto = self.fill - self.fill % ALIGN if self.direct else self.fill
+        old = self.buf
+        spare = self._free.pop() if self._free else aligned_empty(self.flush_at + ALIGN)
         rest = self.fill - upto
         spare[:rest] = old[upto:self.fill]
-        self._pending = self._thread.submit(self._put, old.data[:upto])
+        self._flight.append((self._thread.submit(self._put, old.data[:upto]), old))
         self._use(spare)
-        self._spare = old
         self.written += upto
         self.fill = rest
 
