@@ -136,3 +136,31 @@ def test_an_interrupted_merge_leaves_the_previous_outputs(
     assert len(copied) == 2
     assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == old
     assert not list(work.iterdir())
+
+
+TCPDUMP = REAL.parent / "tcpdump"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in TCPDUMP.glob("*.pcap"))[::40])
+def test_a_replays_row_data_merges_into_its_own_verdicts(tmp_path: Path, name: str) -> None:
+    """One replay writes its verdicts as text and as row data: merged alone (one shard, every
+    input position its own), the data gives the text's bytes, and the leaving rows say which
+    packets the output trace holds, with their record sizes."""
+    from flowshift.packet.pcap import TraceError
+    from flowshift.replay import run_replay
+
+    trace = TCPDUMP / name
+    try:
+        report = run_replay(trace, REAL / "lb-gateway.toml", verdicts=tmp_path / "v.csv",
+                            out=tmp_path / "o.pcap", row_data=tmp_path / "rows.bin",
+                            progress=False)
+    except TraceError:
+        pytest.skip("not a trace the replay reads")
+    n = report["trace"]["packets"]
+    merged = merge_rows([np.arange(n)], [tmp_path / "rows.bin"])
+    first = int(merged.ts[0]) if n else 0  # the origin: the first packet's time
+    write_verdicts(merged, first, tmp_path / "m.csv", verdicts_header())
+    assert (tmp_path / "m.csv").read_bytes() == (tmp_path / "v.csv").read_bytes()
+    assert int(merged.leaving.sum()) == report["packets"]["out"]
+    out = (tmp_path / "o.pcap").read_bytes()
+    assert 24 + int(merged.record.sum()) == len(out)
