@@ -9,7 +9,10 @@ builds (generated once per work dir). Measures:
 - `replay --offload elephant` serial, then `--workers N` on plain processes and on a local
   Dask cluster (started beforehand, its start-up reported apart); with the split, replay and
   merge times of the sharded runs;
-- the same with `--out` and `--verdicts`, whose merge walks every packet;
+- the same with `--out` and `--verdicts`: the serial outputs' cost over the report-only run,
+  against the time this disk needs for their bytes (its direct write and read rates,
+  measured on a 1 GiB file in the work dir), and the sharded runs' merge (the shards' rows
+  scattered to input order, their output packets read back and copied);
 - a generated trace of 12,000 short connections and no elephant (mostly software work:
   compute-bound), serial against `--workers N`;
 - a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +47,7 @@ from common import machine
 from flowshift.cluster import dask_available, open_executor
 from flowshift.config import load_config
 from flowshift.gen import TraceSpec, generate
+from flowshift.packet.direct import ALIGN, DirectReader, DirectWriter, aligned_empty
 from flowshift.replay import run_replay
 from flowshift.shard_replay import run_sharded
 from flowshift.sweep import execute, parse_vary, plan_sweep
@@ -60,6 +65,40 @@ def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
 
 
 LABELS = {False: "report only", True: "report + out + verdicts"}
+DISK_PROBE = 1 << 30  # bytes written and read back to measure the disk
+
+
+def disk_rates(work: Path) -> tuple[float, float]:
+    """GB/s of direct writes and reads (as the outputs are written, and as a sharded merge
+    reads its shards' files) in `work`, through one reused buffer."""
+    path = work / "disk-probe.bin"
+    try:
+        start = time.perf_counter()
+        with DirectWriter(path) as w:
+            chunk = np.full(1 << 24, 7, np.uint8)
+            for _ in range(DISK_PROBE // len(chunk)):
+                w.write(chunk)
+        wrote = time.perf_counter() - start
+        start = time.perf_counter()
+        with DirectReader(path) as r:
+            buf = aligned_empty(len(chunk) + 2 * ALIGN)
+            for at in range(0, DISK_PROBE, len(chunk)):
+                r.read(buf, at, at + len(chunk))
+        read = time.perf_counter() - start
+    finally:
+        path.unlink(missing_ok=True)
+    return DISK_PROBE / wrote / 1e9, DISK_PROBE / read / 1e9
+
+
+def outputs_cost(serial: dict[bool, dict[str, Any]], work: Path) -> dict[str, Any]:
+    """What the serial run's outputs cost over its report-only run, against what the disk
+    needs for their bytes."""
+    written = sum(p.stat().st_size for p in (work / "s.pcap", work / "s.csv"))
+    write_rate, read_rate = disk_rates(work)
+    plain, outs = serial[False]["wall_seconds"], serial[True]["wall_seconds"]
+    return {"report_only_s": plain, "with_outputs_s": outs, "outputs_s": outs - plain,
+            "ratio": outs / plain, "bytes": written, "disk_write_gb_s": write_rate,
+            "disk_read_gb_s": read_rate, "disk_s": written / write_rate / 1e9}
 
 
 def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str, str, str]],
@@ -205,6 +244,14 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
         for out, timing in serial.items():
             rows.append((f"replay serial ({LABELS[out]})", f"{timing['wall_seconds']:.2f} s",
                          f"baseline; {timing['cpu_seconds']:.2f} s processor time"))
+        results["serial"] = outputs_cost(serial, scratch)
+        cost = results["serial"]
+        rows.append(("serial outputs' cost (--out + --verdicts)",
+                     f"{cost['outputs_s']:.2f} s",
+                     f"{cost['ratio']:.2f}× report only; they write "
+                     f"{cost['bytes'] / 1e9:.2f} GB, which this disk takes in "
+                     f"{cost['disk_s']:.2f} s ({cost['disk_write_gb_s']:.2f} GB/s direct; "
+                     f"direct reads {cost['disk_read_gb_s']:.2f} GB/s)"))
         # plain processes first: forked from this single-threaded process, they start warm
         for kind in ["processes"] + (["dask"] if dask_available() else []):
             pool, cold = started(kind, workers, tiny)

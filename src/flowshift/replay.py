@@ -12,6 +12,7 @@ whatever the trace.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -25,14 +26,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from flowshift import __version__
-from flowshift._verdict_rows import rows_text
+from flowshift._verdict_rows import ROW_DATA, middles_path, rows_bytes, rows_text
+from flowshift._verdict_rows import seconds_text as seconds_text  # where it was
 from flowshift.config import HostConfig, load_config, to_dict
 from flowshift.flow import NS_PER_S
 from flowshift.host import Host
 from flowshift.offload import POLICIES
 from flowshift.output import AtomicOutputs
 from flowshift.packet.batch import Batch, read_batches
-from flowshift.packet.pcap import PcapWriter, open_trace, trace_linktype_name
+from flowshift.packet.direct import DirectWriter
+from flowshift.packet.pcap import MAX_SNAPLEN, PcapWriter, open_trace, trace_linktype_name
 from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump
 from flowshift.results import DIRECTION_LABELS, TIER_LABELS, BatchResults, reason_label
 from flowshift.verdict import Verdict
@@ -56,15 +59,12 @@ class Part(Protocol):
     def __iter__(self) -> Iterator[Batch]: ...
 
 
+def verdicts_header() -> bytes:
+    return (",".join(VERDICTS_HEADER) + "\n").encode()
+
+
 class ReplayError(Exception):
     """Bad options or an output that cannot be written. One line."""
-
-
-def seconds_text(delta_ns: int) -> str:
-    """Nanoseconds as seconds with 9 decimals, exactly (no float rounding)."""
-    sign = "-" if delta_ns < 0 else ""
-    s, ns = divmod(abs(delta_ns), NS_PER_S)
-    return f"{sign}{s}.{ns:09d}"
 
 
 def _check_outputs(trace: str | os.PathLike[str], outputs: dict[str, str | None]) -> None:
@@ -98,9 +98,9 @@ def _check_options(offload: str | None, pnic: str, capacity: int | None,
         raise ReplayError("--dump-flows-at and --dump-flows go together")
 
 
-def _opener(path: str | os.PathLike[str], flag: str) -> Any:
+def _opener(path: str | os.PathLike[str], flag: str) -> DirectWriter:
     try:
-        return open(path, "wb")
+        return DirectWriter(path)
     except OSError as e:
         raise ReplayError(f"--{flag} {path}: cannot write ({e.strerror})") from None
 
@@ -183,6 +183,7 @@ def run_replay(
     plot_data: str | os.PathLike[str] | None = None,
     part: Part | None = None,
     engine: str = "compiled",
+    row_data: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
     `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
@@ -197,6 +198,8 @@ def run_replay(
     `plot_data`: write what the plot is drawn from (JSON), for a plot of several parts.
     `part`: replay these packets of `trace` only (its first packet is still the origin, and
     the part's `end_ns` the end when `end_ns` is not given).
+    `row_data`: write the verdict rows as data for a merge (_verdict_rows.ROW_DATA), not
+    renamed into place (a sharded run's work file).
     `engine`: "compiled" (established flows of the software tiers run on their compiled fast
     path) or "reference" (every software packet in Python); the results are identical."""
     with AtomicOutputs() as files:
@@ -205,7 +208,7 @@ def run_replay(
                        capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
                        dump_at=dump_at, dump_path=dump_path, progress=progress,
                        origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data,
-                       part=part, engine=engine)
+                       part=part, engine=engine, row_data=row_data)
 
 
 def _replay(
@@ -231,6 +234,7 @@ def _replay(
     plot_data: str | os.PathLike[str] | None,
     part: Part | None,
     engine: str = "compiled",
+    row_data: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
                             dump_path=dump_path, offload=offload, pnic=pnic,
@@ -280,7 +284,9 @@ def _replay(
                 raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
         if verdicts is not None:
             run.rows = stack.enter_context(_opener(temps["verdicts"], "verdicts"))
-            run.rows.write((",".join(VERDICTS_HEADER) + "\n").encode())
+            run.rows.write(verdicts_header())
+        if row_data is not None:
+            run.row_data = stack.enter_context(_opener(row_data, "row-data"))
         bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
         if bar is not None:
             stack.enter_context(bar[0])
@@ -312,6 +318,9 @@ def _replay(
             else:
                 entry["skipped"] = "the trace ended before this time"
             fired.append(entry)
+        if row_data is not None:
+            middles_path(row_data).write_text(
+                json.dumps([m.decode() for m in run.middles]), encoding="utf-8")
         wall = time.perf_counter() - started
         trace_info = {
             "path": os.fspath(trace),
@@ -386,11 +395,14 @@ class _Run:
         self.linktypes: set[int] = set()
         self.problem: str | None = None
         self.writer: PcapWriter | None = None
-        self.rows: Any = None  # the verdicts file
+        self.rows: DirectWriter | None = None  # the verdicts file
         self.tally = Tally()
         self.n = 0
         self.linktype_mismatch = 0
         self.labels: dict[int, tuple[Any, ...]] = {}  # result code -> its text fields
+        self.row_data: DirectWriter | None = None  # the rows as data, for a merge
+        self.middle_ids: dict[int, int] = {}  # result code -> its number in `middles`
+        self.middles: list[bytes] = []
 
     def replay(self, batches: Iterator[Batch], schedule: list[tuple[float, str]],
                dump_path: str | os.PathLike[str] | None,
@@ -483,23 +495,32 @@ class _Run:
             out_index = np.where(leaving, np.cumsum(leaving) - 1 + out_base, -1)
             middles = [self._middle(code) for code in uniq.tolist()]
             text = rows_text(res.index0, res.ts, self.first_ts, inverse, middles, out_index)
-            self.rows.write(text if text is not None else
-                            self._rows_in_python(res, inverse, middles, out_index))
+            self.rows.write(text if text is not None else rows_bytes(
+                res.index0, res.ts, self.first_ts, inverse, middles, out_index))
+        if self.row_data is not None:
+            self._row_data(res, uniq, inverse, sent)
+
+    def _row_data(self, res: BatchResults, uniq: np.ndarray, inverse: np.ndarray,
+                  sent: np.ndarray) -> None:
+        """The batch's rows as data (ROW_DATA), each result by its number in `middles`."""
+        assert self.row_data is not None
+        ids = np.empty(len(uniq), np.int32)
+        for i, code in enumerate(uniq.tolist()):
+            k = self.middle_ids.get(code)
+            if k is None:
+                k = self.middle_ids[code] = len(self.middles)
+                self.middles.append(self._middle(code))
+            ids[i] = k
+        rows = np.zeros(len(res), ROW_DATA)
+        rows["ts"] = res.ts
+        rows["middle"] = ids[inverse]
+        rows["record"][sent] = 16 + np.minimum(res.caplen[sent], MAX_SNAPLEN)
+        self.row_data.write(rows.view(np.uint8))
 
     def _middle(self, code: int) -> bytes:
         """A verdict row's fields after the time, up to the out_index, commas around them."""
         verdict, reason, tier, machine, direction = self._label(code)
         return f",{machine},{direction},{LABELS[verdict]},{reason},{tier},".encode()
-
-    def _rows_in_python(self, res: BatchResults, middle: np.ndarray, middles: list[bytes],
-                        out_index: np.ndarray) -> bytes:
-        """The rows of a batch whose times are too far apart for the compiled loop."""
-        first = self.first_ts
-        return b"".join(
-            b"%d,%s%s%s\n" % (res.index0 + i, seconds_text(ts - first).encode(), middles[m],
-                              b"%d" % o if o >= 0 else b"")
-            for i, (ts, m, o) in enumerate(zip(res.ts.tolist(), middle.tolist(),
-                                               out_index.tolist(), strict=True)))
 
     def _rates(self, res: BatchResults) -> None:
         """Packets per (time bin, tier) for the plot."""

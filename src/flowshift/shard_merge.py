@@ -1,9 +1,12 @@
 """Putting the shards of a replay back together, in input order: the verdict rows, the output
 packets, the flow dumps and the report.
 
-Each shard replayed its packets in input order, so shard k's i-th verdict row is the row of
-the i-th input packet that went to shard k (`Split.shard`), and its j-th output packet is the
-one of its j-th row with an `out_index`. The merge walks the input order once.
+Each shard replayed its packets in input order and wrote its rows as data (_verdict_rows.
+ROW_DATA): shard k's i-th row is the row of the i-th input packet that went to it (its
+`index`), and its j-th output packet is the one of its j-th leaving row. The merge scatters the
+rows to input order with numpy, formats them as the serial replay does, and gathers the
+output packets a window at a time, each window one range of each shard's output trace, copied
+by a compiled loop; the files are read and written directly (packet/direct.py).
 """
 
 from __future__ import annotations
@@ -11,116 +14,127 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections import Counter
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flowshift.packet.batch import Batch, read_batches
+from flowshift._verdict_rows import ROW_DATA, middles_path, rows_bytes
+from flowshift.packet.direct import ALIGN, DirectReader, DirectWriter, aligned_empty
 from flowshift.packet.pcap import PcapWriter
 from flowshift.report import TIERS, Tally
 
-CHUNK = 65536  # output packets gathered from the shards at a time
+ROWS = 1 << 20  # verdict rows formatted at a time
+WINDOW = 1 << 24  # bytes of output packets gathered from the shards at a time
 
 
-def merge_verdicts(shard: np.ndarray, parts: list[Path], path: Path | None) -> np.ndarray:
-    """Write the verdict rows of every shard in input order (`index` and `out_index` renumbered
-    for the whole trace) when `path` is given; return, per input packet, whether it left."""
-    n = len(shard)
-    leaving = np.zeros(n, np.bool_)
-    files = [open(p, encoding="utf-8") for p in parts]  # noqa: SIM115 (closed below)
-    try:
-        header = ""
-        for f in files:
-            header = f.readline()
-        rows: list[Iterator[str]] = [iter(f) for f in files]
-        out = open(path, "w", newline="", encoding="utf-8") if path else None  # noqa: SIM115
-        try:
-            if out is not None:
-                out.write(header)
-            lines: list[str] = []
-            sent = 0
-            for i, k in enumerate(shard.tolist()):
-                line = next(rows[k])
-                rest = line[line.index(",") + 1:line.rindex(",")]
-                if line[-2] != ",":  # an out_index: the packet left
-                    leaving[i] = True
-                    if out is not None:
-                        lines.append(f"{i},{rest},{sent}\n")
-                    sent += 1
-                elif out is not None:
-                    lines.append(f"{i},{rest},\n")
-                if len(lines) >= CHUNK:
-                    assert out is not None
-                    out.write("".join(lines))
-                    lines.clear()
-            if out is not None:
-                out.write("".join(lines))
-        finally:
-            if out is not None:
-                out.close()
-    finally:
-        for f in files:
-            f.close()
-    return leaving
+@dataclass
+class Rows:
+    """The shards' rows (ROW_DATA) in input order, with the shard of each and the table of
+    middles they number."""
+
+    ts: np.ndarray  # int64 per input packet
+    middle: np.ndarray  # int32: its number in `middles`
+    record: np.ndarray  # uint32: its output record's bytes, 0 when it did not leave
+    shard: np.ndarray  # int32
+    middles: list[bytes]
+
+    @property
+    def leaving(self) -> np.ndarray:
+        return self.record > 0
 
 
-class _Stream:
-    """The packets of one shard's output trace, taken a run at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.batches = read_batches(path, CHUNK)
-        self.batch: Batch | None = None
-        self.pos = 0
-
-    def take(self, m: int) -> list[tuple[Any, ...]]:
-        """The next m packets, as slices of batches: (ts, buf, offset, caplen, wire)."""
-        pieces = []
-        while m:
-            b = self.batch
-            if b is None or self.pos >= len(b):
-                b = self.batch = next(self.batches)
-                self.pos = 0
-            a = self.pos
-            z = min(len(b), a + m)
-            lo = int(b.offset[a])
-            hi = int(b.offset[z - 1]) + int(b.caplen[z - 1])
-            pieces.append((b.ts_ns[a:z], b.buf[lo:hi], b.offset[a:z] - lo, b.caplen[a:z],
-                           b.wire_len[a:z]))
-            m -= z - a
-            self.pos = z
-        return pieces
+def merge_rows(index: list[np.ndarray], parts: list[Path]) -> Rows:
+    """Scatter each shard's rows to the input positions of its packets (`index[k]`), the
+    middles renumbered into one table."""
+    n = sum(len(at) for at in index)
+    ts = np.empty(n, np.int64)
+    middle = np.empty(n, np.int32)
+    record = np.empty(n, np.uint32)
+    shard = np.empty(n, np.int32)
+    known: dict[bytes, int] = {}  # a middle -> its number, in the order they are met
+    for k, (at, path) in enumerate(zip(index, parts, strict=True)):
+        rows = np.fromfile(path, ROW_DATA)
+        if len(rows) != len(at):
+            raise ValueError(f"{path}: {len(rows)} rows for {len(at)} packets")
+        own = json.loads(middles_path(path).read_text(encoding="utf-8"))
+        renumber = np.array([known.setdefault(m.encode(), len(known)) for m in own] or [0],
+                            np.int32)
+        ts[at] = rows["ts"]
+        middle[at] = renumber[rows["middle"]]
+        record[at] = rows["record"]
+        shard[at] = k
+    return Rows(ts, middle, record, shard, list(known))
 
 
-def merge_packets(shard: np.ndarray, leaving: np.ndarray, parts: list[Path], path: Path,
-                  linktype: int) -> int:
-    """Write the shards' output packets in input order; returns how many."""
-    order = shard[leaving]
-    streams = [_Stream(p) for p in parts]
-    with PcapWriter(path, linktype=linktype) as writer:
-        for start in range(0, len(order), CHUNK):
-            seq = order[start:start + CHUNK]
-            m = len(seq)
-            ts = np.empty(m, np.int64)
-            offset = np.empty(m, np.int64)
-            caplen = np.empty(m, np.uint32)
-            wire = np.empty(m, np.uint32)
-            bufs, base = [], 0
-            for k, stream in enumerate(streams):
-                at = np.flatnonzero(seq == k)
-                if not len(at):
-                    continue
-                pos = 0
-                for p_ts, p_buf, p_off, p_cap, p_wire in stream.take(len(at)):
-                    dest = at[pos:pos + len(p_ts)]
-                    ts[dest], caplen[dest], wire[dest] = p_ts, p_cap, p_wire
-                    offset[dest] = p_off + base
-                    bufs.append(p_buf)
-                    base += len(p_buf)
-                    pos += len(p_ts)
-            writer.write_batch(ts, np.concatenate(bufs), offset, caplen, wire)
-    return len(order)
+def write_verdicts(rows: Rows, first_ts: int, path: Path, header: bytes) -> None:
+    """The verdicts file of the whole trace, formatted as the serial replay formats it."""
+    leaving = rows.leaving
+    out_index = np.cumsum(leaving, dtype=np.int64) - 1
+    out_index[~leaving] = -1
+    with DirectWriter(path) as out:
+        out.write(header)
+        for a in range(0, len(rows.ts), ROWS):
+            b = a + ROWS
+            out.write(rows_bytes(a, rows.ts[a:b], first_ts, rows.middle[a:b], rows.middles,
+                                 out_index[a:b]))
+
+
+def merge_packets(rows: Rows, parts: list[Path], path: Path, linktype: int) -> int:
+    """Write the shards' output packets in input order; returns how many. Shard k's output
+    trace holds the records of its leaving packets in input order, so each packet's record is
+    found from the sizes alone (`rows.record`); a window of the output is gathered from one
+    contiguous range of each shard's file."""
+    sent = np.flatnonzero(rows.leaving)
+    size = rows.record[sent].astype(np.int64)
+    owner = rows.shard[sent]
+    src = np.empty(len(sent), np.int64)  # each record's offset in its shard's file
+    for k in range(len(parts)):
+        mine = owner == k
+        src[mine] = 24 + np.cumsum(size[mine]) - size[mine]
+    ends = np.cumsum(size)
+    cuts = [0]
+    while cuts[-1] < len(sent):  # windows of about WINDOW bytes, at least one record each
+        at = int(np.searchsorted(ends, (ends[cuts[-1] - 1] if cuts[-1] else 0) + WINDOW,
+                                 side="right"))
+        cuts.append(max(at, cuts[-1] + 1))
+    longest = max((int(ends[b - 1] - (ends[a - 1] if a else 0)) for a, b in
+                   pairwise(cuts)), default=0)
+    # two input buffers: the next window is read (on a thread) while this one is copied
+    inbufs = [aligned_empty(longest + 2 * ALIGN * len(parts)) for _ in range(2)]
+
+    def fetch(a: int, b: int, inbuf: np.ndarray) -> np.ndarray:
+        """Read window a..b's records into `inbuf`; where each one is there."""
+        w_owner, w_src, w_size = owner[a:b], src[a:b], size[a:b]
+        pos = np.empty(b - a, np.int64)
+        base = 0
+        for k, reader in enumerate(readers):
+            mine = np.flatnonzero(w_owner == k)
+            if not len(mine):
+                continue
+            lo, hi = int(w_src[mine[0]]), int(w_src[mine[-1]] + w_size[mine[-1]])
+            skip = reader.read(inbuf[base:], lo, hi)
+            pos[mine] = w_src[mine] - lo + base + skip
+            base += -(-(skip + hi - lo) // ALIGN) * ALIGN
+        return pos
+
+    windows = list(pairwise(cuts))
+    with ExitStack() as stack:
+        readers = [stack.enter_context(DirectReader(p)) for p in parts]
+        writer = stack.enter_context(PcapWriter(path, linktype=linktype))
+        ahead = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="flowshift-read"))
+        coming = ahead.submit(fetch, *windows[0], inbufs[0]) if windows else None
+        for i, (a, b) in enumerate(windows):
+            assert coming is not None
+            pos = coming.result()
+            if i + 1 < len(windows):  # its buffer was copied out by the last window
+                coming = ahead.submit(fetch, *windows[i + 1], inbufs[(i + 1) % 2])
+            writer.write_records(inbufs[i % 2], pos, size[a:b])
+    return len(sent)
 
 
 def _dump_key(line: str) -> tuple[Any, ...]:

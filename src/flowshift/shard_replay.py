@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from flowshift.replay import (
     _temporaries,
     check_request,
     run_replay,
+    verdicts_header,
 )
 from flowshift.shard import Part, Placement, place
 from flowshift.shard_merge import (
@@ -35,7 +37,8 @@ from flowshift.shard_merge import (
     merge_packets,
     merge_plot_data,
     merge_reports,
-    merge_verdicts,
+    merge_rows,
+    write_verdicts,
 )
 
 # What sharding changes, stated in every sharded report (docs/scale.md).
@@ -211,7 +214,7 @@ def _run_sharded(
             shard_cfg = dict(base, pnic=dict(base["pnic"], capacity=caps[k]))
             options = {
                 "out": os.fspath(d / "out.pcap") if out is not None else None,
-                "verdicts": os.fspath(d / "verdicts.csv") if need_rows else None,
+                "row_data": os.fspath(d / "rows.bin") if need_rows else None,
                 "pnic": pnic, "crash_at": crash_at, "withdraw_at": withdraw_at,
                 "dump_at": dump_at,
                 "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
@@ -228,16 +231,18 @@ def _run_sharded(
         merging = time.perf_counter()
         cpu = time.process_time()
         if need_rows:
-            shard = np.empty(sum(counts), np.int32)
-            for k, at in enumerate(index):
-                shard[at] = k
-            leaving = merge_verdicts(shard, [work / f"shard-{k}" / "verdicts.csv"
-                                             for k in range(n)],
-                                     Path(temps["verdicts"]) if verdicts is not None else None)
-            if out is not None:
-                merge_packets(shard, leaving,
-                              [work / f"shard-{k}" / "out.pcap" for k in range(n)],
-                              Path(temps["out"]), _out_linktype(trace))
+            rows = merge_rows(index, [work / f"shard-{k}" / "rows.bin" for k in range(n)])
+            # the rows are formatted on a thread while the packets are copied (mostly I/O)
+            with ThreadPoolExecutor(1, thread_name_prefix="flowshift-merge") as side:
+                if verdicts is not None:
+                    written = side.submit(write_verdicts, rows, first if first is not None
+                                          else 0, Path(temps["verdicts"]), verdicts_header())
+                if out is not None:
+                    merge_packets(rows, [work / f"shard-{k}" / "out.pcap" for k in range(n)],
+                                  Path(temps["out"]), _out_linktype(trace))
+                if verdicts is not None:
+                    written.result()
+            del rows
         if dump_path is not None:
             merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)],
                         Path(temps["dump-flows"]))

@@ -50,3 +50,14 @@ def pack_records(buf, offset, caplen, wire_len, ts, out):
         _copy_bytes(out, pos + 16, buf, offset[i], caplen[i])
         pos += 16 + caplen[i]
     return pos
+
+
+@numba.njit(cache=True, nogil=True)
+def gather_records(src, src_pos, length, out):
+    """Copies src[src_pos[i]:src_pos[i]+length[i]] for each i, back to back into `out`.
+    Returns the bytes written."""
+    pos = 0
+    for i in range(len(src_pos)):
+        _copy_bytes(out, pos, src, src_pos[i], length[i])
+        pos += length[i]
+    return pos

@@ -18,9 +18,11 @@ from enum import IntEnum
 from io import BufferedReader
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
+
+from flowshift.packet.direct import FLUSH, DirectWriter
 
 CHUNK = 1 << 20  # bytes read per refill
 MAX_SNAPLEN = 262144  # libpcap's largest snapshot length for ordinary link types
@@ -476,9 +478,9 @@ class PcapWriter:
     ) -> None:
         self.path = Path(path)
         self.snaplen = snaplen
-        self._file: BinaryIO = open(path, "wb", buffering=CHUNK)  # noqa: SIM115 - closed by close()
+        # direct I/O, staged in a reused buffer: write_batch packs its records there
+        self._file = DirectWriter(path)
         self._record = struct.Struct("<IIII").pack
-        self._out = np.empty(0, np.uint8)  # write_batch's records, reused
         self._file.write(struct.pack("<IHHiIII", PCAP_NSEC_MAGIC, 2, 4, 0, 0, snaplen, linktype))
 
     def write(self, ts_ns: int, data: bytes, wire_len: int | None = None) -> None:
@@ -488,13 +490,12 @@ class PcapWriter:
         wire = len(data) if wire_len is None else max(wire_len, len(data))
         if len(data) > self.snaplen:
             data = data[: self.snaplen]
-        self._file.write(self._record(sec, nsec, len(data), wire))
-        self._file.write(data)
+        self._file.write(self._record(sec, nsec, len(data), wire) + data)
 
     def write_batch(self, ts_ns: np.ndarray, buf: np.ndarray, offset: np.ndarray,
                     caplen: np.ndarray, wire_len: np.ndarray) -> None:
         """Write many frames at once: frame i is buf[offset[i]:offset[i]+caplen[i]]. The
-        records are packed into one buffer, kept for the next batch, and written in one call."""
+        records are packed straight into the writer's staging buffer (packet/direct.py)."""
         from flowshift.packet._records import pack_records  # numba: only when batches are used
 
         if not len(offset):
@@ -503,12 +504,24 @@ class PcapWriter:
             raise ValueError("a timestamp does not fit a pcap record")
         cap = np.minimum(caplen, self.snaplen).astype(np.int64)
         wire = np.maximum(wire_len.astype(np.int64), cap)
-        size = int(cap.sum()) + 16 * len(cap)
-        if len(self._out) < size:  # fresh pages cost more than packing: grow, never shrink
-            self._out = np.empty(size + size // 4, np.uint8)
-        n = pack_records(buf, offset.astype(np.int64), cap, wire, ts_ns.astype(np.int64),
-                         self._out)
-        self._file.write(self._out.data[:n])
+        ends = np.cumsum(cap + 16)
+        offset, ts_ns = offset.astype(np.int64), ts_ns.astype(np.int64)
+        a = 0
+        while a < len(ends):  # about FLUSH bytes at a time: the staging buffers stay small
+            done = int(ends[a - 1]) if a else 0
+            b = max(int(np.searchsorted(ends, done + FLUSH, side="right")), a + 1)
+            n = pack_records(buf, offset[a:b], cap[a:b], wire[a:b], ts_ns[a:b],
+                             self._file.room(int(ends[b - 1]) - done))
+            self._file.advance(n)
+            a = b
+
+    def write_records(self, src: np.ndarray, pos: np.ndarray, size: np.ndarray) -> None:
+        """Copy whole records (header and frame, as this writer writes them) from `src`:
+        record i is src[pos[i]:pos[i]+size[i]]."""
+        from flowshift.packet._records import gather_records
+
+        n = gather_records(src, pos, size, self._file.room(int(size.sum())))
+        self._file.advance(n)
 
     def close(self) -> None:
         self._file.close()
