@@ -76,6 +76,13 @@ FACTS = {
     (kf, "S_TIME_WAIT"): ct.TcpState.TIME_WAIT,
     (kf, "S_INVALID"): ct.STATE_INVALID, (kf, "S_IGNORE"): ct.STATE_IGNORE,
     (kf, "ACK_SET"): ct.TCP_ACK_SET, (kf, "SYN_SET"): ct.TCP_SYN_SET,
+    (kf, "SYNACK_SET"): ct.TCP_SYNACK_SET, (kf, "FIN_SET"): ct.TCP_FIN_SET,
+    (kf, "RST_SET"): ct.TCP_RST_SET, (kf, "S_FIN_WAIT"): ct.TcpState.FIN_WAIT,
+    (kf, "TCP_FIN"): view.TCP_FIN, (kf, "TCP_SYN"): view.TCP_SYN, (kf, "TCP_RST"): view.TCP_RST,
+    (kf, "TCP_LIFE_SOFTWARE"): view.TCP_SYN | view.TCP_RST,
+    (kf, "TCP_CHECKED"): view.TCP_FIN | view.TCP_SYN | view.TCP_RST | view.TCP_ACK | view.TCP_URG,
+    (kf, "FLAG_CLOSE_INIT"): ct.TCP_FLAG_CLOSE_INIT,
+    (kf, "FLAG_WINDOW_SCALE"): ct.TCP_FLAG_WINDOW_SCALE, (kf, "MAX_WSCALE"): ct.TCP_MAX_WSCALE,
     (kf, "N_STATES"): len(ct.TcpState),
     (kf, "FLAG_SACK_PERM"): ct.TCP_FLAG_SACK_PERM,
     (kf, "FLAG_BE_LIBERAL"): ct.TCP_FLAG_BE_LIBERAL,
@@ -138,8 +145,9 @@ def test_every_fact_equals_its_source() -> None:
 
 def test_tables_equal_the_state_table_and_the_knob_rows() -> None:
     for d in (ct.ORIGINAL, ct.REPLY):
-        assert tuple(kf.ACK_ROWS[d]) == ct_tcp.TCP_CONNTRACKS[d][ct.TCP_ACK_SET]
-    assert kf.ACK_ROWS.dtype == np.int64
+        for index, row in enumerate(ct_tcp.TCP_CONNTRACKS[d]):
+            assert tuple(kf.ROWS[d, index]) == row
+    assert kf.ROWS.dtype == np.int64
     row = ct.DEFAULT_KNOBS.row()  # the timeouts the kernels read come from Knobs.row()
     assert row[ct.K_TCP:ct.K_TCP + ct.N_TCP_STATES] == ct.TCP_TIMEOUTS_NS
     assert (row[ct.K_RETRANS], row[ct.K_UNACK]) == (ct.TIMEOUT_RETRANS_NS, ct.TIMEOUT_UNACK_NS)
@@ -154,7 +162,7 @@ def test_tables_equal_the_state_table_and_the_knob_rows() -> None:
 def test_every_kernel_constant_is_checked(module: types.ModuleType) -> None:
     """A new constant in a kernel module must be added to the checks above (or to OWN)."""
     checked = set(ENTRY_OFFSETS.get(module, {})) | {n for m, n in FACTS if m is module}
-    checked |= OWN.get(module, set()) | ({"ACK_ROWS"} if module is kf else set())
+    checked |= OWN.get(module, set()) | ({"ROWS"} if module is kf else set())
     tree = ast.parse(inspect.getsource(module))
     assigned = {t.id for node in tree.body if isinstance(node, ast.Assign)
                 for t in node.targets if isinstance(t, ast.Name)}

@@ -36,8 +36,10 @@ from flowshift.tiers._pnic_flow import (
     S_ESTABLISHED,
     SEEN_REPLY,
     TCP_LIFE_SOFTWARE,
+    TCP_RST,
     forward_hop,
     process_flow,
+    syn_answer,
 )
 from flowshift.tiers._pnic_index import (
     E_PROTO,
@@ -172,7 +174,10 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         s = offset[i]
         slot = hit >> 1
         e = slot * E_SIZE
-        if punt_reason(mem, e, f, status == FULL, now, TCP_LIFE_SOFTWARE):
+        life = TCP_LIFE_SOFTWARE
+        if mem[e + E_PROTO] == PROTO_TCP and syn_answer(mem, e, hit & 1, f):
+            life = TCP_RST  # the handshake's answer runs here too
+        if punt_reason(mem, e, f, status == FULL, now, life):
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot

@@ -36,6 +36,7 @@ SOURCES = (
     "conntrack_types.py",
     "entry.py",
     "flow.py",
+    "results.py",
     "verdict.py",
     "packet/__init__.py",
     "packet/checksum.py",

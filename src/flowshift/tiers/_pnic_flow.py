@@ -41,14 +41,17 @@ from flowshift.tiers._pnic_parse import (
     F_FLAGS,
     F_L3,
     F_L4,
+    F_L4LEN,
     F_PAYLOAD,
     F_PROTO,
     F_SACK_AT,
     F_SACK_N,
+    F_SACK_PERM,
     F_SEQ,
     F_SPORT,
     F_TOTAL,
     F_WINDOW,
+    F_WSCALE,
 )
 from flowshift.verdict import Reason, Verdict
 
@@ -95,6 +98,10 @@ ASSURED = int(ct.Status.ASSURED)
 M32 = 0xFFFFFFFF
 TCP_ACK = view.TCP_ACK
 TCP_FIN = view.TCP_FIN
+TCP_SYN = view.TCP_SYN
+TCP_RST = view.TCP_RST
+# the flags whose combination conntrack checks (conntrack_tcp.tcp_valid_flags)
+TCP_CHECKED = view.TCP_FIN | view.TCP_SYN | view.TCP_RST | view.TCP_ACK | view.TCP_URG
 TCP_LIFE = view.TCP_SYN | view.TCP_FIN | view.TCP_RST  # flags the PNIC leaves to software
 # the software tiers' fast path runs FIN too (the PNIC hands a closing flow back instead)
 TCP_LIFE_SOFTWARE = view.TCP_SYN | view.TCP_RST
@@ -116,6 +123,7 @@ S_INVALID = ct.STATE_INVALID
 S_IGNORE = ct.STATE_IGNORE
 ACK_SET = ct.TCP_ACK_SET
 SYN_SET = ct.TCP_SYN_SET
+SYNACK_SET = ct.TCP_SYNACK_SET
 FIN_SET = ct.TCP_FIN_SET
 RST_SET = ct.TCP_RST_SET
 N_STATES = ct.N_TCP_STATES
@@ -125,6 +133,8 @@ FLAG_BE_LIBERAL = ct.TCP_FLAG_BE_LIBERAL
 FLAG_DATA_UNACKNOWLEDGED = ct.TCP_FLAG_DATA_UNACKNOWLEDGED
 FLAG_MAXACK_SET = ct.TCP_FLAG_MAXACK_SET
 FLAG_CLOSE_INIT = ct.TCP_FLAG_CLOSE_INIT
+FLAG_WINDOW_SCALE = ct.TCP_FLAG_WINDOW_SCALE
+MAX_WSCALE = ct.TCP_MAX_WSCALE
 FLAG_CHALLENGE_ACK = ct.TCP_FLAG_CHALLENGE_ACK
 FLAG_SIMULTANEOUS_OPEN = ct.TCP_FLAG_SIMULTANEOUS_OPEN
 
@@ -141,10 +151,8 @@ K_ICMPV6 = ct.K_ICMPV6
 K_MAX_RETRANS = ct.K_MAX_RETRANS
 K_BE_LIBERAL = ct.K_BE_LIBERAL
 
-# The state table's rows the kernels run, [direction, index - FIN_SET, old state]: FIN, ACK
-ROWS = np.array([[TCP_CONNTRACKS[d][i] for i in (FIN_SET, ACK_SET)]
-                 for d in (ct.ORIGINAL, ct.REPLY)], np.int64)
-assert ACK_SET == FIN_SET + 1
+# The state table, [direction, index, old state]
+ROWS = np.array(TCP_CONNTRACKS, np.int64)
 
 
 @kernel(private=True)
@@ -188,10 +196,41 @@ def _max_ack_window(mem, e, sender):
     return maxwin if maxwin > MAXACKWINCONST else MAXACKWINCONST
 
 
+@kernel(private=True)
+def _init_sender(mem, e, sender, receiver, d, f, end, win):
+    """conntrack_tcp._init_sender and _read_options: learn a side from its SYN/ACK."""
+    st32(mem, e + sender + D_END, end)
+    st32(mem, e + sender + D_MAXEND, end)
+    st32(mem, e + sender + D_MAXWIN, win if win else 1)
+    if f[F_L4LEN] - f[F_PAYLOAD] > 20:  # options (Linux reads none from a bare header)
+        mem[e + sender + D_SCALE] = 0
+        mem[e + sender + D_FLAGS] &= FLAG_BE_LIBERAL
+        if f[F_SACK_PERM]:
+            mem[e + sender + D_FLAGS] |= FLAG_SACK_PERM
+        if f[F_WSCALE] >= 0:
+            mem[e + sender + D_SCALE] = min(f[F_WSCALE], MAX_WSCALE)
+            mem[e + sender + D_FLAGS] |= FLAG_WINDOW_SCALE
+    # RFC 7323: scaling applies only when both SYNs carried the option
+    both = mem[e + sender + D_FLAGS] & mem[e + receiver + D_FLAGS] & FLAG_WINDOW_SCALE
+    if d == 1 and not both:
+        mem[e + sender + D_SCALE] = 0
+        mem[e + receiver + D_SCALE] = 0
+
+
+@kernel()
+def syn_answer(mem, e, d, f):
+    """Is this TCP packet the SYN/ACK answering the SYN of a SYN_SENT conntrack, the first
+    packet of the reply side? The fast path tracks it (the state table's SYN/ACK row takes it
+    to SYN_RECV); every other SYN is software's."""
+    return ((f[F_FLAGS] & TCP_CHECKED) == TCP_SYN | TCP_ACK and d == 1
+            and mem[e + E_TCP_STATE] == S_SYN_SENT
+            and ld32(mem, e + E_SEEN + SEEN_SIZE + D_MAXWIN) == 0)
+
+
 @kernel()
 def tcp_in_window(mem, e, d, b, s, f, liberal):
-    """conntrack_tcp._in_window for a segment with ACK and without SYN or RST (FIN_SET or
-    ACK_SET); liberal: nf_conntrack_tcp_be_liberal."""
+    """conntrack_tcp._in_window for a segment with ACK and without RST: FIN_SET, ACK_SET, or
+    the SYN/ACK of `syn_answer`; liberal: nf_conntrack_tcp_be_liberal."""
     sender = E_SEEN + SEEN_SIZE * d
     receiver = E_SEEN + SEEN_SIZE * (1 - d)
     seq = f[F_SEQ]
@@ -199,13 +238,16 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     win_raw = f[F_WINDOW]
     win = win_raw
     fin = f[F_FLAGS] & TCP_FIN
-    end = (seq + f[F_PAYLOAD] + (1 if fin else 0)) & M32
+    syn = f[F_FLAGS] & TCP_SYN
+    end = (seq + f[F_PAYLOAD] + (1 if fin else 0) + (1 if syn else 0)) & M32
     if mem[e + receiver + D_FLAGS] & FLAG_SACK_PERM:
         sack = _highest_sack(b, s, f, ack)
     else:
         sack = ack
 
-    if ld32(mem, e + sender + D_MAXWIN) == 0:
+    if syn:  # syn_answer: the reply side's first packet (conntrack_tcp._init_sender)
+        _init_sender(mem, e, sender, receiver, d, f, end, win)
+    elif ld32(mem, e + sender + D_MAXWIN) == 0:
         # first packet seen from this side mid-stream: learn from it
         st32(mem, e + sender + D_END, end)
         swin = _scaled(win, mem[e + sender + D_SCALE])
@@ -239,7 +281,8 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     if not _after(sack, (r_end - _max_ack_window(mem, e, sender) - 1) & M32):
         return _lenient(mem, e, sender, IGNORE, liberal)  # IV: very old ACK
 
-    win = _scaled(win, mem[e + sender + D_SCALE])
+    if not syn:  # the window of a SYN is never scaled
+        win = _scaled(win, mem[e + sender + D_SCALE])
     swin = (win + sack - ack) & M32
     if ld32(mem, e + sender + D_MAXWIN) < swin:
         st32(mem, e + sender + D_MAXWIN, swin)
@@ -262,7 +305,7 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     if ack == ld32(mem, e + receiver + D_END):
         mem[e + receiver + D_FLAGS] &= ~FLAG_DATA_UNACKNOWLEDGED
 
-    if fin:
+    if fin or syn:
         return ACCEPT
     # an ACK_SET segment: count identical ones in a row (retransmissions)
     if (mem[e + E_LAST_DIR] == d and ld32(mem, e + E_LAST_SEQ) == seq
@@ -305,18 +348,21 @@ def _ignored(mem, e, d):
 
 @kernel()
 def tcp_track(mem, e, d, b, s, f, kn, z):
-    """conntrack_tcp.tcp_packet for a segment without SYN or RST: (action, timeout_ns); for
-    INVALID, timeout_ns > 0 caps the conntrack's remaining life. kn[z]: the knobs of the
-    flow's conntrack table.
+    """conntrack_tcp.tcp_packet for a segment without RST, and without SYN but the SYN/ACK of
+    `syn_answer`: (action, timeout_ns); for INVALID, timeout_ns > 0 caps the conntrack's
+    remaining life. kn[z]: the knobs of the flow's conntrack table.
 
     The status byte's SEEN_REPLY bit is the conntrack's seen_reply (entry.Flow keeps them so).
     """
     flags = f[F_FLAGS]
     if not flags & TCP_ACK:
         return A_INVALID, -1  # a FIN or a bare segment without ACK: not a valid combination
-    index = FIN_SET if flags & TCP_FIN else ACK_SET
+    if flags & TCP_SYN:
+        index = SYNACK_SET
+    else:
+        index = FIN_SET if flags & TCP_FIN else ACK_SET
     old_state = numba.int64(mem[e + E_TCP_STATE])
-    new_state = ROWS[d, index - FIN_SET, old_state]
+    new_state = ROWS[d, index, old_state]
     if new_state == S_IGNORE:
         # conntrack_tcp._note_ignored for a FIN_SET or ACK_SET packet
         mem[e + E_LAST_INDEX] = index
@@ -336,7 +382,8 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
                 and mem[e + E_LAST_FLAGS] & FLAG_CHALLENGE_ACK):
             mem[e + E_LAST_FLAGS] &= ~FLAG_CHALLENGE_ACK
             return _ignored(mem, e, d)
-    elif new_state == S_SYN_RECV and d == 1 and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN:
+    elif (new_state == S_SYN_RECV and d == 1 and index == ACK_SET
+          and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN):
         new_state = S_ESTABLISHED
 
     action = tcp_in_window(mem, e, d, b, s, f, kn[z, K_BE_LIBERAL] != 0)

@@ -46,7 +46,9 @@ F_SRC_LO = 17
 F_DST_HI = 18
 F_DST_LO = 19
 F_FRAG = 20  # part of a fragmented datagram (a first fragment: MF set)
-N_FIELDS = 21
+F_WSCALE = 21  # TCP: the window scale option's shift, -1: none
+F_SACK_PERM = 22  # TCP: 1 when the SACK-permitted option came
+N_FIELDS = 23
 
 # the facts of packet/parse.py and packet/view.py (numba reads them as constants)
 _ETH_P_IPV4 = parse.ETH_P_IPV4
@@ -294,6 +296,8 @@ def _tcp(b, s, off, limit, f):
     f[F_FLAGS] = b[s + off + 13]
     f[F_WINDOW] = be16(b, s + off + 14)
     f[F_PAYLOAD] = seglen - hlen
+    f[F_WSCALE] = -1
+    f[F_SACK_PERM] = 0
     if hlen == 32 and off + 32 <= limit and be32(b, s + off + 20) == _TS_ONLY_MARKER:
         return FULL  # NOP NOP timestamps: the options of nearly every established segment
     if hlen > 20 and not _tcp_options(b, s, off + 20, off + hlen, limit, f):
@@ -325,9 +329,11 @@ def _tcp_options(b, s, i, end, limit, f):
         elif kind == 3:
             if size != 3:
                 return False
+            f[F_WSCALE] = b[s + i + 2]
         elif kind == 4:
             if size != 2:
                 return False
+            f[F_SACK_PERM] = 1
         elif kind == 5:
             if size < 10 or (size - 2) & 7:
                 return False

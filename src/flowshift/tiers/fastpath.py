@@ -42,11 +42,11 @@ if TYPE_CHECKING:
     from flowshift.tiers.classify import Classifier
 
 _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-# TCP states whose every packet but SYN and RST the kernels run (tcp_track): from the
-# handshake's answer on, through the close; a SYN_SENT flow's next packet is a SYN/ACK
+# TCP states whose every packet but RST and SYN the kernels run (tcp_track), the SYN/ACK
+# answering a SYN_SENT flow's SYN included: from the SYN on, through the close
 _CACHED_STATES = frozenset(int(s) for s in (
-    TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSE_WAIT,
-    TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
+    TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
+    TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
 _FREE = 0
 _NEVER = np.iinfo(np.int64).max
