@@ -14,6 +14,7 @@ from flowshift.packet.build import icmp_echo_frame, tcp_frame, udp_frame
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_ACK
 from flowshift.results import PENDING, BatchResults
+from flowshift.tiers.pnic_engine import address_words, key_words
 from flowshift.tiers.repass import Repass, key_mark
 
 v4 = st.binary(min_size=4, max_size=4)
@@ -86,3 +87,18 @@ def test_a_pick_finds_the_moved_flows_rows_after_the_position_both_ways_through_
     r.begin()
     assert r.pick(res, rows, 0, [Flow(key=other, xlat=other, machine=0, chain=0)]
                   ).tolist() == [1, 4, 6]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.tuples(st.just(4), v4, v4), st.tuples(st.just(6), v6, v6)),
+       st.sampled_from([PROTO_TCP, PROTO_UDP, PROTO_ICMP]), st.integers(0, 0xFFFF),
+       st.integers(0, 0xFFFF), st.integers(0, 0xFFFF))
+def test_key_words_are_the_unsigned_words_as_int64(addrs: tuple[int, bytes, bytes], proto: int,
+                                                   zone: int, sport: int, dport: int) -> None:
+    """pnic_engine.key_words (the index's key of a FlowKey, read signed by struct) against
+    the words written out: the address as big-endian words, the head word's fields."""
+    family, src, dst = addrs
+    key = FlowKey(family, proto, zone, src, dst, sport, dport)
+    words = [family | proto << 8 | zone << 16 | sport << 32 | dport << 48,
+             *address_words(src), *address_words(dst)]
+    assert key_words(key) == tuple(w - (1 << 64) if w >> 63 else w for w in words)

@@ -11,6 +11,7 @@ docs/pnic-engine.md describes the pipeline and what is punted.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -53,11 +54,19 @@ _OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine":
 def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
     """A flow key as the index keeps it (tiers/_pnic_index.py): five words, each the int64 bit
     pattern of its unsigned value."""
-    src_hi, src_lo = address_words(key.src)
-    dst_hi, dst_lo = address_words(key.dst)
     head = key.family | key.proto << 8 | key.zone << 16 | key.sport << 32 | key.dport << 48
-    w = (head, src_hi, src_lo, dst_hi, dst_lo)
-    return tuple(v - (1 << 64) if v >> 63 else v for v in w)  # type: ignore[return-value]
+    if head >> 63:
+        head -= 1 << 64
+    return (head, *_signed_words(key.src), *_signed_words(key.dst))
+
+
+_WORDS = struct.Struct(">qq")
+
+
+def _signed_words(addr: bytes) -> tuple[int, int]:
+    """address_words as int64 bit patterns (struct reads them signed: no arithmetic)."""
+    words: tuple[int, int] = _WORDS.unpack(addr.ljust(16, b"\0"))
+    return words
 
 
 def address_words(addr: bytes) -> tuple[int, int]:
