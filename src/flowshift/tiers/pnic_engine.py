@@ -152,6 +152,23 @@ class PnicEngine:
         self._live += 1
         return slot
 
+    def insert_many(self, rows: np.ndarray, room: int | None = None) -> np.ndarray:
+        """Add entries, the rows of an (n, ENTRY_SIZE) uint8 array, in order and in one compiled
+        call, as many `insert` calls would (the same slots, the same index); at most `room`
+        of them (None: as many as there are free slots). Per row: INSERTED, NO_ROOM or
+        KEY_TAKEN (tiers/_pnic_index.py)."""
+        if rows.ndim != 2 or rows.shape[1] != ENTRY_SIZE or rows.dtype != np.uint8:
+            raise ValueError(f"entries must be rows of {ENTRY_SIZE} uint8")
+        n = len(rows)
+        k = min(n, len(self._free), n if room is None else max(room, 0))
+        free = np.array(self._free[len(self._free) - k:][::-1], np.int64)
+        codes = np.empty(n, np.int8)
+        used = ki.index_insert_rows(self._mem, np.ascontiguousarray(rows).reshape(-1), free,
+                                    self._keys, self._vals, self._state, LIVE, codes)
+        del self._free[len(self._free) - used:]
+        self._live += used
+        return codes
+
     def remove(self, slot: int) -> bytes:
         """Take an entry out (live, or returned by `process`): its exact bytes."""
         state = self._slot_state(slot)
@@ -272,7 +289,9 @@ def warm(ahead: subprocess.Popen[bytes] | None = None) -> float:
             ahead.wait()
     engine = PnicEngine(1, None)
     key = FlowKey(4, 6, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2)
-    slot = engine.insert(Flow(key=key, xlat=key, machine=0, chain=0).to_bytes())
+    raw = Flow(key=key, xlat=key, machine=0, chain=0).to_bytes()
+    slot = engine.insert(raw)
+    engine.insert_many(np.frombuffer(raw, np.uint8).reshape(1, ENTRY_SIZE))  # a duplicate
     engine.find(key)
     frame = np.frombuffer(tcp_frame(src=key.src, dst=key.dst, sport=1, dport=2, seq=1, ack=1,
                                     flags=TCP_ACK, window=1), np.uint8).copy()

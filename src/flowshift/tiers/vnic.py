@@ -121,6 +121,9 @@ class Vnic:
         self.expiry_floor = -1  # no PNIC entry expires before this (-1: unknown)
         # messages sent whose answers are not applied: (due time, kind, seq)
         self.outstanding: deque[tuple[int, int, int]] = deque()
+        self.offers: list[tuple[int, bytes]] = []  # (seq, entry) offered, not sent yet
+        self.offer_batches: dict[int, int] = {}  # an Offloads sent: its first seq -> offers
+        self.split: dict[int, list[ch.Msg]] = {}  # answers to offers of an Offloads, by seq
         self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
         self._order = itertools.count()
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
@@ -246,7 +249,7 @@ class Vnic:
         self.queue.start(self.seq, fkey)
         self.pnic_flows += 1
         self.lower_floor(flow.expires)
-        self._send(ch.Offload(self.seq, flow.to_bytes()), _KIND_OFFLOAD, self.seq)
+        self._offer(self.seq, flow.to_bytes())
         self.peaks()
 
     def _refused(self, fkey: FlowKey, total: int, reason: RefuseReason, now: int) -> None:
@@ -265,6 +268,31 @@ class Vnic:
             self._send(ch.Recall(self.seq, tuple(lru.key), ReturnReason.ROOM),  # type: ignore[arg-type]
                        _KIND_RECALL, self.seq)
 
+    def _offer(self, seq: int, entry: bytes) -> None:
+        """Offer an entry: it takes effect as a message sent now would, but waits to go with
+        the offers made after it until anything else is sent or any of their answers is due
+        (`_post_offers`): the PNIC takes a batch's entries in order, and each answer still
+        takes effect at its own offer's time, so nothing can tell the difference."""
+        self._flush()  # one FIFO: the offer stays behind earlier packets
+        if not self.alive:
+            return
+        self.offers.append((seq, entry))
+        self.outstanding.append((self.clock + self.latency, _KIND_OFFLOAD, seq))
+        self.synced_at = -1
+
+    def _post_offers(self) -> None:
+        """Send the offers made and not sent yet: one Offload, or one Offloads for many."""
+        offers = self.offers
+        if not offers:
+            return
+        self.offers = []
+        if len(offers) == 1:
+            self.link.send(ch.Offload(*offers[0]))
+            return
+        first = offers[0][0]
+        self.offer_batches[first] = len(offers)
+        self.link.send(ch.Offloads(first, b"".join([raw for _, raw in offers])))
+
     def _to_pnic(self, item: Pending) -> None:
         self.queue.sent(item)
         self.batch.append(item)
@@ -274,6 +302,7 @@ class Vnic:
     def _flush(self) -> None:
         if not self.batch:
             return
+        self._post_offers()  # made before these packets came
         b = self.batch
         self.batch = []
         self.link.send(ch.Packets(b[-1].ts, [p.index for p in b], [p.machine for p in b],
@@ -286,7 +315,8 @@ class Vnic:
         self.synced_at = -1
 
     def _send(self, msg: ch.Msg, kind: int = _KIND_OTHER, seq: int = 0, at: int = -1) -> None:
-        self._flush()  # one FIFO: control messages stay behind earlier packets
+        self._flush()  # one FIFO: control messages stay behind earlier packets and offers
+        self._post_offers()
         if not self.alive:
             return
         self.link.send(msg)
@@ -331,7 +361,7 @@ class Vnic:
 
     def _apply_next(self) -> None:
         due, kind, seq = self.outstanding.popleft()
-        for msg in self.link.answers():
+        for msg in self._answers(kind, seq):
             self._on_message(msg, due)
         if kind == _KIND_OFFLOAD and self.queue.transit.get(seq) is not None:
             fkey = self.queue.answered(seq)  # no valid answer: the offer did not happen
@@ -349,6 +379,41 @@ class Vnic:
                 if index in self.queue.inflight:  # no result came back for it: ours to decide
                     self.stats.count(self.rejected, "unanswered")
                     self._on_results(ch.Results([index], [PUNT], [0], [b""]), due)
+
+    def _answers(self, kind: int, seq: int) -> list[ch.Msg]:
+        """The answers to the message of an outstanding entry. The offers of one Offloads
+        message are answered by one OffloadResults: it is split into the Ack or Refuse each
+        offer would have had, and each takes effect with its own offer, in order."""
+        if kind != _KIND_OFFLOAD:
+            return self.link.answers()
+        if seq in self.split:
+            return self.split.pop(seq)
+        if self.offers and self.offers[0][0] <= seq:
+            self._post_offers()  # its answer is due: it goes now, with the offers after it
+        group = self.link.answers()
+        n = self.offer_batches.pop(seq, 0)
+        if not n:
+            return group
+        for i in range(1, n):
+            self.split[seq + i] = []  # no valid answer came for it, unless one does here
+        mine: list[ch.Msg] = []
+        for msg in group:
+            if not isinstance(msg, ch.OffloadResults):
+                mine.append(msg)
+            elif msg.seq != seq:
+                self._reject("unknown-seq")
+            elif len(msg.reasons) != n:
+                self._reject("bad-results")
+            elif any(r and r not in RefuseReason._value2member_map_ for r in msg.reasons):
+                self._reject("bad-reason")
+            else:
+                for i, r in enumerate(msg.reasons):
+                    answer = ch.Refuse(seq + i, r) if r else ch.Ack(seq + i)
+                    if i:
+                        self.split[seq + i].append(answer)
+                    else:
+                        mine.append(answer)
+        return mine
 
     def defer(self, returned: list[ch.Msg], fallback: int) -> None:
         """Entries handed back by a batch that met the PNIC first: each takes effect at its
