@@ -11,7 +11,9 @@ short connections), then measures:
 - PNIC engine alone: the compiled pipeline over batches, with the trace's established flows
   installed in its second cache (taken from the reference engine mid-trace);
 - `flowshift replay` end to end with `--offload never` and with `--offload elephant`;
-- offloads per second: entries installed through the in-process VNIC↔PNIC channel;
+- offloads per second: entries installed through the in-process VNIC↔PNIC channel, one
+  Offload message at a time (the baseline) and in Offloads batches of 64 and 1,024 entries
+  (`--offloads-only` measures these alone, without a trace);
 - bytes per flow entry in the first cache (Python objects) and the second cache (fixed layout);
 - peak memory with 1 million concurrent flows in the first cache.
 """
@@ -166,20 +168,71 @@ def short_connections(work: Path, cfg: HostConfig, flows: int, seconds: float
     return out
 
 
-def offloads_per_second(n: int) -> float:
-    """Offload + acknowledgement of n entries through the in-process channel."""
-    link = InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
+BATCHES = (64, 1024)  # entries per Offloads message for the batched figures
+
+
+def _offload_link(n: int) -> InlineLink:
+    return InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
                       report_interval_ns=3600 * SECOND)
+
+
+def _warm(entries: list[bytes]) -> None:
+    """Load the compiled index code (both inserts) before timing."""
+    warm = _offload_link(2)
+    warm.send(ch.Offload(0, entries[0]))
+    warm.send(ch.Offloads(1, entries[1]))
+
+
+def offloads_per_second(n: int) -> float:
+    """Offload + acknowledgement of n entries through the in-process channel, one Offload
+    message and one Ack at a time."""
     entries = [synthetic_flow(i).to_bytes() for i in range(n)]
-    warm = InlineLink(1, load_config(CONFIG).machines, idle_timeout_ns=SECOND,
-                      report_interval_ns=SECOND)
-    warm.send(ch.Offload(0, entries[0]))  # loads the compiled index code before timing
+    _warm(entries)
+    link = _offload_link(n)
     start = time.perf_counter()
     for seq, raw in enumerate(entries):
         link.send(ch.Offload(seq, raw))
         msg = link.answers()
         assert msg == [ch.Ack(seq)], msg
     return n / (time.perf_counter() - start)
+
+
+def offload_batches_per_second(n: int, size: int) -> float:
+    """Entries/s offloaded and acknowledged through the in-process channel in Offloads
+    messages of `size` entries (the VNIC's join of their bytes included), one OffloadResults
+    back for each."""
+    entries = [synthetic_flow(i).to_bytes() for i in range(n)]
+    _warm(entries)
+    link = _offload_link(n)
+    start = time.perf_counter()
+    for seq in range(0, n, size):
+        chunk = entries[seq:seq + size]
+        link.send(ch.Offloads(seq, b"".join(chunk)))
+        msg = link.answers()
+        assert msg == [ch.OffloadResults(seq, bytes(len(chunk)))], msg
+    return n / (time.perf_counter() - start)
+
+
+def offloads(n: int) -> dict[str, float]:
+    """One at a time, then in batches of each size of BATCHES, in one run."""
+    out = {"one_at_a_time": offloads_per_second(n)}
+    for size in BATCHES:
+        out[f"batches_of_{size}"] = offload_batches_per_second(n, size)
+    return out
+
+
+def offload_rows(table: Table, figures: dict[str, float]) -> None:
+    one = figures["one_at_a_time"]
+    table.add_row("offloads through the channel, one at a time", f"{one:,.0f} /s", "baseline")
+    for size in BATCHES:
+        rate = figures[f"batches_of_{size}"]
+        table.add_row(f"offloads through the channel, batches of {size:,}", f"{rate:,.0f} /s",
+                      f"{rate / one:,.1f}× one at a time")
+
+
+def title(m: dict[str, Any]) -> str:
+    return (f"flowshift offload benchmark — {m['cpu']}, {m['cores']} cores, {m['memory']}, "
+            f"Python {m['python']}")
 
 
 def synthetic_flow(i: int) -> Flow:
@@ -221,12 +274,24 @@ def first_cache_memory(n: int, engine: str) -> dict[str, float]:
 @click.option("--million", default=1_000_000, show_default=True,
               help="Flows for the first-cache memory figure.")
 @click.option("--memory-only", type=click.Choice(["compiled", "reference"]), hidden=True)
+@click.option("--offloads-only", is_flag=True,
+              help="Only the offloads through the channel (no trace is generated).")
 def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
-         memory_only: str | None) -> None:
+         memory_only: str | None, offloads_only: bool) -> None:
     if memory_only:  # the child that measures the first cache on its own
         print(json.dumps(first_cache_memory(million, memory_only)))
         return
     console = Console()
+    if offloads_only:
+        results = {"machine": machine(), "offloads": offloads(100_000)}
+        table = Table(title=title(results["machine"]))
+        for column in ("measure", "value", "against"):
+            table.add_column(column, justify="left" if column == "measure" else "right")
+        offload_rows(table, results["offloads"])
+        console.print(table)
+        if json_path is not None:
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
+        return
     cfg = load_config(CONFIG)
     work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -251,7 +316,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
         "elephant_offloads": eleph["offloads"]}
     results["short"] = short_connections(work, cfg, 500, 10.0)
     results["connections"] = short_connections(work, cfg, 20_000, 20.0)
-    results["offloads_per_second"] = offloads_per_second(100_000)
+    results["offloads"] = offloads(100_000)
     memories = {}
     for engine in ("reference", "compiled"):
         child = subprocess.run([sys.executable, __file__, "--memory-only", engine,
@@ -265,8 +330,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
                               "entry_layout": ENTRY_SIZE}
 
     m = results["machine"]
-    table = Table(title=f"flowshift offload benchmark — {m['cpu']}, {m['cores']} cores, "
-                        f"{m['memory']}, Python {m['python']}")
+    table = Table(title=title(m))
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("against", justify="right")
@@ -297,8 +361,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
     table.add_row(f"new connections through the slow path ({co['trace']['flows']:,})",
                   f"{cps:,.0f} /s",
                   f"{cps / co['never_reference']['connections_per_second']:,.1f}× reference")
-    table.add_row("offloads through the channel", f"{results['offloads_per_second']:,.0f} /s",
-                  "")
+    offload_rows(table, results["offloads"])
     table.add_row("bytes per entry, second cache",
                   f"{results['entry_bytes']['second_cache']:,.0f}",
                   f"layout {ENTRY_SIZE} B + index")

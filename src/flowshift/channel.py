@@ -180,6 +180,7 @@ _E_FAMILY, _E_PROTO, _E_ZONE = _F["family"], _F["proto"], _F["zone"]
 _E_MACHINE, _E_TCP_STATE = _F["machine"], _F["tcp_state"]
 _E_ADDRESSES = (_F["src"], _F["dst"], _F["xsrc"], _F["xdst"])
 _ZERO12 = bytes(12)
+_P0, _P1, _P2, _P3 = (at + 4 for at in _E_ADDRESSES)  # where each address's padding starts
 _TCP_STATES = len(TcpState)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -201,7 +202,8 @@ def entry_problem(raw: bytes, zones: int) -> str | None:
     if not 0 <= zone < zones or int.from_bytes(raw[_E_MACHINE:_E_MACHINE + 2], "little") != zone:
         return "unknown-zone"
     # an IPv4 address is its 4 bytes and 12 zero bytes
-    if family == 4 and any(raw[at + 4:at + 16] != _ZERO12 for at in _E_ADDRESSES):
+    if family == 4 and (raw[_P0:_P0 + 12] != _ZERO12 or raw[_P1:_P1 + 12] != _ZERO12
+                        or raw[_P2:_P2 + 12] != _ZERO12 or raw[_P3:_P3 + 12] != _ZERO12):
         return "bad-entry"
     return None
 

@@ -24,6 +24,7 @@ from flowshift.verdict import PuntReason, RefuseReason, ReturnReason
 
 PUNT = -1
 _OWNER = field_offsets()["owner"]  # the entry's owner byte
+_PNIC_OWNER = bytes([Tier.PNIC])
 # an insert's outcome (tiers/_pnic_index.py) as an OffloadResults byte
 _REFUSALS = np.zeros(3, np.uint8)
 _REFUSALS[NO_ROOM], _REFUSALS[KEY_TAKEN] = RefuseReason.FULL, RefuseReason.DUPLICATE
@@ -117,8 +118,7 @@ class Pnic:
             return ch.Refuse(msg.seq, RefuseReason.UNHEALTHY)
         if len(self.engine) >= self.capacity:
             return ch.Refuse(msg.seq, RefuseReason.FULL)
-        entry = bytearray(msg.entry)
-        entry[_OWNER] = Tier.PNIC
+        entry = msg.entry[:_OWNER] + _PNIC_OWNER + msg.entry[_OWNER + 1:]
         if self.engine.insert(entry) < 0:
             return ch.Refuse(msg.seq, RefuseReason.DUPLICATE)
         return ch.Ack(msg.seq)

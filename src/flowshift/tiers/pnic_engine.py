@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
     from flowshift.host import Classifier
 
 _FREE = 0
+_ZERO_ENTRY = bytes(ENTRY_SIZE)
 _M64 = (1 << 64) - 1
 
 # The entry a punted hit hands back comes back to software for this reason (a miss returns
@@ -116,7 +117,7 @@ class PnicEngine:
         self.capacity = capacity
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)  # what the kernels read: the entries' bytes
-        self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
+        self._bytes = memoryview(self._mem)  # the same bytes: slices copy in and out cheaply
         size = ki.table_size(capacity)
         self._keys = np.zeros((size, 5), np.int64)
         self._vals = np.full(size, ki.EMPTY, np.int64)
@@ -143,9 +144,10 @@ class PnicEngine:
         if not self._free:
             return -1
         slot = self._free[-1]
-        self._rows[slot] = np.frombuffer(entry, np.uint8)
+        e = slot * ENTRY_SIZE
+        self._bytes[e:e + ENTRY_SIZE] = entry
         if not ki.index_insert(self._mem, slot, self._keys, self._vals):
-            self._rows[slot] = 0
+            self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
             return -1
         self._free.pop()
         self._state[slot] = LIVE
@@ -185,7 +187,7 @@ class PnicEngine:
 
     def get(self, slot: int) -> bytes:
         self._slot_state(slot)
-        return bytes(self._rows[slot])
+        return self._bytes[slot * ENTRY_SIZE:(slot + 1) * ENTRY_SIZE].tobytes()
 
     def find(self, key: FlowKey) -> tuple[int, int] | None:
         """(slot, direction) of a live entry with this key."""
@@ -208,8 +210,9 @@ class PnicEngine:
         return state
 
     def _release(self, slot: int) -> bytes:
-        raw = bytes(self._rows[slot])
-        self._rows[slot] = 0
+        e = slot * ENTRY_SIZE
+        raw = self._bytes[e:e + ENTRY_SIZE].tobytes()
+        self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
         self._state[slot] = _FREE
         self._free.append(slot)
         return raw
