@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from flowshift import channel as ch
 from flowshift.config import parse_config
-from flowshift.entry import ENTRY_SIZE, Flow, Tier
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, field_offsets
 from flowshift.flow import FlowKey
 from flowshift.gen import TraceSpec, generate
 from flowshift.host import Host
@@ -72,13 +72,34 @@ def _mutate(raw: bytes, data: st.DataObject) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.data(), n=st.integers(1, 6))
+@given(data=st.data(), n=st.sampled_from([1, 2, 5, 15, 16, 40]))
 def test_every_entry_is_checked_as_entry_problem_checks_one(data, n):
-    raws = [_mutate(_flow(i), data) for i in range(n)]
+    """A few entries are checked one by one, many at once: both as entry_problem does."""
+    raws = [_mutate(_flow(i), data) if data.draw(st.integers(0, 3)) == 0 else _flow(i)
+            for i in range(n)]
     rows = np.frombuffer(b"".join(raws), np.uint8).reshape(n, ENTRY_SIZE)
     each = [ch.entry_problem(raw, ZONES) for raw in raws]
     assert ch.entries_problems(rows, ZONES) == each
     assert ch.entries_problem(b"".join(raws), ZONES) == next((p for p in each if p), None)
+
+
+_F = field_offsets()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("family", 5), ("tcp_state", 0), ("tcp_state", 200), ("zone", 7), ("machine", 1),
+    *[(f, 1) for f in ("src", "dst", "xsrc", "xdst")],  # + 4: an IPv4 address's padding
+])
+@pytest.mark.parametrize("n", [3, 20])
+def test_each_check_is_entry_problems(field, value, n):
+    raws = [bytearray(_flow(i)) for i in range(n)]
+    at = _F[field] + (4 if field in ("src", "dst", "xsrc", "xdst") else 0)
+    raws[n - 2][at] = value
+    each = [ch.entry_problem(bytes(raw), ZONES) for raw in raws]
+    assert each[n - 2] is not None
+    rows = np.frombuffer(b"".join(raws), np.uint8).reshape(n, ENTRY_SIZE)
+    assert ch.entries_problems(rows, ZONES) == each
+    assert ch.entries_problem(b"".join(raws), ZONES) == each[n - 2]
 
 
 def test_entries_that_are_not_whole_are_a_bad_entry():

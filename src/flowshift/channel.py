@@ -209,6 +209,7 @@ def entry_problem(raw: bytes, zones: int) -> str | None:
 
 
 _PROBLEMS = (None, "bad-entry", "unknown-zone")
+_VECTOR_MIN = 16  # entries from which entries_problem checks them all at once
 # the 12 bytes after each IPv4 address, as 32-bit words of the entry (every address starts on
 # a word: entry.py's layout)
 _PAD_WORDS = np.zeros(ENTRY_SIZE // 4, np.bool_)
@@ -240,6 +241,12 @@ def entries_problem(entries: bytes, zones: int) -> str | None:
     with `zones` machines: the reason entry_problem gives for the first that cannot be one."""
     if len(entries) % ENTRY_SIZE:
         return "bad-entry"
+    if len(entries) < _VECTOR_MIN * ENTRY_SIZE:  # a few: numpy's calls would cost more
+        for at in range(0, len(entries), ENTRY_SIZE):
+            problem = entry_problem(entries[at:at + ENTRY_SIZE], zones)
+            if problem is not None:
+                return problem
+        return None
     bad, foreign = _entry_masks(np.frombuffer(entries, np.uint8).reshape(-1, ENTRY_SIZE), zones)
     either = bad | foreign
     if not either.any():
