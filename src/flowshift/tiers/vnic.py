@@ -52,6 +52,8 @@ _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = (1 << 63) - 1  # an int64: the fast path compares times with it
+_ANSWERS = bytes([0, *RefuseReason])  # the bytes of an OffloadResults: ack or a refusal
+_UNANSWERED = -1  # an offer of an Offloads that got no valid answer
 
 
 class VnicChain(Chain):
@@ -123,7 +125,9 @@ class Vnic:
         self.outstanding: deque[tuple[int, int, int]] = deque()
         self.offers: list[tuple[int, bytes]] = []  # (seq, entry) offered, not sent yet
         self.offer_batches: dict[int, int] = {}  # an Offloads sent: its first seq -> offers
-        self.split: dict[int, list[ch.Msg]] = {}  # answers to offers of an Offloads, by seq
+        # the answer to each offer of an Offloads after its first, by seq, until it takes
+        # effect: 0 acknowledged, a RefuseReason, or _UNANSWERED
+        self.split: dict[int, int] = {}
         self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
         self._order = itertools.count()
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
@@ -250,7 +254,8 @@ class Vnic:
         self.pnic_flows += 1
         self.lower_floor(flow.expires)
         self._offer(self.seq, flow.to_bytes())
-        self.peaks()
+        s = self.stats  # an offer changes the second cache's count only
+        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
 
     def _refused(self, fkey: FlowKey, total: int, reason: RefuseReason, now: int) -> None:
         self.stats.count(self.stats.refused, reason.label)
@@ -361,8 +366,14 @@ class Vnic:
 
     def _apply_next(self) -> None:
         due, kind, seq = self.outstanding.popleft()
-        for msg in self._answers(kind, seq):
-            self._on_message(msg, due)
+        answer = self.split.pop(seq, None) if kind == _KIND_OFFLOAD else None
+        if answer is None:
+            for msg in self._answers(kind, seq):
+                self._on_message(msg, due)
+        elif answer == 0:  # an offer of an Offloads, answered by its OffloadResults
+            self._on_ack(seq, due)
+        elif answer > 0:
+            self._on_refuse(seq, answer, due)
         if kind == _KIND_OFFLOAD and self.queue.transit.get(seq) is not None:
             fkey = self.queue.answered(seq)  # no valid answer: the offer did not happen
             assert fkey is not None
@@ -382,37 +393,35 @@ class Vnic:
 
     def _answers(self, kind: int, seq: int) -> list[ch.Msg]:
         """The answers to the message of an outstanding entry. The offers of one Offloads
-        message are answered by one OffloadResults: it is split into the Ack or Refuse each
-        offer would have had, and each takes effect with its own offer, in order."""
+        message are answered by one OffloadResults: the first offer's answer comes back as
+        the Ack or Refuse it would have had, the others' wait in `split`, each to take effect
+        with its own offer, in order."""
         if kind != _KIND_OFFLOAD:
             return self.link.answers()
-        if seq in self.split:
-            return self.split.pop(seq)
         if self.offers and self.offers[0][0] <= seq:
             self._post_offers()  # its answer is due: it goes now, with the offers after it
         group = self.link.answers()
         n = self.offer_batches.pop(seq, 0)
         if not n:
             return group
-        for i in range(1, n):
-            self.split[seq + i] = []  # no valid answer came for it, unless one does here
+        split = self.split
+        split.update(zip(range(seq + 1, seq + n), itertools.repeat(_UNANSWERED)))
         mine: list[ch.Msg] = []
+        answered = False
         for msg in group:
             if not isinstance(msg, ch.OffloadResults):
                 mine.append(msg)
-            elif msg.seq != seq:
+            elif msg.seq != seq or answered:
                 self._reject("unknown-seq")
             elif len(msg.reasons) != n:
                 self._reject("bad-results")
-            elif any(r and r not in RefuseReason._value2member_map_ for r in msg.reasons):
+            elif msg.reasons.translate(None, _ANSWERS):  # a byte that is no answer
                 self._reject("bad-reason")
             else:
-                for i, r in enumerate(msg.reasons):
-                    answer = ch.Refuse(seq + i, r) if r else ch.Ack(seq + i)
-                    if i:
-                        self.split[seq + i].append(answer)
-                    else:
-                        mine.append(answer)
+                answered = True
+                first = msg.reasons[0]
+                mine.append(ch.Refuse(seq, first) if first else ch.Ack(seq))
+                split.update(zip(range(seq + 1, seq + n), msg.reasons[1:], strict=True))
         return mine
 
     def defer(self, returned: list[ch.Msg], fallback: int) -> None:
