@@ -26,7 +26,9 @@ from flowshift.host import Host
 from flowshift.packet.pcap import open_trace
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import link as linkmod
+from flowshift.tiers._pnic_index import INSERTED, KEY_TAKEN, NO_ROOM
 from flowshift.tiers.pnic import Pnic
+from flowshift.tiers.pnic_engine import PnicEngine
 from flowshift.tiers.vnic import Vnic
 from flowshift.verdict import RefuseReason
 from hosttools import FIREWALL_HOST, run
@@ -49,11 +51,9 @@ def _pnic(capacity: int) -> Pnic:
     return Pnic(capacity, CFG.machines, idle_timeout_ns=10**9, report_interval_ns=10**9)
 
 
-def _cache(p: Pnic) -> tuple[bytes, ...]:
+def _cache(p: Pnic) -> tuple:
     """The second cache to the byte: entries, index, slot states and free slots."""
-    e = p.engine
-    return (e.entries.tobytes(), e._keys.tobytes(), e._vals.tobytes(), e._state.tobytes(),
-            bytes(str(e._free), "ascii"), bytes(str(len(e)), "ascii"))
+    return _engine(p.engine)
 
 
 def _one_by_one(answers: list[ch.Msg]) -> bytes:
@@ -128,6 +128,38 @@ def test_a_batch_is_taken_as_its_offloads_one_by_one(picks, capacity, before, he
         ch.OffloadResults(50, _one_by_one(singles))]
     assert _cache(one) == _cache(many)
     assert one.rejected == many.rejected == {}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(churn=st.lists(st.tuples(st.booleans(), st.integers(0, 30)), max_size=30),
+       picks=st.lists(st.integers(0, 40), max_size=12), room=st.integers(0, 12))
+def test_insert_many_is_inserts_one_by_one_after_any_churn(churn, picks, room):
+    """After inserts and removes in any order (the free slots out of order), a batch lands in
+    the slots, index buckets and counts that one insert after another gives."""
+    one, many = PnicEngine(8, None), PnicEngine(8, None)
+    for engine in (one, many):
+        for add, i in churn:
+            hit = engine.find(Flow.from_bytes(_flow(i)).key)
+            if add:
+                engine.insert(_flow(i))
+            elif hit is not None:
+                engine.remove(hit[0])
+    codes, left = [], room
+    for i in picks:
+        if left <= 0 or not one._free:
+            codes.append(NO_ROOM)
+            continue
+        ok = one.insert(_flow(i)) >= 0
+        codes.append(INSERTED if ok else KEY_TAKEN)
+        left -= ok
+    rows = np.frombuffer(b"".join(_flow(i) for i in picks), np.uint8).reshape(-1, ENTRY_SIZE)
+    assert many.insert_many(rows, room).tolist() == codes
+    assert _engine(one) == _engine(many)
+
+
+def _engine(e: PnicEngine) -> tuple:
+    return (e.entries.tobytes(), e._keys.tobytes(), e._vals.tobytes(), e._state.tobytes(),
+            tuple(e._free), len(e))
 
 
 def test_a_batch_with_a_bad_entry_is_rejected_whole_and_counted_once():
