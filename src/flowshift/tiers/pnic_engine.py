@@ -117,7 +117,7 @@ class PnicEngine:
         self.capacity = capacity
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)  # what the kernels read: the entries' bytes
-        self._bytes = memoryview(self._mem)  # the same bytes: slices copy in and out cheaply
+        self._bytes = self._mem.data  # the same bytes: slices copy in and out cheaply
         size = ki.table_size(capacity)
         self._keys = np.zeros((size, 5), np.int64)
         self._vals = np.full(size, ki.EMPTY, np.int64)
