@@ -11,8 +11,9 @@ short connections), then measures:
 - PNIC engine alone: the compiled pipeline over batches, with the trace's established flows
   installed in its second cache (taken from the reference engine mid-trace);
 - `flowshift replay` end to end with `--offload never` and with `--offload elephant`;
-- offloads per second: entries installed through the in-process VNIC↔PNIC channel, one
-  Offload message at a time (the baseline) and in Offloads batches of 64 and 1,024 entries
+- offloads per second: entries installed through the VNIC↔PNIC channel, in process and to
+  the PNIC's own process, one Offload message at a time (the baseline) and in Offloads
+  batches of 64 and 1,024 entries
   (`--offloads-only` measures these alone, without a trace), and offers made by the VNIC
   itself at one trace instant, each alone (answers due at once) and as one Offloads;
 - bytes per flow entry in the first cache (Python objects) and the second cache (fixed layout);
@@ -50,7 +51,7 @@ from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.link import InlineLink
+from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "offload-host.toml"
@@ -174,46 +175,56 @@ def short_connections(work: Path, cfg: HostConfig, flows: int, seconds: float
 BATCHES = (64, 1024)  # entries per Offloads message for the batched figures
 
 
-def _offload_link(n: int) -> InlineLink:
-    return InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
-                      report_interval_ns=3600 * SECOND)
+def _offload_link(n: int, transport: str) -> PnicLink:
+    link = InlineLink if transport == "inline" else ProcessLink  # forked: inherits the warm code
+    return link(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
+                report_interval_ns=3600 * SECOND)
 
 
 def _warm(entries: list[bytes]) -> None:
     """Load the compiled index code (both inserts) before timing."""
-    warm = _offload_link(2)
+    warm = _offload_link(2, "inline")
     warm.send(ch.Offload(0, entries[0]))
     warm.send(ch.Offloads(1, entries[1]))
 
 
-def offloads_per_second(n: int, entries: list[bytes] | None = None) -> float:
-    """Offload + acknowledgement of n entries through the in-process channel, one Offload
-    message and one Ack at a time."""
+def offloads_per_second(n: int, entries: list[bytes] | None = None,
+                        transport: str = "inline") -> float:
+    """Offload + acknowledgement of n entries through the channel (`transport`: "inline",
+    in-process, or "process", the PNIC in its own process), one Offload message and one Ack
+    at a time."""
     entries = entries or [synthetic_flow(i).to_bytes() for i in range(n)]
     _warm(entries)
-    link = _offload_link(n)
-    start = time.perf_counter()
-    for seq, raw in enumerate(entries):
-        link.send(ch.Offload(seq, raw))
-        msg = link.answers()
-        assert msg == [ch.Ack(seq)], msg
-    return n / (time.perf_counter() - start)
+    link = _offload_link(n, transport)
+    try:
+        start = time.perf_counter()
+        for seq, raw in enumerate(entries):
+            link.send(ch.Offload(seq, raw))
+            msg = link.answers()
+            assert msg == [ch.Ack(seq)], msg
+        return n / (time.perf_counter() - start)
+    finally:
+        link.close()
 
 
-def offload_batches_per_second(n: int, size: int, entries: list[bytes] | None = None) -> float:
-    """Entries/s offloaded and acknowledged through the in-process channel in Offloads
-    messages of `size` entries (the VNIC's join of their bytes included), one OffloadResults
-    back for each."""
+def offload_batches_per_second(n: int, size: int, entries: list[bytes] | None = None,
+                               transport: str = "inline") -> float:
+    """Entries/s offloaded and acknowledged through the channel in Offloads messages of
+    `size` entries (the VNIC's join of their bytes included), one OffloadResults back for
+    each."""
     entries = entries or [synthetic_flow(i).to_bytes() for i in range(n)]
     _warm(entries)
-    link = _offload_link(n)
-    start = time.perf_counter()
-    for seq in range(0, n, size):
-        chunk = entries[seq:seq + size]
-        link.send(ch.Offloads(seq, b"".join(chunk)))
-        msg = link.answers()
-        assert msg == [ch.OffloadResults(seq, bytes(len(chunk)))], msg
-    return n / (time.perf_counter() - start)
+    link = _offload_link(n, transport)
+    try:
+        start = time.perf_counter()
+        for seq in range(0, n, size):
+            chunk = entries[seq:seq + size]
+            link.send(ch.Offloads(seq, b"".join(chunk)))
+            msg = link.answers()
+            assert msg == [ch.OffloadResults(seq, bytes(len(chunk)))], msg
+        return n / (time.perf_counter() - start)
+    finally:
+        link.close()
 
 
 def vnic_offers_per_second(n: int, latency: int) -> float:
@@ -248,10 +259,13 @@ def offloads(n: int, rounds: int = 3) -> dict[str, float]:
     taken in turns (other work on the machine only ever slows a round down)."""
     entries = [synthetic_flow(i).to_bytes() for i in range(n)]
     vnic_offers_per_second(1000, 1)  # warm
-    measures: dict[str, Callable[[], float]] = {
-        "one_at_a_time": lambda: offloads_per_second(n, entries),
-        **{f"batches_of_{size}": partial(offload_batches_per_second, n, size, entries)
-           for size in BATCHES},
+    measures: dict[str, Callable[[], float]] = {}
+    for transport, prefix in (("inline", ""), ("process", "process_")):
+        measures[f"{prefix}one_at_a_time"] = partial(offloads_per_second, n, entries, transport)
+        for size in BATCHES:
+            measures[f"{prefix}batches_of_{size}"] = partial(offload_batches_per_second, n,
+                                                             size, entries, transport)
+    measures |= {
         "vnic_one_at_a_time": lambda: vnic_offers_per_second(n, 0),
         "vnic_batched": lambda: vnic_offers_per_second(n, 1)}
     out = dict.fromkeys(measures, 0.0)
@@ -262,12 +276,13 @@ def offloads(n: int, rounds: int = 3) -> dict[str, float]:
 
 
 def offload_rows(table: Table, figures: dict[str, float]) -> None:
-    one = figures["one_at_a_time"]
-    table.add_row("offloads through the channel, one at a time", f"{one:,.0f} /s", "baseline")
-    for size in BATCHES:
-        rate = figures[f"batches_of_{size}"]
-        table.add_row(f"offloads through the channel, batches of {size:,}", f"{rate:,.0f} /s",
-                      f"{rate / one:,.1f}× one at a time")
+    for prefix, where in (("", "the channel"), ("process_", "the process transport")):
+        one = figures[f"{prefix}one_at_a_time"]
+        table.add_row(f"offloads through {where}, one at a time", f"{one:,.0f} /s", "baseline")
+        for size in BATCHES:
+            rate = figures[f"{prefix}batches_of_{size}"]
+            table.add_row(f"offloads through {where}, batches of {size:,}",
+                          f"{rate:,.0f} /s", f"{rate / one:,.1f}× one at a time")
     alone, together = figures["vnic_one_at_a_time"], figures["vnic_batched"]
     table.add_row("VNIC offers at one instant, answers due at once", f"{alone:,.0f} /s",
                   "baseline")
