@@ -10,7 +10,9 @@ Results, Report, Health. It also resumes flows after a PNIC crash.
 Time. Every message to the PNIC takes effect there in the order sent; its answers take effect
 at the VNIC at a modelled trace time (`latency` after it was sent), never when the transport
 happens to deliver them: `deliver(until)` applies, in time order, every answer due by `until`,
-blocking on the transport if it is not there yet. Entries the PNIC hands back during a batch
+blocking on the transport if it is not there yet. Offers wait to go together, as one Offloads
+message, until something else is sent or one of their answers is due; each answer still takes
+effect at its own offer's time (`_offer`, `_post_offers`, `_answers`). Entries the PNIC hands back during a batch
 that met it first (`defer`) take effect at their punted packet's trace time. A decision that
 can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT or LB, an ICMP error)
 is taken after a `sync`: every answer applied and every expired entry back, so a PNIC-owned
