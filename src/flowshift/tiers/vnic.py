@@ -12,11 +12,11 @@ at the VNIC at a modelled trace time (`latency` after it was sent), never when t
 happens to deliver them: `deliver(until)` applies, in time order, every answer due by `until`,
 blocking on the transport if it is not there yet. Offers wait to go together, as one Offloads
 message, until something else is sent or one of their answers is due; each answer still takes
-effect at its own offer's time (`_offer`, `_post_offers`, `_answers`). Entries the PNIC hands back during a batch
-that met it first (`defer`) take effect at their punted packet's trace time. A decision that
-can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT or LB, an ICMP error)
-is taken after a `sync`: every answer applied and every expired entry back, so a PNIC-owned
-flow in the first cache is live.
+effect at its own offer's time (`_offer`, `_post_offers`, `_answers`). Entries the PNIC hands
+back during a batch that met it first (`defer`) take effect at their punted packet's trace
+time. A decision that can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT
+or LB, an ICMP error) is taken after a `sync`: every answer applied and every expired entry
+back, so a PNIC-owned flow in the first cache is live.
 
 Every message is checked before it changes anything: an unknown sequence number, flow or
 packet, an entry that does not decode or has a field out of range, an unknown reason, is
