@@ -11,7 +11,11 @@ short connections), then measures:
 - PNIC engine alone: the compiled pipeline over batches, with the trace's established flows
   installed in its second cache (taken from the reference engine mid-trace);
 - `flowshift replay` end to end with `--offload never` and with `--offload elephant`;
-- offloads per second: entries installed through the in-process VNIC↔PNIC channel;
+- offloads per second: entries installed through the VNIC↔PNIC channel, in process and to
+  the PNIC's own process, one Offload message at a time (the baseline) and in Offloads
+  batches of 64 and 1,024 entries
+  (`--offloads-only` measures these alone, without a trace), and offers made by the VNIC
+  itself at one trace instant, each alone (answers due at once) and as one Offloads;
 - bytes per flow entry in the first cache (Python objects) and the second cache (fixed layout);
 - peak memory with 1 million concurrent flows in the first cache.
 """
@@ -23,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +51,7 @@ from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.link import InlineLink
+from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "offload-host.toml"
@@ -166,20 +172,127 @@ def short_connections(work: Path, cfg: HostConfig, flows: int, seconds: float
     return out
 
 
-def offloads_per_second(n: int) -> float:
-    """Offload + acknowledgement of n entries through the in-process channel."""
-    link = InlineLink(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
-                      report_interval_ns=3600 * SECOND)
-    entries = [synthetic_flow(i).to_bytes() for i in range(n)]
-    warm = InlineLink(1, load_config(CONFIG).machines, idle_timeout_ns=SECOND,
-                      report_interval_ns=SECOND)
-    warm.send(ch.Offload(0, entries[0]))  # loads the compiled index code before timing
+BATCHES = (64, 1024)  # entries per Offloads message for the batched figures
+
+
+def _offload_link(n: int, transport: str) -> PnicLink:
+    link = InlineLink if transport == "inline" else ProcessLink  # forked: inherits the warm code
+    return link(n, load_config(CONFIG).machines, idle_timeout_ns=3600 * SECOND,
+                report_interval_ns=3600 * SECOND)
+
+
+def _warm(entries: list[bytes]) -> None:
+    """Load the compiled index code (both inserts) before timing."""
+    warm = _offload_link(2, "inline")
+    warm.send(ch.Offload(0, entries[0]))
+    warm.send(ch.Offloads(1, entries[1]))
+
+
+def offloads_per_second(n: int, entries: list[bytes] | None = None,
+                        transport: str = "inline") -> float:
+    """Offload + acknowledgement of n entries through the channel (`transport`: "inline",
+    in-process, or "process", the PNIC in its own process), one Offload message and one Ack
+    at a time."""
+    entries = entries or [synthetic_flow(i).to_bytes() for i in range(n)]
+    _warm(entries)
+    link = _offload_link(n, transport)
+    try:
+        start = time.perf_counter()
+        for seq, raw in enumerate(entries):
+            link.send(ch.Offload(seq, raw))
+            msg = link.answers()
+            assert msg == [ch.Ack(seq)], msg
+        return n / (time.perf_counter() - start)
+    finally:
+        link.close()
+
+
+def offload_batches_per_second(n: int, size: int, entries: list[bytes] | None = None,
+                               transport: str = "inline") -> float:
+    """Entries/s offloaded and acknowledged through the channel in Offloads messages of
+    `size` entries (the VNIC's join of their bytes included), one OffloadResults back for
+    each."""
+    entries = entries or [synthetic_flow(i).to_bytes() for i in range(n)]
+    _warm(entries)
+    link = _offload_link(n, transport)
+    try:
+        start = time.perf_counter()
+        for seq in range(0, n, size):
+            chunk = entries[seq:seq + size]
+            link.send(ch.Offloads(seq, b"".join(chunk)))
+            msg = link.answers()
+            assert msg == [ch.OffloadResults(seq, bytes(len(chunk)))], msg
+        return n / (time.perf_counter() - start)
+    finally:
+        link.close()
+
+
+def vnic_offers_per_second(n: int, latency: int) -> float:
+    """Offers the VNIC makes at one trace instant, n established flows of its first cache,
+    until every answer took effect: its bookkeeping per offer included. With `latency` 0 each
+    answer is due at once, so each offer goes alone; with more they go as one Offloads."""
+    from flowshift.host import Host  # the VNIC with its link, as a replay wires them
+
+    host = Host(load_config(CONFIG), policy="always", capacity=n, latency=latency,
+                engine="reference")
+    host.handoff(0, 0)
+    vnic = host.vnic
+    chain = vnic.chains[0]
+    assert chain is not None
+    for i in range(n):
+        chain.import_flow(synthetic_flow(i))
+    keys = [f.key for f in chain.flows]
+    vnic.clock = n  # after every flow's creation
     start = time.perf_counter()
-    for seq, raw in enumerate(entries):
-        link.send(ch.Offload(seq, raw))
-        msg = link.answers()
-        assert msg == [ch.Ack(seq)], msg
-    return n / (time.perf_counter() - start)
+    for key in keys:
+        vnic.consider(0, key, n)
+    vnic.drain()
+    elapsed = time.perf_counter() - start
+    assert host.stats.offloads_to_pnic == n, host.stats.offloads_to_pnic
+    host.close()
+    return n / elapsed
+
+
+def offloads(n: int, rounds: int = 3) -> dict[str, float]:
+    """One at a time, then in batches of each size of BATCHES; then the VNIC's offers, one
+    message each and one message for all: in one run, each figure the best of `rounds`
+    taken in turns (other work on the machine only ever slows a round down)."""
+    entries = [synthetic_flow(i).to_bytes() for i in range(n)]
+    vnic_offers_per_second(1000, 1)  # warm
+    measures: dict[str, Callable[[], float]] = {}
+    for transport, prefix in (("inline", ""), ("process", "process_")):
+        measures[f"{prefix}one_at_a_time"] = partial(offloads_per_second, n, entries, transport)
+        for size in BATCHES:
+            measures[f"{prefix}batches_of_{size}"] = partial(offload_batches_per_second, n,
+                                                             size, entries, transport)
+    measures |= {
+        "vnic_one_at_a_time": lambda: vnic_offers_per_second(n, 0),
+        "vnic_batched": lambda: vnic_offers_per_second(n, 1)}
+    out = dict.fromkeys(measures, 0.0)
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            out[name] = max(out[name], measure())
+    return out
+
+
+def offload_rows(table: Table, figures: dict[str, float]) -> None:
+    for prefix, where in (("", "the channel"), ("process_", "the process transport")):
+        one = figures[f"{prefix}one_at_a_time"]
+        table.add_row(f"offloads through {where}, one at a time", f"{one:,.0f} /s", "baseline")
+        for size in BATCHES:
+            rate = figures[f"{prefix}batches_of_{size}"]
+            table.add_row(f"offloads through {where}, batches of {size:,}",
+                          f"{rate:,.0f} /s", f"{rate / one:,.1f}× one at a time")
+    alone, together = figures["vnic_one_at_a_time"], figures["vnic_batched"]
+    table.add_row("VNIC offers at one instant, answers due at once", f"{alone:,.0f} /s",
+                  "baseline")
+    table.add_row("VNIC offers at one instant, answers due later (one Offloads)",
+                  f"{together:,.0f} /s", f"{together / alone:,.1f}× answers at once")
+
+
+def title(m: dict[str, Any]) -> str:
+    return (f"flowshift offload benchmark — {m['cpu']}, {m['cores']} cores, {m['memory']}, "
+            f"Python {m['python']}")
 
 
 def synthetic_flow(i: int) -> Flow:
@@ -221,12 +334,24 @@ def first_cache_memory(n: int, engine: str) -> dict[str, float]:
 @click.option("--million", default=1_000_000, show_default=True,
               help="Flows for the first-cache memory figure.")
 @click.option("--memory-only", type=click.Choice(["compiled", "reference"]), hidden=True)
+@click.option("--offloads-only", is_flag=True,
+              help="Only the offloads through the channel (no trace is generated).")
 def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
-         memory_only: str | None) -> None:
+         memory_only: str | None, offloads_only: bool) -> None:
     if memory_only:  # the child that measures the first cache on its own
         print(json.dumps(first_cache_memory(million, memory_only)))
         return
     console = Console()
+    if offloads_only:
+        results = {"machine": machine(), "offloads": offloads(100_000)}
+        table = Table(title=title(results["machine"]))
+        for column in ("measure", "value", "against"):
+            table.add_column(column, justify="left" if column == "measure" else "right")
+        offload_rows(table, results["offloads"])
+        console.print(table)
+        if json_path is not None:
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
+        return
     cfg = load_config(CONFIG)
     work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -251,7 +376,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
         "elephant_offloads": eleph["offloads"]}
     results["short"] = short_connections(work, cfg, 500, 10.0)
     results["connections"] = short_connections(work, cfg, 20_000, 20.0)
-    results["offloads_per_second"] = offloads_per_second(100_000)
+    results["offloads"] = offloads(100_000)
     memories = {}
     for engine in ("reference", "compiled"):
         child = subprocess.run([sys.executable, __file__, "--memory-only", engine,
@@ -265,8 +390,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
                               "entry_layout": ENTRY_SIZE}
 
     m = results["machine"]
-    table = Table(title=f"flowshift offload benchmark — {m['cpu']}, {m['cores']} cores, "
-                        f"{m['memory']}, Python {m['python']}")
+    table = Table(title=title(m))
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("against", justify="right")
@@ -297,8 +421,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
     table.add_row(f"new connections through the slow path ({co['trace']['flows']:,})",
                   f"{cps:,.0f} /s",
                   f"{cps / co['never_reference']['connections_per_second']:,.1f}× reference")
-    table.add_row("offloads through the channel", f"{results['offloads_per_second']:,.0f} /s",
-                  "")
+    offload_rows(table, results["offloads"])
     table.add_row("bytes per entry, second cache",
                   f"{results['entry_bytes']['second_cache']:,.0f}",
                   f"layout {ENTRY_SIZE} B + index")

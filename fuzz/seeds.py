@@ -111,6 +111,8 @@ def channel_seeds() -> list[bytes]:
     flows = [f.to_bytes() for f in _flows()]
     msgs: list[channel.Msg] = [
         channel.Offload(seq=1, entry=flows[0]),
+        channel.Offloads(seq=3, entries=b"".join(flows)),
+        channel.OffloadResults(seq=3, reasons=bytes([0, 3, 4])[:len(flows)]),
         channel.Recall(seq=2, key=tuple(_flows()[0].key), reason=1),  # type: ignore[arg-type]
         channel.Packets(now=5, index=[0, 1], zone=[0, 0], ts=[5, 6], data=[b"ab", b"cd"],
                         linktype=[1, 1], wire_len=[60, 60]),

@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from flowshift.conntrack_types import TcpState
 from flowshift.entry import ENTRY_SIZE, field_offsets
@@ -47,6 +48,14 @@ class Handoff(Msg):
 class Offload(Msg):
     seq: int
     entry: bytes
+
+
+class Offloads(Msg):
+    """Many offers in one message, taken in order as that many Offloads would be: entry i
+    (bytes i * ENTRY_SIZE onward) has sequence number seq + i. Answered by OffloadResults."""
+
+    seq: int
+    entries: bytes  # the entries back to back, ENTRY_SIZE bytes each
 
 
 class Recall(Msg):
@@ -107,6 +116,14 @@ class Refuse(Msg):
     reason: int  # verdict.RefuseReason
 
 
+class OffloadResults(Msg):
+    """The answer to Offloads: per entry, in order, one byte: 0 acknowledged (an Ack), else
+    the RefuseReason it was refused for (a Refuse)."""
+
+    seq: int
+    reasons: bytes
+
+
 class Return(Msg):
     entry: bytes
     reason: int  # verdict.ReturnReason
@@ -154,14 +171,16 @@ class BatchDone(Msg):
     rows: int
 
 
-Message = (Handoff | Offload | Recall | Packets | Tick | RunBatch | Withdraw | Query | Ack
-           | Refuse | Return | Results | Report | Synced | Entries | Done | Health | BatchDone)
+Message = (Handoff | Offload | Offloads | Recall | Packets | Tick | RunBatch | Withdraw | Query
+           | Ack | Refuse | OffloadResults | Return | Results | Report | Synced | Entries | Done
+           | Health | BatchDone)
 
 _F = field_offsets()
 _E_FAMILY, _E_PROTO, _E_ZONE = _F["family"], _F["proto"], _F["zone"]
 _E_MACHINE, _E_TCP_STATE = _F["machine"], _F["tcp_state"]
 _E_ADDRESSES = (_F["src"], _F["dst"], _F["xsrc"], _F["xdst"])
 _ZERO12 = bytes(12)
+_P0, _P1, _P2, _P3 = (at + 4 for at in _E_ADDRESSES)  # where each address's padding starts
 _TCP_STATES = len(TcpState)
 
 _encoder = msgspec.msgpack.Encoder()
@@ -183,9 +202,56 @@ def entry_problem(raw: bytes, zones: int) -> str | None:
     if not 0 <= zone < zones or int.from_bytes(raw[_E_MACHINE:_E_MACHINE + 2], "little") != zone:
         return "unknown-zone"
     # an IPv4 address is its 4 bytes and 12 zero bytes
-    if family == 4 and any(raw[at + 4:at + 16] != _ZERO12 for at in _E_ADDRESSES):
+    if family == 4 and (raw[_P0:_P0 + 12] != _ZERO12 or raw[_P1:_P1 + 12] != _ZERO12
+                        or raw[_P2:_P2 + 12] != _ZERO12 or raw[_P3:_P3 + 12] != _ZERO12):
         return "bad-entry"
     return None
+
+
+_PROBLEMS = (None, "bad-entry", "unknown-zone")
+_VECTOR_MIN = 16  # entries from which entries_problem checks them all at once
+# the 12 bytes after each IPv4 address, as 32-bit words of the entry (every address starts on
+# a word: entry.py's layout)
+_PAD_WORDS = np.zeros(ENTRY_SIZE // 4, np.bool_)
+for _at in _E_ADDRESSES:
+    assert _at % 4 == 0 and ENTRY_SIZE % 4 == 0, "the entry's addresses start on 32-bit words"
+    _PAD_WORDS[(_at + 4) // 4:(_at + 16) // 4] = True
+
+
+def _entry_masks(rows: np.ndarray, zones: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of an (n, ENTRY_SIZE) uint8 array: entry_problem says bad-entry, unknown-zone."""
+    family, proto, state = rows[:, _E_FAMILY], rows[:, _E_PROTO], rows[:, _E_TCP_STATE]
+    zone = rows[:, _E_ZONE:_E_ZONE + 2].view("<u2")[:, 0]
+    machine = rows[:, _E_MACHINE:_E_MACHINE + 2].view("<u2")[:, 0]
+    v4 = family == 4
+    bad = ~(v4 | (family == 6)) | (state >= _TCP_STATES) | ((proto == 6) & (state == 0))
+    foreign = ~bad & ((zone >= zones) | (machine != zone))
+    bad |= ~foreign & v4 & rows.view("<u4")[:, _PAD_WORDS].any(axis=1)
+    return bad, foreign
+
+
+def entries_problems(rows: np.ndarray, zones: int) -> list[str | None]:
+    """entry_problem of every row of an (n, ENTRY_SIZE) uint8 array, computed at once."""
+    bad, foreign = _entry_masks(rows, zones)
+    return [_PROBLEMS[c] for c in (bad + 2 * foreign).tolist()]
+
+
+def entries_problem(entries: bytes, zones: int) -> str | None:
+    """Why `entries` cannot be flow entries back to back (an Offloads message's) of a host
+    with `zones` machines: the reason entry_problem gives for the first that cannot be one."""
+    if len(entries) % ENTRY_SIZE:
+        return "bad-entry"
+    if len(entries) < _VECTOR_MIN * ENTRY_SIZE:  # a few: numpy's calls would cost more
+        for at in range(0, len(entries), ENTRY_SIZE):
+            problem = entry_problem(entries[at:at + ENTRY_SIZE], zones)
+            if problem is not None:
+                return problem
+        return None
+    bad, foreign = _entry_masks(np.frombuffer(entries, np.uint8).reshape(-1, ENTRY_SIZE), zones)
+    either = bad | foreign
+    if not either.any():
+        return None
+    return _PROBLEMS[1 if bad[either.argmax()] else 2]
 
 
 def key_problem(key: tuple[int, int, int, bytes, bytes, int, int], zones: int) -> str | None:

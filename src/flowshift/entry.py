@@ -140,10 +140,6 @@ if _STRUCT.size != ENTRY_SIZE:
 _NO_TCP = (0,) * 22
 
 
-def _pad(addr: bytes) -> bytes:
-    return addr.ljust(16, b"\0")
-
-
 @dataclass(slots=True)
 class Flow:
     """A flow's state as the reference engine keeps it (first cache, machine tier)."""
@@ -180,9 +176,9 @@ class Flow:
                    t.last_seq, t.last_ack, t.last_end, t.last_win,
                    s0.end, s0.maxend, s0.maxwin, s0.maxack, s0.scale, s0.flags,
                    s1.end, s1.maxend, s1.maxwin, s1.maxack, s1.scale, s1.flags)
-        return _STRUCT.pack(
-            k.family, k.proto, k.zone, k.sport, k.dport, _pad(k.src), _pad(k.dst),
-            _pad(x.src), _pad(x.dst), x.sport, x.dport,
+        return _STRUCT.pack(  # "16s" pads an IPv4 address with the 12 zero bytes itself
+            k.family, k.proto, k.zone, k.sport, k.dport, k.src, k.dst, x.src, x.dst,
+            x.sport, x.dport,
             self.machine, self.chain, self.owner, self.generation,
             self.status | (Status.SEEN_REPLY if t is not None and t.seen_reply else 0), self.rule,
             self.backend, *tcp, self.created, self.last_seen, self.expires, self.stream_ts,

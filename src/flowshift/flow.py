@@ -11,6 +11,7 @@ layer (tests/test_layers.py).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -68,6 +69,8 @@ class FlowKey(NamedTuple):
 
 
 def format_addr(addr: bytes) -> str:
+    if len(addr) == 4:  # the same dotted quad, without ipaddress's objects (an event per offer)
+        return socket.inet_ntop(socket.AF_INET, addr)
     return str(ipaddress.ip_address(addr))
 
 

@@ -41,7 +41,7 @@ class OffloadPolicy:
         supported = 0
         for name in pnic.services:
             supported |= SERVICE_NAMES[name]
-        self.supported = supported
+        self.supported = int(supported)  # a plain int: IntFlag operators cost per offer
 
     def wants(self, flow: Flow) -> bool:
         """Is this flow a candidate for the PNIC now?"""

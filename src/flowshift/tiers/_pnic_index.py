@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from flowshift import entry
-from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16
+from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16, prefetch
 
 # ENTRY_DTYPE offsets the compiled code reads and writes (numba reads them as constants)
 _FIELDS = entry.field_offsets()
@@ -163,3 +163,40 @@ def index_remove(mem, slot, keys, vals):
 def table_size(capacity: int) -> int:
     """A power of two at least 2 * 2 * capacity: two keys per entry, load at most one half."""
     return 1 << max(3, (4 * capacity - 1).bit_length())
+
+
+INSERTED, NO_ROOM, KEY_TAKEN = 0, 1, 2  # what index_insert_rows says of each row
+
+
+@kernel(inline=False)
+def index_insert_rows(mem, rows, free, keys, vals, state, live, codes):
+    """Insert entries (`rows`: their bytes back to back) in order, each as `index_insert`
+    would one by one: a row goes to the next slot of `free` not used yet, its bytes copied in
+    and both keys indexed, and `state[slot] = live`; codes[i]: INSERTED, NO_ROOM (every slot
+    of `free` used) or KEY_TAKEN (a key is present, an earlier row's included: the slot is
+    cleared again). The number of slots used, from the start of `free`."""
+    n = len(codes)
+    mask = len(vals) - 1
+    for i in range(n):  # the buckets of every key first: their cache lines load meanwhile
+        for w in (entry_key(rows, i * E_SIZE), entry_reply_key(rows, i * E_SIZE)):
+            j = _home(w[0], w[1], w[2], w[3], w[4], mask)
+            prefetch(vals, j)
+            prefetch(keys[j], 0)
+    used = 0
+    for i in range(n):
+        if used == len(free):
+            codes[i] = NO_ROOM
+            continue
+        slot = free[used]
+        e = slot * E_SIZE
+        for b in range(E_SIZE):
+            mem[e + b] = rows[i * E_SIZE + b]
+        if index_insert(mem, slot, keys, vals):
+            state[slot] = live
+            codes[i] = INSERTED
+            used += 1
+        else:
+            for b in range(E_SIZE):
+                mem[e + b] = 0
+            codes[i] = KEY_TAKEN
+    return used

@@ -15,14 +15,19 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import MachineConfig
-from flowshift.entry import Tier, field_offsets
+from flowshift.entry import ENTRY_SIZE, Tier, field_offsets
 from flowshift.flow import FlowKey
+from flowshift.tiers._pnic_index import KEY_TAKEN, NO_ROOM
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import RETURN_REASONS, PnicEngine
 from flowshift.verdict import PuntReason, RefuseReason, ReturnReason
 
 PUNT = -1
 _OWNER = field_offsets()["owner"]  # the entry's owner byte
+_PNIC_OWNER = bytes([Tier.PNIC])
+# an insert's outcome (tiers/_pnic_index.py) as an OffloadResults byte
+_REFUSALS = np.zeros(3, np.uint8)
+_REFUSALS[NO_ROOM], _REFUSALS[KEY_TAKEN] = RefuseReason.FULL, RefuseReason.DUPLICATE
 
 
 class Pnic:
@@ -59,6 +64,10 @@ class Pnic:
             self._packets(msg, out)
         elif isinstance(msg, ch.Offload):
             out.append(self._offload(msg))
+        elif isinstance(msg, ch.Offloads):
+            if len(msg.entries) % ENTRY_SIZE:  # not whole entries: nothing to answer for
+                return self._reject("bad-entry")
+            out.append(self._offloads(msg))
         elif isinstance(msg, ch.Tick):
             if msg.sync:  # a barrier: expired entries come back, no report
                 self._expire(msg.now, out)
@@ -110,11 +119,27 @@ class Pnic:
             return ch.Refuse(msg.seq, RefuseReason.UNHEALTHY)
         if len(self.engine) >= self.capacity:
             return ch.Refuse(msg.seq, RefuseReason.FULL)
-        entry = bytearray(msg.entry)
-        entry[_OWNER] = Tier.PNIC
+        entry = msg.entry[:_OWNER] + _PNIC_OWNER + msg.entry[_OWNER + 1:]
         if self.engine.insert(entry) < 0:
             return ch.Refuse(msg.seq, RefuseReason.DUPLICATE)
         return ch.Ack(msg.seq)
+
+    def _offloads(self, msg: ch.Offloads) -> ch.Msg:
+        """Every entry as `_offload` takes one, in order, installed in one compiled call. An
+        entry that fails its checks rejects the whole message (counted once, nothing
+        installed, every entry refused as a bad entry): a batch with one bad entry in it
+        cannot be trusted for the others."""
+        n = len(msg.entries) // ENTRY_SIZE
+        problem = ch.entries_problem(msg.entries, self.zones)
+        if problem is not None:
+            self._reject(problem)
+            return ch.OffloadResults(msg.seq, bytes([RefuseReason.BAD_ENTRY]) * n)
+        if not self.healthy:
+            return ch.OffloadResults(msg.seq, bytes([RefuseReason.UNHEALTHY]) * n)
+        rows = np.frombuffer(msg.entries, np.uint8).reshape(n, ENTRY_SIZE).copy()
+        rows[:, _OWNER] = Tier.PNIC
+        codes = self.engine.insert_many(rows, self.capacity - len(self.engine))
+        return ch.OffloadResults(msg.seq, _REFUSALS[codes].tobytes())
 
     def _timers(self, now: int, out: list[ch.Msg]) -> None:
         """Idle returns and a report of every other entry."""

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
     from flowshift.host import Classifier
 
 _FREE = 0
+_ZERO_ENTRY = bytes(ENTRY_SIZE)
 _M64 = (1 << 64) - 1
 
 # The entry a punted hit hands back comes back to software for this reason (a miss returns
@@ -125,7 +126,7 @@ class PnicEngine:
         self.capacity = capacity
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)  # what the kernels read: the entries' bytes
-        self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
+        self._bytes = self._mem.data  # the same bytes: slices copy in and out cheaply
         size = ki.table_size(capacity)
         self._keys = np.zeros((size, 5), np.int64)
         self._vals = np.full(size, ki.EMPTY, np.int64)
@@ -152,14 +153,32 @@ class PnicEngine:
         if not self._free:
             return -1
         slot = self._free[-1]
-        self._rows[slot] = np.frombuffer(entry, np.uint8)
+        e = slot * ENTRY_SIZE
+        self._bytes[e:e + ENTRY_SIZE] = entry
         if not ki.index_insert(self._mem, slot, self._keys, self._vals):
-            self._rows[slot] = 0
+            self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
             return -1
         self._free.pop()
         self._state[slot] = LIVE
         self._live += 1
         return slot
+
+    def insert_many(self, rows: np.ndarray, room: int | None = None) -> np.ndarray:
+        """Add entries, the rows of an (n, ENTRY_SIZE) uint8 array, in order and in one compiled
+        call, as many `insert` calls would (the same slots, the same index); at most `room`
+        of them (None: as many as there are free slots). Per row: INSERTED, NO_ROOM or
+        KEY_TAKEN (tiers/_pnic_index.py)."""
+        if rows.ndim != 2 or rows.shape[1] != ENTRY_SIZE or rows.dtype != np.uint8:
+            raise ValueError(f"entries must be rows of {ENTRY_SIZE} uint8")
+        n = len(rows)
+        k = min(n, len(self._free), n if room is None else max(room, 0))
+        free = np.array(self._free[len(self._free) - k:][::-1], np.int64)
+        codes = np.empty(n, np.int8)
+        used = ki.index_insert_rows(self._mem, np.ascontiguousarray(rows).reshape(-1), free,
+                                    self._keys, self._vals, self._state, LIVE, codes)
+        del self._free[len(self._free) - used:]
+        self._live += used
+        return codes
 
     def remove(self, slot: int) -> bytes:
         """Take an entry out (live, or returned by `process`): its exact bytes."""
@@ -177,7 +196,7 @@ class PnicEngine:
 
     def get(self, slot: int) -> bytes:
         self._slot_state(slot)
-        return bytes(self._rows[slot])
+        return self._bytes[slot * ENTRY_SIZE:(slot + 1) * ENTRY_SIZE].tobytes()
 
     def find(self, key: FlowKey) -> tuple[int, int] | None:
         """(slot, direction) of a live entry with this key."""
@@ -200,8 +219,9 @@ class PnicEngine:
         return state
 
     def _release(self, slot: int) -> bytes:
-        raw = bytes(self._rows[slot])
-        self._rows[slot] = 0
+        e = slot * ENTRY_SIZE
+        raw = self._bytes[e:e + ENTRY_SIZE].tobytes()
+        self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
         self._state[slot] = _FREE
         self._free.append(slot)
         return raw
@@ -281,7 +301,9 @@ def warm(ahead: subprocess.Popen[bytes] | None = None) -> float:
             ahead.wait()
     engine = PnicEngine(1, None)
     key = FlowKey(4, 6, 0, b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02", 1, 2)
-    slot = engine.insert(Flow(key=key, xlat=key, machine=0, chain=0).to_bytes())
+    raw = Flow(key=key, xlat=key, machine=0, chain=0).to_bytes()
+    slot = engine.insert(raw)
+    engine.insert_many(np.frombuffer(raw, np.uint8).reshape(1, ENTRY_SIZE))  # a duplicate
     engine.find(key)
     frame = np.frombuffer(tcp_frame(src=key.src, dst=key.dst, sport=1, dport=2, seq=1, ack=1,
                                     flags=TCP_ACK, window=1), np.uint8).copy()

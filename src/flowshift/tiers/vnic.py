@@ -10,11 +10,13 @@ Results, Report, Health. It also resumes flows after a PNIC crash.
 Time. Every message to the PNIC takes effect there in the order sent; its answers take effect
 at the VNIC at a modelled trace time (`latency` after it was sent), never when the transport
 happens to deliver them: `deliver(until)` applies, in time order, every answer due by `until`,
-blocking on the transport if it is not there yet. Entries the PNIC hands back during a batch
-that met it first (`defer`) take effect at their punted packet's trace time. A decision that
-can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT or LB, an ICMP error)
-is taken after a `sync`: every answer applied and every expired entry back, so a PNIC-owned
-flow in the first cache is live.
+blocking on the transport if it is not there yet. Offers wait to go together, as one Offloads
+message, until something else is sent or one of their answers is due; each answer still takes
+effect at its own offer's time (`_offer`, `_post_offers`, `_answers`). Entries the PNIC hands
+back during a batch that met it first (`defer`) take effect at their punted packet's trace
+time. A decision that can reach a PNIC-owned entry (a miss or a TCP SYN of a chain with NAT
+or LB, an ICMP error) is taken after a `sync`: every answer applied and every expired entry
+back, so a PNIC-owned flow in the first cache is live.
 
 Every message is checked before it changes anything: an unknown sequence number, flow or
 packet, an entry that does not decode or has a field out of range, an unknown reason, is
@@ -52,6 +54,8 @@ _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = (1 << 63) - 1  # an int64: the fast path compares times with it
+_ANSWERS = bytes([0, *RefuseReason])  # the bytes of an OffloadResults: ack or a refusal
+_UNANSWERED = -1  # an offer of an Offloads that got no valid answer
 
 
 class VnicChain(Chain):
@@ -122,6 +126,11 @@ class Vnic:
         self.expiry_floor = -1  # no PNIC entry expires before this (-1: unknown)
         # messages sent whose answers are not applied: (due time, kind, seq)
         self.outstanding: deque[tuple[int, int, int]] = deque()
+        self.offers: list[tuple[int, bytes]] = []  # (seq, entry) offered, not sent yet
+        self.offer_batches: dict[int, int] = {}  # an Offloads sent: its first seq -> offers
+        # the answer to each offer of an Offloads after its first, by seq, until it takes
+        # effect: 0 acknowledged, a RefuseReason, or _UNANSWERED
+        self.split: dict[int, int] = {}
         self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
         self._order = itertools.count()
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
@@ -247,8 +256,9 @@ class Vnic:
         self.queue.start(self.seq, fkey)
         self.pnic_flows += 1
         self.lower_floor(flow.expires)
-        self._send(ch.Offload(self.seq, flow.to_bytes()), _KIND_OFFLOAD, self.seq)
-        self.peaks()
+        self._offer(self.seq, flow.to_bytes())
+        s = self.stats  # an offer changes the second cache's count only
+        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
 
     def _refused(self, fkey: FlowKey, total: int, reason: RefuseReason, now: int) -> None:
         self.stats.count(self.stats.refused, reason.label)
@@ -266,6 +276,31 @@ class Vnic:
             self._send(ch.Recall(self.seq, tuple(lru.key), ReturnReason.ROOM),  # type: ignore[arg-type]
                        _KIND_RECALL, self.seq)
 
+    def _offer(self, seq: int, entry: bytes) -> None:
+        """Offer an entry: it takes effect as a message sent now would, but waits to go with
+        the offers made after it until anything else is sent or any of their answers is due
+        (`_post_offers`): the PNIC takes a batch's entries in order, and each answer still
+        takes effect at its own offer's time, so nothing can tell the difference."""
+        self._flush()  # one FIFO: the offer stays behind earlier packets
+        if not self.alive:
+            return
+        self.offers.append((seq, entry))
+        self.outstanding.append((self.clock + self.latency, _KIND_OFFLOAD, seq))
+        self.synced_at = -1
+
+    def _post_offers(self) -> None:
+        """Send the offers made and not sent yet: one Offload, or one Offloads for many."""
+        offers = self.offers
+        if not offers:
+            return
+        self.offers = []
+        if len(offers) == 1:
+            self.link.send(ch.Offload(*offers[0]))
+            return
+        first = offers[0][0]
+        self.offer_batches[first] = len(offers)
+        self.link.send(ch.Offloads(first, b"".join([raw for _, raw in offers])))
+
     def _to_pnic(self, item: Pending) -> None:
         self.queue.sent(item)
         self.batch.append(item)
@@ -275,6 +310,7 @@ class Vnic:
     def _flush(self) -> None:
         if not self.batch:
             return
+        self._post_offers()  # made before these packets came
         b = self.batch
         self.batch = []
         self.link.send(ch.Packets(b[-1].ts, [p.index for p in b], [p.machine for p in b],
@@ -287,7 +323,8 @@ class Vnic:
         self.synced_at = -1
 
     def _send(self, msg: ch.Msg, kind: int = _KIND_OTHER, seq: int = 0, at: int = -1) -> None:
-        self._flush()  # one FIFO: control messages stay behind earlier packets
+        self._flush()  # one FIFO: control messages stay behind earlier packets and offers
+        self._post_offers()
         if not self.alive:
             return
         self.link.send(msg)
@@ -332,8 +369,14 @@ class Vnic:
 
     def _apply_next(self) -> None:
         due, kind, seq = self.outstanding.popleft()
-        for msg in self.link.answers():
-            self._on_message(msg, due)
+        answer = self.split.pop(seq, None) if kind == _KIND_OFFLOAD else None
+        if answer is None:
+            for msg in self._answers(kind, seq):
+                self._on_message(msg, due)
+        elif answer == 0:  # an offer of an Offloads, answered by its OffloadResults
+            self._on_ack(seq, due)
+        elif answer > 0:
+            self._on_refuse(seq, answer, due)
         if kind == _KIND_OFFLOAD and self.queue.transit.get(seq) is not None:
             fkey = self.queue.answered(seq)  # no valid answer: the offer did not happen
             assert fkey is not None
@@ -350,6 +393,39 @@ class Vnic:
                 if index in self.queue.inflight:  # no result came back for it: ours to decide
                     self.stats.count(self.rejected, "unanswered")
                     self._on_results(ch.Results([index], [PUNT], [0], [b""]), due)
+
+    def _answers(self, kind: int, seq: int) -> list[ch.Msg]:
+        """The answers to the message of an outstanding entry. The offers of one Offloads
+        message are answered by one OffloadResults: the first offer's answer comes back as
+        the Ack or Refuse it would have had, the others' wait in `split`, each to take effect
+        with its own offer, in order."""
+        if kind != _KIND_OFFLOAD:
+            return self.link.answers()
+        if self.offers and self.offers[0][0] <= seq:
+            self._post_offers()  # its answer is due: it goes now, with the offers after it
+        group = self.link.answers()
+        n = self.offer_batches.pop(seq, 0)
+        if not n:
+            return group
+        split = self.split
+        split.update(zip(range(seq + 1, seq + n), itertools.repeat(_UNANSWERED)))
+        mine: list[ch.Msg] = []
+        answered = False
+        for msg in group:
+            if not isinstance(msg, ch.OffloadResults):
+                mine.append(msg)
+            elif msg.seq != seq or answered:
+                self._reject("unknown-seq")
+            elif len(msg.reasons) != n:
+                self._reject("bad-results")
+            elif msg.reasons.translate(None, _ANSWERS):  # a byte that is no answer
+                self._reject("bad-reason")
+            else:
+                answered = True
+                first = msg.reasons[0]
+                mine.append(ch.Refuse(seq, first) if first else ch.Ack(seq))
+                split.update(zip(range(seq + 1, seq + n), msg.reasons[1:], strict=True))
+        return mine
 
     def defer(self, returned: list[ch.Msg], fallback: int) -> None:
         """Entries handed back by a batch that met the PNIC first: each takes effect at its
