@@ -50,7 +50,7 @@ from flowshift.gen import TraceSpec, generate
 from flowshift.packet.direct import ALIGN, DirectReader, DirectWriter, aligned_empty
 from flowshift.replay import run_replay
 from flowshift.shard_replay import run_sharded
-from flowshift.sweep import execute, parse_vary, plan_sweep
+from flowshift.sweep import execute, parse_vary, plan_sweep, preload_plots
 
 SWEEP = ("pnic.capacity=64,4096", "offload.elephant_packets=8,32,128,512")
 MICE_FLOWS = 12_000
@@ -234,6 +234,7 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
         info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
     info = json.loads(info_path.read_text())
     results: dict[str, Any] = {"machine": machine(), "trace": info, "workers": workers}
+    preload_plots()  # as `flowshift sweep` does, before its workers fork
     rows: list[tuple[str, str, str]] = []
     results["startup"] = {}
     with tempfile.TemporaryDirectory() as tmp:

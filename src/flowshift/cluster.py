@@ -119,13 +119,15 @@ def open_executor(workers: int | None = None, scheduler: str | None = None,
 def _process_pool(n: int) -> ProcessPoolExecutor:
     """Forked workers start with flowshift imported and its kernels loaded, but forking a
     process that runs other threads (a Dask client's, say) can copy a held lock: then a fork
-    server, preloaded with the replay's modules, starts them."""
+    server, preloaded with the replay's modules and the sweep's plotting library, starts
+    them."""
     methods = multiprocessing.get_all_start_methods()
     if "fork" in methods and threading.active_count() == 1:
         return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["flowshift.shard_replay", "flowshift.sweep"])
+        ctx.set_forkserver_preload(["flowshift.shard_replay", "flowshift.sweep",
+                                    "matplotlib.pyplot"])
         return ProcessPoolExecutor(n, mp_context=ctx)
     return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
 

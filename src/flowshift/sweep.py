@@ -302,6 +302,14 @@ def write_plots(directory: Path, rows: list[dict[str, Any]], varied: list[str],
     return written
 
 
+def preload_plots() -> None:
+    """Import the plotting library now (half a second): workers forked after it have it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+
 def draw_plot(rows: list[dict[str, Any]], varied: list[str], key: str) -> bytes:
     """The figure of one varied key (see write_plots), as PNG bytes."""
     import matplotlib
@@ -341,4 +349,4 @@ def _short(v: Any) -> str:
 
 
 __all__ = ["ConfigError", "SweepError", "SweepPlan", "Vary", "configure", "execute",
-           "parse_vary", "plan_sweep", "run_sweep", "set_key"]
+           "parse_vary", "plan_sweep", "preload_plots", "run_sweep", "set_key"]

@@ -17,7 +17,7 @@ from flowshift.config import ConfigError, load_config
 from flowshift.offload import POLICIES
 from flowshift.packet.pcap import TraceError
 from flowshift.replay import ReplayError
-from flowshift.sweep import SweepError, Vary, execute, parse_vary, plan_sweep
+from flowshift.sweep import SweepError, Vary, execute, parse_vary, plan_sweep, preload_plots
 
 
 def _floats(name: str, text: str | None) -> list[float] | None:
@@ -69,6 +69,7 @@ def sweep(traces: tuple[Path, ...], config: Path, varies: tuple[str, ...],
         plan = plan_sweep(list(traces), load_config(config), parsed, out_dir,
                           offloads=policies, crash_at=crashes, withdraw_at=withdrawals,
                           source=str(config))
+        preload_plots()  # before the workers fork: each then draws without importing it
         with open_executor(workers, scheduler, executor) as ex:
             rows = execute(plan, ex, progress=not quiet)
     except (ConfigError, TraceError, ReplayError, SweepError, ClusterError) as e:
