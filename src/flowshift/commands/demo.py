@@ -12,6 +12,7 @@ and some IPv6; outside clients coming in to the web VIP, plus a SYN flood agains
 from __future__ import annotations
 
 import heapq
+import importlib
 import ipaddress
 import tempfile
 from collections.abc import Iterator
@@ -114,6 +115,8 @@ def demo(out_dir: Path, scale: float, quiet: bool) -> None:
                 packets = build_trace(trace, config, scale)
             if not quiet:
                 console.print(f"generated {trace}: {packets:,} packets, {DURATION_S:g} s")
+            if ahead is not None:  # the plot's library loads while the engine compiles
+                importlib.import_module("flowshift.plot")
             warm_engine(None if quiet else console, ahead)
         result = run_replay(
             trace, config_path, out=out_dir / "out.pcap", verdicts=out_dir / "verdicts.csv",

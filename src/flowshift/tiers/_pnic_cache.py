@@ -8,9 +8,9 @@ types) would leave stale machine code behind. So the kernels cache in a user dir
 by a digest of flowshift's version and of every source file the kernels are compiled from:
 any change to any of them compiles afresh. `NUMBA_CACHE_DIR`, when the user sets it, wins.
 
-The first run can fill the cache ahead, in another process on another core, while it does other
-work (`compiling_ahead`: the demo generates its trace meanwhile); `fastpath.warm_all` then waits
-for it and loads the kernels. This module does not import numba, so that the other process
+The first run can fill the cache ahead, in two other processes on the other cores, while it does
+other work (`compiling_ahead`: the demo generates its trace meanwhile); `fastpath.warm_all` then
+waits for them and loads the kernels. This module does not import numba, so that the other process
 starts at once.
 """
 
@@ -111,16 +111,17 @@ def mark_ready() -> None:
 def compile_ahead() -> subprocess.Popen[bytes] | None:
     """Start filling the cache in another process, unless it is filled already (None).
 
-    The process runs `fastpath.warm_all()` of this very package (its directory put in front of
-    the path only while `flowshift` itself is imported), with this interpreter, environment
-    and cache directory; its output is discarded: should it fail, `warm` compiles in the
-    waiting process and any error shows there."""
+    The process runs `fastpath.compile_ahead_work()` of this very package (its directory put
+    in front of the path only while `flowshift` itself is imported), with this interpreter and
+    environment: it computes the same cache directory, and numba's own cache (the trace I/O's
+    kernels) is the same place for it as for this process. Its output is discarded: should it
+    fail, `warm` compiles in the waiting process and any error shows there."""
     if ready():
         return None
     code = (f"import sys; sys.path.insert(0, {str(_PACKAGE.parent)!r}); import flowshift; "
-            "del sys.path[0]; from flowshift.tiers.fastpath import warm_all; warm_all()")
-    return subprocess.Popen([sys.executable, "-c", code],
-                            env=os.environ | {"NUMBA_CACHE_DIR": cache_dir()},
+            "del sys.path[0]; from flowshift.tiers.fastpath import compile_ahead_work; "
+            "compile_ahead_work()")
+    return subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
