@@ -78,6 +78,7 @@ POLICY_NEVER = 0
 POLICY_ALWAYS = 1
 POLICY_ELEPHANT = 2
 POLICY_ASK = 3  # a policy only Python can evaluate: ask after every established packet
+AHEAD_MAX = 16  # rows misses_after looks at
 
 
 @kernel(inline=True)
@@ -128,9 +129,11 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
     """How many rows after rows[j] are not hits of the table as it stands (before the first
     hit, the first row decided already or the first row at or after stop_time): software can
     take them without asking the fast path again. A row that becomes a hit meanwhile (its
-    flow cached by the rows before it) is still decided right, in Python."""
+    flow cached by the rows before it) is still decided right, in Python. At most AHEAD_MAX:
+    the host asks again whenever Python caches a flow, and a burst of new flows (each cached
+    at its SYN) would otherwise be scanned to its end once per flow."""
     n = 0
-    for k in range(j + 1, len(rows)):
+    for k in range(j + 1, min(len(rows), j + 1 + AHEAD_MAX)):
         i = rows[k]
         if clock[i] >= stop_time or verdict[i] != PENDING:
             break
