@@ -405,6 +405,8 @@ class Host:
         return left
 
     def _pnic_ready(self, rows: np.ndarray) -> bool:
+        """Is there a pass to make (rows, and a PNIC that owns flows)? Then every answer of
+        the PNIC is applied first."""
         vnic = self.vnic
         if not (vnic.alive and vnic.healthy and vnic.pnic_owned) or not len(rows):
             return False
