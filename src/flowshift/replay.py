@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -159,6 +160,27 @@ def _collector_tuned() -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*before)
+
+
+def warm_io() -> None:
+    """The kernels of the trace reader and of the replay's writers (numba's own cache, next
+    to their modules), compiled or loaded: a replay of a two-packet trace with every output,
+    in a temporary directory."""
+    from flowshift.config import parse_config
+    from flowshift.packet.build import tcp_frame
+    from flowshift.packet.pcap import PcapWriter
+    from flowshift.packet.view import TCP_ACK
+
+    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
+                                     "services": ["count"]}]}, "trace I/O warm-up")
+    with tempfile.TemporaryDirectory(prefix="flowshift-warm-") as tmp:
+        trace = Path(tmp) / "t.pcap"
+        with PcapWriter(trace, linktype=1) as w:
+            for i in range(2):
+                w.write(i, tcp_frame(src=b"\x0a\x00\x00\x01", dst=b"\x0a\x00\x01\x02",
+                                     sport=1, dport=2, seq=i, ack=1, flags=TCP_ACK, window=1))
+        run_replay(trace, cfg, progress=False, out=Path(tmp) / "o.pcap",
+                   verdicts=Path(tmp) / "v.csv")
 
 
 def run_replay(

@@ -7,6 +7,7 @@ bad config or a file that is not a trace exit with status 2 and one line on stde
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,21 @@ def warm_engine(console: Console | None, ahead: subprocess.Popen[bytes] | None =
     run; later runs load them from the cache) before the replay starts, as a step of its own:
     the replay's time and packets/s leave it out. `ahead`: the process compiling them already
     (_pnic_cache.compiling_ahead), waited for. The seconds."""
+    from flowshift.replay import warm_io
     from flowshift.tiers import fastpath, pnic_engine
 
+    def work() -> float:
+        started = time.perf_counter()
+        if ahead is not None:  # the other process compiles the PNIC's kernels: these here
+            fastpath.warm()
+            warm_io()
+        fastpath.warm_all(ahead)
+        return time.perf_counter() - started
+
     if console is None:
-        return fastpath.warm_all(ahead)
+        return work()
     with console.status("compiling the engine (first run only)…", spinner="dots"):
-        seconds = fastpath.warm_all(ahead)
+        seconds = work()
     if ahead is not None:
         done = "compiled in the background, ready"
     else:

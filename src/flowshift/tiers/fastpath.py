@@ -286,46 +286,15 @@ def warm() -> float:
 def warm_all(ahead: subprocess.Popen[bytes] | None = None) -> float:
     """Every kernel a replay runs, the PNIC's and the fast path's, compiled or loaded; then
     the cache is marked ready (_pnic_cache). `ahead`: the process compiling the PNIC's
-    kernels meanwhile (`compile_ahead_work`): this process compiles the others, the trace
-    I/O's too, before it waits for that one. The seconds."""
-    started = time.perf_counter()
-    if ahead is not None:
-        warm()
-        warm_io()
-    pnic_engine.warm(ahead)
-    warm()
+    kernels meanwhile (`compile_ahead_work`), waited for. The seconds."""
+    seconds = pnic_engine.warm(ahead) + warm()
     mark_ready()
-    return time.perf_counter() - started
-
-
-def warm_io() -> None:
-    """The kernels of the trace reader and of the replay's writers (numba's own cache, next
-    to their modules), compiled or loaded: a replay of a two-packet trace with every output,
-    in a temporary directory."""
-    import tempfile
-    from pathlib import Path
-
-    from flowshift.config import parse_config
-    from flowshift.packet.build import tcp_frame
-    from flowshift.packet.pcap import PcapWriter
-    from flowshift.packet.view import TCP_ACK
-    from flowshift.replay import run_replay
-
-    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
-                                     "services": ["count"]}]}, "trace I/O warm-up")
-    with tempfile.TemporaryDirectory(prefix="flowshift-warm-") as tmp:
-        trace = Path(tmp) / "t.pcap"
-        with PcapWriter(trace, linktype=1) as w:
-            for i in range(2):
-                w.write(i, tcp_frame(src=b"\x0a\x00\x00\x01", dst=b"\x0a\x00\x01\x02",
-                                     sport=1, dport=2, seq=i, ack=1, flags=TCP_ACK, window=1))
-        run_replay(trace, cfg, progress=False, out=Path(tmp) / "o.pcap",
-                   verdicts=Path(tmp) / "v.csv")
+    return seconds
 
 
 def compile_ahead_work() -> None:
     """What the process of `_pnic_cache.compile_ahead` does: the PNIC's kernels (its data
     path is the longest compilation), while the first process compiles the others
-    (`warm_all`): about half the work each."""
+    (commands/replay.py `warm_engine`): about half the work each."""
     pnic_engine.warm_data_path()
     pnic_engine.warm_table()
