@@ -37,6 +37,22 @@ DEPTH = 4  # writes handed to the writer's thread and not yet done, at most
 _DIRECT = getattr(os, "O_DIRECT", 0)
 
 
+def _open(path: str | os.PathLike[str], flags: int) -> tuple[int, bool]:
+    """The file opened with O_DIRECT where the file system takes it: (fd, direct)."""
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    if _DIRECT:
+        try:
+            return os.open(path, flags | _DIRECT, 0o666), True
+        except OSError:
+            pass
+    return os.open(path, flags, 0o666), False
+
+
+def _drop_direct(fd: int) -> None:
+    """Go on through the page cache (a direct transfer came back EINVAL)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_DIRECT)
+
+
 def aligned_empty(size: int) -> np.ndarray:
     """An uninitialised uint8 array of `size` bytes starting at an `ALIGN` boundary."""
     raw = np.empty(size + ALIGN, np.uint8)
@@ -50,15 +66,7 @@ class DirectWriter:
     Raises OSError as opening the file with open(path, "wb") would."""
 
     def __init__(self, path: str | os.PathLike[str], flush: int = FLUSH) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.direct = bool(_DIRECT)
-        try:
-            self.fd = os.open(path, flags | _DIRECT, 0o666)
-        except OSError:
-            if not _DIRECT:
-                raise
-            self.direct = False
-            self.fd = os.open(path, flags, 0o666)
+        self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self.flush_at = flush
         self._use(aligned_empty(flush + ALIGN))
         self.fill = 0
@@ -142,7 +150,7 @@ class DirectWriter:
             data = data[n:]
 
     def _buffered(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+        _drop_direct(self.fd)
         self.direct = False
 
     def close(self) -> None:
@@ -173,15 +181,7 @@ class DirectReader:
     (the bytes are read once: caching them would cost fresh pages for nothing)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-        self.direct = bool(_DIRECT)
-        try:
-            self.fd = os.open(path, flags | _DIRECT)
-        except OSError:
-            if not _DIRECT:
-                raise
-            self.direct = False
-            self.fd = os.open(path, flags)
+        self.fd, self.direct = _open(path, os.O_RDONLY)
 
     def read(self, out: np.ndarray, start: int, stop: int) -> int:
         """Bytes start..stop of the file into `out` (aligned, at least stop - start + 2 *
@@ -196,8 +196,7 @@ class DirectReader:
             except OSError as e:
                 if e.errno != errno.EINVAL or not self.direct:
                     raise
-                fcntl.fcntl(self.fd, fcntl.F_SETFL,
-                            fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~_DIRECT)
+                _drop_direct(self.fd)
                 self.direct = False
                 continue
             if not n:
