@@ -68,6 +68,20 @@ def make_trace(path: Path, cfg: HostConfig, flows: int) -> dict[str, Any]:
             "elephant_byte_share": round(s.elephant_byte_share, 4)}
 
 
+def bench_trace(workdir: Path | None, flows: int, console: Console
+                ) -> tuple[Path, Path, dict[str, Any]]:
+    """The work directory (a new temporary one unless given), the bench trace in it
+    (generated once, reused while its description sits beside it) and that description."""
+    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trace = work / f"elephants-{flows}.pcap"
+    info_path = trace.with_suffix(".json")
+    if not trace.exists() or not info_path.exists():
+        console.print(f"generating {trace} ...")
+        info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
+    return work, trace, json.loads(info_path.read_text())
+
+
 def frames(path: Path, limit: int | None = None) -> list[tuple[int, bytes, int, int]]:
     out: list[tuple[int, bytes, int, int]] = []
     for b in read_batches(path):
@@ -361,14 +375,7 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
             json_path.write_text(json.dumps(results, indent=2) + "\n")
         return
     cfg = load_config(CONFIG)
-    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    trace = work / f"elephants-{flows}.pcap"
-    info_path = trace.with_suffix(".json")
-    if not trace.exists() or not info_path.exists():
-        console.print(f"generating {trace} ...")
-        info_path.write_text(json.dumps(make_trace(trace, cfg, flows)))
-    info = json.loads(info_path.read_text())
+    work, trace, info = bench_trace(workdir, flows, console)
     results: dict[str, Any] = {"machine": machine(), "trace": info}
 
     sample = frames(trace, 300_000)

@@ -42,7 +42,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from bench_offload import CONFIG, make_trace
+from bench_offload import CONFIG, bench_trace
 from common import machine
 from flowshift.cluster import dask_available, open_executor
 from flowshift.config import load_config
@@ -225,14 +225,7 @@ def started(kind: str, workers: int, tiny: Path) -> tuple[Any, float]:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None) -> None:
     console = Console()
-    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    trace = work / f"elephants-{flows}.pcap"
-    info_path = trace.with_suffix(".json")
-    if not trace.exists() or not info_path.exists():
-        console.print(f"generating {trace} ...")
-        info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
-    info = json.loads(info_path.read_text())
+    work, trace, info = bench_trace(workdir, flows, console)
     results: dict[str, Any] = {"machine": machine(), "trace": info, "workers": workers}
     preload_plots()  # as `flowshift sweep` does, before its workers fork
     rows: list[tuple[str, str, str]] = []

@@ -32,11 +32,10 @@ from rich.console import Console
 from rich.table import Table
 
 import baseline_io
-from bench_offload import CONFIG, make_trace
+from bench_offload import CONFIG, bench_trace
 from common import machine
 from flowshift import replay as replay_mod
 from flowshift._verdict_rows import rows_text
-from flowshift.config import load_config
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.pcap import PcapWriter, open_trace
 
@@ -157,14 +156,7 @@ def best(run: Callable[[], int], repeat: int) -> dict[str, float]:
 def main(workdir: Path | None, out_dir: Path | None, flows: int, repeat: int,
          json_path: Path | None) -> None:
     console = Console()
-    work = workdir or Path(tempfile.mkdtemp(prefix="flowshift-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    trace = work / f"elephants-{flows}.pcap"
-    info_path = trace.with_suffix(".json")
-    if not trace.exists() or not info_path.exists():
-        console.print(f"generating {trace} ...")
-        info_path.write_text(json.dumps(make_trace(trace, load_config(CONFIG), flows)))
-    info = json.loads(info_path.read_text())
+    work, trace, info = bench_trace(workdir, flows, console)
     if out_dir is None:
         out_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else work
     total = int(info["packets"])
