@@ -390,19 +390,15 @@ class Host:
         self._pnic_again(res, clock, pick)
         return True
 
-    def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
         """Undecided rows of flows that just moved down through the PNIC's data path, gathered
-        (the pass costs the rows it runs); those it left to software."""
+        (the pass costs the rows it runs); those it leaves stay undecided, software's."""
         res.flush()
         if not self._pnic_ready(rows):
-            return rows
+            return
         part = res.gather(rows)
-        done = self._pnic_pass(part, np.ones(len(rows), np.bool_), clock[rows])
-        if done is None:
-            return rows
-        res.scatter(rows, part)
-        left: np.ndarray = rows[~done]
-        return left
+        if self._pnic_pass(part, np.ones(len(rows), np.bool_), clock[rows]) is not None:
+            res.scatter(rows, part)
 
     def _pnic_ready(self, rows: np.ndarray) -> bool:
         """Is there a pass to make (rows, and a PNIC that owns flows)? Then every answer of

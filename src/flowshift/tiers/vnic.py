@@ -347,9 +347,7 @@ class Vnic:
 
     def due(self, until: int) -> bool:
         """Is anything to apply by trace time `until`?"""
-        return bool((self.outstanding and self.outstanding[0][0] <= until)
-                    or (self.deferred and self.deferred[0][0] <= until)
-                    or (self.batch and self.batch[0].ts + self.latency <= until))
+        return self.next_due() <= until
 
     def deliver(self, until: int) -> None:
         """Apply, in trace-time order, every answer due by `until` (blocking for it if the
