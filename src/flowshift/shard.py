@@ -299,7 +299,16 @@ class Sharder:
         self.fragments: dict[tuple[int, bytes, bytes, int, int], int] = {}
 
     def assign(self, batch: Batch) -> np.ndarray:
-        out = np.empty(len(batch), np.int32)
+        out = self.plain(batch)
+        rows = np.flatnonzero(out < 0)
+        out[rows] = self.resolve(batch, rows)
+        return out
+
+    def plain(self, batch: Batch, out: np.ndarray | None = None) -> np.ndarray:
+        """The shard of each frame with a plain key (the compiled kernel); -1 where `resolve`
+        must decide. Depends on no earlier frame, so any process may run it on any piece."""
+        if out is None:
+            out = np.empty(len(batch), np.int32)
         if self.n == 1:
             out[:] = 0
             return out
@@ -307,10 +316,16 @@ class Sharder:
                 batch.wire_len.astype(np.int64), batch.linktype.astype(np.int64),
                 self.inside, self.public, self.n, *self.placed, out,
                 np.zeros(N_FIELDS, np.int64))
-        for i in np.flatnonzero(out < 0).tolist():
+        return out
+
+    def resolve(self, batch: Batch, rows: np.ndarray) -> list[int]:
+        """The shards of `batch`'s frames `rows`, in input order: the slow path, which
+        remembers first fragments, so every frame `plain` leaves must come here in order."""
+        out = []
+        for i in rows.tolist():
             pkt = parse(bytearray(batch.frame(i)), int(batch.linktype[i]),
                         int(batch.wire_len[i]))
-            out[i] = self.packet_shard(pkt)
+            out.append(self.packet_shard(pkt))
         return out
 
     def packet_shard(self, pkt: Packet) -> int:
@@ -409,8 +424,12 @@ def _pieces(trace: str | os.PathLike[str], sharder: Sharder
     yield from _pcap_pieces(reader.path, header, sharder)
 
 
-def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
+def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder, start: int = 24,
+                 stop: int | None = None, reached: list[int] | None = None
                  ) -> Iterator[tuple[Batch, np.ndarray]]:
+    """The records from file offset `start` (a record's start) that start before `stop` (the
+    end of the file: None); `reached` gets the offset of the first record at or after `stop`
+    (where the next reader starts) unless the trace broke off first."""
     # the record walk of packet/batch.py (its `_walk`), each `SIP` bytes as they are read
     frac_ns = 1 if header.nanosecond else 1000
     limit, big = header.record_limit, header.big_endian
@@ -420,11 +439,14 @@ def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
         raise TraceError(f"cannot open trace: {path} ({e.strerror})") from None
     pieces: list[_Piece] = []
     problem = None
-    base = 24  # file offset of the piece's first byte
+    base = start  # file offset of the piece's first byte
     carry = np.empty(0, np.uint8)  # the start of a record the last piece cut
+    end = stop is not None and start >= stop
+    if end and reached is not None:
+        reached.append(start)
     with file:
-        file.seek(24)
-        while problem is None:
+        file.seek(start)
+        while problem is None and not end:
             if len(pieces) < 2:
                 pieces.append(_Piece(PIECE, max(PIECE // 512, 64), header.linktype))
             p = pieces[0]
@@ -436,19 +458,29 @@ def _pcap_pieces(path: str, header: PcapHeader, sharder: Sharder
                 buf = p.buf = np.empty(need, np.uint8)
             buf[:left] = carry
             filled, pos, n = left, 0, 0
-            end = False
             while filled < len(buf):
                 got = file.readinto(buf.data[filled:min(filled + SIP, len(buf))])
                 filled += got
                 while True:
                     m, pos, why = _walk(buf[:filled], pos, big, frac_ns, limit, n, p.ts,
                                         p.caplen, p.wire, p.src)
+                    if stop is not None and m > n:  # records from `stop` on are not ours
+                        cut = n + int(np.searchsorted(p.src[n:m], stop - base + 16))
+                        if cut < m:
+                            m, pos, why = cut, int(p.src[cut]) - 16, WHOLE
                     if m > n:
                         p.shard[n:m] = sharder.assign(p.frames(n, m, filled))
                     n = m
+                    if stop is not None and base + pos >= stop:
+                        break
                     if why != WHOLE:
                         break
                     p._grow(max(2 * len(p.ts), 64))
+                if stop is not None and base + pos >= stop:
+                    end = True
+                    if reached is not None:
+                        reached.append(base + pos)
+                    break
                 if why == CORRUPT:
                     problem = corrupt_record_problem(base + pos, _caplen_at(buf, pos, big),
                                                      header.snaplen)
@@ -501,7 +533,7 @@ class Part:
         counts = np.zeros(self.n, np.int64)
         linktype: int | None = None
         seen = 0
-        for batch, shard in _pieces(trace, self.sharder):
+        for batch, shard in self._pieces():
             m = len(batch)
             if m:
                 if linktype is None:
@@ -528,6 +560,10 @@ class Part:
         if self.first_ns is not None and self.end_ns is not None:
             self.end_ns = max(self.end_ns, self.first_ns)
         self._spent(wall, cpu)
+
+    def _pieces(self) -> Iterator[tuple[Batch, np.ndarray]]:
+        """The trace's frames, a piece at a time, with the shard of each."""
+        return _pieces(self.trace, self.sharder)
 
     def _spent(self, wall: float, cpu: float) -> None:
         self.seconds += time.perf_counter() - wall

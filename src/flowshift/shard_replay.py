@@ -40,6 +40,7 @@ from flowshift.shard_merge import (
     merge_rows,
     write_verdicts,
 )
+from flowshift.shard_ring import RingPart, create_ring, remove_ring, usable
 
 # What sharding changes, stated in every sharded report (docs/scale.md).
 SEMANTICS = {
@@ -87,24 +88,28 @@ def shard_capacities(capacity: int, n: int) -> list[int]:
 
 
 def replay_part(trace: str, config: dict[str, Any], k: int, n: int, placement: Placement,
-                options: dict[str, Any]
+                options: dict[str, Any], ring: str | None = None
                 ) -> tuple[dict[str, Any], np.ndarray, list[int], int | None, int | None]:
-    """Shard k of n's replay; runs on a worker, reading the whole trace. Arguments are plain
-    data for any executor. Returns the report (its `timing` with the worker's `cpu_seconds`
-    and the picking's `split_seconds`/`split_cpu_seconds`), the input position of each of the
-    shard's packets, the packets of every shard, and the whole trace's first and latest
-    packet time."""
+    """Shard k of n's replay; runs on a worker, reading the whole trace, or with `ring` (a
+    ring file every shard maps, on one machine: shard_ring.py) its share of it. Arguments are
+    plain data for any executor. Returns the report (its `timing` with the worker's
+    `cpu_seconds` and the picking's `split_seconds`/`split_cpu_seconds`), the input position
+    of each of the shard's packets, the packets of every shard, and the whole trace's first
+    and latest packet time."""
     if options.get("pnic") == "process" and multiprocessing.current_process().daemon:
         raise ReplayError("--pnic process needs workers that may start processes: start the "
                           "Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False")
     cpu = time.process_time()
     cfg = parse_config(config, "<shard config>")
-    part = Part(trace, cfg, k, n, placement)
+    part = Part(trace, cfg, k, n, placement) if ring is None else RingPart(
+        trace, cfg, k, n, ring, placement)
     report = run_replay(trace, cfg, progress=False, part=part, **options)
     timing = report["timing"]
     timing["cpu_seconds"] = round(time.process_time() - cpu, 6)
     timing["split_seconds"] = round(part.seconds, 6)
     timing["split_cpu_seconds"] = round(part.cpu_seconds, 6)
+    if isinstance(part, RingPart):
+        timing["pieces_shared"], timing["pieces_alone"] = part.taken, part.alone
     return report, part.index, part.counts, part.first_ns, part.end_ns
 
 
@@ -199,10 +204,14 @@ def _run_sharded(
     ex = pool if pool is not None else open_executor(workers, scheduler, executor)
     work = Path(tempfile.mkdtemp(prefix="flowshift-shards-", dir=shard_dir))
     futures: list[Any] = []
+    ring = None
     try:
         n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
         caps = shard_capacities(total_capacity, n)
         placement = place(trace, cfg, n)
+        # shards on this machine, all running at once, read a classic pcap together
+        if ex.kind != "dask" and n <= ex.workers and fmt == "pcap" and usable(n):
+            ring = create_ring(n)
         base = to_dict(cfg)
         status.show(f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on "
                     f"{ex.kind}")
@@ -221,7 +230,7 @@ def _run_sharded(
                 "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
             }
             futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
-                                     options))
+                                     options, ring))
         done = [f.result() for f in futures]
         replayed = time.perf_counter() - replayed
         reports = [d[0] for d in done]
@@ -257,6 +266,7 @@ def _run_sharded(
         if own:
             ex.close()
         shutil.rmtree(work, ignore_errors=True)
+        remove_ring(ring)
     result = merge_reports(reports, index)
     wall = time.perf_counter() - started
     n_in = result["packets"]["in"]
@@ -292,8 +302,10 @@ def _run_sharded(
         "pnic_capacity": caps,
         "placed_endpoints": len(placement),
         "cluster": ex.describe(),
-        # every shard reads the whole trace and keeps its packets, at the same time: the
-        # split is the slowest shard's picking, part of replay_seconds
+        # "ring": the shards read the trace together, each its share of the pieces;
+        # "whole": each reads all of it and keeps its packets
+        "read": "ring" if ring is not None else "whole",
+        # the split is the slowest shard's reading and picking, part of replay_seconds
         "split_seconds": max(t["split_seconds"] for t in splits),
         "replay_seconds": round(replayed, 6),
         "merge_seconds": round(merging, 6),
