@@ -99,12 +99,13 @@ def usable(n: int, directory: str = "/dev/shm") -> bool:
 
 
 def create_ring(n: int, directory: str = "/dev/shm") -> str:
-    """A ring file for n shards, its room reserved (a full /dev/shm cannot fault a shard
-    later). The caller removes it."""
+    """A ring file for n shards, sparse: a page takes memory when a shard first writes it
+    (most of the columns never are), in the shards, at the same time. `usable` asked for
+    twice the room the whole file could take. The caller removes it."""
     layout = _Layout.planned(n)
     fd, path = tempfile.mkstemp(prefix="flowshift-ring-", dir=directory)
     try:
-        os.posix_fallocate(fd, 0, layout.size)
+        os.ftruncate(fd, layout.size)
         control = np.zeros(layout.control // 8, np.int64)
         control[:7] = layout.header()
         base = layout.head
