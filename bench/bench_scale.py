@@ -21,7 +21,7 @@ builds (generated once per work dir). Measures:
   flowshift and its compiled kernels); the measured runs after it find the workers warm.
 
 Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
-critical path (the slowest shard, which reads the whole trace, + merge; for a sweep, the
+critical path (the slowest shard, its reading included, + merge; for a sweep, the
 busiest worker). On a machine shared with other work, wall-time ratios fall towards 1 or
 below (Linux's autogroup gives a session one share of the processors, however many
 processes it runs) while the processor-time ratio shows what an idle machine with a core per
@@ -107,11 +107,13 @@ def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str,
     wall, serial_s, serial_cpu = r["timing"]["wall_seconds"], serial["wall_seconds"], serial[
         "cpu_seconds"]
     path = critical_cpu(r)
-    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (shards "
-                 f"{s['replay_seconds']:.2f} s, of which split {s['split_seconds']:.2f} s; merge "
+    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (read: {s['read']}; "
+                 f"shards {s['replay_seconds']:.2f} s, of which split {s['split_seconds']:.2f} s; "
+                 f"merge "
                  f"{s['merge_seconds']:.2f} s); processor time on the critical path "
                  f"{path:.2f} s: {serial_cpu / path:.2f}× serial's"))
     return {"serial_s": serial_s, "sharded_s": wall, "speedup": serial_s / wall,
+            "read": s["read"],
             "split_s": s["split_seconds"], "split_cpu_s": s["split_cpu_seconds"],
             "replay_s": s["replay_seconds"], "merge_s": s["merge_seconds"],
             "merge_cpu_s": s["merge_cpu_seconds"], "packets": s["packets"],
