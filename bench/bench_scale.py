@@ -123,8 +123,8 @@ def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str,
 
 
 def critical_cpu(report: dict[str, Any]) -> float:
-    """Processor seconds on a sharded run's critical path: the slowest shard (its reading of
-    the whole trace, the split, included), then the merge. On an idle machine with a core per
+    """Processor seconds on a sharded run's critical path: the slowest shard (its reading and
+    the split included), then the merge. On an idle machine with a core per
     worker, the wall time tends to this."""
     s = report["sharding"]
     return s["merge_cpu_seconds"] + max(r["timing"]["cpu_seconds"] for r in report["shards"])
