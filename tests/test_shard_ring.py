@@ -100,7 +100,7 @@ def together(trace: Path, cfg: HostConfig, n: int, shards: range | None = None,
     return got, parts
 
 
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(piece=st.integers(40, 6000), tail=st.integers(16, 3000),
        record_min=st.sampled_from([16, 64, 300]), aside=st.sampled_from([0, 200, 1 << 16]),
