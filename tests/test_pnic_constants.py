@@ -186,11 +186,12 @@ def test_the_entry_does_not_import_the_services() -> None:
     assert not {m for m in loaded if m.startswith("flowshift.services")}
 
 
-@pytest.mark.parametrize("kernels", ["_pnic_batch", "_fastpath_batch"])
+@pytest.mark.parametrize("kernels", ["tiers._pnic_batch", "tiers._fastpath_batch",
+                                     "packet.batch", "packet.fragrows", "_verdict_rows"])
 def test_compile_cache_is_keyed_by_every_kernel_source(kernels: str) -> None:
     """Changing any module the kernels read invalidates the cache (numba alone would only see
     the kernel's own file)."""
-    loaded = _flowshift_modules_after(f"import flowshift.tiers.{kernels}")
+    loaded = _flowshift_modules_after(f"import flowshift.{kernels}")
     files = {m.removeprefix("flowshift.").replace(".", "/") for m in loaded}
     files = {f"{f}/__init__.py" if f in ("flowshift", "packet", "services", "tiers") else
              f"{f}.py" for f in files}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from flowshift.packet._records import _copy_bytes
+from flowshift.tiers._pnic_mem import cached
 
 NS_PER_S = 1_000_000_000
 # A shard's rows as data instead of text (replay's `row_data`, merged by shard_merge.py), one
@@ -35,7 +35,7 @@ def seconds_text(delta_ns: int) -> str:
     return f"{sign}{s}.{ns:09d}"
 
 
-@numba.njit(cache=True)
+@cached()
 def _digits(out, pos, v):
     """Decimal digits of v >= 0 at out[pos:]; the position after them."""
     k = 1
@@ -54,7 +54,7 @@ def _digits(out, pos, v):
     return end
 
 
-@numba.njit(cache=True, nogil=True)  # a sharded merge formats while it copies packets
+@cached(nogil=True)  # a sharded merge formats while it copies packets
 def format_rows(index0, rel_ns, middle, table, starts, out_index, out):
     """Row i: index0 + i, rel_ns[i] as seconds with 9 decimals, table[starts[m]:starts[m+1]]
     for m = middle[i] (it brings the commas around it), out_index[i] unless negative.

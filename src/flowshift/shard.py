@@ -30,7 +30,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from flowshift.config import HostConfig
@@ -48,7 +47,7 @@ from flowshift.packet.pcap import (
 )
 from flowshift.packet.view import Packet, ParseError
 from flowshift.tiers._pnic_batch import classify
-from flowshift.tiers._pnic_mem import kernel
+from flowshift.tiers._pnic_mem import cached, kernel
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
@@ -145,7 +144,7 @@ def _keys(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wire_len: np.
         plain[i] = status > 0
 
 
-@numba.njit(cache=True)
+@cached()
 def _place_py(hi: int, lo: int, port: int, proto: int, n: int, keys: np.ndarray,
               shards: np.ndarray) -> int:
     """The kernels' shard of an endpoint, callable from Python (an inlined kernel is not)."""
@@ -189,7 +188,7 @@ HEAVY = 64  # endpoints placed at most
 _SANE_RUN = 16  # records in a row that must look sane where a sample starts
 
 
-@numba.njit(cache=True)
+@cached()
 def _resync(chunk: np.ndarray, big: bool, limit: int, frac_max: int) -> int:
     """The first position in chunk from which `_SANE_RUN` records in a row look like pcap
     records (lengths within the limit, the wire length at least the captured one, a

@@ -6,9 +6,10 @@ each other.
 
 from __future__ import annotations
 
-import numba
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from flowshift.tiers._pnic_mem import cached
 
 
 @intrinsic
@@ -28,7 +29,7 @@ def _copy_bytes(typingctx, dst, dst_pos, src, src_pos, n):
 
 
 
-@numba.njit(cache=True)
+@cached()
 def _put_u32(out, pos, v):
     out[pos] = v & 0xFF
     out[pos + 1] = (v >> 8) & 0xFF
@@ -36,7 +37,7 @@ def _put_u32(out, pos, v):
     out[pos + 3] = (v >> 24) & 0xFF
 
 
-@numba.njit(cache=True)
+@cached()
 def pack_records(buf, offset, caplen, wire_len, ts, out):
     """Classic pcap records (nanosecond, little-endian) of the given frames, back to back in
     `out` (sized sum(16 + caplen)). Returns the bytes written."""
@@ -52,7 +53,7 @@ def pack_records(buf, offset, caplen, wire_len, ts, out):
     return pos
 
 
-@numba.njit(cache=True, nogil=True)
+@cached(nogil=True)
 def gather_records(src, src_pos, length, out):
     """Copies src[src_pos[i]:src_pos[i]+length[i]] for each i, back to back into `out`.
     Returns the bytes written."""

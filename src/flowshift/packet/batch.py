@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BufferedReader
 
-import numba
 import numpy as np
 
 from flowshift.packet._records import pack_records
@@ -42,6 +41,7 @@ from flowshift.packet.pcap import (
     timestamp_problem,
     truncated_record_problem,
 )
+from flowshift.tiers._pnic_mem import cached
 
 __all__ = ["Batch", "pack_records", "read_batches"]
 
@@ -90,7 +90,7 @@ MORE = 1  # the chunk ends inside a record: read on
 CORRUPT = 2  # a record claims more than `limit` bytes
 
 
-@numba.njit(cache=True)
+@cached()
 def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     if big:
         return (
@@ -107,7 +107,7 @@ def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     )
 
 
-@numba.njit(cache=True)
+@cached()
 def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     """Decode whole records from chunk[pos:] into slots n.. of the arrays (src: where each frame
     starts in chunk). Returns (next slot, next pos, why it stopped)."""
@@ -259,14 +259,14 @@ INT64_MAX = (1 << 63) - 1
 IF_LINKTYPE, IF_SNAPLEN, IF_MUL, IF_DIV, IF_OFFSET, IF_INT64 = range(6)
 
 
-@numba.njit(cache=True)
+@cached()
 def _stop(info, kind, a, b):
     info[0] = kind
     info[1] = a
     info[2] = b
 
 
-@numba.njit(cache=True)
+@cached()
 def _walk_ng(chunk, pos, big, n, ts, caplen, wire, src, lt, ifaces, n_if, last_ts, info):
     """Decode whole pcapng blocks from chunk[pos:] into slots n.. of the arrays, as the frame
     reader does (packet/pcap.py). Returns (next slot, next pos, why it stopped, byte order,

@@ -8,11 +8,11 @@ PNIC decides no row after a fragment before software has had the fragment. Ether
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from flowshift.packet.parse import parse
 from flowshift.packet.view import LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_RAW
+from flowshift.tiers._pnic_mem import cached
 
 _ETH_IPV4, _ETH_IPV6, _ETH_VLAN = 0x0800, 0x86DD, 0x8100
 _NH_FRAGMENT = 44
@@ -23,7 +23,7 @@ _RAW = (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6)
 _WHOLE, _FRAGMENT, _PARSE = 0, 1, 2
 
 
-@numba.njit(cache=True, nogil=True)
+@cached(nogil=True)
 def _flags(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, linktype: np.ndarray,
            out: np.ndarray) -> None:
     """out[i]: _FRAGMENT for an IPv4 fragment (MF or an offset) or an IPv6 fragment header

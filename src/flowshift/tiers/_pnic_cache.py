@@ -1,4 +1,5 @@
-"""Where the PNIC kernels' compiled code is kept between runs.
+"""Where the compiled code of flowshift's kernels (the PNIC's, the fast path's, the trace
+I/O's) is kept between runs.
 
 numba's `cache=True` writes next to the source by default, which a non-editable install
 (site-packages owned by root, a zip) cannot do, and it keys cached code by the kernel's own
@@ -33,14 +34,20 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 # that the kernel modules import no other).
 SOURCES = (
     "__init__.py",
+    "_verdict_rows.py",
     "conntrack_types.py",
     "entry.py",
     "flow.py",
     "results.py",
     "verdict.py",
     "packet/__init__.py",
+    "packet/_records.py",
+    "packet/batch.py",
     "packet/checksum.py",
+    "packet/direct.py",
+    "packet/fragrows.py",
     "packet/parse.py",
+    "packet/pcap.py",
     "packet/rewrite.py",
     "packet/route.py",
     "packet/view.py",

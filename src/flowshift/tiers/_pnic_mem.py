@@ -88,23 +88,11 @@ def prefetch(typingctx, arr, i):
     return types.void(arr, types.intp), codegen
 
 
-def kernel(*, inline: bool = True, private: bool = False) -> Callable[[Callable[..., Any]], Any]:
-    """numba.njit for the engine's kernels: cached (in _pnic_cache.cache_dir()), and without
-    reference counting (numba's `_nrt` option). Every array argument of a compiled call
-    otherwise costs two atomic reference-count updates, several dozen per packet, more than the
-    packet's own work; the kernels allocate nothing, so they need none.
-
-    `inline`: LLVM inlines the function into every kernel that calls it (numba's `forceinline`,
-    LLVM's `alwaysinline`), so that `process_batch` compiles to one function without calls. A
-    call between numba functions passes each array as seven words and goes through numba's
-    calling convention (status, exception and result pointers): with a dozen such calls per
-    packet, half of the engine's time. numba's own `inline="always"` inlines its IR instead and
-    types the callee again at every call site: slower to compile, and no faster.
-    `private`: called from other kernels only, never from Python: numba builds no CPython or C
-    wrapper for it (a seventh of the compilation)."""
-    # numba's stubs list only the public options; `_nrt` is a real (private) one
-    jit = numba.njit(cache=True, _nrt=False, forceinline=inline,  # type: ignore[call-overload]
-                     no_cpython_wrapper=private, no_cfunc_wrapper=private)
+def cached(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """numba.njit(cache=True, **options), cached in _pnic_cache.cache_dir(): keyed by every
+    source the kernels read, where numba alone keys a kernel by its own file. For every
+    compiled function of flowshift, the trace I/O's too."""
+    jit = numba.njit(cache=True, **options)
 
     def decorate(fn: Callable[..., Any]) -> Any:
         # numba picks a function's cache directory when it is decorated: point it at ours for
@@ -118,3 +106,22 @@ def kernel(*, inline: bool = True, private: bool = False) -> Callable[[Callable[
             numba.config.CACHE_DIR = saved  # type: ignore[attr-defined]
 
     return decorate
+
+
+def kernel(*, inline: bool = True, private: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    """`cached` for the engine's kernels, without reference counting (numba's `_nrt` option).
+    Every array argument of a compiled call otherwise costs two atomic reference-count
+    updates, several dozen per packet, more than the packet's own work; the kernels allocate
+    nothing, so they need none.
+
+    `inline`: LLVM inlines the function into every kernel that calls it (numba's `forceinline`,
+    LLVM's `alwaysinline`), so that `process_batch` compiles to one function without calls. A
+    call between numba functions passes each array as seven words and goes through numba's
+    calling convention (status, exception and result pointers): with a dozen such calls per
+    packet, half of the engine's time. numba's own `inline="always"` inlines its IR instead and
+    types the callee again at every call site: slower to compile, and no faster.
+    `private`: called from other kernels only, never from Python: numba builds no CPython or C
+    wrapper for it (a seventh of the compilation)."""
+    # `_nrt` is a real (private) numba option
+    return cached(_nrt=False, forceinline=inline, no_cpython_wrapper=private,
+                  no_cfunc_wrapper=private)
