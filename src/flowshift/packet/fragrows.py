@@ -12,10 +12,11 @@ import numpy as np
 
 from flowshift.packet.parse import parse
 from flowshift.packet.view import LINKTYPE_ETHERNET, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_RAW
-from flowshift.tiers._pnic_mem import cached
+from flowshift.tiers._pnic_mem import cached, prefetch
 
 _ETH_IPV4, _ETH_IPV6, _ETH_VLAN = 0x0800, 0x86DD, 0x8100
 _NH_FRAGMENT = 44
+_AHEAD = 8  # frames ahead whose headers are asked for (a hint: never faults)
 _RAW = (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6)
 
 
@@ -30,7 +31,10 @@ def _flags(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, linktype: np
     right after the fixed header, _PARSE for a link type read by the parser, else _WHOLE. A
     byte past the buffer reads as its last byte (then the row is too short to count)."""
     top = len(buf) - 1
-    for i in range(len(offset)):
+    n = len(offset)
+    for i in range(n):
+        if i + _AHEAD < n:  # a later frame's headers, beyond the hardware prefetcher's reach
+            prefetch(buf, offset[i + _AHEAD])
         lt = linktype[i]
         off = int(offset[i])
         if lt == LINKTYPE_ETHERNET:
