@@ -217,3 +217,20 @@ def test_a_sharded_replay_on_processes_reads_through_the_ring(tmp_path: Path) ->
     shared = [s["timing"]["pieces_shared"] for s in b["shards"]]
     alone = [s["timing"]["pieces_alone"] for s in b["shards"]]
     assert min(shared) > 10 and max(alone) <= 1, (shared, alone)
+
+
+def test_a_watch_sees_the_shards_come_through(collisions: tuple[Path, HostConfig],
+                                             tmp_path: Path) -> None:
+    """The coordinator's progress: 0 before any shard starts, 1 once all are through."""
+    trace, cfg = collisions
+    with ring_sizes(2000, 2000, 64, 1 << 16, 2):
+        path = create_ring(2, str(tmp_path))
+        watch = ring_module.RingWatch(path)
+        assert watch.fraction() == 0.0
+        parts = [RingPart(trace, cfg, k, 2, path) for k in range(2)]
+        threads = [threading.Thread(target=read_part, args=(p, False)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert watch.fraction() == 1.0

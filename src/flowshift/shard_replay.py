@@ -40,7 +40,7 @@ from flowshift.shard_merge import (
     merge_rows,
     write_verdicts,
 )
-from flowshift.shard_ring import RingPart, create_ring, remove_ring, usable
+from flowshift.shard_ring import RingPart, RingWatch, create_ring, remove_ring, usable
 
 # What sharding changes, stated in every sharded report (docs/scale.md).
 SEMANTICS = {
@@ -76,6 +76,15 @@ class _Status:
     def show(self, text: str) -> None:
         if self.status is not None:
             self.status.update(text)
+
+    def wait(self, futures: list[Any], text: str, watch: RingWatch | None) -> None:
+        """Until every future is done, with the shards' progress through the trace when they
+        read it through a ring."""
+        if self.status is None or watch is None:
+            return
+        while not all(f.done() for f in futures):
+            self.show(f"{text}: {100 * watch.fraction():.0f} %")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.status is not None:
@@ -213,8 +222,8 @@ def _run_sharded(
         if ex.kind != "dask" and n <= ex.workers and fmt == "pcap" and usable(n):
             ring = create_ring(n)
         base = to_dict(cfg)
-        status.show(f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on "
-                    f"{ex.kind}")
+        doing = f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on {ex.kind}"
+        status.show(doing)
         replayed = time.perf_counter()
         need_rows = verdicts is not None or out is not None
         for k in range(n):
@@ -231,6 +240,7 @@ def _run_sharded(
             }
             futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
                                      options, ring))
+        status.wait(futures, doing, RingWatch(ring) if ring is not None else None)
         done = [f.result() for f in futures]
         replayed = time.perf_counter() - replayed
         reports = [d[0] for d in done]

@@ -67,8 +67,9 @@ class _Layout:
                  aside: int) -> None:
         self.n, self.slots, self.piece, self.tail = n, slots, piece, tail
         self.records, self.aside = records, aside
-        # control words: the header, then per slot (piece, count, start, end, state, aside),
-        # then per shard (released through, started, left, beat)
+        # control words: the header (7 words and the trace's pieces), then per slot (piece,
+        # count, start, end, state, aside), then per shard (released through, started, left,
+        # beat)
         self.head = 8
         self.slot_words = 6
         self.shard_words = 4
@@ -138,6 +139,7 @@ class _Ring:
         n = lay.n
         self.k = k
         words = np.frombuffer(self.map, np.int64, lay.control // 8)
+        self.pieces = words[7:8]  # the trace's pieces, once a shard has opened it
         at = lay.head
         self.slot = words[at:at + lay.slots * lay.slot_words].reshape(lay.slots, lay.slot_words)
         at += lay.slots * lay.slot_words
@@ -204,6 +206,7 @@ class _Shared:
 
     def pieces(self) -> Iterator[tuple[Batch, np.ndarray]]:
         ring, k = self.ring, self.k
+        ring.pieces[0] = self.count
         ring.started[k] = 1
         expect = 24  # the exact offset of the next record, from the pieces before
         try:
@@ -399,6 +402,23 @@ class _Patience:
     def sleep(self) -> None:
         time.sleep(self.delay)
         self.delay = min(2 * self.delay, 1e-3)
+
+
+class RingWatch:
+    """How far the shards sharing a ring have come: the share of the trace's pieces the
+    slowest of them has taken."""
+
+    def __init__(self, path: str) -> None:
+        self.ring = _Ring(path, 0)
+
+    def fraction(self) -> float:
+        ring = self.ring
+        total = int(ring.pieces[0])
+        if total <= 0:
+            return 0.0
+        # a shard at piece j has released j - 2; one that is done, everything
+        reached = np.minimum(ring.released + 2, total)
+        return float(max(int(reached.min()), 0)) / total
 
 
 def remove_ring(path: str | None) -> None:

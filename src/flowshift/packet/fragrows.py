@@ -34,7 +34,7 @@ def _flags(buf: np.ndarray, offset: np.ndarray, caplen: np.ndarray, linktype: np
     n = len(offset)
     for i in range(n):
         if i + _AHEAD < n:  # a later frame's headers, beyond the hardware prefetcher's reach
-            prefetch(buf, offset[i + _AHEAD])
+            prefetch(buf, offset[i + _AHEAD])  # type: ignore[call-arg]
         lt = linktype[i]
         off = int(offset[i])
         if lt == LINKTYPE_ETHERNET:
