@@ -225,162 +225,130 @@ def run_replay(
     `engine`: "compiled" (established flows of the software tiers run on their compiled fast
     path) or "reference" (every software packet in Python); the results are identical."""
     with AtomicOutputs() as files:
-        return _replay(trace, config, files, out=out, verdicts=verdicts, report=report,
-                       plot=plot, plot_window=plot_window, offload=offload, pnic=pnic,
-                       capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
-                       dump_at=dump_at, dump_path=dump_path, progress=progress,
-                       origin_ns=origin_ns, end_ns=end_ns, plot_data=plot_data,
-                       part=part, engine=engine, row_data=row_data)
-
-
-def _replay(
-    trace: str | os.PathLike[str],
-    config: HostConfig | str | os.PathLike[str],
-    files: AtomicOutputs,
-    *,
-    out: str | os.PathLike[str] | None,
-    verdicts: str | os.PathLike[str] | None,
-    report: str | os.PathLike[str] | None,
-    plot: str | os.PathLike[str] | None,
-    plot_window: tuple[float | None, float | None] | None,
-    offload: str | None,
-    pnic: str,
-    capacity: int | None,
-    crash_at: float | None,
-    withdraw_at: float | None,
-    dump_at: float | None,
-    dump_path: str | os.PathLike[str] | None,
-    progress: bool,
-    origin_ns: int | None,
-    end_ns: int | None,
-    plot_data: str | os.PathLike[str] | None,
-    part: Part | None,
-    engine: str = "compiled",
-    row_data: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
-                            dump_path=dump_path, offload=offload, pnic=pnic,
-                            capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
-                            dump_at=dump_at)
-    options = {
-        "trace": os.fspath(trace),
-        "config": None if isinstance(config, HostConfig) else os.fspath(config),
-        "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
-        "report": outputs.get("report"), "plot": outputs.get("plot"),
-        "plot_window": list(plot_window) if plot_window is not None else None,
-        "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
-        "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
-        "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), "engine": engine,
-    }
-    cfg = config if isinstance(config, HostConfig) else load_config(config)
-    if offload is not None:
-        cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
-    if capacity is not None:
-        cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=capacity))
-
-    temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
-    # (seconds after the first packet, action), in firing order
-    schedule = sorted(
-        ((t, action) for action, t in (("dump", dump_at), ("withdraw", withdraw_at),
-                                       ("crash", crash_at)) if t is not None),
-        key=lambda e: (e[0], ACTIONS.index(e[1])))
-
-    started = time.perf_counter()
-    with ExitStack() as stack:
-        stack.enter_context(_collector_tuned())
-        with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
-            fmt, size = reader.format, reader.size
-            first = next(iter(reader), None)
-        # classic pcap holds one link type; the output takes the input's (the first frame's
-        # for pcapng, whose interfaces may differ: docs/replay.md)
-        linktype = first.linktype if first is not None else (
-            reader.pcap_header.linktype if reader.pcap_header else 1)
-        origin = origin_ns if origin_ns is not None else (
-            first.ts_ns if first is not None else 0)
-        run = _Run(cfg, pnic, origin, linktype, engine)
-        stack.callback(run.host.close)
-        if out is not None:
-            try:
-                run.writer = stack.enter_context(PcapWriter(temps["out"], linktype=linktype))
-            except OSError as e:
-                raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
-        if verdicts is not None:
-            run.rows = stack.enter_context(_opener(temps["verdicts"], "verdicts"))
-            run.rows.write(verdicts_header())
-        if row_data is not None:
-            run.row_data = stack.enter_context(_opener(row_data, "row-data"))
-        bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
-        if bar is not None:
-            stack.enter_context(bar[0])
-        dump_temp = temps.get("dump-flows")
-        source: Iterable[Batch] = part if part is not None else read_batches(
-            trace, BATCH, reuse=True)
-        fired = run.replay(iter(source), schedule, dump_temp, bar)
-        run.host.finish()
-        for done in run.host.ready():  # batches that waited for fragments to the end
-            run.drain(done)
-        latest = run.last_ts
-        if end_ns is None and part is not None:
-            end_ns = part.end_ns
-        if end_ns is not None:
-            run.last_ts = max(run.last_ts, end_ns)
-        for t, action in schedule[len(fired):]:  # past the end of the trace
-            at = run.first_ts + round(t * NS_PER_S)
-            if end_ns is not None and at <= end_ns:
-                # past this part's end but not the whole trace's: it happens as there
-                now = max(at, latest)
-                _act(run, action, dump_temp, now)
-                fired.append({"action": action, "at": t, "time": (now - run.first_ts) / NS_PER_S,
-                              "before_index": None})
-                continue
-            entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS_PER_S,
-                     "before_index": None}
-            if action == "dump":
-                run.dump(dump_temp, run.last_ts)
-            else:
-                entry["skipped"] = "the trace ended before this time"
-            fired.append(entry)
-        if row_data is not None:
-            middles_path(row_data).write_text(
-                json.dumps([m.decode() for m in run.middles]), encoding="utf-8")
-        wall = time.perf_counter() - started
-        trace_info = {
-            "path": os.fspath(trace),
-            "format": fmt,
-            "linktypes": sorted(trace_linktype_name(lt) for lt in run.linktypes),
-            "packets": run.n,
-            "first_ts": run.first_ts / NS_PER_S if run.n else None,
-            "duration": (run.last_ts - run.first_ts) / NS_PER_S if run.n else 0.0,
-            "problem": run.problem,
+        outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
+                                dump_path=dump_path, offload=offload, pnic=pnic,
+                                capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                                dump_at=dump_at)
+        options = {
+            "trace": os.fspath(trace),
+            "config": None if isinstance(config, HostConfig) else os.fspath(config),
+            "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
+            "report": outputs.get("report"), "plot": outputs.get("plot"),
+            "plot_window": list(plot_window) if plot_window is not None else None,
+            "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
+            "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
+            "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), "engine": engine,
         }
-    result = build_report(
-        run.tally, run.host.stats, version=__version__, trace=trace_info, options=options,
-        config=to_dict(cfg), schedule=fired, outputs=outputs, wall_seconds=wall)
-    if run.linktype_mismatch:
-        result["packets"]["out_linktype_mismatch"] = run.linktype_mismatch
-    if plot is not None:
-        from flowshift.plot import write_plot
+        cfg = config if isinstance(config, HostConfig) else load_config(config)
+        if offload is not None:
+            cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
+        if capacity is not None:
+            cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=capacity))
 
-        try:
-            write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
-        except OSError as e:
-            raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
-    if plot_data is not None:
-        from json import dumps
+        temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
+        # (seconds after the first packet, action), in firing order
+        schedule = sorted(
+            ((t, action) for action, t in (("dump", dump_at), ("withdraw", withdraw_at),
+                                           ("crash", crash_at)) if t is not None),
+            key=lambda e: (e[0], ACTIONS.index(e[1])))
 
-        Path(plot_data).write_text(dumps({
-            "bin_ns": run.tally.bin_ns,
-            "rate": [[b, tier, n] for (b, tier), n in run.tally.rate.items()],
-            "occupancy": run.host.stats.occupancy,
-            "events": [[t, kind] for t, kind, _ in run.host.stats.events]}), encoding="utf-8")
-    if report is not None:
-        from json import dumps
+        started = time.perf_counter()
+        with ExitStack() as stack:
+            stack.enter_context(_collector_tuned())
+            with open_trace(trace) as reader:  # a TraceError for a file that is not a trace
+                fmt, size = reader.format, reader.size
+                first = next(iter(reader), None)
+            # classic pcap holds one link type; the output takes the input's (the first frame's
+            # for pcapng, whose interfaces may differ: docs/replay.md)
+            linktype = first.linktype if first is not None else (
+                reader.pcap_header.linktype if reader.pcap_header else 1)
+            origin = origin_ns if origin_ns is not None else (
+                first.ts_ns if first is not None else 0)
+            run = _Run(cfg, pnic, origin, linktype, engine)
+            stack.callback(run.host.close)
+            if out is not None:
+                try:
+                    run.writer = stack.enter_context(PcapWriter(temps["out"], linktype=linktype))
+                except OSError as e:
+                    raise ReplayError(f"--out {out}: cannot write ({e.strerror})") from None
+            if verdicts is not None:
+                run.rows = stack.enter_context(_opener(temps["verdicts"], "verdicts"))
+                run.rows.write(verdicts_header())
+            if row_data is not None:
+                run.row_data = stack.enter_context(_opener(row_data, "row-data"))
+            bar = _progress(progress, size, os.path.basename(os.fspath(trace)))
+            if bar is not None:
+                stack.enter_context(bar[0])
+            dump_temp = temps.get("dump-flows")
+            source: Iterable[Batch] = part if part is not None else read_batches(
+                trace, BATCH, reuse=True)
+            fired = run.replay(iter(source), schedule, dump_temp, bar)
+            run.host.finish()
+            for done in run.host.ready():  # batches that waited for fragments to the end
+                run.drain(done)
+            latest = run.last_ts
+            if end_ns is None and part is not None:
+                end_ns = part.end_ns
+            if end_ns is not None:
+                run.last_ts = max(run.last_ts, end_ns)
+            for t, action in schedule[len(fired):]:  # past the end of the trace
+                at = run.first_ts + round(t * NS_PER_S)
+                if end_ns is not None and at <= end_ns:
+                    # past this part's end but not the whole trace's: it happens as there
+                    now = max(at, latest)
+                    _act(run, action, dump_temp, now)
+                    fired.append({"action": action, "at": t,
+                                  "time": (now - run.first_ts) / NS_PER_S,
+                                  "before_index": None})
+                    continue
+                entry = {"action": action, "at": t, "time": (run.last_ts - run.first_ts) / NS_PER_S,
+                         "before_index": None}
+                if action == "dump":
+                    run.dump(dump_temp, run.last_ts)
+                else:
+                    entry["skipped"] = "the trace ended before this time"
+                fired.append(entry)
+            if row_data is not None:
+                middles_path(row_data).write_text(
+                    json.dumps([m.decode() for m in run.middles]), encoding="utf-8")
+            wall = time.perf_counter() - started
+            trace_info = {
+                "path": os.fspath(trace),
+                "format": fmt,
+                "linktypes": sorted(trace_linktype_name(lt) for lt in run.linktypes),
+                "packets": run.n,
+                "first_ts": run.first_ts / NS_PER_S if run.n else None,
+                "duration": (run.last_ts - run.first_ts) / NS_PER_S if run.n else 0.0,
+                "problem": run.problem,
+            }
+        result = build_report(
+            run.tally, run.host.stats, version=__version__, trace=trace_info, options=options,
+            config=to_dict(cfg), schedule=fired, outputs=outputs, wall_seconds=wall)
+        if run.linktype_mismatch:
+            result["packets"]["out_linktype_mismatch"] = run.linktype_mismatch
+        if plot is not None:
+            from flowshift.plot import write_plot
 
-        try:
-            Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
-    return result
+            try:
+                write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
+            except OSError as e:
+                raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+        if plot_data is not None:
+            from json import dumps
+
+            Path(plot_data).write_text(dumps({
+                "bin_ns": run.tally.bin_ns,
+                "rate": [[b, tier, n] for (b, tier), n in run.tally.rate.items()],
+                "occupancy": run.host.stats.occupancy,
+                "events": [[t, kind] for t, kind, _ in run.host.stats.events]}), encoding="utf-8")
+        if report is not None:
+            from json import dumps
+
+            try:
+                Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
+            except OSError as e:
+                raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
+        return result
 
 
 def _act(run: _Run, action: str, dump_path: str | os.PathLike[str] | None, now: int) -> None:

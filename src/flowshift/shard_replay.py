@@ -159,185 +159,153 @@ def run_sharded(
     (not closed here) instead of opening one. Outputs appear whole or not at all, as
     `run_replay`'s."""
     with AtomicOutputs() as files:
-        return _run_sharded(
-            trace, config, files, workers=workers, scheduler=scheduler, executor=executor,
-            shard_dir=shard_dir, out=out, verdicts=verdicts, report=report, plot=plot,
-            offload=offload, pnic=pnic, capacity=capacity, crash_at=crash_at,
-            withdraw_at=withdraw_at, dump_at=dump_at, dump_path=dump_path, progress=progress,
-            plot_window=plot_window, pool=pool)
+        started = time.perf_counter()
+        outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
+                                dump_path=dump_path, offload=offload, pnic=pnic,
+                                capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
+                                dump_at=dump_at)
+        if shard_dir is not None and not Path(shard_dir).is_dir():
+            raise ReplayError(f"--shard-dir {shard_dir}: not a directory")
+        cfg = config if isinstance(config, HostConfig) else load_config(config)
+        if offload is not None:
+            cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
+        total_capacity = capacity if capacity is not None else cfg.pnic.capacity
+        temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
+        cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=total_capacity))
 
-
-def _run_sharded(
-    trace: str | os.PathLike[str],
-    config: HostConfig | str | os.PathLike[str],
-    files: AtomicOutputs,
-    *,
-    workers: int | None,
-    scheduler: str | None,
-    executor: str,
-    shard_dir: str | os.PathLike[str] | None,
-    out: str | os.PathLike[str] | None,
-    verdicts: str | os.PathLike[str] | None,
-    report: str | os.PathLike[str] | None,
-    plot: str | os.PathLike[str] | None,
-    offload: str | None,
-    pnic: str,
-    capacity: int | None,
-    crash_at: float | None,
-    withdraw_at: float | None,
-    dump_at: float | None,
-    dump_path: str | os.PathLike[str] | None,
-    progress: bool,
-    plot_window: tuple[float | None, float | None] | None,
-    pool: Executor | None,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
-                            dump_path=dump_path, offload=offload, pnic=pnic,
-                            capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
-                            dump_at=dump_at)
-    if shard_dir is not None and not Path(shard_dir).is_dir():
-        raise ReplayError(f"--shard-dir {shard_dir}: not a directory")
-    cfg = config if isinstance(config, HostConfig) else load_config(config)
-    if offload is not None:
-        cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
-    total_capacity = capacity if capacity is not None else cfg.pnic.capacity
-    temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
-    cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=total_capacity))
-
-    with open_trace(trace) as reader:  # a TraceError, here, for a file that is not a trace
-        fmt = reader.format
-    own = pool is None
-    status = _Status(progress)
-    status.show("starting the workers")
-    ex = pool if pool is not None else open_executor(workers, scheduler, executor)
-    work = Path(tempfile.mkdtemp(prefix="flowshift-shards-", dir=shard_dir))
-    futures: list[Any] = []
-    ring = None
-    try:
-        n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
-        caps = shard_capacities(total_capacity, n)
-        placement = place(trace, cfg, n)
-        # shards on this machine, all running at once, read a classic pcap together
-        if ex.kind != "dask" and n <= ex.workers and fmt == "pcap" and usable(n):
-            ring = create_ring(n)
-        base = to_dict(cfg)
-        doing = f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on {ex.kind}"
-        status.show(doing)
-        replayed = time.perf_counter()
-        need_rows = verdicts is not None or out is not None
-        for k in range(n):
-            d = work / f"shard-{k}"
-            d.mkdir()
-            shard_cfg = dict(base, pnic=dict(base["pnic"], capacity=caps[k]))
-            options = {
-                "out": os.fspath(d / "out.pcap") if out is not None else None,
-                "row_data": os.fspath(d / "rows.bin") if need_rows else None,
-                "pnic": pnic, "crash_at": crash_at, "withdraw_at": withdraw_at,
-                "dump_at": dump_at,
-                "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
-                "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
-            }
-            futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
-                                     options, ring))
-        status.wait(futures, doing, RingWatch(ring) if ring is not None else None)
-        done = [f.result() for f in futures]
-        replayed = time.perf_counter() - replayed
-        reports = [d[0] for d in done]
-        index = [d[1] for d in done]
-        counts, first, last = done[0][2], done[0][3], done[0][4]
-        status.show("merging the shards")
-        merging = time.perf_counter()
-        cpu = time.process_time()
-        if need_rows:
-            rows = merge_rows(index, [work / f"shard-{k}" / "rows.bin" for k in range(n)])
-            # the rows are formatted on a thread while the packets are copied (mostly I/O)
-            with ThreadPoolExecutor(1, thread_name_prefix="flowshift-merge") as side:
-                if verdicts is not None:
-                    written = side.submit(write_verdicts, rows, first if first is not None
-                                          else 0, Path(temps["verdicts"]), verdicts_header())
-                if out is not None:
-                    merge_packets(rows, [work / f"shard-{k}" / "out.pcap" for k in range(n)],
-                                  Path(temps["out"]), _out_linktype(trace))
-                if verdicts is not None:
-                    written.result()
-            del rows
-        if dump_path is not None:
-            merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)],
-                        Path(temps["dump-flows"]))
+        with open_trace(trace) as reader:  # a TraceError, here, for a file that is not a trace
+            fmt = reader.format
+        own = pool is None
+        status = _Status(progress)
+        status.show("starting the workers")
+        ex = pool if pool is not None else open_executor(workers, scheduler, executor)
+        work = Path(tempfile.mkdtemp(prefix="flowshift-shards-", dir=shard_dir))
+        futures: list[Any] = []
+        ring = None
+        try:
+            n = workers if workers is not None and scheduler is None else max(ex.workers, 1)
+            caps = shard_capacities(total_capacity, n)
+            placement = place(trace, cfg, n)
+            # shards on this machine, all running at once, read a classic pcap together
+            if ex.kind != "dask" and n <= ex.workers and fmt == "pcap" and usable(n):
+                ring = create_ring(n)
+            base = to_dict(cfg)
+            doing = f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on {ex.kind}"
+            status.show(doing)
+            replayed = time.perf_counter()
+            need_rows = verdicts is not None or out is not None
+            for k in range(n):
+                d = work / f"shard-{k}"
+                d.mkdir()
+                shard_cfg = dict(base, pnic=dict(base["pnic"], capacity=caps[k]))
+                options = {
+                    "out": os.fspath(d / "out.pcap") if out is not None else None,
+                    "row_data": os.fspath(d / "rows.bin") if need_rows else None,
+                    "pnic": pnic, "crash_at": crash_at, "withdraw_at": withdraw_at,
+                    "dump_at": dump_at,
+                    "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
+                    "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
+                }
+                futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
+                                         options, ring))
+            status.wait(futures, doing, RingWatch(ring) if ring is not None else None)
+            done = [f.result() for f in futures]
+            replayed = time.perf_counter() - replayed
+            reports = [d[0] for d in done]
+            index = [d[1] for d in done]
+            counts, first, last = done[0][2], done[0][3], done[0][4]
+            status.show("merging the shards")
+            merging = time.perf_counter()
+            cpu = time.process_time()
+            if need_rows:
+                rows = merge_rows(index, [work / f"shard-{k}" / "rows.bin" for k in range(n)])
+                # the rows are formatted on a thread while the packets are copied (mostly I/O)
+                with ThreadPoolExecutor(1, thread_name_prefix="flowshift-merge") as side:
+                    if verdicts is not None:
+                        written = side.submit(write_verdicts, rows, first if first is not None
+                                              else 0, Path(temps["verdicts"]), verdicts_header())
+                    if out is not None:
+                        merge_packets(rows, [work / f"shard-{k}" / "out.pcap" for k in range(n)],
+                                      Path(temps["out"]), _out_linktype(trace))
+                    if verdicts is not None:
+                        written.result()
+                del rows
+            if dump_path is not None:
+                merge_dumps([work / f"shard-{k}" / "flows.txt" for k in range(n)],
+                            Path(temps["dump-flows"]))
+            if plot is not None:
+                plot_inputs = merge_plot_data([work / f"shard-{k}" / "plot.json" for k in range(n)])
+            merging = time.perf_counter() - merging
+            merge_cpu = time.process_time() - cpu
+        finally:
+            status.stop()
+            for f in futures:  # a failed shard: the others are of no use
+                f.cancel()
+            if own:
+                ex.close()
+            shutil.rmtree(work, ignore_errors=True)
+            remove_ring(ring)
+        result = merge_reports(reports, index)
+        wall = time.perf_counter() - started
+        n_in = result["packets"]["in"]
+        result["trace"] = {
+            "path": os.fspath(trace),
+            "format": fmt,
+            "linktypes": sorted({lt for r in reports for lt in r["trace"]["linktypes"]}),
+            "packets": n_in,
+            "first_ts": first / NS if first is not None else None,
+            "duration": (last - first) / NS if first is not None and last is not None else 0.0,
+            "problem": reports[0]["trace"]["problem"],
+        }
+        result["options"] = {
+            "trace": os.fspath(trace),
+            "config": None if isinstance(config, HostConfig) else os.fspath(config),
+            "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
+            "report": outputs.get("report"), "plot": outputs.get("plot"),
+            "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
+            "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
+            "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
+            "workers": workers, "scheduler": scheduler,
+        }
+        result["config"] = to_dict(cfg)
+        result["outputs"] = outputs
+        result["timing"] = {
+            "wall_seconds": round(wall, 6),
+            "packets_per_second": round(n_in / wall, 1) if wall > 0 else 0.0,
+        }
+        splits = [r["timing"] for r in reports]
+        result["sharding"] = {
+            "shards": n,
+            "packets": counts,
+            "pnic_capacity": caps,
+            "placed_endpoints": len(placement),
+            "cluster": ex.describe(),
+            # "ring": the shards read the trace together, each its share of the pieces;
+            # "whole": each reads all of it and keeps its packets
+            "read": "ring" if ring is not None else "whole",
+            # the split is the slowest shard's reading and picking, part of replay_seconds
+            "split_seconds": max(t["split_seconds"] for t in splits),
+            "replay_seconds": round(replayed, 6),
+            "merge_seconds": round(merging, 6),
+            "split_cpu_seconds": max(t["split_cpu_seconds"] for t in splits),
+            # processor time of the serial part (the shards' own is in shards[k].timing)
+            "merge_cpu_seconds": round(merge_cpu, 6),
+            "semantics": SEMANTICS,
+        }
+        result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",
+                                                "schedule", "timing")} for r in reports]
         if plot is not None:
-            plot_inputs = merge_plot_data([work / f"shard-{k}" / "plot.json" for k in range(n)])
-        merging = time.perf_counter() - merging
-        merge_cpu = time.process_time() - cpu
-    finally:
-        status.stop()
-        for f in futures:  # a failed shard: the others are of no use
-            f.cancel()
-        if own:
-            ex.close()
-        shutil.rmtree(work, ignore_errors=True)
-        remove_ring(ring)
-    result = merge_reports(reports, index)
-    wall = time.perf_counter() - started
-    n_in = result["packets"]["in"]
-    result["trace"] = {
-        "path": os.fspath(trace),
-        "format": fmt,
-        "linktypes": sorted({lt for r in reports for lt in r["trace"]["linktypes"]}),
-        "packets": n_in,
-        "first_ts": first / NS if first is not None else None,
-        "duration": (last - first) / NS if first is not None and last is not None else 0.0,
-        "problem": reports[0]["trace"]["problem"],
-    }
-    result["options"] = {
-        "trace": os.fspath(trace),
-        "config": None if isinstance(config, HostConfig) else os.fspath(config),
-        "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
-        "report": outputs.get("report"), "plot": outputs.get("plot"),
-        "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
-        "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
-        "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
-        "workers": workers, "scheduler": scheduler,
-    }
-    result["config"] = to_dict(cfg)
-    result["outputs"] = outputs
-    result["timing"] = {
-        "wall_seconds": round(wall, 6),
-        "packets_per_second": round(n_in / wall, 1) if wall > 0 else 0.0,
-    }
-    splits = [r["timing"] for r in reports]
-    result["sharding"] = {
-        "shards": n,
-        "packets": counts,
-        "pnic_capacity": caps,
-        "placed_endpoints": len(placement),
-        "cluster": ex.describe(),
-        # "ring": the shards read the trace together, each its share of the pieces;
-        # "whole": each reads all of it and keeps its packets
-        "read": "ring" if ring is not None else "whole",
-        # the split is the slowest shard's reading and picking, part of replay_seconds
-        "split_seconds": max(t["split_seconds"] for t in splits),
-        "replay_seconds": round(replayed, 6),
-        "merge_seconds": round(merging, 6),
-        "split_cpu_seconds": max(t["split_cpu_seconds"] for t in splits),
-        # processor time of the serial part (the shards' own is in shards[k].timing)
-        "merge_cpu_seconds": round(merge_cpu, 6),
-        "semantics": SEMANTICS,
-    }
-    result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",
-                                            "schedule", "timing")} for r in reports]
-    if plot is not None:
-        from flowshift.plot import write_plot
+            from flowshift.plot import write_plot
 
-        try:
-            write_plot(temps["plot"], *plot_inputs, result, window=plot_window)
-        except OSError as e:
-            raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
-    if report is not None:
-        from json import dumps
+            try:
+                write_plot(temps["plot"], *plot_inputs, result, window=plot_window)
+            except OSError as e:
+                raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+        if report is not None:
+            from json import dumps
 
-        try:
-            Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
-    return result
+            try:
+                Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
+            except OSError as e:
+                raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
+        return result
