@@ -76,6 +76,8 @@ class Run:
     results: list[PacketResult]
     host: Host
     dumps: list[list[str]] = field(default_factory=list)  # flow dumps, without the tier
+    # for each dump, the packets held at the VNIC for a handoff in transit: not yet decided
+    held: list[list[int]] = field(default_factory=list)
 
     def outputs(self) -> list[tuple[int, str, bytes | None]]:
         """What the invariant compares: verdict, reason and bytes of every packet."""
@@ -102,9 +104,11 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         random_seed: int | None = None, p: float = 0.3, latency: int = 0, batch: int = 256,
         pnic: str = "inline", capacity: int | None = None, withdraw_at: int | None = None,
         crash_at: int | None = None, rows: int | None = None,
-        dump_at: int | None = None, engine: str = "compiled") -> Run:
+        dump_at: int | None = None, engine: str = "compiled", dump_ts: int | None = None
+        ) -> Run:
     """Replay `trace`; withdraw/crash_at are packet indices at which the PNIC goes away,
-    dump_at one before which the flows are dumped (Run.dumps).
+    dump_at one before which the flows are dumped (Run.dumps); dump_ts: a dump after the last
+    packet, at that time (packet by packet only).
 
     rows: replay as `flowshift replay` does, `rows` packets at a time through
     Host.process_batch (the PNIC sees each batch first); None: packet by packet.
@@ -115,41 +119,48 @@ def run(trace: Path, config: HostConfig, *, policy: str | None = None,
         host.policy = RandomPolicy(host.policy, random_seed, p)
     results: list[PacketResult] = []
     dumps: list[list[str]] = []
+    held: list[list[int]] = []
     if rows is not None:
         try:
-            results = _batched(host, trace, rows, withdraw_at, crash_at, dump_at, dumps)
+            results = _batched(host, trace, rows, withdraw_at, crash_at, dump_at, dumps, held)
         finally:
             host.close()
-        return Run(results, host, dumps)
+        return Run(results, host, dumps, held)
     try:
         with open_trace(trace) as frames:
             for i, f in enumerate(frames):
                 if i == dump_at:
-                    dumps.append(_dump(host, f.ts_ns))
+                    dumps.append(_dump(host, f.ts_ns, held))
                 if i == withdraw_at:
                     host.withdraw_pnic(f.ts_ns)
                 if i == crash_at:
                     host.crash_pnic(f.ts_ns)
                 host.process(i, f.ts_ns, f.data, f.linktype, f.wire_len)
                 results.extend(host.results())
+        if dump_ts is not None:
+            dumps.append(_dump(host, dump_ts, held))
         host.finish()
         results.extend(host.results())
     finally:
         host.close()
-    return Run(results, host, dumps)
+    return Run(results, host, dumps, held)
 
 
-def _dump(host: Host, ts: int) -> list[str]:
+def _dump(host: Host, ts: int, held: list[list[int]] | None = None) -> list[str]:
     from flowshift.report import flow_dump
 
     now = max(ts, host.clock)
-    return [line.rsplit(" tier=", 1)[0]
-            for line in flow_dump(host.dump_flows(now), now).splitlines()]
+    lines = [line.rsplit(" tier=", 1)[0]
+             for line in flow_dump(host.dump_flows(now), now).splitlines()]
+    if held is not None:  # after the dump brought everything due by now
+        held.append(sorted(p.index for q in host.vnic.queue.held.values() for p in q))
+    return lines
 
 
 def _batched(host: Host, trace: Path, rows: int, withdraw_at: int | None,
              crash_at: int | None, dump_at: int | None = None,
-             dumps: list[list[str]] | None = None) -> list[PacketResult]:
+             dumps: list[list[str]] | None = None,
+             held: list[list[int]] | None = None) -> list[PacketResult]:
     results: list[PacketResult] = []
     index = 0
     for b in read_batches(trace, rows):
@@ -158,7 +169,7 @@ def _batched(host: Host, trace: Path, rows: int, withdraw_at: int | None,
                                      if t is not None and 0 < t - index < len(b))})
         for lo, hi in itertools.pairwise(cuts):
             if index + lo == dump_at and dumps is not None:
-                dumps.append(_dump(host, int(b.ts_ns[lo])))
+                dumps.append(_dump(host, int(b.ts_ns[lo]), held))
             if index + lo == withdraw_at:
                 host.withdraw_pnic(int(b.ts_ns[lo]))
             if index + lo == crash_at:
