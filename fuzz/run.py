@@ -23,7 +23,8 @@ def _numba_modules() -> list[str]:
     return [
         ".".join(("flowshift", *p.relative_to(root).with_suffix("").parts))
         for p in sorted(root.rglob("*.py"))
-        if re.search(r"^(import numba|from numba)", p.read_text(encoding="utf-8"), re.M)
+        if re.search(r"^(import numba|from numba|from flowshift\.tiers\._pnic_mem import)",
+                     p.read_text(encoding="utf-8"), re.M)
     ]
 
 

@@ -21,7 +21,10 @@ PACKAGE = SRC / "flowshift"
 
 # bottom to top; a module imports only from its layer and those before it
 LAYERS: dict[str, tuple[str, ...]] = {
-    "flow": ("flowshift", "flowshift.flow", "flowshift.verdict"),
+    # and the kernels' compiler settings, cache and loads/stores, which every compiled module
+    # uses (the packet reader's too) and which import only the package's version
+    "flow": ("flowshift", "flowshift.flow", "flowshift.verdict", "flowshift.tiers._pnic_mem",
+             "flowshift.tiers._pnic_cache"),
     "packet": ("flowshift.packet",),
     "entry": ("flowshift.entry", "flowshift.conntrack_types", "flowshift.results"),
     "config": ("flowshift.config",),
@@ -35,8 +38,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "replay": ("flowshift.replay", "flowshift._verdict_rows", "flowshift.output", "flowshift.gen",
                "flowshift.gen_gateway"),
     # scale-out: shards of one replay, sweeps of many, on processes or a Dask cluster
-    "scale": ("flowshift.shard", "flowshift.shard_merge", "flowshift.shard_replay",
-              "flowshift.sweep", "flowshift.cluster"),
+    "scale": ("flowshift.shard", "flowshift.shard_ring", "flowshift.shard_merge",
+              "flowshift.shard_replay", "flowshift.sweep", "flowshift.cluster"),
     # Linux itself: the config as nftables, a Linux router checked against the replay
     "linux": ("flowshift.nft", "flowshift.linux"),
     # the live runtime: namespaces, the VNIC daemon, the eBPF datapath
