@@ -106,7 +106,7 @@ def plan_outer(family: int, proto: int, old: Tuple4, new: Tuple4) -> OuterRewrit
         addr_change += change_sum(o_src, src)
     if dst != o_dst:
         addr_change += change_sum(o_dst, dst)
-    echo = proto == PROTO_ICMP or proto == PROTO_ICMPV6
+    echo = proto in (PROTO_ICMP, PROTO_ICMPV6)
     port_change = 0
     ports_at, ports = -1, b""
     if sport != o_sport or dport != o_dport:
