@@ -254,17 +254,16 @@ class Chain:
     def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
         tcp = None
-        if not (proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
-                                             or pkt.icmp_type != _ECHO_REQUESTS[proto])) \
-                and not self._room(key, now):
+        untrackable = proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
+                                                   or pkt.icmp_type != _ECHO_REQUESTS[proto])
+        if not untrackable and not self._room(key, now):
             # Linux allocates the conntrack before any rule sees the packet
             return Outcome(Verdict.DROP, Reason.TABLE_FULL)
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
             if not ct_tcp.tcp_new(tcp, pkt, self.knobs):
                 return Outcome(Verdict.DROP, Reason.INVALID)
-        elif proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
-                                          or pkt.icmp_type != _ECHO_REQUESTS[proto]):
+        elif untrackable:
             # not trackable (echo reply with no request, other ICMP types): judged by the
             # rules like any packet, passed untracked when allowed
             return self._untracked(pkt, key, direction)

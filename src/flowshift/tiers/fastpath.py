@@ -92,7 +92,7 @@ class Fastpath:
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)
         self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
-        self._bytes = memoryview(self._mem)  # a row written from bytes without numpy's calls
+        self._bytes = self._mem.data  # a row written from bytes without numpy's calls
         self._state = np.zeros(capacity, np.int8)
         self._offer_at = np.zeros(capacity, np.int64)
         # free rows as a stack in an array: a list of a million ints would cost 36 MB
