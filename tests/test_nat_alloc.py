@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowshift.config import NatConfig, SnatRule
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.services.nat import Nat
 from flowshift.services.nat_alloc import AddressRange, allocate
 
 PROTO_GRE = 47
@@ -351,3 +353,37 @@ def test_an_evicted_holder_gives_its_tuple_to_the_new_flow():
     assert allocate(CLIENT_A, rewrite_src=True, addrs=AddressRange.from_str("192.0.2.1"),
                     ports=(40010, 40010), in_use=lambda k: k == held.reversed(),
                     evict=lambda _reply: False) is None
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_snat_rules_match_sources_as_ipaddress_does(data):
+    """Nat.snat picks the first rule whose source network holds the flow's source, matched on
+    integers: the same rule as `ipaddress` membership, for either family and any prefix."""
+    rules = []
+    for _ in range(data.draw(st.integers(1, 4))):
+        v6 = data.draw(st.booleans())
+        bits = 128 if v6 else 32
+        prefix = data.draw(st.integers(0, bits))
+        value = data.draw(st.integers(0, (1 << bits) - 1))
+        network = ipaddress.IPv6Network if v6 else ipaddress.IPv4Network
+        net = network((value, prefix), strict=False)
+        to = AddressRange.from_str("2001:db8::1" if v6 else "192.0.2.1")
+        rules.append(SnatRule(source=net, to=to, ports=(1024, 65535)))
+    v6 = data.draw(st.booleans())
+    src = data.draw(st.binary(min_size=16, max_size=16) if v6 else
+                    st.binary(min_size=4, max_size=4))
+    if data.draw(st.booleans()):  # often inside one of the networks
+        net = data.draw(st.sampled_from(rules)).source
+        if (net.version == 6) == v6:
+            offset = data.draw(st.integers(0, net.num_addresses - 1))
+            src = (int(net.network_address) + offset).to_bytes(len(src), "big")
+    key = FlowKey(6 if v6 else 4, PROTO_TCP, 0, src, bytes(len(src)), 5000, 80)
+    nat = Nat(NatConfig(snat=tuple(rules)))
+    got = nat.snat(key, lambda k: False)
+    match = next((r for r in rules if ipaddress.ip_address(src) in r.source), None)
+    if match is None:
+        assert got == key
+    else:
+        assert got == allocate(key, rewrite_src=True, addrs=match.to, ports=match.ports,
+                               in_use=lambda k: False)

@@ -771,3 +771,33 @@ def test_icmp_quote_cut_at_every_byte(l3, error, quoted, needed):
         else:
             assert pkt.error == ParseError.OK, length
             assert pkt.inner.sport and pkt.inner.dport
+
+
+def _option_fields(pkt: Packet) -> tuple[object, ...]:
+    return (pkt.error, pkt.mss, pkt.wscale, pkt.sack_perm, pkt.tsval, pkt.tsecr, pkt.sack)
+
+
+@given(st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.integers(0, 0xFF), st.integers(-1, 19), st.integers(0, 0xFF), st.booleans())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_linux_syn_options_read_at_once_as_one_by_one(mss, tsval, tsecr, wscale, at, value,
+                                                      v6):
+    """The options of a Linux SYN (MSS, SACK-permitted, timestamps, NOP, window scale: 20
+    bytes) are read in one go; the same bytes followed by four NOPs take the option-by-option
+    walk and must give the same fields. `at` >= 0 overwrites one byte: a layout that is not
+    Linux's (or a malformed one) is walked like any other."""
+    options = bytearray(struct.pack("!HHHHIIHBB", 0x0204, mss, 0x0402, 0x080A, tsval, tsecr,
+                                    0x0103, 3, wscale))
+    if at >= 0:
+        options[at] = value
+    ip = IPv6(src=A6, dst=B6) if v6 else IP(src=A4, dst=B4)
+
+    def frame(opts: bytes) -> bytes:
+        return eth(ip / TCP(sport=1, dport=2, flags="S", dataofs=5 + len(opts) // 4)
+                   / Raw(opts))
+
+    at_once, one_by_one = parsed(frame(bytes(options))), parsed(frame(bytes(options) + b"\1" * 4))
+    assert _option_fields(at_once) == _option_fields(one_by_one)
+    if at < 0:
+        assert (at_once.mss, at_once.sack_perm, at_once.tsval, at_once.tsecr, at_once.wscale) == (
+            mss, True, tsval, tsecr, wscale)

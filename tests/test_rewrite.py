@@ -27,7 +27,7 @@ from flowshift.flow import FlowKey
 from flowshift.packet import rewrite
 from flowshift.packet.parse import parse, verify_checksums
 from flowshift.packet.view import Packet
-from flowshift.services.xlat import translate
+from flowshift.services.xlat import translate, translate_first
 
 
 @dataclass(frozen=True)
@@ -417,6 +417,11 @@ def test_outer_rewrite_gives_the_bytes_of_the_set_calls(data):
     translate(translated, Flow(key=key, xlat=xlat, machine=0, chain=0), direction)
     assert translated.data == stepwise.data
     assert translated.key() == stepwise.key()
+    if direction == 0:  # and as a new flow's first packet, whose plan is not kept
+        first_packet = parse(bytearray(buf), linktype, len(whole))
+        translate_first(first_packet, Flow(key=key, xlat=xlat, machine=0, chain=0))
+        assert first_packet.data == stepwise.data
+        assert first_packet.key() == stepwise.key()
 
 
 def test_outer_rewrite_of_udp_over_ipv4_keeps_checksum_0_and_sends_0_as_ffff():

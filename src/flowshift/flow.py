@@ -36,6 +36,9 @@ class Dir(IntEnum):
     REPLY = 1
 
 
+_new_tuple = tuple.__new__
+
+
 class FlowKey(NamedTuple):
     family: int  # 4 or 6
     proto: int
@@ -46,9 +49,10 @@ class FlowKey(NamedTuple):
     dport: int
 
     def reversed(self) -> FlowKey:
-        return FlowKey(
-            self.family, self.proto, self.zone, self.dst, self.src, self.dport, self.sport
-        )
+        family, proto, zone, src, dst, sport, dport = self
+        # tuple.__new__: NamedTuple's own __new__ is a Python call (every new flow reverses
+        # its keys several times)
+        return _new_tuple(FlowKey, (family, proto, zone, dst, src, dport, sport))
 
     def canonical(self) -> FlowKey:
         """The same key for both directions: the smaller (address, port) end first."""

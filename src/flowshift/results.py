@@ -85,7 +85,7 @@ class BatchResults:
         self._rows.append((i, verdict, reason, rule, tier, machine, direction))
         if data is not None:
             start = int(self.offset[i])
-            self.buf[start:start + len(data)] = np.frombuffer(data, np.uint8)
+            self.buf.data[start:start + len(data)] = data  # bytes into the buffer, no array
 
     _RESULTS = ("verdict", "reason", "rule", "tier", "machine", "direction")
 

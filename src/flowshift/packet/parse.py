@@ -121,6 +121,10 @@ _TS = Struct("!II")
 _SACK = Struct("!II")
 _TS_ONLY = Struct("!III")  # NOP, NOP, timestamps (kind 8, length 10): marker, tsval, tsecr
 TS_ONLY_MARKER = 0x0101080A
+# The options of a Linux SYN and SYN/ACK, in its order: MSS (kind 2, length 4), SACK-permitted
+# (4, 2), timestamps (8, 10), NOP, window scale (3, 3); the constant words and bytes as read
+_LINUX_SYN = Struct("!HHHHIIHBB")  # 0x0204, mss, 0x0402, 0x080A, tsval, tsecr, 0x0103, 3, wscale
+LINUX_SYN_LEN = 20
 # The common frame, read in one go: Ethernet (ethertype), IPv4 without options, TCP
 _ETH_IPV4_TCP = Struct("!12xH" "BxHxxHBBxx4s4s" "HHIIBBH")  # up to the TCP window
 ETH_IPV4_TCP_LEN = 14 + 20 + 20  # the whole TCP header (checksum, urgent pointer) captured
@@ -461,6 +465,16 @@ def _tcp_options(pkt: Packet, data: bytes | bytearray, i: int, end: int, limit: 
     False when a length is impossible; options beyond `limit` (cut by snaplen) are skipped.
     """
     stop = end if end < limit else limit
+    if stop - i == LINUX_SYN_LEN:  # the layout of nearly every SYN: read at once
+        (mss_kind, mss, sack_kind, ts_kind, tsval, tsecr, nop_ws, ws_len,
+         wscale) = _LINUX_SYN.unpack_from(data, i)
+        if (mss_kind == 0x0204 and sack_kind == 0x0402 and ts_kind == 0x080A
+                and nop_ws == 0x0103 and ws_len == 3):
+            pkt.mss = mss
+            pkt.sack_perm = True
+            pkt.tsval, pkt.tsecr = tsval, tsecr
+            pkt.wscale = wscale
+            return True
     while i < stop:
         kind = data[i]
         if kind == 0:  # end of option list

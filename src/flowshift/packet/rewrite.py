@@ -64,6 +64,9 @@ class OuterRewrite(NamedTuple):
     v4: bool
 
 
+_new_plan = tuple.__new__
+
+
 def set_src(pkt: Packet, addr: bytes) -> None:
     """Rewrite the source address."""
     _set_addr(pkt, pkt, addr, False)
@@ -106,8 +109,8 @@ def plan_outer(family: int, proto: int, old: Tuple4, new: Tuple4) -> OuterRewrit
     echo = proto in (PROTO_ICMP, PROTO_ICMPV6)
     port_change = 0
     ports_at, ports = -1, b""
-    if (sport, dport) != (o_sport, o_dport):
-        if not all(0 <= p <= 0xFFFF for p in new[2:]):
+    if sport != o_sport or dport != o_dport:
+        if not (0 <= sport <= 0xFFFF and 0 <= dport <= 0xFFFF):
             return None
         if echo:
             if not (o_sport == o_dport and sport == dport):
@@ -122,14 +125,14 @@ def plan_outer(family: int, proto: int, old: Tuple4, new: Tuple4) -> OuterRewrit
             return None
     v4 = family == 4
     l4_change = port_change + (addr_change if proto in PSEUDO_HEADER_PROTOS else 0)
-    return OuterRewrite(
+    return _new_plan(OuterRewrite, (  # OuterRewrite(...) without NamedTuple's Python __new__
         proto, old, new,
         -1 if src == o_src and dst == o_dst else 12 if v4 else 8, src + dst,
         ports_at, ports, echo and ports_at >= 0,
         fold(addr_change) if v4 else 0,
         L4_CHECKSUM_AT.get(proto, 0), fold(l4_change),
         proto == PROTO_UDP, v4,
-    )
+    ))
 
 
 def rewrite_outer(pkt: Packet, plan: OuterRewrite) -> bool:

@@ -32,7 +32,7 @@ from flowshift.services.conntrack import (
 from flowshift.services.lb import LoadBalancer
 from flowshift.services.nat import Nat
 from flowshift.services.rules import EGRESS, INGRESS, RuleSet
-from flowshift.services.xlat import translate, translate_related
+from flowshift.services.xlat import translate, translate_first, translate_related
 from flowshift.verdict import Reason, Verdict
 
 __all__ = ["EGRESS", "INGRESS", "Chain", "Outcome", "forward_hop", "process_flow"]
@@ -59,7 +59,10 @@ _FORWARD = Verdict.FORWARD
 _DROP = Verdict.DROP
 _ESTABLISHED = Reason.ESTABLISHED
 _INVALID = Reason.INVALID
+_RULE = Reason.RULE
+_DEFAULT = Reason.DEFAULT
 _TCP_REOPEN = ct_tcp.TcpAction.REOPEN
+_TCP_ACCEPT = ct_tcp.TcpAction.ACCEPT
 _TCP_INVALID = ct_tcp.TcpAction.INVALID
 _TCP_IGNORE = ct_tcp.TcpAction.IGNORE
 _tcp_packet = ct_tcp.tcp_packet
@@ -251,17 +254,16 @@ class Chain:
     def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
         tcp = None
-        if not (proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
-                                             or pkt.icmp_type != _ECHO_REQUESTS[proto])) \
-                and not self._room(key, now):
+        untrackable = proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
+                                                   or pkt.icmp_type != _ECHO_REQUESTS[proto])
+        if not untrackable and not self._room(key, now):
             # Linux allocates the conntrack before any rule sees the packet
             return Outcome(Verdict.DROP, Reason.TABLE_FULL)
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
             if not ct_tcp.tcp_new(tcp, pkt, self.knobs):
                 return Outcome(Verdict.DROP, Reason.INVALID)
-        elif proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
-                                          or pkt.icmp_type != _ECHO_REQUESTS[proto]):
+        elif untrackable:
             # not trackable (echo reply with no request, other ICMP types): judged by the
             # rules like any packet, passed untracked when allowed
             return self._untracked(pkt, key, direction)
@@ -300,8 +302,8 @@ class Chain:
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
         if tcp is not None:  # set above for, and only for, TCP
-            res = ct_tcp.tcp_packet(tcp, 0, pkt, False, self.knobs)
-            if res.action != ct_tcp.TcpAction.ACCEPT or res.timeout_ns <= 0:
+            res = _tcp_packet(tcp, 0, pkt, False, self.knobs)
+            if res.action != _TCP_ACCEPT or res.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
             flow.expires = now + res.timeout_ns
         elif proto == PROTO_UDP:
@@ -312,10 +314,9 @@ class Chain:
             generic_update(flow, 0, now, self.knobs)
         flow.packets[0] = 1
         flow.bytes[0] = pkt.ip_total
-        self.flows.add(flow)
-        translate(pkt, flow, 0)
-        return Outcome(Verdict.FORWARD, Reason.RULE if rule >= 0 else Reason.DEFAULT, rule,
-                       flow, 0, created=True)
+        self.flows.add_new(flow)  # _process looked `key` up and found no flow
+        translate_first(pkt, flow)
+        return Outcome(_FORWARD, _RULE if rule >= 0 else _DEFAULT, rule, flow, 0, created=True)
 
     def _evict_closing(self, reply_key: FlowKey, new_end: int, now: int) -> bool:
         """Linux nf_nat_used_tuple_harder for a new SYN (original end `new_end`): the flow

@@ -204,6 +204,15 @@ class FlowTable:
             return
         self._insert(flow)
 
+    def add_new(self, flow: Flow) -> None:
+        """Add a flow whose key the table does not hold: the chain just looked the key up,
+        found no flow, and nothing since can have brought one (a lookup pulls a cached flow
+        back by either of its keys, so a flow holding this key would have been found). `add`'s
+        own lookup, which asks the cache too, is skipped."""
+        if flow.key in self._by_key:
+            raise RuntimeError(f"a new flow's key is taken: {flow.key}")
+        self._insert(flow)
+
     def _insert(self, flow: Flow) -> None:
         reply = flow.reply_key
         self._by_key[flow.key] = (flow, 0)

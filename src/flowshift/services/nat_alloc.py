@@ -140,14 +140,25 @@ def _port_in(key: FlowKey, rewrite_src: bool, ports: tuple[int, int] | None) -> 
     return ports[0] <= _port_of(key, rewrite_src) <= ports[1]
 
 
+# FlowKey(...) without NamedTuple's Python-level __new__ (nor _replace's): every new flow
+# builds its candidates
+_new_key = tuple.__new__
+
+
 def _with_addr(key: FlowKey, rewrite_src: bool, addr: bytes) -> FlowKey:
-    return key._replace(src=addr) if rewrite_src else key._replace(dst=addr)
+    family, proto, zone, src, dst, sport, dport = key
+    if rewrite_src:
+        return _new_key(FlowKey, (family, proto, zone, addr, dst, sport, dport))
+    return _new_key(FlowKey, (family, proto, zone, src, addr, sport, dport))
 
 
 def _with_port(key: FlowKey, rewrite_src: bool, port: int) -> FlowKey:
-    if key.proto in ICMP_PROTOS:
-        return key._replace(sport=port, dport=port)  # the echo identifier is both "ports"
-    return key._replace(sport=port) if rewrite_src else key._replace(dport=port)
+    family, proto, zone, src, dst, sport, dport = key
+    if proto in ICMP_PROTOS:  # the echo identifier is both "ports"
+        return _new_key(FlowKey, (family, proto, zone, src, dst, port, port))
+    if rewrite_src:
+        return _new_key(FlowKey, (family, proto, zone, src, dst, port, dport))
+    return _new_key(FlowKey, (family, proto, zone, src, dst, sport, port))
 
 
 def _search_range(

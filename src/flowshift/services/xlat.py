@@ -44,6 +44,19 @@ def translate(pkt: Packet, flow: Flow, direction: int) -> None:
         rewrite.set_dport(pkt, dport)
 
 
+def translate_first(pkt: Packet, flow: Flow) -> None:
+    """`translate` for the packet that created `flow`: its rewrite is worked out but not kept,
+    as the flow's next packets mostly run on the fast path (or are of the other direction);
+    its next packet of this direction that runs here keeps it."""
+    k, x = flow.key, flow.xlat
+    if k == x:
+        return
+    plan = rewrite.plan_outer(k.family, k.proto, (k.src, k.dst, k.sport, k.dport),
+                              (x.src, x.dst, x.sport, x.dport))
+    if plan is None or not rewrite.rewrite_outer(pkt, plan):
+        translate(pkt, flow, 0)
+
+
 @lru_cache(maxsize=PLAN_CACHE)
 def _plan(key: FlowKey, xlat: FlowKey, direction: int) -> rewrite.OuterRewrite | None:
     if direction == 0:  # as the packet arrives

@@ -49,6 +49,7 @@ _CACHED_STATES = frozenset(int(s) for s in (
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
 _FREE = 0
+_LIVE = kb.LIVE
 _NEVER = np.iinfo(np.int64).max
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
@@ -91,6 +92,7 @@ class Fastpath:
         self.entries = np.zeros(capacity, ENTRY_DTYPE)
         self._mem = self.entries.view(np.uint8)
         self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
+        self._bytes = self._mem.data  # a row written from bytes without numpy's calls
         self._state = np.zeros(capacity, np.int8)
         self._offer_at = np.zeros(capacity, np.int64)
         # free rows as a stack in an array: a list of a million ints would cost 36 MB
@@ -149,12 +151,13 @@ class Fastpath:
         if not self._nfree:
             self._grow()
         slot = int(self._free[self._nfree - 1])
-        self._rows[slot] = np.frombuffer(flow.to_bytes(), np.uint8)
+        at = slot * ENTRY_SIZE
+        self._bytes[at:at + ENTRY_SIZE] = flow.to_bytes()
         if not ki.index_insert(self._mem, slot, self._keys, self._vals):
             self._rows[slot] = 0
             return
         self._nfree -= 1
-        self._state[slot] = kb.LIVE
+        self._state[slot] = _LIVE
         self._offer_at[slot] = _NEVER if offer_at < 0 else offer_at
         self.tables[slot] = table
         table.detach(flow)

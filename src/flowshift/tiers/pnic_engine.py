@@ -55,10 +55,14 @@ _OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine":
 def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
     """A flow key as the index keeps it (tiers/_pnic_index.py): five words, each the int64 bit
     pattern of its unsigned value."""
-    head = key.family | key.proto << 8 | key.zone << 16 | key.sport << 32 | key.dport << 48
+    family, proto, zone, src, dst, sport, dport = key
+    head = family | proto << 8 | zone << 16 | sport << 32 | dport << 48
     if head >> 63:
         head -= 1 << 64
-    return (head, *_signed_words(key.src), *_signed_words(key.dst))
+    if len(src) == 4:  # an IPv4 address is the top half of its first word, read signed
+        return (head, int.from_bytes(src, "big", signed=True) << 32, 0,
+                int.from_bytes(dst, "big", signed=True) << 32, 0)
+    return (head, *_signed_words(src), *_signed_words(dst))
 
 
 _WORDS = struct.Struct(">qq")
