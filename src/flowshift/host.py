@@ -30,7 +30,7 @@ from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, R
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, Fastpath
+from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.repass import Repass
@@ -314,6 +314,10 @@ class Host:
                             if res.verdict[i] != PENDING:
                                 at += 1
                                 continue
+                        if why == STOP_TIME and not self.vnic.moved_down:
+                            # the row stopped the fast path only for what was due, which has
+                            # taken effect: it asks the fast path again (nothing is due by then)
+                            continue
                         at += 1
                         start = int(offset[i])
                         cached = fp.cached if fp is not None else 0
@@ -391,14 +395,15 @@ class Host:
         return True
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
-        """Undecided rows of flows that just moved down through the PNIC's data path, gathered
-        (the pass costs the rows it runs); those it leaves stay undecided, software's."""
+        """Undecided rows of flows that just moved down through the PNIC's data path, selected
+        in the stretch of the batch they span; those it leaves stay undecided, software's."""
         res.flush()
         if not self._pnic_ready(rows):
             return
-        part = res.gather(rows)
-        if self._pnic_pass(part, np.ones(len(rows), np.bool_), clock[rows]) is not None:
-            res.scatter(rows, part)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        select = np.zeros(hi - lo, np.bool_)
+        select[rows - lo] = True
+        self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
 
     def _pnic_ready(self, rows: np.ndarray) -> bool:
         """Is there a pass to make (rows, and a PNIC that owns flows)? Then every answer of
@@ -484,7 +489,7 @@ class Host:
         msg = vnic_end.receive()
         if not isinstance(msg, ch.Handoff):
             raise RuntimeError(f"handoff of machine {self.names[m]!r} arrived as {msg!r}")
-        self.stats.offloads_to_vnic += self.vnic.adopt(msg)
+        self.stats.offloads_to_vnic += self.vnic.adopt(msg, now)
         self.machines[m] = None
         self.stats.events.append((now, "handoff", self.names[m]))
 

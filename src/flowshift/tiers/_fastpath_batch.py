@@ -244,6 +244,43 @@ def row_marks(buf, offset, caplen, wire_len, linktype, rows, start, out, f):
 
 
 @kernel()
+def _key_mark(keys, k):
+    """pair_mark of the key in row k of `keys` (index words, tiers/_pnic_index.py)."""
+    head = keys[k, 0]
+    return pair_mark((head >> 8) & 0xFF, keys[k, 1], keys[k, 2], (head >> 32) & 0xFFFF,
+                     keys[k, 3], keys[k, 4], (head >> 48) & 0xFFFF)
+
+
+@kernel()
+def pick_rows(marks, rows, keys, first, verdict, out):
+    """The undecided rows from row `first` on whose mark is that of one of `keys` (index words,
+    one key a row), into out in row order; how many. marks: row_marks of a segment's rows,
+    sorted; rows: the row of each, in row order within a mark."""
+    n = 0
+    for k in range(len(keys)):
+        w = _key_mark(keys, k)
+        seen = False  # a flow without NAT has the same mark twice
+        for j in range(k):
+            if _key_mark(keys, j) == w:
+                seen = True
+        if seen:
+            continue
+        j = np.searchsorted(marks, w)
+        while j < len(marks) and marks[j] == w:
+            r = rows[j]
+            if r >= first and verdict[r] == PENDING:
+                # in row order: each mark's rows come sorted, so this is a merge
+                at = n
+                while at > 0 and out[at - 1] > r:
+                    out[at] = out[at - 1]
+                    at -= 1
+                out[at] = r
+                n += 1
+            j += 1
+    return n
+
+
+@kernel()
 def expired_slots(mem, state, now, out):
     """Live slots whose entry has expired by `now`, into out; how many, and the earliest
     expiry of those still live (-1: none)."""

@@ -53,7 +53,8 @@ _NEVER = np.iinfo(np.int64).max
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
-STOP_SOFTWARE, STOP_PUNT, STOP_OFFER = kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_OFFER
+STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER = (kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME,
+                                                   kb.STOP_OFFER)
 
 
 class Fastpath:
@@ -242,7 +243,7 @@ def compilations() -> int:
     """How many times this process compiled the fast path's kernel (0: it came from the
     cache)."""
     return sum(sum(k.stats.cache_misses.values()) for k in (kb.run_rows, kb.row_marks,
-                                                            kb.pair_mark))
+                                                            kb.pair_mark, kb.pick_rows))
 
 
 def warm() -> float:

@@ -17,10 +17,10 @@ import numpy as np
 
 from flowshift.entry import Flow
 from flowshift.flow import FlowKey
-from flowshift.results import PENDING, BatchResults
+from flowshift.results import BatchResults
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.tiers.pnic_engine import address_words, kernel_arg
+from flowshift.tiers.pnic_engine import address_words, kernel_arg, key_words
 
 
 def _signed(v: int) -> int:
@@ -43,6 +43,7 @@ class Repass:
         self._f = np.zeros(N_FIELDS + 2, np.int64)
         self._marks = np.zeros(0, np.int64)  # the segment's marks, sorted
         self._rows = np.zeros(0, np.int64)  # the row of each, in input order within a mark
+        self._out = np.zeros(0, np.int64)  # a pick's rows
         self._known = False
 
     def begin(self) -> None:
@@ -62,11 +63,9 @@ class Repass:
                          res.linktype, left, 0, marks, self._f)
             order = np.argsort(marks, kind="stable")
             self._marks, self._rows = marks[order], left[order]
+            self._out = np.empty(len(left), np.int64)
             self._known = True
-        wanted = {key_mark(k) for f in flows for k in (f.key, f.xlat)}
-        found = [self._rows[np.searchsorted(self._marks, m, "left"):
-                            np.searchsorted(self._marks, m, "right")] for m in wanted]
-        got = np.sort(np.concatenate(found)) if len(found) > 1 else found[0]
-        got = got[got >= left[0]]
-        undecided: np.ndarray = got[res.verdict[got] == PENDING]
+        keys = np.array([key_words(k) for f in flows for k in (f.key, f.xlat)], np.int64)
+        n = kb.pick_rows(self._marks, self._rows, keys, int(left[0]), res.verdict, self._out)
+        undecided: np.ndarray = self._out[:n].copy()
         return undecided
