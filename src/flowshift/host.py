@@ -46,6 +46,7 @@ SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
+_PNIC, _PNIC_LABEL = int(Tier.PNIC), Tier.PNIC.label
 
 
 ENGINES = ("compiled", "reference")
@@ -301,7 +302,12 @@ class Host:
                         at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
                     if why == STOP_OFFER:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
-                    elif at < len(rows):  # Python's row; at a due time, it takes effect first
+                        if at < len(rows) and fp is not None and fp.live and (
+                                not self.vnic.moved_down and res.verdict[rows[at]] == PENDING
+                                and clock[rows[at]] >= self.vnic.next_due()):
+                            why = STOP_TIME  # what the fast path would say of the next row
+                    if why != STOP_OFFER and at < len(rows):
+                        # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
                         if moved_rows and res.verdict[i] != PENDING:
                             at += 1
@@ -396,8 +402,8 @@ class Host:
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
         """Undecided rows of flows that just moved down through the PNIC's data path, selected
-        in the stretch of the batch they span; those it leaves stay undecided, software's."""
-        res.flush()
+        in the stretch of the batch they span; those it leaves stay undecided, software's.
+        (Results Python set and did not flush yet are all of rows before these: no flush.)"""
         if not self._pnic_ready(rows):
             return
         lo, hi = int(rows[0]), int(rows[-1]) + 1
@@ -427,9 +433,9 @@ class Host:
         vnic.synced_at = -1
         vnic.lower_floor(first + vnic.min_timeout)
         done: np.ndarray = select & (part.verdict != PENDING)
-        part.tier[done] = Tier.PNIC
-        self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))
-        self.stats.tier_bytes[Tier.PNIC.label] += int(part.wire_len[done].sum())
+        part.tier[done] = _PNIC
+        self.stats.tier_packets[_PNIC_LABEL] += int(np.count_nonzero(done))
+        self.stats.tier_bytes[_PNIC_LABEL] += int(part.wire_len[done].sum())
         return done
 
     # -- results -----------------------------------------------------------------------------
