@@ -252,31 +252,22 @@ def _key_mark(keys, k):
 
 
 @kernel()
-def pick_rows(marks, rows, keys, first, verdict, out):
-    """The undecided rows from row `first` on whose mark is that of one of `keys` (index words,
-    one key a row), into out in row order; how many. marks: row_marks of a segment's rows,
-    sorted; rows: the row of each, in row order within a mark."""
-    n = 0
+def pick_rows(marks, rows, start, keys, wanted, verdict, out):
+    """The undecided rows of rows[start:] whose mark is that of one of `keys` (index words,
+    one key a row), into out in order; how many. marks[j]: row_marks of rows[j]; wanted: room
+    for the keys' marks."""
     for k in range(len(keys)):
-        w = _key_mark(keys, k)
-        seen = False  # a flow without NAT has the same mark twice
-        for j in range(k):
-            if _key_mark(keys, j) == w:
-                seen = True
-        if seen:
-            continue
-        j = np.searchsorted(marks, w)
-        while j < len(marks) and marks[j] == w:
-            r = rows[j]
-            if r >= first and verdict[r] == PENDING:
-                # in row order: each mark's rows come sorted, so this is a merge
-                at = n
-                while at > 0 and out[at - 1] > r:
-                    out[at] = out[at - 1]
-                    at -= 1
-                out[at] = r
-                n += 1
-            j += 1
+        wanted[k] = _key_mark(keys, k)
+    n = 0
+    for j in range(start, len(rows)):
+        m = marks[j]
+        for k in range(len(keys)):
+            if wanted[k] == m:
+                r = rows[j]
+                if verdict[r] == PENDING:
+                    out[n] = r
+                    n += 1
+                break
     return n
 
 

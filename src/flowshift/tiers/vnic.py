@@ -464,6 +464,10 @@ class Vnic:
         every entry expired by `now` handed back (no round trip when none can have)."""
         if self.synced_at == now and not self.batch and not self.outstanding:
             return
+        if not (self.batch or self.outstanding or self.deferred) and not (
+                self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
+            self.synced_at = now  # nothing to apply, nothing expired: no barrier to wait at
+            return
         self.drain(now)
         self._expire_deferred(now)
         if self.alive and self.healthy and self.pnic_flows and not (
