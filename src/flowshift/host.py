@@ -29,6 +29,7 @@ from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
@@ -432,10 +433,10 @@ class Host:
         vnic.defer(returned, first)
         vnic.synced_at = -1
         vnic.lower_floor(first + vnic.min_timeout)
-        done: np.ndarray = select & (part.verdict != PENDING)
-        part.tier[done] = _PNIC
-        self.stats.tier_packets[_PNIC_LABEL] += int(np.count_nonzero(done))
-        self.stats.tier_bytes[_PNIC_LABEL] += int(part.wire_len[done].sum())
+        done = np.empty(len(select), np.bool_)
+        n, size = kb.pass_tally(select, part.verdict, part.tier, part.wire_len, _PNIC, done)
+        self.stats.tier_packets[_PNIC_LABEL] += int(n)
+        self.stats.tier_bytes[_PNIC_LABEL] += int(size)
         return done
 
     # -- results -----------------------------------------------------------------------------

@@ -272,6 +272,22 @@ def pick_rows(marks, rows, start, keys, wanted, verdict, out):
 
 
 @kernel()
+def pass_tally(select, verdict, tier, wire_len, pnic, done):
+    """After a PNIC pass: done[i] = the selected row i was decided (tier[i] set to `pnic`);
+    how many, and their wire bytes."""
+    n = 0
+    size = 0
+    for i in range(len(select)):
+        d = select[i] and verdict[i] != PENDING
+        done[i] = d
+        if d:
+            tier[i] = pnic
+            n += 1
+            size += wire_len[i]
+    return n, size
+
+
+@kernel()
 def expired_slots(mem, state, now, out):
     """Live slots whose entry has expired by `now`, into out; how many, and the earliest
     expiry of those still live (-1: none)."""
