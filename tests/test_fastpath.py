@@ -20,6 +20,7 @@ from flowshift.config import load_config, parse_config
 from flowshift.entry import Flow, Status, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.gen import TraceSpec, generate, parse_networks
+from flowshift.host import Host
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import TCP_ACK, TCP_RST, TCP_SYN
@@ -220,3 +221,29 @@ def test_short_connections_leave_python_their_syn_and_rst_only(gateway, tmp_path
     assert fast.host.fastpath is not None
     in_python = total - fast.host.fastpath.ran
     assert life <= in_python <= life + other, (in_python, life, other, total)
+
+
+def test_offloaded_short_connections_leave_python_no_more_than_never(gateway, tmp_path,
+                                                                    monkeypatch):
+    """Under the elephant policy a connection moves down mid-stream and its FIN hands it back:
+    the row after an offer, and the FIN the PNIC hands back with its entry, run compiled once
+    the answer or the entry has taken effect, not in Python. Python decides no more packets
+    than it does when nothing is offloaded."""
+    path = tmp_path / "short.pcap"
+    generate(TraceSpec(flows=120, duration_s=4.0, seed=9, elephants=0, udp_share=0.0,
+                       icmp_share=0.0, clients=CLIENTS, servers=SERVERS, gateway=gateway), path)
+    decided: list[int] = []
+    process = Host.process
+
+    def counted(host: Host, index: int, *args: object) -> None:
+        decided.append(index)
+        process(host, index, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Host, "process", counted)
+    run(path, gateway, policy="never", rows=4096)
+    never = len(decided)
+    decided.clear()
+    offloaded = run(path, gateway, policy="elephant", rows=4096)
+    stats = offloaded.host.stats
+    assert stats.offloads_to_pnic > 10 and stats.returned.get("closed", 0) > 10
+    assert len(decided) <= never, (len(decided), never)

@@ -102,3 +102,31 @@ def test_key_words_are_the_unsigned_words_as_int64(addrs: tuple[int, bytes, byte
     words = [family | proto << 8 | zone << 16 | sport << 32 | dport << 48,
              *address_words(src), *address_words(dst)]
     assert key_words(key) == tuple(w - (1 << 64) if w >> 63 else w for w in words)
+
+
+POOL = [key("10.0.0.1", "198.51.100.7", 40000, 443), key("10.0.0.2", "198.51.100.7", 40001, 443),
+        key("10.0.0.3", "198.51.100.8", 40002, 80), key("10.0.0.4", "198.51.100.8", 40003, 80)]
+# the odd ones leave SNAT'd: their replies arrive for the public tuple
+XLAT = [k._replace(src=bytes((192, 0, 2, 1)), sport=61000 + i) if i % 2 else k
+        for i, k in enumerate(POOL)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.booleans()), min_size=1,
+                max_size=40), st.sets(st.integers(0, len(POOL) - 1), min_size=1),
+       st.integers(0, 40), st.sets(st.integers(0, 39)))
+def test_a_pick_is_every_undecided_row_of_a_moved_flow_after_the_position(
+        spec: list[tuple[int, bool]], moved: set[int], at: int, decided: set[int]) -> None:
+    """Against the rows read one by one: a row is picked when it lies at or after the
+    position, is undecided, and carries the mark of a moved flow's key or of its reply."""
+    keys = [XLAT[i].reversed() if reply else POOL[i] for i, reply in spec]
+    res = batch([frame(PROTO_TCP, k.src, k.dst, k.sport, k.dport) for k in keys])
+    for i in decided:
+        if i < len(keys):
+            res.verdict[i] = 0
+    flows = [Flow(key=POOL[i], xlat=XLAT[i], machine=0, chain=0) for i in sorted(moved)]
+    marks = {key_mark(k) for f in flows for k in (f.key, f.xlat)}
+    rows = np.arange(len(keys), dtype=np.int64)
+    expected = [i for i in range(min(at, len(keys)), len(keys))
+                if res.verdict[i] == PENDING and key_mark(keys[i]) in marks]
+    assert Repass().pick(res, rows, min(at, len(keys)), flows).tolist() == expected

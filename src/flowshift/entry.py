@@ -138,6 +138,7 @@ if _STRUCT.size != ENTRY_SIZE:
     raise ImportError(f"entry struct packs {_STRUCT.size} bytes, ENTRY_DTYPE holds {ENTRY_SIZE}")
 
 _NO_TCP = (0,) * 22
+_SEEN_REPLY = int(Status.SEEN_REPLY)  # a plain int: IntFlag operators cost per entry
 
 
 @dataclass(slots=True)
@@ -180,7 +181,7 @@ class Flow:
             k.family, k.proto, k.zone, k.sport, k.dport, k.src, k.dst, x.src, x.dst,
             x.sport, x.dport,
             self.machine, self.chain, self.owner, self.generation,
-            self.status | (Status.SEEN_REPLY if t is not None and t.seen_reply else 0), self.rule,
+            self.status | (_SEEN_REPLY if t is not None and t.seen_reply else 0), self.rule,
             self.backend, *tcp, self.created, self.last_seen, self.expires, self.stream_ts,
             *self.packets, *self.bytes)
 
@@ -198,7 +199,7 @@ class Flow:
                 seen=(TcpDir(*v[28:34]), TcpDir(*v[34:40])),
                 state=v[18], last_dir=v[19], retrans=v[20], last_index=v[21],
                 last_wscale=v[22], last_flags=v[23], last_seq=v[24], last_ack=v[25],
-                last_end=v[26], last_win=v[27], seen_reply=bool(v[15] & Status.SEEN_REPLY))
+                last_end=v[26], last_win=v[27], seen_reply=bool(v[15] & _SEEN_REPLY))
         return cls(key=key, xlat=xlat, machine=v[11], chain=v[12], owner=v[13],
                    generation=v[14], status=v[15], rule=v[16], backend=v[17], tcp=tcp,
                    created=v[40], last_seen=v[41], expires=v[42], stream_ts=v[43],

@@ -29,8 +29,9 @@ from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
 from flowshift.services.chain import Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, Fastpath
+from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.repass import Repass
@@ -46,6 +47,7 @@ SWEEP_INTERVAL = 10 * NS_PER_S  # of trace time between sweeps of expired flows
 _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
+_PNIC, _PNIC_LABEL = int(Tier.PNIC), Tier.PNIC.label
 
 
 ENGINES = ("compiled", "reference")
@@ -301,7 +303,12 @@ class Host:
                         at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
                     if why == STOP_OFFER:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
-                    elif at < len(rows):  # Python's row; at a due time, it takes effect first
+                        if at < len(rows) and fp is not None and fp.live and (
+                                not self.vnic.moved_down and res.verdict[rows[at]] == PENDING
+                                and clock[rows[at]] >= self.vnic.next_due()):
+                            why = STOP_TIME  # what the fast path would say of the next row
+                    if why != STOP_OFFER and at < len(rows):
+                        # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
                         if moved_rows and res.verdict[i] != PENDING:
                             at += 1
@@ -314,6 +321,10 @@ class Host:
                             if res.verdict[i] != PENDING:
                                 at += 1
                                 continue
+                        if why == STOP_TIME and not self.vnic.moved_down:
+                            # the row stopped the fast path only for what was due, which has
+                            # taken effect: it asks the fast path again (nothing is due by then)
+                            continue
                         at += 1
                         start = int(offset[i])
                         cached = fp.cached if fp is not None else 0
@@ -391,14 +402,15 @@ class Host:
         return True
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
-        """Undecided rows of flows that just moved down through the PNIC's data path, gathered
-        (the pass costs the rows it runs); those it leaves stay undecided, software's."""
-        res.flush()
+        """Undecided rows of flows that just moved down through the PNIC's data path, selected
+        in the stretch of the batch they span; those it leaves stay undecided, software's.
+        (Results Python set and did not flush yet are all of rows before these: no flush.)"""
         if not self._pnic_ready(rows):
             return
-        part = res.gather(rows)
-        if self._pnic_pass(part, np.ones(len(rows), np.bool_), clock[rows]) is not None:
-            res.scatter(rows, part)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        select = np.zeros(hi - lo, np.bool_)
+        select[rows - lo] = True
+        self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
 
     def _pnic_ready(self, rows: np.ndarray) -> bool:
         """Is there a pass to make (rows, and a PNIC that owns flows)? Then every answer of
@@ -421,10 +433,10 @@ class Host:
         vnic.defer(returned, first)
         vnic.synced_at = -1
         vnic.lower_floor(first + vnic.min_timeout)
-        done: np.ndarray = select & (part.verdict != PENDING)
-        part.tier[done] = Tier.PNIC
-        self.stats.tier_packets[Tier.PNIC.label] += int(np.count_nonzero(done))
-        self.stats.tier_bytes[Tier.PNIC.label] += int(part.wire_len[done].sum())
+        done = np.empty(len(select), np.bool_)
+        n, size = kb.pass_tally(select, part.verdict, part.tier, part.wire_len, _PNIC, done)
+        self.stats.tier_packets[_PNIC_LABEL] += int(n)
+        self.stats.tier_bytes[_PNIC_LABEL] += int(size)
         return done
 
     # -- results -----------------------------------------------------------------------------
@@ -484,7 +496,7 @@ class Host:
         msg = vnic_end.receive()
         if not isinstance(msg, ch.Handoff):
             raise RuntimeError(f"handoff of machine {self.names[m]!r} arrived as {msg!r}")
-        self.stats.offloads_to_vnic += self.vnic.adopt(msg)
+        self.stats.offloads_to_vnic += self.vnic.adopt(msg, now)
         self.machines[m] = None
         self.stats.events.append((now, "handoff", self.names[m]))
 

@@ -95,18 +95,6 @@ class BatchResults:
             getattr(self, name)[lo:hi] for name in ("offset", "caplen", "wire_len", "linktype",
                                                      "ts", *self._RESULTS)))
 
-    def gather(self, rows: np.ndarray) -> BatchResults:
-        """The rows `rows` as a batch of copies over the same buffer (frames are shared):
-        `scatter` puts its results back."""
-        return BatchResults(self.index0, self.buf, *(
-            getattr(self, name)[rows] for name in ("offset", "caplen", "wire_len", "linktype",
-                                                    "ts", *self._RESULTS)))
-
-    def scatter(self, rows: np.ndarray, part: BatchResults) -> None:
-        """The results of `gather(rows)` back into these rows."""
-        for name in self._RESULTS:
-            getattr(self, name)[rows] = getattr(part, name)
-
     def flush(self) -> None:
         """Move the results set one by one into the arrays."""
         if not self._rows:

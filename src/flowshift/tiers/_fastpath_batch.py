@@ -244,6 +244,50 @@ def row_marks(buf, offset, caplen, wire_len, linktype, rows, start, out, f):
 
 
 @kernel()
+def _key_mark(keys, k):
+    """pair_mark of the key in row k of `keys` (index words, tiers/_pnic_index.py)."""
+    head = keys[k, 0]
+    return pair_mark((head >> 8) & 0xFF, keys[k, 1], keys[k, 2], (head >> 32) & 0xFFFF,
+                     keys[k, 3], keys[k, 4], (head >> 48) & 0xFFFF)
+
+
+@kernel()
+def pick_rows(marks, rows, start, keys, wanted, verdict, out):
+    """The undecided rows of rows[start:] whose mark is that of one of `keys` (index words,
+    one key a row), into out in order; how many. marks[j]: row_marks of rows[j]; wanted: room
+    for the keys' marks."""
+    for k in range(len(keys)):
+        wanted[k] = _key_mark(keys, k)
+    n = 0
+    for j in range(start, len(rows)):
+        m = marks[j]
+        for k in range(len(keys)):
+            if wanted[k] == m:
+                r = rows[j]
+                if verdict[r] == PENDING:
+                    out[n] = r
+                    n += 1
+                break
+    return n
+
+
+@kernel()
+def pass_tally(select, verdict, tier, wire_len, pnic, done):
+    """After a PNIC pass: done[i] = the selected row i was decided (tier[i] set to `pnic`);
+    how many, and their wire bytes."""
+    n = 0
+    size = 0
+    for i in range(len(select)):
+        d = select[i] and verdict[i] != PENDING
+        done[i] = d
+        if d:
+            tier[i] = pnic
+            n += 1
+            size += wire_len[i]
+    return n, size
+
+
+@kernel()
 def expired_slots(mem, state, now, out):
     """Live slots whose entry has expired by `now`, into out; how many, and the earliest
     expiry of those still live (-1: none)."""

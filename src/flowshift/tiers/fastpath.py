@@ -54,7 +54,8 @@ _NEVER = np.iinfo(np.int64).max
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
-STOP_SOFTWARE, STOP_PUNT, STOP_OFFER = kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_OFFER
+STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER = (kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME,
+                                                   kb.STOP_OFFER)
 
 
 class Fastpath:
@@ -245,7 +246,8 @@ def compilations() -> int:
     """How many times this process compiled the fast path's kernel (0: it came from the
     cache)."""
     return sum(sum(k.stats.cache_misses.values()) for k in (kb.run_rows, kb.row_marks,
-                                                            kb.pair_mark))
+                                                            kb.pair_mark, kb.pick_rows,
+                                                            kb.pass_tally))
 
 
 def warm() -> float:
@@ -280,7 +282,9 @@ def warm() -> float:
                             np.full(1, n, np.uint32), np.ones(1, np.uint16),
                             np.zeros(1, np.int64))
     fp.run(res, res.ts, np.zeros(1, np.int64), 0, _NEVER)
-    Repass().pick(res, np.zeros(1, np.int64), 0, [flow])  # row_marks and pair_mark
+    Repass().pick(res, np.zeros(1, np.int64), 0, [flow])  # row_marks and pick_rows
+    kb.pass_tally(np.ones(1, np.bool_), res.verdict, res.tier, res.wire_len, int(Tier.PNIC),
+                  np.empty(1, np.bool_))  # the host's count after a PNIC pass
     fragment_rows(res.buf, res.offset, res.caplen, res.linktype, res.wire_len)
     fp.expire(1 << 41)
     return time.perf_counter() - started

@@ -20,7 +20,7 @@ from flowshift.flow import FlowKey
 from flowshift.tiers._pnic_index import KEY_TAKEN, NO_ROOM
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.pnic_engine import RETURN_REASONS, PnicEngine
-from flowshift.verdict import PuntReason, RefuseReason, ReturnReason
+from flowshift.verdict import RefuseReason, ReturnReason
 
 PUNT = -1
 _OWNER = field_offsets()["owner"]  # the entry's owner byte
@@ -28,6 +28,7 @@ _PNIC_OWNER = bytes([Tier.PNIC])
 # an insert's outcome (tiers/_pnic_index.py) as an OffloadResults byte
 _REFUSALS = np.zeros(3, np.uint8)
 _REFUSALS[NO_ROOM], _REFUSALS[KEY_TAKEN] = RefuseReason.FULL, RefuseReason.DUPLICATE
+_RETURN_BY_PUNT = {int(punt): int(why) for punt, why in RETURN_REASONS.items()}  # plain ints
 
 
 class Pnic:
@@ -176,7 +177,7 @@ class Pnic:
             return
         for i in np.flatnonzero(select & (returned >= 0)).tolist():
             raw = self.engine.take_returned(int(returned[i]))
-            out.append(ch.Return(raw, RETURN_REASONS[PuntReason(int(reason[i]))], int(ts[i])))
+            out.append(ch.Return(raw, _RETURN_BY_PUNT[int(reason[i])], int(ts[i])))
 
     def _packets(self, msg: ch.Packets, out: list[ch.Msg]) -> None:
         n = len(msg.index)

@@ -17,10 +17,10 @@ import numpy as np
 
 from flowshift.entry import Flow
 from flowshift.flow import FlowKey
-from flowshift.results import PENDING, BatchResults
+from flowshift.results import BatchResults
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.tiers.pnic_engine import address_words, kernel_arg
+from flowshift.tiers.pnic_engine import address_words, kernel_arg, key_words
 
 
 def _signed(v: int) -> int:
@@ -36,13 +36,14 @@ def key_mark(key: FlowKey) -> int:
 
 
 class Repass:
-    """Row marks of the current segment, computed when a flow first moves down in it, and the
-    rows sorted by mark: a pick costs the rows it finds, not the rows left."""
+    """Row marks of the current segment, computed when a flow first moves down in it: a pick
+    scans the marks of the rows left, a compare each, and parses nothing again."""
 
     def __init__(self) -> None:
         self._f = np.zeros(N_FIELDS + 2, np.int64)
-        self._marks = np.zeros(0, np.int64)  # the segment's marks, sorted
-        self._rows = np.zeros(0, np.int64)  # the row of each, in input order within a mark
+        self._marks = np.zeros(0, np.int64)  # the mark of each row left at the first pick
+        self._rows = np.zeros(0, np.int64)  # those rows
+        self._out = np.zeros(0, np.int64)  # a pick's rows
         self._known = False
 
     def begin(self) -> None:
@@ -57,16 +58,13 @@ class Repass:
         if not len(left) or not flows:
             return left[:0]
         if not self._known:  # every row left in the segment, once
-            marks = np.empty(len(left), np.int64)
+            self._marks = np.empty(len(left), np.int64)
             kb.row_marks(res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len,
-                         res.linktype, left, 0, marks, self._f)
-            order = np.argsort(marks, kind="stable")
-            self._marks, self._rows = marks[order], left[order]
+                         res.linktype, left, 0, self._marks, self._f)
+            self._rows, self._out = left, np.empty(len(left), np.int64)
             self._known = True
-        wanted = {key_mark(k) for f in flows for k in (f.key, f.xlat)}
-        found = [self._rows[np.searchsorted(self._marks, m, "left"):
-                            np.searchsorted(self._marks, m, "right")] for m in wanted]
-        got = np.sort(np.concatenate(found)) if len(found) > 1 else found[0]
-        got = got[got >= left[0]]
-        undecided: np.ndarray = got[res.verdict[got] == PENDING]
+        keys = np.array([key_words(k) for f in flows for k in (f.key, f.xlat)], np.int64)
+        n = kb.pick_rows(self._marks, self._rows, len(self._rows) - len(left), keys,
+                         np.empty(len(keys), np.int64), res.verdict, self._out)
+        undecided: np.ndarray = self._out[:n].copy()
         return undecided

@@ -55,6 +55,7 @@ _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
 _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = (1 << 63) - 1  # an int64: the fast path compares times with it
 _ANSWERS = bytes([0, *RefuseReason])  # the bytes of an OffloadResults: ack or a refusal
+_RETURN_LABELS = {int(r): r.label for r in ReturnReason}  # a Return's reason, checked and named
 _UNANSWERED = -1  # an offer of an Offloads that got no valid answer
 
 
@@ -138,8 +139,9 @@ class Vnic:
 
     # -- machine -> VNIC ---------------------------------------------------------------------
 
-    def adopt(self, msg: ch.Handoff) -> int:
-        """Take over a machine's chain from its handoff message; the entries taken."""
+    def adopt(self, msg: ch.Handoff, now: int = -1) -> int:
+        """Take over a machine's chain from its handoff message; the entries taken. At `now`
+        (>= 0: during a batch), its flows go on running compiled, as they did at the machine."""
         m = msg.machine
         cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
         chain = VnicChain(cfg, m)
@@ -149,9 +151,13 @@ class Vnic:
             chain.flows.use_cache(self.fastpath)
         if chain.lb is not None:
             chain.lb.restore(msg.lb_state)
-        for raw in msg.entries:
-            chain.import_flow(Flow.from_bytes(raw))
+        flows = [Flow.from_bytes(raw) for raw in msg.entries]
+        for flow in flows:
+            chain.import_flow(flow)
         self.chains[m] = chain
+        if now >= 0:
+            for flow in flows:
+                self._admit(m, flow, now)
         self.peaks()
         return len(msg.entries)
 
@@ -191,6 +197,10 @@ class Vnic:
         let it run on the fast path."""
         if flow.owner == _VNIC and self.policy.wants(flow):
             self.consider(machine, flow.key, now)
+        self._admit(machine, flow, now)
+
+    def _admit(self, machine: int, flow: Flow, now: int) -> None:
+        """Let a flow the VNIC owns run on the fast path, if it may now."""
         fp = self.fastpath
         chain = self.chains[machine]
         if fp is not None and fp.on and chain is not None and not self.queue.pending(flow.key):
@@ -454,6 +464,10 @@ class Vnic:
         every entry expired by `now` handed back (no round trip when none can have)."""
         if self.synced_at == now and not self.batch and not self.outstanding:
             return
+        if not (self.batch or self.outstanding or self.deferred) and not (
+                self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
+            self.synced_at = now  # nothing to apply, nothing expired: no barrier to wait at
+            return
         self.drain(now)
         self._expire_deferred(now)
         if self.alive and self.healthy and self.pnic_flows and not (
@@ -591,7 +605,8 @@ class Vnic:
         self._release(fkey)
 
     def _on_return(self, msg: ch.Return, at: int) -> None:
-        if msg.reason not in ReturnReason._value2member_map_:
+        label = _RETURN_LABELS.get(msg.reason)
+        if label is None:
             self._reject("bad-reason")
             return
         flow = self._entry(msg.entry)
@@ -610,13 +625,15 @@ class Vnic:
             chain.flows.remove(old[0])
         chain.import_flow(flow)
         self.pnic_flows -= 1
-        label = ReturnReason(msg.reason).label
         self.stats.count(self.stats.returned, label)
         self.stats.events.append((at, "return", label))
         self.queue.cancel(fkey)  # the answer to a recall, if we sent one
         self.backoff[fkey] = 2 * (flow.packets[0] + flow.packets[1]) + 1
         if not self.queue.in_flight(fkey):
             self._release(fkey)
+        # the packet it came back at (a FIN, mostly) and the rest run compiled, as they
+        # would have had it never left software
+        self._admit(fkey.zone, flow, at)
 
     def _on_results(self, msg: ch.Results, at: int) -> None:
         n = len(msg.index)
