@@ -44,7 +44,6 @@ TAIL = 1 << 18  # bytes read past a piece for its last record (a longer one: rea
 RECORD_MIN = 64  # bytes per record the columns have room for, on average (an Ethernet
 #                  frame's 60 and its header's 16 are more; a piece of smaller ones: alone)
 ASIDE = 1 << 21  # bytes of frames for the slow path per piece (more: read alone)
-PLACE = 4096  # records placed at a time, most of them still in the processor's cache
 DEPTH = 3  # slots per shard: each reads ahead while the others take its earlier pieces
 START_WAIT = 5.0  # s a shard waits for another to start before it reads alone
 STALL_WAIT = 20.0  # s it waits for one that started but stopped moving
@@ -317,7 +316,7 @@ class _Shared:
         want = min(start + lay.piece + lay.tail, self.size) - start
         limit, big = header.record_limit, header.big_endian
         first = 0 if j == 0 else -1
-        filled = pos = m = cut = placed = 0
+        filled = pos = m = cut = 0
         while filled < want and pos < stop:
             got = os.preadv(self.fd, [data[filled:min(filled + SIP, want)].data],
                             start + filled)
@@ -331,14 +330,12 @@ class _Shared:
                 pos = first
             m, pos, why = _walk(data[:filled], pos, big, self.frac_ns, limit, m, c["ts"],
                                 c["caplen"], c["wire"], c["src"])
+            placed = cut
             cut = int(np.searchsorted(c["src"][:m], stop + 16))  # records starting before stop
-            if cut - placed >= PLACE:
+            if cut > placed:  # while the bytes just read are in the processor's cache
                 self.part.sharder.plain(self._frames(s, placed, cut), c["shard"][placed:cut])
-                placed = cut
             if why != MORE:  # corrupt, or no room for more records
                 break
-        if cut > placed:
-            self.part.sharder.plain(self._frames(s, placed, cut), c["shard"][placed:cut])
         end = -1
         if first >= 0 and cut < m:
             end = int(c["src"][cut]) - 16
