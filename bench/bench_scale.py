@@ -8,7 +8,8 @@ builds (generated once per work dir). Measures:
 
 - `replay --offload elephant` serial, then `--workers N` on plain processes and on a local
   Dask cluster (started beforehand, its start-up reported apart); with the split, replay and
-  merge times of the sharded runs;
+  merge times of the sharded runs; on processes, also with every shard reading the whole
+  trace (`read="whole"`) against the shards reading it together through a ring;
 - the same with `--out` and `--verdicts`: the serial outputs' cost over the report-only run,
   against the time this disk needs for their bytes (its direct write and read rates,
   measured on a 1 GiB file in the work dir), and the sharded runs' merge (the shards' rows
@@ -18,7 +19,8 @@ builds (generated once per work dir). Measures:
 - a sweep of 8 points (pnic.capacity × offload.elephant_packets) on N workers against the same
   8 replays one after another in this process;
 - the start-up of each executor: opening it and a first small sharded replay (workers load
-  flowshift and its compiled kernels); the measured runs after it find the workers warm.
+  flowshift and its compiled kernels); a full sharded replay follows, not measured, as the
+  serial runs follow one: the measured runs find the workers warm, their memory grown.
 
 Beside each wall time it gives processor time: the serial run's, and the parallel run's on its
 critical path (the slowest shard, its reading included, + merge; for a sweep, the
@@ -138,10 +140,11 @@ def makespan(seconds: list[float], workers: int) -> float:
     return max(loads)
 
 
-def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path) -> dict[str, Any]:
+def sharded_replay(trace: Path, pool: Any, outputs: bool, work: Path, read: str = "auto"
+                   ) -> dict[str, Any]:
     kw: dict[str, Any] = {"out": work / "p.pcap", "verdicts": work / "p.csv"} if outputs else {}
     return run_sharded(trace, CONFIG, workers=pool.workers, pool=pool, offload="elephant",
-                       progress=False, **kw)
+                       progress=False, read=read, **kw)
 
 
 def head(trace: Path, n: int, path: Path) -> Path:
@@ -253,12 +256,19 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
             pool, cold = started(kind, workers, tiny)
             results["startup"][kind] = cold
             try:
+                # warm, as the serial runs were: the workers' memory grown to a full replay's
+                sharded_replay(trace, pool, False, scratch)
                 for out, timing in serial.items():
                     r = sharded_replay(trace, pool, out, scratch)
                     results[f"{kind}-{'outputs' if out else 'report'}"] = sharded_row(
                         r, timing, rows, f"replay --workers {workers} on {kind} "
                                          f"({LABELS[out]})")
                 if kind == "processes":
+                    whole = sharded_replay(trace, pool, False, scratch, read="whole")
+                    results["processes-whole"] = sharded_row(
+                        whole, serial[False], rows, f"replay --workers {workers} on processes "
+                                                    "(report only), each shard reading the "
+                                                    "whole trace (no ring)")
                     results["mice"] = mice = mice_figures(work, pool)
                     rows.append((f"replay, mice trace ({mice['packets']:,} packets, "
                                  f"{MICE_FLOWS:,} flows), serial", f"{mice['serial_s']:.2f} s",

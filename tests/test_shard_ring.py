@@ -20,6 +20,7 @@ from flowshift import cluster
 from flowshift.config import HostConfig, parse_config
 from flowshift.packet.batch import read_batches
 from flowshift.shard import Part
+from flowshift.shard_replay import ReplayError, run_sharded
 from flowshift.shard_ring import RingPart, create_ring, remove_ring
 from test_shard import (
     GATEWAY,
@@ -234,3 +235,14 @@ def test_a_watch_sees_the_shards_come_through(collisions: tuple[Path, HostConfig
         for t in threads:
             t.join(60)
         assert watch.fraction() == 1.0
+
+
+def test_a_sharded_replay_can_be_told_to_read_whole(tmp_path: Path) -> None:
+    cfg = with_start(REAL / "lb-gateway.toml", "vnic")
+    with cluster.open_executor(2, kind="processes") as pool:
+        whole = run_sharded(TRACE, cfg, workers=2, pool=pool, progress=False, read="whole")
+        ring = run_sharded(TRACE, cfg, workers=2, pool=pool, progress=False)
+        with pytest.raises(ReplayError, match="read must be auto or whole"):
+            run_sharded(TRACE, cfg, workers=2, pool=pool, progress=False, read="half")
+    assert (whole["sharding"]["read"], ring["sharding"]["read"]) == ("whole", "ring")
+    assert_same_counters(whole, ring)

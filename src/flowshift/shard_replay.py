@@ -153,11 +153,15 @@ def run_sharded(
     progress: bool = True,
     plot_window: tuple[float | None, float | None] | None = None,
     pool: Executor | None = None,
+    read: str = "auto",
 ) -> dict[str, Any]:
     """`run_replay` over `workers` shards (or every worker of the cluster at `scheduler`);
     the same outputs and report, plus `sharding` and `shards`. `pool`: an executor to use
-    (not closed here) instead of opening one. Outputs appear whole or not at all, as
-    `run_replay`'s."""
+    (not closed here) instead of opening one. `read`: "auto" (through a ring where the
+    shards can share one, docs/scale.md) or "whole" (every shard reads the whole trace).
+    Outputs appear whole or not at all, as `run_replay`'s."""
+    if read not in ("auto", "whole"):
+        raise ReplayError(f"read must be auto or whole, not {read!r}")
     with AtomicOutputs() as files:
         started = time.perf_counter()
         outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
@@ -187,7 +191,8 @@ def run_sharded(
             caps = shard_capacities(total_capacity, n)
             placement = place(trace, cfg, n)
             # shards on this machine, all running at once, read a classic pcap together
-            if ex.kind != "dask" and n <= ex.workers and fmt == "pcap" and usable(n):
+            if (read == "auto" and ex.kind != "dask" and n <= ex.workers and fmt == "pcap"
+                    and usable(n)):
                 ring = create_ring(n)
             base = to_dict(cfg)
             doing = f"replaying {os.path.basename(os.fspath(trace))} in {n} shards on {ex.kind}"
