@@ -504,8 +504,9 @@ class Part:
     """Shard `k` of `n` read straight from the whole trace: its packets in input order, a
     batch per piece of the trace, with the trace's `problem` on the last. No shard file is
     written: every shard reads the whole trace and keeps its packets, so the split runs in
-    parallel, in the workers. A batch's arrays are recycled for the batch after the next
-    one, as `read_batches(reuse=True)` does.
+    parallel, in the workers (shard_ring.RingPart: the shards read it together instead). A
+    batch's arrays are recycled for the batch after the next one, as
+    `read_batches(reuse=True)` does.
 
     After the batches are read: `index` (the input position of each of its packets),
     `first_ns`/`end_ns` (the whole trace's first and latest packet), `counts` (packets per

@@ -1,6 +1,7 @@
 """A replay split across workers: one full `run_replay` per shard on an executor (cluster.py),
-each reading the whole trace and keeping its packets (shard.Part: split by outside endpoint),
-and the outputs merged back in input order (shard_merge.py). docs/scale.md says which results
+each keeping its packets of the trace (shard.Part: split by outside endpoint; shards on one
+machine read it together, shard_ring.py), and the outputs merged back in input order
+(shard_merge.py). docs/scale.md says which results
 are exactly the serial ones and which differ, by design, where the host keeps state across
 flows.
 """
