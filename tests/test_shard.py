@@ -546,10 +546,23 @@ def test_dask_local_cluster_and_existing_scheduler(tmp_path: Path) -> None:
         assert local.kind == "dask-local" and local.startup_seconds > 0
         result = run_sharded(TRACE, cfg, scheduler=local.address, verdicts=tmp_path / "b.csv",
                              progress=False)
+        # tasks that must run at once go to a worker each
+        where = [f.result() for f in local.submit_spread(_worker_address, [(), ()])]
+        assert len(set(where)) == 2
+        ring = run_sharded(TRACE, cfg, workers=2, pool=local, verdicts=tmp_path / "c.csv",
+                           progress=False)
     assert same_file(tmp_path, "csv")
+    assert ring["sharding"]["read"] == "ring" and ring["packets"] == serial["packets"]
+    assert filecmp.cmp(tmp_path / "a.csv", tmp_path / "c.csv", shallow=False)
     assert result["packets"] == serial["packets"]
     info = result["sharding"]["cluster"]
     assert info["kind"] == "dask" and info["workers"] == 2 and info["startup_seconds"] >= 0
+
+
+def _worker_address() -> str:
+    from distributed import get_worker
+
+    return str(get_worker().address)
 
 
 TCPDUMP = REAL.parent / "tcpdump"

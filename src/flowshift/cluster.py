@@ -51,6 +51,19 @@ class Executor:
             return self._client.submit(fn, *args, pure=False, **kwargs)
         return self._pool.submit(fn, *args, **kwargs)
 
+    def submit_spread(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[Any]:
+        """One task per call, each asked of a worker of its own where there are enough (a
+        Dask cluster may otherwise queue two on one worker while another idles): for tasks
+        that work together and must run at once. A plain pool runs them at once anyway."""
+        if self._client is None:
+            return [self._pool.submit(fn, *args) for args in calls]
+        workers = sorted(self._client.scheduler_info().get("workers", {}))
+        if len(workers) < len(calls):
+            return [self.submit(fn, *args) for args in calls]
+        return [self._client.submit(fn, *args, pure=False, workers=[w],
+                                    allow_other_workers=True)
+                for args, w in zip(calls, workers, strict=False)]
+
     def as_completed(self, futures: list[Any]) -> Iterator[Any]:
         if self._client is not None:
             from distributed import as_completed as dask_completed

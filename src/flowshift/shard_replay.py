@@ -200,6 +200,7 @@ def run_sharded(
             status.show(doing)
             replayed = time.perf_counter()
             need_rows = verdicts is not None or out is not None
+            calls = []
             for k in range(n):
                 d = work / f"shard-{k}"
                 d.mkdir()
@@ -212,8 +213,10 @@ def run_sharded(
                     "dump_path": os.fspath(d / "flows.txt") if dump_at is not None else None,
                     "plot_data": os.fspath(d / "plot.json") if plot is not None else None,
                 }
-                futures.append(ex.submit(replay_part, os.fspath(trace), shard_cfg, k, n, placement,
-                                         options, ring))
+                calls.append((os.fspath(trace), shard_cfg, k, n, placement, options, ring))
+            # shards sharing a ring run at once, each on a worker of its own
+            futures += (ex.submit_spread(replay_part, calls) if ring is not None else
+                        [ex.submit(replay_part, *args) for args in calls])
             status.wait(futures, doing, RingWatch(ring) if ring is not None else None)
             done = [f.result() for f in futures]
             replayed = time.perf_counter() - replayed
