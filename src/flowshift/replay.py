@@ -342,13 +342,18 @@ def run_replay(
                 "occupancy": run.host.stats.occupancy,
                 "events": [[t, kind] for t, kind, _ in run.host.stats.events]}), encoding="utf-8")
         if report is not None:
-            from json import dumps
-
-            try:
-                Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
-            except OSError as e:
-                raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
+            write_report(temps["report"], report, result)
         return result
+
+
+def write_report(temp: str, report: str | os.PathLike[str], result: dict[str, Any]) -> None:
+    """The report as JSON to `temp`, the temporary name of `--report report`."""
+    from json import dumps
+
+    try:
+        Path(temp).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
 
 
 def _act(run: _Run, action: str, dump_path: str | os.PathLike[str] | None, now: int) -> None:

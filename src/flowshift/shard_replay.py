@@ -31,6 +31,7 @@ from flowshift.replay import (
     check_request,
     run_replay,
     verdicts_header,
+    write_report,
 )
 from flowshift.shard import Part, Placement, place
 from flowshift.shard_merge import (
@@ -311,10 +312,5 @@ def run_sharded(
             except OSError as e:
                 raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
         if report is not None:
-            from json import dumps
-
-            try:
-                Path(temps["report"]).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
-            except OSError as e:
-                raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
+            write_report(temps["report"], report, result)
         return result

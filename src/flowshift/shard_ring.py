@@ -240,8 +240,7 @@ class _Shared:
     def _take(self, s: int, m: int, aside: int) -> tuple[Batch, np.ndarray]:
         ring = self.ring
         c = ring.cols[s]
-        batch = Batch(ts_ns=c["ts"][:m], caplen=c["caplen"][:m], wire_len=c["wire"][:m],
-                      linktype=self.linktypes[:m], offset=c["src"][:m], buf=ring.data[s])
+        batch = self._frames(s, 0, m)
         shard = c["shard"][:m].copy()
         if aside:  # placed here, in input order, from their untouched copies
             rows = np.flatnonzero(shard < 0)
