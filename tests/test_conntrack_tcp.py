@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowshift.conntrack_types import Knobs
 from flowshift.packet.view import (
     TCP_ACK,
     TCP_CWR,
@@ -39,6 +40,7 @@ from flowshift.services.conntrack_tcp import (
     TcpState,
     relearn,
     tcp_new,
+    tcp_open,
     tcp_packet,
     tcp_valid_flags,
 )
@@ -795,3 +797,47 @@ def test_arbitrary_packets_never_raise_and_keep_fields_in_range(
                 assert 0 <= getattr(d, name) < 1 << bits, name
         for name, bits in _CONN_BITS.items():
             assert 0 <= getattr(conn, name) < 1 << bits, name
+
+
+# the sysctls tcp_open's short way reads or could be thought to read
+knob_sets = st.builds(
+    Knobs,
+    tcp_loose=st.booleans(),
+    tcp_be_liberal=st.booleans(),
+    tcp_max_retrans=st.integers(0, 5),
+    tcp_timeout_max_retrans=st.sampled_from([TIMEOUT_RETRANS_NS, 1, 10**12]),
+    tcp_timeout_unacknowledged=st.sampled_from([TIMEOUT_UNACK_NS, 1]),
+)
+syns = st.builds(
+    Packet,
+    data=st.just(bytearray()),
+    linktype=st.just(1),
+    wire_len=st.just(0),
+    flags=st.one_of(st.sampled_from([TCP_SYN, TCP_SYN | 0x40 | 0x80, TCP_SYN | 0x08, SA, A]),
+                    st.integers(0, 255)),
+    seq=st.one_of(st.integers(0, M32), st.integers(-(2**33), 2**33)),
+    ack=st.integers(-(2**33), 2**33),
+    window=st.one_of(st.integers(0, 0xFFFF), st.integers(-1, 70000)),
+    payload_len=st.one_of(st.integers(0, 1500), st.integers(-5, 2**32)),
+    tcp_hlen=st.integers(0, 60),
+    wscale=st.integers(-3, 300),
+    sack_perm=st.booleans(),
+    mss=st.integers(0, 1460),
+    sack=st.lists(st.tuples(st.integers(0, M32), st.integers(-5, 2**33)), max_size=2).map(tuple),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(syns, knob_sets)
+def test_tcp_open_is_tcp_new_then_tcp_packet(pkt: Packet, knobs: Knobs) -> None:
+    """The packet that opens a conntrack: tcp_open's short way for a plain SYN leaves the
+    conntrack and gives the result exactly as tcp_new and then tcp_packet do."""
+    slow = TcpConn()
+    created = tcp_new(slow, pkt, knobs)
+    fast = TcpConn()
+    got = tcp_open(fast, pkt, knobs)
+    if not created:
+        assert got is None
+        return
+    assert got == tcp_packet(slow, 0, pkt, False, knobs)
+    assert fast == slow

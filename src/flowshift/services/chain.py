@@ -253,7 +253,7 @@ class Chain:
 
     def _decide_new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
         proto = key.proto
-        tcp = None
+        tcp = opened = None
         untrackable = proto in _ECHO_REQUESTS and (pkt.icmp_id < 0
                                                    or pkt.icmp_type != _ECHO_REQUESTS[proto])
         if not untrackable and not self._room(key, now):
@@ -261,7 +261,9 @@ class Chain:
             return Outcome(Verdict.DROP, Reason.TABLE_FULL)
         if proto == PROTO_TCP:
             tcp = ct_tcp.TcpConn()
-            if not ct_tcp.tcp_new(tcp, pkt, self.knobs):
+            # tracked now, judged after the rules (as Linux's tcp_new, then tcp_packet)
+            opened = ct_tcp.tcp_open(tcp, pkt, self.knobs)
+            if opened is None:
                 return Outcome(Verdict.DROP, Reason.INVALID)
         elif untrackable:
             # not trackable (echo reply with no request, other ICMP types): judged by the
@@ -301,11 +303,10 @@ class Chain:
                     status=_NAT if xlat != key else 0, rule=rule, backend=backend,
                     created=now, last_seen=now, stream_ts=now + UDP_STREAM_AFTER,
                     owner=self.tier)
-        if tcp is not None:  # set above for, and only for, TCP
-            res = _tcp_packet(tcp, 0, pkt, False, self.knobs)
-            if res.action != _TCP_ACCEPT or res.timeout_ns <= 0:
+        if opened is not None:  # set above for, and only for, TCP
+            if opened.action != _TCP_ACCEPT or opened.timeout_ns <= 0:
                 return Outcome(Verdict.DROP, Reason.INVALID)
-            flow.expires = now + res.timeout_ns
+            flow.expires = now + opened.timeout_ns
         elif proto == PROTO_UDP:
             udp_update(flow, 0, now, self.knobs)
         elif proto in _ECHO_REQUESTS:
