@@ -187,7 +187,8 @@ def test_the_entry_does_not_import_the_services() -> None:
 
 
 @pytest.mark.parametrize("kernels", ["tiers._pnic_batch", "tiers._fastpath_batch",
-                                     "packet.batch", "packet.fragrows", "_verdict_rows"])
+                                     "packet.batch", "packet.fragrows", "_verdict_rows",
+                                     "services.maglev"])
 def test_compile_cache_is_keyed_by_every_kernel_source(kernels: str) -> None:
     """Changing any module the kernels read invalidates the cache (numba alone would only see
     the kernel's own file)."""

@@ -19,10 +19,10 @@ import math
 import struct
 from collections.abc import Sequence
 
-import numba
 import numpy as np
 
 from flowshift.flow import FlowKey
+from flowshift.tiers._pnic_mem import cached
 
 DEFAULT_TABLE_SIZE = 65537
 MAX_TABLE_SIZE = 1 << 24  # 64 MiB of int32: far beyond any sensible pool
@@ -56,7 +56,7 @@ def is_prime(n: int) -> bool:
     return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
 
 
-@numba.njit(cache=True)
+@cached()
 def _populate(offsets, skips, weights, size):  # pragma: no cover - compiled
     table = np.full(size, NO_BACKEND, np.int32)
     n = offsets.shape[0]

@@ -53,6 +53,7 @@ SOURCES = (
     "packet/view.py",
     "services/__init__.py",
     "services/conntrack_tcp.py",
+    "services/maglev.py",
     "tiers/__init__.py",
     "tiers/_fastpath_batch.py",
     "tiers/_pnic_batch.py",
