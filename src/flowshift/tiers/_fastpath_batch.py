@@ -24,7 +24,7 @@ import numpy as np
 
 from flowshift.entry import field_offsets
 from flowshift.results import PENDING
-from flowshift.tiers._pnic_batch import classify, punt_reason
+from flowshift.tiers._pnic_batch import AHEAD, classify, punt_reason
 from flowshift.tiers._pnic_flow import (
     ASSURED,
     E_BYTES,
@@ -49,7 +49,7 @@ from flowshift.tiers._pnic_index import (
     index_remove,
     lookup,
 )
-from flowshift.tiers._pnic_mem import kernel, ld16, ld64
+from flowshift.tiers._pnic_mem import kernel, ld16, ld64, prefetch
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
@@ -158,7 +158,12 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     machine, 1 when its table has a limit (then only assured flows are offered, as
     Vnic.consider does).
     """
-    for j in range(start, len(rows)):
+    n = len(rows)
+    for j in range(start, n):
+        if j + AHEAD < n:  # a later frame's headers, as the PNIC's pass asks for them
+            at = offset[rows[j + AHEAD]]
+            prefetch(buf, at)
+            prefetch(buf, at + 63)
         i = rows[j]
         if verdict[i] != PENDING:  # the PNIC's already: its flow moved down after rows was cut
             continue
@@ -202,7 +207,7 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
             if total >= offer_at[slot]:
                 returned[i] = slot
                 return j + 1, STOP_OFFER, 0
-    return len(rows), DONE, 0
+    return n, DONE, 0
 
 
 _M1 = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15: splitmix64's constants
