@@ -34,6 +34,7 @@ from flowshift.flow import NS_PER_S
 from flowshift.host import Host
 from flowshift.offload import POLICIES
 from flowshift.output import AtomicOutputs
+from flowshift.packet.ahead import ReadAhead, spare_cores
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.direct import DirectWriter
 from flowshift.packet.pcap import MAX_SNAPLEN, PcapWriter, open_trace, trace_linktype_name
@@ -206,6 +207,7 @@ def run_replay(
     part: Part | None = None,
     engine: str = "compiled",
     row_data: str | os.PathLike[str] | None = None,
+    read_ahead: bool | None = None,
 ) -> dict[str, Any]:
     """Replay `trace` through a host built from `config`; return the report (also written to
     `report` when given). Raises ConfigError, TraceError or ReplayError on bad input.
@@ -223,7 +225,9 @@ def run_replay(
     `row_data`: write the verdict rows as data for a merge (_verdict_rows.ROW_DATA), not
     renamed into place (a sharded run's work file).
     `engine`: "compiled" (established flows of the software tiers run on their compiled fast
-    path) or "reference" (every software packet in Python); the results are identical."""
+    path) or "reference" (every software packet in Python); the results are identical.
+    `read_ahead`: read the trace a batch ahead in a thread of its own (packet/ahead.py; not
+    for a `part`); None: when the process has more than one core. The results are identical."""
     with AtomicOutputs() as files:
         outputs = check_request(trace, out=out, verdicts=verdicts, report=report, plot=plot,
                                 dump_path=dump_path, offload=offload, pnic=pnic,
@@ -280,8 +284,11 @@ def run_replay(
             if bar is not None:
                 stack.enter_context(bar[0])
             dump_temp = temps.get("dump-flows")
+            ahead = part is None and (spare_cores() if read_ahead is None else read_ahead)
             source: Iterable[Batch] = part if part is not None else read_batches(
                 trace, BATCH, reuse=True)
+            if ahead:
+                source = stack.enter_context(ReadAhead(iter(source)))
             fired = run.replay(iter(source), schedule, dump_temp, bar)
             run.host.finish()
             for done in run.host.ready():  # batches that waited for fragments to the end
@@ -324,6 +331,7 @@ def run_replay(
         result = build_report(
             run.tally, run.host.stats, version=__version__, trace=trace_info, options=options,
             config=to_dict(cfg), schedule=fired, outputs=outputs, wall_seconds=wall)
+        result["timing"]["read_ahead"] = ahead
         if run.linktype_mismatch:
             result["packets"]["out_linktype_mismatch"] = run.linktype_mismatch
         if plot is not None:

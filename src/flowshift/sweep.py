@@ -25,6 +25,7 @@ from typing import Any
 
 from flowshift.cluster import Executor
 from flowshift.config import ConfigError, HostConfig, parse_config, to_dict
+from flowshift.packet.ahead import spare_cores
 from flowshift.replay import run_replay
 from flowshift.verdict import RefuseReason, ReturnReason
 
@@ -196,7 +197,11 @@ def execute(plan: SweepPlan, executor: Executor, progress: bool = True
     """Run a plan's points on the executor; write sweep.csv, sweep.json and the plots into
     its directory, all or nothing. The rows, in grid order."""
     started = time.perf_counter()
-    futures = [executor.submit(run_point, *run) for run in plan.runs]
+    # a point reads its trace ahead in a thread of its own when the workers leave a core free
+    # (a cluster's workers are taken to have a core each)
+    ahead = executor.kind != "dask" and spare_cores(executor.workers)
+    futures = [executor.submit(run_point, trace, config, {**options, "read_ahead": ahead})
+               for trace, config, options in plan.runs]
     where = {id(f): i for i, f in enumerate(futures)}
     rows: list[dict[str, Any] | None] = [None] * len(futures)
     bar = _progress(progress, len(futures))

@@ -107,7 +107,7 @@ def _u32(b: np.ndarray, i: int, big: bool) -> np.int64:
     )
 
 
-@cached()
+@cached(nogil=True)  # a read-ahead thread walks beside the replay (ahead.py)
 def _walk(chunk, pos, big, frac_ns, limit, n, ts, caplen, wire, src):
     """Decode whole records from chunk[pos:] into slots n.. of the arrays (src: where each frame
     starts in chunk). Returns (next slot, next pos, why it stopped)."""
@@ -266,7 +266,7 @@ def _stop(info, kind, a, b):
     info[2] = b
 
 
-@cached()
+@cached(nogil=True)
 def _walk_ng(chunk, pos, big, n, ts, caplen, wire, src, lt, ifaces, n_if, last_ts, info):
     """Decode whole pcapng blocks from chunk[pos:] into slots n.. of the arrays, as the frame
     reader does (packet/pcap.py). Returns (next slot, next pos, why it stopped, byte order,

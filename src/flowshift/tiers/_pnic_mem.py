@@ -121,7 +121,9 @@ def kernel(*, inline: bool = True, private: bool = False) -> Callable[[Callable[
     packet, half of the engine's time. numba's own `inline="always"` inlines its IR instead and
     types the callee again at every call site: slower to compile, and no faster.
     `private`: called from other kernels only, never from Python: numba builds no CPython or C
-    wrapper for it (a seventh of the compilation)."""
+    wrapper for it (a seventh of the compilation).
+    The GIL is released while a kernel runs (`nogil`): a thread reading the trace ahead
+    (packet/ahead.py) then finds it free."""
     # `_nrt` is a real (private) numba option
     return cached(_nrt=False, forceinline=inline, no_cpython_wrapper=private,
-                  no_cfunc_wrapper=private)
+                  no_cfunc_wrapper=private, nogil=True)
