@@ -58,10 +58,14 @@ SWEEP = ("pnic.capacity=64,4096", "offload.elephant_packets=8,32,128,512")
 MICE_FLOWS = 12_000
 
 
-def serial_replay(trace: Path, outputs: bool, work: Path) -> dict[str, Any]:
+def serial_replay(trace: Path, outputs: bool, work: Path, read_ahead: bool | None = None
+                  ) -> dict[str, Any]:
+    """A serial replay; `read_ahead`: as run_replay's (None: the default, reading ahead in a
+    thread when there is a core to spare)."""
     kw: dict[str, Any] = {"out": work / "s.pcap", "verdicts": work / "s.csv"} if outputs else {}
     cpu = time.process_time()
-    report = run_replay(trace, CONFIG, offload="elephant", progress=False, **kw)
+    report = run_replay(trace, CONFIG, offload="elephant", progress=False,
+                        read_ahead=read_ahead, **kw)
     report["timing"]["cpu_seconds"] = time.process_time() - cpu
     return report
 
@@ -104,17 +108,22 @@ def outputs_cost(serial: dict[bool, dict[str, Any]], work: Path) -> dict[str, An
 
 
 def sharded_row(r: dict[str, Any], serial: dict[str, Any], rows: list[tuple[str, str, str]],
-                label: str) -> dict[str, Any]:
+                label: str, one_core: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`one_core`: the serial run reading in its main thread, for a second ratio."""
     s = r["sharding"]
     wall, serial_s, serial_cpu = r["timing"]["wall_seconds"], serial["wall_seconds"], serial[
         "cpu_seconds"]
     path = critical_cpu(r)
-    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial (read: {s['read']}; "
+    also = (f", {one_core['wall_seconds'] / wall:.2f}× serial reading in its main thread"
+            if one_core is not None else "")
+    rows.append((label, f"{wall:.2f} s", f"{serial_s / wall:.2f}× serial{also} (read: {s['read']}; "
                  f"shards {s['replay_seconds']:.2f} s, of which split {s['split_seconds']:.2f} s; "
                  f"merge "
                  f"{s['merge_seconds']:.2f} s); processor time on the critical path "
                  f"{path:.2f} s: {serial_cpu / path:.2f}× serial's"))
     return {"serial_s": serial_s, "sharded_s": wall, "speedup": serial_s / wall,
+            "speedup_one_core": (one_core["wall_seconds"] / wall if one_core is not None
+                                 else None),
             "read": s["read"],
             "split_s": s["split_seconds"], "split_cpu_s": s["split_cpu_seconds"],
             "replay_s": s["replay_seconds"], "merge_s": s["merge_seconds"],
@@ -241,8 +250,16 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
         serial_replay(trace, False, scratch)  # warm: page cache and compiled kernels
         serial = {out: serial_replay(trace, out, scratch)["timing"] for out in (False, True)}
         for out, timing in serial.items():
-            rows.append((f"replay serial ({LABELS[out]})", f"{timing['wall_seconds']:.2f} s",
+            rows.append((f"replay serial ({LABELS[out]}; read ahead: {timing['read_ahead']})",
+                         f"{timing['wall_seconds']:.2f} s",
                          f"baseline; {timing['cpu_seconds']:.2f} s processor time"))
+        # the same reading in its main thread: what a replay takes of one core
+        one_core = serial_replay(trace, False, scratch, read_ahead=False)["timing"]
+        results["serial_one_core"] = one_core
+        rows.append(("replay serial (report only), reading in its main thread",
+                     f"{one_core['wall_seconds']:.2f} s",
+                     f"{one_core['wall_seconds'] / serial[False]['wall_seconds']:.2f}× the "
+                     f"default's time; {one_core['cpu_seconds']:.2f} s processor time"))
         results["serial"] = outputs_cost(serial, scratch)
         cost = results["serial"]
         rows.append(("serial outputs' cost (--out + --verdicts)",
@@ -262,13 +279,13 @@ def main(flows: int, workers: int, workdir: Path | None, json_path: Path | None)
                     r = sharded_replay(trace, pool, out, scratch)
                     results[f"{kind}-{'outputs' if out else 'report'}"] = sharded_row(
                         r, timing, rows, f"replay --workers {workers} on {kind} "
-                                         f"({LABELS[out]})")
+                                         f"({LABELS[out]})", None if out else one_core)
                 if kind == "processes":
                     whole = sharded_replay(trace, pool, False, scratch, read="whole")
                     results["processes-whole"] = sharded_row(
                         whole, serial[False], rows, f"replay --workers {workers} on processes "
                                                     "(report only), each shard reading the "
-                                                    "whole trace (no ring)")
+                                                    "whole trace (no ring)", one_core)
                     results["mice"] = mice = mice_figures(work, pool)
                     rows.append((f"replay, mice trace ({mice['packets']:,} packets, "
                                  f"{MICE_FLOWS:,} flows), serial", f"{mice['serial_s']:.2f} s",
