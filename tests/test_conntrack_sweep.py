@@ -246,3 +246,40 @@ def test_a_reset_flow_makes_room_before_its_old_timeout() -> None:
     out = chain.process(parse(bytearray(_tcp(3, TCP_SYN, 1000)), 1), EGRESS, SECOND + 200)
     assert out.created
     assert sorted(f.key.sport for f in chain.flows) == [2, 3]
+
+
+def _udp_flow(src: bytes, dst: bytes, sport: int, dport: int, expires: int,
+              nat: bytes | None = None) -> Flow:
+    key = FlowKey(4, PROTO_UDP, 0, src, dst, sport, dport)
+    return Flow(key=key, xlat=key if nat is None else key._replace(src=nat), machine=0,
+                chain=1, expires=expires, owner=VNIC)
+
+
+def test_a_flow_added_again_after_its_key_was_taken_over_is_swept_once() -> None:
+    """Another flow's reply tuple takes a flow's own key; that flow goes when the first is
+    added again, and the first, back in the table, has one deadline: a sweep takes it once."""
+    a, g = HOSTS[0], HOSTS[2]
+    table = FlowTable(4)
+    c = _udp_flow(g, g, 2, 1, 100)
+    f = _udp_flow(a, g, 1, 2, 100, nat=g)  # its reply, g:2 -> g:1, is c's key
+    assert f.reply_key == c.key
+    table.add(c)
+    table.add(f)
+    table.add(c)  # c again: f, holding c's key, goes
+    assert [id(x) for x in table.sweep(100, keep=PNIC)] == [id(c)]
+    assert not list(table)
+
+
+def test_a_flow_whose_reply_is_its_own_key_is_listed_and_swept() -> None:
+    """A packet to its own address and port: the flow's two keys are one."""
+    a = HOSTS[0]
+    for buckets in (0, 4):
+        table = FlowTable(buckets)
+        loop = _udp_flow(a, a, 7, 7, 100)
+        assert loop.reply_key == loop.key
+        table.add(loop)
+        assert table.get(loop.key) == (loop, 1)  # found as the reply, as Linux does
+        assert [id(x) for x in table] == [id(loop)]
+        keep = PNIC if buckets else -1
+        assert [id(x) for x in table.sweep(100, keep=keep)] == [id(loop)]
+        assert table.get(loop.key) is None

@@ -176,8 +176,8 @@ class FlowTable:
     def __iter__(self) -> Iterator[Flow]:
         if self.cached and self.cache is not None:
             self.cache.pull_all(self)
-        for flow, direction in list(self._by_key.values()):
-            if direction == 0:
+        for key, (flow, direction) in list(self._by_key.items()):
+            if direction == 0 or key is flow.key:  # its own key (a reply of its own: both)
                 yield flow
 
     def detach(self, flow: Flow) -> None:
@@ -214,7 +214,16 @@ class FlowTable:
         self._insert(flow)
 
     def _insert(self, flow: Flow) -> None:
+        if self.buckets:
+            d = self._deadline.get(id(flow))
+            if d is not None and d.flow is flow:
+                # still here by its reply key alone (another flow's reply took its own key
+                # over, and that flow is gone): one place in the buckets, one deadline
+                self.remove(flow)
         reply = flow.reply_key
+        # A flow whose reply is its own key (a packet to its own address and port) is held
+        # under it as the reply, as Linux finds its reply tuple first; it is still listed
+        # and swept by that key.
         self._by_key[flow.key] = (flow, 0)
         self._by_key[reply] = (flow, 1)
         if self.buckets:
@@ -278,9 +287,9 @@ class FlowTable:
             self.cache.expire(now)  # a cached flow's expiry is the cache's: expired ones back
         if self.buckets and keep == _PNIC:
             return self._sweep_due(now, spare)
-        gone = [flow for flow, direction in self._by_key.values()
-                if direction == 0 and flow.expires <= now and flow.owner != keep
-                and (spare is None or not spare(flow.key))]
+        gone = [flow for key, (flow, direction) in self._by_key.items()
+                if (direction == 0 or key is flow.key) and flow.expires <= now
+                and flow.owner != keep and (spare is None or not spare(flow.key))]
         for flow in gone:
             self.remove(flow)
         return gone
@@ -298,7 +307,7 @@ class FlowTable:
                 continue  # stale: the flow left, or has an entry at another time
             d.due = None  # handled below: a duplicate of this entry is stale now
             hit = by_key.get(flow.key)
-            if hit is None or hit[0] is not flow or hit[1] != 0:
+            if hit is None or hit[0] is not flow:
                 pass  # its key was taken over by another flow: not the table's to sweep
             elif flow.owner == _PNIC:
                 pass  # the PNIC's: `add` or `touch` when it comes back
