@@ -22,9 +22,10 @@ PACKAGE = SRC / "flowshift"
 # bottom to top; a module imports only from its layer and those before it
 LAYERS: dict[str, tuple[str, ...]] = {
     # and the kernels' compiler settings, cache and loads/stores, which every compiled module
-    # uses (the packet reader's too) and which import only the package's version
+    # uses (the packet reader's too) and which import only the package's version; and the
+    # with-block of everything that closes (the trace readers and writers among them)
     "flow": ("flowshift", "flowshift.flow", "flowshift.verdict", "flowshift.tiers._pnic_mem",
-             "flowshift.tiers._pnic_cache"),
+             "flowshift.tiers._pnic_cache", "flowshift.closing"),
     "packet": ("flowshift.packet",),
     "entry": ("flowshift.entry", "flowshift.conntrack_types", "flowshift.results"),
     "config": ("flowshift.config",),

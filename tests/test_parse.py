@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.inet6 import (
@@ -28,6 +28,8 @@ from scapy.layers.sctp import SCTP
 from scapy.packet import Raw
 
 from flowshift.flow import PROTO_ICMP, PROTO_TCP, PROTO_UDP
+from flowshift.packet import parse as parse_module
+from flowshift.packet.build import tcp_frame
 from flowshift.packet.parse import parse, verify_checksums
 from flowshift.packet.view import TCP_ACK, TCP_PSH, TCP_SYN, Packet, ParseError
 
@@ -801,3 +803,66 @@ def test_linux_syn_options_read_at_once_as_one_by_one(mss, tsval, tsecr, wscale,
     if at < 0:
         assert (at_once.mss, at_once.sack_perm, at_once.tsval, at_once.tsecr, at_once.wscale) == (
             mss, True, tsval, tsecr, wscale)
+
+
+def _general_path(frame: bytes, wire_len: int | None) -> Packet:
+    """parse() with its fast path (_eth_ipv4_tcp) out of reach: every frame the general way."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(parse_module, "ETH_IPV4_TCP_LEN", 1 << 30)
+        return parse(frame, 1, wire_len)
+
+
+_FAST_PATH_OPTIONS = [
+    b"",
+    b"\1\1\x08\x0a" + struct.pack("!II", 7, 8),  # NOP NOP timestamps: read at once
+    struct.pack("!HHHHIIHBB", 0x0204, 1460, 0x0402, 0x080A, 5, 6, 0x0103, 3, 7),  # Linux SYN
+    b"\1\1\5\x0a" + struct.pack("!II", 100, 200) + b"\1\1\x08\x0a" + struct.pack("!II", 1, 2),
+    b"\2\4\5\xb4\1\0\0\0",  # MSS, NOP, end of list
+    b"\2\3\5\xb4",  # a length that is impossible for MSS
+]
+
+
+# one change to a well-formed frame: (byte offset, value) of a field the fast path decides on
+_FAST_PATH_FAULTS = st.one_of(
+    st.tuples(st.just(14), st.sampled_from([0x46, 0x55, 0x44, 0x4F])),  # version, IHL
+    st.tuples(st.just(16), st.integers(0, 0xFF)),  # total length, high byte
+    st.tuples(st.just(17), st.integers(0, 0xFF)),  # total length, low byte
+    st.tuples(st.just(20), st.sampled_from([0x40, 0x20, 0x00, 0x1F])),  # DF, MF, offset
+    st.tuples(st.just(21), st.sampled_from([0x00, 0x01])),  # offset, low byte
+    st.tuples(st.just(23), st.sampled_from([17, 1, 0])),  # protocol
+    st.tuples(st.just(46), st.integers(0, 15).map(lambda d: d << 4)),  # TCP data offset
+    st.tuples(st.integers(12, 80), st.integers(0, 0xFF)),  # any byte
+)
+
+
+@given(st.sampled_from(_FAST_PATH_OPTIONS), st.binary(max_size=24), st.integers(0, 0xFF),
+       st.lists(_FAST_PATH_FAULTS, max_size=2), st.none() | st.integers(54, 120),
+       st.integers(0, 40))
+@example(b"", b"", 0x10, [(46, 0x40)], None, 0)  # a data offset of 16 bytes
+@example(b"", b"", 0x10, [(17, 39)], None, 0)  # a segment shorter than the TCP header
+@example(b"", b"", 0x10, [(17, 41)], None, 0)  # a datagram longer than the wire
+@example(b"", b"", 0x10, [(20, 0x20)], None, 0)  # a first fragment
+@example(_FAST_PATH_OPTIONS[1], b"", 0x10, [], 62, 0)  # timestamps cut by the capture
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_path_agrees_with_the_general_path(options, payload, flags, faults, cut,
+                                                wire_extra):
+    """The unrolled parser of untagged Ethernet/IPv4/TCP frames is kept beside the general one
+    for speed; on every frame, well formed or not (a header field the fast path decides on set
+    to another value, the capture cut, the wire longer), both give the same Packet, field for
+    field."""
+    frame = bytearray(tcp_frame(src=addr(A4), dst=addr(B4), sport=1, dport=2, seq=3, ack=4,
+                                flags=flags, window=5, options=options, payload=payload))
+    for at, value in faults:
+        if at < len(frame):
+            frame[at] = value
+    wire_len = len(frame) + wire_extra
+    data = bytes(frame[:cut])
+    assert parse(data, 1, wire_len) == _general_path(data, wire_len)
+
+
+def test_the_fast_path_takes_the_common_frames():
+    """The agreement above compares something: the common segments do take the fast path."""
+    for options in _FAST_PATH_OPTIONS[:4]:
+        frame = eth(IP(src=A4, dst=B4) / TCP(flags="A", dataofs=5 + len(options) // 4)
+                    / Raw(options + b"data"))
+        assert parse_module._eth_ipv4_tcp(frame, len(frame), len(frame)) is not None

@@ -17,6 +17,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
+from flowshift.closing import Closing
+
 KINDS = ("auto", "processes", "dask")
 INSTALL = "pip install 'flowshift[cluster]'"
 
@@ -34,7 +36,7 @@ def dask_available() -> bool:
 
 
 @dataclass
-class Executor:
+class Executor(Closing):
     """Submit tasks, wait for them as they finish; `describe()` goes into reports."""
 
     kind: str  # "processes", "dask-local" or "dask"
@@ -79,12 +81,6 @@ class Executor:
             self._cluster.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> Executor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "workers": self.workers, "address": self.address,

@@ -150,6 +150,18 @@ def check_request(
     return outputs
 
 
+def replay_config(config: HostConfig | str | os.PathLike[str], offload: str | None,
+                  capacity: int | None) -> HostConfig:
+    """The host a replay builds: `config` (loaded when a path), its offload policy and PNIC
+    capacity overridden by --offload and --pnic-capacity where given."""
+    cfg = config if isinstance(config, HostConfig) else load_config(config)
+    if offload is not None:
+        cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
+    if capacity is not None:
+        cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=capacity))
+    return cfg
+
+
 @contextmanager
 def _collector_tuned() -> Iterator[None]:
     """Python's cyclic collector, told that a replay keeps many long-lived objects (flows):
@@ -243,11 +255,7 @@ def run_replay(
             "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
             "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), "engine": engine,
         }
-        cfg = config if isinstance(config, HostConfig) else load_config(config)
-        if offload is not None:
-            cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
-        if capacity is not None:
-            cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=capacity))
+        cfg = replay_config(config, offload, capacity)
 
         temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
         # (seconds after the first packet, action), in firing order

@@ -14,14 +14,13 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flowshift.cluster import Executor, open_executor
-from flowshift.config import HostConfig, load_config, parse_config, to_dict
+from flowshift.config import HostConfig, parse_config, to_dict
 from flowshift.flow import NS_PER_S as NS
 from flowshift.output import AtomicOutputs
 from flowshift.packet.pcap import open_trace
@@ -29,6 +28,7 @@ from flowshift.replay import (
     ReplayError,
     _temporaries,
     check_request,
+    replay_config,
     run_replay,
     verdicts_header,
     write_report,
@@ -172,12 +172,9 @@ def run_sharded(
                                 dump_at=dump_at)
         if shard_dir is not None and not Path(shard_dir).is_dir():
             raise ReplayError(f"--shard-dir {shard_dir}: not a directory")
-        cfg = config if isinstance(config, HostConfig) else load_config(config)
-        if offload is not None:
-            cfg = replace(cfg, offload=replace(cfg.offload, policy=offload))
-        total_capacity = capacity if capacity is not None else cfg.pnic.capacity
+        cfg = replay_config(config, offload, capacity)
+        total_capacity = cfg.pnic.capacity  # shared out among the shards
         temps = _temporaries(files, outputs)  # every output is written here, renamed at the end
-        cfg = replace(cfg, pnic=replace(cfg.pnic, capacity=total_capacity))
 
         with open_trace(trace) as reader:  # a TraceError, here, for a file that is not a trace
             fmt = reader.format

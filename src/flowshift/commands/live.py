@@ -46,6 +46,11 @@ def _ask(names: Names, request: ctl.Request, timeout: float = 5.0) -> ctl.Reply:
         raise
 
 
+def _echo_json(reply: Any) -> None:
+    """A daemon's reply (or part of it) as the --json of every live command prints it."""
+    click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+
+
 @click.group("live")
 def live() -> None:
     """A live host: machines in network namespaces, the VNIC a daemon on real packets."""
@@ -101,7 +106,7 @@ def status(as_json: bool) -> None:
     reply = _ask(_names(), ctl.StatusRequest())
     assert isinstance(reply, ctl.Status)
     if as_json:
-        click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        _echo_json(reply)
         return
     click.echo(f"VNIC daemon pid {reply.pid}, up {reply.uptime_s:.1f} s, "
                f"source {reply.source}")
@@ -145,7 +150,7 @@ def handoff(machine: str, as_json: bool) -> None:
         return
     assert isinstance(reply, ctl.HandoffDone)
     if as_json:
-        click.echo(json.dumps(msgspec.to_builtins(reply), indent=2))
+        _echo_json(reply)
         return
     click.echo(f"handoff of {reply.machine}: {reply.flows} flows now at tier vnic "
                f"({reply.seconds * 1000:.1f} ms), {reply.flushed} flushed from the guest"
@@ -159,8 +164,7 @@ def flows(as_json: bool) -> None:
     reply = _ask(_names(), ctl.FlowsRequest())
     assert isinstance(reply, ctl.Flows)
     if as_json:
-        rows: list[dict[str, Any]] = msgspec.to_builtins(reply.flows)
-        click.echo(json.dumps(rows, indent=2))
+        _echo_json(reply.flows)
         return
     click.echo(reply.text, nl=False)
 

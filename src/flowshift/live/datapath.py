@@ -17,9 +17,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
+from flowshift.closing import Closing
 from flowshift.entry import ENTRY_SIZE
 from flowshift.flow import FlowKey
 from flowshift.live import bpfsys, build
@@ -140,7 +140,7 @@ def _config(mode: Mode, clock: Clock, punt_ifindex: int, tag_punts: bool,
     return (head + ranges.ljust(40 * MAX_RANGES, b"\0") + public.ljust(24 * MAX_PUBLIC, b"\0"))
 
 
-class Datapath:
+class Datapath(Closing):
     """The PNIC's eBPF datapath: one loaded program, its pinned maps, its tc attachments."""
 
     @staticmethod
@@ -197,13 +197,6 @@ class Datapath:
             path = self.pin_dir / name
             bpfsys.pin(fd, path)
             self._pinned.append(path)
-
-    def __enter__(self) -> Datapath:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
     def close(self) -> None:
         """Detach every filter attached, unpin everything pinned, unload."""

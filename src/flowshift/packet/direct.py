@@ -27,9 +27,10 @@ import fcntl
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from types import TracebackType
 
 import numpy as np
+
+from flowshift.closing import Closing
 
 ALIGN = 4096
 FLUSH = 1 << 24  # staged bytes written out once this many are held
@@ -60,7 +61,7 @@ def aligned_empty(size: int) -> np.ndarray:
     return raw[skip:skip + size]
 
 
-class DirectWriter:
+class DirectWriter(Closing):
     """Bytes appended to a new (truncated) file, in order. `room(n)` gives a view of `n`
     writable bytes to fill and `advance(m)` keeps the first m of them; `write(data)` does both.
     Raises OSError as opening the file with open(path, "wb") would."""
@@ -168,15 +169,8 @@ class DirectWriter:
                 os.close(self.fd)
                 self.fd = -1
 
-    def __enter__(self) -> DirectWriter:
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-
-class DirectReader:
+class DirectReader(Closing):
     """Reads ranges of a file into aligned buffers, directly where the file system takes it
     (the bytes are read once: caching them would cost fresh pages for nothing)."""
 
@@ -208,10 +202,3 @@ class DirectReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> DirectReader:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

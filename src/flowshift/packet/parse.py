@@ -265,13 +265,20 @@ def _eth_ipv4_tcp(data: bytes | bytearray, n: int, wire_len: int) -> Packet | No
     return pkt
 
 
+def _short_ip_header(data: bytes | bytearray, off: int, limit: int, version: int) -> ParseError:
+    """What an IP header cut short at `limit` is: of another version where its first byte
+    was captured and says so, else truncated."""
+    if limit > off and data[off] >> 4 != version:
+        return ParseError.BAD_IP_VERSION
+    return _TRUNCATED_IP
+
+
 def _ipv4(
     pkt: Packet, data: bytes | bytearray, off: int, limit: int, room: int, inner: bool
 ) -> None:
     """IPv4 header at `off`; `limit` is where readable bytes end, `room` the bytes on the wire."""
     if limit - off < 20:
-        bad_version = limit > off and data[off] >> 4 != 4
-        pkt.error = ParseError.BAD_IP_VERSION if bad_version else _TRUNCATED_IP
+        pkt.error = _short_ip_header(data, off, limit, 4)
         return
     vihl, total, frag, ttl, proto, src, dst = _IPV4.unpack_from(data, off)
     hlen = (vihl & 0xF) << 2
@@ -334,8 +341,7 @@ def _ipv6(
 ) -> None:
     """IPv6 header at `off` and its extension headers (RFC 8200 §4), up to the transport."""
     if limit - off < 40:
-        bad_version = limit > off and data[off] >> 4 != 6
-        pkt.error = ParseError.BAD_IP_VERSION if bad_version else _TRUNCATED_IP
+        pkt.error = _short_ip_header(data, off, limit, 6)
         return
     vcf, plen, nxt, hlim, src, dst = _IPV6.unpack_from(data, off)
     if vcf >> 28 != 6:

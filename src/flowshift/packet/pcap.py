@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from enum import IntEnum
 from io import BufferedReader
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, NamedTuple
 
 import numpy as np
 
+from flowshift.closing import Closing
 from flowshift.packet.direct import FLUSH, DirectWriter
 
 CHUNK = 1 << 20  # bytes read per refill
@@ -195,7 +195,7 @@ class _Interface:
     ts_offset_ns: int
 
 
-class TraceReader:
+class TraceReader(Closing):
     """One pass over the frames of a trace. Use as a context manager, iterate once."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -250,17 +250,6 @@ class TraceReader:
 
     def __iter__(self) -> Iterator[Frame]:
         return self._frames
-
-    def __enter__(self) -> TraceReader:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         self._file.close()
@@ -470,7 +459,7 @@ def open_trace(path: str | os.PathLike[str]) -> TraceReader:
     return TraceReader(path)
 
 
-class PcapWriter:
+class PcapWriter(Closing):
     """Writes classic pcap with nanosecond timestamps, little-endian."""
 
     def __init__(
@@ -525,14 +514,3 @@ class PcapWriter:
 
     def close(self) -> None:
         self._file.close()
-
-    def __enter__(self) -> PcapWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

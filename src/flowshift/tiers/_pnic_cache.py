@@ -35,6 +35,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 SOURCES = (
     "__init__.py",
     "_verdict_rows.py",
+    "closing.py",
     "conntrack_types.py",
     "entry.py",
     "flow.py",

@@ -134,21 +134,6 @@ FS_GLOBAL int fs_ipv4_option(struct pkt *p, __s32 i, __s32 end)
 	return i + size;
 }
 
-static __always_inline int ipv4_options_ok(struct pkt *p, __s32 end)
-{
-	__s32 i = 0;
-	for (int k = 0; k < 40; k++) {
-		if (i >= end)
-			return 1;
-		i = fs_ipv4_option(p, i, end);
-		if (i == OPT_END)
-			return 1;
-		if (i == OPT_BAD)
-			return 0;
-	}
-	return 1;
-}
-
 /* One TCP option at i (an index in th[], from 20) of a header of end bytes, as
  * parse._tcp_options checks it; notes where the last SACK option's blocks are. */
 FS_GLOBAL int fs_tcp_option(struct pkt *p, __s32 i, __s32 end)
@@ -185,13 +170,15 @@ FS_GLOBAL int fs_tcp_option(struct pkt *p, __s32 i, __s32 end)
 	return i + size;
 }
 
-static __always_inline int tcp_options_ok(struct pkt *p, __s32 end)
+/* The options of an IPv4 (tcp 0: in ip[] from 20, i from 0) or a TCP header (tcp 1: in th[],
+ * i from 20) up to end, one global step per option; 1 when they are valid. `tcp` is a
+ * constant at each call site, so each inlined copy keeps one of the two steps. */
+static __always_inline int options_ok(struct pkt *p, __s32 i, __s32 end, const int tcp)
 {
-	__s32 i = 20;
 	for (int k = 0; k < 40; k++) {
 		if (i >= end)
 			return 1;
-		i = fs_tcp_option(p, i, end);
+		i = tcp ? fs_tcp_option(p, i, end) : fs_ipv4_option(p, i, end);
 		if (i == OPT_END)
 			return 1;
 		if (i == OPT_BAD)
@@ -228,7 +215,7 @@ static __always_inline int parse_tcp(struct __sk_buff *skb, struct pkt *p, __s32
 	}
 	if (hlen == 32 && rd32(p->th + 20) == TS_ONLY_MARKER)
 		return P_FULL; /* NOP NOP timestamps: nearly every established segment */
-	if (hlen > 20 && !tcp_options_ok(p, hlen))
+	if (hlen > 20 && !options_ok(p, 20, hlen, 1))
 		return P_FAIL;
 	return P_FULL;
 }
@@ -328,7 +315,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, __s3
 			return P_FAIL;
 		if (bpf_skb_load_bytes(skb, off + 20, ip + 20, olen))
 			return P_FAIL;
-		if (!ipv4_options_ok(p, olen))
+		if (!options_ok(p, 0, olen, 0))
 			return P_FAIL;
 	}
 	if (frag & 0x1FFF)
