@@ -18,8 +18,8 @@ import os
 import queue
 import threading
 from collections.abc import Iterator
-from types import TracebackType
 
+from flowshift.closing import Closing
 from flowshift.packet.batch import Batch
 
 __all__ = ["ReadAhead", "spare_cores"]
@@ -37,7 +37,7 @@ def spare_cores(busy: int = 1) -> bool:
     return cores > busy
 
 
-class ReadAhead:
+class ReadAhead(Closing):
     """The batches of `batches` (a `read_batches` generator), each read while the consumer
     decides the one before. An error of the reader reaches the consumer in its turn, after the
     batches read before it. `close` stops the thread and closes the generator (and its
@@ -95,10 +95,3 @@ class ReadAhead:
         close = getattr(self._batches, "close", None)
         if close is not None:
             close()
-
-    def __enter__(self) -> ReadAhead:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
