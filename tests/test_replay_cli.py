@@ -233,6 +233,20 @@ def test_dump_past_the_end_is_taken_at_the_end(demo_files: tuple[Path, Path],
     assert entry["before_index"] is None and "skipped" not in entry
 
 
+@pytest.mark.parametrize("flag", ["--read-ahead", "--no-read-ahead"])
+def test_reading_ahead_or_not_gives_the_same_outputs(demo_files: tuple[Path, Path],
+                                                     full_run: dict[str, Path], tmp_path: Path,
+                                                     flag: str) -> None:
+    trace, config = demo_files
+    out, verdicts, report = tmp_path / "o.pcap", tmp_path / "v.csv", tmp_path / "r.json"
+    code, _, err = replay(trace, "--config", config, flag, "--out", out, "--verdicts",
+                          verdicts, "--report", report, "-q")
+    assert code == 0, err
+    assert out.read_bytes() == full_run["out.pcap"].read_bytes()
+    assert verdicts.read_bytes() == full_run["verdicts.csv"].read_bytes()
+    assert json.loads(report.read_text())["timing"]["read_ahead"] is (flag == "--read-ahead")
+
+
 def test_process_pnic_gives_the_same_packets(demo_files: tuple[Path, Path],
                                              full_run: dict[str, Path], tmp_path: Path) -> None:
     trace, config = demo_files
@@ -324,6 +338,7 @@ def test_bad_input_exits_2_with_one_line(demo_files: tuple[Path, Path], tmp_path
     (("--pnic-capacity", "-1"), "--pnic-capacity"),
     (("--pnic-crash-at", "-2"), "--pnic-crash-at"),
     (("--pnic-withdraw-at", "soon"), "--pnic-withdraw-at"),
+    (("--workers", "2", "--read-ahead"), "--read-ahead is for one process"),
 ])
 def test_usage_errors_exit_2(demo_files: tuple[Path, Path], args: tuple[str, ...],
                              needle: str) -> None:

@@ -94,6 +94,10 @@ def fail(message: str) -> click.exceptions.Exit:
 @click.option("--engine", type=click.Choice(ENGINES), default="compiled", show_default=True,
               help="How software runs established flows: compiled (the fast path) or "
                    "reference (every packet in Python). The results are identical.")
+@click.option("--read-ahead/--no-read-ahead", default=None,
+              help="Read the trace a batch ahead in a thread of its own [default: when the "
+                   "process may run on more than one core; never for --workers]. The "
+                   "results are identical.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--workers", type=click.IntRange(min=1), metavar="N",
               help="Split the trace by outside endpoint over N worker processes "
@@ -111,7 +115,8 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
            offload: str | None, pnic: str,
            pnic_capacity: int | None, pnic_crash_at: float | None,
            pnic_withdraw_at: float | None, dump_flows_at: float | None,
-           dump_flows: Path | None, engine: str, quiet: bool, workers: int | None,
+           dump_flows: Path | None, engine: str, read_ahead: bool | None, quiet: bool,
+           workers: int | None,
            scheduler: str | None,
            executor: str, shard_dir: Path | None) -> None:
     """Replay TRACE (pcap or pcapng) through the host that HOST.toml describes.
@@ -133,6 +138,9 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
     if sharded and engine != "compiled":
         raise click.UsageError("--engine reference runs one process: leave out --workers and "
                                "--scheduler")
+    if sharded and read_ahead:
+        raise click.UsageError("--read-ahead is for one process: the shards of --workers and "
+                               "--scheduler share the cores")
     if offload != "never" or engine == "compiled":
         warm_engine(None if quiet else Console())
     options: dict[str, Any] = dict(
@@ -147,7 +155,8 @@ def replay(trace: Path, config: Path, out: Path | None, verdicts: Path | None,
             result = run_sharded(trace, config, workers=workers, scheduler=scheduler,
                                  executor=executor, shard_dir=shard_dir, **options)
         else:
-            result = run_replay(trace, config, engine=engine, **options)
+            result = run_replay(trace, config, engine=engine, read_ahead=read_ahead,
+                                **options)
     except (ConfigError, TraceError, ReplayError, ClusterError, ShardError) as e:
         raise fail(str(e)) from None
     if not quiet:
