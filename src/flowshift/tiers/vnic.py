@@ -49,6 +49,7 @@ from flowshift.tiers.pnic import PUNT
 from flowshift.verdict import RefuseReason, ReturnReason, Verdict
 
 _OK = ParseError.OK
+_new_tuple = tuple.__new__  # a FlowKey without NamedTuple's Python __new__ (a key per packet)
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
@@ -180,7 +181,8 @@ class Vnic:
         pkt = item.pkt
         hit = missed = None
         if pkt.error == _OK and pkt.inner is None:
-            key = pkt.key(item.machine)
+            key = _new_tuple(FlowKey, (pkt.family, pkt.proto, item.machine, pkt.src, pkt.dst,
+                                       pkt.sport, pkt.dport))  # pkt.key(item.machine)
             hit = chain.flows.get(key)
             if hit is None:
                 missed = key
@@ -484,7 +486,9 @@ class Vnic:
         wait at the barrier (False: nothing can have changed)?"""
         if self.synced_at == now and not self.batch and not self.outstanding:
             return False
-        if not (self.batch or self.outstanding or self.deferred) and not (
+        deferred = self.deferred  # entries handed back ahead: none due or expired by now?
+        if not (self.batch or self.outstanding) and (not deferred or (
+                deferred[0][0] > now and self.deferred_floor > now)) and not (
                 self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
             self.synced_at = now  # nothing to apply, nothing expired: no barrier to wait at
             return False
