@@ -4,7 +4,8 @@ The event text of a flow formats IPv6 without ipaddress's objects, and writes wh
 writes; the VNIC's decision of a packet whose key it just found no flow for does not look the
 key up again, and a run is the same run, result for result and event for event, as one that
 looks again; the entries handed back ahead of their time (`Vnic.deferred`) expire exactly as a
-scan of all of them says, whatever the order of deferrals, deliveries and syncs.
+scan of all of them says, whatever the order of deferrals, deliveries and syncs, and a sync that
+passes those not due is the run that waits for them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flowshift.flow import FlowKey, format_addr
 from flowshift.gen import TraceSpec, generate
 from flowshift.host import Host
 from flowshift.services.chain import Chain
-from flowshift.tiers.vnic import VnicChain
+from flowshift.tiers.vnic import Vnic, VnicChain
 from flowshift.verdict import ReturnReason
 from hosttools import FIREWALL_HOST, GATEWAY_HOST, run
 
@@ -94,6 +95,49 @@ def test_a_missed_key_looked_up_once_is_the_run_that_looks_again(gateway_trace, 
     monkeypatch.setattr(VnicChain, "lookup", Chain.lookup)  # every lookup asks the table
     again = run(trace, cfg, **kw)
     assert _facts(once) == _facts(again)
+
+
+def _sync_at_every_deferral(self, now: int) -> bool:
+    """Vnic.sync as it was: any entry handed back ahead, due or not, makes it wait."""
+    if self.synced_at == now and not self.batch and not self.outstanding:
+        return False
+    if not (self.batch or self.outstanding or self.deferred) and not (
+            self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
+        self.synced_at = now
+        return False
+    self.drain(now)
+    self._expire_deferred(now)
+    if self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now:
+        self.sync_seq += 1
+        self._send(ch.Tick(now, self.sync_seq), at=now)
+        self.expiry_floor = (1 << 63) - 1
+        self.drain(now)
+    self.synced_at = now
+    return True
+
+
+@pytest.mark.parametrize("kw", [
+    {"policy": "always", "rows": 256},
+    {"policy": "elephant", "latency": 1 * MS, "rows": 4096},
+    {"policy": "always", "latency": 50 * MS, "rows": 512, "capacity": 5},
+    {"policy": "always", "rows": 256, "withdraw_at": 1200},
+])
+def test_a_sync_that_skips_entries_not_due_is_the_run_that_waits(gateway_trace, monkeypatch,
+                                                                  kw):
+    trace, cfg = gateway_trace
+    waited = []
+    sync = Vnic.sync
+
+    def counted(self, now):
+        deferred = bool(self.deferred)
+        done = sync(self, now)
+        waited.append((deferred, done))
+        return done
+    monkeypatch.setattr(Vnic, "sync", counted)
+    skipping = run(trace, cfg, **kw)
+    assert (True, False) in waited  # entries were handed back ahead, and a sync passed them
+    monkeypatch.setattr(Vnic, "sync", _sync_at_every_deferral)
+    assert _facts(skipping) == _facts(run(trace, cfg, **kw))
 
 
 # -- entries handed back ahead of their time -----------------------------------------------
