@@ -72,9 +72,17 @@ class FlowKey(NamedTuple):
         )
 
 
+_ZERO80 = bytes(10)  # an IPv6 address that starts so may be written with a dotted quad
+
+
 def format_addr(addr: bytes) -> str:
-    if len(addr) == 4:  # the same dotted quad, without ipaddress's objects (an event per offer)
+    """The address as ipaddress writes it, without its objects (an event per offer and return):
+    inet_ntop writes IPv6 as RFC 5952 does, as ipaddress does, but for an address whose first
+    80 bits are zero, which it may end with a dotted quad."""
+    if len(addr) == 4:
         return socket.inet_ntop(socket.AF_INET, addr)
+    if len(addr) == 16 and addr[:10] != _ZERO80:
+        return socket.inet_ntop(socket.AF_INET6, addr)
     return str(ipaddress.ip_address(addr))
 
 

@@ -51,6 +51,7 @@ _ASSURED = int(Status.ASSURED)
 _FREE = 0
 _LIVE = kb.LIVE
 _NEVER = np.iinfo(np.int64).max
+_EMPTY_ROW = bytes(ENTRY_SIZE)
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
@@ -171,11 +172,12 @@ class Fastpath:
         table = self.tables[slot]
         if table is None:
             raise KeyError(f"row {slot} of the fast path holds no flow")
-        flow = Flow.from_bytes(self._rows[slot].tobytes())
+        at = slot * ENTRY_SIZE
+        flow = Flow.from_bytes(self._bytes[at:at + ENTRY_SIZE])  # bytes in, no array's calls
         if self._state[slot] == kb.LIVE:
             ki.index_remove(self._mem, slot, self._keys, self._vals)
         self._state[slot] = _FREE
-        self._rows[slot] = 0
+        self._bytes[at:at + ENTRY_SIZE] = _EMPTY_ROW
         self.tables[slot] = None
         self._free[self._nfree] = slot
         self._nfree += 1

@@ -175,7 +175,8 @@ class Pnic:
                             reason, returned, machine, direction)
         if len(self.engine) == live:  # none handed back: no need to look
             return
-        for i in np.flatnonzero(select & (returned >= 0)).tolist():
+        chosen = np.flatnonzero(select)  # `returned` is set for these only
+        for i in chosen[returned[chosen] >= 0].tolist():
             raw = self.engine.take_returned(int(returned[i]))
             out.append(ch.Return(raw, _RETURN_BY_PUNT[int(reason[i])], int(ts[i])))
 

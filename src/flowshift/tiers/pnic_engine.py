@@ -50,6 +50,9 @@ _IN = {"offset": np.int64, "caplen": np.uint32, "wire_len": np.uint32, "linktype
        "ts": np.int64}
 _OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine": np.int16,
         "direction": np.int8}
+_NAMES = (*_IN, *_OUT)  # process's arrays in the kernel's order, and their types
+_TYPES = (*_IN.values(), *_OUT.values())
+_N_IN = len(_IN)
 
 
 def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
@@ -250,35 +253,30 @@ class PnicEngine:
             machine = np.empty(n, np.int16)
         if direction is None:
             direction = np.empty(n, np.int8)
-        given = {"offset": offset, "caplen": caplen, "wire_len": wire_len,
-                 "linktype": linktype, "ts": ts, "verdict": verdict, "reason": reason,
-                 "returned": returned, "machine": machine, "direction": direction}
-        for name, a in given.items():
+        given = (offset, caplen, wire_len, linktype, ts, verdict, reason, returned, machine,
+                 direction)
+        for name, a in zip(_NAMES, given, strict=True):
             if a.ndim != 1 or len(a) != n:
                 raise ValueError(f"{name} must be one-dimensional with {n} elements")
         if buf.dtype != np.uint8 or buf.ndim != 1 or not buf.flags.writeable:
             raise ValueError("buf must be a writable one-dimensional uint8 array")
-        for name in _OUT:
-            a = given[name]
+        for name, a in zip(_OUT, given[_N_IN:], strict=True):
             if a.dtype.kind != "i" or not a.flags.writeable:
                 raise ValueError(f"{name} must be a writable signed integer array")
         chosen = kernel_arg(select.astype(np.bool_, copy=False), np.bool_)
-        args = {name: kernel_arg(given[name], dtype) for name, dtype in _IN.items()}
-        outs = {name: kernel_arg(given[name], dtype) for name, dtype in _OUT.items()}
+        args = tuple(map(kernel_arg, given, _TYPES))  # tuples, not dicts: a pass per offload
         work = np.ascontiguousarray(buf)
-        done, gone = process_batch(work, args["offset"], args["caplen"], args["wire_len"],
-                                   args["linktype"], args["ts"], chosen, outs["verdict"],
-                                   outs["reason"], outs["returned"], outs["machine"],
-                                   outs["direction"], self._mem, self._state, self._keys,
-                                   self._vals, self._inside, self._public, self._knobs,
-                                   self._routing, np.zeros(N_FIELDS, np.int64), self._punts)
+        done, gone = process_batch(work, *args[:_N_IN], chosen, *args[_N_IN:], self._mem,
+                                   self._state, self._keys, self._vals, self._inside,
+                                   self._public, self._knobs, self._routing,
+                                   np.zeros(N_FIELDS, np.int64), self._punts)
         if done == OUTSIDE:
             raise ValueError("a selected frame lies outside buf")
         if work is not buf:
             buf[:] = work
-        for name, a in outs.items():  # results computed in a copy go back to the caller's
-            if a is not given[name]:
-                given[name][chosen] = a[chosen]
+        for a, mine in zip(args[_N_IN:], given[_N_IN:], strict=True):
+            if a is not mine:  # results computed in a copy go back to the caller's
+                mine[chosen] = a[chosen]
         self._live -= gone
         return int(done)
 

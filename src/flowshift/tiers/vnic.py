@@ -49,6 +49,7 @@ from flowshift.tiers.pnic import PUNT
 from flowshift.verdict import RefuseReason, ReturnReason, Verdict
 
 _OK = ParseError.OK
+_new_tuple = tuple.__new__  # a FlowKey without NamedTuple's Python __new__ (a key per packet)
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
@@ -64,6 +65,15 @@ class VnicChain(Chain):
 
     def __init__(self, machine: MachineConfig, index: int) -> None:
         super().__init__(machine, index, Tier.VNIC)
+        # the key of the packet being decided when the VNIC found no flow for it just before:
+        # the decision's first lookup, of that key, need not ask the table and its fast path
+        self.missed: FlowKey | None = None
+
+    def lookup(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
+        missed, self.missed = self.missed, None  # the first lookup only
+        if missed is not None and key == missed:
+            return None
+        return Chain.lookup(self, key, now)
 
     def lookup_remote(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
         # A PNIC-owned flow: the VNIC synced before any decision that can reach it, so the
@@ -133,6 +143,7 @@ class Vnic:
         # effect: 0 acknowledged, a RefuseReason, or _UNANSWERED
         self.split: dict[int, int] = {}
         self.deferred: list[tuple[int, int, ch.Return]] = []  # heap: (time, order, entry)
+        self.deferred_floor = _NEVER  # no deferred entry expires before this
         self._order = itertools.count()
         self.rejected: dict[str, int] = {}  # messages rejected by content, by reason
         self._pnic_rejected: dict[str, int] = {}  # the same at the PNIC, as it last said
@@ -168,8 +179,13 @@ class Vnic:
         chain = self.chains[item.machine]
         assert chain is not None
         pkt = item.pkt
-        hit = (chain.flows.get(pkt.key(item.machine))
-               if pkt.error == _OK and pkt.inner is None else None)
+        hit = missed = None
+        if pkt.error == _OK and pkt.inner is None:
+            key = _new_tuple(FlowKey, (pkt.family, pkt.proto, item.machine, pkt.src, pkt.dst,
+                                       pkt.sport, pkt.dport))  # pkt.key(item.machine)
+            hit = chain.flows.get(key)
+            if hit is None:
+                missed = key
         if hit is not None:
             flow = hit[0]
             fkey = item.fkey = flow.key
@@ -182,12 +198,16 @@ class Vnic:
             if flow.owner == _PNIC:
                 self._to_pnic(item)
                 return
-        self._decide(item, chain)
+        self._decide(item, chain, missed)
 
-    def _decide(self, item: Pending, chain: VnicChain) -> None:
-        if self._reaches_pnic(item, chain):
-            self.sync(item.ts)
+    def _decide(self, item: Pending, chain: VnicChain, missed: FlowKey | None = None) -> None:
+        """Decide a packet in the VNIC's chain; `missed`: its key, which no flow had when it
+        was just looked up (the chain need not look again, unless answers came meanwhile)."""
+        if self._reaches_pnic(item, chain) and self.sync(item.ts):
+            missed = None  # answers applied may have brought a flow of its key
+        chain.missed = missed
         out = chain.process(item.pkt, item.direction, item.ts)
+        chain.missed = None
         self.outcome(item, out, _VNIC)
         if out.flow is not None:
             self.after(item.machine, out.flow, item.ts)
@@ -442,6 +462,7 @@ class Vnic:
             if isinstance(msg, ch.Return):
                 at = msg.now if msg.now >= 0 else fallback
                 heapq.heappush(self.deferred, (at, next(self._order), msg))
+                self.deferred_floor = min(self.deferred_floor, _expires(msg.entry))
             else:
                 self.stats.count(self.rejected, "unexpected")
 
@@ -459,15 +480,18 @@ class Vnic:
         if self.expiry_floor >= 0:
             self.expiry_floor = min(self.expiry_floor, t)
 
-    def sync(self, now: int) -> None:
+    def sync(self, now: int) -> bool:
         """Barrier before a decision that can reach a PNIC-owned entry: every answer applied,
-        every entry expired by `now` handed back (no round trip when none can have)."""
+        every entry expired by `now` handed back (no round trip when none can have). Did it
+        wait at the barrier (False: nothing can have changed)?"""
         if self.synced_at == now and not self.batch and not self.outstanding:
-            return
-        if not (self.batch or self.outstanding or self.deferred) and not (
+            return False
+        deferred = self.deferred  # entries handed back ahead: none due or expired by now?
+        if not (self.batch or self.outstanding) and (not deferred or (
+                deferred[0][0] > now and self.deferred_floor > now)) and not (
                 self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
             self.synced_at = now  # nothing to apply, nothing expired: no barrier to wait at
-            return
+            return False
         self.drain(now)
         self._expire_deferred(now)
         if self.alive and self.healthy and self.pnic_flows and not (
@@ -477,16 +501,18 @@ class Vnic:
             self.expiry_floor = _NEVER  # lowered by the answer and by what follows
             self.drain(now)
         self.synced_at = now
+        return True
 
     def _expire_deferred(self, now: int) -> None:
         """Entries a batch handed back at a later packet's time that had expired by `now`:
         the PNIC would have handed them back at this sync, so they come back now."""
-        if not self.deferred:
+        if not self.deferred or self.deferred_floor > now:
             return
         dead = [d for d in self.deferred if _expires(d[2].entry) <= now]
+        self.deferred = [d for d in self.deferred if _expires(d[2].entry) > now]
+        self.deferred_floor = min((_expires(d[2].entry) for d in self.deferred), default=_NEVER)
         if not dead:
             return
-        self.deferred = [d for d in self.deferred if _expires(d[2].entry) > now]
         heapq.heapify(self.deferred)
         for _, _, ret in sorted(dead):
             self._on_message(ch.Return(ret.entry, ReturnReason.EXPIRED, now), now)
