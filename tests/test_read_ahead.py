@@ -121,3 +121,14 @@ def test_replay_reading_ahead_writes_what_replay_reading_alone_writes(tmp_path: 
         outputs[ahead] = (report, (tmp_path / "out.pcap").read_bytes(),
                           (tmp_path / "v.csv").read_bytes())
     assert outputs[True] == outputs[False]
+
+
+def test_the_switch_interval_is_restored(tmp_path: Path) -> None:
+    import sys
+
+    path = _write(tmp_path, [(i, 0, bytes(10), 10) for i in range(5)], 0)
+    before = sys.getswitchinterval()
+    with ReadAhead(read_batches(path, 2, reuse=True)) as ahead:
+        assert sys.getswitchinterval() <= 0.001
+        assert sum(len(b) for b in ahead) == 5
+    assert sys.getswitchinterval() == before
