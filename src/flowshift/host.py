@@ -384,11 +384,8 @@ class Host:
         rows = lo + np.flatnonzero(res.verdict[lo:hi] == PENDING)
         if not self._pnic_ready(rows):
             return rows
-        # the rows lo..hi only, as views of the batch: a pass costs what is left of it
-        select = np.zeros(hi - lo, np.bool_)
-        select[rows - lo] = True
-        done = self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
-        return rows if done is None else lo + np.flatnonzero(select & ~done)
+        done = self._pnic_pass(res, clock, rows, lo, hi)
+        return rows if done is None else rows[~done[rows - lo]]
 
     def _repass(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, at: int) -> bool:
         """Flows just moved down to the PNIC: their rows in rows[at:] meet it now (rows keeps
@@ -407,10 +404,7 @@ class Host:
         (Results Python set and did not flush yet are all of rows before these: no flush.)"""
         if not self._pnic_ready(rows):
             return
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        select = np.zeros(hi - lo, np.bool_)
-        select[rows - lo] = True
-        self._pnic_pass(res.view(lo, hi), select, clock[lo:hi])
+        self._pnic_pass(res, clock, rows, int(rows[0]), int(rows[-1]) + 1)
 
     def _pnic_ready(self, rows: np.ndarray) -> bool:
         """Is there a pass to make (rows, and a PNIC that owns flows)? Then every answer of
@@ -421,15 +415,20 @@ class Host:
         vnic.drain()  # the PNIC is quiet: nothing of ours in flight
         return True
 
-    def _pnic_pass(self, part: BatchResults, select: np.ndarray, clock: np.ndarray
-                   ) -> np.ndarray | None:
-        """The selected rows of `part` through the PNIC, each at its `clock`; which rows it
-        decided (None: the transport could not take the batch, nothing ran)."""
+    def _pnic_pass(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, lo: int,
+                   hi: int) -> np.ndarray | None:
+        """The rows `rows` (sorted, within lo..hi) through the PNIC, each at its `clock`,
+        selected in that stretch of the batch, as views of it: a pass costs the stretch, not
+        the batch. Which rows of the stretch it decided (None: the transport could not take
+        them, nothing ran)."""
+        select = np.zeros(hi - lo, np.bool_)
+        select[rows - lo] = True
+        part = res.view(lo, hi)
         vnic = self.vnic
-        returned = vnic.link.run_batch(part, select, clock)
+        returned = vnic.link.run_batch(part, select, clock[lo:hi])
         if returned is None:
             return None
-        first = int(clock[0])
+        first = int(clock[lo])
         vnic.defer(returned, first)
         vnic.synced_at = -1
         vnic.lower_floor(first + vnic.min_timeout)

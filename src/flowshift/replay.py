@@ -343,16 +343,9 @@ def run_replay(
         if run.linktype_mismatch:
             result["packets"]["out_linktype_mismatch"] = run.linktype_mismatch
         if plot is not None:
-            from flowshift.plot import write_plot
-
-            try:
-                write_plot(temps["plot"], run.tally, run.host.stats, result, window=plot_window)
-            except OSError as e:
-                raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+            write_plot_file(temps["plot"], plot, run.tally, run.host.stats, result, plot_window)
         if plot_data is not None:
-            from json import dumps
-
-            Path(plot_data).write_text(dumps({
+            Path(plot_data).write_text(json.dumps({
                 "bin_ns": run.tally.bin_ns,
                 "rate": [[b, tier, n] for (b, tier), n in run.tally.rate.items()],
                 "occupancy": run.host.stats.occupancy,
@@ -364,12 +357,23 @@ def run_replay(
 
 def write_report(temp: str, report: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """The report as JSON to `temp`, the temporary name of `--report report`."""
-    from json import dumps
-
     try:
-        Path(temp).write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
+        Path(temp).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     except OSError as e:
         raise ReplayError(f"--report {report}: cannot write ({e.strerror})") from None
+
+
+def write_plot_file(temp: str, plot: str | os.PathLike[str], tally: Tally, stats: Any,
+                    result: dict[str, Any],
+                    window: tuple[float | None, float | None] | None) -> None:
+    """The plot to `temp`, the temporary name of `--plot plot` (the plotting library is
+    loaded only now)."""
+    from flowshift.plot import write_plot
+
+    try:
+        write_plot(temp, tally, stats, result, window=window)
+    except OSError as e:
+        raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
 
 
 def _act(run: _Run, action: str, dump_path: str | os.PathLike[str] | None, now: int) -> None:

@@ -31,6 +31,7 @@ from flowshift.replay import (
     replay_config,
     run_replay,
     verdicts_header,
+    write_plot_file,
     write_report,
 )
 from flowshift.shard import Part, Placement, place
@@ -302,12 +303,7 @@ def run_sharded(
         result["shards"] = [{k: r[k] for k in ("packets", "tiers", "offloads", "flows", "events",
                                                 "schedule", "timing")} for r in reports]
         if plot is not None:
-            from flowshift.plot import write_plot
-
-            try:
-                write_plot(temps["plot"], *plot_inputs, result, window=plot_window)
-            except OSError as e:
-                raise ReplayError(f"--plot {plot}: cannot write ({e.strerror})") from None
+            write_plot_file(temps["plot"], plot, *plot_inputs, result, plot_window)
         if report is not None:
             write_report(temps["report"], report, result)
         return result

@@ -20,19 +20,13 @@ from flowshift.flow import FlowKey
 from flowshift.results import BatchResults
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.tiers.pnic_engine import address_words, kernel_arg, key_words
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >> 63 else v
+from flowshift.tiers.pnic_engine import kernel_arg, key_words
 
 
 def key_mark(key: FlowKey) -> int:
     """The mark of a flow key's endpoints (row_marks' of its packets, either direction)."""
-    s_hi, s_lo = address_words(key.src)
-    d_hi, d_lo = address_words(key.dst)
-    return int(kb.pair_mark(key.proto, _signed(s_hi), _signed(s_lo), key.sport, _signed(d_hi),
-                            _signed(d_lo), key.dport))
+    _, s_hi, s_lo, d_hi, d_lo = key_words(key)
+    return int(kb.pair_mark(key.proto, s_hi, s_lo, key.sport, d_hi, d_lo, key.dport))
 
 
 class Repass:
