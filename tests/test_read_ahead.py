@@ -5,7 +5,6 @@ next."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +34,53 @@ def _write(tmp: Path, records: list[tuple[int, int, bytes, int]], cut: int) -> P
     return path
 
 
-def _consume(batches: Iterator[Batch], scribble: bool) -> tuple[list[bytes], str | None, bool]:
+class _Counted:
+    """The batches of a reader, counted as the reading thread takes them, so that the
+    consumer can wait (bounded) until the batch after its own has been read."""
+
+    def __init__(self, batches: Iterator[Batch]) -> None:
+        self._batches = batches
+        self.asked = 0  # batches the reading thread asked for
+        self._read = 0
+        self._ended = False
+        self._changed = threading.Condition()
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Batch:
+        self.asked += 1
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            self._read += 1
+            self._changed.notify_all()
+        return batch
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+
+    def wait_for(self, n: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self._read >= n or self._ended, WAIT)
+
+
+WAIT = 30.0  # seconds the consumer waits at most for the reading thread
+
+
+def _consume(batches: Iterator[Batch], scribble: bool, counted: _Counted | None = None
+             ) -> tuple[list[bytes], str | None, bool]:
     """Each batch's frames as bytes, and whether each batch stayed as its consumer left it
-    until it asked for the next one, while the reader ran ahead (the consumer may write over
-    its frames, as a NAT does)."""
+    until it asked for the next one (with `counted`: checked once the reading thread has read
+    the next one, and had asked for no more than that; the consumer may write over its
+    frames, as a NAT does)."""
     seen: list[bytes] = []
     problem = None
     intact = True
@@ -51,7 +93,9 @@ def _consume(batches: Iterator[Batch], scribble: bool) -> tuple[list[bytes], str
                 start = int(b.offset[i])
                 b.buf[start : start + int(b.caplen[i])] ^= 0xFF
             data = b"".join(f.data for f in frames_of([b]))
-        time.sleep(0.001)  # the reader reads the next batch meanwhile
+        if counted is not None:
+            counted.wait_for(len(seen) + 1)  # the reader has read the next batch, or ended
+            intact &= counted.asked <= len(seen) + 1  # and not the one after it
         intact &= b"".join(f.data for f in frames_of([b])) == data
     return seen, problem, intact
 
@@ -63,8 +107,9 @@ def test_read_ahead_gives_what_reading_gives(tmp_path: Path, records: list, cut:
                                              scribble: bool) -> None:
     path = _write(tmp_path, records, cut)
     alone = _consume(read_batches(path, size, reuse=True), scribble)
-    with ReadAhead(read_batches(path, size, reuse=True)) as ahead:
-        together = _consume(ahead, scribble)
+    counted = _Counted(read_batches(path, size, reuse=True))
+    with ReadAhead(counted) as ahead:
+        together = _consume(ahead, scribble, counted)
     assert together == alone
     assert together[2], "a batch changed while its consumer could still use it"
 
