@@ -27,7 +27,7 @@ from flowshift.packet.fragrows import fragment_rows
 from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
-from flowshift.services.chain import Outcome
+from flowshift.services.chain import Chain, Outcome
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
@@ -48,6 +48,7 @@ _OK, _UNSUP = ParseError.OK, ParseError.UNSUPPORTED_PROTOCOL
 _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 _PNIC, _PNIC_LABEL = int(Tier.PNIC), Tier.PNIC.label
+_MACHINE, _VNIC = int(Tier.MACHINE), int(Tier.VNIC)
 
 
 ENGINES = ("compiled", "reference")
@@ -299,11 +300,11 @@ class Host:
                     why = STOP_SOFTWARE
                     if ahead:  # rows the fast path saw it would stop at: straight to Python
                         ahead -= 1
-                    elif fast and fp is not None and fp.live:
+                    elif fast and fp is not None and self._open_zones(fp):
                         at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
                     if why == STOP_OFFER:
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
-                        if at < len(rows) and fp is not None and fp.live and (
+                        if at < len(rows) and fp is not None and fp.active and (
                                 not self.vnic.moved_down and res.verdict[rows[at]] == PENDING
                                 and clock[rows[at]] >= self.vnic.next_due()):
                             why = STOP_TIME  # what the fast path would say of the next row
@@ -349,6 +350,27 @@ class Host:
             return [res]
         return self.out.ready()
 
+    def _open_zones(self, fp: Fastpath) -> bool:
+        """Which machines' flows the fast path's next pass may open (tiers/_fastpath_open.py):
+        those whose table holds no flow as a `Flow` (a miss of the fast path's index is then
+        a miss of the table) and has no limit, and, at the VNIC, none of whose flows is at
+        or on its way to the PNIC, and no back-off is kept. Can the pass do anything?"""
+        vnic = self.vnic
+        for m, machine in enumerate(self.machines):
+            if machine is not None:
+                chain: Chain | None = machine.chain
+                tier = _MACHINE
+            else:
+                chain = vnic.chains[m]
+                tier = _VNIC
+                if vnic.pnic_flows or vnic.backoff or vnic.queue.busy():
+                    chain = None
+            table = chain.flows if chain is not None else None
+            if table is not None and (table.held() or table.buckets):
+                table = None
+            fp.open_zone(m, table, tier, 0 if self.offloading else -1)
+        return fp.active
+
     def _offer(self, i: int, now: int) -> None:
         """Row i ran on the fast path and now the offload policy wants its flow: what the
         tier that owns it does after deciding a packet (the flow comes back to Python)."""
@@ -372,6 +394,8 @@ class Host:
                 self.stats.tier_packets[TIER_NAMES[tier]] += packets
                 self.stats.tier_bytes[TIER_NAMES[tier]] += size
         fp.counts[:] = 0
+        self.stats.flows_total += fp.opened
+        fp.opened = 0
 
     def ready(self) -> list[BatchResults]:
         """Batches decided since (after `finish`: every one left)."""

@@ -180,6 +180,10 @@ class FlowTable:
             if direction == 0 or key is flow.key:  # its own key (a reply of its own: both)
                 yield flow
 
+    def held(self) -> int:
+        """Keys of the flows held here as `Flow`s (none: every flow of the table is cached)."""
+        return len(self._by_key)
+
     def detach(self, flow: Flow) -> None:
         """The cache takes the flow: it leaves the table but still counts."""
         self.remove(flow)

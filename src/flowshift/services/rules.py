@@ -46,6 +46,12 @@ class RuleSet:
                     if rule.direction in (None, direction) and _family_fits(rule, family)
                 )
 
+    def group(self, direction: int, addr_len: int) -> tuple[_Compiled, ...]:
+        """The rules `decide` reads for packets of this direction and address length, in
+        order: (rule index, allow, proto or 0, src lo, src hi, dst lo, dst hi, dport ranges
+        or None, ICMP types or None), addresses as integers."""
+        return self._groups[direction, addr_len]
+
     def decide(
         self, direction: int, proto: int, src: bytes, dst: bytes, dport: int, icmp_type: int
     ) -> tuple[bool, int]:

@@ -5,10 +5,12 @@ The machine and VNIC tiers keep the established flows they own in a table of ent
 up, then the chain exactly as services/chain.py `process_flow` does. Unlike the PNIC's pass,
 which may run ahead of software over a whole segment, this one runs the rows in input order
 and stops at the first row software must see, so that every Python decision happens exactly
-where it would in a run that never left Python:
+where it would in a run that never left Python. A miss that starts a flow software would
+open without a decision of its own opens it here (tiers/_fastpath_open.py).
 
-- STOP_SOFTWARE: the row is not ours (a miss, a shape the kernels do not run, a flow of no
-  machine): software decides it;
+
+- STOP_SOFTWARE: the row is not ours (a miss that opens no flow here, a shape the kernels do
+  not run, a flow of no machine): software decides it;
 - STOP_PUNT: a hit that software must decide (SYN/FIN/RST, expired, unsupported): its entry
   leaves the table (`returned`) and software decides the row with it;
 - STOP_TIME: the row lies at or after `stop_time`, when something else is due first (an
@@ -24,6 +26,15 @@ import numpy as np
 
 from flowshift.entry import field_offsets
 from flowshift.results import PENDING
+from flowshift.tiers._fastpath_open import (
+    F_DIRECTION,
+    F_MACHINE,
+    LIVE,
+    NOT_OPENED,
+    Z_OPEN,
+    Z_TIER,
+    open_flow,
+)
 from flowshift.tiers._pnic_batch import AHEAD, classify, punt_reason
 from flowshift.tiers._pnic_flow import (
     ASSURED,
@@ -61,12 +72,10 @@ from flowshift.tiers._pnic_parse import (
     F_SRC_LO,
     FAIL,
     FULL,
-    N_FIELDS,
     parse_frame,
 )
 
 E_OWNER = field_offsets()["owner"]
-LIVE = 1
 RETURNED = 2
 DONE = 0
 STOP_SOFTWARE = 1
@@ -99,35 +108,37 @@ def _wanted(mem, e, policy):
     return packets >= policy[1] or size >= policy[2]
 
 
-F_MACHINE = N_FIELDS  # where _find leaves the machine and direction (f has room)
-F_DIRECTION = N_FIELDS + 1
+NOT_OURS = -1  # what _find says of a row that is no machine's flow, or not parsed for a key
+MISS = -2  # a miss, parsed whole (f holds every field, machine and direction)
+MISS_PART = -3  # a miss parsed for its key only
 
 
 @kernel()
 def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f):
-    """Parse and look up row i: (slot * 2 + direction) << 2 | parse status, or -1 when it
-    is not a hit of this table (not parsed for a lookup, no machine, a miss)."""
+    """Parse and look up row i: (slot * 2 + direction) << 2 | parse status for a hit, else
+    NOT_OURS, MISS or MISS_PART."""
     status = parse_frame(buf, offset[i], numba.int64(caplen[i]), numba.int64(wire_len[i]),
                          numba.int64(linktype[i]), f)
     if status == FAIL:
-        return -1
+        return NOT_OURS
     m, d = classify(f, inside, public)
     if m < 0:
-        return -1
+        return NOT_OURS
     f[F_MACHINE] = m
     f[F_DIRECTION] = d
     hit = lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
                  f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
     if hit < 0:
-        return -1
+        return MISS if status == FULL else MISS_PART
     return (hit << 2) | status
 
 
 @kernel()
 def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, verdict,
-                 keys, vals, inside, public, f):
+                 keys, vals, inside, public, zone, f):
     """How many rows after rows[j] are not hits of the table as it stands (before the first
-    hit, the first row decided already or the first row at or after stop_time): software can
+    hit, the first miss a flow may open here at, the first row decided already or the first
+    row at or after stop_time): software can
     take them without asking the fast path again. A row that becomes a hit meanwhile (its
     flow cached by the rows before it) is still decided right, in Python. At most AHEAD_MAX:
     the host asks again whenever Python caches a flow, and a burst of new flows (each cached
@@ -137,7 +148,8 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
         i = rows[k]
         if clock[i] >= stop_time or verdict[i] != PENDING:
             break
-        if _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f) >= 0:
+        hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
+        if hit >= 0 or (hit == MISS and zone[f[F_MACHINE], Z_OPEN]):
             break
         n += 1
     return n
@@ -145,8 +157,9 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
 
 @kernel()
 def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
-             reason, returned, machine, direction, tier, mem, state, keys, vals, inside, public,
-             knobs, routing, bounded, offer_at, policy, f, counts):
+             reason, rule, returned, machine, direction, tier, mem, state, keys, vals, inside,
+             public, knobs, routing, bounded, offer_at, policy, f, counts, zone, rules, ports,
+             snat, free, fstate, opened):
     """Run rows[start:] in order until one stops the pass: (position in rows, why, ahead).
 
     STOP_OFFER returns the position after the processed row; every other stop the row's own.
@@ -157,6 +170,8 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     packet count below which an offer would be refused (the VNIC's back-off). bounded: per
     machine, 1 when its table has a limit (then only assured flows are offered, as
     Vnic.consider does).
+    zone, rules, ports, snat: the chains as _fastpath_open.open_flow reads them; free, fstate,
+    opened: the free rows and the rows opened (open_flow).
     """
     n = len(rows)
     for j in range(start, n):
@@ -172,9 +187,24 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
             return j, STOP_TIME, 0
         hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
         if hit < 0:
+            if hit == MISS:
+                v, r, k, slot = open_flow(buf, offset[i], f, now, mem, state, keys, vals, knobs,
+                                          routing, zone, rules, ports, snat, free, fstate,
+                                          offer_at, opened)
+                if v != NOT_OPENED:
+                    owner = zone[f[F_MACHINE], Z_TIER]
+                    verdict[i] = v
+                    reason[i] = r
+                    rule[i] = k
+                    machine[i] = f[F_MACHINE]
+                    direction[i] = f[F_DIRECTION]
+                    tier[i] = owner
+                    counts[owner, 0] += 1
+                    counts[owner, 1] += wire_len[i]
+                    continue
             return j, STOP_SOFTWARE, misses_after(buf, offset, caplen, wire_len, linktype,
                                                   clock, rows, j, stop_time, verdict, keys, vals,
-                                                  inside, public, f)
+                                                  inside, public, zone, f)
         status = hit & 3
         hit >>= 2
         m = f[F_MACHINE]

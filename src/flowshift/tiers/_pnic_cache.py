@@ -57,6 +57,7 @@ SOURCES = (
     "services/maglev.py",
     "tiers/__init__.py",
     "tiers/_fastpath_batch.py",
+    "tiers/_fastpath_open.py",
     "tiers/_pnic_batch.py",
     "tiers/_pnic_cache.py",
     "tiers/_pnic_flow.py",

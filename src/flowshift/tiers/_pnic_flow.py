@@ -218,6 +218,21 @@ def _init_sender(mem, e, sender, receiver, d, f, end, win):
 
 
 @kernel()
+def syn_open(mem, e, f, kn, z):
+    """conntrack_tcp.tcp_open's short way, for a plain SYN on a zeroed entry: the original
+    side learnt from the SYN, the reply side's right edge at its window, SYN_SENT. The
+    timeout (the flow's first packet, software's everywhere else: tiers/_fastpath_open.py)."""
+    win = f[F_WINDOW]
+    _init_sender(mem, e, E_SEEN, E_SEEN + SEEN_SIZE, 0, f, (f[F_SEQ] + f[F_PAYLOAD] + 1) & M32,
+                 win)
+    st32(mem, e + E_SEEN + SEEN_SIZE + D_MAXEND, win if win else 1)
+    mem[e + E_LAST_INDEX] = SYN_SET
+    mem[e + E_LAST_DIR] = 0
+    mem[e + E_TCP_STATE] = S_SYN_SENT
+    return _tcp_timeout(mem, e, S_SYN_SENT, kn, z)
+
+
+@kernel()
 def syn_answer(mem, e, d, f):
     """Is this TCP packet the SYN/ACK answering the SYN of a SYN_SENT conntrack, the first
     packet of the reply side? The fast path tracks it (the state table's SYN/ACK row takes it

@@ -4,8 +4,11 @@ Open vSwitch splits its datapath cache from its slow path; flowshift's software 
 same. A flow the machine or the VNIC owns is *cached* once it is established: its state moves
 from its Python `Flow` into a row of this table (ENTRY_DTYPE, the PNIC's layout, indexed by
 both keys), and its packets run through the PNIC's compiled kernels (tiers/_fastpath_batch.py)
-in input order. Python still decides everything else: first packets, rules, NAT ports and
-backends, SYN/FIN/RST, expiry, offers and handoffs. A cached flow has no `Flow` object: its
+in input order. The first packet of a flow whose chain needs no decision only Python can make
+(a SYN or UDP datagram a firewall rule judges and NAT keeps its port) opens the flow here too
+(tiers/_fastpath_open.py), in a zone the host opens for it (`open_zone`). Python still decides
+everything else: other first packets, NAT port searches and backends, SYN/FIN/RST of cached
+flows, expiry, offers and handoffs. A cached flow has no `Flow` object: its
 `FlowTable` counts it and, when asked for it (a lookup, a listing, a sweep), takes it back from
 here as a new `Flow` (`find`, `pull_all`, `expire`); the flow is cached again after its next
 Python decision. The tier a packet is counted at does not change: a cached flow's packets are
@@ -28,10 +31,12 @@ from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
+from flowshift.tiers import _fastpath_open as ko
 from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers import pnic_engine
 from flowshift.tiers._pnic_cache import mark_ready
 from flowshift.tiers._pnic_parse import N_FIELDS
+from flowshift.tiers.open_tables import open_tables
 from flowshift.tiers.pnic_engine import classifier_tables, kernel_arg, key_words, knob_table
 
 if TYPE_CHECKING:
@@ -49,7 +54,7 @@ _CACHED_STATES = frozenset(int(s) for s in (
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
 _FREE = 0
-_LIVE = kb.LIVE
+_LIVE = ko.LIVE
 _NEVER = np.iinfo(np.int64).max
 _EMPTY_ROW = bytes(ENTRY_SIZE)
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
@@ -83,6 +88,14 @@ class Fastpath:
         # no packet the kernels run gives its entry less life than this
         self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in machines)
         self._returned = np.empty(0, np.int64)
+        self._opened = np.empty(0, np.int64)  # rows a pass opened flows in
+        self._fstate = np.zeros(2, np.int64)  # a pass's free rows left, flows opened
+        self.open = open_tables(machines, zones)
+        self.zone_tables: list[FlowTable | None] = [None] * len(self.open.zone)  # open zones'
+        self.opened = 0  # flows opened by the passes since the host last counted
+        self.opened_all = 0  # flows opened by the passes so far
+        self._open = [False] * len(self.open.zone)
+        self.opening = False  # some zone is open: a pass may open flows
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -174,7 +187,7 @@ class Fastpath:
             raise KeyError(f"row {slot} of the fast path holds no flow")
         at = slot * ENTRY_SIZE
         flow = Flow.from_bytes(self._bytes[at:at + ENTRY_SIZE])  # bytes in, no array's calls
-        if self._state[slot] == kb.LIVE:
+        if self._state[slot] == _LIVE:
             ki.index_remove(self._mem, slot, self._keys, self._vals)
         self._state[slot] = _FREE
         self._bytes[at:at + ENTRY_SIZE] = _EMPTY_ROW
@@ -203,6 +216,36 @@ class Fastpath:
         in its table, for software to continue."""
         return self.pull(int(self._returned[i]))
 
+    def open_zone(self, zone: int, table: FlowTable | None, tier: int, offer_at: int) -> None:
+        """Let the next passes open flows of `zone` into `table`, owned by `tier`, with this
+        offer_at (see `cache`); None: they may not (software opens them)."""
+        row = self.open.zone[zone]
+        self.zone_tables[zone] = table
+        row[ko.Z_OPEN] = table is not None
+        row[ko.Z_TIER] = tier
+        row[ko.Z_OFFER_AT] = _NEVER if offer_at < 0 else offer_at
+        self._open[zone] = table is not None
+        self.opening = any(self._open)
+
+    @property
+    def active(self) -> bool:
+        """Can a pass do anything: run a cached flow's packet or open a flow?"""
+        return self.live > 0 or self.opening
+
+    def _adopt(self, n: int) -> None:
+        """The n flows the last pass opened: their tables count them."""
+        slots = self._opened[:n]
+        zones = self.entries["zone"][slots].tolist()
+        for slot, zone in zip(slots.tolist(), zones, strict=True):
+            table = self.zone_tables[zone]
+            assert table is not None  # an open zone has its table
+            self.tables[slot] = table
+            table.cached += 1
+        self.live += n
+        self.cached += n
+        self.opened += n
+        self.opened_all += n
+
     def set_policy(self, policy: OffloadPolicy) -> None:
         """The offload policy whose offers stop a pass (STOP_OFFER); one the kernel does not
         know stops it after every packet of an established flow, for Python to ask."""
@@ -225,17 +268,27 @@ class Fastpath:
             stop_time: int) -> tuple[int, int, int]:
         """rows[start:] of the batch in order, until one stops the pass: (position, why,
         rows after a STOP_SOFTWARE row that software may take too)."""
-        if not self.live:
+        if not self.live and not self.opening:
             return start, STOP_SOFTWARE, 0
         if len(self._returned) < len(res):
             self._returned = np.empty(len(res), np.int64)
+        if len(self._opened) < len(res):
+            self._opened = np.empty(len(res), np.int64)
         returned = self._returned  # the kernel sets only the punted row's
+        fstate = self._fstate
+        fstate[0] = self._nfree
+        fstate[1] = 0
+        tables = self.open
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
-            clock, rows, start, stop_time, res.verdict, res.reason, returned, res.machine,
-            res.direction, res.tier, self._mem, self._state, self._keys, self._vals,
-            self._inside, self._public, self._knobs, self._routing, self._bounded,
-            self._offer_at, self.policy, self._f, self.counts)
+            clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
+            res.machine, res.direction, res.tier, self._mem, self._state, self._keys,
+            self._vals, self._inside, self._public, self._knobs, self._routing, self._bounded,
+            self._offer_at, self.policy, self._f, self.counts, tables.zone, tables.rules,
+            tables.ports, tables.snat, self._free, fstate, self._opened)
+        if fstate[1]:
+            self._nfree = int(fstate[0])
+            self._adopt(int(fstate[1]))
         self.ran += at - start
         if start < at:  # no packet it ran gives its entry less life than now
             self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout)
