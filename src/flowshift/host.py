@@ -240,7 +240,7 @@ class Host:
             self.vnic.steer(item)
             return
         out: Outcome = machine.chain.process(pkt, direction, now)
-        self.vnic.outcome(item, out, Tier.MACHINE)
+        self.vnic.outcome(item, out, Tier.MACHINE, machine.chain.router)
         if out.flow is not None:
             self._after(m, machine, out.flow, now)
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from flowshift import __version__
+from flowshift._codes import group_codes
 from flowshift._verdict_rows import ROW_DATA, middles_path, rows_bytes, rows_text
 from flowshift._verdict_rows import seconds_text as seconds_text  # where it was
 from flowshift.config import HostConfig, load_config, to_dict
@@ -433,7 +434,11 @@ class _Run:
             self.problem = batch.problem
             if n == 0:
                 continue
-            self.linktypes.update(int(x) for x in np.unique(batch.linktype))
+            linktype = batch.linktype
+            first = int(linktype[0])
+            # one link type throughout, as a capture mostly is: no sort of the batch
+            self.linktypes.update([first] if (linktype == first).all()
+                                  else np.unique(linktype).tolist())
             start = 0
             while start < n:
                 stop = n
@@ -485,15 +490,12 @@ class _Run:
     def drain(self, res: BatchResults) -> None:
         """Count a finished batch and write its outputs (packets, verdict rows), vectorized."""
         tally = self.tally
-        codes = _pack(res)
-        uniq, inverse = np.unique(codes, return_inverse=True)
-        packets = np.bincount(inverse, minlength=len(uniq))
-        octets = np.bincount(inverse, weights=res.wire_len, minlength=len(uniq))
+        uniq, inverse, packets, octets = group_codes(_pack(res), res.wire_len)
         for code, p, b in zip(uniq.tolist(), packets.tolist(), octets.tolist(), strict=True):
             key = self._label(code)
             c = tally.counts.setdefault(key, [0, 0])
             c[0] += p
-            c[1] += int(b)
+            c[1] += b
         self._rates(res)
         leaving = res.leaving
         sent = np.flatnonzero(leaving)

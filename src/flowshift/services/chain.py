@@ -182,6 +182,11 @@ class Chain:
         return self.flows.get(key)
 
     def in_use(self, reply_key: FlowKey, now: int) -> bool:
+        """Linux nf_nat_used_tuple: does a live flow hold this reply key? A flow cached on the
+        fast path is asked there and left there (a lookup would take it back to Python)."""
+        live = self.flows.cached_live(reply_key, now)
+        if live is not None:
+            return live
         return self.lookup(reply_key, now) is not None
 
     # -- the pipeline ---------------------------------------------------------------------

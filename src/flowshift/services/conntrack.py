@@ -120,6 +120,9 @@ class Cache(Protocol):
     def find(self, key: FlowKey, table: FlowTable) -> tuple[Flow, int] | None:
         """The flow of `key` held for `table`, back in the table as a `Flow`."""
 
+    def peek(self, key: FlowKey, table: FlowTable, now: int) -> bool | None:
+        """Is a live flow of `key` held for `table` (None: one that expired)?"""
+
     def pull_all(self, table: FlowTable) -> None:
         """Every flow held for `table` back in it."""
 
@@ -172,6 +175,13 @@ class FlowTable:
         if hit is None and self.cached and self.cache is not None:
             return self.cache.find(key, self)
         return hit
+
+    def cached_live(self, key: FlowKey, now: int) -> bool | None:
+        """Is `key` a key of a live flow the cache holds for this table, left there? None: it
+        is not known without a lookup (held here, or expired there)."""
+        if key in self._by_key or not self.cached or self.cache is None:
+            return None
+        return self.cache.peek(key, self, now)
 
     def __iter__(self) -> Iterator[Flow]:
         if self.cached and self.cache is not None:

@@ -34,6 +34,7 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 # that the kernel modules import no other).
 SOURCES = (
     "__init__.py",
+    "_codes.py",
     "_verdict_rows.py",
     "closing.py",
     "conntrack_types.py",

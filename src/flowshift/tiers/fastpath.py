@@ -95,6 +95,7 @@ class Fastpath:
         self.opened = 0  # flows opened by the passes since the host last counted
         self.opened_all = 0  # flows opened by the passes so far
         self._open = [False] * len(self.open.zone)
+        self._open_count = 0
         self.opening = False  # some zone is open: a pass may open flows
         self._allocate(capacity)
 
@@ -206,6 +207,14 @@ class Fastpath:
             return None
         return self.pull(hit >> 1), hit & 1
 
+    def peek(self, key: FlowKey, table: FlowTable, now: int) -> bool | None:
+        """Does this table hold a live flow of `key` for `table` (left where it is)? None:
+        it holds one that expired by `now`, which only a lookup may remove."""
+        hit = ki.lookup(self._keys, self._vals, *key_words(key))
+        if hit < 0 or self.tables[hit >> 1] is not table:
+            return False
+        return True if int(self.entries["expires"][hit >> 1]) > now else None
+
     def pull_all(self, table: FlowTable) -> None:
         """Every flow of `table` back into it (to list or hand over all of them)."""
         for slot in [s for s, t in enumerate(self.tables) if t is table]:
@@ -224,8 +233,11 @@ class Fastpath:
         row[ko.Z_OPEN] = table is not None
         row[ko.Z_TIER] = tier
         row[ko.Z_OFFER_AT] = _NEVER if offer_at < 0 else offer_at
-        self._open[zone] = table is not None
-        self.opening = any(self._open)
+        is_open = table is not None
+        if self._open[zone] != is_open:
+            self._open[zone] = is_open
+            self._open_count += 1 if is_open else -1
+            self.opening = self._open_count > 0
 
     @property
     def active(self) -> bool:

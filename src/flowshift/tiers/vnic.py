@@ -208,7 +208,7 @@ class Vnic:
         chain.missed = missed
         out = chain.process(item.pkt, item.direction, item.ts)
         chain.missed = None
-        self.outcome(item, out, _VNIC)
+        self.outcome(item, out, _VNIC, chain.router)
         if out.flow is not None:
             self.after(item.machine, out.flow, item.ts)
 
@@ -246,12 +246,15 @@ class Vnic:
             return False
         return item.fkey is None or (pkt.proto == PROTO_TCP and bool(pkt.flags & TCP_SYN))
 
-    def outcome(self, item: Pending, out: Outcome, tier: int) -> None:
+    def outcome(self, item: Pending, out: Outcome, tier: int, router: bool) -> None:
+        """Record a packet a chain decided; `router`: the chain's machine routes (a packet it
+        forwards leaves with its TTL / hop limit one lower, translated or not)."""
         if out.created:
             self.stats.flows_total += 1
         flow = out.flow
         self.record(item, out.verdict, out.reason, out.rule, tier,
-                    flow is not None and flow.key != flow.xlat)
+                    (router and out.verdict == Verdict.FORWARD)
+                    or (flow is not None and flow.key != flow.xlat))
 
     # -- VNIC -> PNIC ------------------------------------------------------------------------
 
