@@ -36,7 +36,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "host": ("flowshift.host",),
     # the report is built from the replay's counters by the replay: it sits below it
     "report": ("flowshift.report", "flowshift.plot"),
-    "replay": ("flowshift.replay", "flowshift._verdict_rows", "flowshift.output", "flowshift.gen",
+    "replay": ("flowshift.replay", "flowshift._verdict_rows", "flowshift._codes",
+               "flowshift.output", "flowshift.gen",
                "flowshift.gen_gateway"),
     # scale-out: shards of one replay, sweeps of many, on processes or a Dask cluster
     "scale": ("flowshift.shard", "flowshift.shard_ring", "flowshift.shard_merge",
