@@ -24,6 +24,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from flowshift.conntrack_types import Status
@@ -366,9 +367,29 @@ def warm_all(ahead: subprocess.Popen[bytes] | None = None) -> float:
     return seconds
 
 
+def warm_open() -> None:
+    """Compile the kernel that opens flows (or load it) for the argument types `run` passes
+    it. `run_rows` calls it, not inlined: a compilation of `run_rows` that finds it in the
+    cache loads it instead of compiling it again."""
+    from flowshift.config import parse_config
+    from flowshift.tiers.classify import Classifier
+
+    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
+                                     "services": ["count"]}]}, "fast path warm-up")
+    fp = Fastpath(cfg, Classifier(cfg.machines), capacity=1)
+    t = fp.open
+    args = (np.zeros(1, np.uint8), 0, fp._f, 0, fp._mem, fp._state, fp._keys, fp._vals,
+            fp._knobs, fp._routing, t.zone, t.rules, t.ports, t.snat, fp._free, fp._fstate,
+            fp._offer_at, fp._opened)
+    ko.open_flow.compile(tuple(numba.typeof(a) for a in args))
+
+
 def compile_ahead_work() -> None:
-    """What the process of `_pnic_cache.compile_ahead` does: the PNIC's kernels (its data
-    path is the longest compilation), while the first process compiles the others
-    (commands/replay.py `warm_engine`): about half the work each."""
+    """What the process of `_pnic_cache.compile_ahead` does: first the kernel that opens
+    flows (the first process finds it in the cache when it compiles the fast path, after
+    generating its trace), then the PNIC's kernels (its data path is the longest
+    compilation), while the first process compiles the others (commands/replay.py
+    `warm_engine`): about half the work each."""
+    warm_open()
     pnic_engine.warm_data_path()
     pnic_engine.warm_table()
