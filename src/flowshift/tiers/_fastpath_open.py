@@ -27,6 +27,7 @@ gives that flow. tests/test_fastpath_open.py holds every case against the refere
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from flowshift.conntrack_types import UDP_STREAM_AFTER, Status
@@ -306,3 +307,8 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
         verdict, reason = forward_hop(buf, s, f, verdict, reason)
     return verdict, reason, rule, slot
 
+
+
+def compile_open_flow(args: tuple[object, ...]) -> None:
+    """Compile (or load) `open_flow` for these arguments' types (numba.typeof of each)."""
+    open_flow.compile(tuple(numba.typeof(a) for a in args))

@@ -24,7 +24,6 @@ import subprocess
 import time
 from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 
 from flowshift.conntrack_types import Status
@@ -381,7 +380,7 @@ def warm_open() -> None:
     args = (np.zeros(1, np.uint8), 0, fp._f, 0, fp._mem, fp._state, fp._keys, fp._vals,
             fp._knobs, fp._routing, t.zone, t.rules, t.ports, t.snat, fp._free, fp._fstate,
             fp._offer_at, fp._opened)
-    ko.open_flow.compile(tuple(numba.typeof(a) for a in args))
+    ko.compile_open_flow(args)
 
 
 def compile_ahead_work() -> None:
