@@ -85,3 +85,25 @@ def test_decrement_matches_a_recomputed_header() -> None:
     pkt = _udp(2)
     decrement_ttl(pkt)
     assert pkt.ttl == 1 and ones_sum(pkt.data[pkt.l3:pkt.l3 + 20]) == 0xFFFF
+
+
+@pytest.mark.parametrize("engine", ["reference", "compiled"])
+@pytest.mark.parametrize("rows", [None, 64])
+def test_a_replay_writes_the_lowered_ttl_of_an_untranslated_flow(tmp_path, engine, rows):
+    """The packets a routing machine forwards leave the host one lower, in the replay's
+    output too, whether or not NAT rewrote anything (it once kept only translated packets'
+    bytes, and the reference engine lost the TTL of untranslated ones)."""
+    from hosttools import run
+    from tracetools import write_pcap
+
+    cfg = parse_config({"machine": [{**MACHINE, "forwarding": "router"}]}, "t")
+    frames = [udp_frame(src=INSIDE, dst=OUTSIDE, sport=5000, dport=53, payload=b"x", ttl=9),
+              udp_frame(src=OUTSIDE, dst=INSIDE, sport=53, dport=5000, payload=b"y", ttl=9)]
+    path = write_pcap(tmp_path / "r.pcap", [(S + i * 1000, f) for i, f in enumerate(frames)])
+    r = run(path, cfg, engine=engine, rows=rows, policy="never")
+    assert [x.verdict for x in r.results] == [Verdict.FORWARD, Verdict.FORWARD]
+    for x in r.results:
+        assert x.data is not None
+        pkt = parse(bytearray(x.data), 1)
+        assert pkt.ttl == 8
+        assert ones_sum(bytes(x.data[14:34])) == 0xFFFF  # the header checksum still adds up
