@@ -178,3 +178,25 @@ def test_a_pool_of_addresses_is_python_s(tmp_path):
     cfg = parse_config({"machine": [machine]}, "pool")
     fast = _same(_syns(tmp_path, [(CLIENTS[0], 40000 + i) for i in range(5)]), cfg, rows=64)
     assert fast.host.fastpath is not None and fast.host.fastpath.opened_all == 0
+
+
+def test_a_new_flow_whose_reply_is_a_cached_flows_key_takes_it_as_without_a_cache(tmp_path):
+    """A server's SYN to a client's very port pair: the new flow's reply key is the key of the
+    client's cached flow (SNAT'd). Without a cache the new flow takes that key over; the
+    cached flow must come back to Python first so that it loses the key the same way, and the
+    client's next SYN is then the new flow's reply, on both engines (hypothesis found it)."""
+    machine = {"name": "gw", "addresses": ["10.0.0.0/24"], "public": ["192.0.2.1"],
+               "services": ["nat", "count"],
+               "nat": {"snat": [{"source": "10.0.0.0/24", "to": "192.0.2.1"}]}}
+    cfg = parse_config({"machine": [machine]}, "snat")
+    client, server = CLIENTS[0], SERVERS[0]
+
+    def syn(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+        return tcp_frame(src=src, dst=dst, sport=sport, dport=dport, seq=0, ack=0,
+                         flags=TCP_SYN, window=0)
+
+    frames = [syn(client, server, 40000, 80), syn(server, client, 80, 40000),
+              syn(client, server, 40000, 80)]
+    path = write_pcap(tmp_path / "t.pcap", [(10**9 + i * 1000, f) for i, f in enumerate(frames)])
+    _same(path, cfg, rows=1)
+    _same(path, cfg, rows=64)

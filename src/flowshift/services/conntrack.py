@@ -216,6 +216,7 @@ class FlowTable:
         elif old is not None:
             self.touch(flow)
             return
+        self._claim(flow.reply_key)
         self._insert(flow)
 
     def add_new(self, flow: Flow) -> None:
@@ -225,7 +226,15 @@ class FlowTable:
         own lookup, which asks the cache too, is skipped."""
         if flow.key in self._by_key:
             raise RuntimeError(f"a new flow's key is taken: {flow.key}")
+        self._claim(flow.reply_key)
         self._insert(flow)
+
+    def _claim(self, key: FlowKey) -> None:
+        """A flow is about to take `key` (its reply key, which may be another flow's own key):
+        a cached flow holding it comes back first, so that it loses the key here, as it does
+        in a table without a cache."""
+        if self.cached and self.cache is not None and key not in self._by_key:
+            self.cache.find(key, self)
 
     def _insert(self, flow: Flow) -> None:
         if self.buckets:
