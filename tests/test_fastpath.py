@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,13 +22,17 @@ from flowshift.entry import Flow, Status, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.gen import TraceSpec, generate, parse_networks
 from flowshift.host import Host
+from flowshift.packet.build import tcp_frame
 from flowshift.packet.parse import parse
 from flowshift.packet.pcap import open_trace
 from flowshift.packet.view import TCP_ACK, TCP_RST, TCP_SYN
+from flowshift.results import BatchResults
 from flowshift.services.conntrack import FlowTable
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
+from flowshift.tiers._fastpath_batch import DONE
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.fastpath import Fastpath
+from flowshift.verdict import Verdict
 from hosttools import FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
 
 CLIENTS = parse_networks("10.0.0.0/24,fd00::/64")
@@ -183,6 +188,31 @@ def test_expired_cached_flows_are_swept_and_live_ones_stay():
     assert [f.key for f in table.sweep(200)] == [old.key]
     assert len(table) == 1 and table.cached == 1  # the live one is still cached
     assert [f.key for f in table] == [young.key] and table.cached == 0
+
+
+def test_an_rst_before_any_reply_leaves_its_cached_flow_to_the_next_sweep():
+    """The server's RST answering a SYN destroys the conntrack (chain.process_flow: it expires
+    at the RST's time): the pass runs it, and a sweep at that time finds the flow, as it finds
+    the `Flow` Python leaves (the table's floor is not min_timeout after the pass)."""
+    fp = _fastpath()
+    table = FlowTable()
+    table.use_cache(fp)
+    flow = _flow(1)
+    assert flow.tcp is not None
+    flow.tcp.state = TcpState.SYN_SENT
+    table.add(flow)
+    fp.cache(flow, table, -1, bounded=False)
+    now = 5 * 10**9
+    k = flow.reply_key
+    frame = tcp_frame(src=k.src, dst=k.dst, sport=k.sport, dport=k.dport, seq=7000, ack=1,
+                      flags=TCP_RST | TCP_ACK, window=0)
+    res = BatchResults.over(0, np.frombuffer(frame, np.uint8).copy(), np.zeros(1, np.int64),
+                            np.array([len(frame)], np.uint32), np.array([len(frame)], np.uint32),
+                            np.ones(1, np.uint16), np.array([now], np.int64))
+    assert fp.run(res, res.ts, np.zeros(1, np.int64), 0, 10**18)[:2] == (1, DONE)
+    assert res.verdict[0] == Verdict.FORWARD and fp.ran == 1  # run compiled, not punted
+    assert [f.key for f in table.sweep(now)] == [flow.key]
+    assert len(table) == 0 and fp.live == 0
 
 
 def test_a_bounded_table_caches_only_assured_flows():
