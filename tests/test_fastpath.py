@@ -24,8 +24,8 @@ from flowshift.gen import TraceSpec, generate, parse_networks
 from flowshift.host import Host
 from flowshift.packet.build import tcp_frame
 from flowshift.packet.parse import parse
-from flowshift.packet.pcap import open_trace
-from flowshift.packet.view import TCP_ACK, TCP_RST, TCP_SYN
+from flowshift.packet.pcap import PcapWriter, open_trace
+from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 from flowshift.results import BatchResults
 from flowshift.services.conntrack import FlowTable
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
@@ -140,6 +140,84 @@ def test_any_generated_trace_is_the_same_on_both_engines(tmp_path_factory, seed,
                        ipv6_share=0.3, icmp_share=0.05, udp_share=0.3, attack=attack,
                        clients=CLIENTS, servers=SERVERS, gateway=cfg), path)
     assert_same(path, cfg, policy=policy, rows=rows)
+
+
+_RST_ENDINGS = ["refused", "refused-bare", "client-gives-up", "abort", "abort-bare",
+                "abort-server", "out-of-window", "below-ack", "seq-zero", "after-fin", "none"]
+
+
+def _rst_trace(path: Path, draw: st.DrawFn, connections: int) -> None:
+    """Connections from the firewall host's machine, each ending one of _RST_ENDINGS ways
+    (an RST answering the SYN, with ACK or without, or the client's before any answer; an RST
+    of either side in the window, out of it, below the other side's ACK, at seq 0, after a
+    FIN), some followed by more of their packets, spread over 40 s (sweeps every 10 s)."""
+    frames: list[tuple[int, int, bytes]] = []
+    for n in range(connections):
+        c_addr, s_addr = bytes((10, 0, 0, 1 + n % 50)), bytes((198, 51, 100, 1 + n % 3))
+        c_port = 20000 + n
+        c_isn, s_isn = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))
+        c_nxt, s_nxt = c_isn + 1, s_isn + 1
+        out: list[tuple[bool, int, int, int, int]] = []  # from the client, seq, ack, flags, len
+        ending = draw(st.sampled_from(_RST_ENDINGS))
+        out.append((True, c_isn, 0, TCP_SYN, 0))
+        if ending == "refused":
+            out.append((False, 0, c_nxt, TCP_RST | TCP_ACK, 0))
+        elif ending == "refused-bare":
+            out.append((False, draw(st.sampled_from([0, s_isn])), 0, TCP_RST, 0))
+        elif ending == "client-gives-up":
+            out.append((True, c_nxt, 0, TCP_RST, 0))
+        else:
+            size = draw(st.sampled_from([0, 100, 1400]))
+            out += [(False, s_isn, c_nxt, TCP_SYN | TCP_ACK, 0), (True, c_nxt, s_nxt, TCP_ACK, 0),
+                    (True, c_nxt, s_nxt, TCP_ACK | TCP_PSH, size),
+                    (False, s_nxt, c_nxt + size, TCP_ACK, 0)]
+            c_nxt += size
+            out.append({
+                "abort": (True, c_nxt, s_nxt, TCP_RST | TCP_ACK, 0),
+                "abort-bare": (True, c_nxt, 0, TCP_RST, 0),
+                "abort-server": (False, s_nxt, c_nxt, TCP_RST | TCP_ACK, 0),
+                "out-of-window": (True, c_nxt + 2**31, s_nxt, TCP_RST, 0),
+                "below-ack": (False, s_nxt - draw(st.integers(1, 5000)), c_nxt,
+                              TCP_RST | TCP_ACK, 0),
+                "seq-zero": (True, 0, s_nxt, TCP_RST | TCP_ACK, 0),
+                "after-fin": (True, c_nxt, s_nxt, TCP_FIN | TCP_ACK, 0),
+                "none": (True, c_nxt, s_nxt, TCP_ACK, 0),
+            }[ending])
+            if ending == "after-fin":
+                out.append((False, s_nxt, c_nxt + 1, TCP_RST | TCP_ACK, 0))
+        for _ in range(draw(st.integers(0, 2))):  # more after the end: a late ACK, another RST
+            out.append((True, c_nxt, s_nxt,
+                        draw(st.sampled_from([TCP_ACK, TCP_RST, TCP_RST | TCP_ACK])), 0))
+        t = draw(st.integers(0, 40 * 10**9))
+        for from_client, seq, ack, flags, size in out:
+            ends = (c_addr, s_addr, c_port, 80)
+            src, dst, sport, dport = ends if from_client else (s_addr, c_addr, 80, c_port)
+            t += draw(st.integers(1, 3 * 10**9 if flags & TCP_RST else 10**7))
+            frames.append((t, n, tcp_frame(src=src, dst=dst, sport=sport, dport=dport,
+                                           seq=seq % 2**32, ack=ack % 2**32, flags=flags,
+                                           window=65535, payload_len=size)))
+    with PcapWriter(path) as w:
+        for t, _, frame in sorted(frames, key=lambda x: x[:2]):
+            w.write(10**9 + t, frame)
+
+
+@settings(max_examples=10, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), rows=st.sampled_from([1, 16, 4096]),
+       policy=st.sampled_from(["never", "elephant"]),
+       conntrack=st.sampled_from([{}, {"tcp_ignore_invalid_rst": True},
+                                  {"tcp_be_liberal": True}]))
+def test_rst_heavy_traces_are_the_same_on_both_engines(tmp_path_factory, data, rows, policy,
+                                                       conntrack):
+    """RSTs of every kind the fast path now runs (tests/test_fastpath_tcp.py holds one packet
+    to the reference; this, whole connections, the sweeps and a dump between them)."""
+    cfg = parse_config({**FIREWALL_HOST, "conntrack": conntrack}, "rst")
+    path = tmp_path_factory.mktemp("rst") / "t.pcap"
+    _rst_trace(path, data.draw, 120)
+    fast = assert_same(path, cfg, policy=policy, rows=rows,
+                       dump_at=data.draw(st.integers(100, 400)))
+    if rows > 1 and policy == "never":
+        _ran_compiled(fast)
 
 
 # -- the table itself ---------------------------------------------------------------------------
