@@ -4,13 +4,12 @@ A port of services/chain.py `process_flow` for the packets the engines process (
 TCP segments without SYN, FIN or RST; the software fast path's: FIN and RST too, and the
 SYN/ACK answering a SYN; UDP; ICMP echo), working on one entry row of bytes in ENTRY_DTYPE
 layout (read and written at `mem[e + offset]`, the cache's bytes and the entry's start) and on
-the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
-(`tcp_packet` for the ACK, FIN, RST and SYN/ACK rows of the state table, `_rst_disposition`,
-`_in_window`, `_timeout`); sequence numbers
-are u32 with explicit masks in int64 arithmetic. Rewrites follow packet/rewrite.py: RFC 1624
-updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, by the very
-functions of packet/checksum.py (UDP over IPv4 keeps a zero checksum; a UDP checksum computed
-as zero is sent as 0xFFFF, over IPv4 and IPv6).
+the frame bytes in place. TCP follows services/conntrack_tcp.py step by step (`tcp_packet` for
+the ACK, FIN, RST and SYN/ACK rows of the state table, `_rst_disposition`, `_in_window`,
+`_timeout`); sequence numbers are u32 with explicit masks in int64 arithmetic. Rewrites follow
+packet/rewrite.py: RFC 1624 updates of the IPv4 header checksum and the TCP/UDP/ICMPv6
+pseudo-header sums, by the very functions of packet/checksum.py (UDP over IPv4 keeps a zero
+checksum; a UDP checksum computed as zero is sent as 0xFFFF, over IPv4 and IPv6).
 """
 
 from __future__ import annotations
@@ -502,7 +501,7 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
     timeout = _tcp_timeout(mem, e, index, new_state, kn, z)
     if not mem[e + E_STATUS] & SEEN_REPLY:
         if index == RST_SET:
-            return ACCEPT, TIMEOUT_DESTROY  # the only answer was an RST (SEEN_REPLY unset)
+            return ACCEPT, TIMEOUT_DESTROY  # an RST before any reply: the conntrack is gone
         if new_state == S_ESTABLISHED and timeout > kn[z, K_UNACK]:
             timeout = kn[z, K_UNACK]  # picked up mid-stream, no answer yet
     elif (not mem[e + E_STATUS] & ASSURED and new_state == S_ESTABLISHED
