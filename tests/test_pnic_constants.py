@@ -72,14 +72,15 @@ FACTS = {
     (kf, "IGNORE"): ct.TcpAction.IGNORE,
     (kf, "S_SYN_SENT"): ct.TcpState.SYN_SENT, (kf, "S_SYN_RECV"): ct.TcpState.SYN_RECV,
     (kf, "S_ESTABLISHED"): ct.TcpState.ESTABLISHED,
-    (kf, "S_LAST_ACK"): ct.TcpState.LAST_ACK,
+    (kf, "S_LAST_ACK"): ct.TcpState.LAST_ACK, (kf, "S_CLOSE_WAIT"): ct.TcpState.CLOSE_WAIT,
+    (kf, "S_CLOSE"): ct.TcpState.CLOSE,
     (kf, "S_TIME_WAIT"): ct.TcpState.TIME_WAIT,
     (kf, "S_INVALID"): ct.STATE_INVALID, (kf, "S_IGNORE"): ct.STATE_IGNORE,
     (kf, "ACK_SET"): ct.TCP_ACK_SET, (kf, "SYN_SET"): ct.TCP_SYN_SET,
     (kf, "SYNACK_SET"): ct.TCP_SYNACK_SET, (kf, "FIN_SET"): ct.TCP_FIN_SET,
     (kf, "RST_SET"): ct.TCP_RST_SET, (kf, "S_FIN_WAIT"): ct.TcpState.FIN_WAIT,
     (kf, "TCP_FIN"): view.TCP_FIN, (kf, "TCP_SYN"): view.TCP_SYN, (kf, "TCP_RST"): view.TCP_RST,
-    (kf, "TCP_LIFE_SOFTWARE"): view.TCP_SYN | view.TCP_RST,
+    (kf, "TCP_LIFE_SOFTWARE"): view.TCP_SYN,
     (kf, "TCP_CHECKED"): view.TCP_FIN | view.TCP_SYN | view.TCP_RST | view.TCP_ACK | view.TCP_URG,
     (kf, "FLAG_CLOSE_INIT"): ct.TCP_FLAG_CLOSE_INIT,
     (kf, "FLAG_WINDOW_SCALE"): ct.TCP_FLAG_WINDOW_SCALE, (kf, "MAX_WSCALE"): ct.TCP_MAX_WSCALE,
@@ -95,7 +96,7 @@ FACTS = {
     (kf, "HOP_LIMIT_AT_IPV6"): route.HOP_LIMIT_AT_IPV6,
     **{(kf, name): getattr(ct, name) for name in (
         "K_TCP", "K_RETRANS", "K_UNACK", "K_UDP", "K_UDP_STREAM", "K_ICMP", "K_ICMPV6",
-        "K_MAX_RETRANS", "K_BE_LIBERAL")},
+        "K_MAX_RETRANS", "K_BE_LIBERAL", "K_IGNORE_INVALID_RST")},
     (kf, "CSUM_AT_TCP"): rewrite.L4_CHECKSUM_AT[PROTO_TCP],
     (kf, "CSUM_AT_UDP"): rewrite.L4_CHECKSUM_AT[PROTO_UDP],
     (kf, "CSUM_AT_ICMP"): rewrite.L4_CHECKSUM_AT[PROTO_ICMP],
@@ -124,7 +125,7 @@ FACTS = {
 # constants that are the kernels' own (layouts of their own arrays, not facts of the reference)
 OWN = {
     kb: {"PUNT", "LIVE", "RETURNED", "AHEAD", "OUTSIDE"},
-    kf: {"M32"},
+    kf: {"M32", "RST_INVALID", "RST_CHECK", "RST_KEEP_STATE", "RST_TRUSTED"},
     ki: {"EMPTY", "_GOLDEN"},
     kp: {"FAIL", "KEY_ONLY", "FULL", "N_FIELDS"},
 }
@@ -156,6 +157,7 @@ def test_tables_equal_the_state_table_and_the_knob_rows() -> None:
     assert (row[ct.K_ICMP], row[ct.K_ICMPV6]) == (ct.ICMP_TIMEOUT, ct.ICMPV6_TIMEOUT)
     assert row[ct.K_MAX_RETRANS] == ct.NF_CT_TCP_MAX_RETRANS
     assert row[ct.K_BE_LIBERAL] == int(ct.NF_CT_TCP_BE_LIBERAL)
+    assert row[ct.K_IGNORE_INVALID_RST] == int(ct.NF_CT_TCP_IGNORE_INVALID_RST)
 
 
 @pytest.mark.parametrize("module", [kb, kf, ki, kp], ids=lambda m: m.__name__)

@@ -151,7 +151,8 @@ class Knobs:
         return (*self.tcp_timeouts, self.tcp_timeout_max_retrans,
                 self.tcp_timeout_unacknowledged, self.udp_timeout, self.udp_timeout_stream,
                 self.icmp_timeout, self.icmpv6_timeout, self.generic_timeout,
-                self.tcp_max_retrans, int(self.tcp_be_liberal))
+                self.tcp_max_retrans, int(self.tcp_be_liberal),
+                int(self.tcp_ignore_invalid_rst))
 
     def min_timeout(self) -> int:
         """The shortest life any packet can give a flow (bounds the PNIC's next expiry)."""
@@ -174,7 +175,8 @@ K_ICMPV6 = K_ICMP + 1
 K_GENERIC = K_ICMPV6 + 1
 K_MAX_RETRANS = K_GENERIC + 1
 K_BE_LIBERAL = K_MAX_RETRANS + 1
-N_KNOBS = K_BE_LIBERAL + 1
+K_IGNORE_INVALID_RST = K_BE_LIBERAL + 1
+N_KNOBS = K_IGNORE_INVALID_RST + 1
 assert len(DEFAULT_KNOBS.row()) == N_KNOBS
 
 

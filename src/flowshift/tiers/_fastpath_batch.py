@@ -11,7 +11,7 @@ open without a decision of its own opens it here (tiers/_fastpath_open.py).
 
 - STOP_SOFTWARE: the row is not ours (a miss that opens no flow here, a shape the kernels do
   not run, a flow of no machine): software decides it;
-- STOP_PUNT: a hit that software must decide (SYN/FIN/RST, expired, unsupported): its entry
+- STOP_PUNT: a hit that software must decide (a SYN, expired, unsupported): its entry
   leaves the table (`returned`) and software decides the row with it;
 - STOP_TIME: the row lies at or after `stop_time`, when something else is due first (an
   answer of the PNIC): software takes the clock there;
@@ -47,7 +47,6 @@ from flowshift.tiers._pnic_flow import (
     S_ESTABLISHED,
     SEEN_REPLY,
     TCP_LIFE_SOFTWARE,
-    TCP_RST,
     forward_hop,
     process_flow,
     syn_answer,
@@ -171,7 +170,8 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     machine, 1 when its table has a limit (then only assured flows are offered, as
     Vnic.consider does).
     zone, rules, ports, snat: the chains as _fastpath_open.open_flow reads them; free, fstate,
-    opened: the free rows and the rows opened (open_flow).
+    opened: the free rows and the rows opened (open_flow); fstate[2]: lowered to the earliest
+    expiry a processed row left its entry with (an RST before any reply: its own time).
     """
     n = len(rows)
     for j in range(start, n):
@@ -214,13 +214,16 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         e = slot * E_SIZE
         life = TCP_LIFE_SOFTWARE
         if mem[e + E_PROTO] == PROTO_TCP and syn_answer(mem, e, hit & 1, f):
-            life = TCP_RST  # the handshake's answer runs here too
+            life = 0  # the handshake's answer runs here too
         if punt_reason(mem, e, f, status == FULL, now, life):
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED
             returned[i] = slot
             return j, STOP_PUNT, 0
         v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
+        expires = ld64(mem, e + E_EXPIRES)
+        if expires < fstate[2]:
+            fstate[2] = expires  # an RST before any reply: the entry expires now
         if routing[m]:
             v, r = forward_hop(buf, s, f, v, r)
         owner = mem[e + E_OWNER]

@@ -101,7 +101,7 @@ def punt_reason(mem, e, f, full, now, life):
 
     Expired first (software expires it exactly), then a TCP flag of `life` (the PNIC's
     TCP_LIFE: SYN, FIN or RST, the connection's life changes in software; the fast path's
-    TCP_LIFE_SOFTWARE: SYN or RST), then what the engine does not run (`full` False: a header
+    TCP_LIFE_SOFTWARE: a SYN), then what the engine does not run (`full` False: a header
     shape parsed for its key only; a TCP state byte out of range). A TCP packet's flags are
     parsed whenever its key is.
     """

@@ -1,14 +1,15 @@
 """Compiled per-flow work of the PNIC engine: conntrack update, NAT/LB rewrite, counters.
 
-A port of services/chain.py `process_flow` for the packets the engine processes (TCP segments
-without SYN, FIN or RST; UDP; ICMP echo), working on one entry row of bytes in ENTRY_DTYPE
+A port of services/chain.py `process_flow` for the packets the engines process (the PNIC's:
+TCP segments without SYN, FIN or RST; the software fast path's: FIN and RST too, and the
+SYN/ACK answering a SYN; UDP; ICMP echo), working on one entry row of bytes in ENTRY_DTYPE
 layout (read and written at `mem[e + offset]`, the cache's bytes and the entry's start) and on
-the frame bytes in place. TCP follows services/conntrack_tcp.py step by step
-(`tcp_packet` for the ACK row of the state table, `_in_window`, `_timeout`); sequence numbers
-are u32 with explicit masks in int64 arithmetic. Rewrites follow packet/rewrite.py: RFC 1624
-updates of the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header sums, by the very
-functions of packet/checksum.py (UDP over IPv4 keeps a zero checksum; a UDP checksum computed
-as zero is sent as 0xFFFF, over IPv4 and IPv6).
+the frame bytes in place. TCP follows services/conntrack_tcp.py step by step (`tcp_packet` for
+the ACK, FIN, RST and SYN/ACK rows of the state table, `_rst_disposition`, `_in_window`,
+`_timeout`); sequence numbers are u32 with explicit masks in int64 arithmetic. Rewrites follow
+packet/rewrite.py: RFC 1624 updates of the IPv4 header checksum and the TCP/UDP/ICMPv6
+pseudo-header sums, by the very functions of packet/checksum.py (UDP over IPv4 keeps a zero
+checksum; a UDP checksum computed as zero is sent as 0xFFFF, over IPv4 and IPv6).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from numba.extending import register_jitable
 from flowshift import conntrack_types as ct
 from flowshift import entry, flow
 from flowshift.packet import checksum, rewrite, route, view
-from flowshift.services.conntrack_tcp import TCP_CONNTRACKS
+from flowshift.services.conntrack_tcp import TCP_CONNTRACKS, TIMEOUT_DESTROY
 from flowshift.tiers._pnic_index import (
     E_DPORT,
     E_DST,
@@ -103,8 +104,9 @@ TCP_RST = view.TCP_RST
 # the flags whose combination conntrack checks (conntrack_tcp.tcp_valid_flags)
 TCP_CHECKED = view.TCP_FIN | view.TCP_SYN | view.TCP_RST | view.TCP_ACK | view.TCP_URG
 TCP_LIFE = view.TCP_SYN | view.TCP_FIN | view.TCP_RST  # flags the PNIC leaves to software
-# the software tiers' fast path runs FIN too (the PNIC hands a closing flow back instead)
-TCP_LIFE_SOFTWARE = view.TCP_SYN | view.TCP_RST
+# the software tiers' fast path runs FIN and RST too (the PNIC hands a closing flow back
+# instead)
+TCP_LIFE_SOFTWARE = view.TCP_SYN
 PROTO_TCP = flow.PROTO_TCP
 PROTO_UDP = flow.PROTO_UDP
 PROTO_ICMPV6 = flow.PROTO_ICMPV6
@@ -117,8 +119,10 @@ S_SYN_SENT = int(ct.TcpState.SYN_SENT)
 S_SYN_RECV = int(ct.TcpState.SYN_RECV)
 S_ESTABLISHED = int(ct.TcpState.ESTABLISHED)
 S_FIN_WAIT = int(ct.TcpState.FIN_WAIT)
+S_CLOSE_WAIT = int(ct.TcpState.CLOSE_WAIT)
 S_LAST_ACK = int(ct.TcpState.LAST_ACK)
 S_TIME_WAIT = int(ct.TcpState.TIME_WAIT)
+S_CLOSE = int(ct.TcpState.CLOSE)
 S_INVALID = ct.STATE_INVALID
 S_IGNORE = ct.STATE_IGNORE
 ACK_SET = ct.TCP_ACK_SET
@@ -150,6 +154,7 @@ K_ICMP = ct.K_ICMP
 K_ICMPV6 = ct.K_ICMPV6
 K_MAX_RETRANS = ct.K_MAX_RETRANS
 K_BE_LIBERAL = ct.K_BE_LIBERAL
+K_IGNORE_INVALID_RST = ct.K_IGNORE_INVALID_RST
 
 # The state table, [direction, index, old state]
 ROWS = np.array(TCP_CONNTRACKS, np.int64)
@@ -229,7 +234,7 @@ def syn_open(mem, e, f, kn, z):
     mem[e + E_LAST_INDEX] = SYN_SET
     mem[e + E_LAST_DIR] = 0
     mem[e + E_TCP_STATE] = S_SYN_SENT
-    return _tcp_timeout(mem, e, S_SYN_SENT, kn, z)
+    return _tcp_timeout(mem, e, SYN_SET, S_SYN_SENT, kn, z)
 
 
 @kernel()
@@ -244,16 +249,19 @@ def syn_answer(mem, e, d, f):
 
 @kernel()
 def tcp_in_window(mem, e, d, b, s, f, liberal):
-    """conntrack_tcp._in_window for a segment with ACK and without RST: FIN_SET, ACK_SET, or
-    the SYN/ACK of `syn_answer`; liberal: nf_conntrack_tcp_be_liberal."""
+    """conntrack_tcp._in_window for a segment without SYN but the SYN/ACK of `syn_answer`:
+    FIN_SET, ACK_SET, RST_SET (with ACK or without), or that SYN/ACK; liberal:
+    nf_conntrack_tcp_be_liberal."""
     sender = E_SEEN + SEEN_SIZE * d
     receiver = E_SEEN + SEEN_SIZE * (1 - d)
+    flags = f[F_FLAGS]
     seq = f[F_SEQ]
-    ack = f[F_ACK]
+    ack = f[F_ACK]  # the header's field, whether the ACK flag is set or not
     win_raw = f[F_WINDOW]
     win = win_raw
-    fin = f[F_FLAGS] & TCP_FIN
-    syn = f[F_FLAGS] & TCP_SYN
+    fin = flags & TCP_FIN
+    syn = flags & TCP_SYN
+    rst = flags & TCP_RST
     end = (seq + f[F_PAYLOAD] + (1 if fin else 0) + (1 if syn else 0)) & M32
     if mem[e + receiver + D_FLAGS] & FLAG_SACK_PERM:
         sack = _highest_sack(b, s, f, ack)
@@ -274,6 +282,13 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
             st32(mem, e + receiver + D_MAXEND, sack)
         elif sack == (ld32(mem, e + receiver + D_END) + 1) & M32:
             st32(mem, e + receiver + D_END, sack)
+
+    if not flags & TCP_ACK:
+        ack = sack = ld32(mem, e + receiver + D_END)  # no ACK: as if it acknowledged all seen
+    elif rst and ack == 0:
+        ack = sack = ld32(mem, e + receiver + D_END)  # stacks that send RST|ACK with ack 0
+    if rst and seq == 0 and mem[e + E_TCP_STATE] == S_SYN_SENT:
+        seq = end = ld32(mem, e + sender + D_END)  # an RST answering a SYN
 
     s_end = ld32(mem, e + sender + D_END)
     s_maxend = ld32(mem, e + sender + D_MAXEND)
@@ -304,11 +319,12 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     if _after(end, s_end):
         st32(mem, e + sender + D_END, end)
         mem[e + sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
-    if not mem[e + sender + D_FLAGS] & FLAG_MAXACK_SET:
-        st32(mem, e + sender + D_MAXACK, ack)
-        mem[e + sender + D_FLAGS] |= FLAG_MAXACK_SET
-    elif _after(ack, ld32(mem, e + sender + D_MAXACK)):
-        st32(mem, e + sender + D_MAXACK, ack)
+    if flags & TCP_ACK:
+        if not mem[e + sender + D_FLAGS] & FLAG_MAXACK_SET:
+            st32(mem, e + sender + D_MAXACK, ack)
+            mem[e + sender + D_FLAGS] |= FLAG_MAXACK_SET
+        elif _after(ack, ld32(mem, e + sender + D_MAXACK)):
+            st32(mem, e + sender + D_MAXACK, ack)
 
     s_maxend = ld32(mem, e + sender + D_MAXEND)
     r_maxwin = ld32(mem, e + receiver + D_MAXWIN)
@@ -320,7 +336,7 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
     if ack == ld32(mem, e + receiver + D_END):
         mem[e + receiver + D_FLAGS] &= ~FLAG_DATA_UNACKNOWLEDGED
 
-    if fin or syn:
+    if fin or syn or rst:
         return ACCEPT
     # an ACK_SET segment: count identical ones in a row (retransmissions)
     if (mem[e + E_LAST_DIR] == d and ld32(mem, e + E_LAST_SEQ) == seq
@@ -338,12 +354,15 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
 
 
 @kernel(private=True)
-def _tcp_timeout(mem, e, new_state, kn, z):
+def _tcp_timeout(mem, e, index, new_state, kn, z):
+    """conntrack_tcp._timeout."""
     state_timeout = kn[z, K_TCP + new_state]
     retrans = kn[z, K_RETRANS]
     unack = kn[z, K_UNACK]
     if mem[e + E_RETRANS] >= kn[z, K_MAX_RETRANS] and state_timeout > retrans:
         return retrans
+    if index == RST_SET:
+        return kn[z, K_TCP + S_CLOSE]
     flags = mem[e + E_SEEN + D_FLAGS] | mem[e + E_SEEN + SEEN_SIZE + D_FLAGS]
     unacked = flags & FLAG_DATA_UNACKNOWLEDGED
     if unacked and state_timeout > unack:
@@ -361,23 +380,73 @@ def _ignored(mem, e, d):
     return IGNORE, -1
 
 
+# What the RST checks decide (conntrack_tcp._rst_disposition's outcomes; codes of this module)
+RST_INVALID = 0
+RST_CHECK = 1  # go on to the window checks
+RST_KEEP_STATE = 2  # window checks, but stay in the old state (room for a challenge ACK)
+RST_TRUSTED = 3  # skip the window checks
+
+
+@kernel(private=True)
+def _rst_disposition(mem, e, d, f, old_state, ignore_invalid_rst):
+    """conntrack_tcp._rst_disposition (Linux's CLOSE case); ignore_invalid_rst:
+    nf_conntrack_tcp_ignore_invalid_rst."""
+    if old_state in (S_FIN_WAIT, S_LAST_ACK, S_TIME_WAIT, S_CLOSE, S_CLOSE_WAIT):
+        return RST_TRUSTED  # closing: the tuple may be reused already, the data is stale
+    seq = f[F_SEQ]
+    ack = f[F_ACK]
+    peer = E_SEEN + SEEN_SIZE * (1 - d)
+    status = mem[e + E_STATUS]
+    assured = (status & ASSURED) != 0
+    last_index = mem[e + E_LAST_INDEX]
+    outcome = RST_CHECK
+    if mem[e + peer + D_FLAGS] & FLAG_MAXACK_SET and last_index != SYN_SET:
+        established = old_state == S_ESTABLISHED and assured
+        maxack = ld32(mem, e + peer + D_MAXACK)
+        if seq == 0 and not established:
+            return RST_CHECK  # likely answers a SYN we let through
+        if _before(seq, maxack) and not ignore_invalid_rst:
+            return RST_INVALID
+        if not established or seq == maxack:
+            return RST_CHECK
+        if (last_index == ACK_SET and mem[e + E_LAST_DIR] == d
+                and seq == ld32(mem, e + E_LAST_END)):
+            return RST_CHECK  # RST right after this side's last data
+        outcome = RST_KEEP_STATE
+    if (((status & SEEN_REPLY and last_index == SYN_SET)
+         or (not assured and last_index == ACK_SET))
+            and ack == ld32(mem, e + E_LAST_END)):
+        return RST_TRUSTED  # answers a SYN or ACK we let through (ignored)
+    if (old_state == S_SYN_SENT and last_index == ACK_SET and mem[e + E_LAST_DIR] == 1
+            and seq == ld32(mem, e + E_LAST_ACK)):
+        return RST_TRUSTED  # answers a challenge ACK we let through
+    return outcome
+
+
 @kernel()
 def tcp_track(mem, e, d, b, s, f, kn, z):
-    """conntrack_tcp.tcp_packet for a segment without RST, and without SYN but the SYN/ACK of
-    `syn_answer`: (action, timeout_ns); for INVALID, timeout_ns > 0 caps the conntrack's
-    remaining life. kn[z]: the knobs of the flow's conntrack table.
+    """conntrack_tcp.tcp_packet for a segment without SYN but the SYN/ACK of `syn_answer`
+    (an RST, with ACK or without, included): (action, timeout_ns); for ACCEPT, timeout_ns
+    TIMEOUT_DESTROY: the conntrack is gone (an RST before any reply); for INVALID,
+    timeout_ns > 0 caps the conntrack's remaining life. kn[z]: the knobs of the flow's
+    conntrack table.
 
     The status byte's SEEN_REPLY bit is the conntrack's seen_reply (entry.Flow keeps them so).
     """
     flags = f[F_FLAGS]
-    if not flags & TCP_ACK:
+    if flags & TCP_RST:
+        if flags & TCP_CHECKED & ~TCP_ACK != TCP_RST:
+            return A_INVALID, -1  # RST with SYN, FIN or URG: not a valid combination
+        index = RST_SET
+    elif not flags & TCP_ACK:
         return A_INVALID, -1  # a FIN or a bare segment without ACK: not a valid combination
-    if flags & TCP_SYN:
+    elif flags & TCP_SYN:
         index = SYNACK_SET
     else:
         index = FIN_SET if flags & TCP_FIN else ACK_SET
     old_state = numba.int64(mem[e + E_TCP_STATE])
     new_state = ROWS[d, index, old_state]
+    check_window = True
     if new_state == S_IGNORE:
         # conntrack_tcp._note_ignored for a FIN_SET or ACK_SET packet
         mem[e + E_LAST_INDEX] = index
@@ -397,31 +466,42 @@ def tcp_track(mem, e, d, b, s, f, kn, z):
                 and mem[e + E_LAST_FLAGS] & FLAG_CHALLENGE_ACK):
             mem[e + E_LAST_FLAGS] &= ~FLAG_CHALLENGE_ACK
             return _ignored(mem, e, d)
-    elif (new_state == S_SYN_RECV and d == 1 and index == ACK_SET
-          and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN):
-        new_state = S_ESTABLISHED
+    elif new_state == S_SYN_RECV:
+        if d == 1 and index == ACK_SET and mem[e + E_LAST_FLAGS] & FLAG_SIMULTANEOUS_OPEN:
+            new_state = S_ESTABLISHED
+    elif new_state == S_CLOSE and index == RST_SET:
+        disposition = _rst_disposition(mem, e, d, f, old_state,
+                                       kn[z, K_IGNORE_INVALID_RST] != 0)
+        if disposition == RST_INVALID:
+            return A_INVALID, -1
+        if disposition == RST_KEEP_STATE:
+            new_state = old_state
+        check_window = disposition != RST_TRUSTED
 
-    action = tcp_in_window(mem, e, d, b, s, f, kn[z, K_BE_LIBERAL] != 0)
-    if action == IGNORE:
-        return _ignored(mem, e, d)
-    if action == A_INVALID:
-        if index == FIN_SET and mem[e + E_STATUS] & ASSURED:
-            # conntrack_tcp._shrink_on_invalid: an out-of-window FIN answering the other
-            # side's FIN or RST caps the doomed conntrack's life
-            last = mem[e + E_LAST_INDEX]
-            if mem[e + E_LAST_DIR] != d and last in (FIN_SET, RST_SET):
-                return A_INVALID, kn[z, K_UNACK]
-            mem[e + E_LAST_INDEX] = FIN_SET
-            mem[e + E_LAST_DIR] = d
-        return A_INVALID, -1
+    if check_window:
+        action = tcp_in_window(mem, e, d, b, s, f, kn[z, K_BE_LIBERAL] != 0)
+        if action == IGNORE:
+            return _ignored(mem, e, d)
+        if action == A_INVALID:
+            if index in (FIN_SET, RST_SET) and mem[e + E_STATUS] & ASSURED:
+                # conntrack_tcp._shrink_on_invalid: an out-of-window FIN or RST answering
+                # the other side's FIN or RST caps the doomed conntrack's life
+                last = mem[e + E_LAST_INDEX]
+                if mem[e + E_LAST_DIR] != d and last in (FIN_SET, RST_SET):
+                    return A_INVALID, kn[z, K_UNACK]
+                mem[e + E_LAST_INDEX] = index
+                mem[e + E_LAST_DIR] = d
+            return A_INVALID, -1
 
     mem[e + E_LAST_INDEX] = index
     mem[e + E_LAST_DIR] = d
     mem[e + E_TCP_STATE] = new_state
     if old_state != new_state and new_state == S_FIN_WAIT:
         mem[e + E_SEEN + SEEN_SIZE * d + D_FLAGS] |= FLAG_CLOSE_INIT
-    timeout = _tcp_timeout(mem, e, new_state, kn, z)
+    timeout = _tcp_timeout(mem, e, index, new_state, kn, z)
     if not mem[e + E_STATUS] & SEEN_REPLY:
+        if index == RST_SET:
+            return ACCEPT, TIMEOUT_DESTROY  # an RST before any reply: the conntrack is gone
         if new_state == S_ESTABLISHED and timeout > kn[z, K_UNACK]:
             timeout = kn[z, K_UNACK]  # picked up mid-stream, no answer yet
     elif (not mem[e + E_STATUS] & ASSURED and new_state == S_ESTABLISHED
@@ -567,7 +647,10 @@ def process_flow(mem, e, d, b, s, f, now, kn, z):
         if action == IGNORE:
             translate(mem, e, d, b, s, f)
             return FORWARD, ESTABLISHED
-        st64(mem, e + E_EXPIRES, now + timeout)
+        if timeout == TIMEOUT_DESTROY:
+            st64(mem, e + E_EXPIRES, now)  # gone for the next packet (an RST before any reply)
+        elif timeout > 0:
+            st64(mem, e + E_EXPIRES, now + timeout)
     elif proto == PROTO_UDP:
         status = mem[e + E_STATUS]
         if status & SEEN_REPLY:

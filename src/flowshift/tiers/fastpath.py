@@ -7,7 +7,7 @@ both keys), and its packets run through the PNIC's compiled kernels (tiers/_fast
 in input order. The first packet of a flow whose chain needs no decision only Python can make
 (a SYN or UDP datagram a firewall rule judges and NAT keeps its port) opens the flow here too
 (tiers/_fastpath_open.py), in a zone the host opens for it (`open_zone`). Python still decides
-everything else: other first packets, NAT port searches and backends, SYN/FIN/RST of cached
+everything else: other first packets, NAT port searches and backends, the SYNs of cached
 flows, expiry, offers and handoffs. A cached flow has no `Flow` object: its
 `FlowTable` counts it and, when asked for it (a lookup, a listing, a sweep), takes it back from
 here as a new `Flow` (`find`, `pull_all`, `expire`); the flow is cached again after its next
@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from flowshift.tiers.classify import Classifier
 
 _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-# TCP states whose every packet but RST and SYN the kernels run (tcp_track), the SYN/ACK
-# answering a SYN_SENT flow's SYN included: from the SYN on, through the close
+# TCP states whose every packet but a SYN the kernels run (tcp_track), the SYN/ACK answering
+# a SYN_SENT flow's SYN included: from the SYN on, through the close and its RSTs
 _CACHED_STATES = frozenset(int(s) for s in (
     TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
@@ -89,7 +89,8 @@ class Fastpath:
         self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in machines)
         self._returned = np.empty(0, np.int64)
         self._opened = np.empty(0, np.int64)  # rows a pass opened flows in
-        self._fstate = np.zeros(2, np.int64)  # a pass's free rows left, flows opened
+        # a pass's free rows left, flows opened, earliest expiry it left a row with
+        self._fstate = np.zeros(3, np.int64)
         self.open = open_tables(machines, zones)
         self.zone_tables: list[FlowTable | None] = [None] * len(self.open.zone)  # open zones'
         self.opened = 0  # flows opened by the passes since the host last counted
@@ -290,6 +291,7 @@ class Fastpath:
         fstate = self._fstate
         fstate[0] = self._nfree
         fstate[1] = 0
+        fstate[2] = _NEVER
         tables = self.open
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
@@ -302,8 +304,11 @@ class Fastpath:
             self._nfree = int(fstate[0])
             self._adopt(int(fstate[1]))
         self.ran += at - start
-        if start < at:  # no packet it ran gives its entry less life than now
-            self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout)
+        if start < at:
+            # no packet it ran gives its entry less life than min_timeout but an RST before
+            # any reply, whose entry expires at once (fstate[2])
+            self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout,
+                             int(fstate[2]))
         if why == STOP_PUNT:
             self.pull(int(returned[rows[at]]))
         return int(at), int(why), int(ahead)
