@@ -389,11 +389,13 @@ def warm_open() -> None:
 
 
 def compile_ahead_work() -> None:
-    """What the process of `_pnic_cache.compile_ahead` does: first the kernel that opens
-    flows (the first process finds it in the cache when it compiles the fast path, after
-    generating its trace), then the PNIC's kernels (its data path is the longest
-    compilation), while the first process compiles the others (commands/replay.py
-    `warm_engine`): about half the work each."""
-    warm_open()
+    """What the process of `_pnic_cache.compile_ahead` does while the first process generates
+    its trace and then compiles the others (commands/replay.py `warm_engine`): the PNIC's
+    data path first (the longest compilation; the inner kernels it shares with the fast path
+    reach the cache early, where the first process finds them), then the kernel that opens
+    flows (the first process compiles the trace I/O's first, and finds it cached when it
+    comes to the fast path), then the PNIC's table. About half the work each; measured on
+    the demo: 9.5 to 10.5 s, against 10.6 to 11.7 s with the opening kernel first."""
     pnic_engine.warm_data_path()
+    warm_open()
     pnic_engine.warm_table()
