@@ -5,9 +5,8 @@ The machine and VNIC tiers keep the established flows they own in a table of ent
 up, then the chain exactly as services/chain.py `process_flow` does. Unlike the PNIC's pass,
 which may run ahead of software over a whole segment, this one runs the rows in input order
 and stops at the first row software must see, so that every Python decision happens exactly
-where it would in a run that never left Python. A miss that starts a flow software would
-open without a decision of its own opens it here (tiers/_fastpath_open.py).
-
+where it would in a run that never left Python. A miss whose flow needs no decision only
+Python makes is opened here, and the pass goes on (tiers/_fastpath_open.py).
 
 - STOP_SOFTWARE: the row is not ours (a miss that opens no flow here, a shape the kernels do
   not run, a flow of no machine): software decides it;
@@ -136,12 +135,12 @@ def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public
 def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, verdict,
                  keys, vals, inside, public, zone, f):
     """How many rows after rows[j] are not hits of the table as it stands (before the first
-    hit, the first miss a flow may open here at, the first row decided already or the first
-    row at or after stop_time): software can
-    take them without asking the fast path again. A row that becomes a hit meanwhile (its
-    flow cached by the rows before it) is still decided right, in Python. At most AHEAD_MAX:
-    the host asks again whenever Python caches a flow, and a burst of new flows (each cached
-    at its SYN) would otherwise be scanned to its end once per flow."""
+    hit, the first miss of a zone open to the pass, the first row decided already or the
+    first row at or after stop_time): software can take them without asking the fast path
+    again. A row that becomes a hit meanwhile (its flow cached by the rows before it) is still
+    decided right, in Python. At most AHEAD_MAX: the host asks again whenever Python caches a
+    flow, and a burst of new flows (each cached at its SYN) would otherwise be scanned to its
+    end once per flow."""
     n = 0
     for k in range(j + 1, min(len(rows), j + 1 + AHEAD_MAX)):
         i = rows[k]
