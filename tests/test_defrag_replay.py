@@ -31,3 +31,25 @@ def test_reversed_datagram_forwarded_whole_and_incomplete_one_expires(tmp_path) 
         assert [x.data for x in r.results] == [x.data for x in runs[0].results]
     # every fragment leaves as it came: same boundaries, same IPv4 id (no NAT here)
     assert [x.data for x in runs[0].results[:len(done)]] == done
+
+
+def test_a_datagram_that_does_not_parse_once_whole_is_unparsed_at_every_fragment(
+        tmp_path) -> None:
+    """Fragments of a UDP datagram whose UDP length disagrees with the datagram: once whole it
+    does not parse (bad UDP length), and each fragment is unparsed with that reason, as the
+    datagram unfragmented would be, never handed to a chain that would rewrite it (through a
+    NAT, that was a crash)."""
+    dgram = bytearray(udp_frame(src=CLIENT, dst=SERVER, sport=4321, dport=53,
+                                payload=b"x" * 3000, ip_id=9, df=False))
+    dgram[14 + 20 + 4:14 + 20 + 6] = (4000).to_bytes(2, "big")  # UDP length: past the end
+    frames = [bytes(dgram[:14]) + f for f in refragment(bytes(dgram[14:]), 1500)]
+    path = write_pcap(tmp_path / "t.pcap", [(S + i, f) for i, f in enumerate(frames)])
+    machine = {**FIREWALL_HOST["machine"][0], "public": ["192.0.2.1"],
+               "services": ["firewall", "nat", "count"],
+               "nat": {"snat": [{"source": "10.0.0.0/24", "to": "192.0.2.1"}]}}
+    cfg = parse_config({**FIREWALL_HOST, "machine": [machine]}, "test")
+    for engine in ("reference", "compiled"):
+        for rows in (None, 1, 64):
+            r = run(path, cfg, policy="never", rows=rows, engine=engine)
+            assert [(x.verdict, x.reason, x.tier) for x in r.results] == [
+                (Verdict.UNPARSED, "bad-udp-length", "")] * len(frames)

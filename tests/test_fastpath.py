@@ -308,13 +308,16 @@ def test_a_bounded_table_caches_only_assured_flows():
     assert table.get(f.key) is not None and table.cached == 0
 
 
+@pytest.mark.parametrize("dump", [False, True], ids=["", "dump"])
 def test_short_connections_leave_python_their_ingress_syns_only(gateway, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, dump):
     """An egress SYN opens its flow compiled (its port kept by SNAT, its rule judged there);
     the handshake's answer, data, FIN, RST and the close run compiled too; a packet that
     missed the table before a flow was cached is asked for again (not left to Python, which
     would pull the flow back): of the TCP packets, Python decides the ingress SYNs (the load
-    balancer picks their backend) and the few egress SYNs whose port is taken, and no RST."""
+    balancer picks their backend) and the few egress SYNs whose port is taken, and no RST.
+    A flow dump mid-trace changes none of it: the flows it lists go back to the fast path,
+    which goes on opening flows."""
     path = tmp_path / "short.pcap"
     generate(TraceSpec(flows=200, duration_s=10.0, seed=3, elephants=0, udp_share=0.0,
                        icmp_share=0.0, clients=CLIENTS, servers=SERVERS, gateway=gateway), path)
@@ -342,9 +345,11 @@ def test_short_connections_leave_python_their_ingress_syns_only(gateway, tmp_pat
         process(host, index, ts, data, linktype, wire_len)
 
     monkeypatch.setattr(Host, "process", counted)
-    fast = assert_same(path, gateway, policy="never", rows=4096)
+    fast = assert_same(path, gateway, policy="never", rows=4096,
+                       dump_at=total // 3 if dump else None)
     fp = fast.host.fastpath
     assert fp is not None
+    assert not dump or fast.dumps and fast.dumps[0], "no dump was taken"
     egress, ingress = syn
     assert fp.opened_all >= egress * 0.95, (fp.opened_all, syn)
     assert rst > 0 and not [f for f in decided if f & TCP_RST], (rst, decided)

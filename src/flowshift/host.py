@@ -210,7 +210,13 @@ class Host:
                           len(link) + len(r.datagram))
             self.datagram_id -= 1
             self.datagrams[self.datagram_id] = (held, r)
-            return Pending(self.datagram_id, item.ts, whole, item.machine, item.direction, None)
+            datagram = Pending(self.datagram_id, item.ts, whole, item.machine, item.direction,
+                               None)
+            err = whole.error
+            if err != _OK and err != _UNSUP:  # the datagram does not parse: as a packet would
+                self._datagram(datagram, Verdict.UNPARSED, PARSE_BASE + err, -1, -1)
+                return None
+            return datagram
         outcome = defrag.last
         if outcome is DefragOutcome.QUEUED:
             self.held.setdefault(info.key, {})[info.offset] = item
@@ -553,9 +559,36 @@ class Host:
         self.vnic.link.close()
 
     def dump_flows(self, now: int) -> list[FlowView]:
-        """Every live flow as it stands at `now`, with its owner tier."""
+        """Every live flow as it stands at `now`, with its owner tier. Listing takes the fast
+        path's flows back to their tables; those it may run go back to it, so that the
+        passes after a dump run and open flows as before (`_open_zones`)."""
         now = self.advance(now)
-        return self.vnic.views(now, [m.chain if m is not None else None for m in self.machines])
+        views = self.vnic.views(now, [m.chain if m is not None else None for m in self.machines])
+        self._recache(now)
+        return views
+
+    def _recache(self, now: int) -> None:
+        """Every flow a tier holds in Python that its fast path may run, cached again (as
+        after a Python decision: `_after`, `Vnic._admit`)."""
+        fp = self.fastpath
+        if fp is None:
+            return
+        vnic = self.vnic
+        never = not self.offloading
+        for m, machine in enumerate(self.machines):
+            chain = machine.chain if machine is not None else vnic.chains[m]
+            if chain is None:
+                continue
+            tier = _MACHINE if machine is not None else _VNIC
+            bounded = chain.knobs.max > 0
+            for flow in list(chain.flows):
+                if (not fp.cacheable(flow, tier) or flow.expires <= now
+                        or not chain.flows.holds(flow)
+                        or (machine is None and vnic.queue.pending(flow.key))):
+                    continue
+                offer_at = -1 if never else (0 if machine is not None
+                                             else vnic.backoff.get(flow.key, 0))
+                fp.cache(flow, chain.flows, offer_at, bounded)
 
 
 __all__ = ["Classifier", "FlowView", "Host", "HostStats", "PacketResult"]
