@@ -349,7 +349,7 @@ def test_short_connections_leave_python_their_ingress_syns_only(gateway, tmp_pat
                        dump_at=total // 3 if dump else None)
     fp = fast.host.fastpath
     assert fp is not None
-    assert not dump or fast.dumps and fast.dumps[0], "no dump was taken"
+    assert not dump or (fast.dumps and fast.dumps[0]), "no dump was taken"
     egress, ingress = syn
     assert fp.opened_all >= egress * 0.95, (fp.opened_all, syn)
     assert rst > 0 and not [f for f in decided if f & TCP_RST], (rst, decided)
