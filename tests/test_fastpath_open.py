@@ -5,8 +5,8 @@ tier the reference engine gives, and leave the very entry Python would have made
 not open (a port SNAT must search for, a hashed address, a load balancer's pick, a routing
 machine's last hop, a bounded table, a table holding flows in Python) must reach Python
 untouched. Hypothesis draws the chains (firewall rules of both families, SNAT rules with and
-without port ranges, one address or several) and the first packets (TCP SYNs, UDP, both
-directions, ports that clash).
+without port ranges, one address or several, ICMP types) and the first packets (TCP SYNs, UDP,
+ICMP echo requests and replies, both directions, ports and identifiers that clash).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowshift.config import parse_config
-from flowshift.packet.build import tcp_frame, udp_frame
+from flowshift.packet.build import icmp_echo_frame, tcp_frame, udp_frame
 from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, TCP_URG
 from hosttools import Run, run
 from tracetools import write_pcap
@@ -34,11 +34,13 @@ NETS = [None, "10.0.0.0/24", "10.0.0.0/25", "198.51.100.0/24", "0.0.0.0/0", "fd0
 rules = st.lists(st.fixed_dictionaries(
     {"action": st.sampled_from(["allow", "drop"])},
     optional={"direction": st.sampled_from(["egress", "ingress"]),
-              "proto": st.sampled_from(["tcp", "udp", "any"]),
+              "proto": st.sampled_from(["tcp", "udp", "any", "icmp", "icmpv6"]),
               "src": st.sampled_from(NETS[1:]),
               "dst": st.sampled_from(NETS[1:]),
               "dst_port": st.lists(st.sampled_from([80, 53, "1000-2000", 443, "50000-65535"]),
-                                   min_size=1, max_size=3)}), max_size=5)
+                                   min_size=1, max_size=3),
+              "icmp_type": st.lists(st.sampled_from([0, 8, 128, 129, 3, 255]), min_size=1,
+                                    max_size=3)}), max_size=5)
 snats = st.lists(st.fixed_dictionaries(
     {"source": st.sampled_from(["10.0.0.0/24", "10.0.0.0/25", "fd00::/64"]),
      "to": st.sampled_from(["192.0.2.1", "192.0.2.1-192.0.2.2", "2001:db8:ffff::1"])},
@@ -47,9 +49,20 @@ snats = st.lists(st.fixed_dictionaries(
 
 
 def _valid_rule(rule: dict[str, object]) -> bool:
-    """A rule the config accepts: one family, ports only for tcp / udp / any."""
-    nets = [rule[k] for k in ("src", "dst") if k in rule]
-    return len({":" in str(n) for n in nets}) <= 1
+    """A rule the config accepts: one family (ICMP's own), ports only for tcp / udp / any,
+    ICMP types only for icmp / icmpv6 / any and never with ports."""
+    families = {":" in str(rule[k]) for k in ("src", "dst") if k in rule}
+    proto = rule.get("proto", "any")
+    if proto == "icmp":
+        families.add(False)
+    elif proto == "icmpv6":
+        families.add(True)
+    if len(families) > 1:
+        return False
+    if "dst_port" in rule and proto not in ("tcp", "udp", "any"):
+        return False
+    return "icmp_type" not in rule or (proto in ("icmp", "icmpv6", "any")
+                                       and "dst_port" not in rule)
 
 
 def _valid_snat(rule: dict[str, str]) -> bool:
@@ -98,7 +111,13 @@ def first_packets(draw: st.DrawFn) -> list[bytes]:
         else:
             src, dst = client, server
         ttl = draw(st.sampled_from([64, 64, 64, 1]))
-        kind = draw(st.sampled_from(["syn", "syn", "synurg", "udp", "ack", "synfin"]))
+        kind = draw(st.sampled_from(["syn", "syn", "synurg", "udp", "ack", "synfin", "echo",
+                                     "echo", "echoreply"]))
+        if kind in ("echo", "echoreply"):  # the identifier: both "ports"
+            frames.append(icmp_echo_frame(src=src, dst=dst, ident=sport,
+                                          seq=draw(st.integers(0, 3)),
+                                          reply=kind == "echoreply", ttl=ttl))
+            continue
         if kind == "udp":
             frames.append(udp_frame(src=src, dst=dst, sport=sport, dport=dport,
                                     payload=b"q" * draw(st.integers(0, 40)), ttl=ttl))

@@ -86,9 +86,11 @@ AF_INET = 2
 AF_INET6 = frozenset((10, 24, 28, 30))
 AF_NON_IP = frozenset((7, 16, 23))  # OSI, AppleTalk, IPX
 
-ICMP_ECHO_TYPES = frozenset((0, 8))
+ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST = 0, 8
+ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY = 128, 129
+ICMP_ECHO_TYPES = frozenset((ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST))
 ICMP_ERROR_TYPES = frozenset((3, 4, 5, 11, 12))  # unreachable, quench, redirect, time, param
-ICMPV6_ECHO_TYPES = frozenset((128, 129))
+ICMPV6_ECHO_TYPES = frozenset((ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY))
 ICMPV6_ERROR_TYPES = frozenset((1, 2, 3, 4))  # unreachable, too big, time, param problem
 
 IPPROTO_HOPOPTS = 0

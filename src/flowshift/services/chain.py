@@ -17,12 +17,11 @@ from flowshift.config import FirewallConfig, LbPool, MachineConfig
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.packet.parse import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST
 from flowshift.packet.route import decrement_ttl
 from flowshift.packet.view import TCP_ACK, TCP_SYN, Packet
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.conntrack import (
-    ICMP_ECHO_REQUEST,
-    ICMPV6_ECHO_REQUEST,
     UDP_STREAM_AFTER,
     FlowTable,
     generic_update,

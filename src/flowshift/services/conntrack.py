@@ -35,8 +35,6 @@ from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP, FlowKey
 __all__ = ["GENERIC_TIMEOUT", "ICMP_TIMEOUT", "SECOND", "UDP_STREAM_AFTER", "UDP_TIMEOUT_REPLIED",
            "UDP_TIMEOUT_UNREPLIED", "FlowTable", "icmp_update", "udp_update"]
 
-ICMP_ECHO_REQUEST = 8
-ICMPV6_ECHO_REQUEST = 128
 
 
 _SEEN_REPLY = int(Status.SEEN_REPLY)  # plain ints: IntFlag arithmetic builds enum members

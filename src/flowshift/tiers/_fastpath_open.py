@@ -10,7 +10,8 @@ Python (untouched, exactly as before) otherwise:
   no flow in Python (so a miss of the fast path's index is a miss of the table), it has no
   limit (nothing to sweep or early-drop), and nothing of it is at or on its way to the PNIC;
 - it is a TCP SYN without ACK, FIN or RST (Linux tcp_new's SYN_SENT, as conntrack_tcp.tcp_open
-  takes its short way) or a UDP datagram, parsed whole, of a chain with services;
+  takes its short way), a UDP datagram or an ICMP / ICMPv6 echo request, parsed whole, of a
+  chain with services;
 - egress, or ingress of a chain without DNAT rules or a load balancer;
 - a routing machine's packet arrives with a TTL / hop limit above 1;
 - NAT, if any, keeps the source port: the first source rule that matches translates to one
@@ -32,7 +33,8 @@ import numpy as np
 
 from flowshift.conntrack_types import UDP_STREAM_AFTER, Status
 from flowshift.entry import field_offsets
-from flowshift.flow import EGRESS
+from flowshift.flow import EGRESS, PROTO_ICMP, PROTO_ICMPV6
+from flowshift.packet.parse import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST
 from flowshift.tiers._pnic_flow import (
     DROP,
     E_BYTES,
@@ -42,6 +44,8 @@ from flowshift.tiers._pnic_flow import (
     E_STREAM_TS,
     FORWARD,
     HOP_LIMIT_AT_IPV6,
+    K_ICMP,
+    K_ICMPV6,
     K_UDP,
     PROTO_TCP,
     PROTO_UDP,
@@ -75,9 +79,11 @@ from flowshift.tiers._pnic_parse import (
     F_DPORT,
     F_DST_HI,
     F_DST_LO,
+    F_ECHO,
     F_FAMILY,
     F_FLAGS,
     F_L3,
+    F_L4,
     F_PROTO,
     F_SPORT,
     F_SRC_HI,
@@ -128,8 +134,9 @@ R_SRC = 3  # lo hi word, lo lo word, hi hi word, hi lo word
 R_DST = 7
 R_PORTS = 11  # [R_PORTS, + 1]: the rule's rows of `ports` (inclusive ranges of dport)
 R_ANY_PORT = 13  # 1: no port match
-R_ICMP = 14  # 1: the rule matches ICMP types only
-R_N = 15
+R_ICMP = 14  # 1: the rule matches ICMP types only, those of R_TYPES
+R_TYPES = 15  # [R_TYPES, + 4]: the ICMP types, a 256-bit mask (type t: bit t % 64 of word t // 64)
+R_N = 19
 
 # snat[k, ...]: one source rule of the NAT, in order; words as the parser reads them
 S_LEN = 0  # address length: 4 or 16
@@ -154,9 +161,9 @@ def _within(hi, lo, rule, k, at):
 
 
 @kernel(private=True)
-def decide(rules, ports, lo, hi, proto, f, default_allow):
-    """rules.RuleSet.decide for a TCP or UDP packet, over rules[lo:hi] (one group): (allowed,
-    the deciding rule's index or -1 for the default)."""
+def decide(rules, ports, lo, hi, proto, icmp_type, f, default_allow):
+    """rules.RuleSet.decide for a TCP or UDP packet (icmp_type -1) or an ICMP / ICMPv6 one, over
+    rules[lo:hi] (one group): (allowed, the deciding rule's index or -1 for the default)."""
     s_hi = f[F_SRC_HI] ^ _FLIP
     s_lo = f[F_SRC_LO] ^ _FLIP
     d_hi = f[F_DST_HI] ^ _FLIP
@@ -166,11 +173,14 @@ def decide(rules, ports, lo, hi, proto, f, default_allow):
         rproto = rules[k, R_PROTO]
         if rproto and rproto != proto:
             continue
-        if rules[k, R_ICMP]:
+        if rules[k, R_ICMP] and (icmp_type < 0 or not (
+                rules[k, R_TYPES + (icmp_type >> 6)] >> (icmp_type & 63)) & 1):
             continue  # ICMP types: never a TCP or UDP packet's
         if not (_within(s_hi, s_lo, rules, k, R_SRC) and _within(d_hi, d_lo, rules, k, R_DST)):
             continue
         if not rules[k, R_ANY_PORT]:
+            if icmp_type >= 0:
+                continue  # ports: TCP and UDP only
             hit = False
             for p in range(rules[k, R_PORTS], rules[k, R_PORTS + 1]):
                 if ports[p, 0] <= dport <= ports[p, 1]:
@@ -212,10 +222,16 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
     if not zone[m, Z_OPEN] or not zone[m, Z_SERVICES]:
         return nothing
     proto = f[F_PROTO]
+    icmp_type = np.int64(-1)
     if proto == PROTO_TCP:
         flags = f[F_FLAGS] & TCP_CHECKED
         if flags != TCP_SYN and flags != TCP_SYN | TCP_URG:
             return nothing
+    elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+        icmp_type = numba.int64(buf[s + f[F_L4]])
+        if not f[F_ECHO] or icmp_type != (ICMP_ECHO_REQUEST if proto == PROTO_ICMP
+                                          else ICMPV6_ECHO_REQUEST):
+            return nothing  # a reply or another type: untracked, Python's
     elif proto != PROTO_UDP:
         return nothing
     family = f[F_FAMILY]
@@ -226,8 +242,8 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
     rule = np.int64(-1)
     if zone[m, Z_FIREWALL]:
         group = Z_RULES + 2 * (2 * d + (1 if family == 6 else 0))
-        allowed, rule = decide(rules, ports, zone[m, group], zone[m, group + 1], proto, f,
-                               zone[m, Z_DEFAULT_ALLOW])
+        allowed, rule = decide(rules, ports, zone[m, group], zone[m, group + 1], proto,
+                               icmp_type, f, zone[m, Z_DEFAULT_ALLOW])
         if not allowed:
             return DROP, RULE if rule >= 0 else DEFAULT, rule, np.int64(-1)
     s_hi, s_lo, d_hi, d_lo = f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO]
@@ -283,8 +299,10 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
             for b in range(E_SIZE):
                 mem[e + b] = 0
             return nothing
-    else:
+    elif proto == PROTO_UDP:
         timeout = knobs[m, K_UDP]  # conntrack.udp_update: no reply seen
+    else:
+        timeout = knobs[m, K_ICMP if proto == PROTO_ICMP else K_ICMPV6]  # icmp_update
     if not index_insert(mem, slot, keys, vals):
         for b in range(E_SIZE):
             mem[e + b] = 0

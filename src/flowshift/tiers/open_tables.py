@@ -77,7 +77,7 @@ def open_tables(machines: tuple[MachineConfig, ...] | list[MachineConfig],
                                       *_ordered(slo, addr_len), *_ordered(shi, addr_len),
                                       *_ordered(dlo, addr_len), *_ordered(dhi, addr_len),
                                       first, len(ports), int(dports is None),
-                                      int(types is not None)])
+                                      int(types is not None), *_type_mask(types)])
                     row[at + 1] = len(rules)
         nat = m.nat if services & Service.NAT else None
         if nat is not None and nat.snat:
@@ -96,6 +96,14 @@ def open_tables(machines: tuple[MachineConfig, ...] | list[MachineConfig],
         lb = services & Service.LB and bool(m.lb)
         row[ko.Z_INGRESS_SOFTWARE] = int(bool(lb) or (nat is not None and bool(nat.dnat)))
     return OpenTables(zone, _table(rules, ko.R_N), _table(ports, 2), _table(snat, ko.S_N))
+
+
+def _type_mask(types: frozenset[int] | None) -> list[int]:
+    """ICMP types as four words of a 256-bit mask (type t: bit t % 64 of word t // 64)."""
+    words = [0, 0, 0, 0]
+    for t in types or ():
+        words[t >> 6] |= 1 << (t & 63)
+    return [_signed(w) for w in words]
 
 
 def _table(rows: list[list[int]] | list[tuple[int, int]], width: int) -> np.ndarray:
