@@ -257,6 +257,10 @@ class Host:
             self.handoff(m, now)
             self.vnic.consider(m, flow.key, now)
             return
+        self._admit(machine, flow, now)
+
+    def _admit(self, machine: Machine, flow: Flow, now: int) -> None:
+        """Let a flow the machine owns run on the fast path, if it may now."""
         if self.fastpath is not None:
             chain = machine.chain
             self.fastpath.admit(flow, chain.flows, Tier.MACHINE, now,
@@ -568,27 +572,23 @@ class Host:
         return views
 
     def _recache(self, now: int) -> None:
-        """Every flow a tier holds in Python that its fast path may run, cached again (as
-        after a Python decision: `_after`, `Vnic._admit`)."""
+        """Every flow a tier holds in Python that its fast path may run, cached again, as
+        after a Python decision of one of its packets (`_admit`, `Vnic.admit`): admitted as
+        if a batch were being decided, which the next one is."""
         fp = self.fastpath
         if fp is None:
             return
-        vnic = self.vnic
-        never = not self.offloading
-        for m, machine in enumerate(self.machines):
-            chain = machine.chain if machine is not None else vnic.chains[m]
-            if chain is None:
-                continue
-            tier = _MACHINE if machine is not None else _VNIC
-            bounded = chain.knobs.max > 0
-            for flow in list(chain.flows):
-                if (not fp.cacheable(flow, tier) or flow.expires <= now
-                        or not chain.flows.holds(flow)
-                        or (machine is None and vnic.queue.pending(flow.key))):
-                    continue
-                offer_at = -1 if never else (0 if machine is not None
-                                             else vnic.backoff.get(flow.key, 0))
-                fp.cache(flow, chain.flows, offer_at, bounded)
+        on, fp.on = fp.on, True
+        try:
+            for m, machine in enumerate(self.machines):
+                chain = machine.chain if machine is not None else self.vnic.chains[m]
+                for flow in list(chain.flows) if chain is not None else ():
+                    if machine is not None:
+                        self._admit(machine, flow, now)
+                    else:
+                        self.vnic.admit(m, flow, now)
+        finally:
+            fp.on = on
 
 
 __all__ = ["Classifier", "FlowView", "Host", "HostStats", "PacketResult"]

@@ -23,9 +23,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from flowshift.entry import field_offsets
 from flowshift.results import PENDING
 from flowshift.tiers._fastpath_open import (
+    E_OWNER,
     F_DIRECTION,
     F_MACHINE,
     LIVE,
@@ -73,7 +73,6 @@ from flowshift.tiers._pnic_parse import (
     parse_frame,
 )
 
-E_OWNER = field_offsets()["owner"]
 RETURNED = 2
 DONE = 0
 STOP_SOFTWARE = 1

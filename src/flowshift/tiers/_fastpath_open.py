@@ -35,10 +35,12 @@ from flowshift.conntrack_types import UDP_STREAM_AFTER, Status
 from flowshift.entry import field_offsets
 from flowshift.flow import EGRESS, PROTO_ICMP, PROTO_ICMPV6
 from flowshift.packet.parse import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST
+from flowshift.packet.view import TCP_URG
 from flowshift.tiers._pnic_flow import (
     DROP,
     E_BYTES,
     E_EXPIRES,
+    E_LAST_SEEN,
     E_PACKETS,
     E_STATUS,
     E_STREAM_TS,
@@ -100,12 +102,10 @@ E_OWNER = _FIELDS["owner"]
 E_RULE = _FIELDS["rule"]
 E_BACKEND = _FIELDS["backend"]
 E_CREATED = _FIELDS["created"]
-E_LAST_SEEN = _FIELDS["last_seen"]
 
 NAT = int(Status.NAT)
 RULE = int(Reason.RULE)
 DEFAULT = int(Reason.DEFAULT)
-TCP_URG = 0x20
 LIVE = 1  # a row in use (tiers/fastpath.py)
 F_MACHINE = N_FIELDS  # where the fast path's lookup leaves the machine and direction (f has
 F_DIRECTION = N_FIELDS + 1  # room)

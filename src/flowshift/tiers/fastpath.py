@@ -322,22 +322,28 @@ def compilations() -> int:
                                                             kb.pass_tally))
 
 
+def _warm_fastpath() -> Fastpath:
+    """A one-row fast path of one machine: what the warm-ups run the kernels on."""
+    from flowshift.config import parse_config
+    from flowshift.tiers.classify import Classifier
+
+    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
+                                     "services": ["count"]}]}, "fast path warm-up")
+    return Fastpath(cfg, Classifier(cfg.machines), capacity=1)
+
+
 def warm() -> float:
     """Compile the fast path's kernels, or load them from the cache; the seconds it took (see
     pnic_engine.warm)."""
-    from flowshift.config import parse_config
     from flowshift.packet.build import tcp_frame
     from flowshift.packet.fragrows import fragment_rows
     from flowshift.packet.view import TCP_ACK
     from flowshift.results import BatchResults
     from flowshift.services.conntrack import FlowTable
-    from flowshift.tiers.classify import Classifier
     from flowshift.tiers.repass import Repass
 
     started = time.perf_counter()
-    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
-                                     "services": ["count"]}]}, "fast path warm-up")
-    fp = Fastpath(cfg, Classifier(cfg.machines), capacity=1)
+    fp = _warm_fastpath()
     table = FlowTable()
     table.use_cache(fp)
     for sport in (1, 3):  # two flows: the table grows
@@ -375,12 +381,7 @@ def warm_open() -> None:
     """Compile the kernel that opens flows (or load it) for the argument types `run` passes
     it. `run_rows` calls it, not inlined: a compilation of `run_rows` that finds it in the
     cache loads it instead of compiling it again."""
-    from flowshift.config import parse_config
-    from flowshift.tiers.classify import Classifier
-
-    cfg = parse_config({"machine": [{"name": "m", "addresses": ["10.0.0.0/24"],
-                                     "services": ["count"]}]}, "fast path warm-up")
-    fp = Fastpath(cfg, Classifier(cfg.machines), capacity=1)
+    fp = _warm_fastpath()
     t = fp.open
     args = (np.zeros(1, np.uint8), 0, fp._f, 0, fp._mem, fp._state, fp._keys, fp._vals,
             fp._knobs, fp._routing, t.zone, t.rules, t.ports, t.snat, fp._free, fp._fstate,

@@ -16,8 +16,8 @@ from flowshift.entry import Service, chain_bits
 from flowshift.flow import EGRESS, INGRESS
 from flowshift.services.rules import RuleSet
 from flowshift.tiers import _fastpath_open as ko
+from flowshift.tiers.pnic_engine import address_words
 
-_M64 = (1 << 64) - 1
 _SIGN = 1 << 63
 
 
@@ -27,16 +27,16 @@ def _signed(u: int) -> int:
 
 
 def _words(value: int, addr_len: int) -> tuple[int, int]:
-    """An address (an integer, as ipaddress gives it) as the parser's two big-endian words."""
-    if addr_len == 4:
-        return _signed(value << 32), 0
-    return _signed(value >> 64), _signed(value & _M64)
+    """An address (an integer, as ipaddress gives it) as the parser's two big-endian words,
+    their int64 bit patterns."""
+    hi, lo = address_words(value.to_bytes(addr_len, "big"))
+    return _signed(hi), _signed(lo)
 
 
 def _ordered(value: int, addr_len: int) -> tuple[int, int]:
     """`_words` with the sign bits flipped: signed comparison orders them as addresses."""
-    hi, lo = _words(value, addr_len)
-    return hi ^ -_SIGN, lo ^ -_SIGN
+    hi, lo = address_words(value.to_bytes(addr_len, "big"))
+    return _signed(hi ^ _SIGN), _signed(lo ^ _SIGN)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ class Vnic:
         self.chains[m] = chain
         if now >= 0:
             for flow in flows:
-                self._admit(m, flow, now)
+                self.admit(m, flow, now)
         self.peaks()
         return len(msg.entries)
 
@@ -217,9 +217,9 @@ class Vnic:
         let it run on the fast path."""
         if flow.owner == _VNIC and self.policy.wants(flow):
             self.consider(machine, flow.key, now)
-        self._admit(machine, flow, now)
+        self.admit(machine, flow, now)
 
-    def _admit(self, machine: int, flow: Flow, now: int) -> None:
+    def admit(self, machine: int, flow: Flow, now: int) -> None:
         """Let a flow the VNIC owns run on the fast path, if it may now."""
         fp = self.fastpath
         chain = self.chains[machine]
@@ -662,7 +662,7 @@ class Vnic:
             self._release(fkey)
         # the packet it came back at (a FIN, mostly) and the rest run compiled, as they
         # would have had it never left software
-        self._admit(fkey.zone, flow, at)
+        self.admit(fkey.zone, flow, at)
 
     def _on_results(self, msg: ch.Results, at: int) -> None:
         n = len(msg.index)
