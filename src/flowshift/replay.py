@@ -176,10 +176,11 @@ def _collector_tuned() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-def warm_io() -> None:
+def warm_io(engine: str = "compiled") -> None:
     """The kernels of the trace reader and of the replay's writers (numba's own cache, next
     to their modules), compiled or loaded: a replay of a two-packet trace with every output,
-    in a temporary directory."""
+    in a temporary directory, on `engine` (the compiled one compiles its pass too; the
+    reference one, nothing but the trace I/O)."""
     from flowshift.config import parse_config
     from flowshift.packet.build import tcp_frame
     from flowshift.packet.pcap import PcapWriter
@@ -194,7 +195,7 @@ def warm_io() -> None:
                 w.write(i, tcp_frame(src=b"\x0a\x00\x00\x01", dst=b"\x0a\x00\x01\x02",
                                      sport=1, dport=2, seq=i, ack=1, flags=TCP_ACK, window=1))
         run_replay(trace, cfg, progress=False, out=Path(tmp) / "o.pcap",
-                   verdicts=Path(tmp) / "v.csv")
+                   verdicts=Path(tmp) / "v.csv", engine=engine)
 
 
 def run_replay(

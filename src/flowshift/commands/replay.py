@@ -38,10 +38,8 @@ def warm_engine(console: Console | None, ahead: subprocess.Popen[bytes] | None =
 
     def work() -> float:
         started = time.perf_counter()
-        if ahead is not None:  # the other process compiles the PNIC's kernels: these here,
-            # the trace I/O's first, so that the kernel that opens flows, which it compiles
-            # after the PNIC's data path, is in the cache when the fast path's compilation
-            # needs it (fastpath.compile_ahead_work)
+        if ahead is not None:  # the other process compiles the PNIC's kernels: the trace
+            # I/O's and the fast path's here, meanwhile (fastpath.compile_ahead_work)
             warm_io()
             fastpath.warm()
         fastpath.warm_all(ahead)

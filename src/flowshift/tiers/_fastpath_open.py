@@ -324,9 +324,3 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
     if routing[m]:
         verdict, reason = forward_hop(buf, s, f, verdict, reason)
     return verdict, reason, rule, slot
-
-
-
-def compile_open_flow(args: tuple[object, ...]) -> None:
-    """Compile (or load) `open_flow` for these arguments' types (numba.typeof of each)."""
-    open_flow.compile(tuple(numba.typeof(a) for a in args))
