@@ -1132,6 +1132,46 @@ def _flow_packets(plan: _Plan, spec: TraceSpec) -> Iterator[Emit]:
 # ---------------------------------------------------------------- merge
 
 
+def frames(spec: TraceSpec, summary: GenSummary | None = None) -> Iterator[tuple[int, bytes]]:
+    """The frames of the trace `spec` describes, in time order: (time in ns, Ethernet frame).
+    `summary`, when given, is filled in as they are taken (complete once they all are)."""
+    plans = _plan(spec)
+    if summary is None:
+        summary = GenSummary()
+    for p in plans:
+        summary.flows[p.kind] = summary.flows.get(p.kind, 0) + 1
+    summary.attacked_flows = sum(p.attacked for p in plans)
+    summary.ingress_flows = sum(p.ingress for p in plans)
+    heap: list[tuple[int, int, bytes, int, Iterator[Emit]]] = []
+    order = count()
+    next_plan = 0
+    while heap or next_plan < len(plans):
+        if next_plan < len(plans) and (not heap or plans[next_plan].start_ns <= heap[0][0]):
+            it = _flow_packets(plans[next_plan], spec)
+            next_plan += 1
+            first = next(it, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], next(order), first[1], first[2], it))
+            continue
+        ts, _, frame, mark, it = heap[0]
+        summary.packets += 1
+        summary.bytes += len(frame)
+        if mark == MARK_ELEPHANT:
+            summary.elephant_packets += 1
+            summary.elephant_bytes += len(frame)
+        elif mark == MARK_ATTACK:
+            summary.attack_packets += 1
+        if summary.packets == 1:
+            summary.first_ns = ts
+        summary.last_ns = ts
+        yield ts, frame
+        nxt = next(it, None)
+        if nxt is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (nxt[0], next(order), nxt[1], nxt[2], it))
+
+
 def generate(
     spec: TraceSpec,
     path: str | PathLike[str],
@@ -1141,45 +1181,12 @@ def generate(
 
     `progress(packets written, trace time elapsed in ns)` is called every few thousand packets.
     """
-    plans = _plan(spec)
     summary = GenSummary()
-    for p in plans:
-        summary.flows[p.kind] = summary.flows.get(p.kind, 0) + 1
-    summary.attacked_flows = sum(p.attacked for p in plans)
-    summary.ingress_flows = sum(p.ingress for p in plans)
-    heap: list[tuple[int, int, bytes, int, Iterator[Emit]]] = []
-    order = count()
-    next_plan = 0
-    packets = nbytes = 0
     with PcapWriter(path, linktype=1) as out:
-        while heap or next_plan < len(plans):
-            if next_plan < len(plans) and (not heap or plans[next_plan].start_ns <= heap[0][0]):
-                it = _flow_packets(plans[next_plan], spec)
-                next_plan += 1
-                first = next(it, None)
-                if first is not None:
-                    heapq.heappush(heap, (first[0], next(order), first[1], first[2], it))
-                continue
-            ts, _, frame, mark, it = heap[0]
+        for ts, frame in frames(spec, summary):
             out.write(ts, frame)
-            packets += 1
-            nbytes += len(frame)
-            if mark == MARK_ELEPHANT:
-                summary.elephant_packets += 1
-                summary.elephant_bytes += len(frame)
-            elif mark == MARK_ATTACK:
-                summary.attack_packets += 1
-            if packets == 1:
-                summary.first_ns = ts
-            summary.last_ns = ts
-            nxt = next(it, None)
-            if nxt is None:
-                heapq.heappop(heap)
-            else:
-                heapq.heapreplace(heap, (nxt[0], next(order), nxt[1], nxt[2], it))
-            if progress is not None and packets % 4096 == 0:
-                progress(packets, ts - spec.start_ns)
-    summary.packets, summary.bytes = packets, nbytes
+            if progress is not None and summary.packets % 4096 == 0:
+                progress(summary.packets, ts - spec.start_ns)
     if progress is not None:
-        progress(packets, summary.last_ns - spec.start_ns)
+        progress(summary.packets, summary.last_ns - spec.start_ns)
     return summary

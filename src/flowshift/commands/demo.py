@@ -14,8 +14,6 @@ from __future__ import annotations
 import heapq
 import importlib
 import ipaddress
-import tempfile
-from collections.abc import Iterator
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
@@ -25,9 +23,9 @@ from rich.console import Console
 
 from flowshift.commands.replay import warm_engine, warn_about
 from flowshift.config import ConfigError, HostConfig, load_config
-from flowshift.gen import TraceSpec, generate
+from flowshift.gen import TraceSpec, frames
 from flowshift.output import AtomicOutputs
-from flowshift.packet.pcap import PcapWriter, TraceError, open_trace
+from flowshift.packet.pcap import PcapWriter, TraceError
 from flowshift.packet.view import LINKTYPE_ETHERNET
 from flowshift.replay import ReplayError, run_replay
 from flowshift.report import summary_table
@@ -62,25 +60,15 @@ def trace_specs(config: HostConfig, scale: float) -> tuple[TraceSpec, TraceSpec]
     return gateway, lab
 
 
-def _frames(path: Path) -> Iterator[tuple[int, bytes, int]]:
-    with open_trace(path) as reader:
-        for f in reader:
-            yield f.ts_ns, f.data, f.wire_len
-
-
 def build_trace(path: Path, config: HostConfig, scale: float = 1.0) -> int:
     """Write the demo trace for `config` to `path`; returns its packet count."""
-    specs = trace_specs(config, scale)
-    with tempfile.TemporaryDirectory(prefix="flowshift-demo-") as tmp:
-        parts = [Path(tmp) / f"part{i}.pcap" for i in range(len(specs))]
-        for spec, part in zip(specs, parts, strict=True):
-            generate(spec, part)
-        n = 0
-        with AtomicOutputs() as files, PcapWriter(files.temp(path),
-                                                  linktype=LINKTYPE_ETHERNET) as out:
-            for ts, data, wire_len in heapq.merge(*map(_frames, parts), key=lambda f: f[0]):
-                out.write(ts, data, wire_len)
-                n += 1
+    n = 0
+    with AtomicOutputs() as files, PcapWriter(files.temp(path),
+                                              linktype=LINKTYPE_ETHERNET) as out:
+        for ts, frame in heapq.merge(*(frames(spec) for spec in trace_specs(config, scale)),
+                                     key=lambda f: f[0]):
+            out.write(ts, frame)
+            n += 1
     return n
 
 
