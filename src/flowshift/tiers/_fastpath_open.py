@@ -176,7 +176,8 @@ def decide(rules, ports, lo, hi, proto, icmp_type, f, default_allow):
         if rules[k, R_ICMP] and (icmp_type < 0 or not (
                 rules[k, R_TYPES + (icmp_type >> 6)] >> (icmp_type & 63)) & 1):
             continue  # ICMP types: never a TCP or UDP packet's
-        if not (_within(s_hi, s_lo, rules, k, R_SRC) and _within(d_hi, d_lo, rules, k, R_DST)):
+        if not (_within(s_hi, s_lo, rules, k, np.int64(R_SRC))
+                and _within(d_hi, d_lo, rules, k, np.int64(R_DST))):
             continue
         if not rules[k, R_ANY_PORT]:
             if icmp_type >= 0:
@@ -319,8 +320,8 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
     opened[fstate[1]] = slot
     fstate[1] += 1
     reason = RULE if rule >= 0 else DEFAULT
-    translate(mem, e, 0, buf, s, f)
-    verdict = FORWARD
+    translate(mem, e, np.int64(0), buf, s, f)
+    verdict = np.int64(FORWARD)
     if routing[m]:
         verdict, reason = forward_hop(buf, s, f, verdict, reason)
     return verdict, reason, rule, slot

@@ -171,7 +171,7 @@ def process_batch(buf, offset, caplen, wire_len, linktype, ts, select, verdict, 
         slot = hit >> 1
         e = slot * E_SIZE
         now = ts[i]
-        why = punt_reason(mem, e, f, status == FULL, now, TCP_LIFE)
+        why = punt_reason(mem, e, f, status == FULL, now, np.int64(TCP_LIFE))
         if why:
             index_remove(mem, slot, keys, vals)
             state[slot] = RETURNED

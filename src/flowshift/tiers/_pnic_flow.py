@@ -228,13 +228,13 @@ def syn_open(mem, e, f, kn, z):
     side learnt from the SYN, the reply side's right edge at its window, SYN_SENT. The
     timeout (the flow's first packet, software's everywhere else: tiers/_fastpath_open.py)."""
     win = f[F_WINDOW]
-    _init_sender(mem, e, E_SEEN, E_SEEN + SEEN_SIZE, 0, f, (f[F_SEQ] + f[F_PAYLOAD] + 1) & M32,
-                 win)
+    _init_sender(mem, e, np.int64(E_SEEN), np.int64(E_SEEN + SEEN_SIZE), np.int64(0), f,
+                 (f[F_SEQ] + f[F_PAYLOAD] + 1) & M32, win)
     st32(mem, e + E_SEEN + SEEN_SIZE + D_MAXEND, win if win else 1)
     mem[e + E_LAST_INDEX] = SYN_SET
     mem[e + E_LAST_DIR] = 0
     mem[e + E_TCP_STATE] = S_SYN_SENT
-    return _tcp_timeout(mem, e, SYN_SET, S_SYN_SENT, kn, z)
+    return _tcp_timeout(mem, e, np.int64(SYN_SET), np.int64(S_SYN_SENT), kn, z)
 
 
 @kernel()
@@ -302,14 +302,15 @@ def tcp_in_window(mem, e, d, b, s, f, liberal):
         if in_recv_win and ack_ok and overshot <= r_maxwin and _before(sack, (r_end + 1) & M32):
             st32(mem, e + sender + D_END, end)
             mem[e + sender + D_FLAGS] |= FLAG_DATA_UNACKNOWLEDGED
-            return _lenient(mem, e, sender, IGNORE, liberal)
-        return _lenient(mem, e, sender, A_INVALID, liberal)
-    if not _before(sack, (r_end + 1) & M32):
-        return _lenient(mem, e, sender, A_INVALID, liberal)  # III: acknowledges data never seen
+            return _lenient(mem, e, sender, np.int64(IGNORE), liberal)
+        return _lenient(mem, e, sender, np.int64(A_INVALID), liberal)
+    if not _before(sack, (r_end + 1) & M32):  # III: acknowledges data never seen
+        return _lenient(mem, e, sender, np.int64(A_INVALID), liberal)
     if r_maxwin != 0 and not _after(end, (s_end - r_maxwin - 1) & M32):
-        return _lenient(mem, e, sender, IGNORE, liberal)  # II: retransmission of acknowledged data
+        # II: retransmission of acknowledged data
+        return _lenient(mem, e, sender, np.int64(IGNORE), liberal)
     if not _after(sack, (r_end - _max_ack_window(mem, e, sender) - 1) & M32):
-        return _lenient(mem, e, sender, IGNORE, liberal)  # IV: very old ACK
+        return _lenient(mem, e, sender, np.int64(IGNORE), liberal)  # IV: very old ACK
 
     if not syn:  # the window of a SYN is never scaled
         win = _scaled(win, mem[e + sender + D_SCALE])

@@ -65,13 +65,14 @@ def _key(mem, e, src, dst, sport, dport):
 @kernel()
 def entry_key(mem, e):
     """The original key of the entry at mem[e]."""
-    return _key(mem, e, E_SRC, E_DST, E_SPORT, E_DPORT)
+    return _key(mem, e, np.int64(E_SRC), np.int64(E_DST), np.int64(E_SPORT), np.int64(E_DPORT))
 
 
 @kernel()
 def entry_reply_key(mem, e):
     """The reply key of the entry at mem[e]: the reverse of its rewrite."""
-    return _key(mem, e, E_XDST, E_XSRC, E_XDPORT, E_XSPORT)
+    return _key(mem, e, np.int64(E_XDST), np.int64(E_XSRC), np.int64(E_XDPORT),
+                np.int64(E_XSPORT))
 
 
 @kernel(private=True)

@@ -181,7 +181,10 @@ class PnicEngine:
         k = min(n, len(self._free), n if room is None else max(room, 0))
         free = np.array(self._free[len(self._free) - k:][::-1], np.int64)
         codes = np.empty(n, np.int8)
-        used = ki.index_insert_rows(self._mem, np.ascontiguousarray(rows).reshape(-1), free,
+        flat = np.ascontiguousarray(rows).reshape(-1)
+        if not flat.flags.writeable:  # a read-only array is a type of its own to numba: the
+            flat = flat.copy()  # kernel and the key functions it shares would compile twice
+        used = ki.index_insert_rows(self._mem, flat, free,
                                     self._keys, self._vals, self._state, LIVE, codes)
         del self._free[len(self._free) - used:]
         self._live += used
