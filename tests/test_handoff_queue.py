@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from flowshift.flow import FlowKey
 from flowshift.offload import HandoffQueue
@@ -59,6 +60,18 @@ class Queue(RuleBasedStateMachine):
         else:
             assert got is not None and got[0].fkey == k
             assert got[1] == (k not in self.inflight.values())
+
+    @precondition(lambda self: self.inflight)
+    @rule(data=st.data())
+    def back_and_held(self, data: st.DataObject) -> None:
+        """A packet back from the PNIC that must wait (its flow offered again): in arrival
+        order among the held, ahead of those that came after it."""
+        index = data.draw(st.sampled_from(sorted(self.inflight)))
+        got = self.q.returned(index)
+        k = self.inflight.pop(index)
+        assert got is not None
+        self.q.hold_back(got[0])
+        bisect.insort(self.held.setdefault(k, []), index)
 
     @rule(k=st.sampled_from(KEYS))
     def hold(self, k: FlowKey) -> None:

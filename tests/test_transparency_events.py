@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowshift.config import HostConfig, load_config, parse_config
-from flowshift.packet.build import ip_frame, udp_frame
+from flowshift.packet.build import ip_frame, tcp_frame, udp_frame
 from flowshift.packet.defrag import refragment
+from flowshift.packet.view import TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN
 from flowshift.verdict import Verdict
 from hosttools import CORPUS, FIREWALL_HOST, GATEWAY_HOST, REAL, Run, run
 from tracetools import (
@@ -184,6 +185,40 @@ def _never_dump(tmp: Path, trace: tuple[list[tuple[int, bytes]], list[bool]], cf
     (tmp / "seen").mkdir()
     part = _write(tmp / "seen", [frames[i] for i in seen], [raw[i] for i in seen])
     return run(part, cfg, policy="never", dump_ts=ts).dumps
+
+
+def test_a_packet_punted_after_its_flow_was_offered_again_waits_for_the_entry(tmp_path):
+    """Packets held while a flow's entry is in transit go to the PNIC with it; the PNIC hands
+    the flow back at the first (a SYN/ACK after a mid-stream pick-up) and punts them all. The
+    VNIC decides them in order, and an established one has the flow offered again: the
+    packets punted after it (here, the FIN) must wait behind that entry, or the entry leaves
+    without them and comes back, idle, without the FIN: the flow then outlives its close by
+    days. Found by hypothesis (test_generated_traces_every_schedule)."""
+    def tcp(t: float, out: bool, flags: int, seq: int, ack: int, size: int = 0):
+        src, dst, sport, dport = (CLIENT, SERVER, 20002, 80) if out else (SERVER, CLIENT, 80,
+                                                                          20002)
+        return int(t * S), tcp_frame(src=src, dst=dst, sport=sport, dport=dport, seq=seq,
+                                     ack=ack, flags=flags, window=65535, payload=b"d" * size)
+
+    trace = [
+        (S, udp_frame(src=CLIENT, dst=SERVER, sport=20000, dport=53, payload=b"q")),
+        (S + 22 * MS, udp_frame(src=SERVER, dst=CLIENT, sport=53, dport=20000,
+                                payload=b"a" * 40)),  # the machine hands over; offloaded
+        tcp(201.002, True, TCP_ACK, 1001, 5001),  # picked up mid-stream: offered at once
+        tcp(201.001, False, TCP_SYN | TCP_ACK, 5000, 1001),  # held behind the entry ...
+        tcp(201.000, True, TCP_SYN, 1000, 0),
+        tcp(201.003, True, TCP_PSH | TCP_ACK, 1001, 5001, 100),
+        tcp(201.004, False, TCP_PSH | TCP_ACK, 5001, 1101, 100),
+        tcp(201.005, True, TCP_FIN | TCP_ACK, 1101, 5101),  # ... punted, decided, re-offered
+        tcp(901.004, False, TCP_FIN | TCP_ACK, 5101, 1102),  # long after FIN_WAIT's 120 s
+        tcp(901.005, True, TCP_ACK, 1102, 5102)]
+    path = write_pcap(tmp_path / "t.pcap", trace)
+    cfg = HOSTS["firewall"]
+    never = run(path, cfg, policy="never")
+    got = run(path, cfg, policy="always", capacity=1, latency=50 * MS)
+    assert got.host.stats.offloads_to_pnic >= 3  # the UDP flow, the TCP flow twice
+    _check(never, got, crashed=False)
+    assert never.results[-2].verdict == Verdict.DROP  # the late FIN: no flow, invalid
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))

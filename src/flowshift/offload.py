@@ -152,6 +152,16 @@ class HandoffQueue(Generic[P]):
         self.held.setdefault(_flow_of(item), deque()).append(item)
         self.held_total += 1
 
+    def hold_back(self, item: P) -> None:
+        """Hold a packet back from the PNIC that must wait after all: in arrival order,
+        before the packets of its flow that came after it and wait already."""
+        queue = self.held.setdefault(_flow_of(item), deque())
+        at = len(queue)
+        while at and queue[at - 1].index > item.index:
+            at -= 1
+        queue.insert(at, item)
+        self.held_total += 1
+
     def is_held(self, fkey: FlowKey) -> bool:
         return fkey in self.held
 

@@ -684,7 +684,14 @@ class Vnic:
             chain = self.chains[item.machine]
             assert chain is not None
             if verdict == PUNT:  # the PNIC gave the flow back before this packet: ours now
-                self._decide(item, chain)
+                if fkey is not None and self.queue.in_transit(fkey):
+                    # a packet before it, punted too, had the flow offered again: this one
+                    # waits behind the entry, as `steer` makes any packet of it wait (ahead
+                    # of the packets that came after it and wait for it already)
+                    self.queue.hold_back(item)
+                    self.stats.held_packets += 1
+                else:
+                    self._decide(item, chain)
             else:
                 if data:
                     item.pkt.data[:] = data
