@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flowshift.config import load_config, parse_config
@@ -386,3 +386,73 @@ def test_offloaded_short_connections_leave_python_no_more_than_never(gateway, tm
     stats = offloaded.host.stats
     assert stats.offloads_to_pnic > 10 and stats.returned.get("closed", 0) > 10
     assert len(decided) <= never, (len(decided), never)
+
+
+def _held(fp: Fastpath, key: FlowKey) -> bool:
+    """Is `key` in the fast path's index of the keys Python holds?"""
+    from flowshift.tiers import _pnic_index as ki
+    from flowshift.tiers.pnic_engine import key_words
+
+    return ki.lookup(fp._held_keys, fp._held_vals, *key_words(key)) != ki.EMPTY
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.sampled_from(["add", "cache", "pull", "remove", "hold",
+                                                 "forget"]),
+                                st.integers(0, 1), st.integers(0, 3)), max_size=60))
+@example(steps=[("add", 0, 1), ("add", 1, 1), ("remove", 1, 1), ("forget", 0, 0)])
+def test_the_index_of_held_keys_is_every_key_tables_hold_as_flows(steps):
+    """Flows come and go in two tables, as `Flow`s and cached: after `hold`, the index of the
+    keys Python holds is exactly the union of both tables' keys (a key two tables hold
+    leaves it only when both let it go), and a table forgotten."""
+    fp = _fastpath()
+    tables = [FlowTable(), FlowTable()]
+    for t in tables:
+        t.use_cache(fp)
+    alive = [True, True]
+    pool = [_flow(n) for n in range(4)]
+    for op, t, n in steps:
+        table = tables[t]
+        if not alive[t]:
+            continue
+        flow = pool[n]
+        if op == "add" and table.get(flow.key) is None and table.get(flow.reply_key) is None:
+            flow = pool[n] = dataclasses.replace(flow)  # a new Flow of the same key
+            table.add(flow)
+        elif op == "cache" and table.holds(flow):
+            fp.cache(flow, table, -1, bounded=False)
+        elif op == "pull":
+            hit = table.get(flow.key)  # back from the fast path, if it is cached there
+            if hit is not None:
+                pool[n] = hit[0]
+        elif op == "remove" and table.holds(flow):
+            table.remove(flow)
+        elif op == "forget":
+            fp.forget(table)  # the table is not used again
+            alive[t] = False
+        for i, other in enumerate(tables):
+            if alive[i]:
+                fp.hold(other)
+        if op == "hold":
+            continue
+        for f in pool:
+            for key in (f.key, f.reply_key):
+                want = any(alive[i] and tables[i].has_key(key) for i in range(2))
+                assert _held(fp, key) == want, (op, key)
+
+
+def test_the_index_of_held_keys_grows_and_empties():
+    """Past its room the index is built anew, with every key; emptied, it holds none."""
+    fp = _fastpath()
+    table = FlowTable()
+    table.use_cache(fp)
+    flows = [_flow(n) for n in range(40)]
+    for f in flows:
+        table.add(f)
+    fp.hold(table)
+    assert len(fp._held_vals) >= 4 * 80  # grown: at most a quarter full
+    assert all(_held(fp, k) for f in flows for k in (f.key, f.reply_key))
+    for f in flows:
+        table.remove(f)
+    fp.hold(table)
+    assert not any(_held(fp, k) for f in flows for k in (f.key, f.reply_key))

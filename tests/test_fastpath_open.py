@@ -219,3 +219,36 @@ def test_a_new_flow_whose_reply_is_a_cached_flows_key_takes_it_as_without_a_cach
     path = write_pcap(tmp_path / "t.pcap", [(10**9 + i * 1000, f) for i, f in enumerate(frames)])
     _same(path, cfg, rows=1)
     _same(path, cfg, rows=64)
+
+
+def test_the_vnic_opens_flows_compiled_while_the_pnic_holds_some(tmp_path, monkeypatch):
+    """Short connections through a gateway whose VNIC offloads each after a few packets: the
+    flows that begin while the PNIC holds others open compiled too (their keys clash with no
+    flow Python holds, the PNIC's shadows included, and a sync would find nothing to do), and
+    every result and counter is the reference engine's."""
+    from flowshift.gen import TraceSpec, generate, parse_networks
+    from flowshift.host import Host
+
+    cfg = parse_config({**GATEWAY, "offload": {"policy": "elephant", "elephant_packets": 6}},
+                       "offloading gateway")
+    path = tmp_path / "short.pcap"
+    generate(TraceSpec(flows=60, duration_s=1.0, seed=5, udp_share=0.2, icmp_share=0.0,
+                       ipv6_share=0.0, clients=parse_networks("10.0.0.0/24"), gateway=cfg),
+             path)
+    ref = run(path, cfg, engine="reference", policy="elephant", rows=64)
+    python_rows: list[int] = []  # each packet Python decided: the PNIC's flows then
+    decide = Host.process
+
+    def process(self: Host, *args: object) -> object:
+        python_rows.append(self.vnic.pnic_flows)
+        return decide(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Host, "process", process)
+    fast = run(path, cfg, engine="compiled", policy="elephant", rows=64)
+    assert [(x.index, int(x.verdict), x.reason, x.tier, x.data) for x in fast.results] == [
+        (x.index, int(x.verdict), x.reason, x.tier, x.data) for x in ref.results]
+    assert dataclasses.asdict(fast.host.stats) == dataclasses.asdict(ref.host.stats)
+    assert fast.host.stats.offloads_to_pnic >= 30  # the PNIC held flows most of the trace
+    fp = fast.host.fastpath
+    assert fp is not None and fp.opened_all >= 55  # of 60 (was 2: Python opened the rest)
+    assert len(python_rows) <= 6

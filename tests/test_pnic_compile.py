@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 
 from flowshift.commands.replay import warm_engine
+from flowshift.replay import compile_ahead_work
 from flowshift.tiers import _pnic_cache, pnic_engine
 from flowshift.tiers._pnic_batch import process_batch
 from flowshift.tiers._pnic_cache import fingerprint
@@ -77,16 +78,17 @@ print(flowshift.__file__)
 from rich.console import Console
 from flowshift.commands.replay import warm_engine
 from flowshift.tiers import pnic_engine
+from flowshift.replay import compile_ahead_work
 from flowshift.tiers._pnic_cache import compiling_ahead, ready
 assert not ready()
-with compiling_ahead() as ahead:
+with compiling_ahead(compile_ahead_work) as ahead:
     assert ahead is not None
     out = io.StringIO()
     warm_engine(Console(file=out, width=100), ahead)
     assert ahead.returncode == 0, ahead.returncode
 print(out.getvalue().strip())
 print(pnic_engine.compilations(), ready())
-with compiling_ahead() as again:
+with compiling_ahead(compile_ahead_work) as again:
     print(again is None)
 """
 
@@ -116,7 +118,8 @@ def test_compiling_ahead_fills_the_cache_in_another_process(tmp_path: Path) -> N
 def test_a_compilation_ahead_is_stopped_when_the_work_beside_it_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_pnic_cache, "_DIR", str(tmp_path))
-    with pytest.raises(RuntimeError, match="no trace"), _pnic_cache.compiling_ahead() as job:
+    with pytest.raises(RuntimeError, match="no trace"), _pnic_cache.compiling_ahead(
+            compile_ahead_work) as job:
         assert job is not None
         raise RuntimeError("no trace")
     assert job.returncode is not None  # not left running

@@ -49,6 +49,7 @@ _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 _PNIC, _PNIC_LABEL = int(Tier.PNIC), Tier.PNIC.label
 _MACHINE, _VNIC = int(Tier.MACHINE), int(Tier.VNIC)
+_NEVER = (1 << 63) - 1  # an int64 trace time after every other
 
 
 ENGINES = ("compiled", "reference")
@@ -361,24 +362,27 @@ class Host:
         return self.out.ready()
 
     def _open_zones(self, fp: Fastpath) -> bool:
-        """Which machines' flows the fast path's next pass may open (tiers/_fastpath_open.py):
-        those whose table holds no flow as a `Flow` (a miss of the fast path's index is then
-        a miss of the table) and has no limit, and, at the VNIC, none of whose flows is at
-        or on its way to the PNIC, and no back-off is kept. Can the pass do anything?"""
+        """Which machines' flows the fast path's next pass may open (tiers/_fastpath_open.py),
+        and until when: those whose table has no limit, the keys of its `Flow`s known to the
+        pass (`Fastpath.hold`: a miss of the fast path's index and of those is a miss of the
+        table); at the VNIC, while deciding a new flow needs no sync with the PNIC
+        (`Vnic.quiet_until`). Can the pass do anything?"""
         vnic = self.vnic
         for m, machine in enumerate(self.machines):
+            until = _NEVER
             if machine is not None:
                 chain: Chain | None = machine.chain
                 tier = _MACHINE
             else:
                 chain = vnic.chains[m]
                 tier = _VNIC
-                if vnic.pnic_flows or vnic.backoff or vnic.queue.busy():
-                    chain = None
+                until = vnic.quiet_until()
             table = chain.flows if chain is not None else None
-            if table is not None and (table.held() or table.buckets):
-                table = None
-            fp.open_zone(m, table, tier, 0 if self.offloading else -1)
+            if table is not None:
+                fp.hold(table)
+                if table.buckets or until < 0:
+                    table = None
+            fp.open_zone(m, table, tier, 0 if self.offloading else -1, until)
         return fp.active
 
     def _offer(self, i: int, now: int) -> None:
@@ -530,6 +534,8 @@ class Host:
         if not isinstance(msg, ch.Handoff):
             raise RuntimeError(f"handoff of machine {self.names[m]!r} arrived as {msg!r}")
         self.stats.offloads_to_vnic += self.vnic.adopt(msg, now)
+        if self.fastpath is not None:
+            self.fastpath.forget(machine.chain.flows)
         self.machines[m] = None
         self.stats.events.append((now, "handoff", self.names[m]))
 

@@ -27,7 +27,7 @@ from flowshift.gen import TraceSpec, frames
 from flowshift.output import AtomicOutputs
 from flowshift.packet.pcap import PcapWriter, TraceError
 from flowshift.packet.view import LINKTYPE_ETHERNET
-from flowshift.replay import ReplayError, run_replay
+from flowshift.replay import ReplayError, compile_ahead_work, run_replay
 from flowshift.report import summary_table
 from flowshift.tiers._pnic_cache import compiling_ahead
 
@@ -97,7 +97,7 @@ def demo(out_dir: Path, scale: float, quiet: bool) -> None:
         config = load_config(config_path)
         trace = out_dir / "demo.pcap"
         # a first run compiles the PNIC engine on the other core while the trace is generated
-        with compiling_ahead() as ahead:
+        with compiling_ahead(compile_ahead_work) as ahead:
             with console.status("generating the demo trace", spinner="dots") if not quiet \
                     else nullcontext():
                 packets = build_trace(trace, config, scale)

@@ -39,7 +39,7 @@ def warm_engine(console: Console | None, ahead: subprocess.Popen[bytes] | None =
     def work() -> float:
         started = time.perf_counter()
         if ahead is not None:  # the other process compiles the PNIC's kernels: the trace
-            # I/O's and the fast path's here, meanwhile (fastpath.compile_ahead_work)
+            # I/O's and the fast path's here, meanwhile (replay.compile_ahead_work)
             warm_io()
             fastpath.warm()
         fastpath.warm_all(ahead)

@@ -172,9 +172,16 @@ class Chain:
         if flow.owner != self.tier:
             return self.lookup_remote(key, now)
         if flow.expires <= now:
-            self.flows.remove(flow)
+            self._drop(flow)
             return None
         return hit
+
+    def _drop(self, flow: Flow) -> None:
+        """The flow is gone from the table (expired, replaced by a new conntrack, evicted):
+        whoever keeps state by its key hears of it (`dropped`)."""
+        self.flows.remove(flow)
+        if self.dropped is not None:
+            self.dropped(flow)
 
     def lookup_remote(self, key: FlowKey, now: int) -> tuple[Flow, int] | None:
         """A flow owned by another tier: a plain chain has none (the VNIC overrides this)."""
@@ -197,7 +204,7 @@ class Chain:
             return out
         hop = forward_hop(pkt, out)
         if hop is not out and out.created and out.flow is not None:
-            self.flows.remove(out.flow)  # Linux: the unconfirmed conntrack dies with it
+            self._drop(out.flow)  # Linux: the unconfirmed conntrack dies with it
         return hop
 
     def _process(self, pkt: Packet, direction: int, now: int) -> Outcome:
@@ -218,7 +225,7 @@ class Chain:
                 if self.flows.buckets:  # its expiry may have moved earlier (FIN, RST)
                     self.flows.touch(flow)
                 return out
-            self.flows.remove(flow)  # TCP reopen: the old conntrack is gone, start anew
+            self._drop(flow)  # TCP reopen: the old conntrack is gone, start anew
         return self._new(pkt, key, direction, now)
 
     def _new(self, pkt: Packet, key: FlowKey, direction: int, now: int) -> Outcome:
@@ -337,9 +344,7 @@ class Chain:
                 or flow.xlat.src == flow.key.src
                 or not ct_tcp.seq_after(new_end, tcp.seen[0].end)):
             return False
-        self.flows.remove(flow)
-        if self.dropped is not None:
-            self.dropped(flow)
+        self._drop(flow)
         return True
 
     def _decide(self, direction: int, tuple_: FlowKey, icmp_type: int) -> tuple[bool, int]:

@@ -159,6 +159,11 @@ class FlowTable:
         self._heap: list[tuple[int, int, _Deadline]] = []
         self._deadline: dict[int, _Deadline] = {}
         self._adds = 0
+        # With a cache that opens flows itself (tiers/fastpath.py `hold`): the keys whose
+        # presence here changed since it last looked, and those it knows this table holds.
+        # None: no such cache (or a bounded table, where it opens none).
+        self.dirty: set[FlowKey] | None = None
+        self.indexed: set[FlowKey] = set()
 
     def __len__(self) -> int:
         return len(self._by_key) // 2 + self.cached
@@ -167,6 +172,8 @@ class FlowTable:
         """Let flows of this table live in `cache` (which `detach`es and `attach`es them)."""
         self.cache = cache
         self.get = self._get_or_find
+        if not self.buckets:
+            self.dirty = set(self._by_key)
 
     def _get_or_find(self, key: FlowKey) -> tuple[Flow, int] | None:
         hit = self._by_key.get(key)
@@ -191,6 +198,20 @@ class FlowTable:
     def held(self) -> int:
         """Keys of the flows held here as `Flow`s (none: every flow of the table is cached)."""
         return len(self._by_key)
+
+    def _note(self, key: FlowKey) -> None:
+        """`key` came or went: dirty holds exactly the keys whose presence here differs from
+        what the cache knows (`indexed`), so a flow that comes and goes between two looks (one
+        decided in Python and cached at once, say) leaves nothing behind."""
+        assert self.dirty is not None
+        if (key in self._by_key) == (key in self.indexed):
+            self.dirty.discard(key)
+        else:
+            self.dirty.add(key)
+
+    def has_key(self, key: FlowKey) -> bool:
+        """Does a flow held here as a `Flow` have this key (live or not)?"""
+        return key in self._by_key
 
     def detach(self, flow: Flow) -> None:
         """The cache takes the flow: it leaves the table but still counts."""
@@ -247,6 +268,9 @@ class FlowTable:
         # and swept by that key.
         self._by_key[flow.key] = (flow, 0)
         self._by_key[reply] = (flow, 1)
+        if self.dirty is not None:
+            for key in (flow.key, reply):
+                self._note(key)
         if self.buckets:
             homes = _homes(flow, self.buckets)
             for b in homes:
@@ -280,6 +304,8 @@ class FlowTable:
             hit = self._by_key.get(key)
             if hit is not None and hit[0] is flow:
                 del self._by_key[key]
+                if self.dirty is not None:
+                    self._note(key)
         if self.buckets:
             if d is not None:
                 del self._deadline[id(flow)]

@@ -53,6 +53,8 @@ from flowshift.tiers._pnic_flow import (
 from flowshift.tiers._pnic_index import (
     E_PROTO,
     E_SIZE,
+    _delete,
+    _put,
     head_word,
     index_insert,
     index_remove,
@@ -154,9 +156,9 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
 
 @kernel()
 def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
-             reason, rule, returned, machine, direction, tier, mem, state, keys, vals, inside,
-             public, knobs, routing, bounded, offer_at, policy, f, counts, zone, rules, ports,
-             snat, free, fstate, opened):
+             reason, rule, returned, machine, direction, tier, mem, state, keys, vals, held_keys,
+             held_vals, inside, public, knobs, routing, bounded, offer_at, policy, f, counts,
+             zone, rules, ports, snat, free, fstate, opened):
     """Run rows[start:] in order until one stops the pass: (position in rows, why, ahead).
 
     STOP_OFFER returns the position after the processed row; every other stop the row's own.
@@ -167,6 +169,7 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     packet count below which an offer would be refused (the VNIC's back-off). bounded: per
     machine, 1 when its table has a limit (then only assured flows are offered, as
     Vnic.consider does).
+    held_keys, held_vals: the keys Python holds, which a missed row opens no flow on.
     zone, rules, ports, snat: the chains as _fastpath_open.open_flow reads them; free, fstate,
     opened: the free rows and the rows opened (open_flow); fstate[2]: lowered to the earliest
     expiry a processed row left its entry with (an RST before any reply: its own time).
@@ -186,9 +189,9 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
         if hit < 0:
             if hit == MISS:
-                v, r, k, slot = open_flow(buf, offset[i], f, now, mem, state, keys, vals, knobs,
-                                          routing, zone, rules, ports, snat, free, fstate,
-                                          offer_at, opened)
+                v, r, k, slot = open_flow(buf, offset[i], f, now, mem, state, keys, vals,
+                                          held_keys, held_vals, knobs, routing, zone, rules,
+                                          ports, snat, free, fstate, offer_at, opened)
                 if v != NOT_OPENED:
                     owner = zone[f[F_MACHINE], Z_TIER]
                     verdict[i] = v
@@ -348,3 +351,15 @@ def reindex(mem, state, keys, vals):
         if state[slot] == LIVE and not index_insert(mem, slot, keys, vals):
             return False
     return True
+
+
+@kernel()
+def held_update(keys, vals, words, gone):
+    """The index of the keys Python holds: words[:gone] leave it, words[gone:] join it (each
+    row a key's five words; a key joins only when absent, leaves only when present)."""
+    for i in range(len(words)):
+        key = (words[i, 0], words[i, 1], words[i, 2], words[i, 3], words[i, 4])
+        if i < gone:
+            _delete(keys, vals, key)
+        else:
+            _put(keys, vals, key, np.int64(0))

@@ -6,9 +6,12 @@ decision only Python can make, so that a connection's packets, its first include
 leave compiled code. A missed row opens a flow here when all of this holds, and is left to
 Python (untouched, exactly as before) otherwise:
 
-- its zone is open (tiers/open_tables.py: the host says so before each pass): its table holds
-  no flow in Python (so a miss of the fast path's index is a miss of the table), it has no
-  limit (nothing to sweep or early-drop), and nothing of it is at or on its way to the PNIC;
+- its zone is open (tiers/open_tables.py: the host says so before each pass): its table has
+  no limit (nothing to sweep or early-drop), and, at the VNIC, the row comes before any
+  answer of the PNIC is due or any PNIC entry may have expired (a sync would do nothing);
+- neither key of the new flow is a key of a flow Python holds (the index of those keys,
+  tiers/fastpath.py `hold`: a miss of both indexes is a miss of the table), the PNIC's
+  shadows at the VNIC included;
 - it is a TCP SYN without ACK, FIN or RST (Linux tcp_new's SYN_SENT, as conntrack_tcp.tcp_open
   takes its short way), a UDP datagram or an ICMP / ICMPv6 echo request, parsed whole, of a
   chain with services;
@@ -123,7 +126,8 @@ Z_INGRESS_SOFTWARE = 7  # 1: DNAT rules or a load balancer choose ingress flows'
 Z_RULES = 8  # [Z_RULES + 2 * group, + 1]: the group's rows of `rules`, group = direction * 2
 #            + (family == 6), in the firewall's order
 Z_SNAT_ROWS = 16  # [Z_SNAT_ROWS, + 1]: the zone's rows of `snat`
-Z_N = 18
+Z_UNTIL = 18  # rows at or after this trace time open nothing (the VNIC's sync would act)
+Z_N = 19
 
 # rules[k, ...]: one firewall rule of one group; addresses as two words, the sign bit
 # flipped so that signed comparison orders them as unsigned numbers
@@ -210,18 +214,22 @@ def _taken(keys, vals, family, proto, z, s_hi, s_lo, d_hi, d_lo, sport, dport):
 
 
 @kernel(inline=False, private=True)
-def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rules, ports, snat,
-              free, fstate, offer_at, opened):
+def open_flow(buf, s, f, now, mem, state, keys, vals, held_keys, held_vals, knobs, routing,
+              zone, rules, ports, snat, free, fstate, offer_at, opened):
     """Open the flow of the missed row at buf[s:] (f: its fields, its machine and direction
     from `_find`): (verdict, reason, rule, slot). NOT_OPENED: nothing was touched, Python
     decides it; slot -1: the packet was decided and opened no flow (a firewall drop).
+    held_keys, held_vals: an index of the keys Python holds (tiers/fastpath.py `hold`).
     fstate[0]: free rows left on the stack `free`; fstate[1]: rows opened so far, listed in
     `opened`."""
     m = f[F_MACHINE]
     d = f[F_DIRECTION]
     nothing = (NOT_OPENED, 0, np.int64(-1), np.int64(-1))
-    if not zone[m, Z_OPEN] or not zone[m, Z_SERVICES]:
+    if not zone[m, Z_OPEN] or not zone[m, Z_SERVICES] or now >= zone[m, Z_UNTIL]:
         return nothing
+    if _taken(held_keys, held_vals, f[F_FAMILY], f[F_PROTO], m, f[F_SRC_HI], f[F_SRC_LO],
+              f[F_DST_HI], f[F_DST_LO], f[F_SPORT], f[F_DPORT]):
+        return nothing  # a flow Python holds: the row is its packet
     proto = f[F_PROTO]
     icmp_type = np.int64(-1)
     if proto == PROTO_TCP:
@@ -268,7 +276,8 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, knobs, routing, zone, rule
     # rule), and the flow's two keys two
     if d_hi == x_hi and d_lo == x_lo and dport == sport:
         return nothing
-    if _taken(keys, vals, family, proto, m, d_hi, d_lo, x_hi, x_lo, dport, sport):
+    if _taken(keys, vals, family, proto, m, d_hi, d_lo, x_hi, x_lo, dport, sport) or _taken(
+            held_keys, held_vals, family, proto, m, d_hi, d_lo, x_hi, x_lo, dport, sport):
         return nothing
     if fstate[0] == 0:
         return nothing  # no row free: Python's cache grows the table

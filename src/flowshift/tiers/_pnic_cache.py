@@ -21,7 +21,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
@@ -119,31 +119,32 @@ def mark_ready() -> None:
         pass
 
 
-def compile_ahead() -> subprocess.Popen[bytes] | None:
+def compile_ahead(work: Callable[[], object]) -> subprocess.Popen[bytes] | None:
     """Start filling the cache in another process, unless it is filled already (None).
 
-    The process runs `fastpath.compile_ahead_work()` of this very package (its directory put
-    in front of the path only while `flowshift` itself is imported), with this interpreter and
-    environment: it computes the same cache directory, and numba's own cache (the trace I/O's
-    kernels) is the same place for it as for this process. Its output is discarded: should it
-    fail, `warm` compiles in the waiting process and any error shows there."""
+    The process calls `work` (a module's function, the caller's say of what it compiles:
+    replay.compile_ahead_work) of this very package (its directory put in front of the path
+    only while `flowshift` itself is imported), with this interpreter and environment: it
+    computes the same cache directory, and numba's own cache (the trace I/O's kernels) is the
+    same place for it as for this process. Its output is discarded: should it fail, `warm`
+    compiles in the waiting process and any error shows there."""
     if ready():
         return None
     code = (f"import sys; sys.path.insert(0, {str(_PACKAGE.parent)!r}); import flowshift; "
-            "del sys.path[0]; from flowshift.tiers.fastpath import compile_ahead_work; "
-            "compile_ahead_work()")
+            f"del sys.path[0]; from {work.__module__} import {work.__name__}; "
+            f"{work.__name__}()")
     return subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
 @contextmanager
-def compiling_ahead() -> Iterator[subprocess.Popen[bytes] | None]:
-    """`compile_ahead()` for the body of the with statement: pass what it yields to
+def compiling_ahead(work: Callable[[], object]) -> Iterator[subprocess.Popen[bytes] | None]:
+    """`compile_ahead(work)` for the body of the with statement: pass what it yields to
     `fastpath.warm_all`. A compilation still running when the body ends (an error before the
     warm step) is stopped; numba writes each cache file whole (a temporary file renamed), so
     a stopped one leaves nothing half-written."""
-    job = compile_ahead()
+    job = compile_ahead(work)
     try:
         yield job
     finally:

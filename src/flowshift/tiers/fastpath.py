@@ -99,6 +99,10 @@ class Fastpath:
         self._open = [False] * len(self.open.zone)
         self._open_count = 0
         self.opening = False  # some zone is open: a pass may open flows
+        # the keys Python holds (its tables' `Flow`s, by both keys), as an index the kernel
+        # that opens flows asks, and how many tables hold each (`hold`)
+        self._held: dict[FlowKey, int] = {}
+        self._allocate_held(0)
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
@@ -122,6 +126,12 @@ class Fastpath:
         size = ki.table_size(self.capacity)
         self._keys = np.zeros((size, 5), np.int64)
         self._vals = np.full(size, ki.EMPTY, np.int64)
+
+    def _allocate_held(self, n: int) -> None:
+        size = ki.table_size(max(n, 16))
+        self._held_keys = np.zeros((size, 5), np.int64)
+        self._held_vals = np.full(size, ki.EMPTY, np.int64)
+        self._held_room = size // 4  # keys before it grows: at most a quarter full
 
     def _grow(self) -> None:
         """Double the table. The old index goes first and the new one comes last, so that
@@ -227,19 +237,78 @@ class Fastpath:
         in its table, for software to continue."""
         return self.pull(int(self._returned[i]))
 
-    def open_zone(self, zone: int, table: FlowTable | None, tier: int, offer_at: int) -> None:
+    def open_zone(self, zone: int, table: FlowTable | None, tier: int, offer_at: int,
+                  until: int = _NEVER) -> None:
         """Let the next passes open flows of `zone` into `table`, owned by `tier`, with this
-        offer_at (see `cache`); None: they may not (software opens them)."""
+        offer_at (see `cache`), for rows before trace time `until`; None: they may not
+        (software opens them)."""
         row = self.open.zone[zone]
         self.zone_tables[zone] = table
         row[ko.Z_OPEN] = table is not None
         row[ko.Z_TIER] = tier
         row[ko.Z_OFFER_AT] = _NEVER if offer_at < 0 else offer_at
+        row[ko.Z_UNTIL] = until
         is_open = table is not None
         if self._open[zone] != is_open:
             self._open[zone] = is_open
             self._open_count += 1 if is_open else -1
             self.opening = self._open_count > 0
+
+    def hold(self, table: FlowTable) -> None:
+        """Bring the index of the keys Python holds up to date with what `table` changed
+        since (its `dirty` keys): a missed row whose key, or whose new flow's reply key, a
+        `Flow` of a table holds is Python's (tiers/_fastpath_open.py). Keys that came and went
+        between two passes (a flow decided in Python and cached at once) cost the index
+        nothing."""
+        dirty = table.dirty
+        if not dirty:
+            return
+        indexed, held = table.indexed, self._held
+        join: list[FlowKey] = []
+        leave: list[FlowKey] = []
+        for key in dirty:
+            if table.has_key(key):
+                if key not in indexed:
+                    indexed.add(key)
+                    n = held.get(key, 0)
+                    held[key] = n + 1
+                    if not n:
+                        join.append(key)
+            elif key in indexed:
+                indexed.discard(key)
+                n = held[key] - 1
+                if n:
+                    held[key] = n
+                else:
+                    del held[key]
+                    leave.append(key)
+        dirty.clear()
+        self._held_update(join, leave)
+
+    def forget(self, table: FlowTable) -> None:
+        """`table` is no more (its machine handed its flows over): its keys leave the index."""
+        if table.dirty is None:
+            return
+        held = self._held
+        leave: list[FlowKey] = []
+        for key in table.indexed:
+            n = held[key] - 1
+            if n:
+                held[key] = n
+            else:
+                del held[key]
+                leave.append(key)
+        table.indexed.clear()
+        table.dirty.clear()
+        self._held_update([], leave)
+
+    def _held_update(self, join: list[FlowKey], leave: list[FlowKey]) -> None:
+        if len(self._held) > self._held_room:  # grown past its room: a new index of them all
+            self._allocate_held(2 * len(self._held))
+            join, leave = list(self._held), []
+        if join or leave:
+            words = np.array([key_words(k) for k in (*leave, *join)], np.int64).reshape(-1, 5)
+            kb.held_update(self._held_keys, self._held_vals, words, len(leave))
 
     @property
     def active(self) -> bool:
@@ -298,7 +367,8 @@ class Fastpath:
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
             res.machine, res.direction, res.tier, self._mem, self._state, self._keys,
-            self._vals, self._inside, self._public, self._knobs, self._routing, self._bounded,
+            self._vals, self._held_keys, self._held_vals, self._inside, self._public,
+            self._knobs, self._routing, self._bounded,
             self._offer_at, self.policy, self._f, self.counts, tables.zone, tables.rules,
             tables.ports, tables.snat, self._free, fstate, self._opened)
         if fstate[1]:
@@ -337,7 +407,7 @@ def warm(data_path: bool = True) -> float:
     """Compile the fast path's kernels, or load them from the cache; the seconds it took (see
     pnic_engine.warm). `data_path=False`: all but the pass itself (`run_rows`), last first, in
     the other process of a first run, while the first compiles the pass
-    (`compile_ahead_work`)."""
+    (`replay.compile_ahead_work`)."""
     from flowshift.packet.build import tcp_frame
     from flowshift.packet.fragrows import fragment_rows
     from flowshift.packet.view import TCP_ACK
@@ -368,7 +438,8 @@ def warm(data_path: bool = True) -> float:
         lambda: kb.pass_tally(np.ones(1, np.bool_), res.verdict, res.tier, res.wire_len,
                               int(Tier.PNIC), np.empty(1, np.bool_)),  # a PNIC pass's count
         lambda: fragment_rows(res.buf, res.offset, res.caplen, res.linktype, res.wire_len),
-        lambda: fp.expire(1 << 41)]
+        lambda: fp.expire(1 << 41),
+        lambda: kb.held_update(fp._held_keys, fp._held_vals, np.zeros((1, 5), np.int64), 0)]
     # the other process takes them last first: the two meet halfway
     for step in steps if data_path else steps[:0:-1]:
         step()
@@ -378,29 +449,7 @@ def warm(data_path: bool = True) -> float:
 def warm_all(ahead: subprocess.Popen[bytes] | None = None) -> float:
     """Every kernel a replay runs, the PNIC's and the fast path's, compiled or loaded; then
     the cache is marked ready (_pnic_cache). `ahead`: the process compiling the PNIC's
-    kernels meanwhile (`compile_ahead_work`), waited for. The seconds."""
+    kernels meanwhile (`replay.compile_ahead_work`), waited for. The seconds."""
     seconds = pnic_engine.warm(ahead) + warm()
     mark_ready()
     return seconds
-
-
-def compile_ahead_work() -> None:
-    """What the process of `_pnic_cache.compile_ahead` does while the first process generates
-    its trace and then compiles the rest (commands/replay.py `warm_engine`: the trace I/O and
-    the fast path's pass, with the kernel that opens flows, which it reaches first). A kernel
-    in the cache before the first process needs it is loaded there; one not yet, it compiles
-    too. So this process takes:
-    - the PNIC's data path (the longest compilation; the inner kernels it shares with the
-      fast path's pass reach the cache early, where the first process finds them);
-    - the PNIC's table;
-    - what the first process needs after the pass, in the opposite order, so that the two
-      meet halfway: the fast path's other kernels, then the replay's writers (a replay on
-      the reference engine, which runs no kernel of its own).
-    Measured on the demo: the first process finishes compiling about 1 s sooner than when it
-    compiled the last two itself while this one sat idle."""
-    from flowshift.replay import warm_io
-
-    pnic_engine.warm_data_path()
-    pnic_engine.warm_table()
-    warm(data_path=False)
-    warm_io(engine="reference")

@@ -483,6 +483,19 @@ class Vnic:
         if self.expiry_floor >= 0:
             self.expiry_floor = min(self.expiry_floor, t)
 
+    def quiet_until(self) -> int:
+        """Until when (a trace time, excluded) a new flow can be decided without a barrier:
+        no packet or message waits for the PNIC or its answer, nothing is held, and `sync`
+        would find nothing due and nothing expired (its own test). -1: not even now."""
+        if self.batch or self.outstanding or self.queue.busy():
+            return -1
+        t = _NEVER
+        if self.deferred:
+            t = min(self.deferred[0][0], self.deferred_floor)
+        if self.alive and self.healthy and self.pnic_flows:
+            t = min(t, self.expiry_floor)  # -1: unknown
+        return t
+
     def sync(self, now: int) -> bool:
         """Barrier before a decision that can reach a PNIC-owned entry: every answer applied,
         every entry expired by `now` handed back (no round trip when none can have). Did it
