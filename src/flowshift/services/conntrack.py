@@ -195,10 +195,6 @@ class FlowTable:
             if direction == 0 or key is flow.key:  # its own key (a reply of its own: both)
                 yield flow
 
-    def held(self) -> int:
-        """Keys of the flows held here as `Flow`s (none: every flow of the table is cached)."""
-        return len(self._by_key)
-
     def _note(self, key: FlowKey) -> None:
         """`key` came or went: dirty holds exactly the keys whose presence here differs from
         what the cache knows (`indexed`), so a flow that comes and goes between two looks (one

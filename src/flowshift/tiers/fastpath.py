@@ -6,7 +6,8 @@ from its Python `Flow` into a row of this table (ENTRY_DTYPE, the PNIC's layout,
 both keys), and its packets run through the PNIC's compiled kernels (tiers/_fastpath_batch.py)
 in input order. The first packet of a flow whose chain needs no decision only Python can make
 (a SYN or UDP datagram a firewall rule judges and NAT keeps its port) opens the flow here too
-(tiers/_fastpath_open.py), in a zone the host opens for it (`open_zone`). Python still decides
+(tiers/_fastpath_open.py), in a zone the host opens for it (`open_zone`), unless a `Flow`
+Python holds has one of its keys (`hold`: an index of those keys). Python still decides
 everything else: other first packets, NAT port searches and backends, the SYNs of cached
 flows, expiry, offers and handoffs. A cached flow has no `Flow` object: its
 `FlowTable` counts it and, when asked for it (a lookup, a listing, a sweep), takes it back from
@@ -276,12 +277,7 @@ class Fastpath:
                         join.append(key)
             elif key in indexed:
                 indexed.discard(key)
-                n = held[key] - 1
-                if n:
-                    held[key] = n
-                else:
-                    del held[key]
-                    leave.append(key)
+                self._let_go(key, leave)
         dirty.clear()
         self._held_update(join, leave)
 
@@ -289,18 +285,21 @@ class Fastpath:
         """`table` is no more (its machine handed its flows over): its keys leave the index."""
         if table.dirty is None:
             return
-        held = self._held
         leave: list[FlowKey] = []
         for key in table.indexed:
-            n = held[key] - 1
-            if n:
-                held[key] = n
-            else:
-                del held[key]
-                leave.append(key)
+            self._let_go(key, leave)
         table.indexed.clear()
         table.dirty.clear()
         self._held_update([], leave)
+
+    def _let_go(self, key: FlowKey, leave: list[FlowKey]) -> None:
+        """One table fewer holds `key`; when none does, it joins `leave`."""
+        n = self._held[key] - 1
+        if n:
+            self._held[key] = n
+        else:
+            del self._held[key]
+            leave.append(key)
 
     def _held_update(self, join: list[FlowKey], leave: list[FlowKey]) -> None:
         if len(self._held) > self._held_room:  # grown past its room: a new index of them all

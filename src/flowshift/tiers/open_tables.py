@@ -2,7 +2,8 @@
 of `zone` per machine, the firewalls' rules and the NATs' source rules as int64 arrays.
 
 Built once from the host's config, as the chains build their own (services/rules.py,
-services/nat.py); the host sets each zone's Z_OPEN, Z_TIER and Z_OFFER_AT before each pass.
+services/nat.py); the host sets each zone's Z_OPEN, Z_TIER, Z_OFFER_AT and Z_UNTIL before each
+pass.
 """
 
 from __future__ import annotations
