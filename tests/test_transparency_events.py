@@ -72,7 +72,7 @@ def _episode(rng: random.Random, kind: str, t0: int, port: int) -> list[tuple[in
             if rng.random() < 0.3:
                 rng.shuffle(pieces)
             frames += pieces
-        if rng.random() < 0.2:
+        if len(frames) > 1 and rng.random() < 0.2:  # (never the trace's only frame)
             frames.pop(rng.randrange(len(frames)))  # a datagram that never completes
         return [(t0 + i * rng.choice([0, MS]), f) for i, f in enumerate(frames)]
     if kind == "igmp":
