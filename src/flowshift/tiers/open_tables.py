@@ -36,8 +36,8 @@ def _words(value: int, addr_len: int) -> tuple[int, int]:
 
 def _ordered(value: int, addr_len: int) -> tuple[int, int]:
     """`_words` with the sign bits flipped: signed comparison orders them as addresses."""
-    hi, lo = address_words(value.to_bytes(addr_len, "big"))
-    return _signed(hi ^ _SIGN), _signed(lo ^ _SIGN)
+    hi, lo = _words(value, addr_len)
+    return hi ^ -_SIGN, lo ^ -_SIGN
 
 
 @dataclass(frozen=True)

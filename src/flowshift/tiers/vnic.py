@@ -485,9 +485,15 @@ class Vnic:
 
     def quiet_until(self) -> int:
         """Until when (a trace time, excluded) a new flow can be decided without a barrier:
-        no packet or message waits for the PNIC or its answer, nothing is held, and `sync`
-        would find nothing due and nothing expired (its own test). -1: not even now."""
-        if self.batch or self.outstanding or self.queue.busy():
+        nothing is held, and a `sync` would do nothing (`_sync_free_until`). -1: not even
+        now."""
+        return -1 if self.queue.busy() else self._sync_free_until()
+
+    def _sync_free_until(self) -> int:
+        """Until when (a trace time, excluded) a `sync` has nothing to wait for: no packet or
+        message waits for the PNIC or its answer, and no entry handed back ahead is due or
+        expired, nor any PNIC entry. -1: not even now."""
+        if self.batch or self.outstanding:
             return -1
         t = _NEVER
         if self.deferred:
@@ -502,10 +508,7 @@ class Vnic:
         wait at the barrier (False: nothing can have changed)?"""
         if self.synced_at == now and not self.batch and not self.outstanding:
             return False
-        deferred = self.deferred  # entries handed back ahead: none due or expired by now?
-        if not (self.batch or self.outstanding) and (not deferred or (
-                deferred[0][0] > now and self.deferred_floor > now)) and not (
-                self.alive and self.healthy and self.pnic_flows and not self.expiry_floor > now):
+        if self._sync_free_until() > now:
             self.synced_at = now  # nothing to apply, nothing expired: no barrier to wait at
             return False
         self.drain(now)
