@@ -391,7 +391,7 @@ def test_offloaded_short_connections_leave_python_no_more_than_never(gateway, tm
 def _held(fp: Fastpath, key: FlowKey) -> bool:
     """Is `key` in the fast path's index of the keys Python holds?"""
     from flowshift.tiers import _pnic_index as ki
-    from flowshift.tiers.pnic_engine import key_words
+    from flowshift.tiers._pnic_index import key_words
 
     return ki.lookup(fp._held_keys, fp._held_vals, *key_words(key)) != ki.EMPTY
 

@@ -146,7 +146,7 @@ def test_insert_many_is_inserts_one_by_one_after_any_churn(churn, picks, room):
                 engine.remove(hit[0])
     codes, left = [], room
     for i in picks:
-        if left <= 0 or not one._free:
+        if left <= 0 or not one.table.nfree:
             codes.append(NO_ROOM)
             continue
         ok = one.insert(_flow(i)) >= 0
@@ -158,8 +158,9 @@ def test_insert_many_is_inserts_one_by_one_after_any_churn(churn, picks, room):
 
 
 def _engine(e: PnicEngine) -> tuple:
-    return (e.entries.tobytes(), e._keys.tobytes(), e._vals.tobytes(), e._state.tobytes(),
-            tuple(e._free), len(e))
+    t = e.table
+    return (t.entries.tobytes(), t.keys.tobytes(), t.vals.tobytes(), t.state.tobytes(),
+            tuple(t.free[:t.nfree]), len(e))
 
 
 def test_a_batch_with_a_bad_entry_is_rejected_whole_and_counted_once():

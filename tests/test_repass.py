@@ -14,7 +14,7 @@ from flowshift.packet.build import icmp_echo_frame, tcp_frame, udp_frame
 from flowshift.packet.parse import parse
 from flowshift.packet.view import TCP_ACK
 from flowshift.results import PENDING, BatchResults
-from flowshift.tiers.pnic_engine import address_words, key_words
+from flowshift.tiers._pnic_index import address_words, key_words
 from flowshift.tiers.repass import Repass, key_mark
 
 v4 = st.binary(min_size=4, max_size=4)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from functools import partial
+from typing import NamedTuple, cast
 
 NS_PER_S = 1_000_000_000  # trace time is in nanoseconds
 
@@ -36,9 +38,6 @@ class Dir(IntEnum):
     REPLY = 1
 
 
-_new_tuple = tuple.__new__
-
-
 class FlowKey(NamedTuple):
     family: int  # 4 or 6
     proto: int
@@ -50,9 +49,7 @@ class FlowKey(NamedTuple):
 
     def reversed(self) -> FlowKey:
         family, proto, zone, src, dst, sport, dport = self
-        # tuple.__new__: NamedTuple's own __new__ is a Python call (every new flow reverses
-        # its keys several times)
-        return _new_tuple(FlowKey, (family, proto, zone, dst, src, dport, sport))
+        return new_key((family, proto, zone, dst, src, dport, sport))
 
     def canonical(self) -> FlowKey:
         """The same key for both directions: the smaller (address, port) end first."""
@@ -70,6 +67,12 @@ class FlowKey(NamedTuple):
             f"{proto} {format_endpoint(self.src, self.sport)} > "
             f"{format_endpoint(self.dst, self.dport)}"
         )
+
+
+# FlowKey((...)) without NamedTuple's own __new__, a Python call: a key is built per packet,
+# and every new flow reverses its keys several times
+new_key = cast("Callable[[tuple[int, int, int, bytes, bytes, int, int]], FlowKey]",
+               partial(tuple.__new__, FlowKey))
 
 
 _ZERO80 = bytes(10)  # an IPv6 address that starts so may be written with a dotted quad

@@ -39,7 +39,7 @@ from flowshift.packet.ahead import ReadAhead, spare_cores
 from flowshift.packet.batch import Batch, read_batches
 from flowshift.packet.direct import DirectWriter
 from flowshift.packet.pcap import MAX_SNAPLEN, PcapWriter, open_trace, trace_linktype_name
-from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump
+from flowshift.report import HIST_MAX_BINS, Tally, build_report, flow_dump, report_options
 from flowshift.results import DIRECTION_LABELS, TIER_LABELS, BatchResults, reason_label
 from flowshift.verdict import Verdict
 
@@ -269,16 +269,10 @@ def run_replay(
                                 dump_path=dump_path, offload=offload, pnic=pnic,
                                 capacity=capacity, crash_at=crash_at, withdraw_at=withdraw_at,
                                 dump_at=dump_at)
-        options = {
-            "trace": os.fspath(trace),
-            "config": None if isinstance(config, HostConfig) else os.fspath(config),
-            "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
-            "report": outputs.get("report"), "plot": outputs.get("plot"),
-            "plot_window": list(plot_window) if plot_window is not None else None,
-            "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
-            "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
-            "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), "engine": engine,
-        }
+        options = report_options(
+            trace, config, outputs, offload=offload, pnic=pnic, capacity=capacity,
+            crash_at=crash_at, withdraw_at=withdraw_at, dump_at=dump_at,
+            plot_window=list(plot_window) if plot_window is not None else None, engine=engine)
         cfg = replay_config(config, offload, capacity)
 
         temps = _temporaries(files, outputs)  # every output is written here, renamed at the end

@@ -8,6 +8,7 @@ the report can be recounted from the verdicts file.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,23 @@ def _sorted_counts(d: dict[str, list[int]] | dict[str, int]) -> dict[str, int]:
     """{name: packets}, largest first, then by name: stable for diffs."""
     items = [(k, v[0] if isinstance(v, list) else v) for k, v in d.items()]
     return dict(sorted(items, key=lambda kv: (-kv[1], kv[0])))
+
+
+def report_options(trace: str | os.PathLike[str], config: object, outputs: dict[str, str], *,
+                   offload: str | None, pnic: str, capacity: int | None,
+                   crash_at: float | None, withdraw_at: float | None, dump_at: float | None,
+                   **more: object) -> dict[str, Any]:
+    """A replay report's `options`: the options as given (docs/replay.md), `more` after them.
+    `config`: a path, or a config given as an object (null); `outputs`: the paths written."""
+    return {
+        "trace": os.fspath(trace),
+        "config": os.fspath(config) if isinstance(config, (str, os.PathLike)) else None,
+        "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
+        "report": outputs.get("report"), "plot": outputs.get("plot"),
+        "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
+        "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
+        "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"), **more,
+    }
 
 
 def build_report(

@@ -47,6 +47,7 @@ from flowshift.packet.pcap import (
 )
 from flowshift.packet.view import Packet, ParseError
 from flowshift.tiers._pnic_batch import classify
+from flowshift.tiers._pnic_index import address_words
 from flowshift.tiers._pnic_mem import cached, kernel
 from flowshift.tiers._pnic_parse import (
     F_DPORT,
@@ -61,7 +62,7 @@ from flowshift.tiers._pnic_parse import (
     parse_frame,
 )
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.pnic_engine import address_words, classifier_tables
+from flowshift.tiers.pnic_engine import classifier_tables
 
 BATCH = 65536
 # a shard reading the whole trace: bytes of it per batch of the shard's packets, and bytes

@@ -34,6 +34,7 @@ from flowshift.replay import (
     write_plot_file,
     write_report,
 )
+from flowshift.report import report_options
 from flowshift.shard import Part, Placement, place
 from flowshift.shard_merge import (
     merge_dumps,
@@ -265,16 +266,10 @@ def run_sharded(
             "duration": (last - first) / NS if first is not None and last is not None else 0.0,
             "problem": reports[0]["trace"]["problem"],
         }
-        result["options"] = {
-            "trace": os.fspath(trace),
-            "config": None if isinstance(config, HostConfig) else os.fspath(config),
-            "out": outputs.get("out"), "verdicts": outputs.get("verdicts"),
-            "report": outputs.get("report"), "plot": outputs.get("plot"),
-            "offload": offload, "pnic": pnic, "pnic_capacity": capacity,
-            "pnic_crash_at": crash_at, "pnic_withdraw_at": withdraw_at,
-            "dump_flows_at": dump_at, "dump_flows": outputs.get("dump-flows"),
-            "workers": workers, "scheduler": scheduler,
-        }
+        result["options"] = report_options(
+            trace, config, outputs, offload=offload, pnic=pnic, capacity=capacity,
+            crash_at=crash_at, withdraw_at=withdraw_at, dump_at=dump_at, workers=workers,
+            scheduler=scheduler)
         result["config"] = to_dict(cfg)
         result["outputs"] = outputs
         result["timing"] = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from flowshift.config import FirewallConfig, LbPool, MachineConfig
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs
 from flowshift.entry import Flow, Service, Status, Tier, chain_bits
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
+from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey, new_key
 from flowshift.packet.parse import ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST
 from flowshift.packet.route import decrement_ttl
 from flowshift.packet.view import TCP_ACK, TCP_SYN, Packet
@@ -67,7 +67,6 @@ _TCP_IGNORE = ct_tcp.TcpAction.IGNORE
 _tcp_packet = ct_tcp.tcp_packet
 _TIME_WAIT = int(ct_tcp.TcpState.TIME_WAIT)
 _SYN, _SYN_ACK = TCP_SYN, TCP_SYN | TCP_ACK
-_new_key = tuple.__new__  # FlowKey(...) without NamedTuple's Python-level __new__
 
 
 def process_flow(pkt: Packet, flow: Flow, fdir: int, now: int,
@@ -215,8 +214,8 @@ class Chain:
             return Outcome(Verdict.DROP, Reason.FRAGMENT)
         if pkt.inner is not None:
             return self._related(pkt, pkt.inner, direction, now)
-        key = _new_key(FlowKey, (pkt.family, pkt.proto, self.index, pkt.src, pkt.dst, pkt.sport,
-                                 pkt.dport))  # pkt.key(self.index)
+        key = new_key((pkt.family, pkt.proto, self.index, pkt.src, pkt.dst, pkt.sport,
+                       pkt.dport))  # pkt.key(self.index)
         hit = self.lookup(key, now)
         if hit is not None:
             flow, fdir = hit

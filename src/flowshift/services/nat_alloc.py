@@ -38,7 +38,15 @@ import hashlib
 import struct
 from collections.abc import Callable
 
-from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, AddressRange, FlowKey
+from flowshift.flow import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    AddressRange,
+    FlowKey,
+    new_key,
+)
 
 PROTO_SCTP = 132
 PROTO_UDPLITE = 136
@@ -142,23 +150,22 @@ def _port_in(key: FlowKey, rewrite_src: bool, ports: tuple[int, int] | None) -> 
 
 # FlowKey(...) without NamedTuple's Python-level __new__ (nor _replace's): every new flow
 # builds its candidates
-_new_key = tuple.__new__
 
 
 def _with_addr(key: FlowKey, rewrite_src: bool, addr: bytes) -> FlowKey:
     family, proto, zone, src, dst, sport, dport = key
     if rewrite_src:
-        return _new_key(FlowKey, (family, proto, zone, addr, dst, sport, dport))
-    return _new_key(FlowKey, (family, proto, zone, src, addr, sport, dport))
+        return new_key((family, proto, zone, addr, dst, sport, dport))
+    return new_key((family, proto, zone, src, addr, sport, dport))
 
 
 def _with_port(key: FlowKey, rewrite_src: bool, port: int) -> FlowKey:
     family, proto, zone, src, dst, sport, dport = key
     if proto in ICMP_PROTOS:  # the echo identifier is both "ports"
-        return _new_key(FlowKey, (family, proto, zone, src, dst, port, port))
+        return new_key((family, proto, zone, src, dst, port, port))
     if rewrite_src:
-        return _new_key(FlowKey, (family, proto, zone, src, dst, port, dport))
-    return _new_key(FlowKey, (family, proto, zone, src, dst, sport, port))
+        return new_key((family, proto, zone, src, dst, port, dport))
+    return new_key((family, proto, zone, src, dst, sport, port))
 
 
 def _search_range(

@@ -56,7 +56,6 @@ from flowshift.tiers._pnic_index import (
     _delete,
     _put,
     head_word,
-    index_insert,
     index_remove,
     lookup,
 )
@@ -342,15 +341,6 @@ def expired_slots(mem, state, now, out):
         elif earliest < 0 or t < earliest:
             earliest = t
     return n, earliest
-
-
-@kernel()
-def reindex(mem, state, keys, vals):
-    """Index every live slot into an empty index (a table that grew); False if one clashed."""
-    for slot in range(len(state)):
-        if state[slot] == LIVE and not index_insert(mem, slot, keys, vals):
-            return False
-    return True
 
 
 @kernel()

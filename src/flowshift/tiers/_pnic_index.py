@@ -13,11 +13,17 @@ are taken from it.
 
 from __future__ import annotations
 
+import struct
+from typing import TYPE_CHECKING
+
 import numba
 import numpy as np
 
 from flowshift import entry
 from flowshift.tiers._pnic_mem import be32, be64, kernel, ld16, prefetch
+
+if TYPE_CHECKING:
+    from flowshift.flow import FlowKey
 
 # ENTRY_DTYPE offsets the compiled code reads and writes (numba reads them as constants)
 _FIELDS = entry.field_offsets()
@@ -166,6 +172,33 @@ def table_size(capacity: int) -> int:
     return 1 << max(3, (4 * capacity - 1).bit_length())
 
 
+def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
+    """A flow key as the index keeps it: five words, each the int64 bit
+    pattern of its unsigned value."""
+    family, proto, zone, src, dst, sport, dport = key
+    head = family | proto << 8 | zone << 16 | sport << 32 | dport << 48
+    if head >> 63:
+        head -= 1 << 64
+    if len(src) == 4:  # an IPv4 address is the top half of its first word, read signed
+        return (head, int.from_bytes(src, "big", signed=True) << 32, 0,
+                int.from_bytes(dst, "big", signed=True) << 32, 0)
+    return (head, *_signed_words(src), *_signed_words(dst))
+
+
+_WORDS = struct.Struct(">qq")
+
+
+def _signed_words(addr: bytes) -> tuple[int, int]:
+    """address_words as int64 bit patterns (struct reads them signed: no arithmetic)."""
+    words: tuple[int, int] = _WORDS.unpack(addr.ljust(16, b"\0"))
+    return words
+
+
+def address_words(addr: bytes) -> tuple[int, int]:
+    """An address as two big-endian words, as the index and the parser keep it."""
+    return divmod(int.from_bytes(addr.ljust(16, b"\0"), "big"), 1 << 64)
+
+
 INSERTED, NO_ROOM, KEY_TAKEN = 0, 1, 2  # what index_insert_rows says of each row
 
 
@@ -201,3 +234,13 @@ def index_insert_rows(mem, rows, free, keys, vals, state, live, codes):
                 mem[e + b] = 0
             codes[i] = KEY_TAKEN
     return used
+
+
+@kernel()
+def reindex(mem, state, live, keys, vals):
+    """Index every slot whose state is `live` into an empty index (a table that grew); False
+    if one clashed."""
+    for slot in range(len(state)):
+        if state[slot] == live and not index_insert(mem, slot, keys, vals):
+            return False
+    return True

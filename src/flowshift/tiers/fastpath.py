@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowshift.conntrack_types import Status
-from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
+from flowshift.entry import Flow, Tier
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
@@ -37,9 +37,11 @@ from flowshift.tiers import _fastpath_open as ko
 from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers import pnic_engine
 from flowshift.tiers._pnic_cache import mark_ready
+from flowshift.tiers._pnic_index import key_words
 from flowshift.tiers._pnic_parse import N_FIELDS
+from flowshift.tiers.entry_table import EntryTable
 from flowshift.tiers.open_tables import open_tables
-from flowshift.tiers.pnic_engine import classifier_tables, kernel_arg, key_words, knob_table
+from flowshift.tiers.pnic_engine import classifier_tables, kernel_arg, knob_table
 
 if TYPE_CHECKING:
     from flowshift.config import HostConfig
@@ -55,10 +57,8 @@ _CACHED_STATES = frozenset(int(s) for s in (
     TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
-_FREE = 0
 _LIVE = ko.LIVE
 _NEVER = np.iinfo(np.int64).max
-_EMPTY_ROW = bytes(ENTRY_SIZE)
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
@@ -107,26 +107,14 @@ class Fastpath:
         self._allocate(capacity)
 
     def _allocate(self, capacity: int) -> None:
-        self._allocate_rows(capacity)
-        self._allocate_index()
-
-    def _allocate_rows(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.entries = np.zeros(capacity, ENTRY_DTYPE)
-        self._mem = self.entries.view(np.uint8)
-        self._rows = self._mem.reshape(capacity, ENTRY_SIZE)
-        self._bytes = self._mem.data  # a row written from bytes without numpy's calls
-        self._state = np.zeros(capacity, np.int8)
+        self.table = EntryTable(capacity)
+        self.entries = self.table.entries
         self._offer_at = np.zeros(capacity, np.int64)
-        # free rows as a stack in an array: a list of a million ints would cost 36 MB
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)
-        self._nfree = capacity
         self.tables: list[FlowTable | None] = [None] * capacity  # whose flow each row is
 
-    def _allocate_index(self) -> None:
-        size = ki.table_size(self.capacity)
-        self._keys = np.zeros((size, 5), np.int64)
-        self._vals = np.full(size, ki.EMPTY, np.int64)
+    @property
+    def capacity(self) -> int:
+        return self.table.capacity
 
     def _allocate_held(self, n: int) -> None:
         size = ki.table_size(max(n, 16))
@@ -135,22 +123,14 @@ class Fastpath:
         self._held_room = size // 4  # keys before it grows: at most a quarter full
 
     def _grow(self) -> None:
-        """Double the table. The old index goes first and the new one comes last, so that
-        at most the old rows, the new rows and one index are in memory at once."""
-        old = (self.entries, self._state, self._offer_at, self.tables)
-        del self._keys, self._vals
+        """Double the table (EntryTable.grow) and the rows' own columns."""
         n = self.capacity
-        self._allocate_rows(2 * n)
-        self.entries[:n] = old[0]
-        self._state[:n] = old[1]
-        self._offer_at[:n] = old[2]
-        self.tables[:n] = old[3]
-        del old
-        self._free[:n] = np.arange(2 * n - 1, n - 1, -1)
-        self._nfree = n
-        self._allocate_index()
-        if not kb.reindex(self._mem, self._state, self._keys, self._vals):
-            raise RuntimeError("the fast path's table lost an entry while growing")
+        self.table.grow()
+        self.entries = self.table.entries
+        offer_at = np.zeros(2 * n, np.int64)
+        offer_at[:n] = self._offer_at
+        self._offer_at = offer_at
+        self.tables.extend([None] * n)
 
     # -- flows in and out --------------------------------------------------------------------
 
@@ -177,16 +157,11 @@ class Fastpath:
         must read the flows it may drop)."""
         if bounded and not flow.status & _ASSURED:
             return
-        if not self._nfree:
+        if not self.table.nfree:
             self._grow()
-        slot = int(self._free[self._nfree - 1])
-        at = slot * ENTRY_SIZE
-        self._bytes[at:at + ENTRY_SIZE] = flow.to_bytes()
-        if not ki.index_insert(self._mem, slot, self._keys, self._vals):
-            self._rows[slot] = 0
+        slot = self.table.put(flow.to_bytes())
+        if slot < 0:  # a key taken
             return
-        self._nfree -= 1
-        self._state[slot] = _LIVE
         self._offer_at[slot] = _NEVER if offer_at < 0 else offer_at
         self.tables[slot] = table
         table.detach(flow)
@@ -199,15 +174,11 @@ class Fastpath:
         table = self.tables[slot]
         if table is None:
             raise KeyError(f"row {slot} of the fast path holds no flow")
-        at = slot * ENTRY_SIZE
-        flow = Flow.from_bytes(self._bytes[at:at + ENTRY_SIZE])  # bytes in, no array's calls
-        if self._state[slot] == _LIVE:
-            ki.index_remove(self._mem, slot, self._keys, self._vals)
-        self._state[slot] = _FREE
-        self._bytes[at:at + ENTRY_SIZE] = _EMPTY_ROW
+        t = self.table
+        if t.state[slot] == _LIVE:
+            t.unindex(slot)
+        flow = Flow.from_bytes(t.release(slot))
         self.tables[slot] = None
-        self._free[self._nfree] = slot
-        self._nfree += 1
         self.live -= 1
         table.attach(flow)
         return flow
@@ -215,7 +186,7 @@ class Fastpath:
     def find(self, key: FlowKey, table: FlowTable) -> tuple[Flow, int] | None:
         """The flow of `key` if this table holds it for `table`: pulled, with the key's
         direction."""
-        hit = ki.lookup(self._keys, self._vals, *key_words(key))
+        hit = self.table.lookup(key)
         if hit < 0 or self.tables[hit >> 1] is not table:
             return None
         return self.pull(hit >> 1), hit & 1
@@ -223,7 +194,7 @@ class Fastpath:
     def peek(self, key: FlowKey, table: FlowTable, now: int) -> bool | None:
         """Does this table hold a live flow of `key` for `table` (left where it is)? None:
         it holds one that expired by `now`, which only a lookup may remove."""
-        hit = ki.lookup(self._keys, self._vals, *key_words(key))
+        hit = self.table.lookup(key)
         if hit < 0 or self.tables[hit >> 1] is not table:
             return False
         return True if int(self.entries["expires"][hit >> 1]) > now else None
@@ -339,7 +310,7 @@ class Fastpath:
         if now < self.floor or not self.live:
             return
         out = np.empty(self.capacity, np.int64)
-        n, earliest = kb.expired_slots(self._mem, self._state, now, out)
+        n, earliest = kb.expired_slots(self.table.mem, self.table.state, now, out)
         for slot in out[:n].tolist():
             self.pull(slot)
         self.floor = _NEVER if earliest < 0 else int(earliest)
@@ -358,20 +329,21 @@ class Fastpath:
             self._opened = np.empty(len(res), np.int64)
         returned = self._returned  # the kernel sets only the punted row's
         fstate = self._fstate
-        fstate[0] = self._nfree
+        t = self.table
+        fstate[0] = t.nfree
         fstate[1] = 0
         fstate[2] = _NEVER
         tables = self.open
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
-            res.machine, res.direction, res.tier, self._mem, self._state, self._keys,
-            self._vals, self._held_keys, self._held_vals, self._inside, self._public,
+            res.machine, res.direction, res.tier, t.mem, t.state, t.keys,
+            t.vals, self._held_keys, self._held_vals, self._inside, self._public,
             self._knobs, self._routing, self._bounded,
             self._offer_at, self.policy, self._f, self.counts, tables.zone, tables.rules,
-            tables.ports, tables.snat, self._free, fstate, self._opened)
+            tables.ports, tables.snat, t.free, fstate, self._opened)
         if fstate[1]:
-            self._nfree = int(fstate[0])
+            t.nfree = int(fstate[0])
             self._adopt(int(fstate[1]))
         self.ran += at - start
         if start < at:

@@ -17,7 +17,7 @@ from flowshift.entry import Service, chain_bits
 from flowshift.flow import EGRESS, INGRESS
 from flowshift.services.rules import RuleSet
 from flowshift.tiers import _fastpath_open as ko
-from flowshift.tiers.pnic_engine import address_words
+from flowshift.tiers._pnic_index import address_words
 
 _SIGN = 1 << 63
 

@@ -11,7 +11,6 @@ docs/pnic-engine.md describes the pipeline and what is punted.
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -20,20 +19,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowshift.conntrack_types import DEFAULT_KNOBS, N_KNOBS, Knobs
-from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow
+from flowshift.entry import ENTRY_SIZE, Flow
 from flowshift.flow import FlowKey
 from flowshift.packet.view import TCP_ACK
-from flowshift.tiers import _pnic_index as ki
 from flowshift.tiers._pnic_batch import LIVE, OUTSIDE, RETURNED, process_batch
 from flowshift.tiers._pnic_cache import AHEAD_TIMEOUT_S
+from flowshift.tiers._pnic_index import address_words
 from flowshift.tiers._pnic_parse import N_FIELDS
+from flowshift.tiers.entry_table import FREE, EntryTable
 from flowshift.verdict import PuntReason, ReturnReason
 
 if TYPE_CHECKING:  # host.py wires the tiers together: import it for types only
     from flowshift.host import Classifier
 
-_FREE = 0
-_ZERO_ENTRY = bytes(ENTRY_SIZE)
 _M64 = (1 << 64) - 1
 
 # The entry a punted hit hands back comes back to software for this reason (a miss returns
@@ -53,34 +51,6 @@ _OUT = {"verdict": np.int8, "reason": np.int16, "returned": np.int64, "machine":
 _NAMES = (*_IN, *_OUT)  # process's arrays in the kernel's order, and their types
 _TYPES = (*_IN.values(), *_OUT.values())
 _N_IN = len(_IN)
-
-
-def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
-    """A flow key as the index keeps it (tiers/_pnic_index.py): five words, each the int64 bit
-    pattern of its unsigned value."""
-    family, proto, zone, src, dst, sport, dport = key
-    head = family | proto << 8 | zone << 16 | sport << 32 | dport << 48
-    if head >> 63:
-        head -= 1 << 64
-    if len(src) == 4:  # an IPv4 address is the top half of its first word, read signed
-        return (head, int.from_bytes(src, "big", signed=True) << 32, 0,
-                int.from_bytes(dst, "big", signed=True) << 32, 0)
-    return (head, *_signed_words(src), *_signed_words(dst))
-
-
-_WORDS = struct.Struct(">qq")
-
-
-def _signed_words(addr: bytes) -> tuple[int, int]:
-    """address_words as int64 bit patterns (struct reads them signed: no arithmetic)."""
-    words: tuple[int, int] = _WORDS.unpack(addr.ljust(16, b"\0"))
-    return words
-
-
-def address_words(addr: bytes) -> tuple[int, int]:
-    """An address as two big-endian words, as the index and the parser keep it."""
-    v = int.from_bytes(addr.ljust(16, b"\0"), "big")
-    return v >> 64, v & _M64
 
 
 def _int64(values: list[list[int]], width: int) -> np.ndarray:
@@ -128,17 +98,9 @@ class PnicEngine:
 
     def __init__(self, capacity: int, classifier: Classifier | None,
                  knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, not {capacity}")
+        self.table = EntryTable(capacity)  # states FREE, LIVE or RETURNED
         self.capacity = capacity
-        self.entries = np.zeros(capacity, ENTRY_DTYPE)
-        self._mem = self.entries.view(np.uint8)  # what the kernels read: the entries' bytes
-        self._bytes = self._mem.data  # the same bytes: slices copy in and out cheaply
-        size = ki.table_size(capacity)
-        self._keys = np.zeros((size, 5), np.int64)
-        self._vals = np.full(size, ki.EMPTY, np.int64)
-        self._state = np.zeros(capacity, np.int8)  # _FREE, LIVE or RETURNED
-        self._free = list(range(capacity - 1, -1, -1))
+        self.entries = self.table.entries
         self._live = 0
         self._inside, self._public = classifier_tables(classifier)
         self._knobs = knob_table(classifier, knobs)
@@ -157,17 +119,9 @@ class PnicEngine:
         """Add an entry; its slot, or -1 when the cache is full or a key is already present."""
         if len(entry) != ENTRY_SIZE:
             raise ValueError(f"a flow entry has {ENTRY_SIZE} bytes, not {len(entry)}")
-        if not self._free:
-            return -1
-        slot = self._free[-1]
-        e = slot * ENTRY_SIZE
-        self._bytes[e:e + ENTRY_SIZE] = entry
-        if not ki.index_insert(self._mem, slot, self._keys, self._vals):
-            self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
-            return -1
-        self._free.pop()
-        self._state[slot] = LIVE
-        self._live += 1
+        slot = self.table.put(entry)
+        if slot >= 0:
+            self._live += 1
         return slot
 
     def insert_many(self, rows: np.ndarray, room: int | None = None) -> np.ndarray:
@@ -177,44 +131,34 @@ class PnicEngine:
         KEY_TAKEN (tiers/_pnic_index.py)."""
         if rows.ndim != 2 or rows.shape[1] != ENTRY_SIZE or rows.dtype != np.uint8:
             raise ValueError(f"entries must be rows of {ENTRY_SIZE} uint8")
-        n = len(rows)
-        k = min(n, len(self._free), n if room is None else max(room, 0))
-        free = np.array(self._free[len(self._free) - k:][::-1], np.int64)
-        codes = np.empty(n, np.int8)
-        flat = np.ascontiguousarray(rows).reshape(-1)
-        if not flat.flags.writeable:  # a read-only array is a type of its own to numba: the
-            flat = flat.copy()  # kernel and the key functions it shares would compile twice
-        used = ki.index_insert_rows(self._mem, flat, free,
-                                    self._keys, self._vals, self._state, LIVE, codes)
-        del self._free[len(self._free) - used:]
+        used, codes = self.table.put_rows(rows, len(rows) if room is None else room)
         self._live += used
         return codes
 
     def remove(self, slot: int) -> bytes:
         """Take an entry out (live, or returned by `process`): its exact bytes."""
-        state = self._slot_state(slot)
-        if state == LIVE:
-            ki.index_remove(self._mem, slot, self._keys, self._vals)
+        if self._slot_state(slot) == LIVE:
+            self.table.unindex(slot)
             self._live -= 1
-        return self._release(slot)
+        return self.table.release(slot)
 
     def take_returned(self, slot: int) -> bytes:
         """The entry `process` handed back in `returned`: its exact bytes; frees the slot."""
         if self._slot_state(slot) != RETURNED:
             raise KeyError(f"slot {slot} holds no returned entry")
-        return self._release(slot)
+        return self.table.release(slot)
 
     def get(self, slot: int) -> bytes:
         self._slot_state(slot)
-        return self._bytes[slot * ENTRY_SIZE:(slot + 1) * ENTRY_SIZE].tobytes()
+        return self.table.get(slot)
 
     def find(self, key: FlowKey) -> tuple[int, int] | None:
         """(slot, direction) of a live entry with this key."""
-        hit = ki.lookup(self._keys, self._vals, *key_words(key))
+        hit = self.table.lookup(key)
         return None if hit < 0 else (hit >> 1, hit & 1)
 
     def used_slots(self) -> list[int]:
-        return np.flatnonzero(self._state == LIVE).tolist()
+        return np.flatnonzero(self.table.state == LIVE).tolist()
 
     def punt_counts(self) -> dict[PuntReason, int]:
         """Packets punted so far, by reason (every reason, zeros included)."""
@@ -223,18 +167,10 @@ class PnicEngine:
     def _slot_state(self, slot: int) -> int:
         if not 0 <= slot < self.capacity:
             raise KeyError(f"slot {slot} outside 0..{self.capacity - 1}")
-        state = int(self._state[slot])
-        if state == _FREE:
+        state = int(self.table.state[slot])
+        if state == FREE:
             raise KeyError(f"slot {slot} holds no entry")
         return state
-
-    def _release(self, slot: int) -> bytes:
-        e = slot * ENTRY_SIZE
-        raw = self._bytes[e:e + ENTRY_SIZE].tobytes()
-        self._bytes[e:e + ENTRY_SIZE] = _ZERO_ENTRY
-        self._state[slot] = _FREE
-        self._free.append(slot)
-        return raw
 
     # -- the data path -----------------------------------------------------------------------
 
@@ -269,8 +205,9 @@ class PnicEngine:
         chosen = kernel_arg(select.astype(np.bool_, copy=False), np.bool_)
         args = tuple(map(kernel_arg, given, _TYPES))  # tuples, not dicts: a pass per offload
         work = np.ascontiguousarray(buf)
-        done, gone = process_batch(work, *args[:_N_IN], chosen, *args[_N_IN:], self._mem,
-                                   self._state, self._keys, self._vals, self._inside,
+        t = self.table
+        done, gone = process_batch(work, *args[:_N_IN], chosen, *args[_N_IN:], t.mem,
+                                   t.state, t.keys, t.vals, self._inside,
                                    self._public, self._knobs, self._routing,
                                    np.zeros(N_FIELDS, np.int64), self._punts)
         if done == OUTSIDE:
@@ -334,5 +271,5 @@ def warm(ahead: subprocess.Popen[bytes] | None = None) -> float:
     return time.perf_counter() - started
 
 
-__all__ = ["RETURN_REASONS", "PnicEngine", "address_words", "classifier_tables", "compilations",
-           "kernel_arg", "key_words", "knob_table", "warm"]
+__all__ = ["RETURN_REASONS", "PnicEngine", "classifier_tables", "compilations", "kernel_arg",
+           "knob_table", "warm"]

@@ -19,8 +19,9 @@ from flowshift.entry import Flow
 from flowshift.flow import FlowKey
 from flowshift.results import BatchResults
 from flowshift.tiers import _fastpath_batch as kb
+from flowshift.tiers._pnic_index import key_words
 from flowshift.tiers._pnic_parse import N_FIELDS
-from flowshift.tiers.pnic_engine import kernel_arg, key_words
+from flowshift.tiers.pnic_engine import kernel_arg
 
 
 def key_mark(key: FlowKey) -> int:

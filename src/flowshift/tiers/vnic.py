@@ -36,7 +36,7 @@ from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
-from flowshift.flow import PROTO_TCP, FlowKey
+from flowshift.flow import PROTO_TCP, FlowKey, new_key
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
@@ -49,7 +49,6 @@ from flowshift.tiers.pnic import PUNT
 from flowshift.verdict import RefuseReason, ReturnReason, Verdict
 
 _OK = ParseError.OK
-_new_tuple = tuple.__new__  # a FlowKey without NamedTuple's Python __new__ (a key per packet)
 _PNIC, _VNIC = Tier.PNIC, Tier.VNIC
 _ASSURED = int(Status.ASSURED)
 _VERDICTS = frozenset(int(v) for v in Verdict) | {PUNT}
@@ -181,8 +180,8 @@ class Vnic:
         pkt = item.pkt
         hit = missed = None
         if pkt.error == _OK and pkt.inner is None:
-            key = _new_tuple(FlowKey, (pkt.family, pkt.proto, item.machine, pkt.src, pkt.dst,
-                                       pkt.sport, pkt.dport))  # pkt.key(item.machine)
+            key = new_key((pkt.family, pkt.proto, item.machine, pkt.src, pkt.dst, pkt.sport,
+                           pkt.dport))  # pkt.key(item.machine)
             hit = chain.flows.get(key)
             if hit is None:
                 missed = key
