@@ -26,6 +26,7 @@ from flowshift.config import (
     Rule,
     SnatRule,
     load_config,
+    machine_to_dict,
     parse_config,
     to_dict,
 )
@@ -824,6 +825,8 @@ def test_random_valid_configs_round_trip(data: dict[str, Any]) -> None:
     again = parse_config(json.loads(json.dumps(dumped)), "round-trip")
     assert again == cfg
     assert to_dict(again) == dumped
+    # a machine's own dump (a handoff's) is its part of the host's
+    assert [machine_to_dict(cfg, i) for i in range(len(cfg.machines))] == dumped["machine"]
 
 
 def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -858,3 +861,56 @@ def test_damaged_configs_fail_with_one_line_config_errors(data: st.DataObject) -
     except ConfigError as err:
         assert str(err).startswith("damaged.toml: ")
         assert "\n" not in str(err)
+
+
+def _pairwise_clash(machines: list[dict[str, Any]]) -> str | None:
+    """The rule as stated, pair by pair: the first claim, in the file's order, that overlaps
+    an earlier machine's claim, named with the earliest such claim (what the error says)."""
+    claims: list[tuple[int, str, Any, str]] = []
+    for j, m in enumerate(machines):
+        mine = [(j, f"machine[{j}].addresses[{k}]", ipaddress.ip_network(a), str(
+            ipaddress.ip_network(a))) for k, a in enumerate(m["addresses"])]
+        mine += [(j, f"machine[{j}].public[{k}]", ipaddress.ip_network(a), a)
+                 for k, a in enumerate(m["public"])]
+        for _, path, net, text in mine:
+            for i, other_path, other, other_text in claims:
+                if net.version == other.version and net.overlaps(other):
+                    return (f"{path}: {text} overlaps {other_text} at {other_path} "
+                            f"(machine 'm{i}')")
+        claims += mine
+    return None
+
+
+@st.composite
+def _crowded_machines(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Machines whose networks and addresses fall in a few small ranges: they clash often."""
+    def v4() -> st.SearchStrategy[str]:
+        return st.builds(lambda a, p: str(ipaddress.ip_network(f"10.0.{a}.0/{p}", strict=False)),
+                         st.integers(0, 15), st.integers(20, 26))
+
+    def v6() -> st.SearchStrategy[str]:
+        return st.builds(lambda a, p: str(ipaddress.ip_network(f"fd00:0:0:{a:x}::/{p}",
+                                                               strict=False)),
+                         st.integers(0, 15), st.integers(60, 66))
+
+    machines = []
+    for j in range(draw(st.integers(1, 8))):
+        addresses = draw(st.lists(st.one_of(v4(), v6()), min_size=1, max_size=3, unique=True))
+        public = draw(st.lists(st.builds(lambda a: f"10.0.{a}.9", st.integers(0, 15)),
+                               max_size=1))
+        machines.append({"name": f"m{j}", "addresses": addresses, "public": public,
+                         "services": []})
+    return machines
+
+
+@settings(max_examples=300, deadline=None)
+@given(_crowded_machines())
+def test_machine_clashes_are_those_of_every_pair(machines: list[dict[str, Any]]) -> None:
+    """The sorted check of machines' claims names the clash the pairwise rule names."""
+    expected = _pairwise_clash(machines)
+    try:
+        parse_config({"machine": machines}, "crowded")
+    except ConfigError as err:
+        assert expected is not None and str(err).endswith(expected), (str(err), expected)
+    else:
+        assert expected is None

@@ -28,6 +28,7 @@ from flowshift.packet.parse import parse
 from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
 from flowshift.services.chain import Chain, Outcome
+from flowshift.services.conntrack import FlowTable
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
@@ -75,6 +76,12 @@ class Host:
         self.stats = HostStats()
         self.fastpath = Fastpath(config, self.classifier) if engine == "compiled" else None
         self.repass = Repass()  # which rows see the PNIC again after flows move down
+        # the zones the fast path may open flows in (`_open_zones`): the tables it looks at,
+        # the VNIC's zones that open only while a sync would do nothing, and their bound
+        self._zones_stale = True
+        self._zone_tables: list[FlowTable] = []
+        self._vnic_zones = np.zeros(0, np.int64)
+        self._until: int | None = None
         self.machines: list[Machine | None] = [Machine(config, i)
                                                for i in range(len(config.machines))]
         if self.fastpath is not None:
@@ -118,6 +125,7 @@ class Host:
     def policy(self, policy: OffloadPolicy) -> None:
         self.vnic.policy = policy
         self.offloading = policy.name != "never"  # checked per packet: a plain bool
+        self._zones_stale = True  # a flow opened compiled takes the policy's offer threshold
         if self.fastpath is not None:
             self.fastpath.set_policy(policy)
 
@@ -366,24 +374,48 @@ class Host:
         and until when: those whose table has no limit, the keys of its `Flow`s known to the
         pass (`Fastpath.hold`: a miss of the fast path's index and of those is a miss of the
         table); at the VNIC, while deciding a new flow needs no sync with the PNIC
-        (`Vnic.quiet_until`). Can the pass do anything?"""
-        vnic = self.vnic
+        (`Vnic.quiet_until`). Can the pass do anything?
+
+        Per pass it costs a look at each table and one bound for every VNIC zone at once: the
+        zones themselves change only when a machine hands its chain over (`_zones_stale`)."""
+        if self._zones_stale:
+            self._set_zones(fp)
+        for table in self._zone_tables:
+            if table.dirty:
+                fp.hold(table)
+        if len(self._vnic_zones):
+            until = self.vnic.quiet_until()
+            if until != self._until:
+                self._until = until
+                fp.open_until(self._vnic_zones, until)
+        return fp.active
+
+    def _set_zones(self, fp: Fastpath) -> None:
+        """Every machine's zone as it stands: its table (none when it has a limit), the tier
+        that owns it and the offer threshold of a flow opened there."""
+        offer_at = 0 if self.offloading else -1
+        tables: list[FlowTable] = []
+        vnic_zones: list[int] = []
         for m, machine in enumerate(self.machines):
-            until = _NEVER
             if machine is not None:
                 chain: Chain | None = machine.chain
                 tier = _MACHINE
             else:
-                chain = vnic.chains[m]
+                chain = self.vnic.chains[m]
                 tier = _VNIC
-                until = vnic.quiet_until()
             table = chain.flows if chain is not None else None
             if table is not None:
+                tables.append(table)
                 fp.hold(table)
-                if table.buckets or until < 0:
+                if table.buckets:
                     table = None
-            fp.open_zone(m, table, tier, 0 if self.offloading else -1, until)
-        return fp.active
+                elif tier == _VNIC:
+                    vnic_zones.append(m)
+            fp.open_zone(m, table, tier, offer_at)
+        self._zone_tables = tables
+        self._vnic_zones = np.array(vnic_zones, np.int64)
+        self._until = None  # the VNIC zones' bound is set at the next look
+        self._zones_stale = False
 
     def _offer(self, i: int, now: int) -> None:
         """Row i ran on the fast path and now the offload policy wants its flow: what the
@@ -537,6 +569,7 @@ class Host:
         if self.fastpath is not None:
             self.fastpath.forget(machine.chain.flows)
         self.machines[m] = None
+        self._zones_stale = True
         self.stats.events.append((now, "handoff", self.names[m]))
 
     def withdraw_pnic(self, now: int) -> None:

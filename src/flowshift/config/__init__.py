@@ -6,7 +6,7 @@ and `dump` (model -> dict or TOML). This package re-exports their public names, 
 `from flowshift.config import HostConfig, load_config` keeps working.
 """
 
-from flowshift.config.dump import to_dict, to_toml
+from flowshift.config.dump import machine_to_dict, to_dict, to_toml
 from flowshift.config.load import load_config, parse_config
 from flowshift.config.model import (
     ACTIONS,
@@ -75,6 +75,7 @@ __all__ = [
     "SnatRule",
     "fields_default",
     "load_config",
+    "machine_to_dict",
     "parse_config",
     "to_dict",
     "to_toml",

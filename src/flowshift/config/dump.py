@@ -49,6 +49,11 @@ def to_dict(cfg: HostConfig) -> dict[str, Any]:
     }
 
 
+def machine_to_dict(cfg: HostConfig, index: int) -> dict[str, Any]:
+    """Machine `index` of the config as `to_dict` writes it (without dumping the others)."""
+    return _machine_dict(cfg.machines[index], cfg.conntrack)
+
+
 def _conntrack_dict(ct: ConntrackConfig, base: ConntrackConfig | None = None) -> dict[str, Any]:
     """Every key (base None), or the keys that differ from `base` (a machine's overrides)."""
     return {f.name: getattr(ct, f.name) for f in fields(ct)

@@ -9,6 +9,7 @@ the model's classes (model.py), never written here.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import json
 import math
@@ -433,27 +434,45 @@ def _check_wire_side(at: _At, m: MachineConfig) -> None:
 
 
 def _check_machines(at: _At, machines: Sequence[MachineConfig]) -> None:
-    """Names are unique; no address or network belongs to two machines."""
+    """Names are unique; no address or network belongs to two machines (one machine's may
+    overlap). A clash names the first claim, in the file's order, that overlaps another
+    machine's earlier one, and the earliest of those. Earlier claims are kept sorted by their
+    first address: only those that start less than the longest claim's length before the new
+    one can reach it, so a host of many machines is not checked pair by pair."""
     names: dict[str, int] = {}
-    claims: list[tuple[int, _At, Network, str]] = []  # (machine, key path, network, text)
+    claims: list[tuple[int, _At, str]] = []  # (machine, key path, text), in the file's order
+    spans: dict[int, list[tuple[int, int, int]]] = {4: [], 6: []}  # (first, last, claim)
+    longest = {4: 0, 6: 0}
     for j, m in enumerate(machines):
         mat = at.key("machine").item(j)
         i = names.setdefault(m.name, j)
         if i != j:
             raise mat.key("name").error(f"duplicate machine name {m.name!r} (also machine[{i}])")
-        mine = [(j, mat.key("addresses").item(k), n, str(n)) for k, n in enumerate(m.addresses)]
-        mine += [
-            (j, mat.key("public").item(k), ipaddress.ip_network(a), _addr_text(a))
-            for k, a in enumerate(m.public)
-        ]
-        for _, where, net, text in mine:
-            for i, other_at, other, other_text in claims:
-                if net.version == other.version and net.overlaps(other):
-                    raise where.error(
-                        f"{text} overlaps {other_text} at {other_at.path} "
-                        f"(machine {machines[i].name!r})"
-                    )
-        claims += mine
+        mine = [(mat.key("addresses").item(k), n, str(n)) for k, n in enumerate(m.addresses)]
+        mine += [(mat.key("public").item(k), ipaddress.ip_network(a), _addr_text(a))
+                 for k, a in enumerate(m.public)]
+        new: list[tuple[int, tuple[int, int, int]]] = []
+        for where, net, text in mine:
+            first, last, family = int(net.network_address), int(net.broadcast_address), net.version
+            sorted_spans = spans[family]
+            k = bisect.bisect_right(sorted_spans, (last, _AFTER, _AFTER))
+            clash = -1
+            while k and sorted_spans[k - 1][0] >= first - longest[family]:
+                k -= 1
+                if sorted_spans[k][1] >= first and (clash < 0 or sorted_spans[k][2] < clash):
+                    clash = sorted_spans[k][2]
+            if clash >= 0:
+                other, other_at, other_text = claims[clash]
+                raise where.error(f"{text} overlaps {other_text} at {other_at.path} "
+                                  f"(machine {machines[other].name!r})")
+            new.append((family, (first, last, len(claims) + len(new))))
+        for (version, span), (where, _, text) in zip(new, mine, strict=True):
+            bisect.insort(spans[version], span)
+            longest[version] = max(longest[version], span[1] - span[0])
+            claims.append((j, where, text))
+
+
+_AFTER = 1 << 129  # above any address: bisects after every span that starts at an address
 
 
 def _span(value: Network | bytes | AddressRange) -> tuple[int, int, int]:

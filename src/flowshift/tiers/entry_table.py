@@ -102,10 +102,11 @@ class EntryTable:
         return int(ki.lookup(self.keys, self.vals, *key_words(key)))
 
     def grow(self) -> None:
-        """Double the capacity: slots keep their entries and states. The old index goes first
-        and the new one comes last, so that at most the old rows, the new rows and one index
-        are in memory at once."""
+        """Double the capacity: slots keep their entries and states, and the slots free before
+        are taken before the new ones. The old index goes first and the new one comes last, so
+        that at most the old rows, the new rows and one index are in memory at once."""
         old = (self.entries, self.state)
+        was_free = self.free[:self.nfree].copy()
         del self.keys, self.vals
         n = self.capacity
         self._allocate_rows(2 * n)
@@ -113,7 +114,8 @@ class EntryTable:
         self.state[:n] = old[1]
         del old
         self.free[:n] = np.arange(2 * n - 1, n - 1, -1)
-        self.nfree = n
+        self.free[n:n + len(was_free)] = was_free
+        self.nfree = n + len(was_free)
         self._allocate_index()
         if not ki.reindex(self.mem, self.state, LIVE, self.keys, self.vals):
             raise RuntimeError("a table of flow entries lost an entry while growing")

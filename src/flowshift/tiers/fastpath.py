@@ -97,8 +97,6 @@ class Fastpath:
         self.zone_tables: list[FlowTable | None] = [None] * len(self.open.zone)  # open zones'
         self.opened = 0  # flows opened by the passes since the host last counted
         self.opened_all = 0  # flows opened by the passes so far
-        self._open = [False] * len(self.open.zone)
-        self._open_count = 0
         self.opening = False  # some zone is open: a pass may open flows
         # the keys Python holds (its tables' `Flow`s, by both keys), as an index the kernel
         # that opens flows asks, and how many tables hold each (`hold`)
@@ -209,22 +207,28 @@ class Fastpath:
         in its table, for software to continue."""
         return self.pull(int(self._returned[i]))
 
-    def open_zone(self, zone: int, table: FlowTable | None, tier: int, offer_at: int,
-                  until: int = _NEVER) -> None:
+    def open_zone(self, zone: int, table: FlowTable | None, tier: int, offer_at: int) -> None:
         """Let the next passes open flows of `zone` into `table`, owned by `tier`, with this
-        offer_at (see `cache`), for rows before trace time `until`; None: they may not
-        (software opens them)."""
+        offer_at (see `cache`); None: they may not (software opens them). A zone whose bound
+        `open_until` sets opens flows only before it."""
         row = self.open.zone[zone]
         self.zone_tables[zone] = table
         row[ko.Z_OPEN] = table is not None
         row[ko.Z_TIER] = tier
         row[ko.Z_OFFER_AT] = _NEVER if offer_at < 0 else offer_at
-        row[ko.Z_UNTIL] = until
-        is_open = table is not None
-        if self._open[zone] != is_open:
-            self._open[zone] = is_open
-            self._open_count += 1 if is_open else -1
-            self.opening = self._open_count > 0
+        row[ko.Z_UNTIL] = _NEVER
+        self._count_open()
+
+    def open_until(self, zones: np.ndarray, until: int) -> None:
+        """The zones `zones`, each given its table by `open_zone`, open flows only for rows
+        before trace time `until`, and none when it is negative: one write for all of them."""
+        rows = self.open.zone
+        rows[zones, ko.Z_UNTIL] = until
+        rows[zones, ko.Z_OPEN] = until >= 0
+        self._count_open()
+
+    def _count_open(self) -> None:
+        self.opening = bool(self.open.zone[:, ko.Z_OPEN].any())
 
     def hold(self, table: FlowTable) -> None:
         """Bring the index of the keys Python holds up to date with what `table` changed

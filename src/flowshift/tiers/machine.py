@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from flowshift import channel as ch
-from flowshift.config import HostConfig, to_dict
+from flowshift.config import HostConfig, machine_to_dict
 from flowshift.entry import Tier
 from flowshift.services.chain import Chain
 
@@ -27,7 +27,7 @@ class Machine:
     def handoff(self) -> ch.Handoff:
         """The message that hands this machine's config and flow entries to its VNIC."""
         chain = self.chain
-        config = to_dict(self._host_config)["machine"][self.index]
+        config = machine_to_dict(self._host_config, self.index)
         # the machine's whole conntrack table: the VNIC reads the machine without the host's
         config["conntrack"] = asdict(chain.config.conntrack)
         return ch.Handoff(self.index, config,
