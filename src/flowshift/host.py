@@ -76,10 +76,11 @@ class Host:
         self.stats = HostStats()
         self.fastpath = Fastpath(config, self.classifier) if engine == "compiled" else None
         self.repass = Repass()  # which rows see the PNIC again after flows move down
-        # the zones the fast path may open flows in (`_open_zones`): the tables it looks at,
-        # the VNIC's zones that open only while a sync would do nothing, and their bound
-        self._zones_stale = True
-        self._zone_tables: list[FlowTable] = []
+        # the zones the fast path may open flows in (`_open_zones`): those to write again, the
+        # tables it looks at, the VNIC's zones that open only while a sync would do nothing,
+        # and their bound
+        self._stale_zones = set(range(len(config.machines)))
+        self._zone_tables: dict[int, FlowTable] = {}
         self._vnic_zones = np.zeros(0, np.int64)
         self._until: int | None = None
         self.machines: list[Machine | None] = [Machine(config, i)
@@ -125,7 +126,8 @@ class Host:
     def policy(self, policy: OffloadPolicy) -> None:
         self.vnic.policy = policy
         self.offloading = policy.name != "never"  # checked per packet: a plain bool
-        self._zones_stale = True  # a flow opened compiled takes the policy's offer threshold
+        # a flow opened compiled takes the policy's offer threshold: every zone changes
+        self._stale_zones = set(range(len(self.machines)))
         if self.fastpath is not None:
             self.fastpath.set_policy(policy)
 
@@ -376,11 +378,11 @@ class Host:
         table); at the VNIC, while deciding a new flow needs no sync with the PNIC
         (`Vnic.quiet_until`). Can the pass do anything?
 
-        Per pass it costs a look at each table and one bound for every VNIC zone at once: the
-        zones themselves change only when a machine hands its chain over (`_zones_stale`)."""
-        if self._zones_stale:
+        Per pass it costs a look at each table and one bound for every VNIC zone at once: a
+        zone itself changes only when its machine hands its chain over (`_stale_zones`)."""
+        if self._stale_zones:
             self._set_zones(fp)
-        for table in self._zone_tables:
+        for table in self._zone_tables.values():
             if table.dirty:
                 fp.hold(table)
         if len(self._vnic_zones):
@@ -391,12 +393,12 @@ class Host:
         return fp.active
 
     def _set_zones(self, fp: Fastpath) -> None:
-        """Every machine's zone as it stands: its table (none when it has a limit), the tier
-        that owns it and the offer threshold of a flow opened there."""
+        """The stale machines' zones as they stand: the table (none when it has a limit), the
+        tier that owns it and the offer threshold of a flow opened there."""
         offer_at = 0 if self.offloading else -1
-        tables: list[FlowTable] = []
-        vnic_zones: list[int] = []
-        for m, machine in enumerate(self.machines):
+        vnic_zones = set(self._vnic_zones.tolist())
+        for m in sorted(self._stale_zones):
+            machine = self.machines[m]
             if machine is not None:
                 chain: Chain | None = machine.chain
                 tier = _MACHINE
@@ -404,18 +406,19 @@ class Host:
                 chain = self.vnic.chains[m]
                 tier = _VNIC
             table = chain.flows if chain is not None else None
+            vnic_zones.discard(m)
+            self._zone_tables.pop(m, None)
             if table is not None:
-                tables.append(table)
+                self._zone_tables[m] = table
                 fp.hold(table)
                 if table.buckets:
                     table = None
                 elif tier == _VNIC:
-                    vnic_zones.append(m)
+                    vnic_zones.add(m)
             fp.open_zone(m, table, tier, offer_at)
-        self._zone_tables = tables
-        self._vnic_zones = np.array(vnic_zones, np.int64)
+        self._vnic_zones = np.array(sorted(vnic_zones), np.int64)
         self._until = None  # the VNIC zones' bound is set at the next look
-        self._zones_stale = False
+        self._stale_zones.clear()
 
     def _offer(self, i: int, now: int) -> None:
         """Row i ran on the fast path and now the offload policy wants its flow: what the
@@ -569,7 +572,7 @@ class Host:
         if self.fastpath is not None:
             self.fastpath.forget(machine.chain.flows)
         self.machines[m] = None
-        self._zones_stale = True
+        self._stale_zones.add(m)
         self.stats.events.append((now, "handoff", self.names[m]))
 
     def withdraw_pnic(self, now: int) -> None:

@@ -58,23 +58,39 @@ def _ule(a, b):
 
 
 @kernel(private=True)
-def _inside(family, hi, lo, inside):
-    """Classifier._inside: the first machine whose range holds the address, or -1.
+def _before(family, hi, lo, row_family, row_hi, row_lo):
+    """(family, hi, lo) < (row_family, row_hi, row_lo), the words read as unsigned."""
+    if family != row_family:
+        return family < row_family
+    if hi != row_hi:
+        return _ule(hi, row_hi)
+    return lo != row_lo and _ule(lo, row_lo)
 
-    inside rows: (family, lo_hi, lo_lo, hi_hi, hi_lo, machine); IPv4 values in the low word.
+
+@kernel(private=True)
+def _inside(family, hi, lo, inside):
+    """Classifier._inside: the machine whose range holds the address, or -1.
+
+    inside rows: (family, lo_hi, lo_lo, hi_hi, hi_lo, machine); IPv4 values in the low word;
+    sorted by family and first address, disjoint (classifier_tables): the last row that starts
+    at or before the address is the only one that can hold it, found by bisection.
     """
     if family == 4:
         lo = (hi >> 32) & 0xFFFFFFFF
         hi = 0
-    for j in range(inside.shape[0]):
-        if inside[j, 0] != family:
-            continue
-        r_hi, r_lo = inside[j, 1], inside[j, 2]
-        above = (r_hi != hi and _ule(r_hi, hi)) or (r_hi == hi and _ule(r_lo, lo))
-        t_hi, t_lo = inside[j, 3], inside[j, 4]
-        below = (hi != t_hi and _ule(hi, t_hi)) or (hi == t_hi and _ule(lo, t_lo))
-        if above and below:
-            return inside[j, 5]
+    a, b = 0, inside.shape[0]
+    while a < b:
+        mid = (a + b) >> 1
+        if _before(family, hi, lo, inside[mid, 0], inside[mid, 1], inside[mid, 2]):
+            b = mid
+        else:
+            a = mid + 1
+    j = a - 1
+    if j < 0 or inside[j, 0] != family:
+        return -1
+    t_hi, t_lo = inside[j, 3], inside[j, 4]
+    if (hi != t_hi and _ule(hi, t_hi)) or (hi == t_hi and _ule(lo, t_lo)):
+        return inside[j, 5]
     return -1
 
 
@@ -83,16 +99,24 @@ def classify(f, inside, public):
     """Classifier.classify: (machine, 0 egress) for the source's machine, else (machine,
     1 ingress) for the public or inside destination's; machine -1: none.
 
-    public rows: (family, address words hi, lo as in keys, machine).
+    public rows: (family, address words hi, lo as in keys, machine), sorted: bisected.
     """
     family = f[F_FAMILY]
     m = _inside(family, f[F_SRC_HI], f[F_SRC_LO], inside)
     if m >= 0:
         return m, 0
-    for j in range(public.shape[0]):
-        if public[j, 0] == family and public[j, 1] == f[F_DST_HI] and public[j, 2] == f[F_DST_LO]:
-            return public[j, 3], 1
-    return _inside(family, f[F_DST_HI], f[F_DST_LO], inside), 1
+    hi, lo = f[F_DST_HI], f[F_DST_LO]
+    a, b = 0, public.shape[0]
+    while a < b:
+        mid = (a + b) >> 1
+        if _before(public[mid, 0], public[mid, 1], public[mid, 2], family, hi, lo):
+            a = mid + 1
+        else:
+            b = mid
+    if a < public.shape[0] and public[a, 0] == family and public[a, 1] == hi and (
+            public[a, 2] == lo):
+        return public[a, 3], 1
+    return _inside(family, hi, lo, inside), 1
 
 
 @kernel()

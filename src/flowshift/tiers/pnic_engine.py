@@ -60,17 +60,29 @@ def _int64(values: list[list[int]], width: int) -> np.ndarray:
 
 
 def classifier_tables(classifier: Classifier | None) -> tuple[np.ndarray, np.ndarray]:
-    """Classifier's ranges and public addresses as arrays for the kernel (see _pnic_batch);
-    None: no machine (every packet misses)."""
+    """Classifier's ranges and public addresses as arrays for the kernel (see _pnic_batch),
+    each sorted so that the kernel bisects them; None: no machine (every packet misses).
+    A machine's overlapping ranges are merged: the config keeps machines apart (a range two
+    machines share is refused here too), so every address has at most one row."""
     inside: list[list[int]] = []
     public: list[list[int]] = []
     if classifier is None:
         return _int64(inside, 6), _int64(public, 4)
-    for family, lo, hi, m in classifier.inside:
+    ranges: list[list[int]] = []
+    for family, lo, hi, m in sorted(classifier.inside):
+        last = ranges[-1] if ranges else None
+        if last is not None and last[0] == family and lo <= last[2]:
+            if last[3] != m:
+                raise ValueError(f"machines {last[3]} and {m} share addresses")
+            last[2] = max(last[2], hi)
+        else:
+            ranges.append([family, lo, hi, m])
+    for family, lo, hi, m in ranges:
         inside.append([family, lo >> 64, lo & _M64, hi >> 64, hi & _M64, m])
     for addr, m in classifier.public.items():
         hi, lo = address_words(addr)
         public.append([4 if len(addr) == 4 else 6, hi, lo, m])
+    public.sort()
     return _int64(inside, 6), _int64(public, 4)
 
 
