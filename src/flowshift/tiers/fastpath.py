@@ -98,7 +98,7 @@ class Fastpath:
         self.opened = 0  # flows opened by the passes since the host last counted
         self.opened_all = 0  # flows opened by the passes so far
         self.opening = False  # some zone is open: a pass may open flows
-        self._open_zones = 0  # how many
+        self._zones_open = 0  # how many
         # the keys Python holds (its tables' `Flow`s, by both keys), as an index the kernel
         # that opens flows asks, and how many tables hold each (`hold`)
         self._held: dict[FlowKey, int] = {}
@@ -214,22 +214,22 @@ class Fastpath:
         `open_until` sets opens flows only before it."""
         row = self.open.zone[zone]
         self.zone_tables[zone] = table
-        self._open_zones += (table is not None) - int(row[ko.Z_OPEN])
+        self._zones_open += (table is not None) - int(row[ko.Z_OPEN])
         row[ko.Z_OPEN] = table is not None
         row[ko.Z_TIER] = tier
         row[ko.Z_OFFER_AT] = _NEVER if offer_at < 0 else offer_at
         row[ko.Z_UNTIL] = _NEVER
-        self.opening = self._open_zones > 0
+        self.opening = self._zones_open > 0
 
     def open_until(self, zones: np.ndarray, until: int) -> None:
         """The zones `zones`, each given its table by `open_zone`, open flows only for rows
         before trace time `until`, and none when it is negative: one write for all of them."""
         rows = self.open.zone
-        self._open_zones -= int(rows[zones, ko.Z_OPEN].sum())
+        self._zones_open -= int(rows[zones, ko.Z_OPEN].sum())
         rows[zones, ko.Z_UNTIL] = until
         rows[zones, ko.Z_OPEN] = until >= 0
-        self._open_zones += len(zones) if until >= 0 else 0
-        self.opening = self._open_zones > 0
+        self._zones_open += len(zones) if until >= 0 else 0
+        self.opening = self._zones_open > 0
 
     def hold(self, table: FlowTable) -> None:
         """Bring the index of the keys Python holds up to date with what `table` changed
