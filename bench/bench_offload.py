@@ -52,6 +52,7 @@ from flowshift.replay import run_replay
 from flowshift.services.chain import Chain
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers.classify import Classifier
+from flowshift.tiers.fastpath import warm_all
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 
 HERE = Path(__file__).resolve().parent
@@ -382,6 +383,8 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
     cfg = load_config(CONFIG)
     work, trace, info = bench_trace(workdir, flows, console)
     results: dict[str, Any] = {"machine": machine(), "trace": info}
+    warm_all()  # every kernel compiled or loaded before anything is timed (a cold cache
+    # otherwise puts seconds of compiling into the first figure)
 
     sample = frames(trace, 300_000)
     ref_pps, chain = reference_engine(cfg, sample)

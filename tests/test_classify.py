@@ -40,7 +40,7 @@ def _v6(a: int, prefix: int, at: int) -> str:
 def hosts(draw: st.DrawFn) -> list[dict[str, Any]]:
     """Machines that share no address (each its own /24 and /64 slots, in which its networks
     nest and overlap), touching each other in the slot order and leaving gaps between."""
-    n = draw(st.integers(1, 12))
+    n = draw(st.integers(1, 16))
     slots = draw(st.permutations(range(64)))
     publics = draw(st.permutations(range(16)))
     machines = []
@@ -50,7 +50,7 @@ def hosts(draw: st.DrawFn) -> list[dict[str, Any]]:
             st.builds(_v4, st.sampled_from(mine), st.integers(24, 28), st.integers(0, 255)),
             st.builds(_v6, st.sampled_from(mine), st.integers(64, 68), st.integers(0, 255))),
             min_size=1, max_size=4, unique=True))
-        public = [f"192.0.2.{publics[j]}"] if j < 16 and draw(st.booleans()) else []
+        public = [f"192.0.2.{publics[j]}"] if j < 16 and draw(st.integers(0, 4)) else []
         machines.append({"name": f"m{j}", "addresses": nets, "public": public, "services": []})
     return machines
 
@@ -101,3 +101,21 @@ def test_the_compiled_classifier_is_the_python_one(machines: list[dict[str, Any]
         got = classify(f, inside, public)
         want = (m, 0 if direction == EGRESS else 1) if m >= 0 else (-1, 1)
         assert (int(got[0]), int(got[1]) if got[0] >= 0 else 1) == want, (src, dst)
+
+
+def test_many_public_addresses_are_bisected() -> None:
+    """Past SCAN_MAX rows the kernel bisects: every machine's public address, and the
+    addresses between and around them, as the Python classifier says."""
+    machines = [{"name": f"m{j}", "addresses": [f"10.{j}.0.0/24"], "public": [f"192.0.2.{2 * j}"],
+                 "services": []} for j in range(40)]
+    classifier = Classifier(parse_config({"machine": machines}, "host").machines)
+    inside, public = classifier_tables(classifier)
+    f = np.zeros(N_FIELDS, np.int64)
+    f[F_FAMILY] = 4
+    f[F_SRC_HI], f[F_SRC_LO] = np.array(address_words(bytes((198, 51, 100, 1))),
+                                        np.uint64).view(np.int64)
+    for last in range(0, 90):
+        f[F_DST_HI], f[F_DST_LO] = np.array(address_words(bytes((192, 0, 2, last))),
+                                            np.uint64).view(np.int64)
+        want = last // 2 if last % 2 == 0 and last < 80 else -1
+        assert int(classify(f, inside, public)[0]) == want, last

@@ -49,6 +49,7 @@ RETURNED = 2
 _SIGN = np.int64(-9223372036854775808)
 AHEAD = 8  # frames between a prefetch and the frame's turn
 OUTSIDE = -1  # process_batch: a selected frame lies outside buf
+SCAN_MAX = 8  # classifier rows scanned in order; more are bisected (sorted: classifier_tables)
 
 
 @kernel(private=True)
@@ -68,29 +69,44 @@ def _before(family, hi, lo, row_family, row_hi, row_lo):
 
 
 @kernel(private=True)
+def _holds(j, family, hi, lo, inside):
+    """Does row j of `inside` hold the address?"""
+    if inside[j, 0] != family:
+        return False
+    r_hi, r_lo = inside[j, 1], inside[j, 2]
+    t_hi, t_lo = inside[j, 3], inside[j, 4]
+    above = (r_hi != hi and _ule(r_hi, hi)) or (r_hi == hi and _ule(r_lo, lo))
+    below = (hi != t_hi and _ule(hi, t_hi)) or (hi == t_hi and _ule(lo, t_lo))
+    return above and below
+
+
+@kernel(private=True)
 def _inside(family, hi, lo, inside):
     """Classifier._inside: the machine whose range holds the address, or -1.
 
     inside rows: (family, lo_hi, lo_lo, hi_hi, hi_lo, machine); IPv4 values in the low word;
-    sorted by family and first address, disjoint (classifier_tables): the last row that starts
-    at or before the address is the only one that can hold it, found by bisection.
+    sorted by family and first address, disjoint (classifier_tables). A few rows are scanned;
+    more are bisected: the last row that starts at or before the address is the only one that
+    can hold it.
     """
     if family == 4:
         lo = (hi >> 32) & 0xFFFFFFFF
         hi = 0
-    a, b = 0, inside.shape[0]
+    n = inside.shape[0]
+    if n <= SCAN_MAX:
+        for j in range(n):
+            if _holds(j, family, hi, lo, inside):
+                return inside[j, 5]
+        return -1
+    a, b = 0, n
     while a < b:
         mid = (a + b) >> 1
         if _before(family, hi, lo, inside[mid, 0], inside[mid, 1], inside[mid, 2]):
             b = mid
         else:
             a = mid + 1
-    j = a - 1
-    if j < 0 or inside[j, 0] != family:
-        return -1
-    t_hi, t_lo = inside[j, 3], inside[j, 4]
-    if (hi != t_hi and _ule(hi, t_hi)) or (hi == t_hi and _ule(lo, t_lo)):
-        return inside[j, 5]
+    if a and _holds(a - 1, family, hi, lo, inside):
+        return inside[a - 1, 5]
     return -1
 
 
@@ -99,23 +115,29 @@ def classify(f, inside, public):
     """Classifier.classify: (machine, 0 egress) for the source's machine, else (machine,
     1 ingress) for the public or inside destination's; machine -1: none.
 
-    public rows: (family, address words hi, lo as in keys, machine), sorted: bisected.
+    public rows: (family, address words hi, lo as in keys, machine), sorted: a few are
+    scanned, more bisected.
     """
     family = f[F_FAMILY]
     m = _inside(family, f[F_SRC_HI], f[F_SRC_LO], inside)
     if m >= 0:
         return m, 0
     hi, lo = f[F_DST_HI], f[F_DST_LO]
-    a, b = 0, public.shape[0]
-    while a < b:
-        mid = (a + b) >> 1
-        if _before(public[mid, 0], public[mid, 1], public[mid, 2], family, hi, lo):
-            a = mid + 1
-        else:
-            b = mid
-    if a < public.shape[0] and public[a, 0] == family and public[a, 1] == hi and (
-            public[a, 2] == lo):
-        return public[a, 3], 1
+    n = public.shape[0]
+    a = 0
+    if n > SCAN_MAX:
+        b = n
+        while a < b:
+            mid = (a + b) >> 1
+            if _before(public[mid, 0], public[mid, 1], public[mid, 2], family, hi, lo):
+                a = mid + 1
+            else:
+                b = mid
+    for j in range(a, n):
+        if public[j, 0] == family and public[j, 1] == hi and public[j, 2] == lo:
+            return public[j, 3], 1
+        if n > SCAN_MAX:
+            break  # the bisection's row is the only one that can match
     return _inside(family, hi, lo, inside), 1
 
 
