@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -252,3 +254,49 @@ def test_the_vnic_opens_flows_compiled_while_the_pnic_holds_some(tmp_path, monke
     fp = fast.host.fastpath
     assert fp is not None and fp.opened_all >= 55  # of 60 (was 2: Python opened the rest)
     assert len(python_rows) <= 6
+
+
+@pytest.mark.parametrize("policy", ["never", "elephant"])
+@pytest.mark.parametrize("n", [4, 16])
+def test_many_machines_at_the_vnic_open_flows_compiled_alike(tmp_path, monkeypatch, policy, n):
+    """n machines whose chains the VNIC runs, each its own firewall: the VNIC's zones open
+    and close together (row by row, or one indexed write past eight: `Fastpath.open_until`),
+    and every result and counter is the reference engine's, without offload and with."""
+    from flowshift.gen import TraceSpec, generate, parse_networks
+    from flowshift.tiers._fastpath_open import Z_OPEN
+    from flowshift.tiers.fastpath import Fastpath
+
+    size = 256 // n
+    machines = [{"name": f"m{k}", "addresses": [f"10.0.0.{size * k}/{32 - size.bit_length() + 1}"],
+                 "start": "vnic",
+                 "services": ["firewall", "count"],
+                 "firewall": {"default": "drop",
+                              "rule": [{"action": "allow", "direction": "egress"}]}}
+                for k in range(n)]
+    cfg = parse_config({"machine": machines,
+                        "offload": {"policy": policy, "elephant_packets": 6}}, f"{n} guests")
+    path = tmp_path / "guests.pcap"
+    generate(TraceSpec(flows=120, duration_s=1.0, seed=9, udp_share=0.2, icmp_share=0.0,
+                       ipv6_share=0.0, clients=parse_networks("10.0.0.0/24")), path)
+    ref = run(path, cfg, engine="reference", policy=policy, rows=64)
+    writes: list[tuple[int, bool]] = []  # (zones, opened) of each bound written
+    open_until = Fastpath.open_until
+
+    def record(self: Fastpath, zones: np.ndarray, until: int) -> None:
+        writes.append((len(zones), until >= 0))
+        open_until(self, zones, until)
+        # its count of open zones is what the zone table says
+        assert self.opening == bool(self.open.zone[:, Z_OPEN].any())
+
+    monkeypatch.setattr(Fastpath, "open_until", record)
+    fast = run(path, cfg, engine="compiled", policy=policy, rows=64)
+    assert [(x.index, int(x.verdict), x.reason, x.tier, x.data) for x in fast.results] == [
+        (x.index, int(x.verdict), x.reason, x.tier, x.data) for x in ref.results]
+    assert dataclasses.asdict(fast.host.stats) == dataclasses.asdict(ref.host.stats)
+    fp = fast.host.fastpath
+    assert fp is not None
+    if policy == "never":  # open from the start, every flow opened compiled
+        assert writes == [(n, True)] and fp.opened_all >= 100
+    else:  # closed and opened again around each offload, all at once
+        assert (n, True) in writes and (n, False) in writes
+        assert fast.host.stats.offloads_to_pnic >= 20

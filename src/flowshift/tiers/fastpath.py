@@ -59,6 +59,7 @@ _CACHED_STATES = frozenset(int(s) for s in (
 _ASSURED = int(Status.ASSURED)
 _LIVE = ko.LIVE
 _NEVER = np.iinfo(np.int64).max
+_ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one indexed write
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
@@ -225,10 +226,17 @@ class Fastpath:
         """The zones `zones`, each given its table by `open_zone`, open flows only for rows
         before trace time `until`, and none when it is negative: one write for all of them."""
         rows = self.open.zone
-        self._zones_open -= int(rows[zones, ko.Z_OPEN].sum())
-        rows[zones, ko.Z_UNTIL] = until
-        rows[zones, ko.Z_OPEN] = until >= 0
-        self._zones_open += len(zones) if until >= 0 else 0
+        is_open = until >= 0
+        if len(zones) <= _ROW_BY_ROW:  # numpy's indexed writes cost more than a few rows'
+            for zone in zones.tolist():
+                row = rows[zone]
+                self._zones_open += is_open - int(row[ko.Z_OPEN])
+                row[ko.Z_UNTIL] = until
+                row[ko.Z_OPEN] = is_open
+        else:
+            self._zones_open += (len(zones) if is_open else 0) - int(rows[zones, ko.Z_OPEN].sum())
+            rows[zones, ko.Z_UNTIL] = until
+            rows[zones, ko.Z_OPEN] = is_open
         self.opening = self._zones_open > 0
 
     def hold(self, table: FlowTable) -> None:
