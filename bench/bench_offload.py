@@ -144,9 +144,11 @@ def pnic_engine(cfg: HostConfig, trace: Path, chain: Chain, skip: int) -> dict[s
 
 
 def engine_bytes(engine: Any) -> int:
-    """Memory of the engine's arrays, each buffer once (views of the entries are not new)."""
-    return sum(v.nbytes for v in vars(engine).values()
-               if isinstance(v, np.ndarray) and v.base is None)
+    """Memory of the engine's arrays and its table's, each buffer once (views of the entries
+    are not new)."""
+    arrays = {id(v): v for part in (engine, engine.table) for v in vars(part).values()
+              if isinstance(v, np.ndarray) and v.base is None}
+    return sum(v.nbytes for v in arrays.values())
 
 
 def second_cache_bytes(cfg: HostConfig) -> float:

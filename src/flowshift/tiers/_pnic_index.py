@@ -173,8 +173,8 @@ def table_size(capacity: int) -> int:
 
 
 def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
-    """A flow key as the index keeps it: five words, each the int64 bit
-    pattern of its unsigned value."""
+    """A flow key as the index keeps it: five words, each the int64 bit pattern of its
+    unsigned value."""
     family, proto, zone, src, dst, sport, dport = key
     head = family | proto << 8 | zone << 16 | sport << 32 | dport << 48
     if head >> 63:

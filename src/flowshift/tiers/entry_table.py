@@ -65,7 +65,7 @@ class EntryTable:
 
     def put_rows(self, rows: np.ndarray, room: int) -> tuple[int, np.ndarray]:
         """Entries (rows of an (n, ENTRY_SIZE) uint8 array) in order, in one compiled call, as
-        as many `put` calls would (the same slots, the same index), into at most `room` slots:
+        many `put` calls would (the same slots, the same index), into at most `room` slots:
         the slots used, and per row INSERTED, NO_ROOM or KEY_TAKEN (tiers/_pnic_index.py)."""
         n = len(rows)
         k = max(min(n, self.nfree, room), 0)
