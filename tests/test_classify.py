@@ -6,6 +6,7 @@ them."""
 from __future__ import annotations
 
 import ipaddress
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -91,12 +92,8 @@ def test_the_compiled_classifier_is_the_python_one(machines: list[dict[str, Any]
         f[F_FAMILY] = family
         f[F_SRC_HI], f[F_SRC_LO] = np.array(address_words(src), np.uint64).view(np.int64)
         f[F_DST_HI], f[F_DST_LO] = np.array(address_words(dst), np.uint64).view(np.int64)
-
-        class Pkt:  # what Classifier.classify reads of a packet
-            pass
-
-        pkt: Any = Pkt()
-        pkt.family, pkt.src, pkt.dst = family, src, dst
+        # what Classifier.classify reads of a packet
+        pkt: Any = SimpleNamespace(family=family, src=src, dst=dst)
         m, direction = classifier.classify(pkt)
         got = classify(f, inside, public)
         want = (m, 0 if direction == EGRESS else 1) if m >= 0 else (-1, 1)

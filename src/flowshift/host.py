@@ -50,7 +50,6 @@ _FWD = Verdict.FORWARD
 _BYPASS_PARSE = (ParseError.NOT_IP, ParseError.UNKNOWN_ETHERTYPE)
 _PNIC, _PNIC_LABEL = int(Tier.PNIC), Tier.PNIC.label
 _MACHINE, _VNIC = int(Tier.MACHINE), int(Tier.VNIC)
-_NEVER = (1 << 63) - 1  # an int64 trace time after every other
 
 
 ENGINES = ("compiled", "reference")
@@ -81,7 +80,8 @@ class Host:
         # and their bound
         self._stale_zones = set(range(len(config.machines)))
         self._zone_tables: dict[int, FlowTable] = {}
-        self._vnic_zones = np.zeros(0, np.int64)
+        self._vnic_zone_set: set[int] = set()
+        self._vnic_zones = np.zeros(0, np.int64)  # the set's zones, as open_until takes them
         self._until: int | None = None
         self.machines: list[Machine | None] = [Machine(config, i)
                                                for i in range(len(config.machines))]
@@ -396,7 +396,7 @@ class Host:
         """The stale machines' zones as they stand: the table (none when it has a limit), the
         tier that owns it and the offer threshold of a flow opened there."""
         offer_at = 0 if self.offloading else -1
-        vnic_zones = set(self._vnic_zones.tolist())
+        vnic_zones = self._vnic_zone_set
         for m in sorted(self._stale_zones):
             machine = self.machines[m]
             if machine is not None:

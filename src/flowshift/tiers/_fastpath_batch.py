@@ -53,8 +53,6 @@ from flowshift.tiers._pnic_flow import (
 from flowshift.tiers._pnic_index import (
     E_PROTO,
     E_SIZE,
-    _delete,
-    _put,
     head_word,
     index_remove,
     lookup,
@@ -341,15 +339,3 @@ def expired_slots(mem, state, now, out):
         elif earliest < 0 or t < earliest:
             earliest = t
     return n, earliest
-
-
-@kernel()
-def held_update(keys, vals, words, gone):
-    """The index of the keys Python holds: words[:gone] leave it, words[gone:] join it (each
-    row a key's five words; a key joins only when absent, leaves only when present)."""
-    for i in range(len(words)):
-        key = (words[i, 0], words[i, 1], words[i, 2], words[i, 3], words[i, 4])
-        if i < gone:
-            _delete(keys, vals, key)
-        else:
-            _put(keys, vals, key, np.int64(0))

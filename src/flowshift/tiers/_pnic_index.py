@@ -172,6 +172,12 @@ def table_size(capacity: int) -> int:
     return 1 << max(3, (4 * capacity - 1).bit_length())
 
 
+def empty_index(capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The words and values of an empty index for `capacity` entries (table_size buckets)."""
+    size = table_size(capacity)
+    return np.zeros((size, 5), np.int64), np.full(size, EMPTY, np.int64)
+
+
 def key_words(key: FlowKey) -> tuple[int, int, int, int, int]:
     """A flow key as the index keeps it: five words, each the int64 bit pattern of its
     unsigned value."""
@@ -244,3 +250,15 @@ def reindex(mem, state, live, keys, vals):
         if state[slot] == live and not index_insert(mem, slot, keys, vals):
             return False
     return True
+
+
+@kernel()
+def update_keys(keys, vals, words, gone):
+    """An index of keys alone (value 0): words[:gone] leave it, words[gone:] join it (each row
+    a key's five words; a key joins only when absent, leaves only when present)."""
+    for i in range(len(words)):
+        key = (words[i, 0], words[i, 1], words[i, 2], words[i, 3], words[i, 4])
+        if i < gone:
+            _delete(keys, vals, key)
+        else:
+            _put(keys, vals, key, np.int64(0))

@@ -44,9 +44,7 @@ class EntryTable:
         self.nfree = capacity
 
     def _allocate_index(self) -> None:
-        size = ki.table_size(self.capacity)
-        self.keys = np.zeros((size, 5), np.int64)
-        self.vals = np.full(size, ki.EMPTY, np.int64)
+        self.keys, self.vals = ki.empty_index(self.capacity)
 
     def put(self, entry: bytes | bytearray | memoryview) -> int:
         """The entry into the next free slot, indexed and LIVE: the slot, or -1 when no slot

@@ -104,11 +104,7 @@ class Fastpath:
         # that opens flows asks, and how many tables hold each (`hold`)
         self._held: dict[FlowKey, int] = {}
         self._allocate_held(0)
-        self._allocate(capacity)
-
-    def _allocate(self, capacity: int) -> None:
         self.table = EntryTable(capacity)
-        self.entries = self.table.entries
         self._offer_at = np.zeros(capacity, np.int64)
         self.tables: list[FlowTable | None] = [None] * capacity  # whose flow each row is
 
@@ -116,17 +112,18 @@ class Fastpath:
     def capacity(self) -> int:
         return self.table.capacity
 
+    @property
+    def entries(self) -> np.ndarray:
+        return self.table.entries
+
     def _allocate_held(self, n: int) -> None:
-        size = ki.table_size(max(n, 16))
-        self._held_keys = np.zeros((size, 5), np.int64)
-        self._held_vals = np.full(size, ki.EMPTY, np.int64)
-        self._held_room = size // 4  # keys before it grows: at most a quarter full
+        self._held_keys, self._held_vals = ki.empty_index(max(n, 16))
+        self._held_room = len(self._held_vals) // 4  # keys before it grows: a quarter full
 
     def _grow(self) -> None:
         """Double the table (EntryTable.grow) and the rows' own columns."""
         n = self.capacity
         self.table.grow()
-        self.entries = self.table.entries
         offer_at = np.zeros(2 * n, np.int64)
         offer_at[:n] = self._offer_at
         self._offer_at = offer_at
@@ -291,7 +288,7 @@ class Fastpath:
             join, leave = list(self._held), []
         if join or leave:
             words = np.array([key_words(k) for k in (*leave, *join)], np.int64).reshape(-1, 5)
-            kb.held_update(self._held_keys, self._held_vals, words, len(leave))
+            ki.update_keys(self._held_keys, self._held_vals, words, len(leave))
 
     @property
     def active(self) -> bool:
@@ -423,7 +420,7 @@ def warm(data_path: bool = True) -> float:
                               int(Tier.PNIC), np.empty(1, np.bool_)),  # a PNIC pass's count
         lambda: fragment_rows(res.buf, res.offset, res.caplen, res.linktype, res.wire_len),
         lambda: fp.expire(1 << 41),
-        lambda: kb.held_update(fp._held_keys, fp._held_vals, np.zeros((1, 5), np.int64), 0)]
+        lambda: ki.update_keys(fp._held_keys, fp._held_vals, np.zeros((1, 5), np.int64), 0)]
     # the other process takes them last first: the two meet halfway
     for step in steps if data_path else steps[:0:-1]:
         step()

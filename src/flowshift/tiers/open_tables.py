@@ -2,8 +2,9 @@
 of `zone` per machine, the firewalls' rules and the NATs' source rules as int64 arrays.
 
 Built once from the host's config, as the chains build their own (services/rules.py,
-services/nat.py); the host sets each zone's Z_OPEN, Z_TIER, Z_OFFER_AT and Z_UNTIL before each
-pass.
+services/nat.py); the host writes a zone's Z_OPEN, Z_TIER and Z_OFFER_AT when its machine's
+chain changes hands, and the VNIC zones' Z_UNTIL (and Z_OPEN) when their bound changes
+(`Host._open_zones`).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class PnicEngine:
     def __init__(self, capacity: int, classifier: Classifier | None,
                  knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
         self.table = EntryTable(capacity)  # states FREE, LIVE or RETURNED
-        self.capacity = capacity
+        self.capacity = capacity  # fixed: the table never grows
         self.entries = self.table.entries
         self._live = 0
         self._inside, self._public = classifier_tables(classifier)
