@@ -13,6 +13,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig, IPerror6, 
 from scapy.layers.l2 import Dot1Q, Ether
 
 from flowshift.packet.build import (
+    TcpFramer,
     filler,
     icmp_echo_frame,
     icmp_error_frame,
@@ -163,6 +164,51 @@ def test_filler_is_deterministic_and_sized() -> None:
     assert filler(0) == b""
 
 
+@settings(max_examples=300)
+@given(
+    v6=st.booleans(),
+    addresses=st.binary(min_size=32, max_size=32),
+    ports=st.tuples(st.integers(0, 65535), st.integers(0, 65535)),
+    seq=st.integers(0, 2**33), ack=st.integers(0, 2**33), flags=st.integers(0, 255),
+    window=st.integers(0, 65535), ip_id=st.integers(0, 2**17), ttl=st.integers(0, 255),
+    df=st.booleans(), flow_label=st.integers(0, 2**21),
+    vlan=st.one_of(st.none(), st.integers(0, 4095)),
+    options=st.sampled_from([b"", tcp_options(mss=1460), tcp_options(
+        mss=1380, wscale=7, sack_perm=True, timestamps=(1, 2)), tcp_options(sack=((5, 9),))]),
+    payload=st.binary(max_size=1500),
+)
+def test_a_framer_builds_what_tcp_frame_builds(
+    v6: bool, addresses: bytes, ports: tuple[int, int], seq: int, ack: int, flags: int,
+    window: int, ip_id: int, ttl: int, df: bool, flow_label: int, vlan: int | None,
+    options: bytes, payload: bytes,
+) -> None:
+    """The generator's framer is tcp_frame, byte for byte (zero addresses included: its
+    checksums add the shared part as a number, where an all-zero sum is the edge)."""
+    n = 16 if v6 else 4
+    src, dst = addresses[:n], addresses[16:16 + n]
+    fixed = {"src": src, "dst": dst, "sport": ports[0], "dport": ports[1],
+             "src_mac": b"\x02" * 6, "dst_mac": b"\x04" * 6, "ttl": ttl, "df": df,
+             "flow_label": flow_label, "vlan": vlan}
+    each = {"seq": seq, "ack": ack, "flags": flags, "window": window, "options": options,
+            "payload": payload, "ip_id": ip_id}
+    assert TcpFramer(**fixed).frame(**each) == tcp_frame(**fixed, **each)
+
+
+def test_a_framer_agrees_where_a_sum_wraps_to_zero() -> None:
+    """The one ID (and the one window) whose header sums are multiples of 0xFFFF: the
+    checksum is 0x0000 there, not 0xFFFF (tcp_frame's, from RFC 1071's sum)."""
+    framer = TcpFramer(src=A4, dst=B4, sport=1, dport=2)
+
+    def build(ip_id: int, window: int) -> bytes:
+        return tcp_frame(src=A4, dst=B4, sport=1, dport=2, seq=0, ack=0, flags=TCP_ACK,
+                         window=window, ip_id=ip_id)
+
+    ip_id = next(i for i in range(1 << 16) if build(i, 0)[24:26] == b"\0\0")
+    window = next(w for w in range(1 << 16) if build(0, w)[50:52] == b"\0\0")
+    for i, w in ((ip_id, 0), (0, window)):
+        assert framer.frame(seq=0, ack=0, flags=TCP_ACK, window=w, ip_id=i) == build(i, w)
+
+
 @pytest.mark.parametrize(
     ("build", "message"),
     [
@@ -181,6 +227,11 @@ def test_filler_is_deterministic_and_sized() -> None:
                               options=b"\x01"),
             "not padded",
         ),
+        (lambda: TcpFramer(src=A4, dst=B6, sport=1, dport=2), "different IP versions"),
+        (lambda: TcpFramer(src=A4, dst=B4, sport=1, dport=2).frame(
+            seq=0, ack=0, flags=0, window=0, options=b"\x01"), "not padded"),
+        (lambda: TcpFramer(src=A4, dst=B4, sport=1, dport=2).frame(
+            seq=0, ack=0, flags=0, window=0, payload=bytes(65500)), "65535"),
     ],
 )
 def test_impossible_frames_are_refused(build, message: str) -> None:

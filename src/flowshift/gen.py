@@ -39,6 +39,7 @@ from flowshift.gen_gateway import Gateway
 from flowshift.packet.build import (
     ICMP_DEST_UNREACH,
     ICMPV6_DEST_UNREACH,
+    TcpFramer,
     filler,
     icmp_echo_frame,
     icmp_error_frame,
@@ -590,6 +591,7 @@ class _End:
     cwnd: int = 0
     sent_ts: deque[tuple[int, int]] = field(default_factory=deque)  # (time, tsval) sent
     ts_recent: int = 0
+    framer: TcpFramer | None = None  # built at its first frame, once its headers are set
 
     def window_bytes(self) -> int:
         # the window opens as data arrives, as Linux's receive-buffer autotuning does
@@ -671,24 +673,14 @@ class _Tcp:
                 options = tcp_options(timestamps=(tsval, self._echo(end, peer, t)))
             window = min(end.window_bytes() >> end.wscale, 0xFFFF)
             end.right = max(end.right, end.rcv_nxt + (window << end.wscale))
-        frame = tcp_frame(
-            src=end.addr,
-            dst=end.dst,
-            sport=end.port,
-            dport=end.dport,
-            seq=end.nxt if seq is None else seq,
-            ack=end.rcv_nxt if flags & TCP_ACK else 0,
-            flags=flags,
-            window=window,
-            options=options,
-            payload=payload,
-            src_mac=end.mac,
-            dst_mac=end.peer_mac,
-            ttl=end.ttl,
-            ip_id=end.ip_id,
-            flow_label=end.flow_label,
-            vlan=self.vlan,
-        )
+        framer = end.framer
+        if framer is None:
+            framer = end.framer = TcpFramer(
+                src=end.addr, dst=end.dst, sport=end.port, dport=end.dport, src_mac=end.mac,
+                dst_mac=end.peer_mac, ttl=end.ttl, flow_label=end.flow_label, vlan=self.vlan)
+        frame = framer.frame(seq=end.nxt if seq is None else seq,
+                             ack=end.rcv_nxt if flags & TCP_ACK else 0, flags=flags,
+                             window=window, options=options, payload=payload, ip_id=end.ip_id)
         end.ip_id = (end.ip_id + 1) & 0xFFFF
         return t, frame, self.mark if mark is None else mark
 

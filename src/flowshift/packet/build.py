@@ -215,6 +215,63 @@ def tcp_segment(
     return head[:16] + csum.to_bytes(2, "big") + head[18:] + options + payload
 
 
+class TcpFramer:
+    """`tcp_frame` for one sender of one connection, byte for byte: what its frames share (the
+    link header, the IP header but for its length and ID, the addresses' share of both
+    checksums) is worked out once. A traffic generator builds most of its frames here.
+
+    A 16-bit ones'-complement sum is the sum of the words modulo 0xFFFF (zero standing as
+    0xFFFF once anything was added), so the shared part is added as a number."""
+
+    __slots__ = ("_eth", "_fixed", "_ip_sum", "_pseudo", "_v4", "_v6")
+
+    def __init__(self, *, src: bytes, dst: bytes, sport: int, dport: int,
+                 src_mac: bytes = DEFAULT_SRC_MAC, dst_mac: bytes = DEFAULT_DST_MAC,
+                 ttl: int = 64, df: bool = True, flow_label: int = 0,
+                 vlan: int | None = None) -> None:
+        if len(src) not in (4, 16):
+            raise ValueError(f"source address of {len(src)} bytes is neither IPv4 nor IPv6")
+        if len(dst) != len(src):
+            raise ValueError("source and destination addresses are of different IP versions")
+        self._v4 = len(src) == 4
+        self._eth = ethernet_header(src_mac=src_mac, dst_mac=dst_mac,
+                                    ethertype=ETH_P_IP if self._v4 else ETH_P_IPV6, vlan=vlan)
+        addresses = int.from_bytes(src + dst, "big")
+        self._fixed = (sport, dport, ttl, 0x4000 if df else 0, src, dst)
+        # IPv4: version and length, flags, TTL and protocol, the addresses
+        self._ip_sum = 0x4500 + self._fixed[3] + (ttl << 8 | PROTO_TCP) + addresses
+        self._pseudo = addresses + PROTO_TCP  # the segment's length is added per frame
+        self._v6 = (6 << 28) | (flow_label & 0xFFFFF)
+
+    def frame(self, *, seq: int, ack: int, flags: int, window: int, options: bytes = b"",
+              payload: bytes = b"", ip_id: int = 0) -> bytes:
+        if len(options) % 4:
+            raise ValueError(f"TCP options of {len(options)} bytes are not padded to 4")
+        sport, dport, ttl, frag, src, dst = self._fixed
+        hlen = 20 + len(options)
+        seglen = hlen + len(payload)
+        seq &= 0xFFFFFFFF
+        ack &= 0xFFFFFFFF
+        head = _TCP.pack(sport, dport, seq, ack, (hlen // 4) << 4, flags, window, 0, 0)
+        data = int.from_bytes(payload, "big")
+        v = (self._pseudo + seglen + int.from_bytes(head + options, "big")
+             + (data << 8 if len(payload) & 1 else data)) % 0xFFFF
+        csum = ~(v or 0xFFFF) & 0xFFFF
+        head = _TCP.pack(sport, dport, seq, ack, (hlen // 4) << 4, flags, window, csum, 0)
+        if self._v4:
+            total = 20 + seglen
+            if total > 0xFFFF:
+                raise ValueError(f"IPv4 datagram of {total} bytes exceeds 65535")
+            ip_id &= 0xFFFF
+            ip = ~((self._ip_sum + total + ip_id) % 0xFFFF or 0xFFFF) & 0xFFFF
+            ip_head = _IPV4.pack(0x45, 0, total, ip_id, frag, ttl, PROTO_TCP, ip, src, dst)
+        else:
+            if seglen > 0xFFFF:
+                raise ValueError(f"IPv6 payload of {seglen} bytes needs a jumbogram")
+            ip_head = _IPV6.pack(self._v6, seglen, PROTO_TCP, ttl, src, dst)
+        return b"".join((self._eth, ip_head, head, options, payload))
+
+
 def tcp_frame(
     *,
     src: bytes,
