@@ -14,7 +14,6 @@ time from the process's start to its exit.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from common import machine
+from common import machine, report
 from flowshift.tiers._pnic_cache import READY
 
 FLOOR_S = 10.0  # the first demo's target (issue #12), beside the figure
@@ -70,13 +69,7 @@ def main(repeat: int, json_path: Path | None) -> None:
     table.add_row("first after install (compiles)", f"{f:.2f}", f"{f / a:.2f}×",
                   f"{FLOOR_S:g} s: {'met' if f <= FLOOR_S else 'missed'}")
     table.add_row("next (loads the kernels)", f"{a:.2f}", "1.00×", "")
-    console.print(table)
-    m = results["machine"]
-    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python "
-                  f"{m['python']}, numba {m['numba']}")
-    if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
-
+    report(console, table, results, json_path)
 
 if __name__ == "__main__":
     main()

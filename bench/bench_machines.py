@@ -15,7 +15,6 @@ replays, the host sizes in turns; the baseline is one machine in the same run.
 from __future__ import annotations
 
 import ipaddress
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from common import machine
+from common import machine, report
 from flowshift.config import HostConfig, parse_config
 from flowshift.gen import TraceSpec, generate
 from flowshift.replay import run_replay
@@ -105,13 +104,7 @@ def main(machines: str, flows: int, repeat: int, workdir: Path | None,
             results["points"].append(point)
             table.add_row(str(n), offload, f"{pps:,.0f}", f"{pps / base:.2f}×",
                           str(point["handoffs"]), f"{point['offloads']:,}")
-    console.print(table)
-    m = results["machine"]
-    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python "
-                  f"{m['python']}, numba {m['numba']}")
-    if json_path is not None:
-        json_path.write_text(json.dumps(results, indent=2))
-
+    report(console, table, results, json_path)
 
 if __name__ == "__main__":
     main()

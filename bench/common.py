@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import numba
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 
 def machine() -> dict[str, object]:
@@ -41,3 +45,16 @@ def rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def report(console: Console, table: Table, results: dict[str, Any],
+           json_path: Path | None) -> None:
+    """The figures' table, the machine they were measured on (results["machine"]), and the
+    results as JSON when asked."""
+    console.print(table)
+    m = results["machine"]
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}, Python "
+                  f"{m['python']}, numba {m['numba']}")
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+
