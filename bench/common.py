@@ -57,4 +57,3 @@ def report(console: Console, table: Table, results: dict[str, Any],
                   f"{m['python']}, numba {m['numba']}")
     if json_path is not None:
         json_path.write_text(json.dumps(results, indent=2))
-

@@ -238,7 +238,7 @@ class TcpFramer:
                                     ethertype=ETH_P_IP if self._v4 else ETH_P_IPV6, vlan=vlan)
         addresses = int.from_bytes(src + dst, "big")
         self._fixed = (sport, dport, ttl, 0x4000 if df else 0, src, dst)
-        # IPv4: version and length, flags, TTL and protocol, the addresses
+        # IPv4: version and header length, flags, TTL and protocol, the addresses
         self._ip_sum = 0x4500 + self._fixed[3] + (ttl << 8 | PROTO_TCP) + addresses
         self._pseudo = addresses + PROTO_TCP  # the segment's length is added per frame
         self._v6 = (6 << 28) | (flow_label & 0xFFFFF)
