@@ -1,5 +1,5 @@
 """The table of flow entries the second cache and the fast path share (tiers/entry_table.py),
-against a dict of what it should hold, through puts, batch puts, releases and growth."""
+against a dict of what it should hold, through puts, batch puts, releases, removes and growth."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("rows"), st.lists(st.integers(0, KEYS - 1), max_size=6),
               st.integers(0, 8)),
     st.tuples(st.just("release"), st.integers(0, KEYS - 1)),
+    st.tuples(st.just("remove"), st.integers(0, KEYS - 1)),
     st.tuples(st.just("grow"),)), max_size=40)
 
 
@@ -87,6 +88,12 @@ def test_the_table_holds_what_was_put_and_not_released(capacity: int, steps: lis
                 slot = held.pop(i)
                 table.unindex(slot)
                 assert table.release(slot) == _entry(i)
+                assert table.state[slot] == FREE and table.get(slot) == bytes(ENTRY_SIZE)
+        elif step[0] == "remove":  # unindex and release in one: a live entry's keys go too
+            i = step[1]
+            if i in held:
+                slot = held.pop(i)
+                assert table.remove(slot) == _entry(i)
                 assert table.state[slot] == FREE and table.get(slot) == bytes(ENTRY_SIZE)
         else:
             before = table.capacity

@@ -77,8 +77,8 @@ class Host:
         self.repass = Repass()  # which rows see the PNIC again after flows move down
         # the zones the fast path may open flows in (`_open_zones`): those to write again, the
         # tables it looks at, the VNIC's zones that open only while a sync would do nothing,
-        # and their bound
-        self._stale_zones = set(range(len(config.machines)))
+        # and their bound (every zone is stale once the policy is set, below)
+        self._stale_zones: set[int] = set()
         self._zone_tables: dict[int, FlowTable] = {}
         self._vnic_zone_set: set[int] = set()
         self._vnic_zones = np.zeros(0, np.int64)  # the set's zones, as open_until takes them

@@ -148,8 +148,8 @@ def _port_in(key: FlowKey, rewrite_src: bool, ports: tuple[int, int] | None) -> 
     return ports[0] <= _port_of(key, rewrite_src) <= ports[1]
 
 
-# FlowKey(...) without NamedTuple's Python-level __new__ (nor _replace's): every new flow
-# builds its candidates
+# The candidates' keys come from new_key, not FlowKey(...) nor _replace: every new flow builds
+# many of them
 
 
 def _with_addr(key: FlowKey, rewrite_src: bool, addr: bytes) -> FlowKey:

@@ -92,6 +92,13 @@ class EntryTable:
         self.nfree += 1
         return raw
 
+    def remove(self, slot: int) -> bytes:
+        """The slot's entry, out of the index if it is LIVE (a RETURNED one is out already):
+        its exact bytes; the slot is zeroed and free."""
+        if self.state[slot] == LIVE:
+            self.unindex(slot)
+        return self.release(slot)
+
     def get(self, slot: int) -> bytes:
         return self.buf[slot * ENTRY_SIZE:(slot + 1) * ENTRY_SIZE].tobytes()
 

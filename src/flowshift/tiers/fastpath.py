@@ -57,7 +57,6 @@ _CACHED_STATES = frozenset(int(s) for s in (
     TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 _ASSURED = int(Status.ASSURED)
-_LIVE = ko.LIVE
 _NEVER = np.iinfo(np.int64).max
 _ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one indexed write
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
@@ -171,10 +170,7 @@ class Fastpath:
         table = self.tables[slot]
         if table is None:
             raise KeyError(f"row {slot} of the fast path holds no flow")
-        t = self.table
-        if t.state[slot] == _LIVE:
-            t.unindex(slot)
-        flow = Flow.from_bytes(t.release(slot))
+        flow = Flow.from_bytes(self.table.remove(slot))
         self.tables[slot] = None
         self.live -= 1
         table.attach(flow)

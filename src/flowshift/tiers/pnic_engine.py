@@ -110,9 +110,7 @@ class PnicEngine:
 
     def __init__(self, capacity: int, classifier: Classifier | None,
                  knobs: Sequence[Knobs] = (), routing: Sequence[bool] = ()) -> None:
-        self.table = EntryTable(capacity)  # states FREE, LIVE or RETURNED
-        self.capacity = capacity  # fixed: the table never grows
-        self.entries = self.table.entries
+        self.table = EntryTable(capacity)  # states FREE, LIVE or RETURNED; it never grows
         self._live = 0
         self._inside, self._public = classifier_tables(classifier)
         self._knobs = knob_table(classifier, knobs)
@@ -126,6 +124,14 @@ class PnicEngine:
         return self._live
 
     # -- the cache ---------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.table.capacity
+
+    @property
+    def entries(self) -> np.ndarray:
+        return self.table.entries
 
     def insert(self, entry: bytes | bytearray) -> int:
         """Add an entry; its slot, or -1 when the cache is full or a key is already present."""
@@ -150,9 +156,8 @@ class PnicEngine:
     def remove(self, slot: int) -> bytes:
         """Take an entry out (live, or returned by `process`): its exact bytes."""
         if self._slot_state(slot) == LIVE:
-            self.table.unindex(slot)
             self._live -= 1
-        return self.table.release(slot)
+        return self.table.remove(slot)
 
     def take_returned(self, slot: int) -> bytes:
         """The entry `process` handed back in `returned`: its exact bytes; frees the slot."""
