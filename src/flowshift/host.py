@@ -20,7 +20,7 @@ import numpy as np
 from flowshift import channel as ch
 from flowshift.config import HostConfig
 from flowshift.entry import Flow, Tier
-from flowshift.flow import NS_PER_S
+from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
 from flowshift.packet.fragrows import fragment_rows
@@ -32,7 +32,13 @@ from flowshift.services.conntrack import FlowTable
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
-from flowshift.tiers.fastpath import STOP_OFFER, STOP_SOFTWARE, STOP_TIME, Fastpath
+from flowshift.tiers.fastpath import (
+    STOP_OFFER,
+    STOP_RETURN,
+    STOP_SOFTWARE,
+    STOP_TIME,
+    Fastpath,
+)
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.repass import Repass
@@ -96,6 +102,21 @@ class Host:
             report_interval_ns=self.report_interval)
         self.vnic = Vnic(config, link, OffloadPolicy(config.offload, config.pnic), self.stats,
                          self._record, latency=latency, batch=batch, fastpath=self.fastpath)
+        # the PNIC in this process, answering at once: the fast path's passes run the rows of
+        # the flows it owns too (`_pnic_in_pass`), so that a flow moving down mid-segment
+        # needs no second pass of the PNIC
+        self._inline: InlineLink | None = None
+        if self.fastpath is not None and isinstance(link, InlineLink) and latency == 0:
+            self._inline = link
+            self.fastpath.attach_pnic(link.pnic.engine)
+            self.vnic.before_recall = self._run_ahead
+        # the segment being decided (its rows), where in it software is, whether the PNIC
+        # decided rows of it since it began, and the flows that moved down in it whose rows
+        # the fast path runs as they come
+        self._segment: tuple[BatchResults, np.ndarray, np.ndarray] | None = None
+        self._at = 0
+        self._moved_rows = False
+        self._moved_in_pass: dict[FlowKey, Flow] = {}
         self.policy = self.vnic.policy
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1
@@ -313,17 +334,25 @@ class Host:
                 rows = self._pnic_first(res, clock, pos, end)
                 self.vnic.moved_down.clear()  # the pass saw every flow the PNIC owns
                 self.repass.begin()
+                self._moved_in_pass.clear()
+                self._segment = (res, clock, rows)
                 # a fragment's segment is Python's: its datagram is reassembled there
                 fast = fp is not None and not (f < len(frags) and frags[f] == pos)
                 at = ahead = 0
-                moved_rows = False  # rows holds rows the PNIC decided since
+                self._moved_rows = False  # rows holds rows the PNIC decided since
                 while at < len(rows):
                     why = STOP_SOFTWARE
                     if ahead:  # rows the fast path saw it would stop at: straight to Python
                         ahead -= 1
                     elif fast and fp is not None and self._open_zones(fp):
                         at, why, ahead = fp.run(res, clock, rows, at, self.vnic.next_due())
+                        if fp.pnic_from >= 0:
+                            self._pnic_ran(fp.pnic_from)
+                        if why == STOP_RETURN:  # the row and its entry are software's now
+                            self._hand_back(fp, int(rows[at]), int(clock[rows[at]]))
+                            why = STOP_TIME  # the entry takes effect at the row's time
                     if why == STOP_OFFER:
+                        self._at = at
                         self._offer(int(rows[at - 1]), int(clock[rows[at - 1]]))
                         if at < len(rows) and fp is not None and fp.active and (
                                 not self.vnic.moved_down and res.verdict[rows[at]] == PENDING
@@ -332,17 +361,20 @@ class Host:
                     if why != STOP_OFFER and at < len(rows):
                         # Python's row; at a due time, it takes effect first
                         i = int(rows[at])
-                        if moved_rows and res.verdict[i] != PENDING:
+                        if self._moved_rows and res.verdict[i] != PENDING:
                             at += 1
                             continue  # the PNIC's, since its flow moved down
                         # the clock as packet-by-packet, past the rows run compiled: answers
                         # due by then may move this row's flow down, so they come first
+                        self._at = at
                         self.advance(int(clock[i]))
                         if self.vnic.moved_down:
-                            moved_rows |= self._repass(res, clock, rows, at)
-                            if res.verdict[i] != PENDING:
-                                at += 1
-                                continue
+                            ahead = 0  # a row seen as a miss may be a moved flow's
+                            self._repass(res, clock, rows, at)
+                        self._catch_up()
+                        if self._moved_rows and res.verdict[i] != PENDING:
+                            at += 1
+                            continue
                         if why == STOP_TIME and not self.vnic.moved_down:
                             # the row stopped the fast path only for what was due, which has
                             # taken effect: it asks the fast path again (nothing is due by then)
@@ -350,16 +382,20 @@ class Host:
                         at += 1
                         start = int(offset[i])
                         cached = fp.cached if fp is not None else 0
+                        self._at = at
                         self.process(res.index0 + i, int(ts[i]),
                                      buf[start:start + int(caplen[i])], int(linktype[i]),
                                      int(wire_len[i]))
                         if ahead and fp is not None and fp.cached != cached:
                             ahead = 0  # a row seen as a miss may be this flow's: ask again
                     if self.vnic.moved_down and at < len(rows):
-                        moved_rows |= self._repass(res, clock, rows, at)
+                        ahead = 0
+                        self._repass(res, clock, rows, at)
                 pos = end
             self.vnic.settle(self.clock)
         finally:
+            self._segment = None
+            self._moved_in_pass.clear()
             if fp is not None:
                 fp.on = False
                 self._count_fast()
@@ -372,16 +408,18 @@ class Host:
         return self.out.ready()
 
     def _open_zones(self, fp: Fastpath) -> bool:
-        """Which machines' flows the fast path's next pass may open (tiers/_fastpath_open.py),
-        and until when: those whose table has no limit, the keys of its `Flow`s known to the
-        pass (`Fastpath.hold`: a miss of the fast path's index and of those is a miss of the
-        table); at the VNIC, while deciding a new flow needs no sync with the PNIC
-        (`Vnic.quiet_until`). Can the pass do anything?
+        """Whether the fast path's next pass runs the PNIC's rows too (`_pnic_in_pass`), and
+        which machines' flows it may open (tiers/_fastpath_open.py), and until when: those
+        whose table has no limit, the keys of its `Flow`s known to the pass (`Fastpath.hold`:
+        a miss of the fast path's index and of those is a miss of the table); at the VNIC,
+        while deciding a new flow needs no sync with the PNIC (`Vnic.quiet_until`). Can the
+        pass do anything?
 
         Per pass it costs a look at each table and one bound for every VNIC zone at once: a
         zone itself changes only when its machine hands its chain over (`_stale_zones`)."""
         if self._stale_zones:
             self._set_zones(fp)
+        fp.pnic_on = self._pnic_in_pass()
         for table in self._zone_tables.values():
             if table.dirty:
                 fp.hold(table)
@@ -391,6 +429,28 @@ class Host:
                 self._until = until
                 fp.open_until(self._vnic_zones, until)
         return fp.active
+
+    def _pnic_in_pass(self) -> bool:
+        """May the fast path's next pass run the rows of the flows the PNIC owns, as the
+        PNIC's own pass would? With the PNIC in this process at latency 0, alive and healthy,
+        owning flows, and nothing of the VNIC's held or in flight (no row may overtake it)."""
+        vnic = self.vnic
+        return (self._inline is not None and vnic.alive and vnic.healthy
+                and bool(vnic.pnic_owned) and not vnic.queue.busy())
+
+    def _pnic_ran(self, first: int) -> None:
+        """A pass ran the PNIC's rows from trace time `first` on, as `_pnic_pass` does."""
+        vnic = self.vnic
+        vnic.synced_at = -1
+        vnic.lower_floor(first + vnic.min_timeout)
+
+    def _hand_back(self, fp: Fastpath, i: int, now: int) -> None:
+        """Row i, a PNIC flow's, stopped a pass with its entry punted (STOP_RETURN): the
+        entry comes back to the VNIC at the row's time, as from the PNIC's own pass."""
+        assert self._inline is not None
+        slot, punt = fp.handed_back(i)
+        self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
+        self.vnic.synced_at = -1
 
     def _set_zones(self, fp: Fastpath) -> None:
         """The stale machines' zones as they stand: the table (none when it has a limit), the
@@ -460,16 +520,49 @@ class Host:
         done = self._pnic_pass(res, clock, rows, lo, hi)
         return rows if done is None else rows[~done[rows - lo]]
 
-    def _repass(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, at: int) -> bool:
+    def _repass(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, at: int) -> None:
         """Flows just moved down to the PNIC: their rows in rows[at:] meet it now (rows keeps
-        them; the fast path and Python skip what it decided). Did any?"""
+        them; the fast path and Python skip what it decided), or, when the fast path's passes
+        run the PNIC's rows, as they come (`_run_ahead` runs them now if a recall needs it)."""
         moved = self.vnic.moved_down
-        pick = self.repass.pick(res, rows, at, moved)
+        if self._pnic_in_pass():
+            for flow in moved:
+                self._moved_in_pass[flow.key] = flow
+        else:
+            self._pnic_rows(res, clock, rows, at, moved)
         moved.clear()
-        if not len(pick):
-            return False
-        self._pnic_again(res, clock, pick)
-        return True
+
+    def _pnic_rows(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray, at: int,
+                   flows: list[Flow]) -> None:
+        """The undecided rows of `flows` in rows[at:] through the PNIC now."""
+        pick = self.repass.pick(res, rows, at, flows)
+        if len(pick):
+            self._pnic_again(res, clock, pick)
+            self._moved_rows = True
+
+    def _run_ahead(self, key: FlowKey) -> None:
+        """The VNIC is about to recall a PNIC flow. If it moved down in this segment and the
+        fast path's passes run its rows as they come, the rest of the segment's rows of it
+        meet the PNIC now, as they would have when it moved down (`_repass`): the entry comes
+        back with them (docs/architecture.md, rule 4)."""
+        flow = self._moved_in_pass.pop(key, None)
+        if flow is not None and self._segment is not None:
+            res, clock, rows = self._segment
+            self._pnic_rows(res, clock, rows, self._at, [flow])
+
+    def _catch_up(self) -> None:
+        """Flows that moved down in this segment whose rows the passes were to run as they
+        come, when the passes can no longer run them (something of the VNIC's is held or in
+        flight): the rest of the segment's rows of those the PNIC still holds meet it now, as
+        they would have when they moved down (`_repass`)."""
+        if not self._moved_in_pass or self._pnic_in_pass() or self._segment is None:
+            return
+        owned = self.vnic.pnic_owned
+        flows = [f for f in self._moved_in_pass.values() if f.key in owned]
+        self._moved_in_pass.clear()
+        if flows:
+            res, clock, rows = self._segment
+            self._pnic_rows(res, clock, rows, self._at, flows)
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
         """Undecided rows of flows that just moved down through the PNIC's data path, selected

@@ -15,7 +15,14 @@ Python makes is opened here, and the pass goes on (tiers/_fastpath_open.py).
 - STOP_TIME: the row lies at or after `stop_time`, when something else is due first (an
   answer of the PNIC): software takes the clock there;
 - STOP_OFFER: the row was processed, and now the offload policy wants its flow (established,
-  past the thresholds, past the VNIC's back-off for it): software considers the offer.
+  past the thresholds, past the VNIC's back-off for it): software considers the offer;
+- STOP_RETURN: a row of a flow the PNIC owns, which the PNIC punted with its entry (a FIN, an
+  RST, expired): the entry is out of the PNIC's index (`returned`), software takes it back
+  and decides the row.
+
+With the PNIC in this process (`pnic_on`), a miss of the table is looked up in the PNIC's
+second cache too, and a hit there runs as the PNIC's pass would run it (its punts, its life,
+counted as PNIC work): a flow that moved down mid-segment needs no second pass of the PNIC.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flowshift.entry import Tier
 from flowshift.results import PENDING
 from flowshift.tiers._fastpath_open import (
     E_OWNER,
@@ -45,6 +53,7 @@ from flowshift.tiers._pnic_flow import (
     PROTO_TCP,
     S_ESTABLISHED,
     SEEN_REPLY,
+    TCP_LIFE,
     TCP_LIFE_SOFTWARE,
     forward_hop,
     process_flow,
@@ -69,6 +78,7 @@ from flowshift.tiers._pnic_parse import (
     F_SRC_LO,
     FAIL,
     FULL,
+    KEY_ONLY,
     parse_frame,
 )
 
@@ -78,6 +88,8 @@ STOP_SOFTWARE = 1
 STOP_PUNT = 2
 STOP_TIME = 3
 STOP_OFFER = 4
+STOP_RETURN = 5
+PNIC_TIER = int(Tier.PNIC)  # a row the PNIC's entry ran is counted there
 # policy[0]: what the offload policy takes (offload.POLICIES order)
 POLICY_NEVER = 0
 POLICY_ALWAYS = 1
@@ -104,6 +116,15 @@ def _wanted(mem, e, policy):
     return packets >= policy[1] or size >= policy[2]
 
 
+@kernel()
+def _lookup(keys, vals, f):
+    """slot * 2 + direction of the parsed packet's key (f, its machine set) in an index, or
+    -1."""
+    return lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], f[F_MACHINE], f[F_SPORT],
+                                        f[F_DPORT]),
+                  f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+
+
 NOT_OURS = -1  # what _find says of a row that is no machine's flow, or not parsed for a key
 MISS = -2  # a miss, parsed whole (f holds every field, machine and direction)
 MISS_PART = -3  # a miss parsed for its key only
@@ -122,8 +143,7 @@ def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public
         return NOT_OURS
     f[F_MACHINE] = m
     f[F_DIRECTION] = d
-    hit = lookup(keys, vals, head_word(f[F_FAMILY], f[F_PROTO], m, f[F_SPORT], f[F_DPORT]),
-                 f[F_SRC_HI], f[F_SRC_LO], f[F_DST_HI], f[F_DST_LO])
+    hit = _lookup(keys, vals, f)
     if hit < 0:
         return MISS if status == FULL else MISS_PART
     return (hit << 2) | status
@@ -131,14 +151,14 @@ def _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public
 
 @kernel()
 def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_time, verdict,
-                 keys, vals, inside, public, zone, f):
+                 keys, vals, inside, public, zone, f, pnic_keys, pnic_vals, pnic_on):
     """How many rows after rows[j] are not hits of the table as it stands (before the first
-    hit, the first miss of a zone open to the pass, the first row decided already or the
-    first row at or after stop_time): software can take them without asking the fast path
-    again. A row that becomes a hit meanwhile (its flow cached by the rows before it) is still
-    decided right, in Python. At most AHEAD_MAX: the host asks again whenever Python caches a
-    flow, and a burst of new flows (each cached at its SYN) would otherwise be scanned to its
-    end once per flow."""
+    hit, of this table's or of the PNIC's with pnic_on, the first miss of a zone open to the
+    pass, the first row decided already or the first row at or after stop_time): software can
+    take them without asking the fast path again. A row that becomes a hit meanwhile (its flow
+    cached by the rows before it) is still decided right, in Python. At most AHEAD_MAX: the
+    host asks again whenever Python caches a flow, and a burst of new flows (each cached at
+    its SYN) would otherwise be scanned to its end once per flow."""
     n = 0
     for k in range(j + 1, min(len(rows), j + 1 + AHEAD_MAX)):
         i = rows[k]
@@ -146,6 +166,8 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
             break
         hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
         if hit >= 0 or (hit == MISS and zone[f[F_MACHINE], Z_OPEN]):
+            break
+        if pnic_on and hit != NOT_OURS and _lookup(pnic_keys, pnic_vals, f) >= 0:
             break
         n += 1
     return n
@@ -155,7 +177,8 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
 def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
              reason, rule, returned, machine, direction, tier, mem, state, keys, vals, held_keys,
              held_vals, inside, public, knobs, routing, bounded, offer_at, policy, f, counts,
-             zone, rules, ports, snat, free, fstate, opened):
+             zone, rules, ports, snat, free, fstate, opened, pnic_mem, pnic_state, pnic_keys,
+             pnic_vals, pnic_punts, pnic_on, min_timeout):
     """Run rows[start:] in order until one stops the pass: (position in rows, why, ahead).
 
     STOP_OFFER returns the position after the processed row; every other stop the row's own.
@@ -170,6 +193,11 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     zone, rules, ports, snat: the chains as _fastpath_open.open_flow reads them; free, fstate,
     opened: the free rows and the rows opened (open_flow); fstate[2]: lowered to the earliest
     expiry a processed row left its entry with (an RST before any reply: its own time).
+    pnic_mem, pnic_state, pnic_keys, pnic_vals, pnic_punts: the PNIC's second cache and its
+    punt counts, whose rows run here when pnic_on (else never looked at); fstate[3]: lowered
+    to the time of the first row the PNIC's entries ran; fstate[4]: the PuntReason of a
+    STOP_RETURN. No entry of the PNIC a row ran expires before min_timeout after it: the pass
+    stops there (STOP_TIME), since opening a flow at the VNIC from then on may need a sync.
     """
     n = len(rows)
     for j in range(start, n):
@@ -184,6 +212,13 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         if now >= stop_time:
             return j, STOP_TIME, 0
         hit = _find(buf, offset, caplen, wire_len, linktype, i, keys, vals, inside, public, f)
+        # the row's entry: this table's, or with pnic_on the PNIC's (its life, its punts)
+        pnic_row = False
+        if hit < 0 and pnic_on and hit != NOT_OURS:
+            phit = _lookup(pnic_keys, pnic_vals, f)
+            if phit >= 0:
+                pnic_row = True
+                hit = (phit << 2) | (FULL if hit == MISS else KEY_ONLY)
         if hit < 0:
             if hit == MISS:
                 v, r, k, slot = open_flow(buf, offset[i], f, now, mem, state, keys, vals,
@@ -202,7 +237,8 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
                     continue
             return j, STOP_SOFTWARE, misses_after(buf, offset, caplen, wire_len, linktype,
                                                   clock, rows, j, stop_time, verdict, keys, vals,
-                                                  inside, public, zone, f)
+                                                  inside, public, zone, f, pnic_keys, pnic_vals,
+                                                  pnic_on)
         status = hit & 3
         hit >>= 2
         m = f[F_MACHINE]
@@ -210,21 +246,27 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         s = offset[i]
         slot = hit >> 1
         e = slot * E_SIZE
+        rmem, rstate, rkeys, rvals = mem, state, keys, vals
         life = TCP_LIFE_SOFTWARE
-        if mem[e + E_PROTO] == PROTO_TCP and syn_answer(mem, e, hit & 1, f):
+        if pnic_row:
+            rmem, rstate, rkeys, rvals = pnic_mem, pnic_state, pnic_keys, pnic_vals
+            life = TCP_LIFE
+        elif mem[e + E_PROTO] == PROTO_TCP and syn_answer(mem, e, hit & 1, f):
             life = 0  # the handshake's answer runs here too
-        if punt_reason(mem, e, f, status == FULL, now, life):
-            index_remove(mem, slot, keys, vals)
-            state[slot] = RETURNED
+        why = punt_reason(rmem, e, f, status == FULL, now, life)
+        if why:
+            index_remove(rmem, slot, rkeys, rvals)
+            rstate[slot] = RETURNED
             returned[i] = slot
-            return j, STOP_PUNT, 0
-        v, r = process_flow(mem, e, hit & 1, buf, s, f, now, knobs, m)
-        expires = ld64(mem, e + E_EXPIRES)
-        if expires < fstate[2]:
-            fstate[2] = expires  # an RST before any reply: the entry expires now
+            if not pnic_row:
+                return j, STOP_PUNT, 0
+            pnic_punts[why] += 1
+            fstate[4] = why
+            return j, STOP_RETURN, 0
+        v, r = process_flow(rmem, e, hit & 1, buf, s, f, now, knobs, m)
         if routing[m]:
             v, r = forward_hop(buf, s, f, v, r)
-        owner = mem[e + E_OWNER]
+        owner = PNIC_TIER if pnic_row else mem[e + E_OWNER]
         verdict[i] = v
         reason[i] = r
         machine[i] = m
@@ -232,6 +274,14 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
         tier[i] = owner
         counts[owner, 0] += 1
         counts[owner, 1] += wire_len[i]
+        if pnic_row:
+            if now < fstate[3]:
+                fstate[3] = now
+                stop_time = min(stop_time, now + min_timeout)
+            continue
+        expires = ld64(mem, e + E_EXPIRES)
+        if expires < fstate[2]:
+            fstate[2] = expires  # an RST before any reply: the entry expires now
         if _wanted(mem, e, policy) and (
                 not bounded[m] or ld16(mem, e + E_STATUS) & ASSURED):
             total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)

@@ -41,7 +41,7 @@ from flowshift.tiers._pnic_index import key_words
 from flowshift.tiers._pnic_parse import N_FIELDS
 from flowshift.tiers.entry_table import EntryTable
 from flowshift.tiers.open_tables import open_tables
-from flowshift.tiers.pnic_engine import classifier_tables, kernel_arg, knob_table
+from flowshift.tiers.pnic_engine import PnicEngine, classifier_tables, kernel_arg, knob_table
 
 if TYPE_CHECKING:
     from flowshift.config import HostConfig
@@ -62,8 +62,8 @@ _ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one ind
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
              "elephant": kb.POLICY_ELEPHANT}
 
-STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER = (kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME,
-                                                   kb.STOP_OFFER)
+STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER, STOP_RETURN = (
+    kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME, kb.STOP_OFFER, kb.STOP_RETURN)
 
 
 class Fastpath:
@@ -91,8 +91,14 @@ class Fastpath:
         self.min_timeout = min(m.conntrack.knobs().min_timeout() for m in machines)
         self._returned = np.empty(0, np.int64)
         self._opened = np.empty(0, np.int64)  # rows a pass opened flows in
-        # a pass's free rows left, flows opened, earliest expiry it left a row with
-        self._fstate = np.zeros(3, np.int64)
+        # a pass's free rows left, flows opened, earliest expiry it left a row with, the
+        # first time the PNIC's rows ran in it, the reason of its STOP_RETURN
+        self._fstate = np.zeros(5, np.int64)
+        # the PNIC in this process, whose rows a pass runs too when `pnic_on` (`attach_pnic`):
+        # its second cache's arrays as run_rows takes them
+        self.pnic_on = False
+        self.pnic_from = -1  # after a pass: the time of its first PNIC row (-1: none ran)
+        self._pnic_arrays: tuple[np.ndarray, ...] = ()
         self.open = open_tables(machines, zones)
         self.zone_tables: list[FlowTable | None] = [None] * len(self.open.zone)  # open zones'
         self.opened = 0  # flows opened by the passes since the host last counted
@@ -110,6 +116,14 @@ class Fastpath:
     @property
     def capacity(self) -> int:
         return self.table.capacity
+
+    def attach_pnic(self, engine: PnicEngine) -> None:
+        """Let passes run the rows of flows this PNIC engine holds (when the host sets
+        `pnic_on`), as the PNIC's own pass runs them: it must run each machine as this fast
+        path does."""
+        if not engine.runs_as(self._knobs, self._routing):
+            raise ValueError("the PNIC runs the machines with other knobs than the fast path")
+        self._pnic_arrays = engine.pass_arrays()
 
     @property
     def entries(self) -> np.ndarray:
@@ -288,8 +302,9 @@ class Fastpath:
 
     @property
     def active(self) -> bool:
-        """Can a pass do anything: run a cached flow's packet or open a flow?"""
-        return self.live > 0 or self.opening
+        """Can a pass do anything: run a cached flow's packet, a PNIC flow's, or open a
+        flow?"""
+        return self.live > 0 or self.opening or self.pnic_on
 
     def _adopt(self, n: int) -> None:
         """The n flows the last pass opened: their tables count them."""
@@ -327,7 +342,7 @@ class Fastpath:
             stop_time: int) -> tuple[int, int, int]:
         """rows[start:] of the batch in order, until one stops the pass: (position, why,
         rows after a STOP_SOFTWARE row that software may take too)."""
-        if not self.live and not self.opening:
+        if not self.active:
             return start, STOP_SOFTWARE, 0
         if len(self._returned) < len(res):
             self._returned = np.empty(len(res), np.int64)
@@ -339,7 +354,9 @@ class Fastpath:
         fstate[0] = t.nfree
         fstate[1] = 0
         fstate[2] = _NEVER
+        fstate[3] = _NEVER
         tables = self.open
+        pnic = self._pnic_arrays if self.pnic_on else self._no_pnic()
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
@@ -347,7 +364,8 @@ class Fastpath:
             t.vals, self._held_keys, self._held_vals, self._inside, self._public,
             self._knobs, self._routing, self._bounded,
             self._offer_at, self.policy, self._f, self.counts, tables.zone, tables.rules,
-            tables.ports, tables.snat, t.free, fstate, self._opened)
+            tables.ports, tables.snat, t.free, fstate, self._opened, *pnic, self.pnic_on,
+            self.min_timeout)
         if fstate[1]:
             t.nfree = int(fstate[0])
             self._adopt(int(fstate[1]))
@@ -357,9 +375,20 @@ class Fastpath:
             # any reply, whose entry expires at once (fstate[2])
             self.floor = min(self.floor, int(clock[rows[start]]) + self.min_timeout,
                              int(fstate[2]))
+        self.pnic_from = -1 if fstate[3] == _NEVER else int(fstate[3])
         if why == STOP_PUNT:
             self.pull(int(returned[rows[at]]))
         return int(at), int(why), int(ahead)
+
+    def handed_back(self, i: int) -> tuple[int, int]:
+        """Batch row i stopped the last pass with STOP_RETURN: the PNIC's slot whose entry
+        it punted out of the index, and the PuntReason."""
+        return int(self._returned[i]), int(self._fstate[4])
+
+    def _no_pnic(self) -> tuple[np.ndarray, ...]:
+        """Stand-ins for the PNIC's arrays when a pass does not run its rows (never read)."""
+        t = self.table
+        return t.mem, t.state, t.keys, t.vals, self._fstate
 
 
 def compilations() -> int:

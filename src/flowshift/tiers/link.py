@@ -80,6 +80,15 @@ class InlineLink:
         out: list[ch.Msg] = []
         self.pnic.run(res.buf, res.offset, res.caplen, res.wire_len, res.linktype, now,
                       select, res.verdict, res.reason, res.machine, res.direction, out)
+        return self._across(out)
+
+    def hand_back(self, slot: int, punt: int, now: int) -> list[ch.Msg]:
+        """The entry a fast-path pass punted from the PNIC's cache (`Pnic.handed_back`),
+        across the channel, as `run_batch` brings one."""
+        return self._across([self.pnic.handed_back(slot, punt, now)])
+
+    def _across(self, out: list[ch.Msg]) -> list[ch.Msg]:
+        """The PNIC's messages through the channel to the VNIC, as it receives them."""
         for msg in out:
             self.pnic_end.send(msg)
         returned = []

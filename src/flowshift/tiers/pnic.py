@@ -180,6 +180,11 @@ class Pnic:
             raw = self.engine.take_returned(int(returned[i]))
             out.append(ch.Return(raw, _RETURN_BY_PUNT[int(reason[i])], int(ts[i])))
 
+    def handed_back(self, slot: int, punt: int, now: int) -> ch.Return:
+        """The entry a fast-path pass punted from this cache at trace time `now` (the pass ran
+        the PNIC's rows for it: tiers/_fastpath_batch.py), as the Return `run` sends."""
+        return ch.Return(self.engine.hand_back(slot), _RETURN_BY_PUNT[punt], now)
+
     def _packets(self, msg: ch.Packets, out: list[ch.Msg]) -> None:
         n = len(msg.index)
         caplen = np.fromiter(map(len, msg.data), np.int64, n)

@@ -159,6 +159,24 @@ class PnicEngine:
             self._live -= 1
         return self.table.remove(slot)
 
+    def hand_back(self, slot: int) -> bytes:
+        """The entry a fast-path pass ran and punted (tiers/_fastpath_batch.py; RETURNED, as
+        `process` leaves one): its exact bytes; frees the slot."""
+        raw = self.take_returned(slot)
+        self._live -= 1
+        return raw
+
+    def pass_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What a fast-path pass runs this cache's rows with (`run_rows`): the entries'
+        bytes, their states, the index and the punt counts, all shared with the engine."""
+        t = self.table
+        return t.mem, t.state, t.keys, t.vals, self._punts
+
+    def runs_as(self, knobs: np.ndarray, routing: np.ndarray) -> bool:
+        """Do these per-machine knobs and routing flags equal the engine's (a pass that runs
+        its rows reads its own)?"""
+        return np.array_equal(knobs, self._knobs) and np.array_equal(routing, self._routing)
+
     def take_returned(self, slot: int) -> bytes:
         """The entry `process` handed back in `returned`: its exact bytes; frees the slot."""
         if self._slot_state(slot) != RETURNED:

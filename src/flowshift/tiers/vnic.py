@@ -122,6 +122,8 @@ class Vnic:
         self.pnic_flows = 0  # entries the PNIC holds or is being sent
         self.pnic_owned: dict[FlowKey, Flow] = {}  # shadows of PNIC-owned flows
         self.moved_down: list[Flow] = []  # acknowledged since the host last looked
+        # called with a flow's key before it is recalled (the host may run its rows first)
+        self.before_recall: Callable[[FlowKey], None] = _nothing
         # pnic_owned by last_seen (ties in their order), built when room is needed and kept
         # until a shadow comes, goes or changes: a full PNIC refuses many offers in a row
         self._lru: list[Flow] | None = None
@@ -303,6 +305,7 @@ class Vnic:
             self._lru = sorted(self.pnic_owned.values(), key=lambda f: f.last_seen)
         lru = next((f for f in self._lru if not self.queue.in_transit(f.key)), None)
         if lru is not None and lru.last_seen < candidate.created:
+            self.before_recall(lru.key)
             self.seq += 1
             self.queue.start(self.seq, lru.key)
             self._send(ch.Recall(self.seq, tuple(lru.key), ReturnReason.ROOM),  # type: ignore[arg-type]
@@ -818,6 +821,10 @@ class Vnic:
 _FIELDS = ENTRY_DTYPE.fields
 assert _FIELDS is not None
 _EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
+
+
+def _nothing(key: FlowKey) -> None:
+    pass
 
 
 def _gone(chain: Chain, key: FlowKey, now: int) -> bool:
