@@ -10,6 +10,7 @@ must really have run (else these tests would prove nothing).
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flowshift.config import load_config, parse_config
+from flowshift.commands.demo import build_trace, demo_config_text
+from flowshift.config import load_config, parse_config, to_dict
 from flowshift.entry import Flow, Status, Tier
 from flowshift.flow import PROTO_TCP, FlowKey
 from flowshift.gen import TraceSpec, generate, parse_networks
@@ -97,40 +99,85 @@ def test_schedules_and_transports_are_the_same_on_both_engines(gateway, gateway_
     assert_same(gateway_trace, gateway, policy="elephant", rows=512, **kw)
 
 
-def test_flows_moving_down_mid_batch_run_at_the_pnic_inside_the_pass(gateway, gateway_trace,
-                                                                     monkeypatch):
-    """With the PNIC in this process at latency 0, the rows of a flow that moves down in the
-    middle of a segment run at the PNIC inside the fast path's passes (no second pass of the
-    PNIC for them), and a recall first runs the rest of the segment's rows of a flow that moved
-    so (the entry comes back with them, as from a second pass): both bit for bit as the
-    reference engine, which makes the second passes."""
-    again: list[int] = []
-    ahead: list[bool] = []
-    pnic_again, run_ahead = Host._pnic_again, Host._run_ahead
+def _counting(monkeypatch, *names: str) -> dict[str, list[tuple[object, ...]]]:
+    """Calls of these Host methods from now on, with their arguments, by name."""
+    calls: dict[str, list[tuple[object, ...]]] = {name: [] for name in names}
+    for name in names:
+        original = getattr(Host, name)
 
-    def counted_again(self, res, clock, rows):
-        again.append(len(rows))
-        return pnic_again(self, res, clock, rows)
+        def counted(self, *args, _original=original, _calls=calls[name]):
+            _calls.append(args)
+            return _original(self, *args)
 
-    def counted_ahead(self, key):
-        ahead.append(key in self._moved_in_pass)
-        return run_ahead(self, key)
+        monkeypatch.setattr(Host, name, counted)
+    return calls
 
-    monkeypatch.setattr(Host, "_pnic_again", counted_again)
-    monkeypatch.setattr(Host, "_run_ahead", counted_ahead)
+
+def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gateway_trace,
+                                                                 monkeypatch):
+    """With the PNIC in this process at latency 0, the fast path's passes move a flow the
+    policy wants down to the PNIC, run its later rows with the PNIC's entry, and take the entry
+    back at its FIN, without stopping (no second pass of the PNIC, no offer or return in
+    Python); a recall first runs the rest of the segment's rows of a flow that moved down in it
+    (the entry comes back with them, as from a second pass). All bit for bit as the reference
+    engine, which offers, answers and returns through the channel and makes the second
+    passes."""
+    calls = _counting(monkeypatch, "_pnic_again", "_run_ahead", "_moved_down", "_took_back",
+                      "_hand_back", "_offer")
     for capacity in (None, 2):
         kw = {"policy": "elephant", "rows": 512, "capacity": capacity}
         ref = run(gateway_trace, gateway, engine="reference", **kw)
-        assert again  # the reference engine's second passes
-        again.clear()
+        assert calls["_pnic_again"]  # the reference's second passes
+        for c in calls.values():
+            c.clear()
         fast = _same_as(ref, run(gateway_trace, gateway, **kw))
         stats = fast.host.stats
-        assert stats.offloads_to_pnic > 10
-        if capacity is None:  # room for every flow: no recall, no second pass at all
-            assert not again and not ahead and "room" not in stats.returned
-        else:  # recalls of flows that moved mid-segment ran their rows first
-            assert stats.returned["room"] > 5
-            assert any(ahead) and again
+        assert stats.offloads_to_pnic > 10 and stats.returned["closed"] > 10
+        assert len(calls["_moved_down"]) + len(calls["_offer"]) >= stats.offloads_to_pnic
+        assert calls["_moved_down"] and calls["_took_back"]
+        if capacity is None:  # room for every flow: each offer but the handoff's in the pass
+            assert len(calls["_offer"]) == 1 and not calls["_pnic_again"]
+            assert not calls["_run_ahead"] and "room" not in stats.returned
+        else:  # a full PNIC: offers refused in Python, and recalls that run rows first
+            assert stats.returned["room"] > 5 and stats.refused["full"] > 5
+            assert calls["_pnic_again"]
+
+
+@pytest.mark.parametrize("room", [1, 2, 5])
+def test_a_pass_full_of_offers_and_returns_stops_and_goes_on(gateway, gateway_trace, room,
+                                                             monkeypatch):
+    """A pass notes a bounded number of offers and returns for the host; past that it stops
+    as it would without them, and the next pass goes on: the same as the reference engine."""
+    heard: list[int] = []
+    heard_of, init = Fastpath._heard, Fastpath.__init__
+
+    def counted(self, n):
+        heard.append(n)
+        return heard_of(self, n)
+
+    def small(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.notes_room(room)
+
+    monkeypatch.setattr(Fastpath, "_heard", counted)
+    monkeypatch.setattr(Fastpath, "__init__", small)
+    assert_same(gateway_trace, gateway, policy="always", rows=4096)
+    assert max(heard) == room and sum(heard) > 10 * room
+
+
+@pytest.mark.parametrize("policy", ["always", "elephant"])
+def test_the_demo_host_is_the_same_on_both_engines(tmp_path, policy):
+    """Two machines on their VNIC, one zone each: within one pass a flow is opened, moved down
+    to the PNIC and taken back, and its row freed and taken again by another zone's flow;
+    every row still counts at its own table (the dumps list every flow)."""
+    cfg = parse_config(tomllib.loads(demo_config_text()), "demo.toml")
+    path = tmp_path / "demo.pcap"
+    n = build_trace(path, cfg, 0.03)
+    data = to_dict(cfg)
+    for machine in data["machine"]:
+        machine["start"] = "vnic"
+    fast = assert_same(path, parse_config(data), policy=policy, rows=4096, dump_at=n // 4)
+    assert fast.host.stats.offloads_to_pnic > 10 and fast.dumps[0]
 
 
 @pytest.mark.parametrize("policy", ["never", "elephant"])

@@ -124,7 +124,7 @@ FACTS = {
 
 # constants that are the kernels' own (layouts of their own arrays, not facts of the reference)
 OWN = {
-    kb: {"PUNT", "LIVE", "RETURNED", "AHEAD", "OUTSIDE", "SCAN_MAX"},
+    kb: {"PUNT", "FREE", "LIVE", "RETURNED", "AHEAD", "OUTSIDE", "SCAN_MAX"},
     kf: {"M32", "RST_INVALID", "RST_CHECK", "RST_KEEP_STATE", "RST_TRUSTED"},
     ki: {"EMPTY", "_GOLDEN"},
     kp: {"FAIL", "KEY_ONLY", "FULL", "N_FIELDS"},

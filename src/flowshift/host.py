@@ -19,7 +19,7 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig
-from flowshift.entry import Flow, Tier
+from flowshift.entry import Flow, Tier, key_of
 from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
@@ -109,6 +109,8 @@ class Host:
         if self.fastpath is not None and isinstance(link, InlineLink) and latency == 0:
             self._inline = link
             self.fastpath.attach_pnic(link.pnic.engine)
+            self.fastpath.on_take_back = self._took_back
+            self.fastpath.on_move_down = self._moved_down
             self.vnic.before_recall = self._run_ahead
         # the segment being decided (its rows), where in it software is, whether the PNIC
         # decided rows of it since it began, and the flows that moved down in it whose rows
@@ -420,6 +422,9 @@ class Host:
         if self._stale_zones:
             self._set_zones(fp)
         fp.pnic_on = self._pnic_in_pass()
+        if fp.pnic_on:  # the offers the pass may make, as `Vnic.consider` would take them
+            fp.pnic_ctl[kb.C_ROOM] = self.vnic.capacity - self.vnic.pnic_flows
+            fp.pnic_ctl[kb.C_SUPPORTED] = self.policy.supported
         for table in self._zone_tables.values():
             if table.dirty:
                 fp.hold(table)
@@ -431,12 +436,13 @@ class Host:
         return fp.active
 
     def _pnic_in_pass(self) -> bool:
-        """May the fast path's next pass run the rows of the flows the PNIC owns, as the
-        PNIC's own pass would? With the PNIC in this process at latency 0, alive and healthy,
-        owning flows, and nothing of the VNIC's held or in flight (no row may overtake it)."""
+        """May the fast path's next pass run the rows of the flows the PNIC owns as the
+        PNIC's own pass would, and move flows there as the VNIC's offers would? With the PNIC
+        in this process at latency 0, alive and healthy, and nothing of the VNIC's held or in
+        flight (no row may overtake it)."""
         vnic = self.vnic
         return (self._inline is not None and vnic.alive and vnic.healthy
-                and bool(vnic.pnic_owned) and not vnic.queue.busy())
+                and not vnic.queue.busy())
 
     def _pnic_ran(self, first: int) -> None:
         """A pass ran the PNIC's rows from trace time `first` on, as `_pnic_pass` does."""
@@ -451,6 +457,29 @@ class Host:
         slot, punt = fp.handed_back(i)
         self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
         self.vnic.synced_at = -1
+
+    def _took_back(self, i: int, slot: int, pnic_slot: int, backoff: int) -> None:
+        """A pass took the entry of a PNIC flow back at batch row i (a FIN or RST the PNIC
+        punts) into row `slot` of the fast path, and ran the row there: the PNIC frees its
+        slot, and the VNIC takes the flow back as from that Return at the row's time."""
+        assert self._inline is not None and self._segment is not None and self.fastpath
+        self._inline.pnic.engine.hand_back(pnic_slot)
+        # the row still holds the flow: closing, it is not offered again in that pass
+        key = key_of(self.fastpath.table.get(slot))
+        now = self.advance(int(self._segment[1][i]))
+        self.vnic.took_back(key, backoff, now)
+
+    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
+        """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
+        cache: the flow, as it was, back in its table as the shadow of a PNIC-owned flow, as
+        the VNIC's offer and the PNIC's answer make it at latency 0."""
+        assert self._inline is not None and self._segment is not None
+        self._inline.pnic.engine.moved_in()
+        flow = Flow.from_bytes(raw)
+        table.attach(flow)
+        now = self.advance(int(self._segment[1][i]))
+        self.vnic.moved_down_in_pass(flow, now)
+        self._moved_in_pass[flow.key] = flow
 
     def _set_zones(self, fp: Fastpath) -> None:
         """The stale machines' zones as they stand: the table (none when it has a limit), the

@@ -108,6 +108,8 @@ class HandoffQueue(Generic[P]):
 
     def cancel(self, fkey: FlowKey) -> None:
         """Every message of `fkey` in transit is answered (its entry came back)."""
+        if fkey not in self._in_transit:
+            return
         for seq in [s for s, k in self.transit.items() if k == fkey]:
             del self.transit[seq]
             self._end(fkey)

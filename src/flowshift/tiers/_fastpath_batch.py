@@ -30,9 +30,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from flowshift.conntrack_types import TcpState
 from flowshift.entry import Tier
 from flowshift.results import PENDING
 from flowshift.tiers._fastpath_open import (
+    E_CHAIN,
     E_OWNER,
     F_DIRECTION,
     F_MACHINE,
@@ -42,7 +44,7 @@ from flowshift.tiers._fastpath_open import (
     Z_TIER,
     open_flow,
 )
-from flowshift.tiers._pnic_batch import AHEAD, classify, punt_reason
+from flowshift.tiers._pnic_batch import AHEAD, FREE, classify, punt_reason
 from flowshift.tiers._pnic_flow import (
     ASSURED,
     E_BYTES,
@@ -55,6 +57,7 @@ from flowshift.tiers._pnic_flow import (
     SEEN_REPLY,
     TCP_LIFE,
     TCP_LIFE_SOFTWARE,
+    TCP_SYN,
     forward_hop,
     process_flow,
     syn_answer,
@@ -63,6 +66,7 @@ from flowshift.tiers._pnic_index import (
     E_PROTO,
     E_SIZE,
     head_word,
+    index_insert,
     index_remove,
     lookup,
 )
@@ -72,6 +76,7 @@ from flowshift.tiers._pnic_parse import (
     F_DST_HI,
     F_DST_LO,
     F_FAMILY,
+    F_FLAGS,
     F_PROTO,
     F_SPORT,
     F_SRC_HI,
@@ -81,6 +86,7 @@ from flowshift.tiers._pnic_parse import (
     KEY_ONLY,
     parse_frame,
 )
+from flowshift.verdict import PuntReason
 
 RETURNED = 2
 DONE = 0
@@ -90,6 +96,23 @@ STOP_TIME = 3
 STOP_OFFER = 4
 STOP_RETURN = 5
 PNIC_TIER = int(Tier.PNIC)  # a row the PNIC's entry ran is counted there
+VNIC_TIER = int(Tier.VNIC)
+# TCP states whose every packet but a SYN the kernels run (tcp_track), the SYN/ACK answering
+# a SYN_SENT flow's SYN included: from the SYN on, through the close and its RSTs (a bit each)
+CACHED_TCP_STATES = sum(1 << int(s) for s in (
+    TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
+    TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
+PUNT_LIFE = int(PuntReason.LIFE)
+# what a pass did with the PNIC that software must hear of, in order: a note each of N_NOTE
+# words (kind, batch row, this table's row, the PNIC's slot, the back-off taken back with it)
+NOTE_TAKEN_BACK = 0  # an entry the PNIC punted at a FIN or RST came back to a row here
+NOTE_OFFERED = 1  # an established flow moved from a row here to the PNIC (`shadows`: as it was)
+N_NOTE = 5
+# pnic_ctl: what a pass may do with the PNIC's second cache: offers the VNIC may still make
+# (room), the services the PNIC runs (chain bits), the cache's free slots
+C_ROOM = 0
+C_SUPPORTED = 1
+C_NFREE = 2
 # policy[0]: what the offload policy takes (offload.POLICIES order)
 POLICY_NEVER = 0
 POLICY_ALWAYS = 1
@@ -174,11 +197,79 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
 
 
 @kernel()
+def _take_back(pnic_mem, pe, mem, state, keys, vals, free, fstate, offer_at):
+    """The entry at pnic_mem[pe] (punted at a FIN or RST, out of the PNIC's index) into a free
+    row of this table, owned by the VNIC, indexed, with the VNIC's back-off for it as its offer
+    threshold, as `Vnic._on_return` and `Fastpath.cache` leave it: the row, or -1 (a TCP state
+    the table does not run, no free row, a key taken: software takes it back)."""
+    tcp_state = pnic_mem[pe + E_TCP_STATE]  # a byte: shifting by 64 or more is undefined
+    if tcp_state >= 64 or not (CACHED_TCP_STATES >> tcp_state) & 1 or fstate[0] == 0:
+        return -1
+    slot = free[fstate[0] - 1]
+    e = slot * E_SIZE
+    for b in range(E_SIZE):
+        mem[e + b] = pnic_mem[pe + b]
+    mem[e + E_OWNER] = VNIC_TIER
+    if not index_insert(mem, slot, keys, vals):
+        for b in range(E_SIZE):
+            mem[e + b] = 0
+        return -1
+    fstate[0] -= 1
+    state[slot] = LIVE
+    total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
+    offer_at[slot] = 2 * total + 1
+    return slot
+
+
+@kernel()
+def _note(notes, fstate, kind, i, row, pnic_slot, backoff):
+    """One more note for the host (fstate[5] of them so far)."""
+    k = fstate[5]
+    notes[k, 0] = kind
+    notes[k, 1] = i
+    notes[k, 2] = row
+    notes[k, 3] = pnic_slot
+    notes[k, 4] = backoff
+    fstate[5] = k + 1
+
+
+@kernel()
+def _move_down(mem, slot, state, keys, vals, free, fstate, pnic_mem, pnic_state, pnic_keys,
+               pnic_vals, pnic_free, pnic_ctl, shadow):
+    """The entry in `slot` into a free slot of the PNIC's cache, owned by the PNIC and indexed
+    (Pnic._offload), its row here freed (EntryTable.remove) and its bytes kept in `shadow`:
+    the PNIC's slot, or -1 (no free slot, a key taken there: nothing changed)."""
+    if pnic_ctl[C_NFREE] == 0:
+        return -1
+    down = pnic_free[pnic_ctl[C_NFREE] - 1]
+    e = slot * E_SIZE
+    pe = down * E_SIZE
+    for b in range(E_SIZE):
+        shadow[b] = mem[e + b]
+        pnic_mem[pe + b] = mem[e + b]
+    pnic_mem[pe + E_OWNER] = PNIC_TIER
+    if not index_insert(pnic_mem, down, pnic_keys, pnic_vals):
+        for b in range(E_SIZE):
+            pnic_mem[pe + b] = 0
+        return -1
+    pnic_ctl[C_NFREE] -= 1
+    pnic_state[down] = LIVE
+    index_remove(mem, slot, keys, vals)
+    for b in range(E_SIZE):
+        mem[e + b] = 0
+    state[slot] = FREE
+    free[fstate[0]] = slot
+    fstate[0] += 1
+    return down
+
+
+@kernel()
 def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_time, verdict,
              reason, rule, returned, machine, direction, tier, mem, state, keys, vals, held_keys,
              held_vals, inside, public, knobs, routing, bounded, offer_at, policy, f, counts,
              zone, rules, ports, snat, free, fstate, opened, pnic_mem, pnic_state, pnic_keys,
-             pnic_vals, pnic_punts, pnic_on, min_timeout):
+             pnic_vals, pnic_punts, pnic_on, min_timeout, notes, shadows, pnic_free,
+             pnic_ctl):
     """Run rows[start:] in order until one stops the pass: (position in rows, why, ahead).
 
     STOP_OFFER returns the position after the processed row; every other stop the row's own.
@@ -198,6 +289,13 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     to the time of the first row the PNIC's entries ran; fstate[4]: the PuntReason of a
     STOP_RETURN. No entry of the PNIC a row ran expires before min_timeout after it: the pass
     stops there (STOP_TIME), since opening a flow at the VNIC from then on may need a sync.
+    An entry the PNIC punts at a FIN or RST whose row this table runs comes back here instead
+    of stopping the pass, as the VNIC takes it back and caches it (`_take_back`); a VNIC flow
+    the policy wants moves to the PNIC's cache instead of stopping the pass, as the VNIC's
+    offer and the PNIC's answer at latency 0 move it (`_move_down`), while pnic_ctl has room:
+    notes[k] says what happened k-th (fstate[5] notes; when notes is full, the pass stops as it
+    would without them), shadows[k] holds an offered entry as it was (as many rows as notes);
+    pnic_free: the PNIC's free slots (pnic_ctl[C_NFREE] of them).
     """
     n = len(rows)
     for j in range(start, n):
@@ -261,8 +359,18 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
             if not pnic_row:
                 return j, STOP_PUNT, 0
             pnic_punts[why] += 1
-            fstate[4] = why
-            return j, STOP_RETURN, 0
+            back = -1
+            if why == PUNT_LIFE and status == FULL and not f[F_FLAGS] & TCP_SYN and (
+                    not bounded[m]) and fstate[5] < len(notes):
+                back = _take_back(pnic_mem, e, mem, state, keys, vals, free, fstate, offer_at)
+            if back < 0:
+                fstate[4] = why
+                return j, STOP_RETURN, 0
+            _note(notes, fstate, NOTE_TAKEN_BACK, i, back, slot, offer_at[back])
+            pnic_row = False  # the row is this table's now, as software's after the return
+            slot = back
+            e = back * E_SIZE
+            rmem = mem
         v, r = process_flow(rmem, e, hit & 1, buf, s, f, now, knobs, m)
         if routing[m]:
             v, r = forward_hop(buf, s, f, v, r)
@@ -286,6 +394,20 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
                 not bounded[m] or ld16(mem, e + E_STATUS) & ASSURED):
             total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
             if total >= offer_at[slot]:
+                if (pnic_on and pnic_ctl[C_ROOM] > 0 and owner == VNIC_TIER
+                        and not bounded[m] and policy[0] != POLICY_ASK
+                        and fstate[5] < len(notes)
+                        and not mem[e + E_CHAIN] & ~pnic_ctl[C_SUPPORTED]):
+                    down = _move_down(mem, slot, state, keys, vals, free, fstate, pnic_mem,
+                                      pnic_state, pnic_keys, pnic_vals, pnic_free, pnic_ctl,
+                                      shadows[fstate[5]])
+                    if down >= 0:
+                        _note(notes, fstate, NOTE_OFFERED, i, slot, down, 0)
+                        pnic_ctl[C_ROOM] -= 1
+                        if now < fstate[3]:  # as a row the PNIC ran: no entry of it expires
+                            fstate[3] = now  # before min_timeout from now
+                            stop_time = min(stop_time, now + min_timeout)
+                        continue
                 returned[i] = slot
                 return j + 1, STOP_OFFER, 0
     return n, DONE, 0

@@ -221,7 +221,7 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, held_keys, held_vals, knob
     decides it; slot -1: the packet was decided and opened no flow (a firewall drop).
     held_keys, held_vals: an index of the keys Python holds (tiers/fastpath.py `hold`).
     fstate[0]: free rows left on the stack `free`; fstate[1]: rows opened so far, listed in
-    `opened`."""
+    `opened` (zone << 32 | row)."""
     m = f[F_MACHINE]
     d = f[F_DIRECTION]
     nothing = (NOT_OPENED, 0, np.int64(-1), np.int64(-1))
@@ -326,7 +326,7 @@ def open_flow(buf, s, f, now, mem, state, keys, vals, held_keys, held_vals, knob
     st64(mem, e + E_BYTES, f[F_TOTAL])
     state[slot] = LIVE
     offer_at[slot] = zone[m, Z_OFFER_AT]
-    opened[fstate[1]] = slot
+    opened[fstate[1]] = (m << 32) | slot  # the zone too: the row may be freed in the pass
     fstate[1] += 1
     reason = RULE if rule >= 0 else DEFAULT
     translate(mem, e, np.int64(0), buf, s, f)

@@ -44,6 +44,7 @@ PUNT_MISS = int(PuntReason.MISS)
 PUNT_LIFE = int(PuntReason.LIFE)
 PUNT_EXPIRED = int(PuntReason.EXPIRED)
 PUNT_UNSUPPORTED = int(PuntReason.UNSUPPORTED)
+FREE = 0  # a slot's state (tiers/entry_table.py): free, LIVE, or RETURNED (handed back)
 LIVE = 1
 RETURNED = 2
 _SIGN = np.int64(-9223372036854775808)

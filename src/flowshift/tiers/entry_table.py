@@ -14,10 +14,9 @@ import numpy as np
 from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE
 from flowshift.flow import FlowKey
 from flowshift.tiers import _pnic_index as ki
-from flowshift.tiers._pnic_batch import LIVE
+from flowshift.tiers._pnic_batch import FREE, LIVE
 from flowshift.tiers._pnic_index import key_words
 
-FREE = 0  # a slot's state: free; else LIVE, or RETURNED (handed back, not taken yet)
 _EMPTY_ROW = bytes(ENTRY_SIZE)
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowshift.conntrack_types import Status
-from flowshift.entry import Flow, Tier
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, field_offsets
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
@@ -51,12 +51,10 @@ if TYPE_CHECKING:
     from flowshift.tiers.classify import Classifier
 
 _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-# TCP states whose every packet but a SYN the kernels run (tcp_track), the SYN/ACK answering
-# a SYN_SENT flow's SYN included: from the SYN on, through the close and its RSTs
-_CACHED_STATES = frozenset(int(s) for s in (
-    TcpState.SYN_SENT, TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.FIN_WAIT,
-    TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
+_CACHED_STATES = frozenset(s for s in TcpState if kb.CACHED_TCP_STATES >> s & 1)
 _ASSURED = int(Status.ASSURED)
+_ZONE = field_offsets()["zone"]  # an entry's zone: its machine
+MAX_NOTES = 256  # offers and returns a pass notes for the host at most (`notes_room`)
 _NEVER = np.iinfo(np.int64).max
 _ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one indexed write
 _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
@@ -92,8 +90,18 @@ class Fastpath:
         self._returned = np.empty(0, np.int64)
         self._opened = np.empty(0, np.int64)  # rows a pass opened flows in
         # a pass's free rows left, flows opened, earliest expiry it left a row with, the
-        # first time the PNIC's rows ran in it, the reason of its STOP_RETURN
-        self._fstate = np.zeros(5, np.int64)
+        # first time the PNIC's rows ran in it, the reason of its STOP_RETURN, the notes it
+        # left for the host (`_notes`: offers and returns it made itself)
+        self._fstate = np.zeros(6, np.int64)
+        self.notes_room(MAX_NOTES)
+        # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
+        # (batch row, its row here, the PNIC's slot, the VNIC's back-off), a flow moved down
+        # (batch row, its table, its entry as it was, the PNIC's slot)
+        self.on_take_back: Callable[[int, int, int, int], None] | None = None
+        self.on_move_down: Callable[[int, FlowTable, bytes, int], None] | None = None
+        self._pnic_table: EntryTable | None = None
+        # per pass: offers the VNIC may still make, the services the PNIC runs, its free slots
+        self.pnic_ctl = np.zeros(3, np.int64)
         # the PNIC in this process, whose rows a pass runs too when `pnic_on` (`attach_pnic`):
         # its second cache's arrays as run_rows takes them
         self.pnic_on = False
@@ -117,6 +125,11 @@ class Fastpath:
     def capacity(self) -> int:
         return self.table.capacity
 
+    def notes_room(self, n: int) -> None:
+        """Let a pass note at most n offers and returns (then it stops for the host)."""
+        self._notes = np.zeros((n, kb.N_NOTE), np.int64)
+        self._shadows = np.zeros((n, ENTRY_SIZE), np.uint8)
+
     def attach_pnic(self, engine: PnicEngine) -> None:
         """Let passes run the rows of flows this PNIC engine holds (when the host sets
         `pnic_on`), as the PNIC's own pass runs them: it must run each machine as this fast
@@ -124,6 +137,7 @@ class Fastpath:
         if not engine.runs_as(self._knobs, self._routing):
             raise ValueError("the PNIC runs the machines with other knobs than the fast path")
         self._pnic_arrays = engine.pass_arrays()
+        self._pnic_table = engine.table
 
     @property
     def entries(self) -> np.ndarray:
@@ -307,10 +321,11 @@ class Fastpath:
         return self.live > 0 or self.opening or self.pnic_on
 
     def _adopt(self, n: int) -> None:
-        """The n flows the last pass opened: their tables count them."""
-        slots = self._opened[:n]
-        zones = self.entries["zone"][slots].tolist()
-        for slot, zone in zip(slots.tolist(), zones, strict=True):
+        """The n flows the last pass opened: their tables count them. (A row opened may have
+        been freed again in the pass, its flow moved down to the PNIC: `_heard` says so.)"""
+        opened = self._opened[:n]
+        zones = (opened >> 32).tolist()
+        for slot, zone in zip((opened & 0xFFFFFFFF).tolist(), zones, strict=True):
             table = self.zone_tables[zone]
             assert table is not None  # an open zone has its table
             self.tables[slot] = table
@@ -355,8 +370,17 @@ class Fastpath:
         fstate[1] = 0
         fstate[2] = _NEVER
         fstate[3] = _NEVER
+        fstate[5] = 0
         tables = self.open
         pnic = self._pnic_arrays if self.pnic_on else self._no_pnic()
+        ctl = self.pnic_ctl
+        if self.pnic_on:
+            assert self._pnic_table is not None
+            ctl[kb.C_NFREE] = self._pnic_table.nfree
+            pnic_free = self._pnic_table.free
+        else:
+            ctl[kb.C_ROOM] = 0
+            pnic_free = t.free
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
@@ -365,10 +389,15 @@ class Fastpath:
             self._knobs, self._routing, self._bounded,
             self._offer_at, self.policy, self._f, self.counts, tables.zone, tables.rules,
             tables.ports, tables.snat, t.free, fstate, self._opened, *pnic, self.pnic_on,
-            self.min_timeout)
-        if fstate[1]:
+            self.min_timeout, self._notes, self._shadows, pnic_free, ctl)
+        if fstate[1] or fstate[5]:
             t.nfree = int(fstate[0])
+        if fstate[1]:
             self._adopt(int(fstate[1]))
+        if fstate[5]:
+            assert self._pnic_table is not None
+            self._pnic_table.nfree = int(ctl[kb.C_NFREE])
+            self._heard(int(fstate[5]))
         self.ran += at - start
         if start < at:
             # no packet it ran gives its entry less life than min_timeout but an RST before
@@ -379,6 +408,29 @@ class Fastpath:
         if why == STOP_PUNT:
             self.pull(int(returned[rows[at]]))
         return int(at), int(why), int(ahead)
+
+    def _heard(self, n: int) -> None:
+        """The n notes of the last pass, in order (_fastpath_batch.run_rows): entries it took
+        back from the PNIC into rows here, flows it moved from rows here down to the PNIC.
+        The host hands each to the VNIC. A row a pass freed may have been taken again in it:
+        each row noted ends with the table its state says."""
+        assert self.on_take_back is not None and self.on_move_down is not None
+        notes = self._notes[:n].tolist()
+        for k, (kind, i, slot, pnic_slot, backoff) in enumerate(notes):
+            if kind == kb.NOTE_TAKEN_BACK:
+                self.live += 1
+                self.cached += 1
+                self.on_take_back(i, slot, pnic_slot, backoff)
+            else:
+                raw = self._shadows[k].tobytes()
+                table = self.zone_tables[int.from_bytes(raw[_ZONE:_ZONE + 2], "little")]
+                assert table is not None  # the VNIC's, unbounded: open to the pass
+                self.live -= 1
+                self.on_move_down(i, table, raw, pnic_slot)
+        state, zones = self.table.state, self.entries["zone"]
+        for _, _, slot, _, _ in notes:
+            self.tables[slot] = (self.zone_tables[int(zones[slot])] if state[slot] == ko.LIVE
+                                 else None)
 
     def handed_back(self, i: int) -> tuple[int, int]:
         """Batch row i stopped the last pass with STOP_RETURN: the PNIC's slot whose entry

@@ -159,6 +159,10 @@ class PnicEngine:
             self._live -= 1
         return self.table.remove(slot)
 
+    def moved_in(self) -> None:
+        """A fast-path pass put an entry in the cache (`_move_down`: LIVE and indexed)."""
+        self._live += 1
+
     def hand_back(self, slot: int) -> bytes:
         """The entry a fast-path pass ran and punted (tiers/_fastpath_batch.py; RETURNED, as
         `process` leaves one): its exact bytes; frees the slot."""

@@ -682,6 +682,41 @@ class Vnic:
         # would have had it never left software
         self.admit(fkey.zone, flow, at)
 
+    def moved_down_in_pass(self, flow: Flow, at: int) -> None:
+        """A flow this VNIC owns (back in its table, as it was when offered) moved to the
+        PNIC's cache in the host's pass (tiers/_fastpath_batch.py): what `consider` and, at
+        latency 0 at once, `_on_ack` do with an offer the PNIC takes."""
+        self.seq += 1
+        self.pnic_flows += 1
+        self.lower_floor(flow.expires)
+        self.synced_at = -1
+        s = self.stats
+        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
+        flow.owner = _PNIC
+        self.pnic_owned[flow.key] = flow
+        self._lru = None
+        s.offloads_to_pnic += 1
+        s.events.append((at, "offload", str(flow.key)))
+
+    def took_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
+        """The entry of a flow the PNIC owned came back at a FIN or RST straight into the
+        fast path (the host's pass ran the PNIC's row, tiers/_fastpath_batch.py), cached with
+        this back-off: what `_on_return` and `admit` do with such a Return at `at`."""
+        shadow = self.pnic_owned.pop(fkey)
+        self._lru = None
+        chain = self.chains[fkey.zone]
+        assert chain is not None
+        chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
+        self.pnic_flows -= 1
+        self.synced_at = -1
+        label = _RETURN_LABELS[ReturnReason.CLOSED]
+        self.stats.count(self.stats.returned, label)
+        self.stats.events.append((at, "return", label))
+        self.queue.cancel(fkey)
+        self.backoff[fkey] = backoff
+        if not self.queue.in_flight(fkey):
+            self._release(fkey)
+
     def _on_results(self, msg: ch.Results, at: int) -> None:
         n = len(msg.index)
         if not (len(msg.verdict) == len(msg.reason) == len(msg.data) == n):
