@@ -10,6 +10,7 @@ must really have run (else these tests would prove nothing).
 from __future__ import annotations
 
 import dataclasses
+import random
 import tomllib
 from pathlib import Path
 
@@ -141,6 +142,36 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
         else:  # a full PNIC: offers refused in Python, and recalls that run rows first
             assert stats.returned["room"] > 5 and stats.refused["full"] > 5
             assert calls["_pnic_again"]
+
+
+@pytest.mark.parametrize(("seed", "p", "capacity", "policy"), [
+    (1, 0.5, 64, "elephant"), (2, 0.2, 2, "elephant"), (3, 0.5, 2, "always"),
+    (4, 0.8, 64, "always")])
+def test_the_pnic_in_the_pass_may_stop_at_any_moment(gateway, gateway_trace, monkeypatch,
+                                                     seed, p, capacity, policy):
+    """Whenever the pass may not run the PNIC's rows (something of the VNIC's held or in
+    flight: here at random moments), the PNIC's first pass, the second passes and the
+    catch-up of the rows left (`Host._catch_up`) take over: still the reference's results."""
+    draw = random.Random(seed)
+    in_pass = Host._pnic_in_pass
+    caught: list[bool] = []
+    catch_up = Host._catch_up
+
+    def sometimes(self):
+        return in_pass(self) and draw.random() >= p
+
+    def counted(self):
+        was = self._all_in_pass
+        catch_up(self)
+        caught.append(was and not self._all_in_pass)  # it ran the PNIC over the rows left
+
+    monkeypatch.setattr(Host, "_pnic_in_pass", sometimes)
+    monkeypatch.setattr(Host, "_catch_up", counted)
+    kw = {"policy": policy, "rows": 512, "capacity": capacity}
+    ref = run(gateway_trace, gateway, engine="reference", **kw)
+    caught.clear()
+    _same_as(ref, run(gateway_trace, gateway, **kw))
+    assert any(caught)  # rows left to catch up with, every PNIC flow's
 
 
 @pytest.mark.parametrize("room", [1, 2, 5])

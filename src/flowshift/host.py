@@ -119,6 +119,7 @@ class Host:
         self._at = 0
         self._moved_rows = False
         self._moved_in_pass: dict[FlowKey, Flow] = {}
+        self._all_in_pass = False  # and every PNIC flow's, the PNIC's first pass not made
         self.policy = self.vnic.policy
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1
@@ -333,13 +334,13 @@ class Host:
                 f = int(np.searchsorted(frags, pos))
                 if f < len(frags):
                     end = pos + 1 if frags[f] == pos else min(end, int(frags[f]))
-                rows = self._pnic_first(res, clock, pos, end)
-                self.vnic.moved_down.clear()  # the pass saw every flow the PNIC owns
-                self.repass.begin()
-                self._moved_in_pass.clear()
-                self._segment = (res, clock, rows)
                 # a fragment's segment is Python's: its datagram is reassembled there
                 fast = fp is not None and not (f < len(frags) and frags[f] == pos)
+                self._moved_in_pass.clear()
+                rows = self._pnic_first(res, clock, pos, end, fast)
+                self.vnic.moved_down.clear()  # the pass saw every flow the PNIC owns
+                self.repass.begin()
+                self._segment = (res, clock, rows)
                 at = ahead = 0
                 self._moved_rows = False  # rows holds rows the PNIC decided since
                 while at < len(rows):
@@ -398,6 +399,7 @@ class Host:
         finally:
             self._segment = None
             self._moved_in_pass.clear()
+            self._all_in_pass = False
             if fp is not None:
                 fp.on = False
                 self._count_fast()
@@ -539,12 +541,17 @@ class Host:
         """Batches decided since (after `finish`: every one left)."""
         return self.out.ready()
 
-    def _pnic_first(self, res: BatchResults, clock: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    def _pnic_first(self, res: BatchResults, clock: np.ndarray, lo: int, hi: int,
+                    fast: bool) -> np.ndarray:
         """The undecided rows lo..hi through the PNIC's data path first; the rows it left to
-        software, in order. The entries it hands back take effect at their packet's time."""
+        software, in order. The entries it hands back take effect at their packet's time.
+        When the fast path's passes may run the PNIC's rows (`fast`, `_pnic_in_pass`), they
+        run them as they come instead (`_all_in_pass`: `_run_ahead` and `_catch_up` run a
+        flow's rest of the segment at the PNIC when the order would show)."""
         res.flush()
         rows = lo + np.flatnonzero(res.verdict[lo:hi] == PENDING)
-        if not self._pnic_ready(rows):
+        self._all_in_pass = fast and self._pnic_in_pass()
+        if self._all_in_pass or not self._pnic_ready(rows):
             return rows
         done = self._pnic_pass(res, clock, rows, lo, hi)
         return rows if done is None else rows[~done[rows - lo]]
@@ -575,6 +582,8 @@ class Host:
         meet the PNIC now, as they would have when it moved down (`_repass`): the entry comes
         back with them (docs/architecture.md, rule 4)."""
         flow = self._moved_in_pass.pop(key, None)
+        if flow is None and self._all_in_pass:
+            flow = self.vnic.pnic_owned.get(key)
         if flow is not None and self._segment is not None:
             res, clock, rows = self._segment
             self._pnic_rows(res, clock, rows, self._at, [flow])
@@ -584,7 +593,19 @@ class Host:
         come, when the passes can no longer run them (something of the VNIC's is held or in
         flight): the rest of the segment's rows of those the PNIC still holds meet it now, as
         they would have when they moved down (`_repass`)."""
-        if not self._moved_in_pass or self._pnic_in_pass() or self._segment is None:
+        if self._pnic_in_pass() or self._segment is None:
+            return
+        if self._all_in_pass:  # every PNIC flow's rows left: as the PNIC's first pass
+            self._all_in_pass = False
+            self._moved_in_pass.clear()
+            res, clock, rows = self._segment
+            left = rows[self._at:]
+            left = left[res.verdict[left] == PENDING]
+            if self._pnic_ready(left):
+                self._pnic_pass(res, clock, left, int(left[0]), int(left[-1]) + 1)
+                self._moved_rows = True
+            return
+        if not self._moved_in_pass:
             return
         owned = self.vnic.pnic_owned
         flows = [f for f in self._moved_in_pass.values() if f.key in owned]
