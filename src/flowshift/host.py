@@ -577,10 +577,11 @@ class Host:
             self._moved_rows = True
 
     def _run_ahead(self, key: FlowKey) -> None:
-        """The VNIC is about to recall a PNIC flow. If it moved down in this segment and the
-        fast path's passes run its rows as they come, the rest of the segment's rows of it
-        meet the PNIC now, as they would have when it moved down (`_repass`): the entry comes
-        back with them (docs/architecture.md, rule 4)."""
+        """The VNIC is about to recall a PNIC flow whose rows the fast path's passes run as
+        they come (it moved down in this segment, or the PNIC's first pass was not made): the
+        rest of the segment's rows of it meet the PNIC now, as they would have in the PNIC's
+        first or second pass, so the entry comes back with them (docs/architecture.md,
+        rule 4)."""
         flow = self._moved_in_pass.pop(key, None)
         if flow is None and self._all_in_pass:
             flow = self.vnic.pnic_owned.get(key)
@@ -589,29 +590,27 @@ class Host:
             self._pnic_rows(res, clock, rows, self._at, [flow])
 
     def _catch_up(self) -> None:
-        """Flows that moved down in this segment whose rows the passes were to run as they
-        come, when the passes can no longer run them (something of the VNIC's is held or in
-        flight): the rest of the segment's rows of those the PNIC still holds meet it now, as
-        they would have when they moved down (`_repass`)."""
-        if self._pnic_in_pass() or self._segment is None:
+        """The passes were to run PNIC flows' rows as they come and no longer can (something
+        of the VNIC's is held or in flight): the rows of the segment left meet the PNIC now,
+        as in its first pass (every PNIC flow's) or its second (the flows that moved down in
+        the segment and that it still holds)."""
+        if not (self._all_in_pass or self._moved_in_pass) or self._segment is None or (
+                self._pnic_in_pass()):
             return
-        if self._all_in_pass:  # every PNIC flow's rows left: as the PNIC's first pass
+        res, clock, rows = self._segment
+        if self._all_in_pass:
             self._all_in_pass = False
             self._moved_in_pass.clear()
-            res, clock, rows = self._segment
             left = rows[self._at:]
             left = left[res.verdict[left] == PENDING]
             if self._pnic_ready(left):
                 self._pnic_pass(res, clock, left, int(left[0]), int(left[-1]) + 1)
                 self._moved_rows = True
             return
-        if not self._moved_in_pass:
-            return
         owned = self.vnic.pnic_owned
         flows = [f for f in self._moved_in_pass.values() if f.key in owned]
         self._moved_in_pass.clear()
         if flows:
-            res, clock, rows = self._segment
             self._pnic_rows(res, clock, rows, self._at, flows)
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
