@@ -142,9 +142,15 @@ _KEY = struct.Struct(_KEY_FORMAT)  # the key alone, at the entry's start
 
 def key_of(raw: builtins.bytes | memoryview) -> FlowKey:
     """The key of an ENTRY_DTYPE record (`Flow.from_bytes(raw).key`, without the rest)."""
-    fam, proto, zone, sport, dport, src, dst = _KEY.unpack_from(raw)
+    return _key(*_KEY.unpack_from(raw))
+
+
+def _key(fam: int, proto: int, zone: int, sport: int, dport: int, src: builtins.bytes,
+         dst: builtins.bytes) -> FlowKey:
+    """A key from its unpacked fields (addresses padded to 16 bytes)."""
     n = 4 if fam == 4 else 16
     return FlowKey(fam, proto, zone, src[:n], dst[:n], sport, dport)
+
 
 _NO_TCP = (0,) * 22
 _SEEN_REPLY = int(Status.SEEN_REPLY)  # a plain int: IntFlag operators cost per entry
@@ -200,7 +206,7 @@ class Flow:
         v = _STRUCT.unpack(raw)
         fam, proto, zone = v[0], v[1], v[2]
         n = 4 if fam == 4 else 16
-        key = FlowKey(fam, proto, zone, v[5][:n], v[6][:n], v[3], v[4])
+        key = _key(*v[:7])
         xlat = FlowKey(fam, proto, zone, v[7][:n], v[8][:n], v[9], v[10])
         tcp = None
         if proto == 6:

@@ -119,7 +119,7 @@ class Host:
         self._at = 0
         self._moved_rows = False
         self._moved_in_pass: dict[FlowKey, Flow] = {}
-        self._all_in_pass = False  # and every PNIC flow's, the PNIC's first pass not made
+        self._all_in_pass = False  # every PNIC flow's rows too: the PNIC's first pass not made
         self.policy = self.vnic.policy
         self.clock = -1  # trace time: the latest timestamp seen
         self.next_tick = self.next_sweep = self.next_timer = -1

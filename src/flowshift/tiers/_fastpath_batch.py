@@ -206,19 +206,29 @@ def _take_back(pnic_mem, pe, mem, state, keys, vals, free, fstate, offer_at):
     if tcp_state >= 64 or not (CACHED_TCP_STATES >> tcp_state) & 1 or fstate[0] == 0:
         return -1
     slot = free[fstate[0] - 1]
-    e = slot * E_SIZE
-    for b in range(E_SIZE):
-        mem[e + b] = pnic_mem[pe + b]
-    mem[e + E_OWNER] = VNIC_TIER
-    if not index_insert(mem, slot, keys, vals):
-        for b in range(E_SIZE):
-            mem[e + b] = 0
+    if not _put_entry(pnic_mem, pe, mem, slot, keys, vals, VNIC_TIER):
         return -1
     fstate[0] -= 1
     state[slot] = LIVE
+    e = slot * E_SIZE
     total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
     offer_at[slot] = 2 * total + 1
     return slot
+
+
+@kernel()
+def _put_entry(src, se, mem, slot, keys, vals, owner):
+    """The entry at src[se] into `slot` of a table, owned by `owner`, both keys indexed: True,
+    or False with the slot zeroed again when a key is taken (EntryTable.put)."""
+    e = slot * E_SIZE
+    for b in range(E_SIZE):
+        mem[e + b] = src[se + b]
+    mem[e + E_OWNER] = owner
+    if index_insert(mem, slot, keys, vals):
+        return True
+    for b in range(E_SIZE):
+        mem[e + b] = 0
+    return False
 
 
 @kernel()
@@ -243,15 +253,10 @@ def _move_down(mem, slot, state, keys, vals, free, fstate, pnic_mem, pnic_state,
         return -1
     down = pnic_free[pnic_ctl[C_NFREE] - 1]
     e = slot * E_SIZE
-    pe = down * E_SIZE
+    if not _put_entry(mem, e, pnic_mem, down, pnic_keys, pnic_vals, PNIC_TIER):
+        return -1
     for b in range(E_SIZE):
         shadow[b] = mem[e + b]
-        pnic_mem[pe + b] = mem[e + b]
-    pnic_mem[pe + E_OWNER] = PNIC_TIER
-    if not index_insert(pnic_mem, down, pnic_keys, pnic_vals):
-        for b in range(E_SIZE):
-            pnic_mem[pe + b] = 0
-        return -1
     pnic_ctl[C_NFREE] -= 1
     pnic_state[down] = LIVE
     index_remove(mem, slot, keys, vals)
