@@ -7,9 +7,12 @@ both keys), and its packets run through the PNIC's compiled kernels (tiers/_fast
 in input order. The first packet of a flow whose chain needs no decision only Python can make
 (a SYN or UDP datagram a firewall rule judges and NAT keeps its port) opens the flow here too
 (tiers/_fastpath_open.py), in a zone the host opens for it (`open_zone`), unless a `Flow`
-Python holds has one of its keys (`hold`: an index of those keys). Python still decides
-everything else: other first packets, NAT port searches and backends, the SYNs of cached
-flows, expiry, offers and handoffs. A cached flow has no `Flow` object: its
+Python holds has one of its keys (`hold`: an index of those keys). With the PNIC in this
+process at latency 0, a pass also runs the PNIC's flows with its entries, moves a flow the
+policy wants down to it and takes a closing flow's entry back (`attach_pnic`, notes for the
+host: `_heard`). Python still decides everything else: other first packets, NAT port searches
+and backends, the SYNs of cached flows, expiry, handoffs and every other offer and return.
+A cached flow has no `Flow` object: its
 `FlowTable` counts it and, when asked for it (a lookup, a listing, a sweep), takes it back from
 here as a new `Flow` (`find`, `pull_all`, `expire`); the flow is cached again after its next
 Python decision. The tier a packet is counted at does not change: a cached flow's packets are
