@@ -248,6 +248,9 @@ def test_a_routing_machine_is_the_same_on_both_engines(tmp_path):
        policy=st.sampled_from(["never", "elephant", "always"]),
        attack=st.sampled_from(["none", "syn-flood", "out-of-window"]),
        gap=st.booleans())
+# an RST out of the window, which the PNIC punts with its entry and the fast path ignores: the
+# flow, taken back into a fast-path row, is moved down again later in the same pass
+@example(seed=0, rows=64, policy="always", attack="out-of-window", gap=False)
 def test_any_generated_trace_is_the_same_on_both_engines(tmp_path_factory, seed, rows, policy,
                                                          attack, gap):
     cfg = parse_config(GATEWAY_HOST, "gateway")

@@ -423,15 +423,13 @@ class Host:
         zone itself changes only when its machine hands its chain over (`_stale_zones`)."""
         if self._stale_zones:
             self._set_zones(fp)
-        fp.pnic_on = self._pnic_in_pass()
-        if fp.pnic_on:  # the offers the pass may make, as `Vnic.consider` would take them
-            fp.pnic_ctl[kb.C_ROOM] = self.vnic.capacity - self.vnic.pnic_flows
-            fp.pnic_ctl[kb.C_SUPPORTED] = self.policy.supported
+        vnic = self.vnic  # the offers the pass may make, as `Vnic.consider` would take them
+        fp.let_pnic(self._pnic_in_pass(), vnic.capacity - vnic.pnic_flows, self.policy.supported)
         for table in self._zone_tables.values():
             if table.dirty:
                 fp.hold(table)
         if len(self._vnic_zones):
-            until = self.vnic.quiet_until()
+            until = vnic.quiet_until()
             if until != self._until:
                 self._until = until
                 fp.open_until(self._vnic_zones, until)
@@ -460,16 +458,14 @@ class Host:
         self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
         self.vnic.synced_at = -1
 
-    def _took_back(self, i: int, slot: int, pnic_slot: int, backoff: int) -> None:
-        """A pass took the entry of a PNIC flow back at batch row i (a FIN or RST the PNIC
-        punts) into row `slot` of the fast path, and ran the row there: the PNIC frees its
+    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int) -> None:
+        """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
+        PNIC punts) into a row of the fast path, and ran the row there: the PNIC frees its
         slot, and the VNIC takes the flow back as from that Return at the row's time."""
-        assert self._inline is not None and self._segment is not None and self.fastpath
+        assert self._inline is not None and self._segment is not None
         self._inline.pnic.engine.hand_back(pnic_slot)
-        # the row still holds the flow: closing, it is not offered again in that pass
-        key = key_of(self.fastpath.table.get(slot))
         now = self.advance(int(self._segment[1][i]))
-        self.vnic.took_back(key, backoff, now)
+        self.vnic.took_back(key_of(raw), backoff, now)
 
     def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
@@ -603,8 +599,8 @@ class Host:
             self._moved_in_pass.clear()
             left = rows[self._at:]
             left = left[res.verdict[left] == PENDING]
-            if self._pnic_ready(left):
-                self._pnic_pass(res, clock, left, int(left[0]), int(left[-1]) + 1)
+            if len(left):
+                self._pnic_again(res, clock, left)
                 self._moved_rows = True
             return
         owned = self.vnic.pnic_owned
@@ -614,8 +610,9 @@ class Host:
             self._pnic_rows(res, clock, rows, self._at, flows)
 
     def _pnic_again(self, res: BatchResults, clock: np.ndarray, rows: np.ndarray) -> None:
-        """Undecided rows of flows that just moved down through the PNIC's data path, selected
-        in the stretch of the batch they span; those it leaves stay undecided, software's.
+        """Undecided rows through the PNIC's data path (of flows that just moved down, or all
+        a segment has left), selected in the stretch of the batch they span; those it leaves
+        stay undecided, software's.
         (Results Python set and did not flush yet are all of rows before these: no flush.)"""
         if not self._pnic_ready(rows):
             return

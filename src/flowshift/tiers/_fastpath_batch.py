@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.extending import register_jitable
 
 from flowshift.conntrack_types import TcpState
 from flowshift.entry import Tier
@@ -105,8 +106,9 @@ CACHED_TCP_STATES = sum(1 << int(s) for s in (
 PUNT_LIFE = int(PuntReason.LIFE)
 # what a pass did with the PNIC that software must hear of, in order: a note each of N_NOTE
 # words (kind, batch row, this table's row, the PNIC's slot, the back-off taken back with it)
+# (`shadows`: the entry as it was moved)
 NOTE_TAKEN_BACK = 0  # an entry the PNIC punted at a FIN or RST came back to a row here
-NOTE_OFFERED = 1  # an established flow moved from a row here to the PNIC (`shadows`: as it was)
+NOTE_OFFERED = 1  # an established flow moved from a row here to the PNIC
 N_NOTE = 5
 # pnic_ctl: what a pass may do with the PNIC's second cache: offers the VNIC may still make
 # (room), the services the PNIC runs (chain bits), the cache's free slots
@@ -196,12 +198,22 @@ def misses_after(buf, offset, caplen, wire_len, linktype, clock, rows, j, stop_t
     return n
 
 
+def returned_backoff(total: int) -> int:
+    """The packet count a flow the PNIC handed back must reach before it is offered again
+    (`Vnic._on_return`; `total`: its packets so far): twice them, and one more."""
+    return 2 * total + 1
+
+
+_returned_backoff = register_jitable(returned_backoff)  # the same, in the kernels
+
+
 @kernel()
-def _take_back(pnic_mem, pe, mem, state, keys, vals, free, fstate, offer_at):
+def _take_back(pnic_mem, pe, mem, state, keys, vals, free, fstate, offer_at, shadow):
     """The entry at pnic_mem[pe] (punted at a FIN or RST, out of the PNIC's index) into a free
     row of this table, owned by the VNIC, indexed, with the VNIC's back-off for it as its offer
-    threshold, as `Vnic._on_return` and `Fastpath.cache` leave it: the row, or -1 (a TCP state
-    the table does not run, no free row, a key taken: software takes it back)."""
+    threshold, as `Vnic._on_return` and `Fastpath.cache` leave it, its bytes kept in `shadow`
+    (the row may be freed again later in the pass): the row, or -1 (a TCP state the table does
+    not run, no free row, a key taken: software takes it back)."""
     tcp_state = pnic_mem[pe + E_TCP_STATE]  # a byte: shifting by 64 or more is undefined
     if tcp_state >= 64 or not (CACHED_TCP_STATES >> tcp_state) & 1 or fstate[0] == 0:
         return -1
@@ -211,8 +223,9 @@ def _take_back(pnic_mem, pe, mem, state, keys, vals, free, fstate, offer_at):
     fstate[0] -= 1
     state[slot] = LIVE
     e = slot * E_SIZE
-    total = ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8)
-    offer_at[slot] = 2 * total + 1
+    for b in range(E_SIZE):
+        shadow[b] = mem[e + b]
+    offer_at[slot] = _returned_backoff(ld64(mem, e + E_PACKETS) + ld64(mem, e + E_PACKETS + 8))
     return slot
 
 
@@ -299,7 +312,7 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
     the policy wants moves to the PNIC's cache instead of stopping the pass, as the VNIC's
     offer and the PNIC's answer at latency 0 move it (`_move_down`), while pnic_ctl has room:
     notes[k] says what happened k-th (fstate[5] notes; when notes is full, the pass stops as it
-    would without them), shadows[k] holds an offered entry as it was (as many rows as notes);
+    would without them), shadows[k] holds the entry moved as it was (as many rows as notes);
     pnic_free: the PNIC's free slots (pnic_ctl[C_NFREE] of them).
     """
     n = len(rows)
@@ -367,7 +380,8 @@ def run_rows(buf, offset, caplen, wire_len, linktype, clock, rows, start, stop_t
             back = -1
             if why == PUNT_LIFE and status == FULL and not f[F_FLAGS] & TCP_SYN and (
                     not bounded[m]) and fstate[5] < len(notes):
-                back = _take_back(pnic_mem, e, mem, state, keys, vals, free, fstate, offer_at)
+                back = _take_back(pnic_mem, e, mem, state, keys, vals, free, fstate, offer_at,
+                                  shadows[fstate[5]])
             if back < 0:
                 fstate[4] = why
                 return j, STOP_RETURN, 0

@@ -98,15 +98,15 @@ class Fastpath:
         self._fstate = np.zeros(6, np.int64)
         self.notes_room(MAX_NOTES)
         # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
-        # (batch row, its row here, the PNIC's slot, the VNIC's back-off), a flow moved down
-        # (batch row, its table, its entry as it was, the PNIC's slot)
-        self.on_take_back: Callable[[int, int, int, int], None] | None = None
+        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off), a flow
+        # moved down (batch row, its table, its entry as it was, the PNIC's slot)
+        self.on_take_back: Callable[[int, bytes, int, int], None] | None = None
         self.on_move_down: Callable[[int, FlowTable, bytes, int], None] | None = None
         self._pnic_table: EntryTable | None = None
         # per pass: offers the VNIC may still make, the services the PNIC runs, its free slots
         self.pnic_ctl = np.zeros(3, np.int64)
-        # the PNIC in this process, whose rows a pass runs too when `pnic_on` (`attach_pnic`):
-        # its second cache's arrays as run_rows takes them
+        # the PNIC in this process, whose rows a pass runs too when `pnic_on` (`attach_pnic`,
+        # `let_pnic`): its second cache's arrays as run_rows takes them
         self.pnic_on = False
         self.pnic_from = -1  # after a pass: the time of its first PNIC row (-1: none ran)
         self._pnic_arrays: tuple[np.ndarray, ...] = ()
@@ -141,6 +141,14 @@ class Fastpath:
             raise ValueError("the PNIC runs the machines with other knobs than the fast path")
         self._pnic_arrays = engine.pass_arrays()
         self._pnic_table = engine.table
+
+    def let_pnic(self, on: bool, room: int = 0, supported: int = 0) -> None:
+        """Whether the next passes run the attached PNIC's rows (`on`), and the offers they
+        may make it: `room` more flows, of chains whose services are all in `supported`."""
+        self.pnic_on = on
+        ctl = self.pnic_ctl
+        ctl[kb.C_ROOM] = room if on else 0
+        ctl[kb.C_SUPPORTED] = supported
 
     @property
     def entries(self) -> np.ndarray:
@@ -377,13 +385,11 @@ class Fastpath:
         tables = self.open
         pnic = self._pnic_arrays if self.pnic_on else self._no_pnic()
         ctl = self.pnic_ctl
+        pnic_free = t.free  # a stand-in, unread
         if self.pnic_on:
             assert self._pnic_table is not None
             ctl[kb.C_NFREE] = self._pnic_table.nfree
             pnic_free = self._pnic_table.free
-        else:
-            ctl[kb.C_ROOM] = 0
-            pnic_free = t.free
         at, why, ahead = kb.run_rows(
             res.buf, kernel_arg(res.offset, np.int64), res.caplen, res.wire_len, res.linktype,
             clock, rows, start, stop_time, res.verdict, res.reason, res.rule, returned,
@@ -419,13 +425,13 @@ class Fastpath:
         each row noted ends with the table its state says."""
         assert self.on_take_back is not None and self.on_move_down is not None
         notes = self._notes[:n].tolist()
-        for k, (kind, i, slot, pnic_slot, backoff) in enumerate(notes):
+        for k, (kind, i, _, pnic_slot, backoff) in enumerate(notes):
+            raw = self._shadows[k].tobytes()  # the row itself may be another flow's by now
             if kind == kb.NOTE_TAKEN_BACK:
                 self.live += 1
                 self.cached += 1
-                self.on_take_back(i, slot, pnic_slot, backoff)
+                self.on_take_back(i, raw, pnic_slot, backoff)
             else:
-                raw = self._shadows[k].tobytes()
                 table = self.zone_tables[int.from_bytes(raw[_ZONE:_ZONE + 2], "little")]
                 assert table is not None  # the VNIC's, unbounded: open to the pass
                 self.live -= 1

@@ -43,6 +43,7 @@ from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
 from flowshift.services.conntrack import generic_timeout
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.tiers._fastpath_batch import returned_backoff
 from flowshift.tiers.fastpath import Fastpath
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
@@ -56,6 +57,7 @@ _KIND_PACKETS, _KIND_OFFLOAD, _KIND_RECALL, _KIND_OTHER = range(4)
 _NEVER = (1 << 63) - 1  # an int64: the fast path compares times with it
 _ANSWERS = bytes([0, *RefuseReason])  # the bytes of an OffloadResults: ack or a refusal
 _RETURN_LABELS = {int(r): r.label for r in ReturnReason}  # a Return's reason, checked and named
+_CLOSED = ReturnReason.CLOSED.label
 _UNANSWERED = -1  # an offer of an Offloads that got no valid answer
 
 
@@ -288,9 +290,13 @@ class Vnic:
             return
         self.seq += 1
         self.queue.start(self.seq, fkey)
+        self._going_down(flow)
+        self._offer(self.seq, flow.to_bytes())
+
+    def _going_down(self, flow: Flow) -> None:
+        """An offer of `flow` is made: the PNIC's count takes it, and its expiry."""
         self.pnic_flows += 1
         self.lower_floor(flow.expires)
-        self._offer(self.seq, flow.to_bytes())
         s = self.stats  # an offer changes the second cache's count only
         s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
 
@@ -627,13 +633,17 @@ class Vnic:
             self._reject("unknown-flow")
             self.pnic_flows -= 1
             return
-        hit[0].owner = _PNIC
-        self.pnic_owned[fkey] = hit[0]
+        self._now_pnic(hit[0], at)
         self.moved_down.append(hit[0])
+        self._release(fkey)
+
+    def _now_pnic(self, flow: Flow, at: int) -> None:
+        """The PNIC took `flow` at `at`: its `Flow` here is the shadow of a PNIC-owned flow."""
+        flow.owner = _PNIC
+        self.pnic_owned[flow.key] = flow
         self._lru = None
         self.stats.offloads_to_pnic += 1
-        self.stats.events.append((at, "offload", str(fkey)))
-        self._release(fkey)
+        self.stats.events.append((at, "offload", str(flow.key)))
 
     def _on_refuse(self, seq: int, reason: int, at: int) -> None:
         if reason not in RefuseReason._value2member_map_:
@@ -671,13 +681,7 @@ class Vnic:
         if old is not None:
             chain.flows.remove(old[0])
         chain.import_flow(flow)
-        self.pnic_flows -= 1
-        self.stats.count(self.stats.returned, label)
-        self.stats.events.append((at, "return", label))
-        self.queue.cancel(fkey)  # the answer to a recall, if we sent one
-        self.backoff[fkey] = 2 * (flow.packets[0] + flow.packets[1]) + 1
-        if not self.queue.in_flight(fkey):
-            self._release(fkey)
+        self._back(fkey, label, returned_backoff(flow.packets[0] + flow.packets[1]), at)
         # the packet it came back at (a FIN, mostly) and the rest run compiled, as they
         # would have had it never left software
         self.admit(fkey.zone, flow, at)
@@ -687,16 +691,9 @@ class Vnic:
         PNIC's cache in the host's pass (tiers/_fastpath_batch.py): what `consider` and, at
         latency 0 at once, `_on_ack` do with an offer the PNIC takes."""
         self.seq += 1
-        self.pnic_flows += 1
-        self.lower_floor(flow.expires)
+        self._going_down(flow)
         self.synced_at = -1
-        s = self.stats
-        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
-        flow.owner = _PNIC
-        self.pnic_owned[flow.key] = flow
-        self._lru = None
-        s.offloads_to_pnic += 1
-        s.events.append((at, "offload", str(flow.key)))
+        self._now_pnic(flow, at)
 
     def took_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
         """The entry of a flow the PNIC owned came back at a FIN or RST straight into the
@@ -707,12 +704,16 @@ class Vnic:
         chain = self.chains[fkey.zone]
         assert chain is not None
         chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
-        self.pnic_flows -= 1
         self.synced_at = -1
-        label = _RETURN_LABELS[ReturnReason.CLOSED]
+        self._back(fkey, _CLOSED, backoff, at)
+
+    def _back(self, fkey: FlowKey, label: str, backoff: int, at: int) -> None:
+        """The PNIC handed the flow of `fkey` back at `at` (why: `label`); it is this VNIC's
+        in its table again, and may be offered again from `backoff` packets on."""
+        self.pnic_flows -= 1
         self.stats.count(self.stats.returned, label)
         self.stats.events.append((at, "return", label))
-        self.queue.cancel(fkey)
+        self.queue.cancel(fkey)  # the answer to a recall, if we sent one
         self.backoff[fkey] = backoff
         if not self.queue.in_flight(fkey):
             self._release(fkey)
