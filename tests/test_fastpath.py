@@ -136,6 +136,12 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
         assert stats.offloads_to_pnic > 10 and stats.returned["closed"] > 10
         assert len(calls["_moved_down"]) + len(calls["_offer"]) >= stats.offloads_to_pnic
         assert calls["_moved_down"] and calls["_took_back"]
+        # a flow that moves down and comes back in one pass gets no shadow; one that stays
+        # down past its pass does: both happen, and each pair is noted at both ends
+        down = [args[-1] for args in calls["_moved_down"]]
+        back = [args[-1] for args in calls["_took_back"]]
+        assert any(down) and not all(down) and any(back) and not all(back)
+        assert sum(down) == sum(back)
         if capacity is None:  # room for every flow: each offer but the handoff's in the pass
             assert len(calls["_offer"]) == 1 and not calls["_pnic_again"]
             assert not calls["_run_ahead"] and "room" not in stats.returned

@@ -24,7 +24,7 @@ from flowshift.conntrack_types import Status, TcpConn, TcpDir
 from flowshift.flow import FlowKey
 
 __all__ = ["ENTRY_DTYPE", "ENTRY_SIZE", "SERVICE_NAMES", "Flow", "Service", "Status", "Tier",
-           "chain_bits", "field_offsets", "key_of"]
+           "chain_bits", "expires_of", "field_offsets", "key_of"]
 
 
 class Tier(IntEnum):
@@ -143,6 +143,14 @@ _KEY = struct.Struct(_KEY_FORMAT)  # the key alone, at the entry's start
 def key_of(raw: builtins.bytes | memoryview) -> FlowKey:
     """The key of an ENTRY_DTYPE record (`Flow.from_bytes(raw).key`, without the rest)."""
     return _key(*_KEY.unpack_from(raw))
+
+
+_EXPIRES = field_offsets()["expires"]
+
+
+def expires_of(raw: builtins.bytes | memoryview) -> int:
+    """The expiry of an ENTRY_DTYPE record (`Flow.from_bytes(raw).expires`, without the rest)."""
+    return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
 
 
 def _key(fam: int, proto: int, zone: int, sport: int, dport: int, src: builtins.bytes,

@@ -19,7 +19,7 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig
-from flowshift.entry import Flow, Tier, key_of
+from flowshift.entry import Flow, Tier, expires_of, key_of
 from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
@@ -458,21 +458,29 @@ class Host:
         self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
         self.vnic.synced_at = -1
 
-    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int) -> None:
+    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int,
+                   passing: bool) -> None:
         """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
         PNIC punts) into a row of the fast path, and ran the row there: the PNIC frees its
-        slot, and the VNIC takes the flow back as from that Return at the row's time."""
+        slot, and the VNIC takes the flow back as from that Return at the row's time (it
+        moved down in the same pass if `passing`: it has no shadow)."""
         assert self._inline is not None and self._segment is not None
         self._inline.pnic.engine.hand_back(pnic_slot)
         now = self.advance(int(self._segment[1][i]))
-        self.vnic.took_back(key_of(raw), backoff, now)
+        self.vnic.took_back(key_of(raw), backoff, now, shadowed=not passing)
 
-    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
+    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int,
+                    passing: bool) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
         cache: the flow, as it was, back in its table as the shadow of a PNIC-owned flow, as
-        the VNIC's offer and the PNIC's answer make it at latency 0."""
+        the VNIC's offer and the PNIC's answer make it at latency 0; or, `passing` (the same
+        pass takes it back), only counted."""
         assert self._inline is not None and self._segment is not None
         self._inline.pnic.engine.moved_in()
+        if passing:
+            now = self.advance(int(self._segment[1][i]))
+            self.vnic.passed_down(key_of(raw), expires_of(raw), now)
+            return
         flow = Flow.from_bytes(raw)
         table.attach(flow)
         now = self.advance(int(self._segment[1][i]))

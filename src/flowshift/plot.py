@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from flowshift.report import NS, TIERS, Tally
+from flowshift.stats import Event
 
 # savefig formats of the Agg backend and its vector siblings; the file name's extension picks one
 FORMATS = ("png", "svg", "svgz", "pdf", "eps", "ps", "jpg", "jpeg", "webp", "tif", "tiff")
@@ -186,7 +187,7 @@ def write_plot(path: str | os.PathLike[str], tally: Tally, stats: Any,
         plt.close(fig)
 
 
-def _occupancy_from_events(events: list[tuple[int, str, str]], first_ns: int,
+def _occupancy_from_events(events: list[Event], first_ns: int,
                            end: float) -> tuple[np.ndarray, np.ndarray]:
     """Second-cache entries over time, exact at every change: +1 per offload, -1 per return,
     0 after a crash (its entries are lost, not returned)."""

@@ -565,13 +565,13 @@ class _Run:
         rel = np.maximum(res.ts[tiered] - self.first_ts, 0)
         while int(rel.max()) // tally.bin_ns >= HIST_MAX_BINS:
             tally.coarsen()
-        bins = rel // tally.bin_ns
-        tiers = res.tier[tiered]
-        for t, name in enumerate(TIER_LABELS):
-            counts = np.bincount(bins[tiers == t])
-            for b in np.flatnonzero(counts).tolist():
-                k = (b, name)
-                tally.rate[k] = tally.rate.get(k, 0) + int(counts[b])
+        # one count per (bin, tier) the batch touches: bin * tiers + tier, counted at once
+        cells, counts = np.unique(rel // tally.bin_ns * len(TIER_LABELS) + res.tier[tiered],
+                                  return_counts=True)
+        rate = tally.rate
+        for cell, n in zip(cells.tolist(), counts.tolist(), strict=True):
+            k = (cell // len(TIER_LABELS), TIER_LABELS[cell % len(TIER_LABELS)])
+            rate[k] = rate.get(k, 0) + n
 
     def dump(self, path: str | os.PathLike[str] | None, now: int) -> None:
         assert path is not None

@@ -27,6 +27,7 @@ from flowshift._verdict_rows import ROW_DATA, middles_path, rows_bytes
 from flowshift.packet.direct import ALIGN, DirectReader, DirectWriter, aligned_empty
 from flowshift.packet.pcap import PcapWriter
 from flowshift.report import TIERS, Tally
+from flowshift.stats import Event
 
 ROWS = 1 << 20  # verdict rows formatted at a time
 WINDOW = 1 << 24  # bytes of output packets gathered from the shards at a time
@@ -265,7 +266,7 @@ def merge_schedule(reports: list[dict[str, Any]], global_index: list[np.ndarray]
 class PlotStats:
     """What the plot reads of a host's stats, for the whole of a sharded run."""
 
-    def __init__(self, occupancy: list[tuple[int, int]], events: list[tuple[int, str, str]]
+    def __init__(self, occupancy: list[tuple[int, int]], events: list[Event]
                  ) -> None:
         self.occupancy = occupancy
         self.events = events
@@ -290,7 +291,7 @@ def merge_plot_data(parts: list[Path]) -> tuple[Tally, PlotStats]:
             at = np.searchsorted(occ[:, 0], times, side="right") - 1
             total += np.where(at >= 0, occ[np.maximum(at, 0), 1], 0)
     host_seen: set[tuple[int, str]] = set()
-    events: list[tuple[int, str, str]] = []
+    events: list[Event] = []
     for d in data:
         for t, kind in d["events"]:
             if kind in HOST_EVENTS:

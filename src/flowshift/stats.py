@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flowshift.entry import Flow
+from flowshift.flow import FlowKey
 from flowshift.results import TIER_LABELS as TIER_NAMES
+
+# (trace time, kind, what): what is a text, or the key of the flow it happened to (formatted
+# only when read: an offload or return is counted many times more often than it is shown)
+Event = tuple[int, str, str | FlowKey]
 
 
 @dataclass(slots=True)
@@ -28,11 +33,11 @@ class HostStats:
     peak_second_cache: int = 0
     held_packets: int = 0
     rejected_messages: dict[str, int] = field(default_factory=dict)
-    events: list[tuple[int, str, str]] = field(default_factory=list)  # (trace time, kind, what)
+    events: list[Event] = field(default_factory=list)
     occupancy: list[tuple[int, int]] = field(default_factory=list)  # (trace time, PNIC entries)
 
     def count(self, table: dict[str, int], label: str) -> None:
         table[label] = table.get(label, 0) + 1
 
 
-__all__ = ["TIER_NAMES", "FlowView", "HostStats"]
+__all__ = ["TIER_NAMES", "Event", "FlowView", "HostStats"]

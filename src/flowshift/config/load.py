@@ -505,21 +505,36 @@ def _first_uncovered(lo: int, hi: int, spans: list[tuple[int, int, int]]) -> int
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _At:
-    """Where a value sits: the source and its key path, for error messages."""
+    """Where a value sits: the source and its key path, for error messages. The path is
+    written out only when asked (an error, mostly): a config names thousands of places."""
 
     source: str
-    path: str = ""
+    parent: _At | None = None
+    step: str | int = ""  # a key of the parent's table, or an index of its array
+
+    @property
+    def path(self) -> str:
+        steps: list[str | int] = []
+        at: _At | None = self
+        while at is not None and at.parent is not None:
+            steps.append(at.step)
+            at = at.parent
+        text = ""
+        for step in reversed(steps):
+            if isinstance(step, int):
+                text = f"{text}[{step}]"
+                continue
+            name = step if _BARE_KEY.fullmatch(step) else json.dumps(step)  # quoted, as TOML
+            text = f"{text}.{name}" if text else name
+        return text
 
     def key(self, name: object) -> _At:
-        text = str(name)
-        if not _BARE_KEY.fullmatch(text):
-            text = json.dumps(text)  # quoted, as TOML writes such keys
-        return _At(self.source, f"{self.path}.{text}" if self.path else text)
+        return _At(self.source, self, str(name))
 
     def item(self, index: int) -> _At:
-        return _At(self.source, f"{self.path}[{index}]")
+        return _At(self.source, self, index)
 
     def error(self, what: str) -> ConfigError:
         return ConfigError(self.source, self.path, what)

@@ -98,10 +98,11 @@ class Fastpath:
         self._fstate = np.zeros(6, np.int64)
         self.notes_room(MAX_NOTES)
         # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
-        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off), a flow
-        # moved down (batch row, its table, its entry as it was, the PNIC's slot)
-        self.on_take_back: Callable[[int, bytes, int, int], None] | None = None
-        self.on_move_down: Callable[[int, FlowTable, bytes, int], None] | None = None
+        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off, whether
+        # it moved down in the same pass), a flow moved down (batch row, its table, its entry
+        # as it was, the PNIC's slot, whether it comes back later in the same pass)
+        self.on_take_back: Callable[[int, bytes, int, int, bool], None] | None = None
+        self.on_move_down: Callable[[int, FlowTable, bytes, int, bool], None] | None = None
         self._pnic_table: EntryTable | None = None
         # per pass: offers the VNIC may still make, the services the PNIC runs, its free slots
         self.pnic_ctl = np.zeros(3, np.int64)
@@ -421,25 +422,36 @@ class Fastpath:
     def _heard(self, n: int) -> None:
         """The n notes of the last pass, in order (_fastpath_batch.run_rows): entries it took
         back from the PNIC into rows here, flows it moved from rows here down to the PNIC.
-        The host hands each to the VNIC. A row a pass freed may have been taken again in it:
-        each row noted ends with the table its state says."""
+        The host hands each to the VNIC, saying which flows moved down and came back within
+        the pass (most short connections' do: between the two notes nothing but the other
+        notes can look at the flow, so it needs no shadow there). A row a pass freed may have
+        been taken again in it: each row noted ends with the table its state says."""
         assert self.on_take_back is not None and self.on_move_down is not None
         notes = self._notes[:n].tolist()
+        down: dict[int, int] = {}  # PNIC slot -> the note that moved a flow into it
+        passing: set[int] = set()  # notes of flows that move down and come back in the pass
+        for k, (kind, _, _, pnic_slot, _) in enumerate(notes):
+            if kind != kb.NOTE_TAKEN_BACK:
+                down[pnic_slot] = k
+            elif pnic_slot in down:  # the slot is the flow's until it comes back
+                passing.add(down.pop(pnic_slot))
+                passing.add(k)
+        raws = self._shadows[:n].tobytes()  # the rows themselves may be others' flows by now
         for k, (kind, i, _, pnic_slot, backoff) in enumerate(notes):
-            raw = self._shadows[k].tobytes()  # the row itself may be another flow's by now
+            raw = raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]
             if kind == kb.NOTE_TAKEN_BACK:
                 self.live += 1
                 self.cached += 1
-                self.on_take_back(i, raw, pnic_slot, backoff)
+                self.on_take_back(i, raw, pnic_slot, backoff, k in passing)
             else:
                 table = self.zone_tables[int.from_bytes(raw[_ZONE:_ZONE + 2], "little")]
                 assert table is not None  # the VNIC's, unbounded: open to the pass
                 self.live -= 1
-                self.on_move_down(i, table, raw, pnic_slot)
-        state, zones = self.table.state, self.entries["zone"]
-        for _, _, slot, _, _ in notes:
-            self.tables[slot] = (self.zone_tables[int(zones[slot])] if state[slot] == ko.LIVE
-                                 else None)
+                self.on_move_down(i, table, raw, pnic_slot, k in passing)
+        slots = [note[2] for note in notes]
+        live = (self.table.state[slots] == ko.LIVE).tolist()
+        for slot, on, zone in zip(slots, live, self.entries["zone"][slots].tolist(), strict=True):
+            self.tables[slot] = self.zone_tables[zone] if on else None
 
     def handed_back(self, i: int) -> tuple[int, int]:
         """Batch row i stopped the last pass with STOP_RETURN: the PNIC's slot whose entry

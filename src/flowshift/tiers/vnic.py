@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
-from flowshift.entry import ENTRY_DTYPE, ENTRY_SIZE, Flow, Tier
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of
 from flowshift.flow import PROTO_TCP, FlowKey, new_key
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
@@ -290,13 +290,14 @@ class Vnic:
             return
         self.seq += 1
         self.queue.start(self.seq, fkey)
-        self._going_down(flow)
+        self._going_down(flow.expires)
         self._offer(self.seq, flow.to_bytes())
 
-    def _going_down(self, flow: Flow) -> None:
-        """An offer of `flow` is made: the PNIC's count takes it, and its expiry."""
+    def _going_down(self, expires: int) -> None:
+        """An offer of a flow that expires at `expires` is made: the PNIC's count takes it,
+        and its expiry."""
         self.pnic_flows += 1
-        self.lower_floor(flow.expires)
+        self.lower_floor(expires)
         s = self.stats  # an offer changes the second cache's count only
         s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows)
 
@@ -473,7 +474,7 @@ class Vnic:
             if isinstance(msg, ch.Return):
                 at = msg.now if msg.now >= 0 else fallback
                 heapq.heappush(self.deferred, (at, next(self._order), msg))
-                self.deferred_floor = min(self.deferred_floor, _expires(msg.entry))
+                self.deferred_floor = min(self.deferred_floor, expires_of(msg.entry))
             else:
                 self.stats.count(self.rejected, "unexpected")
 
@@ -535,9 +536,9 @@ class Vnic:
         the PNIC would have handed them back at this sync, so they come back now."""
         if not self.deferred or self.deferred_floor > now:
             return
-        dead = [d for d in self.deferred if _expires(d[2].entry) <= now]
-        self.deferred = [d for d in self.deferred if _expires(d[2].entry) > now]
-        self.deferred_floor = min((_expires(d[2].entry) for d in self.deferred), default=_NEVER)
+        dead = [d for d in self.deferred if expires_of(d[2].entry) <= now]
+        self.deferred = [d for d in self.deferred if expires_of(d[2].entry) > now]
+        self.deferred_floor = min((expires_of(d[2].entry) for d in self.deferred), default=_NEVER)
         if not dead:
             return
         heapq.heapify(self.deferred)
@@ -642,8 +643,11 @@ class Vnic:
         flow.owner = _PNIC
         self.pnic_owned[flow.key] = flow
         self._lru = None
+        self._offloaded(flow.key, at)
+
+    def _offloaded(self, fkey: FlowKey, at: int) -> None:
         self.stats.offloads_to_pnic += 1
-        self.stats.events.append((at, "offload", str(flow.key)))
+        self.stats.events.append((at, "offload", fkey))
 
     def _on_refuse(self, seq: int, reason: int, at: int) -> None:
         if reason not in RefuseReason._value2member_map_:
@@ -690,20 +694,31 @@ class Vnic:
         """A flow this VNIC owns (back in its table, as it was when offered) moved to the
         PNIC's cache in the host's pass (tiers/_fastpath_batch.py): what `consider` and, at
         latency 0 at once, `_on_ack` do with an offer the PNIC takes."""
-        self.seq += 1
-        self._going_down(flow)
-        self.synced_at = -1
+        self._went_down(flow.expires)
         self._now_pnic(flow, at)
 
-    def took_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
+    def passed_down(self, fkey: FlowKey, expires: int, at: int) -> None:
+        """`moved_down_in_pass` for a flow that the same pass takes back (`took_back` with
+        `shadowed` false): nothing looks at it between the two, so it gets no shadow."""
+        self._went_down(expires)
+        self._offloaded(fkey, at)
+
+    def _went_down(self, expires: int) -> None:
+        self.seq += 1
+        self._going_down(expires)
+        self.synced_at = -1
+
+    def took_back(self, fkey: FlowKey, backoff: int, at: int, shadowed: bool = True) -> None:
         """The entry of a flow the PNIC owned came back at a FIN or RST straight into the
         fast path (the host's pass ran the PNIC's row, tiers/_fastpath_batch.py), cached with
-        this back-off: what `_on_return` and `admit` do with such a Return at `at`."""
-        shadow = self.pnic_owned.pop(fkey)
-        self._lru = None
-        chain = self.chains[fkey.zone]
-        assert chain is not None
-        chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
+        this back-off: what `_on_return` and `admit` do with such a Return at `at`. Its shadow
+        leaves the table (none if it moved down in the same pass: `passed_down`)."""
+        if shadowed:
+            shadow = self.pnic_owned.pop(fkey)
+            self._lru = None
+            chain = self.chains[fkey.zone]
+            assert chain is not None
+            chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
         self.synced_at = -1
         self._back(fkey, _CLOSED, backoff, at)
 
@@ -768,6 +783,8 @@ class Vnic:
 
     def _release(self, fkey: FlowKey) -> None:
         """Hand held packets of a flow to its owner now, in arrival order."""
+        if not self.queue.is_held(fkey):
+            return
         held = self.queue.release(fkey)
         while held:
             self.steer(held.popleft())
@@ -854,11 +871,6 @@ class Vnic:
         return out
 
 
-_FIELDS = ENTRY_DTYPE.fields
-assert _FIELDS is not None
-_EXPIRES: int = _FIELDS["expires"][1]  # byte offset of the entry's expiry
-
-
 def _nothing(key: FlowKey) -> None:
     pass
 
@@ -867,10 +879,6 @@ def _gone(chain: Chain, key: FlowKey, now: int) -> bool:
     """Has the VNIC-owned flow of `key` expired (its next packet starts a new flow)?"""
     hit = chain.flows.get(key)
     return hit is not None and hit[0].owner == _VNIC and hit[0].expires <= now
-
-
-def _expires(raw: bytes) -> int:
-    return int.from_bytes(raw[_EXPIRES:_EXPIRES + 8], "little", signed=True)
 
 
 def resume(flow: Flow, now: int, knobs: Knobs = DEFAULT_KNOBS) -> None:
