@@ -233,6 +233,30 @@ def test_generated_traces_process_pnic(tmp_path_factory, trace, rows):
     assert process.host.stats.tier_packets == inline.host.stats.tier_packets
 
 
+def test_events_at_one_time_are_listed_alike_by_every_engine(tmp_path):
+    """Packets whose times go back happen at the host's clock, so their events share one
+    time. With the PNIC in the pass a flow's rows run in turn with software's; the reference
+    engine and a PNIC in its own process run them ahead, so they meet the same events in
+    another order: each engine lists them in one (stats.EVENT_KINDS, then the flow). Found by
+    hypothesis (test_generated_traces_process_pnic), shrunk to four packets."""
+    def syn_or_ack(t: float, sport: int, flags: int, seq: int, ack: int):
+        return int(t * S), tcp_frame(src=CLIENT, dst=SERVER, sport=sport, dport=80, seq=seq,
+                                     ack=ack, flags=flags, window=65535)
+
+    trace = [syn_or_ack(1.0, 20001, TCP_SYN, 1000, 0),
+             syn_or_ack(201.0002, 20004, TCP_ACK, 1001, 5001),  # handed over, offloaded
+             syn_or_ack(1.9, 20001, TCP_ACK, 3002, 7002),  # back in time: at 201.0002 too
+             syn_or_ack(201.0, 20004, TCP_SYN, 1000, 0)]  # the PNIC hands it back
+    path = write_pcap(tmp_path / "t.pcap", trace)
+    runs = [run(path, HOSTS["gateway"], policy="always", rows=64, **kw)
+            for kw in ({}, {"engine": "reference"}, {"pnic": "process"})]
+    events = runs[0].host.stats.events
+    assert [(kind, getattr(what, "sport", what)) for _, kind, what in events] == [
+        ("handoff", "gw"), ("offload", 20001), ("offload", 20004), ("return", "closed")]
+    assert len({t for t, _, _ in events}) == 1
+    assert all(r.host.stats.events == events for r in runs[1:])
+
+
 # -- real captures, both formats, every schedule ---------------------------------------------
 
 needs_corpus = pytest.mark.skipif(not REAL.is_dir(), reason="shared/corpus/real not present")

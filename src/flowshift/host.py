@@ -19,7 +19,7 @@ import numpy as np
 
 from flowshift import channel as ch
 from flowshift.config import HostConfig
-from flowshift.entry import Flow, Tier, expires_of, key_of
+from flowshift.entry import Flow, Tier, key_of
 from flowshift.flow import NS_PER_S, FlowKey
 from flowshift.offload import OffloadPolicy
 from flowshift.packet.defrag import Defrag, DefragOutcome, Reassembled, fragment_info, split
@@ -29,7 +29,7 @@ from flowshift.packet.view import Packet, ParseError
 from flowshift.results import PARSE_BASE, PENDING, BatchResults, PacketResult, Results
 from flowshift.services.chain import Chain, Outcome
 from flowshift.services.conntrack import FlowTable
-from flowshift.stats import TIER_NAMES, FlowView, HostStats
+from flowshift.stats import TIER_NAMES, FlowView, HostStats, event_order
 from flowshift.tiers import _fastpath_batch as kb
 from flowshift.tiers.classify import Classifier
 from flowshift.tiers.fastpath import (
@@ -111,6 +111,8 @@ class Host:
             self.fastpath.attach_pnic(link.pnic.engine)
             self.fastpath.on_take_back = self._took_back
             self.fastpath.on_move_down = self._moved_down
+            self.fastpath.on_pass_down = self._passed_down
+            self.fastpath.on_pass_back = self._passed_back
             self.vnic.before_recall = self._run_ahead
         # the segment being decided (its rows), where in it software is, whether the PNIC
         # decided rows of it since it began, and the flows that moved down in it whose rows
@@ -458,34 +460,38 @@ class Host:
         self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
         self.vnic.synced_at = -1
 
-    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int,
-                   passing: bool) -> None:
+    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int) -> None:
         """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
         PNIC punts) into a row of the fast path, and ran the row there: the PNIC frees its
-        slot, and the VNIC takes the flow back as from that Return at the row's time (it
-        moved down in the same pass if `passing`: it has no shadow)."""
+        slot, and the VNIC takes the flow back as from that Return at the row's time."""
         assert self._inline is not None and self._segment is not None
         self._inline.pnic.engine.hand_back(pnic_slot)
         now = self.advance(int(self._segment[1][i]))
-        self.vnic.took_back(key_of(raw), backoff, now, shadowed=not passing)
+        self.vnic.took_back(key_of(raw), backoff, now)
 
-    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int,
-                    passing: bool) -> None:
+    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
         cache: the flow, as it was, back in its table as the shadow of a PNIC-owned flow, as
-        the VNIC's offer and the PNIC's answer make it at latency 0; or, `passing` (the same
-        pass takes it back), only counted."""
+        the VNIC's offer and the PNIC's answer make it at latency 0."""
         assert self._inline is not None and self._segment is not None
         self._inline.pnic.engine.moved_in()
-        if passing:
-            now = self.advance(int(self._segment[1][i]))
-            self.vnic.passed_down(key_of(raw), expires_of(raw), now)
-            return
         flow = Flow.from_bytes(raw)
         table.attach(flow)
         now = self.advance(int(self._segment[1][i]))
         self.vnic.moved_down_in_pass(flow, now)
         self._moved_in_pass[flow.key] = flow
+
+    def _passed_down(self, i: int, fkey: FlowKey, expires: int) -> None:
+        """`_moved_down` of a flow the same pass takes back (`_passed_back`): counted only."""
+        assert self._inline is not None and self._segment is not None
+        self._inline.pnic.engine.moved_in()
+        self.vnic.passed_down(fkey, expires, self.advance(int(self._segment[1][i])))
+
+    def _passed_back(self, i: int, fkey: FlowKey, pnic_slot: int, backoff: int) -> None:
+        """`_took_back` of a flow that moved down in the same pass (`_passed_down`)."""
+        assert self._inline is not None and self._segment is not None
+        self._inline.pnic.engine.hand_back(pnic_slot)
+        self.vnic.passed_back(fkey, backoff, self.advance(int(self._segment[1][i])))
 
     def _set_zones(self, fp: Fastpath) -> None:
         """The stale machines' zones as they stand: the table (none when it has a limit), the
@@ -738,7 +744,7 @@ class Host:
         for reason, n in [*self.vnic.rejected.items(), *self.vnic.pnic_rejected().items()]:
             rejected[reason] = rejected.get(reason, 0) + n
         self.stats.rejected_messages = rejected
-        self.stats.events.sort(key=lambda e: e[0])  # stable: same-time events keep their order
+        self.stats.events.sort(key=event_order)
         self.vnic.peaks()
 
     def _drop_held(self) -> None:

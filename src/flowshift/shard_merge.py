@@ -27,7 +27,7 @@ from flowshift._verdict_rows import ROW_DATA, middles_path, rows_bytes
 from flowshift.packet.direct import ALIGN, DirectReader, DirectWriter, aligned_empty
 from flowshift.packet.pcap import PcapWriter
 from flowshift.report import TIERS, Tally
-from flowshift.stats import Event
+from flowshift.stats import Event, event_order
 
 ROWS = 1 << 20  # verdict rows formatted at a time
 WINDOW = 1 << 24  # bytes of output packets gathered from the shards at a time
@@ -299,5 +299,5 @@ def merge_plot_data(parts: list[Path]) -> tuple[Tally, PlotStats]:
                     continue
                 host_seen.add((t, kind))
             events.append((t, kind, ""))
-    events.sort(key=lambda e: e[0])
+    events.sort(key=event_order)
     return tally, PlotStats(list(zip(times.tolist(), total.tolist(), strict=True)), events)

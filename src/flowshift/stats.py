@@ -12,6 +12,19 @@ from flowshift.results import TIER_LABELS as TIER_NAMES
 # only when read: an offload or return is counted many times more often than it is shown)
 Event = tuple[int, str, str | FlowKey]
 
+# the kinds of event, in the order they are listed when they happen at one trace time (a
+# handoff before the offloads it allows, the PNIC going away before the returns it causes),
+# then by what they happened to: engines that interleave their steps differently (the PNIC
+# running a flow's rows ahead of software, or in turn with it) list the same events alike
+EVENT_KINDS = ("handoff", "withdraw", "crash", "offload", "refuse", "return")
+_RANK = {kind: i for i, kind in enumerate(EVENT_KINDS)}
+
+
+def event_order(event: Event) -> tuple[int, int, str | FlowKey]:
+    """The sort key of an event (EVENT_KINDS)."""
+    t, kind, what = event
+    return t, _RANK.get(kind, len(_RANK)), what
+
 
 @dataclass(slots=True)
 class FlowView:
@@ -40,4 +53,4 @@ class HostStats:
         table[label] = table.get(label, 0) + 1
 
 
-__all__ = ["TIER_NAMES", "Event", "FlowView", "HostStats"]
+__all__ = ["EVENT_KINDS", "TIER_NAMES", "Event", "FlowView", "HostStats", "event_order"]

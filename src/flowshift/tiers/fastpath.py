@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowshift.conntrack_types import Status
-from flowshift.entry import ENTRY_SIZE, Flow, Tier, field_offsets
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of, field_offsets, key_of
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
@@ -98,11 +98,14 @@ class Fastpath:
         self._fstate = np.zeros(6, np.int64)
         self.notes_room(MAX_NOTES)
         # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
-        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off, whether
-        # it moved down in the same pass), a flow moved down (batch row, its table, its entry
-        # as it was, the PNIC's slot, whether it comes back later in the same pass)
-        self.on_take_back: Callable[[int, bytes, int, int, bool], None] | None = None
-        self.on_move_down: Callable[[int, FlowTable, bytes, int, bool], None] | None = None
+        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off), a flow
+        # moved down (batch row, its table, its entry as it was, the PNIC's slot); and, for a
+        # flow that moves down and comes back in the same pass, each of the two (batch row, its
+        # key, its expiry or the PNIC's slot and the back-off)
+        self.on_take_back: Callable[[int, bytes, int, int], None] | None = None
+        self.on_move_down: Callable[[int, FlowTable, bytes, int], None] | None = None
+        self.on_pass_down: Callable[[int, FlowKey, int], None] | None = None
+        self.on_pass_back: Callable[[int, FlowKey, int, int], None] | None = None
         self._pnic_table: EntryTable | None = None
         # per pass: offers the VNIC may still make, the services the PNIC runs, its free slots
         self.pnic_ctl = np.zeros(3, np.int64)
@@ -422,32 +425,42 @@ class Fastpath:
     def _heard(self, n: int) -> None:
         """The n notes of the last pass, in order (_fastpath_batch.run_rows): entries it took
         back from the PNIC into rows here, flows it moved from rows here down to the PNIC.
-        The host hands each to the VNIC, saying which flows moved down and came back within
-        the pass (most short connections' do: between the two notes nothing but the other
-        notes can look at the flow, so it needs no shadow there). A row a pass freed may have
-        been taken again in it: each row noted ends with the table its state says."""
+        The host hands each to the VNIC. Most short connections' flows move down and come
+        back within one pass: between the two notes nothing but the other notes can look at
+        such a flow, so it needs no shadow there, and the host hears of it by its key alone.
+        A row a pass freed may have been taken again in it: each row noted ends with the table
+        its state says."""
         assert self.on_take_back is not None and self.on_move_down is not None
+        assert self.on_pass_down is not None and self.on_pass_back is not None
         notes = self._notes[:n].tolist()
         down: dict[int, int] = {}  # PNIC slot -> the note that moved a flow into it
-        passing: set[int] = set()  # notes of flows that move down and come back in the pass
+        back: dict[int, int] = {}  # note that moved a flow down -> the note that takes it back
         for k, (kind, _, _, pnic_slot, _) in enumerate(notes):
             if kind != kb.NOTE_TAKEN_BACK:
                 down[pnic_slot] = k
             elif pnic_slot in down:  # the slot is the flow's until it comes back
-                passing.add(down.pop(pnic_slot))
-                passing.add(k)
+                back[down.pop(pnic_slot)] = k
+        keys: dict[int, FlowKey] = {}  # note that takes a flow back -> the flow's key
         raws = self._shadows[:n].tobytes()  # the rows themselves may be others' flows by now
         for k, (kind, i, _, pnic_slot, backoff) in enumerate(notes):
             raw = raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]
             if kind == kb.NOTE_TAKEN_BACK:
                 self.live += 1
                 self.cached += 1
-                self.on_take_back(i, raw, pnic_slot, backoff, k in passing)
+                fkey = keys.pop(k, None)
+                if fkey is None:
+                    self.on_take_back(i, raw, pnic_slot, backoff)
+                else:
+                    self.on_pass_back(i, fkey, pnic_slot, backoff)
             else:
+                self.live -= 1
+                if k in back:
+                    keys[back[k]] = fkey = key_of(raw)
+                    self.on_pass_down(i, fkey, expires_of(raw))
+                    continue
                 table = self.zone_tables[int.from_bytes(raw[_ZONE:_ZONE + 2], "little")]
                 assert table is not None  # the VNIC's, unbounded: open to the pass
-                self.live -= 1
-                self.on_move_down(i, table, raw, pnic_slot, k in passing)
+                self.on_move_down(i, table, raw, pnic_slot)
         slots = [note[2] for note in notes]
         live = (self.table.state[slots] == ko.LIVE).tolist()
         for slot, on, zone in zip(slots, live, self.entries["zone"][slots].tolist(), strict=True):

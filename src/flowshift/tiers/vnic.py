@@ -698,8 +698,8 @@ class Vnic:
         self._now_pnic(flow, at)
 
     def passed_down(self, fkey: FlowKey, expires: int, at: int) -> None:
-        """`moved_down_in_pass` for a flow that the same pass takes back (`took_back` with
-        `shadowed` false): nothing looks at it between the two, so it gets no shadow."""
+        """`moved_down_in_pass` of a flow that the same pass takes back (`passed_back`):
+        nothing looks at it between the two, so it gets no shadow."""
         self._went_down(expires)
         self._offloaded(fkey, at)
 
@@ -708,30 +708,39 @@ class Vnic:
         self._going_down(expires)
         self.synced_at = -1
 
-    def took_back(self, fkey: FlowKey, backoff: int, at: int, shadowed: bool = True) -> None:
+    def took_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
         """The entry of a flow the PNIC owned came back at a FIN or RST straight into the
         fast path (the host's pass ran the PNIC's row, tiers/_fastpath_batch.py), cached with
         this back-off: what `_on_return` and `admit` do with such a Return at `at`. Its shadow
-        leaves the table (none if it moved down in the same pass: `passed_down`)."""
-        if shadowed:
-            shadow = self.pnic_owned.pop(fkey)
-            self._lru = None
-            chain = self.chains[fkey.zone]
-            assert chain is not None
-            chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
+        leaves the table."""
+        shadow = self.pnic_owned.pop(fkey)
+        self._lru = None
+        chain = self.chains[fkey.zone]
+        assert chain is not None
+        chain.flows.detach(shadow)  # its `Flow` gives way to the cached row
         self.synced_at = -1
         self._back(fkey, _CLOSED, backoff, at)
+
+    def passed_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
+        """`took_back` of a flow that moved down in the same pass (`passed_down`): it has no
+        shadow, and no packet or recall of it can be waiting (only Python makes them)."""
+        self.synced_at = -1
+        self._came_back(_CLOSED, at)
+        self.backoff[fkey] = backoff
 
     def _back(self, fkey: FlowKey, label: str, backoff: int, at: int) -> None:
         """The PNIC handed the flow of `fkey` back at `at` (why: `label`); it is this VNIC's
         in its table again, and may be offered again from `backoff` packets on."""
-        self.pnic_flows -= 1
-        self.stats.count(self.stats.returned, label)
-        self.stats.events.append((at, "return", label))
+        self._came_back(label, at)
         self.queue.cancel(fkey)  # the answer to a recall, if we sent one
         self.backoff[fkey] = backoff
         if not self.queue.in_flight(fkey):
             self._release(fkey)
+
+    def _came_back(self, label: str, at: int) -> None:
+        self.pnic_flows -= 1
+        self.stats.count(self.stats.returned, label)
+        self.stats.events.append((at, "return", label))
 
     def _on_results(self, msg: ch.Results, at: int) -> None:
         n = len(msg.index)
