@@ -464,34 +464,37 @@ class Host:
         """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
         PNIC punts) into a row of the fast path, and ran the row there: the PNIC frees its
         slot, and the VNIC takes the flow back as from that Return at the row's time."""
-        assert self._inline is not None and self._segment is not None
+        assert self._inline is not None
         self._inline.pnic.engine.hand_back(pnic_slot)
-        now = self.advance(int(self._segment[1][i]))
-        self.vnic.took_back(key_of(raw), backoff, now)
+        self.vnic.took_back(key_of(raw), backoff, self._at_row(i))
 
     def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
         cache: the flow, as it was, back in its table as the shadow of a PNIC-owned flow, as
         the VNIC's offer and the PNIC's answer make it at latency 0."""
-        assert self._inline is not None and self._segment is not None
+        assert self._inline is not None
         self._inline.pnic.engine.moved_in()
         flow = Flow.from_bytes(raw)
         table.attach(flow)
-        now = self.advance(int(self._segment[1][i]))
-        self.vnic.moved_down_in_pass(flow, now)
+        self.vnic.moved_down_in_pass(flow, self._at_row(i))
         self._moved_in_pass[flow.key] = flow
 
     def _passed_down(self, i: int, fkey: FlowKey, expires: int) -> None:
         """`_moved_down` of a flow the same pass takes back (`_passed_back`): counted only."""
-        assert self._inline is not None and self._segment is not None
+        assert self._inline is not None
         self._inline.pnic.engine.moved_in()
-        self.vnic.passed_down(fkey, expires, self.advance(int(self._segment[1][i])))
+        self.vnic.passed_down(fkey, expires, self._at_row(i))
 
     def _passed_back(self, i: int, fkey: FlowKey, pnic_slot: int, backoff: int) -> None:
         """`_took_back` of a flow that moved down in the same pass (`_passed_down`)."""
-        assert self._inline is not None and self._segment is not None
+        assert self._inline is not None
         self._inline.pnic.engine.hand_back(pnic_slot)
-        self.vnic.passed_back(fkey, backoff, self.advance(int(self._segment[1][i])))
+        self.vnic.passed_back(fkey, backoff, self._at_row(i))
+
+    def _at_row(self, i: int) -> int:
+        """The clock moved on to batch row i of the segment (a pass's note of that row)."""
+        assert self._segment is not None
+        return self.advance(int(self._segment[1][i]))
 
     def _set_zones(self, fp: Fastpath) -> None:
         """The stale machines' zones as they stand: the table (none when it has a limit), the

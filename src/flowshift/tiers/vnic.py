@@ -694,16 +694,17 @@ class Vnic:
         """A flow this VNIC owns (back in its table, as it was when offered) moved to the
         PNIC's cache in the host's pass (tiers/_fastpath_batch.py): what `consider` and, at
         latency 0 at once, `_on_ack` do with an offer the PNIC takes."""
-        self._went_down(flow.expires)
+        self._offered_in_pass(flow.expires)
         self._now_pnic(flow, at)
 
     def passed_down(self, fkey: FlowKey, expires: int, at: int) -> None:
         """`moved_down_in_pass` of a flow that the same pass takes back (`passed_back`):
         nothing looks at it between the two, so it gets no shadow."""
-        self._went_down(expires)
+        self._offered_in_pass(expires)
         self._offloaded(fkey, at)
 
-    def _went_down(self, expires: int) -> None:
+    def _offered_in_pass(self, expires: int) -> None:
+        """The pass made an offer (a sequence number, as `consider`'s) that the PNIC took."""
         self.seq += 1
         self._going_down(expires)
         self.synced_at = -1
