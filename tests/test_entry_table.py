@@ -48,6 +48,8 @@ ops = st.lists(st.one_of(
               st.integers(0, 8)),
     st.tuples(st.just("release"), st.integers(0, KEYS - 1)),
     st.tuples(st.just("remove"), st.integers(0, KEYS - 1)),
+    st.tuples(st.just("release_rows"), st.lists(st.integers(0, KEYS - 1), max_size=5,
+                                                 unique=True)),
     st.tuples(st.just("grow"),)), max_size=40)
 
 
@@ -89,6 +91,15 @@ def test_the_table_holds_what_was_put_and_not_released(capacity: int, steps: lis
                 table.unindex(slot)
                 assert table.release(slot) == _entry(i)
                 assert table.state[slot] == FREE and table.get(slot) == bytes(ENTRY_SIZE)
+        elif step[0] == "release_rows":  # releases in turn, the bytes unread
+            slots = [held.pop(i) for i in step[1] if i in held]
+            for slot in slots:
+                table.unindex(slot)
+            free_before = table.nfree
+            table.release_rows(slots)
+            assert table.free[free_before:table.nfree].tolist() == slots
+            for slot in slots:
+                assert table.state[slot] == FREE and table.get(slot) == bytes(ENTRY_SIZE)
         elif step[0] == "remove":  # unindex and release in one: a live entry's keys go too
             i = step[1]
             if i in held:
@@ -109,6 +120,21 @@ def test_put_takes_the_slot_a_release_freed_first() -> None:
     table.unindex(1)
     table.release(1)
     assert table.put(_entry(5)) == 1  # the free slots are a stack
+
+
+def test_slots_released_at_once_are_taken_again_as_after_releases_in_turn() -> None:
+    one, many = EntryTable(6), EntryTable(6)
+    for table in (one, many):
+        for i in range(5):
+            table.put(_entry(i))
+        for slot in (3, 0, 4):
+            table.unindex(slot)
+    for slot in (3, 0, 4):
+        one.release(slot)
+    many.release_rows([3, 0, 4])
+    assert [one.put(_entry(i)) for i in range(6, 10)] == [
+        many.put(_entry(i)) for i in range(6, 10)] == [4, 0, 3, 5]
+    assert one.mem.tobytes() == many.mem.tobytes()
 
 
 def test_a_table_needs_a_slot() -> None:

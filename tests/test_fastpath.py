@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import tomllib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +60,8 @@ def _same_as(ref: Run, fast: Run) -> Run:
     assert _results(fast) == _results(ref)
     assert _stats(fast) == _stats(ref)
     assert fast.dumps == ref.dumps
+    # what the VNIC keeps of its flows' returns, by which it offers them again
+    assert fast.host.vnic.backoff == ref.host.vnic.backoff
     return fast
 
 
@@ -125,7 +126,7 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
     engine, which offers, answers and returns through the channel and makes the second
     passes."""
     calls = _counting(monkeypatch, "_pnic_again", "_run_ahead", "_moved_down", "_took_back",
-                      "_passed_down", "_passed_back", "_hand_back", "_offer")
+                      "_passed", "_hand_back", "_offer")
     for capacity in (None, 2):
         kw = {"policy": "elephant", "rows": 512, "capacity": capacity}
         ref = run(gateway_trace, gateway, engine="reference", **kw)
@@ -135,19 +136,64 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
         fast = _same_as(ref, run(gateway_trace, gateway, **kw))
         stats = fast.host.stats
         assert stats.offloads_to_pnic > 10 and stats.returned["closed"] > 10
-        assert len(calls["_moved_down"]) + len(calls["_passed_down"]) + len(
+        passed = [p for (p,) in calls["_passed"]]
+        assert len(calls["_moved_down"]) + sum(len(p.keys) for p in passed) + len(
             calls["_offer"]) >= stats.offloads_to_pnic
         # a flow that stays down past its pass has a shadow; one that moves down and comes
         # back in one pass has none: both happen, and each pair is heard at both ends
-        assert calls["_moved_down"] and calls["_took_back"] and calls["_passed_down"]
-        assert Counter(args[1] for args in calls["_passed_down"]) == Counter(
-            args[1] for args in calls["_passed_back"])
+        assert calls["_moved_down"] and calls["_took_back"] and passed
+        for p in passed:
+            assert len(p.keys) == len(p.expires) == len(p.back_rows) == len(p.backoffs)
+            assert all(d < b for d, b in zip(p.down_rows, p.back_rows, strict=True))
         if capacity is None:  # room for every flow: each offer but the handoff's in the pass
             assert len(calls["_offer"]) == 1 and not calls["_pnic_again"]
             assert not calls["_run_ahead"] and "room" not in stats.returned
         else:  # a full PNIC: offers refused in Python, and recalls that run rows first
             assert stats.returned["room"] > 5 and stats.refused["full"] > 5
             assert calls["_pnic_again"]
+
+
+def test_a_handoff_leaves_the_machines_cached_flows_in_their_rows(gateway, gateway_trace,
+                                                                 monkeypatch):
+    """The machine's handoff sends every flow's entry, its cached flows' read from their rows;
+    the VNIC writes each of those back over its row, which is the VNIC's from then on: no row
+    comes back to Python as a `Flow` and none moves. Still the reference's results."""
+    seen: list[tuple[dict[int, FlowKey], dict[int, FlowKey], int]] = []
+    handoff = Host.handoff
+    pull = Fastpath.pull
+
+    def no_pull(self, slot):
+        raise AssertionError(f"row {slot} pulled back into Python during the handoff")
+
+    def watched(self, m, now):
+        fp = self.fastpath
+        if fp is None:  # the reference engine's
+            return handoff(self, m, now)
+        table = self.machines[m].chain.flows
+        before = {slot: Flow.from_bytes(fp.table.get(slot)).key
+                  for slot, t in enumerate(fp.tables) if t is table}
+        monkeypatch.setattr(Fastpath, "pull", no_pull)
+        try:
+            handoff(self, m, now)
+        finally:
+            monkeypatch.setattr(Fastpath, "pull", pull)
+        vnic_table = self.vnic.chains[m].flows
+        after = {slot: Flow.from_bytes(fp.table.get(slot)).key
+                 for slot, t in enumerate(fp.tables) if t is vnic_table}
+        owners = {int(fp.entries["owner"][slot]) for slot in after}
+        seen.append((before, after, len(owners - {int(Tier.VNIC)})))
+        return None
+
+    monkeypatch.setattr(Host, "handoff", watched)
+    # a late first offer: the machine has many flows to hand over by then
+    late = dataclasses.replace(gateway, offload=dataclasses.replace(
+        gateway.offload, elephant_packets=1000, elephant_bytes=10**7))
+    ref = run(gateway_trace, late, engine="reference", policy="elephant", rows=4096)
+    _same_as(ref, run(gateway_trace, late, policy="elephant", rows=4096))
+    (before, after, foreign), = seen
+    assert len(before) > 10 and foreign == 0
+    # the same flows in the same rows (and those the machine held as `Flow`s, cached anew)
+    assert before.items() <= after.items()
 
 
 @pytest.mark.parametrize(("seed", "p", "capacity", "policy"), [

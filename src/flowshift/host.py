@@ -38,6 +38,7 @@ from flowshift.tiers.fastpath import (
     STOP_SOFTWARE,
     STOP_TIME,
     Fastpath,
+    Passed,
 )
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
@@ -111,8 +112,7 @@ class Host:
             self.fastpath.attach_pnic(link.pnic.engine)
             self.fastpath.on_take_back = self._took_back
             self.fastpath.on_move_down = self._moved_down
-            self.fastpath.on_pass_down = self._passed_down
-            self.fastpath.on_pass_back = self._passed_back
+            self.fastpath.on_passed = self._passed
             self.vnic.before_recall = self._run_ahead
         # the segment being decided (its rows), where in it software is, whether the PNIC
         # decided rows of it since it began, and the flows that moved down in it whose rows
@@ -460,36 +460,29 @@ class Host:
         self.vnic.defer(self._inline.hand_back(slot, punt, now), now)
         self.vnic.synced_at = -1
 
-    def _took_back(self, i: int, raw: bytes, pnic_slot: int, backoff: int) -> None:
+    def _took_back(self, i: int, raw: bytes, backoff: int) -> None:
         """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
-        PNIC punts) into a row of the fast path, and ran the row there: the PNIC frees its
-        slot, and the VNIC takes the flow back as from that Return at the row's time."""
-        assert self._inline is not None
-        self._inline.pnic.engine.hand_back(pnic_slot)
+        PNIC punts) into a row of the fast path, and ran the row there (the PNIC freed its
+        slot): the VNIC takes the flow back as from that Return at the row's time."""
         self.vnic.took_back(key_of(raw), backoff, self._at_row(i))
 
-    def _moved_down(self, i: int, table: FlowTable, raw: bytes, pnic_slot: int) -> None:
+    def _moved_down(self, i: int, table: FlowTable, raw: bytes) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
         cache: the flow, as it was, back in its table as the shadow of a PNIC-owned flow, as
         the VNIC's offer and the PNIC's answer make it at latency 0."""
-        assert self._inline is not None
-        self._inline.pnic.engine.moved_in()
         flow = Flow.from_bytes(raw)
         table.attach(flow)
         self.vnic.moved_down_in_pass(flow, self._at_row(i))
         self._moved_in_pass[flow.key] = flow
 
-    def _passed_down(self, i: int, fkey: FlowKey, expires: int) -> None:
-        """`_moved_down` of a flow the same pass takes back (`_passed_back`): counted only."""
-        assert self._inline is not None
-        self._inline.pnic.engine.moved_in()
-        self.vnic.passed_down(fkey, expires, self._at_row(i))
-
-    def _passed_back(self, i: int, fkey: FlowKey, pnic_slot: int, backoff: int) -> None:
-        """`_took_back` of a flow that moved down in the same pass (`_passed_down`)."""
-        assert self._inline is not None
-        self._inline.pnic.engine.hand_back(pnic_slot)
-        self.vnic.passed_back(fkey, backoff, self._at_row(i))
+    def _passed(self, passed: Passed) -> None:
+        """`_moved_down` and `_took_back` of the flows a pass moved down and took back (after
+        its other notes): counted at once, at their rows' times; the clock ends at the last."""
+        assert self._segment is not None
+        clock = self._segment[1]
+        self.vnic.passed(passed, clock[passed.down_rows].tolist(),
+                         clock[passed.back_rows].tolist())
+        self._at_row(max(passed.back_rows))
 
     def _at_row(self, i: int) -> int:
         """The clock moved on to batch row i of the segment (a pass's note of that row)."""
@@ -724,7 +717,9 @@ class Host:
         msg = vnic_end.receive()
         if not isinstance(msg, ch.Handoff):
             raise RuntimeError(f"handoff of machine {self.names[m]!r} arrived as {msg!r}")
-        self.stats.offloads_to_vnic += self.vnic.adopt(msg, now)
+        self.stats.offloads_to_vnic += self.vnic.adopt(msg, now, machine.chain.flows)
+        if machine.chain.flows.cached:
+            raise RuntimeError(f"handoff of machine {self.names[m]!r} left flows behind")
         if self.fastpath is not None:
             self.fastpath.forget(machine.chain.flows)
         self.machines[m] = None

@@ -127,6 +127,9 @@ class Cache(Protocol):
     def expire(self, now: int) -> None:
         """Every flow held that expired by `now` back in its table."""
 
+    def entries_of(self, table: FlowTable) -> list[bytes]:
+        """The entries of the flows held for `table`, left where they are."""
+
 
 class FlowTable:
     """Flows of one chain, by both of their keys.
@@ -194,6 +197,15 @@ class FlowTable:
         for key, (flow, direction) in list(self._by_key.items()):
             if direction == 0 or key is flow.key:  # its own key (a reply of its own: both)
                 yield flow
+
+    def entries(self) -> list[bytes]:
+        """Every flow's entry, in the order iterating lists the flows (those held here, then
+        the cache's), the cache's read where they are: what a handoff sends."""
+        out = [flow.to_bytes() for key, (flow, direction) in self._by_key.items()
+               if direction == 0 or key is flow.key]
+        if self.cached and self.cache is not None:
+            out.extend(self.cache.entries_of(self))
+        return out
 
     def _note(self, key: FlowKey) -> None:
         """`key` came or went: dirty holds exactly the keys whose presence here differs from

@@ -105,11 +105,12 @@ CACHED_TCP_STATES = sum(1 << int(s) for s in (
     TcpState.CLOSE_WAIT, TcpState.LAST_ACK, TcpState.TIME_WAIT, TcpState.CLOSE))
 PUNT_LIFE = int(PuntReason.LIFE)
 # what a pass did with the PNIC that software must hear of, in order: a note each of N_NOTE
-# words (kind, batch row, this table's row, the PNIC's slot, the back-off taken back with it)
-# (`shadows`: the entry as it was moved)
+# words (kind, batch row, this table's row, the PNIC's slot, the back-off taken back with it,
+# the other note of a flow that moved down and came back in this pass or -1) (`shadows`: the
+# entry as it was moved)
 NOTE_TAKEN_BACK = 0  # an entry the PNIC punted at a FIN or RST came back to a row here
 NOTE_OFFERED = 1  # an established flow moved from a row here to the PNIC
-N_NOTE = 5
+N_NOTE = 6
 # pnic_ctl: what a pass may do with the PNIC's second cache: offers the VNIC may still make
 # (room), the services the PNIC runs (chain bits), the cache's free slots
 C_ROOM = 0
@@ -246,13 +247,23 @@ def _put_entry(src, se, mem, slot, keys, vals, owner):
 
 @kernel()
 def _note(notes, fstate, kind, i, row, pnic_slot, backoff):
-    """One more note for the host (fstate[5] of them so far)."""
+    """One more note for the host (fstate[5] of them so far). An entry taken back from a slot
+    this pass moved a flow into (the last note of that slot moved it: a slot holds one flow
+    until it comes back) pairs the two notes."""
     k = fstate[5]
     notes[k, 0] = kind
     notes[k, 1] = i
     notes[k, 2] = row
     notes[k, 3] = pnic_slot
     notes[k, 4] = backoff
+    notes[k, 5] = -1
+    if kind == NOTE_TAKEN_BACK:
+        for j in range(k - 1, -1, -1):
+            if notes[j, 3] == pnic_slot:
+                if notes[j, 0] == NOTE_OFFERED:
+                    notes[j, 5] = k
+                    notes[k, 5] = j
+                break
     fstate[5] = k + 1
 
 

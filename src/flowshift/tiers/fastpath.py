@@ -27,12 +27,13 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flowshift.conntrack_types import Status
-from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of, field_offsets, key_of
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, field_offsets, key_of
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
@@ -57,6 +58,8 @@ _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
 _CACHED_STATES = frozenset(s for s in TcpState if kb.CACHED_TCP_STATES >> s & 1)
 _ASSURED = int(Status.ASSURED)
 _ZONE = field_offsets()["zone"]  # an entry's zone: its machine
+_OWNER = field_offsets()["owner"]
+_EXPIRES = field_offsets()["expires"]
 MAX_NOTES = 256  # offers and returns a pass notes for the host at most (`notes_room`)
 _NEVER = np.iinfo(np.int64).max
 _ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one indexed write
@@ -65,6 +68,21 @@ _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
 
 STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER, STOP_RETURN = (
     kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME, kb.STOP_OFFER, kb.STOP_RETURN)
+
+
+@dataclass(slots=True)
+class Passed:
+    """The flows a pass moved down to the PNIC and took back (`Fastpath._heard`), in the
+    order they moved down: each one's key, expiry when it moved, batch rows of the two notes
+    and back-off when it came back; and how far above its count at the pass's end the PNIC's
+    count rose meanwhile (all of the pass's notes counted)."""
+
+    above: int
+    keys: list[FlowKey]
+    expires: list[int]
+    down_rows: list[int]
+    back_rows: list[int]
+    backoffs: list[int]
 
 
 class Fastpath:
@@ -98,14 +116,13 @@ class Fastpath:
         self._fstate = np.zeros(6, np.int64)
         self.notes_room(MAX_NOTES)
         # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
-        # (batch row, the entry as it came back, the PNIC's slot, the VNIC's back-off), a flow
-        # moved down (batch row, its table, its entry as it was, the PNIC's slot); and, for a
-        # flow that moves down and comes back in the same pass, each of the two (batch row, its
-        # key, its expiry or the PNIC's slot and the back-off)
-        self.on_take_back: Callable[[int, bytes, int, int], None] | None = None
-        self.on_move_down: Callable[[int, FlowTable, bytes, int], None] | None = None
-        self.on_pass_down: Callable[[int, FlowKey, int], None] | None = None
-        self.on_pass_back: Callable[[int, FlowKey, int, int], None] | None = None
+        # (batch row, the entry as it came back, the VNIC's back-off), a flow moved down (batch
+        # row, its table, its entry as it was); and, at once, the flows that moved down and came
+        # back in the same pass (`Passed`)
+        self.on_take_back: Callable[[int, bytes, int], None] | None = None
+        self.on_move_down: Callable[[int, FlowTable, bytes], None] | None = None
+        self.on_passed: Callable[[Passed], None] | None = None
+        self._pnic: PnicEngine | None = None
         self._pnic_table: EntryTable | None = None
         # per pass: offers the VNIC may still make, the services the PNIC runs, its free slots
         self.pnic_ctl = np.zeros(3, np.int64)
@@ -145,6 +162,7 @@ class Fastpath:
             raise ValueError("the PNIC runs the machines with other knobs than the fast path")
         self._pnic_arrays = engine.pass_arrays()
         self._pnic_table = engine.table
+        self._pnic = engine
 
     def let_pnic(self, on: bool, room: int = 0, supported: int = 0) -> None:
         """Whether the next passes run the attached PNIC's rows (`on`), and the offers they
@@ -239,6 +257,42 @@ class Fastpath:
         """Every flow of `table` back into it (to list or hand over all of them)."""
         for slot in [s for s, t in enumerate(self.tables) if t is table]:
             self.pull(slot)
+
+    def entries_of(self, table: FlowTable) -> list[bytes]:
+        """The entries of `table`'s flows here, by row, left where they are."""
+        get = self.table.get
+        return [get(slot) for slot, t in enumerate(self.tables) if t is table]
+
+    def take_over(self, raw: bytes, old: FlowTable, new: FlowTable, tier: int, now: int,
+                  offer_at: int, bounded: bool, may_run: bool) -> bool:
+        """A handoff brought the entry `raw` of a flow whose row here is `old`'s: when `admit`
+        would cache it for `new` at once (owned by `tier`, live at `now`; `offer_at`, `bounded`
+        as `cache` takes them; `may_run`: its new owner lets it), the entry is written over
+        that row, which is `new`'s now, its keys and index as they were. False: it must run in
+        Python (its row, if it had one, is gone; `new` imports it)."""
+        hit = self.table.lookup(key_of(raw))
+        if hit < 0 or self.tables[hit >> 1] is not old:
+            return False
+        slot = hit >> 1
+        old.cached -= 1
+        row = self.entries[slot]
+        if not (may_run and self.on and int(row["expires"]) > now
+                and (int(row["proto"]) != PROTO_TCP or kb.CACHED_TCP_STATES >> int(
+                    row["tcp_state"]) & 1)
+                and (not bounded or int(row["status"]) & _ASSURED)):
+            self.table.remove(slot)
+            self.tables[slot] = None
+            self.live -= 1
+            return False
+        at = slot * ENTRY_SIZE
+        buf = self.table.buf
+        buf[at:at + ENTRY_SIZE] = raw
+        buf[at + _OWNER] = tier
+        self._offer_at[slot] = _NEVER if offer_at < 0 else offer_at
+        self.tables[slot] = new
+        new.cached += 1
+        self.cached += 1
+        return True
 
     def take(self, i: int) -> Flow:
         """The flow of batch row i, which stopped the last pass (STOP_PUNT, STOP_OFFER): back
@@ -425,43 +479,42 @@ class Fastpath:
     def _heard(self, n: int) -> None:
         """The n notes of the last pass, in order (_fastpath_batch.run_rows): entries it took
         back from the PNIC into rows here, flows it moved from rows here down to the PNIC.
-        The host hands each to the VNIC. Most short connections' flows move down and come
-        back within one pass: between the two notes nothing but the other notes can look at
-        such a flow, so it needs no shadow there, and the host hears of it by its key alone.
-        A row a pass freed may have been taken again in it: each row noted ends with the table
-        its state says."""
+        The PNIC's cache counts them and frees the slots taken back, in order; the host hands
+        each to the VNIC. Most short connections' flows move down and come back within one
+        pass: between the two notes nothing but the other notes can look at such a flow, so it
+        needs no shadow there, and the host hears of all of them at once, by their keys
+        (`Passed`), after the others. A row a pass freed may have been taken again in it: each
+        row noted ends with the table its state says."""
         assert self.on_take_back is not None and self.on_move_down is not None
-        assert self.on_pass_down is not None and self.on_pass_back is not None
-        notes = self._notes[:n].tolist()
-        down: dict[int, int] = {}  # PNIC slot -> the note that moved a flow into it
-        back: dict[int, int] = {}  # note that moved a flow down -> the note that takes it back
-        for k, (kind, _, _, pnic_slot, _) in enumerate(notes):
-            if kind != kb.NOTE_TAKEN_BACK:
-                down[pnic_slot] = k
-            elif pnic_slot in down:  # the slot is the flow's until it comes back
-                back[down.pop(pnic_slot)] = k
-        keys: dict[int, FlowKey] = {}  # note that takes a flow back -> the flow's key
+        assert self.on_passed is not None and self._pnic is not None
+        notes = self._notes[:n]
+        back = notes[:, 0] == kb.NOTE_TAKEN_BACK
+        partner = notes[:, 5]  # the pairs' (_fastpath_batch._note)
+        taken = notes[back, 3].tolist()  # the PNIC's slots taken back, in order
+        self._pnic.passed(n - len(taken), taken)
+        self.live += 2 * len(taken) - n
+        self.cached += len(taken)
+        level = np.cumsum(np.where(back, -1, 1))  # the PNIC's count, from before the notes
         raws = self._shadows[:n].tobytes()  # the rows themselves may be others' flows by now
-        for k, (kind, i, _, pnic_slot, backoff) in enumerate(notes):
+        rows, slots, backoffs = notes[:, 1].tolist(), notes[:, 2].tolist(), notes[:, 4].tolist()
+        for k in np.flatnonzero(partner < 0).tolist():
             raw = raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]
-            if kind == kb.NOTE_TAKEN_BACK:
-                self.live += 1
-                self.cached += 1
-                fkey = keys.pop(k, None)
-                if fkey is None:
-                    self.on_take_back(i, raw, pnic_slot, backoff)
-                else:
-                    self.on_pass_back(i, fkey, pnic_slot, backoff)
+            if back[k]:
+                self.on_take_back(rows[k], raw, backoffs[k])
             else:
-                self.live -= 1
-                if k in back:
-                    keys[back[k]] = fkey = key_of(raw)
-                    self.on_pass_down(i, fkey, expires_of(raw))
-                    continue
                 table = self.zone_tables[int.from_bytes(raw[_ZONE:_ZONE + 2], "little")]
                 assert table is not None  # the VNIC's, unbounded: open to the pass
-                self.on_move_down(i, table, raw, pnic_slot)
-        slots = [note[2] for note in notes]
+                self.on_move_down(rows[k], table, raw)
+        down = np.flatnonzero((partner >= 0) & ~back)
+        if len(down):
+            up = partner[down]
+            self.on_passed(Passed(
+                above=max(int(level.max()), 0) - int(level[-1]),
+                keys=[key_of(raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]) for k in down.tolist()],
+                expires=self._shadows[down, _EXPIRES:_EXPIRES + 8].copy().view(
+                    "<i8").ravel().tolist(),
+                down_rows=notes[down, 1].tolist(), back_rows=notes[up, 1].tolist(),
+                backoffs=notes[up, 4].tolist()))
         live = (self.table.state[slots] == ko.LIVE).tolist()
         for slot, on, zone in zip(slots, live, self.entries["zone"][slots].tolist(), strict=True):
             self.tables[slot] = self.zone_tables[zone] if on else None

@@ -30,8 +30,7 @@ class Machine:
         config = machine_to_dict(self._host_config, self.index)
         # the machine's whole conntrack table: the VNIC reads the machine without the host's
         config["conntrack"] = asdict(chain.config.conntrack)
-        return ch.Handoff(self.index, config,
-                          [f.to_bytes() for f in chain.export_flows()],
+        return ch.Handoff(self.index, config, chain.flows.entries(),
                           chain.lb.state() if chain.lb is not None else [])
 
 

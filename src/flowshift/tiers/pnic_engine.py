@@ -159,16 +159,24 @@ class PnicEngine:
             self._live -= 1
         return self.table.remove(slot)
 
-    def moved_in(self) -> None:
-        """A fast-path pass put an entry in the cache (`_move_down`: LIVE and indexed)."""
-        self._live += 1
-
     def hand_back(self, slot: int) -> bytes:
-        """The entry a fast-path pass ran and punted (tiers/_fastpath_batch.py; RETURNED, as
-        `process` leaves one): its exact bytes; frees the slot."""
+        """The entry a fast-path pass ran and punted, stopping there (tiers/_fastpath_batch.py
+        STOP_RETURN; RETURNED, as `process` leaves one): its exact bytes; frees the slot."""
         raw = self.take_returned(slot)
         self._live -= 1
         return raw
+
+    def passed(self, moved_in: int, handed_back: list[int]) -> None:
+        """A fast-path pass put `moved_in` entries in the cache (`_move_down`: LIVE and
+        indexed) and ran and punted the entries of the slots `handed_back`, in that order
+        (tiers/_fastpath_batch.py; RETURNED, as `process` leaves one; their bytes are the
+        pass's): those slots are freed in turn."""
+        state = self.table.state
+        for slot in handed_back:
+            if state[slot] != RETURNED:
+                raise KeyError(f"slot {slot} holds no returned entry")
+        self.table.release_rows(handed_back)
+        self._live += moved_in - len(handed_back)
 
     def pass_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """What a fast-path pass runs this cache's rows with (`run_rows`): the entries'

@@ -35,16 +35,16 @@ from dataclasses import dataclass
 from flowshift import channel as ch
 from flowshift.config import HostConfig, MachineConfig, parse_config
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
-from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of, key_of
 from flowshift.flow import PROTO_TCP, FlowKey, new_key
 from flowshift.offload import HandoffQueue, OffloadPolicy
 from flowshift.packet.view import TCP_SYN, Packet, ParseError
 from flowshift.services import conntrack_tcp as ct_tcp
 from flowshift.services.chain import Chain, Outcome
-from flowshift.services.conntrack import generic_timeout
+from flowshift.services.conntrack import FlowTable, generic_timeout
 from flowshift.stats import TIER_NAMES, FlowView, HostStats
 from flowshift.tiers._fastpath_batch import returned_backoff
-from flowshift.tiers.fastpath import Fastpath
+from flowshift.tiers.fastpath import Fastpath, Passed
 from flowshift.tiers.link import PnicLink
 from flowshift.tiers.pnic import PUNT
 from flowshift.verdict import RefuseReason, ReturnReason, Verdict
@@ -153,22 +153,34 @@ class Vnic:
 
     # -- machine -> VNIC ---------------------------------------------------------------------
 
-    def adopt(self, msg: ch.Handoff, now: int = -1) -> int:
+    def adopt(self, msg: ch.Handoff, now: int = -1, handed: FlowTable | None = None) -> int:
         """Take over a machine's chain from its handoff message; the entries taken. At `now`
-        (>= 0: during a batch), its flows go on running compiled, as they did at the machine."""
+        (>= 0: during a batch), its flows go on running compiled, as they did at the machine:
+        those whose rows this process's fast path holds for the machine's table `handed` go
+        on in those rows (the entry written over each, `Fastpath.take_over`), the rest are
+        cached again after they are imported."""
         m = msg.machine
         cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
         chain = VnicChain(cfg, m)
         chain.spare = self.queue.pending
         chain.dropped = self._forget
-        if self.fastpath is not None:
-            chain.flows.use_cache(self.fastpath)
+        fp = self.fastpath
+        if fp is not None:
+            chain.flows.use_cache(fp)
         if chain.lb is not None:
             chain.lb.restore(msg.lb_state)
-        flows = [Flow.from_bytes(raw) for raw in msg.entries]
-        for flow in flows:
-            chain.import_flow(flow)
         self.chains[m] = chain
+        bounded = chain.knobs.max > 0
+        flows = []
+        for raw in msg.entries:
+            if fp is not None and handed is not None:
+                key = key_of(raw)
+                if fp.take_over(raw, handed, chain.flows, _VNIC, now, self._threshold(key),
+                                bounded, now >= 0 and not self.queue.pending(key)):
+                    continue
+            flow = Flow.from_bytes(raw)
+            chain.import_flow(flow)
+            flows.append(flow)
         if now >= 0:
             for flow in flows:
                 self.admit(m, flow, now)
@@ -227,8 +239,12 @@ class Vnic:
         fp = self.fastpath
         chain = self.chains[machine]
         if fp is not None and fp.on and chain is not None and not self.queue.pending(flow.key):
-            offer_at = -1 if self.policy.name == "never" else self.backoff.get(flow.key, 0)
-            fp.admit(flow, chain.flows, _VNIC, now, offer_at, chain.knobs.max > 0)
+            fp.admit(flow, chain.flows, _VNIC, now, self._threshold(flow.key),
+                     chain.knobs.max > 0)
+
+    def _threshold(self, fkey: FlowKey) -> int:
+        """The packet count below which an offer of this flow would be refused (-1: never)."""
+        return -1 if self.policy.name == "never" else self.backoff.get(fkey, 0)
 
     def _forget(self, flow: Flow) -> None:
         """A flow the chain's table dropped (expired, or early-dropped to make room)."""
@@ -697,12 +713,6 @@ class Vnic:
         self._offered_in_pass(flow.expires)
         self._now_pnic(flow, at)
 
-    def passed_down(self, fkey: FlowKey, expires: int, at: int) -> None:
-        """`moved_down_in_pass` of a flow that the same pass takes back (`passed_back`):
-        nothing looks at it between the two, so it gets no shadow."""
-        self._offered_in_pass(expires)
-        self._offloaded(fkey, at)
-
     def _offered_in_pass(self, expires: int) -> None:
         """The pass made an offer (a sequence number, as `consider`'s) that the PNIC took."""
         self.seq += 1
@@ -722,12 +732,24 @@ class Vnic:
         self.synced_at = -1
         self._back(fkey, _CLOSED, backoff, at)
 
-    def passed_back(self, fkey: FlowKey, backoff: int, at: int) -> None:
-        """`took_back` of a flow that moved down in the same pass (`passed_down`): it has no
-        shadow, and no packet or recall of it can be waiting (only Python makes them)."""
+    def passed(self, passed: Passed, down_at: list[int], back_at: list[int]) -> None:
+        """`moved_down_in_pass` and `took_back` of each flow that moved down to the PNIC and
+        came back within one pass (at those times), after the pass's other notes: nothing
+        looked at such a flow between the two, so it got no shadow, and no packet or recall
+        of it can wait (only Python makes them). Counted at once: nothing reads the counters
+        inside a pass, and the events are listed by time (`stats.event_order`)."""
+        n = len(passed.keys)
+        self.seq += n  # the offers' sequence numbers, as `consider`'s
         self.synced_at = -1
-        self._came_back(_CLOSED, at)
-        self.backoff[fkey] = backoff
+        self.lower_floor(min(passed.expires))
+        s = self.stats
+        s.peak_second_cache = max(s.peak_second_cache, self.pnic_flows + passed.above)
+        s.offloads_to_pnic += n
+        s.returned[_CLOSED] = s.returned.get(_CLOSED, 0) + n
+        s.events.extend(zip(down_at, itertools.repeat("offload"), passed.keys))
+        s.events.extend(zip(back_at, itertools.repeat("return"), itertools.repeat(_CLOSED)))
+        # in note order: a flow that came back twice keeps its later back-off
+        self.backoff.update(zip(passed.keys, passed.backoffs, strict=True))
 
     def _back(self, fkey: FlowKey, label: str, backoff: int, at: int) -> None:
         """The PNIC handed the flow of `fkey` back at `at` (why: `label`); it is this VNIC's
