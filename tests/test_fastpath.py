@@ -141,7 +141,7 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
             calls["_offer"]) >= stats.offloads_to_pnic
         # a flow that stays down past its pass has a shadow; one that moves down and comes
         # back in one pass has none: both happen, and each pair is heard at both ends
-        assert calls["_moved_down"] and calls["_took_back"] and passed
+        assert calls["_moved_down"] and calls["_took_back"] and any(p.keys for p in passed)
         for p in passed:
             assert len(p.keys) == len(p.expires) == len(p.back_rows) == len(p.backoffs)
             assert all(d < b for d, b in zip(p.down_rows, p.back_rows, strict=True))

@@ -21,7 +21,7 @@ from enum import IntEnum, IntFlag
 import numpy as np
 
 from flowshift.conntrack_types import Status, TcpConn, TcpDir
-from flowshift.flow import FlowKey
+from flowshift.flow import FlowKey, new_key
 
 __all__ = ["ENTRY_DTYPE", "ENTRY_SIZE", "SERVICE_NAMES", "Flow", "Service", "Status", "Tier",
            "chain_bits", "expires_of", "field_offsets", "key_of"]
@@ -157,7 +157,7 @@ def _key(fam: int, proto: int, zone: int, sport: int, dport: int, src: builtins.
          dst: builtins.bytes) -> FlowKey:
     """A key from its unpacked fields (addresses padded to 16 bytes)."""
     n = 4 if fam == 4 else 16
-    return FlowKey(fam, proto, zone, src[:n], dst[:n], sport, dport)
+    return new_key((fam, proto, zone, src[:n], dst[:n], sport, dport))
 
 
 _NO_TCP = (0,) * 22
@@ -215,7 +215,7 @@ class Flow:
         fam, proto, zone = v[0], v[1], v[2]
         n = 4 if fam == 4 else 16
         key = _key(*v[:7])
-        xlat = FlowKey(fam, proto, zone, v[7][:n], v[8][:n], v[9], v[10])
+        xlat = new_key((fam, proto, zone, v[7][:n], v[8][:n], v[9], v[10]))
         tcp = None
         if proto == 6:
             tcp = TcpConn(

@@ -464,7 +464,7 @@ class Host:
         """A pass took the entry `raw` of a PNIC flow back at batch row i (a FIN or RST the
         PNIC punts) into a row of the fast path, and ran the row there (the PNIC freed its
         slot): the VNIC takes the flow back as from that Return at the row's time."""
-        self.vnic.took_back(key_of(raw), backoff, self._at_row(i))
+        self.vnic.took_back(key_of(raw), backoff, self._time_of(i))
 
     def _moved_down(self, i: int, table: FlowTable, raw: bytes) -> None:
         """A pass moved a VNIC flow its policy wanted after batch row i down to the PNIC's
@@ -472,22 +472,27 @@ class Host:
         the VNIC's offer and the PNIC's answer make it at latency 0."""
         flow = Flow.from_bytes(raw)
         table.attach(flow)
-        self.vnic.moved_down_in_pass(flow, self._at_row(i))
+        self.vnic.moved_down_in_pass(flow, self._time_of(i))
         self._moved_in_pass[flow.key] = flow
 
     def _passed(self, passed: Passed) -> None:
-        """`_moved_down` and `_took_back` of the flows a pass moved down and took back (after
-        its other notes): counted at once, at their rows' times; the clock ends at the last."""
-        assert self._segment is not None
-        clock = self._segment[1]
-        self.vnic.passed(passed, clock[passed.down_rows].tolist(),
-                         clock[passed.back_rows].tolist())
-        self._at_row(max(passed.back_rows))
+        """The end of a pass's notes: `_moved_down` and `_took_back` of the flows it moved
+        down and took back, counted at once at their rows' times, and the clock at the last
+        note's row. Nothing is due inside a pass (it stops before), so the clock moves there
+        once, not note by note."""
+        if passed.keys:
+            clock = self._segment_clock()
+            self.vnic.passed(passed, clock[passed.down_rows].tolist(),
+                             clock[passed.back_rows].tolist())
+        self.advance(self._time_of(passed.last_row))
 
-    def _at_row(self, i: int) -> int:
-        """The clock moved on to batch row i of the segment (a pass's note of that row)."""
+    def _time_of(self, i: int) -> int:
+        """The time of batch row i of the segment being decided."""
+        return int(self._segment_clock()[i])
+
+    def _segment_clock(self) -> np.ndarray:
         assert self._segment is not None
-        return self.advance(int(self._segment[1][i]))
+        return self._segment[1]
 
     def _set_zones(self, fp: Fastpath) -> None:
         """The stale machines' zones as they stand: the table (none when it has a limit), the

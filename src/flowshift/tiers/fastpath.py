@@ -72,11 +72,13 @@ STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER, STOP_RETURN = (
 
 @dataclass(slots=True)
 class Passed:
-    """The flows a pass moved down to the PNIC and took back (`Fastpath._heard`), in the
-    order they moved down: each one's key, expiry when it moved, batch rows of the two notes
-    and back-off when it came back; and how far above its count at the pass's end the PNIC's
-    count rose meanwhile (all of the pass's notes counted)."""
+    """The end of a pass's notes (`Fastpath._heard`): the batch row of the last one, and the
+    flows the pass moved down to the PNIC and took back, in the order they moved down: each
+    one's key, expiry when it moved, batch rows of the two notes and back-off when it came
+    back; and how far above its count at the pass's end the PNIC's count rose meanwhile (all of
+    the pass's notes counted)."""
 
+    last_row: int
     above: int
     keys: list[FlowKey]
     expires: list[int]
@@ -117,8 +119,8 @@ class Fastpath:
         self.notes_room(MAX_NOTES)
         # the host's hand in what a pass did with the PNIC (`_heard`): an entry taken back
         # (batch row, the entry as it came back, the VNIC's back-off), a flow moved down (batch
-        # row, its table, its entry as it was); and, at once, the flows that moved down and came
-        # back in the same pass (`Passed`)
+        # row, its table, its entry as it was); and, at once, after them, the flows that moved
+        # down and came back in the same pass (`Passed`)
         self.on_take_back: Callable[[int, bytes, int], None] | None = None
         self.on_move_down: Callable[[int, FlowTable, bytes], None] | None = None
         self.on_passed: Callable[[Passed], None] | None = None
@@ -482,9 +484,9 @@ class Fastpath:
         The PNIC's cache counts them and frees the slots taken back, in order; the host hands
         each to the VNIC. Most short connections' flows move down and come back within one
         pass: between the two notes nothing but the other notes can look at such a flow, so it
-        needs no shadow there, and the host hears of all of them at once, by their keys
-        (`Passed`), after the others. A row a pass freed may have been taken again in it: each
-        row noted ends with the table its state says."""
+        needs no shadow there, and the host hears of all of them at once, by their keys, after
+        the others (`Passed`, which ends the notes). A row a pass freed may have been taken
+        again in it: each row noted ends with the table its state says."""
         assert self.on_take_back is not None and self.on_move_down is not None
         assert self.on_passed is not None and self._pnic is not None
         notes = self._notes[:n]
@@ -506,15 +508,14 @@ class Fastpath:
                 assert table is not None  # the VNIC's, unbounded: open to the pass
                 self.on_move_down(rows[k], table, raw)
         down = np.flatnonzero((partner >= 0) & ~back)
-        if len(down):
-            up = partner[down]
-            self.on_passed(Passed(
-                above=max(int(level.max()), 0) - int(level[-1]),
-                keys=[key_of(raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]) for k in down.tolist()],
-                expires=self._shadows[down, _EXPIRES:_EXPIRES + 8].copy().view(
-                    "<i8").ravel().tolist(),
-                down_rows=notes[down, 1].tolist(), back_rows=notes[up, 1].tolist(),
-                backoffs=notes[up, 4].tolist()))
+        up = partner[down]
+        self.on_passed(Passed(
+            last_row=rows[-1], above=max(int(level.max()), 0) - int(level[-1]),
+            keys=[key_of(raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]) for k in down.tolist()],
+            expires=self._shadows[down, _EXPIRES:_EXPIRES + 8].copy().view(
+                "<i8").ravel().tolist(),
+            down_rows=notes[down, 1].tolist(), back_rows=notes[up, 1].tolist(),
+            backoffs=notes[up, 4].tolist()))
         live = (self.table.state[slots] == ko.LIVE).tolist()
         for slot, on, zone in zip(slots, live, self.entries["zone"][slots].tolist(), strict=True):
             self.tables[slot] = self.zone_tables[zone] if on else None
