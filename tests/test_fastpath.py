@@ -143,7 +143,8 @@ def test_offers_rows_and_returns_of_the_pnic_run_inside_the_pass(gateway, gatewa
         # back in one pass has none: both happen, and each pair is heard at both ends
         assert calls["_moved_down"] and calls["_took_back"] and any(p.keys for p in passed)
         for p in passed:
-            assert len(p.keys) == len(p.expires) == len(p.back_rows) == len(p.backoffs)
+            assert len(p.keys) == len(p.expires) == len(p.down_rows) == len(p.back_rows) == len(
+                p.backoffs)
             assert all(d < b for d, b in zip(p.down_rows, p.back_rows, strict=True))
         if capacity is None:  # room for every flow: each offer but the handoff's in the pass
             assert len(calls["_offer"]) == 1 and not calls["_pnic_again"]
