@@ -194,15 +194,17 @@ class FlowTable:
     def __iter__(self) -> Iterator[Flow]:
         if self.cached and self.cache is not None:
             self.cache.pull_all(self)
-        for key, (flow, direction) in list(self._by_key.items()):
-            if direction == 0 or key is flow.key:  # its own key (a reply of its own: both)
-                yield flow
+        yield from self._own()
+
+    def _own(self) -> list[Flow]:
+        """The flows held here as `Flow`s, each once, in the order they came."""
+        return [flow for key, (flow, direction) in self._by_key.items()
+                if direction == 0 or key is flow.key]  # its own key (a reply of its own: both)
 
     def entries(self) -> list[bytes]:
         """Every flow's entry, in the order iterating lists the flows (those held here, then
         the cache's), the cache's read where they are: what a handoff sends."""
-        out = [flow.to_bytes() for key, (flow, direction) in self._by_key.items()
-               if direction == 0 or key is flow.key]
+        out = [flow.to_bytes() for flow in self._own()]
         if self.cached and self.cache is not None:
             out.extend(self.cache.entries_of(self))
         return out

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowshift.conntrack_types import Status
-from flowshift.entry import ENTRY_SIZE, Flow, Tier, field_offsets, key_of
+from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of, field_offsets, key_of
 from flowshift.flow import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, FlowKey
 from flowshift.services.conntrack_tcp import TcpConn, TcpState
 from flowshift.tiers import _fastpath_batch as kb
@@ -55,11 +55,9 @@ if TYPE_CHECKING:
     from flowshift.tiers.classify import Classifier
 
 _CACHED_PROTOCOLS = frozenset({PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_ICMPV6})
-_CACHED_STATES = frozenset(s for s in TcpState if kb.CACHED_TCP_STATES >> s & 1)
 _ASSURED = int(Status.ASSURED)
 _ZONE = field_offsets()["zone"]  # an entry's zone: its machine
 _OWNER = field_offsets()["owner"]
-_EXPIRES = field_offsets()["expires"]
 MAX_NOTES = 256  # offers and returns a pass notes for the host at most (`notes_room`)
 _NEVER = np.iinfo(np.int64).max
 _ROW_BY_ROW = 8  # open_until writes this many zones one by one, more in one indexed write
@@ -68,6 +66,18 @@ _POLICIES = {"never": kb.POLICY_NEVER, "always": kb.POLICY_ALWAYS,
 
 STOP_SOFTWARE, STOP_PUNT, STOP_TIME, STOP_OFFER, STOP_RETURN = (
     kb.STOP_SOFTWARE, kb.STOP_PUNT, kb.STOP_TIME, kb.STOP_OFFER, kb.STOP_RETURN)
+
+
+def _runs_compiled(proto: int, tcp_state: int) -> bool:
+    """Do the kernels run a flow of this protocol (and TCP state) from its next packet on?"""
+    return proto in _CACHED_PROTOCOLS and (
+        proto != PROTO_TCP or bool(kb.CACHED_TCP_STATES >> tcp_state & 1))
+
+
+def _kept(bounded: bool, status: int) -> bool:
+    """May a flow of this status live here? In a bounded table only an assured one: early
+    drop must read the flows it may drop."""
+    return not bounded or bool(status & _ASSURED)
 
 
 @dataclass(slots=True)
@@ -194,12 +204,10 @@ class Fastpath:
     # -- flows in and out --------------------------------------------------------------------
 
     def cacheable(self, flow: Flow, tier: int) -> bool:
-        """May this flow's state move into the table now? TCP past the SYN (_CACHED_STATES),
-        or a UDP / ICMP echo flow, owned by the tier deciding it."""
-        if flow.owner != tier or flow.key.proto not in _CACHED_PROTOCOLS:
-            return False
-        tcp = flow.tcp
-        return tcp is None or tcp.state in _CACHED_STATES
+        """May this flow's state move into the table now? TCP past the SYN
+        (kb.CACHED_TCP_STATES), or a UDP / ICMP echo flow, owned by the tier deciding it."""
+        return flow.owner == tier and _runs_compiled(
+            flow.key.proto, flow.tcp.state if flow.tcp is not None else 0)
 
     def admit(self, flow: Flow, table: FlowTable, tier: int, now: int, offer_at: int,
               bounded: bool) -> None:
@@ -214,7 +222,7 @@ class Fastpath:
         offer_at: the packet count below which an offer of it would be refused (-1: it is never
         offered); bounded: its table has a limit (only an assured flow then, as early drop
         must read the flows it may drop)."""
-        if bounded and not flow.status & _ASSURED:
+        if not _kept(bounded, flow.status):
             return
         if not self.table.nfree:
             self._grow()
@@ -255,15 +263,18 @@ class Fastpath:
             return False
         return True if int(self.entries["expires"][hit >> 1]) > now else None
 
+    def _slots_of(self, table: FlowTable) -> list[int]:
+        """The rows holding `table`'s flows, in order."""
+        return [s for s, t in enumerate(self.tables) if t is table]
+
     def pull_all(self, table: FlowTable) -> None:
-        """Every flow of `table` back into it (to list or hand over all of them)."""
-        for slot in [s for s, t in enumerate(self.tables) if t is table]:
+        """Every flow of `table` back into it (to list all of them)."""
+        for slot in self._slots_of(table):
             self.pull(slot)
 
     def entries_of(self, table: FlowTable) -> list[bytes]:
         """The entries of `table`'s flows here, by row, left where they are."""
-        get = self.table.get
-        return [get(slot) for slot, t in enumerate(self.tables) if t is table]
+        return [self.table.get(slot) for slot in self._slots_of(table)]
 
     def take_over(self, raw: bytes, old: FlowTable, new: FlowTable, tier: int, now: int,
                   offer_at: int, bounded: bool, may_run: bool) -> bool:
@@ -277,11 +288,10 @@ class Fastpath:
             return False
         slot = hit >> 1
         old.cached -= 1
-        row = self.entries[slot]
+        row = self.entries[slot]  # the conditions of `admit` and `cache`, on the row
         if not (may_run and self.on and int(row["expires"]) > now
-                and (int(row["proto"]) != PROTO_TCP or kb.CACHED_TCP_STATES >> int(
-                    row["tcp_state"]) & 1)
-                and (not bounded or int(row["status"]) & _ASSURED)):
+                and _runs_compiled(int(row["proto"]), int(row["tcp_state"]))
+                and _kept(bounded, int(row["status"]))):
             self.table.remove(slot)
             self.tables[slot] = None
             self.live -= 1
@@ -509,11 +519,10 @@ class Fastpath:
                 self.on_move_down(rows[k], table, raw)
         down = np.flatnonzero((partner >= 0) & ~back)
         up = partner[down]
+        moved = [raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE] for k in down.tolist()]
         self.on_passed(Passed(
             last_row=rows[-1], above=max(int(level.max()), 0) - int(level[-1]),
-            keys=[key_of(raws[k * ENTRY_SIZE:(k + 1) * ENTRY_SIZE]) for k in down.tolist()],
-            expires=self._shadows[down, _EXPIRES:_EXPIRES + 8].copy().view(
-                "<i8").ravel().tolist(),
+            keys=list(map(key_of, moved)), expires=list(map(expires_of, moved)),
             down_rows=notes[down, 1].tolist(), back_rows=notes[up, 1].tolist(),
             backoffs=notes[up, 4].tolist()))
         live = (self.table.state[slots] == ko.LIVE).tolist()
