@@ -17,7 +17,11 @@ short connections), then measures:
   (`--offloads-only` measures these alone, without a trace), and offers made by the VNIC
   itself at one trace instant, each alone (answers due at once) and as one Offloads;
 - bytes per flow entry in the first cache (Python objects) and the second cache (fixed layout);
-- peak memory with 1 million concurrent flows in the first cache.
+- peak memory with 1 million concurrent flows in the first cache;
+- what offload costs and saves the replay itself: elephant's time beyond never's per flow it
+  offloaded (the short-connection traces), never's time less elephant's per packet the PNIC
+  ran (the elephant-heavy trace), and so how many PNIC packets a flow needs for its move to
+  pay for itself in a replay.
 """
 
 from __future__ import annotations
@@ -199,7 +203,36 @@ def short_connections(work: Path, cfg: HostConfig, flows: int, seconds: float
                      "tiers": reports[name]["tiers"]}
     out["elephant_vs_never"] = out["elephant"]["packets_per_second"] / out["never"][
         "packets_per_second"]
+    # what offload costs the replay: elephant's time beyond never's, per flow it offloaded
+    # (the handoff, each offer, move and return, and their counting and events)
+    eleph = reports["elephant"]
+    offloaded = eleph["events"].get("offload", 0)
+    seconds = {name: info["packets"] / out[name]["packets_per_second"]
+               for name in ("never", "elephant")}
+    out["offloaded_flows"] = offloaded
+    out["pnic_packets"] = eleph["tiers"]["pnic"]["packets"]
+    out["cost_per_offloaded_flow_us"] = (
+        (seconds["elephant"] - seconds["never"]) / max(offloaded, 1) * 1e6)
     return out
+
+
+def pnic_packet_saving_ns(packets: int, never_pps: float, elephant_pps: float,
+                          pnic_packets: int) -> float:
+    """What a packet the PNIC runs saves the replay: never's time less elephant's, per PNIC
+    packet (the offloads' own cost included, so a little under the saving alone)."""
+    return (1 / never_pps - 1 / elephant_pps) * packets / max(pnic_packets, 1) * 1e9
+
+
+def break_even(short: dict[str, Any], saving_ns: float) -> dict[str, Any]:
+    """How many packets an offloaded flow must bring the PNIC for its move to pay for itself
+    in the replay's time (None: a PNIC packet saves nothing), against how many the short
+    connections' offloaded flows bring."""
+    cost_ns = short["cost_per_offloaded_flow_us"] * 1e3
+    return {"cost_per_offloaded_flow_us": short["cost_per_offloaded_flow_us"],
+            "saving_per_pnic_packet_ns": saving_ns,
+            "packets_to_pay_back": cost_ns / saving_ns if saving_ns > 0 else None,
+            "pnic_packets_per_offloaded_flow": short["pnic_packets"]
+            / max(short["offloaded_flows"], 1)}
 
 
 BATCHES = (64, 1024)  # entries per Offloads message for the batched figures
@@ -411,6 +444,9 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
         "elephant_offloads": eleph["offloads"]}
     results["short"] = short_connections(work, cfg, 500, 10.0)
     results["connections"] = short_connections(work, cfg, 20_000, 20.0)
+    saving = pnic_packet_saving_ns(info["packets"], never_pps, eleph_pps,
+                                   eleph["tiers"]["pnic"]["packets"])
+    results["break_even"] = break_even(results["short"], saving)
     results["offloads"] = offloads(100_000)
     memories = {}
     for engine in ("reference", "compiled"):
@@ -452,6 +488,24 @@ def main(flows: int, workdir: Path | None, json_path: Path | None, million: int,
                   f"{sh['elephant']['packets_per_second']:,.0f} pkt/s",
                   f"{sh['elephant_vs_never']:,.2f}× never")
     co = results["connections"]
+    table.add_row(f"short connections ({co['trace']['flows']:,} flows, "
+                  f"{co['trace']['packets']:,} packets), elephant",
+                  f"{co['elephant']['packets_per_second']:,.0f} pkt/s",
+                  f"{co['elephant_vs_never']:,.2f}× never")
+    software = 1 - sh["pnic_packets"] / sh["trace"]["packets"]
+    table.add_row("short connections, packets software decides, elephant", f"{software:.1%}",
+                  "100% with never")
+    be = results["break_even"]
+    table.add_row("an offloaded flow's cost to the replay (500 connections)",
+                  f"{be['cost_per_offloaded_flow_us']:,.1f} µs",
+                  f"{co['cost_per_offloaded_flow_us']:,.1f} µs (20,000 connections)")
+    table.add_row("a PNIC packet's saving to the replay (elephant-heavy trace)",
+                  f"{be['saving_per_pnic_packet_ns']:,.1f} ns",
+                  f"{1e9 / never_pps:,.1f} ns a packet with never")
+    pay = be["packets_to_pay_back"]
+    table.add_row("PNIC packets an offloaded flow needs to pay for its move",
+                  f"{pay:,.0f}" if pay is not None else "none pays (no saving)",
+                  f"{be['pnic_packets_per_offloaded_flow']:,.0f} per offloaded short connection")
     cps = co["never"]["connections_per_second"]
     table.add_row(f"new connections through the slow path ({co['trace']['flows']:,})",
                   f"{cps:,.0f} /s",
