@@ -315,6 +315,26 @@ def test_any_generated_trace_is_the_same_on_both_engines(tmp_path_factory, seed,
     assert_same(path, cfg, policy=policy, rows=rows)
 
 
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), rows=st.sampled_from([1, 7, 64, 1000]),
+       policy=st.sampled_from(["elephant", "always"]),
+       attack=st.sampled_from(["none", "syn-flood", "out-of-window"]),
+       gap=st.booleans(), start=st.sampled_from(["machine", "vnic"]))
+def test_a_firewall_alone_is_the_same_on_both_engines(tmp_path_factory, seed, rows, policy,
+                                                      attack, gap, start):
+    """A machine behind its firewall alone: at its VNIC a new flow looks at nothing of the
+    PNIC's, so the pass opens new flows there while the PNIC holds others whatever a sync
+    would do (`vnic.syncs_first`); all of it as the reference engine."""
+    cfg = parse_config({**FIREWALL_HOST, "machine": [{**FIREWALL_HOST["machine"][0],
+                                                      "start": start}]}, "firewall")
+    path = tmp_path_factory.mktemp("fw") / "t.pcap"
+    generate(TraceSpec(flows=60, duration_s=600.0 if gap else 5.0, seed=seed, elephants=2,
+                       ipv6_share=0.3, icmp_share=0.05, udp_share=0.3, attack=attack,
+                       clients=CLIENTS, servers=SERVERS), path)
+    assert_same(path, cfg, policy=policy, rows=rows)
+
+
 _RST_ENDINGS = ["refused", "refused-bare", "client-gives-up", "abort", "abort-bare",
                 "abort-server", "out-of-window", "below-ack", "seq-zero", "after-fin", "none"]
 

@@ -223,16 +223,23 @@ def test_a_new_flow_whose_reply_is_a_cached_flows_key_takes_it_as_without_a_cach
     _same(path, cfg, rows=64)
 
 
-def test_the_vnic_opens_flows_compiled_while_the_pnic_holds_some(tmp_path, monkeypatch):
-    """Short connections through a gateway whose VNIC offloads each after a few packets: the
+FIREWALL = {"machine": [{
+    "name": "fw", "addresses": ["10.0.0.0/24"], "services": ["firewall", "count"],
+    "firewall": {"default": "drop", "rule": [{"action": "allow", "direction": "egress"}]}}]}
+
+
+@pytest.mark.parametrize("host", [GATEWAY, FIREWALL], ids=["snat", "firewall"])
+def test_the_vnic_opens_flows_compiled_while_the_pnic_holds_some(tmp_path, monkeypatch, host):
+    """Short connections through a machine whose VNIC offloads each after a few packets: the
     flows that begin while the PNIC holds others open compiled too (their keys clash with no
-    flow Python holds, the PNIC's shadows included, and a sync would find nothing to do), and
-    every result and counter is the reference engine's."""
+    flow Python holds, the PNIC's shadows included; behind SNAT, a sync would find nothing to
+    do; behind a firewall alone, Python's decision would not sync at all, so neither does the
+    pass wait for one), and every result and counter is the reference engine's."""
     from flowshift.gen import TraceSpec, generate, parse_networks
     from flowshift.host import Host
 
-    cfg = parse_config({**GATEWAY, "offload": {"policy": "elephant", "elephant_packets": 6}},
-                       "offloading gateway")
+    cfg = parse_config({**host, "offload": {"policy": "elephant", "elephant_packets": 6}},
+                       "offloading machine")
     path = tmp_path / "short.pcap"
     generate(TraceSpec(flows=60, duration_s=1.0, seed=5, udp_share=0.2, icmp_share=0.0,
                        ipv6_share=0.0, clients=parse_networks("10.0.0.0/24"), gateway=cfg),
@@ -256,23 +263,33 @@ def test_the_vnic_opens_flows_compiled_while_the_pnic_holds_some(tmp_path, monke
     assert len(python_rows) <= 6
 
 
+@pytest.mark.parametrize("nat", [True, False], ids=["snat", "firewall"])
 @pytest.mark.parametrize("policy", ["never", "elephant"])
 @pytest.mark.parametrize("n", [4, 16])
-def test_many_machines_at_the_vnic_open_flows_compiled_alike(tmp_path, monkeypatch, policy, n):
-    """n machines whose chains the VNIC runs, each its own firewall: the VNIC's zones open
-    and close together (row by row, or one indexed write past eight: `Fastpath.open_until`),
-    and every result and counter is the reference engine's, without offload and with."""
+def test_many_machines_at_the_vnic_open_flows_compiled_alike(tmp_path, monkeypatch, policy, n,
+                                                             nat):
+    """n machines whose chains the VNIC runs, each its own firewall and, with `nat`, a port
+    forward of its own: those zones open and close together around the VNIC's syncs (row by
+    row, or one indexed write past eight: `Fastpath.open_until`); a firewall alone never waits
+    for a sync (its new flows look at nothing of the PNIC's). Every result and counter is the
+    reference engine's, without offload and with."""
     from flowshift.gen import TraceSpec, generate, parse_networks
     from flowshift.tiers._fastpath_open import Z_OPEN
     from flowshift.tiers.fastpath import Fastpath
 
     size = 256 // n
-    machines = [{"name": f"m{k}", "addresses": [f"10.0.0.{size * k}/{32 - size.bit_length() + 1}"],
-                 "start": "vnic",
-                 "services": ["firewall", "count"],
-                 "firewall": {"default": "drop",
-                              "rule": [{"action": "allow", "direction": "egress"}]}}
-                for k in range(n)]
+    machines: list[dict[str, object]] = []
+    for k in range(n):
+        net = f"10.0.0.{size * k}/{32 - size.bit_length() + 1}"
+        machines.append({
+            "name": f"m{k}", "addresses": [net], "start": "vnic",
+            "services": ["firewall", "nat", "count"] if nat else ["firewall", "count"],
+            "firewall": {"default": "drop",
+                         "rule": [{"action": "allow", "direction": "egress"}]}})
+        if nat:  # a port forward (no packet of the trace uses it): a chain with NAT
+            machines[-1] |= {"public": [f"192.0.2.{k + 1}"], "nat": {"dnat": [{
+                "proto": "tcp", "match": f"192.0.2.{k + 1}:8080",
+                "to": f"10.0.0.{size * k + 1}:80"}]}}
     cfg = parse_config({"machine": machines,
                         "offload": {"policy": policy, "elephant_packets": 6}}, f"{n} guests")
     path = tmp_path / "guests.pcap"
@@ -295,8 +312,11 @@ def test_many_machines_at_the_vnic_open_flows_compiled_alike(tmp_path, monkeypat
     assert dataclasses.asdict(fast.host.stats) == dataclasses.asdict(ref.host.stats)
     fp = fast.host.fastpath
     assert fp is not None
-    if policy == "never":  # open from the start, every flow opened compiled
+    if policy == "elephant":
+        assert fast.host.stats.offloads_to_pnic >= 20
+    if not nat:  # no zone waits for a sync: open from the start, every flow opened compiled
+        assert writes == [] and fp.opened_all >= 100
+    elif policy == "never":  # open from the start, every flow opened compiled
         assert writes == [(n, True)] and fp.opened_all >= 100
     else:  # closed and opened again around each offload, all at once
         assert (n, True) in writes and (n, False) in writes
-        assert fast.host.stats.offloads_to_pnic >= 20

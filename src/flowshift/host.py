@@ -43,7 +43,7 @@ from flowshift.tiers.fastpath import (
 from flowshift.tiers.link import InlineLink, PnicLink, ProcessLink
 from flowshift.tiers.machine import Machine
 from flowshift.tiers.repass import Repass
-from flowshift.tiers.vnic import Pending, Vnic
+from flowshift.tiers.vnic import Pending, Vnic, syncs_first
 from flowshift.verdict import Reason, Verdict
 
 FragKey = tuple[int, int, bytes, bytes, int, int]
@@ -417,9 +417,10 @@ class Host:
         """Whether the fast path's next pass runs the PNIC's rows too (`_pnic_in_pass`), and
         which machines' flows it may open (tiers/_fastpath_open.py), and until when: those
         whose table has no limit, the keys of its `Flow`s known to the pass (`Fastpath.hold`:
-        a miss of the fast path's index and of those is a miss of the table); at the VNIC,
-        while deciding a new flow needs no sync with the PNIC (`Vnic.quiet_until`). Can the
-        pass do anything?
+        a miss of the fast path's index and of those is a miss of the table); at the VNIC, for
+        a chain that syncs with the PNIC before a new flow (`vnic.syncs_first`: NAT or a load
+        balancer), while that sync would do nothing (`Vnic.quiet_until`). Can the pass do
+        anything?
 
         Per pass it costs a look at each table and one bound for every VNIC zone at once: a
         zone itself changes only when its machine hands its chain over (`_stale_zones`)."""
@@ -515,8 +516,8 @@ class Host:
                 fp.hold(table)
                 if table.buckets:
                     table = None
-                elif tier == _VNIC:
-                    vnic_zones.add(m)
+                elif tier == _VNIC and chain is not None and syncs_first(chain):
+                    vnic_zones.add(m)  # its new flows wait for the VNIC's sync
             fp.open_zone(m, table, tier, offer_at)
         self._vnic_zones = np.array(sorted(vnic_zones), np.int64)
         self._until = None  # the VNIC zones' bound is set at the next look

@@ -261,7 +261,7 @@ class Vnic:
             return True
         if pkt.inner is not None:  # an ICMP error: related to any flow
             return True
-        if chain.nat is None and chain.lb is None:  # no tuple clash to check
+        if not syncs_first(chain):
             return False
         return item.fkey is None or (pkt.proto == PROTO_TCP and bool(pkt.flags & TCP_SYN))
 
@@ -905,6 +905,14 @@ class Vnic:
 
 def _nothing(key: FlowKey) -> None:
     pass
+
+
+def syncs_first(chain: Chain) -> bool:
+    """Does the VNIC sync with the PNIC before it decides a new flow of this chain (in a
+    table with room)? Only when the chain picks a tuple, by NAT or its load balancer: the pick
+    must not clash with one a PNIC flow holds. A firewall's new flow looks at nothing of the
+    PNIC's."""
+    return chain.nat is not None or chain.lb is not None
 
 
 def _gone(chain: Chain, key: FlowKey, now: int) -> bool:
