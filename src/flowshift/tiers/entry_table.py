@@ -120,12 +120,12 @@ class EntryTable:
         """Double the capacity: slots keep their entries and states, and the slots free before
         are taken before the new ones. The old index goes first and the new one comes last, so
         that at most the old rows, the new rows and one index are in memory at once."""
-        old = (self.entries, self.state)
+        old = (self.mem, self.state)
         was_free = self.free[:self.nfree].copy()
         del self.keys, self.vals
         n = self.capacity
         self._allocate_rows(2 * n)
-        self.entries[:n] = old[0]
+        self.mem[:len(old[0])] = old[0]  # as bytes: numpy copies structured rows 3-6x slower
         self.state[:n] = old[1]
         del old
         self.free[:n] = np.arange(2 * n - 1, n - 1, -1)
