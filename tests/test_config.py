@@ -25,9 +25,10 @@ from flowshift.config import (
     PnicConfig,
     Rule,
     SnatRule,
+    handoff_config,
     load_config,
-    machine_to_dict,
     parse_config,
+    parse_machine,
     to_dict,
 )
 from flowshift.flow import PROTO_ICMP, PROTO_TCP
@@ -825,8 +826,55 @@ def test_random_valid_configs_round_trip(data: dict[str, Any]) -> None:
     again = parse_config(json.loads(json.dumps(dumped)), "round-trip")
     assert again == cfg
     assert to_dict(again) == dumped
-    # a machine's own dump (a handoff's) is its part of the host's
-    assert [machine_to_dict(cfg, i) for i in range(len(cfg.machines))] == dumped["machine"]
+
+
+_conntracks = st.fixed_dictionaries({}, optional={
+    "tcp_timeout_established": st.integers(1, 10**6), "udp_timeout": st.integers(1, 10**6),
+    "tcp_loose": st.booleans(), "max": st.integers(0, 1 << 20)})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs(), _conntracks, st.lists(_conntracks, min_size=3, max_size=3))
+def test_a_machine_handed_over_reads_back_alone_as_it_was(data: dict[str, Any],
+                                                         host: dict[str, Any],
+                                                         own: list[dict[str, Any]]) -> None:
+    """What a machine hands its VNIC as its config (`handoff_config`) reads back on its own
+    (`parse_machine`, which knows nothing of the host) to the machine's config: the host's
+    conntrack table and the machine's own over it included."""
+    data = {**data, "conntrack": host}
+    for machine, table in zip(data["machine"], own, strict=False):
+        if table:
+            machine["conntrack"] = table
+    cfg = parse_config(json.loads(json.dumps(data)), "random")
+    for i, machine in enumerate(cfg.machines):
+        table = json.loads(json.dumps(handoff_config(cfg, i)))  # as the channel carries it
+        assert parse_machine(table, "handoff") == machine
+        # alone, it is what a host of that one machine makes of it
+        assert parse_config({"machine": [table]}, "handoff").machines[0] == machine
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_a_damaged_machine_fails_alone_as_in_a_host(data: st.DataObject) -> None:
+    """`parse_machine` refuses what `parse_config` refuses in a host of that one machine, with
+    the same one-line error (the same key path)."""
+    base = handoff_config(load_config(ROOT / "examples" / "nat-gateway.toml"), 0)
+    paths = [p for p in _leaves(base) if p]
+    path = data.draw(st.sampled_from(paths))
+    target = base
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = data.draw(junk)
+    alone = in_host = None
+    try:
+        parse_machine(base, "damaged.toml")
+    except ConfigError as err:
+        alone = str(err)
+    try:
+        parse_config({"machine": [base]}, "damaged.toml")
+    except ConfigError as err:
+        in_host = str(err)
+    assert alone == in_host
 
 
 def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

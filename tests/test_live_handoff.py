@@ -184,6 +184,26 @@ def test_the_vnic_owns_the_handed_flows_and_translates_where_the_guest_stopped()
     assert p.frame(GW, spoof, NOW + 10 * SECOND) == -1
 
 
+def test_the_vnic_runs_a_handed_chain_with_the_hosts_conntrack_table():
+    """A host-level `[conntrack]` table reaches the VNIC's chain with the machine's config: the
+    handoff carries the machine's whole table, since the VNIC reads it without the host's."""
+    from flowshift.config import parse_config, to_dict
+
+    data = to_dict(load_config(GUEST))
+    data["conntrack"] = {**data["conntrack"], "tcp_timeout_established": 300, "tcp_loose": False}
+    for machine in data["machine"]:
+        machine.pop("conntrack", None)
+    cfg = parse_config(data, "guest with a host conntrack table")
+    p = _pipeline()
+    assert handoff.vnic_receive(p, handoff.machine_message(cfg, GW, [SNAT_TCP], [], NOW),
+                                NOW) == 1
+    chain = p.chains[GW]
+    assert chain is not None
+    assert chain.config.conntrack == cfg.machines[GW].conntrack
+    knobs = chain.knobs
+    assert knobs.tcp_timeouts[TcpState.ESTABLISHED] == 300 * SECOND and not knobs.tcp_loose
+
+
 _ports = st.integers(0, 65535)
 _v4 = st.ip_addresses(v=4).map(str)
 

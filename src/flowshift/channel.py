@@ -1,9 +1,10 @@
 """Messages between tiers and the transports that carry them.
 
 Only messages cross a channel, never shared objects: a flow travels as its fixed-layout entry
-bytes (entry.py), a machine's config as its dict form (config.to_dict). Every message is framed
-as `version (u16) | crc32 of the body (u32) | msgpack body`; a frame that fails to decode, has
-another version or a wrong checksum is rejected with a logged reason and changes nothing.
+bytes (entry.py), a machine's config as its table in dict form, standing on its own
+(config.handoff_config). Every message is framed as `version (u16) | crc32 of the body (u32) |
+msgpack body`; a frame that fails to decode, has another version or a wrong checksum is
+rejected with a logged reason and changes nothing.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ and `dump` (model -> dict or TOML). This package re-exports their public names, 
 `from flowshift.config import HostConfig, load_config` keeps working.
 """
 
-from flowshift.config.dump import machine_to_dict, to_dict, to_toml
-from flowshift.config.load import load_config, parse_config
+from flowshift.config.dump import handoff_config, to_dict, to_toml
+from flowshift.config.load import load_config, parse_config, parse_machine
 from flowshift.config.model import (
     ACTIONS,
     DIRECTIONS,
@@ -74,9 +74,10 @@ __all__ = [
     "Rule",
     "SnatRule",
     "fields_default",
+    "handoff_config",
     "load_config",
-    "machine_to_dict",
     "parse_config",
+    "parse_machine",
     "to_dict",
     "to_toml",
 ]

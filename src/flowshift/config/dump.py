@@ -49,9 +49,14 @@ def to_dict(cfg: HostConfig) -> dict[str, Any]:
     }
 
 
-def machine_to_dict(cfg: HostConfig, index: int) -> dict[str, Any]:
-    """Machine `index` of the config as `to_dict` writes it (without dumping the others)."""
-    return _machine_dict(cfg.machines[index], cfg.conntrack)
+def handoff_config(cfg: HostConfig, index: int) -> dict[str, Any]:
+    """What machine `index` hands its VNIC as its config: its table as `to_dict` writes it,
+    with its whole conntrack table, since the VNIC reads it without the host's
+    (`parse_machine` reads it back to the machine's config)."""
+    machine = cfg.machines[index]
+    out = _machine_dict(machine, cfg.conntrack)
+    out["conntrack"] = _conntrack_dict(machine.conntrack)
+    return out
 
 
 def _conntrack_dict(ct: ConntrackConfig, base: ConntrackConfig | None = None) -> dict[str, Any]:

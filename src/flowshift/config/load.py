@@ -129,7 +129,16 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> HostConfig:
                       conntrack=conntrack)
 
 
+def parse_machine(data: object, source: str = "<machine>") -> MachineConfig:
+    """Validate one machine's table, as a host config's `[[machine]]` holds it, on its own (a
+    handoff's config): what `parse_config` makes of a host of this one machine with every
+    other table left to its defaults, errors named alike (`machine[0]....`). Its
+    `[machine.conntrack]` sets keys over Linux's defaults."""
+    return _machine(_At(source).key("machine").item(0), data, _CONNTRACK)
+
+
 _CT_FIELDS = {f.name: f.type for f in fields(ConntrackConfig)}
+_CONNTRACK = ConntrackConfig()
 
 
 def _conntrack(at: _At, raw: object, base: ConntrackConfig) -> ConntrackConfig:

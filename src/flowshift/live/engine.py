@@ -4,7 +4,15 @@ The live VNIC is the reference engine on real frames: the same config loader, th
 classifier as the replay host and the same `Chain`. Nothing here adds behaviour.
 """
 
-from flowshift.config import ConfigError, HostConfig, load_config, parse_config, to_dict
+from flowshift.config import (
+    ConfigError,
+    HostConfig,
+    handoff_config,
+    load_config,
+    parse_config,
+    parse_machine,
+    to_dict,
+)
 from flowshift.entry import Flow, Tier, chain_bits
 from flowshift.flow import FlowKey
 from flowshift.nft import Ports, render, sysctl_lines, table_name
@@ -33,9 +41,11 @@ __all__ = [
     "established",
     "flow_dump",
     "flow_line",
+    "handoff_config",
     "load_config",
     "parse",
     "parse_config",
+    "parse_machine",
     "render",
     "resume",
     "sysctl_lines",

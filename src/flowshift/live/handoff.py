@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from flowshift import channel
 from flowshift.live import guest
 from flowshift.live.ctimport import CtEntry, to_flow
-from flowshift.live.engine import Chain, Flow, HostConfig, Tier, chain_bits, parse_config, to_dict
+from flowshift.live.engine import (
+    Chain,
+    Flow,
+    HostConfig,
+    Tier,
+    chain_bits,
+    handoff_config,
+    parse_machine,
+)
 from flowshift.live.pipeline import Pipeline
 
 
@@ -65,7 +73,7 @@ def flows_of(cfg: HostConfig, m: int, entries: list[CtEntry], now: int,
 def machine_message(cfg: HostConfig, m: int, entries: list[CtEntry], lb_state: list[int],
                     now: int) -> bytes:
     """The machine's side: its config and entries as one channel frame."""
-    msg = channel.Handoff(m, to_dict(cfg)["machine"][m],
+    msg = channel.Handoff(m, handoff_config(cfg, m),
                           [f.to_bytes() for f in flows_of(cfg, m, entries, now)], lb_state)
     return channel.encode(msg)
 
@@ -74,8 +82,8 @@ def vnic_receive(pipeline: Pipeline, frame: bytes, now: int) -> int:
     """The VNIC's side: decode the frame, build the chain, import. Returns the entries."""
     msg = channel.decode(frame)
     assert isinstance(msg, channel.Handoff)
-    cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {msg.machine}")
-    chain = Chain(cfg.machines[0], msg.machine, Tier.VNIC)
+    machine = parse_machine(msg.config, f"handoff of machine {msg.machine}")
+    chain = Chain(machine, msg.machine, Tier.VNIC)
     pipeline.take_over(msg.machine, chain, [Flow.from_bytes(raw) for raw in msg.entries],
                        list(msg.lb_state), now)
     return len(msg.entries)

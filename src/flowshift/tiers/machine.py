@@ -1,16 +1,15 @@
 """The machine tier: a guest running its own service chain, until it hands it to its VNIC.
 
 The machine owns its config and, while it runs its chain, every flow of it. It can export both
-at once (`handoff`): its config as the dict form of the config file, each flow as its entry
-bytes, and its load balancer's round-robin positions. After that the VNIC runs the chain.
+at once (`handoff`): its config as its table of the config file, its whole conntrack table in
+it (`config.handoff_config`), each flow as its entry bytes, and its load balancer's round-robin
+positions. After that the VNIC runs the chain.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 from flowshift import channel as ch
-from flowshift.config import HostConfig, machine_to_dict
+from flowshift.config import HostConfig, handoff_config
 from flowshift.entry import Tier
 from flowshift.services.chain import Chain
 
@@ -27,11 +26,8 @@ class Machine:
     def handoff(self) -> ch.Handoff:
         """The message that hands this machine's config and flow entries to its VNIC."""
         chain = self.chain
-        config = machine_to_dict(self._host_config, self.index)
-        # the machine's whole conntrack table: the VNIC reads the machine without the host's
-        config["conntrack"] = asdict(chain.config.conntrack)
-        return ch.Handoff(self.index, config, chain.flows.entries(),
-                          chain.lb.state() if chain.lb is not None else [])
+        return ch.Handoff(self.index, handoff_config(self._host_config, self.index),
+                          chain.flows.entries(), chain.lb.state() if chain.lb is not None else [])
 
 
 __all__ = ["Machine"]

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flowshift import channel as ch
-from flowshift.config import HostConfig, MachineConfig, parse_config
+from flowshift.config import HostConfig, MachineConfig, parse_machine
 from flowshift.conntrack_types import DEFAULT_KNOBS, Knobs, Status
 from flowshift.entry import ENTRY_SIZE, Flow, Tier, expires_of, key_of
 from flowshift.flow import PROTO_TCP, FlowKey, new_key
@@ -160,7 +160,7 @@ class Vnic:
         on in those rows (the entry written over each, `Fastpath.take_over`), the rest are
         cached again after they are imported."""
         m = msg.machine
-        cfg = parse_config({"machine": [msg.config]}, f"handoff of machine {m}").machines[0]
+        cfg = parse_machine(msg.config, f"handoff of machine {m}")
         chain = VnicChain(cfg, m)
         chain.spare = self.queue.pending
         chain.dropped = self._forget
