@@ -1,7 +1,7 @@
 """Offload performance: the PNIC engine, the reference engine, end-to-end replay, offloads,
 entry sizes and the memory of a million flows, each measured against its baseline in one run.
 
-    python bench/bench_offload.py [--flows N] [--workdir DIR] [--json PATH] [--quick]
+    python bench/bench_offload.py [--flows N] [--workdir DIR] [--json PATH] [--offloads-only]
 
 Generates (once per work dir) an elephant-heavy gateway trace for bench/offload-host.toml
 (≥ 2 million packets, ≥ 95 % of packets and bytes in a few elephants, the rest in thousands of
