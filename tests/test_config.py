@@ -853,30 +853,6 @@ def test_a_machine_handed_over_reads_back_alone_as_it_was(data: dict[str, Any],
         assert parse_config({"machine": [table]}, "handoff").machines[0] == machine
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_a_damaged_machine_fails_alone_as_in_a_host(data: st.DataObject) -> None:
-    """`parse_machine` refuses what `parse_config` refuses in a host of that one machine, with
-    the same one-line error (the same key path)."""
-    base = handoff_config(load_config(ROOT / "examples" / "nat-gateway.toml"), 0)
-    paths = [p for p in _leaves(base) if p]
-    path = data.draw(st.sampled_from(paths))
-    target = base
-    for step in path[:-1]:
-        target = target[step]
-    target[path[-1]] = data.draw(junk)
-    alone = in_host = None
-    try:
-        parse_machine(base, "damaged.toml")
-    except ConfigError as err:
-        alone = str(err)
-    try:
-        parse_config({"machine": [base]}, "damaged.toml")
-    except ConfigError as err:
-        in_host = str(err)
-    assert alone == in_host
-
-
 def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     if isinstance(value, dict):
         return [path] + [p for k, v in value.items() for p in _leaves(v, (*path, k))]
@@ -894,21 +870,43 @@ junk = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_damaged_configs_fail_with_one_line_config_errors(data: st.DataObject) -> None:
-    base = to_dict(load_config(ROOT / "examples" / "nat-gateway.toml"))
-    paths = [p for p in _leaves(base) if p]
-    path = data.draw(st.sampled_from(paths))
+def _damaged(data: st.DataObject, base: dict[str, Any]) -> dict[str, Any]:
+    """`base` with one drawn value anywhere in it replaced by drawn junk."""
+    path = data.draw(st.sampled_from([p for p in _leaves(base) if p]))
     target = base
     for step in path[:-1]:
         target = target[step]
     target[path[-1]] = data.draw(junk)
+    return base
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_damaged_configs_fail_with_one_line_config_errors(data: st.DataObject) -> None:
+    base = _damaged(data, to_dict(load_config(ROOT / "examples" / "nat-gateway.toml")))
     try:
         parse_config(base, "damaged.toml")
     except ConfigError as err:
         assert str(err).startswith("damaged.toml: ")
         assert "\n" not in str(err)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_a_damaged_machine_fails_alone_as_in_a_host(data: st.DataObject) -> None:
+    """`parse_machine` refuses what `parse_config` refuses in a host of that one machine, with
+    the same one-line error (the same key path)."""
+    base = _damaged(data, handoff_config(load_config(ROOT / "examples" / "nat-gateway.toml"), 0))
+    alone = in_host = None
+    try:
+        parse_machine(base, "damaged.toml")
+    except ConfigError as err:
+        alone = str(err)
+    try:
+        parse_config({"machine": [base]}, "damaged.toml")
+    except ConfigError as err:
+        in_host = str(err)
+    assert alone == in_host
 
 
 def _pairwise_clash(machines: list[dict[str, Any]]) -> str | None:

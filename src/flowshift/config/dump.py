@@ -54,7 +54,7 @@ def handoff_config(cfg: HostConfig, index: int) -> dict[str, Any]:
     with its whole conntrack table, since the VNIC reads it without the host's
     (`parse_machine` reads it back to the machine's config)."""
     machine = cfg.machines[index]
-    out = _machine_dict(machine, cfg.conntrack)
+    out = _machine_dict(machine, machine.conntrack)  # no overrides: the whole table follows
     out["conntrack"] = _conntrack_dict(machine.conntrack)
     return out
 
